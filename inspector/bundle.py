@@ -1,0 +1,160 @@
+"""Model bundles: a folder with ONNX graph(s) and ``bundle.yaml``.
+
+``bundle.yaml`` (format 1)::
+
+    format: 1
+    name: demo-arcd
+    kind: arcd                      # model adapter: arcd | clgan | fuzzymask
+    graphs:
+      model: {file: model.onnx, sha256: <hex>}
+    input:
+      name: image                   # graph input tensor
+      tile: [256, 256]              # model input H, W; frames are tiled to it
+      channels: 1                   # 1 = grey, 3 = RGB
+      layout: NCHW
+      dtype: float32
+      mean: [0.5]                   # per channel, applied to pixel/255
+      std: [0.5]
+      batch: 0                      # 0 = dynamic batch axis, N = fixed batch size
+    outputs: {probabilities: probs, reconstruction: reconstruction}
+    classes: [background, inclusion, patches, scratches]
+    tiling: {overlap: 32}
+    postprocess: {...}              # see inspector.postprocess.PostprocessConfig
+    provenance: {data: ..., training_config: ..., commit: ..., metrics: {...}, created: ...}
+
+Every graph's sha256 is checked at load: a changed or truncated file is refused, never run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from inspector.errors import BundleError
+from inspector.postprocess import PostprocessConfig
+
+BUNDLE_FILE = "bundle.yaml"
+
+
+class GraphRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    file: str
+    sha256: str
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "image"
+    tile: tuple[int, int] = (256, 256)
+    channels: Literal[1, 3] = 1
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32"] = "float32"
+    mean: list[float] = Field(default_factory=lambda: [0.5])
+    std: list[float] = Field(default_factory=lambda: [0.5])
+    batch: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _per_channel(self) -> "InputSpec":
+        for key in ("mean", "std"):
+            vals = getattr(self, key)
+            if len(vals) not in (1, self.channels):
+                raise ValueError(f"{key} needs 1 or {self.channels} values, got {len(vals)}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class TilingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    overlap: int = Field(32, ge=0)
+
+
+class BundleSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: Literal[1] = 1
+    name: str
+    kind: Literal["arcd", "clgan", "fuzzymask"]
+    graphs: dict[str, GraphRef]
+    input: InputSpec
+    outputs: dict[str, str]
+    classes: list[str]
+    tiling: TilingSpec = Field(default_factory=TilingSpec)
+    postprocess: PostprocessConfig
+    #: earlier post-processing sections, newest last; calibration appends here
+    postprocess_history: list[dict[str, Any]] = Field(default_factory=list)
+    provenance: dict[str, Any] = Field(default_factory=dict)
+    #: free-form parameters of the model kind (e.g. fuzzymask iterations)
+    kind_params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Bundle:
+    """A validated bundle on disk."""
+
+    def __init__(self, path: Path, spec: BundleSpec):
+        self.path = path
+        self.spec = spec
+
+    def graph_path(self, key: str = "model") -> Path:
+        if key not in self.spec.graphs:
+            raise BundleError(f"{self.path / BUNDLE_FILE}: graphs.{key}: no such graph "
+                              f"(has {sorted(self.spec.graphs)})")
+        return self.path / self.spec.graphs[key].file
+
+    def __repr__(self) -> str:
+        return f"Bundle({self.path}, kind={self.spec.kind})"
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Read and validate ``path/bundle.yaml``; check each graph exists and matches its sha256."""
+    root = Path(path)
+    meta = root / BUNDLE_FILE
+    if not root.is_dir():
+        raise BundleError(f"{root}: model bundle folder not found")
+    if not meta.is_file():
+        raise BundleError(f"{meta}: missing (a bundle folder holds bundle.yaml and its graphs)")
+    try:
+        raw = yaml.safe_load(meta.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BundleError(f"{meta}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise BundleError(f"{meta}: expected a mapping at the top level")
+    try:
+        spec = BundleSpec.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise BundleError(f"{meta}: {key}: {err['msg']}") from e
+    bundle = Bundle(root, spec)
+    for key, ref in spec.graphs.items():
+        gp = root / ref.file
+        if not gp.is_file():
+            raise BundleError(f"{gp}: graph '{key}' named in {meta} is missing")
+        if verify:
+            digest = sha256_file(gp)
+            if digest != ref.sha256:
+                raise BundleError(f"{gp}: sha256 {digest[:12]}… does not match {meta} "
+                                  f"({ref.sha256[:12]}…): the file is corrupt or was replaced")
+    return bundle
+
+
+def write_bundle(path: str | Path, spec: BundleSpec) -> Path:
+    """Write ``bundle.yaml`` (graphs must already be in the folder; their sha256 is recomputed)."""
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    graphs = {k: GraphRef(file=g.file, sha256=sha256_file(root / g.file)) for k, g in spec.graphs.items()}
+    spec = spec.model_copy(update={"graphs": graphs})
+    data = spec.model_dump(mode="json")
+    (root / BUNDLE_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
+    return root / BUNDLE_FILE

@@ -1,0 +1,37 @@
+"""Errors that name what was wrong, where, and what was expected."""
+
+from __future__ import annotations
+
+
+class InspectorError(Exception):
+    """Base of every error the runtime raises on purpose."""
+
+
+class ConfigError(InspectorError):
+    """A configuration file is missing, unreadable or invalid.
+
+    The message always names the file and, where known, the dotted key.
+    """
+
+    def __init__(self, file: str, key: str | None, problem: str):
+        self.file = file
+        self.key = key
+        self.problem = problem
+        where = f"{file}: {key}" if key else file
+        super().__init__(f"{where}: {problem}")
+
+
+class BundleError(InspectorError):
+    """A model bundle is missing, corrupt or inconsistent (names the file)."""
+
+
+class SourceError(InspectorError):
+    """A frame source cannot be opened or has stopped delivering (camera gone, bad .cti, ...)."""
+
+
+class FrameError(InspectorError):
+    """One frame cannot be processed (wrong shape or dtype); the pipeline drops it and goes on."""
+
+
+class EngineError(InspectorError):
+    """The inference engine failed to load or to run."""

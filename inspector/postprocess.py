@@ -1,0 +1,169 @@
+"""From a model's output maps to a defect mask and a defect list.
+
+Two recipes, chosen by the bundle's ``postprocess.type``:
+
+* ``dual_threshold`` for residual models (CLGAN, fuzzy-mask inpainter): the CLGAN paper's
+  sequential per-image thresholds (``../shared/seeds/002_spec.md`` §2): each channel at
+  mean + k1·std of the image itself, the binary channels merged with grey weights
+  0.299/0.587/0.114, that image at mean + k2·std, then a closing with a square element.
+* ``probability`` for models that output class probabilities (ARCD): a threshold per class, with
+  optional opening and closing.
+
+Then connected components turn the mask into defects (class, score, bbox, area, centroid).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+GREY_WEIGHTS_RGB = (0.299, 0.587, 0.114)
+
+
+class PostprocessConfig(BaseModel):
+    """Post-processing parameters; the bundle's section, optionally overridden per camera."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["probability", "dual_threshold"] = "probability"
+    # probability recipe
+    threshold: float = Field(0.5, gt=0, le=1, description="default probability threshold per class")
+    class_thresholds: dict[str, float] = Field(default_factory=dict)
+    open_kernel: int = Field(0, ge=0, description="opening kernel size (0 = off)")
+    close_kernel: int = Field(0, ge=0, description="closing kernel size (0 = off)")
+    # dual-threshold recipe (paper values)
+    k1: float = Field(3.0, description="first (per-channel) threshold: mean + k1*std")
+    k2: float = Field(1.0, description="second (grey) threshold: mean + k2*std")
+    kernel_size: int = Field(3, ge=0, description="closing kernel of the dual-threshold recipe")
+    # connected components
+    min_area_px: int = Field(0, ge=0, description="drop components smaller than this (0 = keep all)")
+    connectivity: Literal[4, 8] = 8
+    max_defects: int = Field(256, ge=1, description="most defects listed per frame (largest first)")
+
+
+def _square(size: int) -> np.ndarray:
+    return np.ones((size, size), np.uint8)
+
+
+def dual_threshold(residual: np.ndarray, k1: float = 3.0, k2: float = 1.0,
+                   kernel_size: int = 3) -> np.ndarray:
+    """The CLGAN dual-threshold segmentation of a residual image.
+
+    ``residual`` is HxW (one channel) or HxWx3 in RGB order, any numeric dtype. Returns a uint8
+    HxW mask of 0/1. Statistics are the population mean/std of this image alone; a channel (or
+    the grey vote image) with zero std yields no detections rather than a whole-image flag.
+
+    >>> r = np.zeros((8, 8), np.float32); r[2:4, 2:4] = 5.0
+    >>> int(dual_threshold(r, kernel_size=0).sum())
+    4
+    """
+    r = np.asarray(residual, dtype=np.float32)
+    if r.ndim == 2:
+        r = r[:, :, None]
+    if r.ndim != 3 or r.shape[2] not in (1, 3):
+        raise ValueError(f"residual must be HxW or HxWx3, got shape {residual.shape}")
+    h, w, c = r.shape
+    flat = r.reshape(-1, c)
+    mu = flat.mean(axis=0)
+    sd = flat.std(axis=0)  # population std (ddof = 0), as the spec fixes
+    first = (r >= (mu + k1 * sd)) & (sd > 0)  # HxWxC bool; constant channels fire nowhere
+    if c == 3:
+        grey = (first[:, :, 0] * np.float32(GREY_WEIGHTS_RGB[0])
+                + first[:, :, 1] * np.float32(GREY_WEIGHTS_RGB[1])
+                + first[:, :, 2] * np.float32(GREY_WEIGHTS_RGB[2]))
+    else:
+        grey = first[:, :, 0].astype(np.float32)
+    gm, gs = float(grey.mean()), float(grey.std())
+    if gs > 0:
+        mask = (grey >= gm + k2 * gs).astype(np.uint8)
+    else:
+        mask = np.zeros((h, w), np.uint8)
+    if kernel_size > 1:
+        # OpenCV's default border handling keeps foreground that touches the image edge.
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _square(kernel_size))
+    return mask
+
+
+def threshold_probabilities(probs: np.ndarray, thresholds: np.ndarray, open_kernel: int = 0,
+                            close_kernel: int = 0) -> np.ndarray:
+    """Class-index mask from softmax probabilities.
+
+    ``probs`` is CxHxW with class 0 the background; ``thresholds`` has C-1 entries, one per defect
+    class. A pixel takes the most probable defect class among those above their threshold, else 0.
+    Opening then closing (when > 1) apply to each class's binary mask.
+    """
+    if probs.ndim != 3 or probs.shape[0] < 2:
+        raise ValueError(f"probabilities must be CxHxW with C >= 2, got {probs.shape}")
+    defect = probs[1:]
+    thr = np.asarray(thresholds, np.float32).reshape(-1, 1, 1)
+    above = defect >= thr
+    scores = np.where(above, defect, np.float32(-1.0))
+    best = scores.argmax(axis=0)
+    label = np.where(above.any(axis=0), best + 1, 0).astype(np.uint8)
+    if open_kernel > 1 or close_kernel > 1:
+        out = np.zeros_like(label)
+        for cls in range(1, probs.shape[0]):
+            m = (label == cls).astype(np.uint8)
+            if not m.any():
+                continue
+            if open_kernel > 1:
+                m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _square(open_kernel))
+            if close_kernel > 1:
+                m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _square(close_kernel))
+            out[(m > 0) & (out == 0)] = cls
+        label = out
+    return label
+
+
+@dataclass
+class Geometry:
+    """Pixel size on the strip, for areas in mm² and positions along the strip."""
+
+    mm_per_px_across: float | None = None
+    mm_per_px_along: float | None = None
+
+
+def components(label: np.ndarray, score_map: np.ndarray, class_names: list[str],
+               min_area_px: int = 0, connectivity: int = 8, max_defects: int = 256,
+               geometry: Geometry | None = None, strip_pos_mm: float = 0.0
+               ) -> tuple[list[dict], int]:
+    """Connected components of a class-index mask as defect records.
+
+    Returns (defects sorted by area, largest first, at most ``max_defects``; number found before
+    the cap). A component's class is its most frequent label, its score the highest
+    ``score_map`` value inside it.
+    """
+    binary = (label > 0).astype(np.uint8)
+    n, cc, stats, cents = cv2.connectedComponentsWithStats(binary, connectivity=connectivity)
+    order = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(min_area_px, 1)]
+    total = len(order)
+    order.sort(key=lambda i: -stats[i, cv2.CC_STAT_AREA])
+    geo = geometry or Geometry()
+    defects = []
+    for i in order[:max_defects]:
+        x, y, w, h, area = (int(v) for v in stats[i, :5])
+        sub = cc[y:y + h, x:x + w] == i
+        labels_in = label[y:y + h, x:x + w][sub]
+        cls = int(np.bincount(labels_in).argmax())
+        score = float(score_map[y:y + h, x:x + w][sub].max())
+        cx, cy = float(cents[i][0]), float(cents[i][1])
+        d = {
+            "class": class_names[cls] if cls < len(class_names) else str(cls),
+            "class_id": cls,
+            "score": round(score, 4),
+            "bbox": [x, y, w, h],
+            "area_px": area,
+            "centroid": [round(cx, 1), round(cy, 1)],
+            "area_mm2": None,
+            "strip_pos_mm": None,
+        }
+        if geo.mm_per_px_across and geo.mm_per_px_along:
+            d["area_mm2"] = round(area * geo.mm_per_px_across * geo.mm_per_px_along, 2)
+        if geo.mm_per_px_along:
+            d["strip_pos_mm"] = round(strip_pos_mm + cy * geo.mm_per_px_along, 1)
+        defects.append(d)
+    return defects, total
