@@ -89,21 +89,29 @@ def dual_threshold(residual: np.ndarray, k1: float = 3.0, k2: float = 1.0,
 
 
 def threshold_probabilities(probs: np.ndarray, thresholds: np.ndarray, open_kernel: int = 0,
-                            close_kernel: int = 0) -> np.ndarray:
+                            close_kernel: int = 0, score_map: np.ndarray | None = None) -> np.ndarray:
     """Class-index mask from softmax probabilities.
 
     ``probs`` is CxHxW with class 0 the background; ``thresholds`` has C-1 entries, one per defect
     class. A pixel takes the most probable defect class among those above their threshold, else 0.
-    Opening then closing (when > 1) apply to each class's binary mask.
+    Opening then closing (when > 1) apply to each class's binary mask. ``score_map``, when
+    given, must be 1 - probs[0] (the adapter has it already).
     """
     if probs.ndim != 3 or probs.shape[0] < 2:
         raise ValueError(f"probabilities must be CxHxW with C >= 2, got {probs.shape}")
-    defect = probs[1:]
-    thr = np.asarray(thresholds, np.float32).reshape(-1, 1, 1)
-    above = defect >= thr
-    scores = np.where(above, defect, np.float32(-1.0))
-    best = scores.argmax(axis=0)
-    label = np.where(above.any(axis=0), best + 1, 0).astype(np.uint8)
+    k, h, w = probs.shape
+    thr = np.asarray(thresholds, np.float32)
+    # Any defect class above its threshold implies 1 - p(background) >= the lowest threshold, so
+    # the full per-class comparison is only needed at those (usually few) candidate pixels.
+    if score_map is None:
+        score_map = 1.0 - probs[0]
+    cand = np.flatnonzero(score_map.reshape(-1) >= thr.min())
+    label = np.zeros((h, w), np.uint8)
+    if cand.size:
+        sub = probs.reshape(k, -1)[1:, cand]
+        above = sub >= thr[:, None]
+        best = np.where(above, sub, np.float32(-1.0)).argmax(axis=0)
+        label.reshape(-1)[cand] = np.where(above.any(axis=0), best + 1, 0).astype(np.uint8)
     if open_kernel > 1 or close_kernel > 1:
         out = np.zeros_like(label)
         for cls in range(1, probs.shape[0]):
@@ -167,3 +175,35 @@ def components(label: np.ndarray, score_map: np.ndarray, class_names: list[str],
             d["strip_pos_mm"] = round(strip_pos_mm + cy * geo.mm_per_px_along, 1)
         defects.append(d)
     return defects, total
+
+
+class Postprocessor:
+    """Applies one :class:`PostprocessConfig` to model outputs of a bundle with ``class_names``."""
+
+    def __init__(self, cfg: PostprocessConfig, class_names: list[str]):
+        self.cfg = cfg
+        self.class_names = list(class_names)
+        unknown = sorted(set(cfg.class_thresholds) - set(self.class_names[1:]))
+        if unknown:
+            raise ValueError(f"class_thresholds names unknown class(es) {unknown}; "
+                             f"classes are {self.class_names[1:]}")
+        self.thresholds = np.array([cfg.class_thresholds.get(c, cfg.threshold)
+                                    for c in self.class_names[1:]], np.float32)
+
+    def mask(self, probs: np.ndarray | None, residual: np.ndarray | None,
+             score_map: np.ndarray | None = None) -> np.ndarray:
+        """Class-index mask (uint8 HxW) from whichever map the model kind produced."""
+        c = self.cfg
+        if c.type == "probability":
+            if probs is None:
+                raise ValueError("postprocess.type probability needs a model that outputs probabilities")
+            return threshold_probabilities(probs, self.thresholds, c.open_kernel, c.close_kernel,
+                                           score_map)
+        if residual is None:
+            raise ValueError("postprocess.type dual_threshold needs a model that outputs a residual")
+        return dual_threshold(residual, c.k1, c.k2, c.kernel_size)
+
+    def defects(self, label: np.ndarray, score_map: np.ndarray, geometry: Geometry | None = None,
+                strip_pos_mm: float = 0.0) -> tuple[list[dict], int]:
+        return components(label, score_map, self.class_names, self.cfg.min_area_px, self.cfg.connectivity,
+                          self.cfg.max_defects, geometry, strip_pos_mm)

@@ -1,14 +1,57 @@
-"""GenICam cameras through harvesters and any GenTL producer (.cti)."""
+"""GenICam cameras through harvesters and any GenTL producer (.cti).
+
+The source owns one ``Harvester`` and one ``ImageAcquirer`` between ``open()`` and ``close()``.
+Each ``read()`` fetches one buffer, copies the image out (the buffer goes back to the producer's
+queue as soon as the ``with`` block ends) and wraps it in a :class:`~inspector.frame.Frame`.
+
+Example (the simulated ``viky`` camera shipped in the ``genicam`` wheel)::
+
+    from inspector.sources.genicam import GenicamConfig, GenicamSource, default_viky_cti
+    cfg = GenicamConfig(cti=str(default_viky_cti()), serial="0", pixel_format="Mono8",
+                        width=320, height=240, fps=50, frames=10)
+    with GenicamSource(cfg, camera_id="cam1") as src:
+        for frame in src:          # frame.image: 240x320 uint8
+            ...
+
+harvesters and genicam are imported inside ``open()`` so that importing ``inspector`` (and this
+module, for its config) stays cheap on machines that only replay recordings.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib.util
+import logging
+import time
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from inspector.errors import FrameError, SourceError
+from inspector.frame import Frame
+from inspector.sources.base import Source
+
+log = logging.getLogger(__name__)
+
+# PixelFormat -> (bytes per pixel in the buffer, channels to keep in RGB order or None for mono).
+# A slice rather than an index list keeps the copy a strided view: no temporary per frame.
+_LAYOUTS: dict[str, tuple[int, slice | None]] = {
+    "Mono8": (1, None),
+    "RGB8": (3, slice(0, 3)),
+    "BGR8": (3, slice(2, None, -1)),
+    "RGBa8": (4, slice(0, 3)),
+    "BGRa8": (4, slice(2, None, -1)),
+}
+SUPPORTED_PIXEL_FORMATS = tuple(_LAYOUTS)
 
 
 class GenicamConfig(BaseModel):
-    """Settings of a GenICam camera (``source.type: genicam``)."""
+    """Settings of a GenICam camera (``source.type: genicam``).
+
+    ``width``/``height``/``fps`` left at ``None`` keep whatever the camera currently has; the
+    offsets are only written when the camera has ``OffsetX``/``OffsetY`` or when they are non-zero.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -24,6 +67,353 @@ class GenicamConfig(BaseModel):
     offset_y: int = Field(0, ge=0)
     fps: float | None = Field(None, gt=0, description="AcquisitionFrameRate; None = camera default")
     fetch_timeout_s: float = Field(2.0, gt=0)
+    timestamp: Literal["device", "host"] = Field(
+        "device",
+        description="t_capture_ns from the buffer timestamp when the device gives one ('device'), "
+                    "or always the host clock at fetch ('host'); use 'host' when the camera clock "
+                    "is not synchronised (PTP) to the host's epoch clock",
+    )
     mm_per_px_across: float | None = Field(None, gt=0)
     mm_per_px_along: float | None = Field(None, gt=0)
     frames: int | None = Field(None, ge=1, description="stop after this many frames; None = endless")
+
+    @field_validator("pixel_format")
+    @classmethod
+    def _convertible_format(cls, value: str) -> str:
+        # Only formats read() can turn into uint8 mono/RGB; anything else would open fine and
+        # then drop every frame, so refuse it when the config is loaded.
+        if value not in _LAYOUTS:
+            raise ValueError(f"{value!r} is not supported; use one of {', '.join(SUPPORTED_PIXEL_FORMATS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way_to_pick(self) -> "GenicamConfig":
+        # An index together with a serial or id is ambiguous (index into what?); refuse it at load
+        # time rather than guessing which one the operator meant.
+        if self.index is not None and (self.serial is not None or self.device_id is not None):
+            raise ValueError("give source.index or source.serial/source.device_id, not both")
+        return self
+
+
+def default_viky_cti() -> Path | None:
+    """Path of the simulated ``viky.cti`` camera shipped inside the ``genicam`` wheel, if present.
+
+    Found without importing ``genicam`` (which loads its shared libraries), so tests and docs can
+    ask cheaply whether a simulated camera is available.
+    """
+    spec = importlib.util.find_spec("genicam")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "viky.cti"
+    return path if path.is_file() else None
+
+
+def _safe_attr(obj: Any, name: str) -> Any:
+    """An attribute of a GenTL object, or None: producers raise (not return None) for missing info."""
+    try:
+        return getattr(obj, name)
+    except Exception:  # GenTL NotAvailable/NotImplemented, AttributeError, ...
+        return None
+
+
+def _device_label(info: Any) -> str:
+    """``model serial=.. id=..`` for one GenTL device info, for logs and error messages."""
+    model = _safe_attr(info, "model") or "?"
+    return f"{model} serial={_safe_attr(info, 'serial_number')!r} id={_safe_attr(info, 'id_')!r}"
+
+
+class GenicamSource(Source):
+    """Frames from one GenICam camera (see module docs).
+
+    Frame ids are this source's own counter: they start at 0 and keep rising across a close and
+    reopen, so a subscriber never sees one id twice from one daemon. Every fetched buffer takes an
+    id, broken ones included, so that ``strip_pos_mm`` stays right after a dropped frame. The
+    camera's own frame id goes into ``frame.meta["device_frame_id"]``.
+    """
+
+    def __init__(self, cfg: GenicamConfig, camera_id: str, base_dir: Path | None = None):
+        self.cfg = cfg
+        self.camera_id = camera_id
+        self.base_dir = base_dir
+        self._harvester: Any = None
+        self._ia: Any = None
+        self._next_id = 0
+        self._label = f"genicam camera {camera_id}"
+        self._timeout_exc: type[BaseException] = TimeoutError
+        self._lost_excs: tuple[type[BaseException], ...] = ()
+        self._not_available_excs: tuple[type[BaseException], ...] = (AttributeError,)
+
+    # -- opening ---------------------------------------------------------------------------------
+
+    def cti_path(self) -> Path:
+        """``cfg.cti`` resolved against ``base_dir`` (the config file's folder)."""
+        path = Path(self.cfg.cti).expanduser()
+        if not path.is_absolute() and self.base_dir is not None:
+            path = Path(self.base_dir) / path
+        return path
+
+    def open(self) -> None:
+        """Load the producer, pick the device, write the configured nodes and start streaming.
+
+        Any failure releases what was already acquired, so a failed open leaves no device locked.
+        """
+        if self._ia is not None:
+            return
+        cti = self.cti_path()
+        if not cti.is_file():
+            raise SourceError(f"GenTL producer not found: {cti} (source.cti); install the camera "
+                              "vendor's GenTL producer or fix the path")
+        from genicam import genapi, gentl
+        from harvesters.core import Harvester
+
+        self._timeout_exc = gentl.TimeoutException
+        self._not_available_excs = (gentl.GenericException, AttributeError)
+        # After a device loss harvesters surfaces GenTL errors, or IndexError/AttributeError from
+        # its own bookkeeping once the acquirer was destroyed underneath it.
+        self._lost_excs = (gentl.GenericException, genapi.GenericException, IndexError, AttributeError)
+        try:
+            self._harvester = Harvester()
+            self._load_producer(cti)
+            index = self._pick_device(cti)
+            self._label = f"{_device_label(self._harvester.device_info_list[index])} ({self.camera_id})"
+            self._ia = self._create_acquirer(index)
+            self._configure(self._ia.remote_device.node_map, genapi.GenericException)
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        log.info("opened %s", self.describe())
+
+    def _load_producer(self, cti: Path) -> None:
+        try:
+            self._harvester.add_file(str(cti), check_existence=True, check_validity=True)
+        except (OSError, FileNotFoundError) as e:
+            raise SourceError(f"cannot load GenTL producer {cti} (source.cti): {e}") from e
+        try:
+            self._harvester.update()
+        except Exception as e:
+            raise SourceError(f"GenTL producer {cti} (source.cti) failed to list devices: "
+                              f"{_first_line(e)}") from e
+
+    def _pick_device(self, cti: Path) -> int:
+        """Index of the configured device in the producer's list; the error lists what exists."""
+        infos = list(self._harvester.device_info_list)
+        if not infos:
+            raise SourceError(f"GenTL producer {cti} (source.cti) lists no devices: no camera "
+                              "connected, or the file is not a GenTL producer (see harvesters log)")
+        available = "; ".join(f"[{i}] {_device_label(d)}" for i, d in enumerate(infos))
+        c = self.cfg
+        if c.serial is None and c.device_id is None:
+            index = c.index or 0
+            if index >= len(infos):
+                raise SourceError(f"source.index={index} but only {len(infos)} device(s): {available}")
+            return index
+        for i, info in enumerate(infos):
+            if c.serial is not None and _safe_attr(info, "serial_number") != c.serial:
+                continue
+            if c.device_id is not None and _safe_attr(info, "id_") != c.device_id:
+                continue
+            return i
+        wanted = ", ".join(f"source.{k}={v!r}" for k, v in (("serial", c.serial), ("device_id", c.device_id))
+                           if v is not None)
+        raise SourceError(f"no device matches {wanted}; available: {available}")
+
+    def _create_acquirer(self, index: int) -> Any:
+        try:
+            return self._harvester.create(index)
+        except Exception as e:  # in use by another process, access denied, ...
+            raise SourceError(f"cannot open {self._label}: {e}") from e
+
+    def _start(self) -> None:
+        try:
+            self._ia.start()
+        except Exception as e:
+            raise SourceError(f"{self._label} did not start acquisition: {_first_line(e)}") from e
+
+    def _configure(self, node_map: Any, node_error: type[BaseException]) -> None:
+        """Write the configured nodes, in the order their limits depend on each other.
+
+        PixelFormat changes the payload, Width/Height bound the offsets; frame rate last because
+        some cameras cap it by the image size.
+        """
+        c = self.cfg
+        self._set_node(node_map, "PixelFormat", c.pixel_format, "pixel_format",
+                       required=c.pixel_format != "Mono8", node_error=node_error)
+        for node, key, value, default in (("Width", "width", c.width, None),
+                                          ("Height", "height", c.height, None),
+                                          ("OffsetX", "offset_x", c.offset_x, 0),
+                                          ("OffsetY", "offset_y", c.offset_y, 0)):
+            if value is None:
+                continue
+            self._set_node(node_map, node, value, key, required=value != default, node_error=node_error)
+        if c.fps is not None:
+            if node_map.has_node("AcquisitionFrameRateEnable"):
+                self._set_node(node_map, "AcquisitionFrameRateEnable", True, "fps",
+                               required=False, node_error=node_error)
+            self._set_node(node_map, "AcquisitionFrameRate", float(c.fps), "fps",
+                           required=True, node_error=node_error)
+
+    def _set_node(self, node_map: Any, node: str, value: Any, key: str, *, required: bool,
+                  node_error: type[BaseException]) -> None:
+        """Write one node; a missing node is an error only when the config asked for a value."""
+        if not node_map.has_node(node):
+            if required:
+                raise SourceError(f"{self._label} has no {node} node, but source.{key}={value!r} "
+                                  "asks for it; remove the key or pick another camera")
+            log.debug("%s has no %s node; leaving source.%s at its default", self._label, node, key)
+            return
+        feature = getattr(node_map, node)
+        try:
+            feature.value = value
+        except node_error as e:
+            raise SourceError(f"{self._label} rejected {node}={value!r} (source.{key}){_limits(feature)}: "
+                              f"{_first_line(e)}") from e
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def read(self) -> Frame | None:
+        """Fetch the next frame, copying it out of the producer's buffer.
+
+        Raises SourceError on a fetch timeout or a lost device (the pipeline decides whether to
+        reopen) and FrameError on a broken buffer (the pipeline drops it and reads on).
+        """
+        if self._ia is None:
+            raise RuntimeError("GenicamSource.read() before open() or after close()")
+        if self.cfg.frames is not None and self._next_id >= self.cfg.frames:
+            return None
+        buffer = self._fetch()
+        t_host = time.time_ns()
+        frame_id = self._next_id
+        self._next_id += 1
+        if buffer is None:
+            raise FrameError(f"{self._label}: frame {frame_id} arrived without image information")
+        with buffer:  # requeues the buffer on exit, also when the copy fails
+            image = self._copy_image(buffer, frame_id)
+            meta = self._meta(buffer)
+            t_capture = self._device_timestamp(buffer)
+        if t_capture is None or self.cfg.timestamp == "host":
+            t_capture = t_host
+        along = self.cfg.mm_per_px_along
+        strip_pos = frame_id * image.shape[0] * along if along else 0.0
+        return Frame(camera_id=self.camera_id, frame_id=frame_id, t_capture_ns=t_capture,
+                     image=image, strip_pos_mm=strip_pos, meta=meta)
+
+    def _fetch(self) -> Any:
+        ia = self._ia
+        if not ia.is_valid():
+            raise SourceError(f"{self._label}: image acquirer was destroyed (device lost); reopen")
+        timeout = self.cfg.fetch_timeout_s
+        try:
+            return ia.fetch(timeout=timeout)
+        except self._timeout_exc as e:
+            raise SourceError(f"camera {self._label} timed out after {timeout:g}s without a frame "
+                              "(source.fetch_timeout_s); check trigger, cable and frame rate") from e
+        except self._lost_excs as e:
+            raise SourceError(f"{self._label}: fetch failed, device lost? {_first_line(e)}") from e
+
+    def _copy_image(self, buffer: Any, frame_id: int) -> np.ndarray:
+        """The buffer's image as an owned HxW or HxWx3 (RGB) uint8 array: the one copy per frame."""
+        payload = buffer.payload
+        if payload is None or not payload.components or not _is_complete(buffer):
+            raise FrameError(f"{self._label}: frame {frame_id} is incomplete")
+        comp = payload.components[0]
+        fmt, h, w, data = comp.data_format, int(comp.height), int(comp.width), comp.data
+        layout = _LAYOUTS.get(fmt)
+        if layout is None:
+            raise FrameError(f"{self._label}: frame {frame_id} has pixel format {fmt!r}; supported: "
+                             f"{', '.join(SUPPORTED_PIXEL_FORMATS)}")
+        bpp, channels = layout
+        line = w * bpp
+        if data is None or h == 0 or data.size < h * line or data.size % h:
+            size = 0 if data is None else data.size
+            raise FrameError(f"{self._label}: frame {frame_id} is incomplete: {size} bytes for "
+                             f"{w}x{h} {fmt} (expected {h * line})")
+        # Rows may carry padding (data.size // h > line); the view drops it without copying.
+        rows = data.reshape(h, data.size // h)[:, :line]
+        if channels is None:
+            return rows.copy()
+        out = np.empty((h, w, 3), np.uint8)
+        np.copyto(out, rows.reshape(h, w, bpp)[:, :, channels])
+        return out
+
+    def _meta(self, buffer: Any) -> dict:
+        meta: dict[str, Any] = {}
+        device_frame_id = _safe_attr(buffer.module, "frame_id")
+        if device_frame_id is not None:
+            meta["device_frame_id"] = int(device_frame_id)
+        if self.cfg.mm_per_px_across:
+            meta["mm_per_px_across"] = self.cfg.mm_per_px_across
+        if self.cfg.mm_per_px_along:
+            meta["mm_per_px_along"] = self.cfg.mm_per_px_along
+        return meta
+
+    def _device_timestamp(self, buffer: Any) -> int | None:
+        """The buffer's timestamp in ns, or None where the producer has none (viky)."""
+        try:
+            ts = int(buffer.timestamp_ns)
+        except self._not_available_excs:
+            return None
+        return ts or None
+
+    # -- closing ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop, destroy the acquirer and reset the Harvester; safe to call twice or after errors."""
+        ia, self._ia = self._ia, None
+        harvester, self._harvester = self._harvester, None
+        if ia is not None:
+            for step in (ia.stop, ia.destroy):
+                try:
+                    step()
+                except Exception as e:  # device already gone: nothing left to release
+                    log.warning("%s: %s during close failed: %s", self._label, step.__name__, _first_line(e))
+        if harvester is not None:
+            try:
+                harvester.reset()
+            except Exception as e:
+                log.warning("%s: resetting harvester failed: %s", self._label, _first_line(e))
+
+    def describe(self) -> str:
+        """Device, format, size and rate; the live node values once open, the config before."""
+        c = self.cfg
+        if self._ia is None:
+            size = f"{c.width or '?'}x{c.height or '?'}"
+            return f"genicam {c.cti} ({self.camera_id}) {c.pixel_format} {size} @ {c.fps or '?'} fps (not open)"
+        nm = self._ia.remote_device.node_map
+
+        def node(name: str) -> Any:
+            try:
+                return getattr(nm, name).value if nm.has_node(name) else "?"
+            except Exception:  # device gone: describe() must still give a line for the log
+                return "?"
+
+        fps = node("AcquisitionFrameRate")
+        fps_text = f"{fps:g}" if isinstance(fps, float) else str(fps)
+        return (f"genicam {self._label} {node('PixelFormat')} {node('Width')}x{node('Height')} "
+                f"@ {fps_text} fps")
+
+
+def _is_complete(buffer: Any) -> bool:
+    """GenTL's own completeness flag; producers that cannot tell are trusted."""
+    try:
+        return bool(buffer.module.is_complete())
+    except Exception:
+        return True
+
+
+def _limits(feature: Any) -> str:
+    """`` (allowed: ...)`` from a node's range or symbolics, to put into a rejection message."""
+    symbolics = _safe_attr(feature, "symbolics")
+    if symbolics:
+        return f" (allowed: {', '.join(map(str, symbolics))})"
+    lo, hi = _safe_attr(feature, "min"), _safe_attr(feature, "max")
+    if lo is not None and hi is not None:
+        inc = _safe_attr(feature, "inc")
+        step = f" step {inc}" if isinstance(inc, int) and inc > 1 else ""
+        return f" (allowed: {lo}..{hi}{step})"
+    return ""
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

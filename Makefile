@@ -1,0 +1,46 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   - creates .venv, installs the runtime, runs the daemon on the embedded default
+#   make test   - installs the runtime with the dev and train extras, runs the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_SECONDS ?=
+DEMO_CONFIG ?= configs/demo.yaml
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow bench lint clean help
+
+help:
+	@echo "make demo   run the daemon on the synthetic strip with the shipped demo model (Ctrl-C stops;"
+	@echo "            DEMO_SECONDS=N stops after N seconds)"
+	@echo "make test   install dev extras and run the test suite"
+	@echo "make bench  latency benchmark of the demo config (bench-out/bench.json, bench.png)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Runtime only: what a line PC installs (no torch).
+$(VENV)/.runtime: $(BIN)/python setup.cfg pyproject.toml
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Runtime + tests + training (torch==2.13.0 takes the CPU wheel).
+$(VENV)/.dev: $(VENV)/.runtime
+	$(BIN)/pip install -q -e '.[dev,train]'
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(BIN)/inspector run --config $(DEMO_CONFIG) $(if $(DEMO_SECONDS),--seconds $(DEMO_SECONDS),)
+
+test: $(VENV)/.dev
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(VENV)/.dev
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+bench: $(VENV)/.runtime
+	$(BIN)/inspector bench --config $(DEMO_CONFIG) --frames 200 --out bench-out
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache bench-out

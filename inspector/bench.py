@@ -1,0 +1,153 @@
+"""Latency and throughput benchmark of one camera config: JSON plus a PNG plot.
+
+Two phases on the configured model and source:
+
+1. throughput — the source runs free (recorded or synthetic sources) and the grab stage waits
+   for the engine instead of dropping, so frames/s is the pipeline's sustained rate;
+2. latency — the source is paced below that rate (default 70 %), so queues stay short and the
+   per-stage and end-to-end figures are what a frame costs, not how long it waited.
+
+Stage keys (ms): ``queue`` (wait for the engine), ``preprocess`` (tiling, normalisation),
+``engine`` (the inference call), ``decode`` (stitching), ``postprocess`` (threshold,
+morphology, components), ``encode`` (mask PNG), ``pipeline`` (grab to publish on this host),
+``e2e`` (capture timestamp to publish).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from inspector import __version__
+from inspector.config import InspectorConfig
+from inspector.pipeline import Pipeline, load_model
+
+log = logging.getLogger(__name__)
+
+STAGES = ("queue", "preprocess", "engine", "decode", "postprocess", "encode", "pipeline", "e2e")
+
+
+def _variant(cfg: InspectorConfig, fps: float | None, free_run: bool) -> InspectorConfig:
+    src = cfg.source
+    if getattr(src, "fps", None) is not None and src.type != "genicam":
+        src = src.model_copy(update={"fps": 0.0 if free_run else (fps or src.fps), "frames": None})
+    pipe = cfg.pipeline.model_copy(update={"backpressure": free_run and src.type != "genicam"})
+    # a private port, so the benchmark never collides with a daemon already running
+    pub = cfg.publish.model_copy(update={"endpoint": "tcp://127.0.0.1:*", "connect_grace_s": 0.0,
+                                         "wait_for_subscribers": 0})
+    new = cfg.model_copy(update={"source": src, "pipeline": pipe, "publish": pub})
+    new.base_dir, new.source_file = cfg.base_dir, cfg.source_file
+    return new
+
+
+def _phase(cfg: InspectorConfig, frames: int, model) -> tuple[list[dict], float, dict]:
+    headers: list[dict] = []
+    with Pipeline(cfg, on_report=headers.append, model=model) as p:
+        t0 = time.perf_counter()
+        counters = p.run(frames=frames)
+        wall = time.perf_counter() - t0
+    return headers, wall, counters
+
+
+def _percentiles(values: list[float]) -> dict:
+    a = np.asarray(values, np.float64)
+    return {"p50": round(float(np.percentile(a, 50)), 3), "p90": round(float(np.percentile(a, 90)), 3),
+            "p99": round(float(np.percentile(a, 99)), 3), "mean": round(float(a.mean()), 3),
+            "n": int(a.size)}
+
+
+def _machine() -> dict:
+    import onnxruntime
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
+
+
+def run_bench(cfg: InspectorConfig, frames: int = 200, out_dir: Path = Path("bench-out"),
+              fps: float | None = None, throughput_frames: int = 100) -> dict:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_model(cfg)
+    result: dict = {"inspector": __version__, "config": cfg.source_file, "camera_id": cfg.camera_id,
+                    "model": model.bundle.spec.name, "kind": model.bundle.spec.kind,
+                    "backend": model.backend, "machine": _machine(),
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    throughput = None
+    if cfg.source.type != "genicam" and throughput_frames > 0:
+        hdrs, wall, counters = _phase(_variant(cfg, None, free_run=True), throughput_frames, model)
+        throughput = counters["published"] / wall if wall > 0 else 0.0
+        result["throughput"] = {"frames": throughput_frames, "wall_s": round(wall, 3),
+                                "fps": round(throughput, 2), "counters": counters}
+        log.info("throughput %.1f frames/s", throughput)
+    pace = fps
+    if pace is None and throughput:
+        pace = 0.7 * throughput
+        cfg_fps = getattr(cfg.source, "fps", 0) or 0
+        if cfg_fps:
+            pace = min(pace, cfg_fps)
+    hdrs, wall, counters = _phase(_variant(cfg, pace, free_run=False), frames, model)
+    stages = {k: _percentiles([h["timings_ms"][k] for h in hdrs if k in h["timings_ms"]])
+              for k in STAGES if any(k in h["timings_ms"] for h in hdrs)}
+    frame_shape = hdrs[0]["shape"] if hdrs else None
+    result["latency"] = {"frames": frames, "paced_fps": round(pace, 2) if pace else None,
+                         "frame_shape": frame_shape, "wall_s": round(wall, 3),
+                         "counters": counters, "stages_ms": stages}
+    summary = {"model": result["model"], "backend": result["backend"], "frame_shape": frame_shape,
+               "throughput_fps": result.get("throughput", {}).get("fps"),
+               "paced_fps": result["latency"]["paced_fps"]}
+    for k in ("engine", "pipeline", "e2e"):
+        if k in stages:
+            summary[f"{k}_p50_ms"] = stages[k]["p50"]
+            summary[f"{k}_p99_ms"] = stages[k]["p99"]
+    if "engine" in stages and "e2e" in stages:
+        summary["e2e_minus_engine_p50_ms"] = round(stages["e2e"]["p50"] - stages["engine"]["p50"], 3)
+    result["summary"] = summary
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    _plot(result, hdrs, out_dir / "bench.png")
+    log.info("wrote %s and %s", out_dir / "bench.json", out_dir / "bench.png")
+    return result
+
+
+def _plot(result: dict, headers: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = result["latency"]["stages_ms"]
+    parts = [k for k in ("queue", "preprocess", "engine", "decode", "postprocess", "encode") if k in stages]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = np.arange(len(parts))
+    a1.bar(x - 0.2, [stages[k]["p50"] for k in parts], 0.4, label="p50")
+    a1.bar(x + 0.2, [stages[k]["p99"] for k in parts], 0.4, label="p99")
+    a1.set_xticks(x, parts, rotation=20)
+    a1.set_ylabel("ms")
+    a1.set_title("where a frame's time goes (per stage)")
+    a1.legend()
+    e2e = [h["timings_ms"]["e2e"] for h in headers if "e2e" in h["timings_ms"]]
+    if e2e:
+        a2.hist(e2e, bins=40, color="tab:green")
+        a2.axvline(stages["e2e"]["p50"], color="k", ls="--", label=f"p50 {stages['e2e']['p50']:.1f} ms")
+        a2.axvline(stages["e2e"]["p99"], color="r", ls="--", label=f"p99 {stages['e2e']['p99']:.1f} ms")
+        a2.legend()
+    a2.set_xlabel("capture to publish, ms")
+    a2.set_title("end-to-end latency")
+    tp = result.get("throughput", {}).get("fps")
+    fig.suptitle(f"{result['model']} on {result['backend']} | frame {result['latency']['frame_shape']} | "
+                 f"throughput {tp} fps | {result['machine']['cores']} cores", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,193 @@
+"""Camera configuration: one YAML file per camera, validated at load.
+
+Every problem is reported as one :class:`~inspector.errors.ConfigError` naming the file, the
+dotted key and what was expected, e.g.
+``configs/cam1.yaml: source.fps: Input should be greater than or equal to 0 (got -5)``.
+Relative paths in the file resolve against the file's own folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      field_validator)
+
+from inspector.engines import OnnxRuntimeConfig
+from inspector.errors import ConfigError
+from inspector.postprocess import PostprocessConfig
+from inspector.publish import PublishConfig
+from inspector.sources import GenicamConfig, ReplayConfig, SyntheticConfig
+
+SourceConfig = Annotated[Union[GenicamConfig, ReplayConfig, SyntheticConfig], Field(discriminator="type")]
+
+
+def _engine_tag(v: Any) -> str | None:
+    # ``type`` may be left out: onnxruntime is the engine that runs everywhere
+    if isinstance(v, dict):
+        return v.get("type", "onnxruntime")
+    return getattr(v, "type", None)
+
+
+EngineConfig = Annotated[Union[Annotated[OnnxRuntimeConfig, Tag("onnxruntime")]],
+                         Discriminator(_engine_tag)]
+_TAGS = {"genicam", "replay", "synthetic", "onnxruntime", "tensorrt"}
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str = Field(..., description="model bundle folder; relative to the config file")
+    engine: EngineConfig = Field(default_factory=OnnxRuntimeConfig)
+    max_batch: int = Field(0, ge=0, description="tiles per engine call; 0 = all tiles of a frame")
+    postprocess: dict[str, Any] = Field(default_factory=dict,
+                                        description="overrides of the bundle's post-processing")
+
+    @field_validator("postprocess")
+    @classmethod
+    def _known_keys(cls, v: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(v) - set(PostprocessConfig.model_fields))
+        if unknown:
+            raise ValueError(f"unknown post-processing key(s) {unknown}; "
+                             f"known: {sorted(PostprocessConfig.model_fields)}")
+        return v
+
+
+class FrameSpec(BaseModel):
+    """The frame shape the pipeline expects; frames of another shape or dtype are dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+    height: int = Field(..., ge=1)
+    width: int = Field(..., ge=1)
+    channels: Literal[1, 3] = 1
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    queue_size: int = Field(4, ge=1, le=1024, description="frames waiting for the engine")
+    backpressure: bool = Field(False, description="grab waits for a free queue slot instead of dropping "
+                                                  "(recorded or synthetic sources only; a camera cannot wait)")
+    frame: FrameSpec | None = Field(None, description="expected shape; default: the first frame's")
+    reopen_source: bool = Field(True, description="reopen a camera that stops delivering")
+    reopen_backoff_s: tuple[float, float] = Field((0.5, 10.0), description="first and longest wait")
+
+
+class GeometryConfig(BaseModel):
+    """Pixel size on the strip; a source that knows better (frame metadata) wins."""
+
+    model_config = ConfigDict(extra="forbid")
+    mm_per_px_across: float | None = Field(None, gt=0)
+    mm_per_px_along: float | None = Field(None, gt=0)
+
+
+class StatusConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    interval_s: float = Field(1.0, gt=0)
+    window: int = Field(256, ge=8, description="frames the fps and latency figures cover")
+
+
+class InspectorConfig(BaseModel):
+    """The whole configuration of one camera's daemon."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    camera_id: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    source: SourceConfig
+    model: ModelConfig
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    geometry: GeometryConfig = Field(default_factory=GeometryConfig)
+    status: StatusConfig = Field(default_factory=StatusConfig)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    #: folder of the file this was loaded from; relative paths resolve against it
+    base_dir: Path = Field(default_factory=Path.cwd, exclude=True)
+    source_file: str = Field("<memory>", exclude=True)
+
+    def resolve(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (self.base_dir / path)
+
+
+def _key(loc: tuple) -> str:
+    parts: list[str] = []
+    for i, p in enumerate(loc):
+        # pydantic puts the union tag in the path (source.synthetic.fps); users wrote source.fps
+        if isinstance(p, str) and p in _TAGS and i > 0 and loc[i - 1] in ("source", "engine"):
+            continue
+        parts.append(str(p))
+    return ".".join(parts)
+
+
+def validation_error(file: str, e: ValidationError) -> ConfigError:
+    err = e.errors()[0]
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in err and not isinstance(err["input"], (dict, list)):
+        msg = f"{msg} (got {err['input']!r})"
+    if err["type"] == "union_tag_invalid":
+        ctx = err.get("ctx", {})
+        msg = f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    key = _key(err["loc"])
+    if err["type"] == "union_tag_invalid":
+        key = f"{key}.type" if key else "type"
+    extra = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return ConfigError(file, key or None, msg + extra)
+
+
+def parse_config(raw: Any, file: str = "<memory>", base_dir: Path | None = None,
+                 check_paths: bool = True) -> InspectorConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(file, None, "expected a mapping of keys at the top level")
+    try:
+        cfg = InspectorConfig.model_validate(raw)
+    except ValidationError as e:
+        raise validation_error(file, e) from None
+    cfg.base_dir = base_dir or Path.cwd()
+    cfg.source_file = file
+    if check_paths:
+        _check_paths(cfg)
+    return cfg
+
+
+def _check_paths(cfg: InspectorConfig) -> None:
+    f = cfg.source_file
+    bundle = cfg.resolve(cfg.model.bundle)
+    if not bundle.is_dir():
+        raise ConfigError(f, "model.bundle", f"model bundle folder {bundle} not found")
+    if not (bundle / "bundle.yaml").is_file():
+        raise ConfigError(f, "model.bundle", f"{bundle} has no bundle.yaml (not a model bundle)")
+    src = cfg.source
+    if isinstance(src, GenicamConfig):
+        cti = cfg.resolve(src.cti)
+        if not cti.is_file():
+            raise ConfigError(f, "source.cti", f"GenTL producer {cti} not found (expected a .cti file)")
+    if isinstance(src, ReplayConfig):
+        p = cfg.resolve(src.path)
+        if not p.exists():
+            raise ConfigError(f, "source.path", f"{p} not found (expected a folder of images or a video)")
+
+
+def load_config(path: str | Path, check_paths: bool = True) -> InspectorConfig:
+    """Read, validate and path-check one camera config file."""
+    p = Path(path)
+    file = str(path)
+    if not p.is_file():
+        raise ConfigError(file, None, "config file not found")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(file, None, f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, None, "not a text file") from None
+    return parse_config(raw, file, p.resolve().parent, check_paths)

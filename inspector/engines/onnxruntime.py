@@ -1,0 +1,113 @@
+"""ONNX Runtime engine: CPU everywhere, CUDA or TensorRT execution providers where present."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from inspector.engines.base import Engine, TensorSpec
+from inspector.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAMES = {
+    "tensorrt": "TensorrtExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
+              "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+class OnnxRuntimeConfig(BaseModel):
+    """``model.engine`` for ``type: onnxruntime``.
+
+    ``providers`` are tried in order; those this onnxruntime build lacks are skipped with a
+    warning, and CPU is always the last resort, so a GPU config still runs (slowly) on a PC
+    without a GPU. What actually ran is logged and shown by ``inspector check``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["onnxruntime"] = "onnxruntime"
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(default_factory=lambda: ["cpu"])
+    device_id: int = Field(0, ge=0)
+    intra_op_threads: int = Field(0, ge=0, description="0 = onnxruntime's choice (all cores)")
+    inter_op_threads: int = Field(1, ge=0)
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    trt_fp16: bool = False
+    trt_engine_cache: str | None = Field(None, description="folder for TensorRT EP engine cache")
+    trt_workspace_mb: int = Field(2048, ge=64)
+
+
+class OnnxRuntimeEngine(Engine):
+    """One onnxruntime InferenceSession over one graph."""
+
+    def __init__(self, graph: str | Path, cfg: OnnxRuntimeConfig | None = None):
+        import onnxruntime as ort
+
+        cfg = cfg or OnnxRuntimeConfig()
+        self.cfg = cfg
+        graph = Path(graph)
+        if not graph.is_file():
+            raise EngineError(f"{graph}: ONNX graph not found")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = cfg.intra_op_threads
+        opts.inter_op_num_threads = cfg.inter_op_threads
+        opts.graph_optimization_level = {
+            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        }[cfg.graph_optimization]
+        opts.log_severity_level = 3
+        providers = self._providers(ort.get_available_providers())
+        try:
+            self.session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
+            raise EngineError(f"{graph}: onnxruntime could not load the graph: {e}") from e
+        ran = self.session.get_providers()
+        self.backend = "onnxruntime:" + ",".join(ran)
+        wanted = [p if isinstance(p, str) else p[0] for p in providers]
+        if ran[0] != wanted[0]:
+            log.warning("asked onnxruntime for %s, it runs on %s", wanted[0], ran[0])
+        log.info("engine %s for %s", self.backend, graph.name)
+        self.inputs = [TensorSpec(i.name, tuple(i.shape), _ORT_TYPES.get(i.type, i.type))
+                       for i in self.session.get_inputs()]
+        self.outputs = [TensorSpec(o.name, tuple(o.shape), _ORT_TYPES.get(o.type, o.type))
+                        for o in self.session.get_outputs()]
+        self._output_names = [o.name for o in self.outputs]
+
+    def _providers(self, available: list[str]) -> list:
+        chosen: list = []
+        for key in self.cfg.providers:
+            name = PROVIDER_NAMES[key]
+            if name not in available:
+                log.warning("onnxruntime provider %s requested but not in this build (%s); skipped",
+                            name, ", ".join(available))
+                continue
+            if key == "tensorrt":
+                opts = {"device_id": self.cfg.device_id, "trt_fp16_enable": self.cfg.trt_fp16,
+                        "trt_max_workspace_size": self.cfg.trt_workspace_mb << 20}
+                if self.cfg.trt_engine_cache:
+                    opts.update(trt_engine_cache_enable=True,
+                                trt_engine_cache_path=self.cfg.trt_engine_cache)
+                chosen.append((name, opts))
+            elif key == "cuda":
+                chosen.append((name, {"device_id": self.cfg.device_id}))
+            else:
+                chosen.append(name)
+        if not any((c if isinstance(c, str) else c[0]) == PROVIDER_NAMES["cpu"] for c in chosen):
+            chosen.append(PROVIDER_NAMES["cpu"])
+        return chosen
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            outs = self.session.run(self._output_names, feeds)
+        except Exception as e:
+            raise EngineError(f"onnxruntime run failed: {e}") from e
+        return dict(zip(self._output_names, outs))

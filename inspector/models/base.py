@@ -1,0 +1,179 @@
+"""Model adapters: what a model kind does around the engine call.
+
+An adapter turns a frame into the engine's input (channel conversion, normalisation, tiling into
+a preallocated batch), runs the engine, and returns maps in frame coordinates:
+
+* ``probs`` (KxHxW softmax probabilities, class 0 = background) for classifier-style kinds;
+* ``residual`` (HxW or HxWxC) for reconstruction kinds;
+* ``score_map`` (HxW float32), the per-pixel defect score published and used for defect scores.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from inspector.bundle import BUNDLE_FILE, Bundle
+from inspector.engines.base import Engine
+from inspector.errors import BundleError
+from inspector.models.tiling import TileGrid
+
+
+@dataclass
+class ModelOutput:
+    score_map: np.ndarray
+    probs: np.ndarray | None = None
+    residual: np.ndarray | None = None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    #: hands the output buffers back to the adapter's pool once the frame is published
+    release: Callable[[], None] | None = None
+
+
+class BufferPool:
+    """Reusable output buffers of one set of shapes.
+
+    The pipeline holds a few frames in flight; each takes a buffer set here and gives it back
+    after publishing, so steady state allocates nothing. Thread-safe through deque's atomic ops.
+    """
+
+    def __init__(self, shapes: tuple[tuple[int, ...], ...], dtype=np.float32):
+        self.shapes = shapes
+        self.dtype = dtype
+        self._free: deque[tuple[np.ndarray, ...]] = deque()
+        self.allocated = 0
+
+    def acquire(self) -> tuple[np.ndarray, ...]:
+        try:
+            return self._free.pop()
+        except IndexError:
+            self.allocated += 1
+            return tuple(np.empty(s, self.dtype) for s in self.shapes)
+
+    def give_back(self, bufs: tuple[np.ndarray, ...]) -> None:
+        self._free.append(bufs)
+
+
+class ModelAdapter(abc.ABC):
+    """Base of every model kind. Subclasses implement :meth:`decode`.
+
+    ``max_batch`` caps how many tiles go to the engine in one call (0 = all tiles of a frame).
+    """
+
+    kind: str = ""
+
+    def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
+        self.bundle = bundle
+        self.engine = engine
+        spec = bundle.spec
+        self.input_name = spec.input.name
+        self.tile_h, self.tile_w = spec.input.tile
+        self.channels = spec.input.channels
+        self.overlap = spec.tiling.overlap
+        fixed = spec.input.batch
+        self.batch = fixed if fixed > 0 else max_batch
+        self.fixed_batch = fixed > 0
+        # pixel/255 then (x - mean)/std folded into one multiply-add per pixel
+        mean = np.asarray(spec.input.mean, np.float32)
+        std = np.asarray(spec.input.std, np.float32)
+        mean = np.broadcast_to(mean, (self.channels,)).copy()
+        std = np.broadcast_to(std, (self.channels,)).copy()
+        self._scale = (1.0 / (255.0 * std)).astype(np.float32)
+        self._offset = (-mean / std).astype(np.float32)
+        names = [t.name for t in engine.inputs]
+        if self.input_name not in names:
+            raise BundleError(f"{bundle.path / BUNDLE_FILE}: input.name: the graph has no input "
+                              f"'{self.input_name}' (it has {names})")
+        self._grids: dict[tuple[int, int], TileGrid] = {}
+        self._batches: dict[tuple[int, int], np.ndarray] = {}
+
+    # -- input side ---------------------------------------------------------------------------
+    def grid(self, h: int, w: int) -> TileGrid:
+        g = self._grids.get((h, w))
+        if g is None:
+            g = TileGrid.build(max(h, self.tile_h), max(w, self.tile_w), self.tile_h, self.tile_w,
+                               self.overlap)
+            self._grids[(h, w)] = g
+        return g
+
+    def to_model_channels(self, image: np.ndarray) -> np.ndarray:
+        """HxW or HxWxC uint8 -> HxWxC' with C' the model's channel count (RGB order)."""
+        if image.ndim == 2:
+            return image[:, :, None]
+        if image.shape[2] == self.channels:
+            return image
+        if self.channels == 1:
+            # ITU-R BT.601 luma, the weights the rest of the product uses
+            grey = image[:, :, 0] * 0.299 + image[:, :, 1] * 0.587 + image[:, :, 2] * 0.114
+            return grey.astype(np.uint8)[:, :, None]
+        return image[:, :, :3]
+
+    def fill_batch(self, image: np.ndarray) -> tuple[np.ndarray, TileGrid]:
+        """Normalise the frame's tiles into the (preallocated, per frame shape) input batch."""
+        h, w = image.shape[:2]
+        g = self.grid(h, w)
+        img = self.to_model_channels(image)
+        if h < g.height or w < g.width:
+            # frames smaller than one tile are padded by reflection, outputs cropped back
+            pad = ((0, g.height - h), (0, g.width - w), (0, 0))
+            img = np.pad(img, pad, mode="reflect")
+        batch = self._batches.get((h, w))
+        n = g.count
+        if self.fixed_batch:
+            n = -(-n // self.batch) * self.batch
+        if batch is None:
+            batch = np.zeros((n, self.channels, self.tile_h, self.tile_w), np.float32)
+            self._batches[(h, w)] = batch
+        if img.shape[2] == 1 and self.channels == 3:
+            img = np.broadcast_to(img, img.shape[:2] + (3,))
+        for i, y, x, _, _ in g.tiles():
+            tile = img[y:y + self.tile_h, x:x + self.tile_w]
+            for c in range(self.channels):
+                np.multiply(tile[:, :, c], self._scale[c], out=batch[i, c], casting="unsafe")
+                batch[i, c] += self._offset[c]
+        return batch, g
+
+    def run_engine(self, batch: np.ndarray) -> dict[str, list[np.ndarray]]:
+        """Run the batch in chunks of ``self.batch`` tiles (all at once when 0)."""
+        step = self.batch if self.batch > 0 else len(batch)
+        results: dict[str, list[np.ndarray]] = {}
+        for s in range(0, len(batch), step):
+            out = self.engine.run({self.input_name: batch[s:s + step]})
+            for k, v in out.items():
+                results.setdefault(k, []).append(v)
+        return results
+
+    def stitch(self, chunks: list[np.ndarray], g: TileGrid, out: np.ndarray) -> np.ndarray:
+        """Write the kept part of each tile's output (N x C x th x tw chunks) into ``out`` (C x H x W)."""
+        per = chunks[0].shape[0]
+        for i, y, x, (ky0, ky1), (kx0, kx1) in g.tiles():
+            t = chunks[i // per][i % per]
+            out[:, ky0:ky1, kx0:kx1] = t[:, ky0 - y:ky1 - y, kx0 - x:kx1 - x]
+        return out
+
+    # -- the call -----------------------------------------------------------------------------
+    def infer(self, image: np.ndarray) -> ModelOutput:
+        t0 = time.perf_counter()
+        batch, g = self.fill_batch(image)
+        t1 = time.perf_counter()
+        raw = self.run_engine(batch)
+        t2 = time.perf_counter()
+        out = self.decode(raw, g, image)
+        t3 = time.perf_counter()
+        out.timings_ms.update(preprocess=(t1 - t0) * 1e3, engine=(t2 - t1) * 1e3,
+                              decode=(t3 - t2) * 1e3)
+        return out
+
+    @abc.abstractmethod
+    def decode(self, raw: dict[str, list[np.ndarray]], g: TileGrid, image: np.ndarray) -> ModelOutput:
+        """Engine outputs (lists of batch chunks by output name) -> maps in frame coordinates."""
+
+    def warmup(self, shape: tuple[int, ...]) -> float:
+        """Run one blank frame of ``shape`` so the first real frame pays no first-run cost."""
+        t0 = time.perf_counter()
+        self.infer(np.full(shape, 128, np.uint8))
+        return (time.perf_counter() - t0) * 1e3

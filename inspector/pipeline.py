@@ -1,0 +1,462 @@
+"""The hot path: grab -> infer -> post-process and publish, as three threads.
+
+Stages are joined by bounded queues, so throughput is set by the slowest stage. Frames are only
+ever dropped at the entrance (queue full) or where a stage fails on one frame; every grabbed
+frame ends either published or counted as dropped with a reason, so at every stop
+``grabbed == published + sum(dropped.values())``.
+
+Example::
+
+    cfg = load_config("configs/demo.yaml")
+    with Pipeline(cfg) as p:          # loads model, binds publisher, opens source, warms up
+        p.run(frames=100)             # returns once 100 frames are grabbed and drained
+        print(p.counters.snapshot())
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from inspector.bundle import BUNDLE_FILE, Bundle, load_bundle
+from inspector.config import InspectorConfig
+from inspector.engines import make_engine
+from inspector.errors import ConfigError, FrameError, SourceError
+from inspector.frame import Frame
+from inspector.models import ModelAdapter, ModelOutput, make_adapter
+from inspector.postprocess import Geometry, PostprocessConfig, Postprocessor
+from inspector.publish import SCHEMA, Publisher, encode_mask
+from inspector.sources import Source, make_source
+
+log = logging.getLogger(__name__)
+
+DROP_REASONS = ("queue_full", "incomplete_frame", "bad_frame", "engine_error", "postprocess_error",
+                "subscriber_slow")
+_END = object()
+
+
+class Counters:
+    """Frame accounting shared by the stages."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.grabbed = 0
+        self.published = 0
+        self.dropped = {r: 0 for r in DROP_REASONS}
+        self.source_errors = 0
+        self.reopens = 0
+
+    def grab(self) -> None:
+        with self._lock:
+            self.grabbed += 1
+
+    def publish(self) -> None:
+        with self._lock:
+            self.published += 1
+
+    def drop(self, reason: str) -> None:
+        with self._lock:
+            self.dropped[reason] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"grabbed": self.grabbed, "published": self.published,
+                    "dropped": dict(self.dropped), "source_errors": self.source_errors,
+                    "reopens": self.reopens}
+
+    @property
+    def balanced(self) -> bool:
+        with self._lock:
+            return self.grabbed == self.published + sum(self.dropped.values())
+
+
+class BurstLog:
+    """Logs the first failure of a burst and then a count, not one line per frame."""
+
+    def __init__(self, what: str, every_s: float = 10.0):
+        self.what = what
+        self.every_s = every_s
+        self._last = 0.0
+        self._quiet = 0
+
+    def __call__(self, frame_id: int, err: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            more = f" (+{self._quiet} more since last report)" if self._quiet else ""
+            log.error("%s: frame %d: %s%s", self.what, frame_id, err, more)
+            self._last = now
+            self._quiet = 0
+        else:
+            self._quiet += 1
+
+
+@dataclass
+class LoadedModel:
+    bundle: Bundle
+    adapter: ModelAdapter
+    post: Postprocessor
+    backend: str
+
+
+def load_model(cfg: InspectorConfig) -> LoadedModel:
+    """Bundle + engine + adapter + post-processing for ``cfg`` (fails fast with clear errors)."""
+    bundle = load_bundle(cfg.resolve(cfg.model.bundle))
+    merged = bundle.spec.postprocess.model_dump() | cfg.model.postprocess
+    try:
+        pp = PostprocessConfig.model_validate(merged)
+        post = Postprocessor(pp, bundle.spec.classes)
+    except Exception as e:  # pydantic ValidationError or our ValueError
+        errs = getattr(e, "errors", None)
+        if callable(errs):
+            err = errs()[0]
+            key = "model.postprocess." + ".".join(str(p) for p in err["loc"])
+            raise ConfigError(cfg.source_file, key, err["msg"]) from None
+        raise ConfigError(cfg.source_file, "model.postprocess", str(e)) from None
+    engine = make_engine(cfg.model.engine, bundle.graph_path("model"))
+    adapter = make_adapter(bundle, engine, cfg.model.max_batch)
+    return LoadedModel(bundle, adapter, post, engine.backend)
+
+
+class Stats:
+    """Rolling figures for the status line: fps, end-to-end latency, defects per frame."""
+
+    def __init__(self, window: int):
+        self._lock = threading.Lock()
+        self._t: list[float] = []
+        self._lat: list[float] = []
+        self._def: list[int] = []
+        self.window = window
+
+    def add(self, t_s: float, latency_ms: float, defects: int) -> None:
+        with self._lock:
+            self._t.append(t_s)
+            self._lat.append(latency_ms)
+            self._def.append(defects)
+            if len(self._t) > 2 * self.window:
+                del self._t[:-self.window], self._lat[:-self.window], self._def[:-self.window]
+
+    def summary(self) -> dict:
+        with self._lock:
+            t = self._t[-self.window:]
+            lat = self._lat[-self.window:]
+            d = self._def[-self.window:]
+        if len(t) < 2:
+            return {"fps": 0.0, "p50_ms": None, "p99_ms": None, "defects_per_frame": None}
+        span = t[-1] - t[0]
+        return {"fps": (len(t) - 1) / span if span > 0 else 0.0,
+                "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                "defects_per_frame": float(np.mean(d))}
+
+
+@dataclass
+class _Job:
+    frame: Frame
+    t_grab: float  # perf_counter when the frame left the source
+    t_queued: float
+    out: ModelOutput | None = None
+    t_infer_done: float = 0.0
+
+
+class Pipeline:
+    """One camera's pipeline. Use as a context manager, or call start()/stop()/close()."""
+
+    def __init__(self, cfg: InspectorConfig, on_report: Callable[[dict], None] | None = None,
+                 model: LoadedModel | None = None, source: Source | None = None):
+        self.cfg = cfg
+        self.on_report = on_report
+        self.model = model
+        self.source = source
+        self.publisher: Publisher | None = None
+        self.counters = Counters()
+        self.stats = Stats(cfg.status.window)
+        self.camera_state = "closed"
+        self.error: BaseException | None = None
+        self._q_infer: queue.Queue = queue.Queue(cfg.pipeline.queue_size)
+        self._q_post: queue.Queue = queue.Queue(2)
+        self._stop = threading.Event()
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._frame_limit: int | None = None
+        self._expected: tuple[tuple[int, ...], np.dtype] | None = None
+        self._geometry = Geometry(cfg.geometry.mm_per_px_across, cfg.geometry.mm_per_px_along)
+        self.warmup_ms = 0.0
+        fs = cfg.pipeline.frame
+        if fs is not None:
+            shape = (fs.height, fs.width) if fs.channels == 1 else (fs.height, fs.width, 3)
+            self._expected = (shape, np.dtype(np.uint8))
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Bind the publisher first (subscribers connect during warm-up), then model and source."""
+        cfg = self.cfg
+        self.publisher = Publisher(cfg.publish, cfg.camera_id)
+        if self.model is None:
+            self.model = load_model(cfg)
+        if self.source is None:
+            self.source = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
+        self.source.open()
+        self.camera_state = "ok"
+        shape = self._warmup_shape()
+        self.warmup_ms = self.model.adapter.warmup(shape)
+        log.info("model %s (%s) on %s, warm-up %.0f ms at %s", self.model.bundle.spec.name,
+                 self.model.bundle.spec.kind, self.model.backend, self.warmup_ms, shape)
+        n = self.publisher.wait_ready()
+        log.info("source %s; %d subscriber(s) at start", self.source.describe(), n)
+
+    def _warmup_shape(self) -> tuple[int, ...]:
+        if self._expected is not None:
+            return self._expected[0]
+        src = self.cfg.source
+        h, w = getattr(src, "height", None), getattr(src, "width", None)
+        if h and w:
+            ch = getattr(src, "channels", 1)
+            return (h, w) if ch == 1 else (h, w, 3)
+        th, tw = self.model.bundle.spec.input.tile
+        return (th, tw)
+
+    def start(self, frames: int | None = None) -> None:
+        """Start the three stage threads; grab stops by itself after ``frames`` frames."""
+        if self.publisher is None:
+            self.open()
+        self._frame_limit = frames
+        self._threads = [threading.Thread(target=self._guard, args=(fn,), name=name, daemon=True)
+                         for fn, name in ((self._grab_loop, "grab"), (self._infer_loop, "infer"),
+                                          (self._post_loop, "publish"))]
+        for t in self._threads:
+            t.start()
+
+    def _guard(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except BaseException as e:  # a stage that dies must not leave the others waiting forever
+            log.exception("stage %s failed", threading.current_thread().name)
+            self.error = self.error or e
+            self._stop.set()
+            for q in (self._q_infer, self._q_post):
+                try:
+                    q.put_nowait(_END)
+                except queue.Full:
+                    pass
+            self._done.set()
+
+    # -- stages -----------------------------------------------------------------------------------
+    def _check_frame(self, frame: Frame) -> None:
+        img = frame.image
+        if not isinstance(img, np.ndarray) or img.dtype != np.uint8:
+            raise FrameError(f"frame {frame.frame_id}: dtype {getattr(img, 'dtype', type(img))}, "
+                             f"expected uint8")
+        if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
+            raise FrameError(f"frame {frame.frame_id}: shape {img.shape}, expected HxW or HxWx3")
+        if self._expected is None:
+            self._expected = (img.shape, img.dtype)
+            log.info("frame shape locked to %s", img.shape)
+        elif img.shape != self._expected[0]:
+            raise FrameError(f"frame {frame.frame_id}: shape {img.shape}, expected {self._expected[0]}")
+
+    def _read(self) -> Frame | None:
+        """Next frame from the source, reopening it with backoff when it fails."""
+        backoff, longest = self.cfg.pipeline.reopen_backoff_s
+        while not self._stop.is_set():
+            try:
+                return self.source.read()
+            except FrameError:
+                raise
+            except SourceError as e:
+                self.counters.source_errors += 1
+                if not self.cfg.pipeline.reopen_source:
+                    raise
+                if self.camera_state == "ok":
+                    log.error("camera %s down: %s; reopening", self.cfg.camera_id, e)
+                self.camera_state = "down"
+                self._reopen(backoff)
+                backoff = min(longest, backoff * 2)
+        return None
+
+    def _reopen(self, wait_s: float) -> None:
+        try:
+            self.source.close()
+        except Exception as e:  # closing a dead device may fail; it is being replaced anyway
+            log.debug("close after failure: %s", e)
+        if self._stop.wait(wait_s):
+            return
+        try:
+            self.source.open()
+        except SourceError as e:
+            log.debug("reopen failed: %s", e)
+            return
+        self.counters.reopens += 1
+        self.camera_state = "ok"
+        log.warning("camera %s reopened", self.cfg.camera_id)
+
+    def _grab_loop(self) -> None:
+        bad = BurstLog("frame dropped")
+        full = BurstLog("queue full, frame dropped")
+        n = 0
+        try:
+            while not self._stop.is_set():
+                if self._frame_limit is not None and n >= self._frame_limit:
+                    break
+                try:
+                    frame = self._read()
+                except FrameError as e:
+                    self.counters.grab()
+                    n += 1
+                    self.counters.drop("incomplete_frame")
+                    bad(-1, e)
+                    continue
+                if frame is None:
+                    break
+                t_grab = time.perf_counter()
+                self.counters.grab()
+                n += 1
+                try:
+                    self._check_frame(frame)
+                except FrameError as e:
+                    self.counters.drop("bad_frame")
+                    bad(frame.frame_id, e)
+                    continue
+                job = _Job(frame, t_grab, time.perf_counter())
+                if self.cfg.pipeline.backpressure:
+                    while not self._stop.is_set():
+                        try:
+                            self._q_infer.put(job, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    else:
+                        self.counters.drop("queue_full")
+                else:
+                    try:
+                        self._q_infer.put_nowait(job)
+                    except queue.Full:
+                        self.counters.drop("queue_full")
+                        full(frame.frame_id, RuntimeError("engine behind the camera"))
+        finally:
+            self._q_infer.put(_END)
+
+    def _infer_loop(self) -> None:
+        fail = BurstLog("engine error, frame dropped")
+        adapter = self.model.adapter
+        while True:
+            job = self._q_infer.get()
+            if job is _END:
+                self._q_post.put(_END)
+                return
+            job.t_queued = time.perf_counter() - job.t_queued
+            try:
+                job.out = adapter.infer(job.frame.image)
+            except Exception as e:
+                self.counters.drop("engine_error")
+                fail(job.frame.frame_id, e)
+                continue
+            job.t_infer_done = time.perf_counter()
+            self._q_post.put(job)
+
+    def _post_loop(self) -> None:
+        fail = BurstLog("post-processing error, frame dropped")
+        slow = BurstLog("subscriber too slow, frame dropped")
+        model = self.model
+        enc = self.cfg.publish.mask_encoding
+        spec = model.bundle.spec
+        model_info = {"name": spec.name, "kind": spec.kind,
+                      "sha256": spec.graphs["model"].sha256[:16], "backend": model.backend}
+        while True:
+            job = self._q_post.get()
+            if job is _END:
+                self._done.set()
+                return
+            f, out = job.frame, job.out
+            try:
+                t0 = time.perf_counter()
+                label = model.post.mask(out.probs, out.residual, out.score_map)
+                geo = Geometry(f.meta.get("mm_per_px_across", self._geometry.mm_per_px_across),
+                               f.meta.get("mm_per_px_along", self._geometry.mm_per_px_along))
+                defects, total = model.post.defects(label, out.score_map, geo, f.strip_pos_mm)
+                t1 = time.perf_counter()
+                mask_bytes = encode_mask(label, enc)
+                t2 = time.perf_counter()
+            except Exception as e:
+                self.counters.drop("postprocess_error")
+                fail(f.frame_id, e)
+                if out.release:
+                    out.release()
+                continue
+            if out.release:
+                out.release()
+            timings = {"queue": job.t_queued * 1e3, **out.timings_ms,
+                       "postprocess": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3}
+            timings["pipeline"] = (time.perf_counter() - job.t_grab) * 1e3
+            t_pub = time.time_ns()
+            timings["e2e"] = (t_pub - f.t_capture_ns) / 1e6
+            header = {
+                "schema": SCHEMA, "camera_id": f.camera_id, "frame_id": f.frame_id,
+                "t_capture_ns": f.t_capture_ns, "t_publish_ns": t_pub,
+                "strip_pos_mm": round(f.strip_pos_mm, 2), "shape": list(label.shape),
+                "mask_encoding": enc, "classes": spec.classes, "model": model_info,
+                "defects": defects, "defects_total": total,
+                "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+                "counters": self.counters.snapshot(), "camera_state": self.camera_state,
+            }
+            if self.publisher.send(header, mask_bytes):
+                self.counters.publish()
+            else:
+                self.counters.drop("subscriber_slow")
+                slow(f.frame_id, RuntimeError(f"send queue full ({self.cfg.publish.sndhwm} messages)"))
+            self.stats.add(time.monotonic(), timings["pipeline"], len(defects))
+            if self.on_report is not None:
+                self.on_report(header)
+
+    # -- control ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop grabbing; frames already in the queues are still processed and published."""
+        self._stop.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until every stage has drained; True when done."""
+        return self._done.wait(timeout)
+
+    def run(self, frames: int | None = None, seconds: float | None = None,
+            tick: Callable[["Pipeline"], None] | None = None, tick_s: float = 1.0) -> dict:
+        """Run until ``frames`` are grabbed, ``seconds`` passed, the source ended or stop();
+        drain, and return the final counters."""
+        self.start(frames)
+        t_end = time.monotonic() + seconds if seconds else None
+        while not self._done.wait(tick_s if tick else 0.05):
+            if tick:
+                tick(self)
+            if t_end is not None and time.monotonic() >= t_end:
+                self.stop()
+        for t in self._threads:
+            t.join()
+        if tick:
+            tick(self)
+        if self.error is not None:
+            raise self.error
+        return self.counters.snapshot()
+
+    def close(self) -> None:
+        self.stop()
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.source is not None:
+            try:
+                self.source.close()
+            except Exception as e:
+                log.warning("closing source: %s", e)
+        if self.publisher is not None:
+            self.publisher.close()
+            self.publisher = None
+        self.camera_state = "closed"
+
+    def __enter__(self) -> "Pipeline":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,193 @@
+"""ZeroMQ publishing of defect reports, and the subscriber client.
+
+Every report is one multipart message ``[topic, header, mask]``:
+
+* ``topic`` — UTF-8 bytes, by default ``defects.<camera_id>``; subscribe to a prefix.
+* ``header`` — UTF-8 JSON, schema ``inspector.defects/1`` (see ``docs/zmq-schema.md``).
+* ``mask`` — the class-index mask (uint8, 0 = no defect, k = class k of ``header["classes"]``),
+  encoded as ``header["mask_encoding"]``: ``png`` (8-bit single-channel PNG) or ``raw``
+  (``shape[0]*shape[1]`` bytes, row-major).
+
+The publisher binds an XPUB socket. It sees subscriptions, so a subscriber that connected before
+the stream started is known before the first frame (no slow-joiner loss), and with
+``ZMQ_XPUB_NODROP`` a subscriber that cannot keep up makes the send fail instead of losing the
+message silently: the pipeline counts that frame as dropped (``subscriber_slow``) and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+import zmq
+from pydantic import BaseModel, ConfigDict, Field
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "inspector.defects/1"
+
+
+class PublishConfig(BaseModel):
+    """``publish:`` section of a camera config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint: str = Field("tcp://127.0.0.1:5556", pattern=r"^(tcp|ipc|inproc)://.+",
+                          description="ZeroMQ endpoint the publisher binds")
+    topic: str | None = Field(None, description="default: defects.<camera_id>")
+    mask_encoding: Literal["png", "raw"] = "png"
+    sndhwm: int = Field(100, ge=1, description="messages queued per subscriber before sends fail")
+    nodrop: bool = Field(True, description="count frames a slow subscriber cannot take as dropped; "
+                                           "false = ZeroMQ drops them for that subscriber alone, uncounted")
+    wait_for_subscribers: int = Field(0, ge=0, description="hold the first frame until this many subscribed")
+    wait_timeout_s: float = Field(10.0, ge=0)
+    connect_grace_s: float = Field(0.3, ge=0, description="time given to already-running subscribers "
+                                                          "to (re)connect before the first frame")
+    linger_ms: int = Field(2000, ge=0, description="how long a clean stop waits to deliver queued messages")
+
+
+def encode_mask(mask: np.ndarray, encoding: str) -> bytes:
+    if encoding == "png":
+        # Masks are mostly zeros: no row filter plus run-length deflate is about 4x faster than
+        # OpenCV's default adaptive filtering, at a similar size (measured on 256x1600 masks).
+        ok, buf = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 1,
+                                              cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
+                                              cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE])
+        if not ok:
+            raise ValueError("PNG encoding of the mask failed")
+        return buf.tobytes()
+    if encoding == "raw":
+        return np.ascontiguousarray(mask, np.uint8).tobytes()
+    raise ValueError(f"unknown mask encoding {encoding!r}")
+
+
+def decode_mask(data: bytes, header: dict[str, Any]) -> np.ndarray:
+    """The class-index mask of a message, HxW uint8, checked against ``header["shape"]``."""
+    h, w = header["shape"][:2]
+    enc = header["mask_encoding"]
+    if enc == "png":
+        mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if mask is None:
+            raise ValueError(f"frame {header.get('frame_id')}: mask is not a valid PNG")
+    elif enc == "raw":
+        if len(data) != h * w:
+            raise ValueError(f"frame {header.get('frame_id')}: raw mask has {len(data)} bytes, "
+                             f"expected {h * w}")
+        mask = np.frombuffer(data, np.uint8).reshape(h, w)
+    else:
+        raise ValueError(f"frame {header.get('frame_id')}: unknown mask_encoding {enc!r}")
+    if mask.shape != (h, w):
+        raise ValueError(f"frame {header.get('frame_id')}: mask shape {mask.shape} != header shape {(h, w)}")
+    return mask
+
+
+class Publisher:
+    """Binds the XPUB socket and sends reports without ever blocking the pipeline."""
+
+    def __init__(self, cfg: PublishConfig, camera_id: str, context: zmq.Context | None = None):
+        self.cfg = cfg
+        self.topic = (cfg.topic or f"defects.{camera_id}").encode()
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.XPUB)
+        self.sock.setsockopt(zmq.SNDHWM, cfg.sndhwm)
+        self.sock.setsockopt(zmq.LINGER, cfg.linger_ms)
+        if cfg.nodrop:
+            self.sock.setsockopt(zmq.XPUB_NODROP, 1)
+        try:
+            self.sock.bind(cfg.endpoint)
+        except zmq.ZMQError as e:
+            self.sock.close(0)
+            raise OSError(f"publish.endpoint: cannot bind {cfg.endpoint}: {e}") from e
+        self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+        self.subscribers = 0
+        log.info("publishing on %s, topic %s", self.endpoint, self.topic.decode())
+
+    def poll_subscriptions(self, timeout_s: float = 0.0) -> int:
+        """Read pending (un)subscribe notices; returns the current subscription count."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if not self.sock.poll(int(left * 1000), zmq.POLLIN):
+                return self.subscribers
+            msg = self.sock.recv()
+            if msg[:1] == b"\x01":
+                self.subscribers += 1
+                log.info("subscriber joined (%d subscribed)", self.subscribers)
+            elif msg[:1] == b"\x00":
+                self.subscribers = max(0, self.subscribers - 1)
+                log.info("subscriber left (%d subscribed)", self.subscribers)
+
+    def wait_ready(self) -> int:
+        """Before the first frame: let connected subscribers register; optionally wait for N."""
+        self.poll_subscriptions(self.cfg.connect_grace_s)
+        if self.cfg.wait_for_subscribers:
+            deadline = time.monotonic() + self.cfg.wait_timeout_s
+            while self.subscribers < self.cfg.wait_for_subscribers and time.monotonic() < deadline:
+                self.poll_subscriptions(min(0.1, max(0.0, deadline - time.monotonic())))
+            if self.subscribers < self.cfg.wait_for_subscribers:
+                log.warning("only %d of %d subscribers after %.1fs; starting anyway",
+                            self.subscribers, self.cfg.wait_for_subscribers, self.cfg.wait_timeout_s)
+        return self.subscribers
+
+    def send(self, header: dict[str, Any], mask_bytes: bytes) -> bool:
+        """Send one report; False when a subscriber's queue is full (the frame is not delivered)."""
+        if self.sock.poll(0, zmq.POLLIN):
+            self.poll_subscriptions(0.0)
+        try:
+            self.sock.send_multipart([self.topic, json.dumps(header, separators=(",", ":")).encode(),
+                                      mask_bytes], flags=zmq.NOBLOCK, copy=False)
+            return True
+        except zmq.Again:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Message:
+    topic: str
+    header: dict[str, Any]
+    mask_bytes: bytes
+
+    def mask(self) -> np.ndarray:
+        return decode_mask(self.mask_bytes, self.header)
+
+
+class Subscriber:
+    """Client for the defect stream.
+
+    Example::
+
+        sub = Subscriber("tcp://127.0.0.1:5556")
+        msg = sub.recv(timeout_s=5)       # None on timeout
+        print(msg.header["frame_id"], msg.header["defects"], msg.mask().shape)
+    """
+
+    def __init__(self, endpoint: str, topic: str = "", rcvhwm: int = 1000,
+                 context: zmq.Context | None = None):
+        self._ctx = context or zmq.Context.instance()
+        self.sock = self._ctx.socket(zmq.SUB)
+        self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+        self.sock.connect(endpoint)
+
+    def recv(self, timeout_s: float | None = None) -> Message | None:
+        if timeout_s is not None and not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            return None
+        parts = self.sock.recv_multipart()
+        if len(parts) != 3:
+            raise ValueError(f"expected 3 message parts [topic, header, mask], got {len(parts)}")
+        header = json.loads(parts[1])
+        if header.get("schema") != SCHEMA:
+            raise ValueError(f"unknown schema {header.get('schema')!r}, this client reads {SCHEMA}")
+        return Message(parts[0].decode(), header, parts[2])
+
+    def close(self) -> None:
+        self.sock.close()

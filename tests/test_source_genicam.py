@@ -1,0 +1,168 @@
+"""GenicamSource against the real simulated camera (viky.cti from the genicam wheel)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from inspector.errors import SourceError
+from inspector.sources import make_source
+from inspector.sources.genicam import GenicamConfig, GenicamSource, default_viky_cti
+
+VIKY = default_viky_cti()
+needs_viky = pytest.mark.skipif(VIKY is None, reason="viky.cti not found in the installed genicam package")
+
+
+def viky_cfg(**kw) -> GenicamConfig:
+    base = dict(cti=str(VIKY), pixel_format="Mono8", width=320, height=240, fps=200.0,
+                fetch_timeout_s=2.0, frames=5)
+    base.update(kw)
+    return GenicamConfig(**base)
+
+
+@needs_viky
+def test_mono8_frames_have_configured_shape_and_increasing_ids():
+    cfg = viky_cfg(mm_per_px_along=0.25, mm_per_px_across=0.5)
+    with GenicamSource(cfg, camera_id="cam1") as src:
+        frames = list(src)
+        assert src.read() is None  # cfg.frames reached: stays finished
+    assert [f.frame_id for f in frames] == [0, 1, 2, 3, 4]
+    for f in frames:
+        assert f.camera_id == "cam1"
+        assert f.image.shape == (240, 320) and f.image.dtype == np.uint8
+        assert f.image.flags.owndata  # copied out of the producer's buffer
+        assert f.strip_pos_mm == pytest.approx(f.frame_id * 240 * 0.25)
+        assert f.meta["mm_per_px_across"] == 0.5
+    device_ids = [f.meta["device_frame_id"] for f in frames]
+    assert device_ids == sorted(device_ids) and len(set(device_ids)) == 5
+    t = [f.t_capture_ns for f in frames]
+    assert t == sorted(t)  # viky has no buffer timestamp: host clock at fetch
+
+
+@needs_viky
+def test_rgba8_gives_rgb_without_alpha():
+    cfg = viky_cfg(pixel_format="RGBa8", width=200, height=100, frames=2)
+    with GenicamSource(cfg, camera_id="cam1") as src:
+        frame = src.read()
+        assert "RGBa8" in src.describe() and "200x100" in src.describe()
+    assert frame is not None
+    assert frame.image.shape == (100, 200, 3) and frame.image.dtype == np.uint8
+    assert frame.image.flags.c_contiguous
+
+
+@needs_viky
+def test_select_by_serial_and_by_device_id():
+    with GenicamSource(viky_cfg(serial="1", frames=1), camera_id="cam1") as src:
+        assert "serial='1'" in src.describe()
+        assert src.read() is not None
+    with GenicamSource(viky_cfg(device_id="VikyTL_DEV_blue", frames=1), camera_id="cam1") as src:
+        assert "VikyTL_DEV_blue" in src.describe()
+
+
+@needs_viky
+def test_wrong_serial_lists_devices():
+    src = GenicamSource(viky_cfg(serial="nope"), camera_id="cam1")
+    with pytest.raises(SourceError) as err:
+        src.open()
+    msg = str(err.value)
+    assert "source.serial='nope'" in msg
+    for serial in ("'0'", "'1'", "'2'"):
+        assert f"serial={serial}" in msg
+    src.close()  # nothing left open, closing is still fine
+
+
+@needs_viky
+def test_index_out_of_range_lists_devices():
+    with pytest.raises(SourceError, match=r"source.index=7 .*VikyTL_DEV_red"):
+        GenicamSource(viky_cfg(index=7), camera_id="cam1").open()
+
+
+def test_missing_cti_names_path_and_key(tmp_path: Path):
+    cfg = GenicamConfig(cti="missing/producer.cti")
+    src = make_source(cfg, camera_id="cam1", base_dir=tmp_path)
+    assert isinstance(src, GenicamSource)
+    with pytest.raises(SourceError) as err:
+        src.open()
+    assert "source.cti" in str(err.value)
+    assert str(tmp_path / "missing" / "producer.cti") in str(err.value)
+
+
+def test_file_that_is_not_a_producer(tmp_path: Path):
+    bogus = tmp_path / "bogus.cti"
+    bogus.write_text("not a shared library")
+    with pytest.raises(SourceError, match="source.cti"):
+        GenicamSource(GenicamConfig(cti="bogus.cti"), camera_id="cam1", base_dir=tmp_path).open()
+
+
+@needs_viky
+def test_rejected_value_names_node_and_value():
+    with pytest.raises(SourceError, match=r"Width=5000 \(source.width\).*100\.\.800"):
+        GenicamSource(viky_cfg(width=5000), camera_id="cam1").open()
+
+
+@needs_viky
+def test_node_the_camera_lacks():
+    # viky has no OffsetX: asking for an offset is an error, leaving it at 0 is not.
+    with pytest.raises(SourceError, match=r"no OffsetX node.*source.offset_x=8"):
+        GenicamSource(viky_cfg(offset_x=8), camera_id="cam1").open()
+    with GenicamSource(viky_cfg(offset_x=0, frames=1), camera_id="cam1") as src:
+        assert src.read() is not None
+
+
+def test_config_refuses_unsupported_format_and_ambiguous_pick():
+    with pytest.raises(ValidationError, match="Mono16"):
+        GenicamConfig(cti="x.cti", pixel_format="Mono16")
+    with pytest.raises(ValidationError, match="not both"):
+        GenicamConfig(cti="x.cti", serial="0", index=1)
+
+
+@needs_viky
+def test_close_is_idempotent_and_reopen_works():
+    src = GenicamSource(viky_cfg(frames=None), camera_id="cam1")
+    src.close()  # before open: nothing to do
+    src.open()
+    first = src.read()
+    src.close()
+    src.close()
+    with pytest.raises(RuntimeError):
+        src.read()
+    src.open()  # the device was released: it can be taken again
+    again = src.read()
+    src.close()
+    assert first is not None and again is not None
+    assert again.frame_id > first.frame_id  # ids stay unique across a reopen
+
+
+@needs_viky
+def test_fetch_timeout_is_a_source_error():
+    # 1 fps with a 0.1 s timeout: the first fetch cannot be served in time.
+    cfg = viky_cfg(fps=1.0, fetch_timeout_s=0.1)
+    with GenicamSource(cfg, camera_id="cam1") as src:
+        with pytest.raises(SourceError, match=r"timed out after 0.1s"):
+            src.read()
+
+
+@needs_viky
+def test_destroyed_acquirer_is_a_source_error():
+    with GenicamSource(viky_cfg(frames=None), camera_id="cam1") as src:
+        assert src.read() is not None
+        src._ia.destroy()  # what a device loss leaves behind: an acquirer that is no longer valid
+        with pytest.raises(SourceError, match="device lost"):
+            src.read()
+    # __exit__ closed it without raising despite the dead acquirer
+
+
+@needs_viky
+@pytest.mark.parametrize("serial, colour", [("0", (255, 0, 0)), ("2", (0, 0, 255))])
+def test_rgba8_channel_order_from_ball_colour(serial: str, colour: tuple[int, int, int]):
+    # Viky draws a ball on white: red on device '0' (VikyTL_DEV_red), blue on '2'. Seeing the
+    # right colour in channel 0 or 2 proves the RGBa8 -> RGB copy keeps the order.
+    cfg = viky_cfg(serial=serial, pixel_format="RGBa8", width=400, height=400, frames=1)
+    with GenicamSource(cfg, camera_id="cam1") as src:
+        image = src.read().image
+    ball = image[(image != 255).any(axis=2)]
+    assert len(ball) > 0
+    assert {tuple(int(v) for v in px) for px in ball} == {colour}

@@ -1,0 +1,52 @@
+"""Small real ONNX graphs for tests that must not depend on a trained model.
+
+``dark_spot_bundle`` writes a bundle whose graph flags pixels much darker than their 9x9
+neighbourhood as class 1 — a real graph that onnxruntime runs, with known behaviour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def dark_spot_bundle(root: Path, tile: int = 64, classes=("background", "dark")) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from inspector.bundle import BundleSpec, GraphRef, InputSpec, write_bundle
+    from inspector.postprocess import PostprocessConfig
+
+    k = len(classes)
+    # logits: background 0, class 1 = 40*(local_mean - x) - 4, other classes far below
+    w = np.zeros((k, 1, 1, 1), np.float32)
+    b = np.full((k,), -50.0, np.float32)
+    w[0, 0, 0, 0], b[0] = 0.0, 0.0
+    w[1, 0, 0, 0], b[1] = 40.0, -4.0
+    nodes = [
+        helper.make_node("AveragePool", ["image"], ["mean"], kernel_shape=[9, 9], pads=[4, 4, 4, 4],
+                         count_include_pad=0),
+        helper.make_node("Sub", ["mean", "image"], ["contrast"]),
+        helper.make_node("Conv", ["contrast", "W", "B"], ["logits"], kernel_shape=[1, 1]),
+        helper.make_node("Softmax", ["logits"], ["probs"], axis=1),
+        helper.make_node("Identity", ["image"], ["reconstruction"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "dark_spot",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 1, tile, tile])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", k, tile, tile]),
+         helper.make_tensor_value_info("reconstruction", TensorProto.FLOAT, ["N", 1, tile, tile])],
+        [helper.make_tensor("W", TensorProto.FLOAT, w.shape, w.ravel()),
+         helper.make_tensor("B", TensorProto.FLOAT, b.shape, b)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    root.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(root / "model.onnx"))
+    spec = BundleSpec(name=root.name, kind="arcd", graphs={"model": GraphRef(file="model.onnx", sha256="")},
+                      input=InputSpec(name="image", tile=(tile, tile), channels=1, mean=[0.0], std=[1.0]),
+                      outputs={"probabilities": "probs", "reconstruction": "reconstruction"},
+                      classes=list(classes), postprocess=PostprocessConfig(type="probability", threshold=0.5),
+                      provenance={"note": "hand-built test graph"})
+    write_bundle(root, spec)
+    return root
