@@ -167,7 +167,9 @@ def _check_paths(cfg: InspectorConfig) -> None:
         raise ConfigError(f, "model.bundle", f"{bundle} has no bundle.yaml (not a model bundle)")
     src = cfg.source
     if isinstance(src, GenicamConfig):
-        cti = cfg.resolve(src.cti)
+        from inspector.sources.genicam import BUILTIN_VIKY, default_viky_cti
+        cti = (default_viky_cti() or Path("<viky.cti missing from the genicam package>")
+               if src.cti == BUILTIN_VIKY else cfg.resolve(src.cti))
         if not cti.is_file():
             raise ConfigError(f, "source.cti", f"GenTL producer {cti} not found (expected a .cti file)")
     if isinstance(src, ReplayConfig):

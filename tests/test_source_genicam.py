@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ from pydantic import ValidationError
 
 from inspector.errors import SourceError
 from inspector.sources import make_source
-from inspector.sources.genicam import GenicamConfig, GenicamSource, default_viky_cti
+from inspector.sources.genicam import GenicamConfig, GenicamSource, default_viky_cti, image_from_buffer
 
 VIKY = default_viky_cti()
 needs_viky = pytest.mark.skipif(VIKY is None, reason="viky.cti not found in the installed genicam package")
@@ -123,11 +124,13 @@ def test_config_refuses_unsupported_format_and_ambiguous_pick():
 def test_close_is_idempotent_and_reopen_works():
     src = GenicamSource(viky_cfg(frames=None), camera_id="cam1")
     src.close()  # before open: nothing to do
+    with pytest.raises(SourceError, match="not open"):
+        src.read()
     src.open()
     first = src.read()
     src.close()
     src.close()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(SourceError, match="not open"):  # the pipeline reopens on SourceError
         src.read()
     src.open()  # the device was released: it can be taken again
     again = src.read()
@@ -166,3 +169,53 @@ def test_rgba8_channel_order_from_ball_colour(serial: str, colour: tuple[int, in
     ball = image[(image != 255).any(axis=2)]
     assert len(ball) > 0
     assert {tuple(int(v) for v in px) for px in ball} == {colour}
+
+
+@needs_viky
+def test_close_from_another_thread_ends_the_grab_loop_and_leaves_the_camera_usable():
+    src = GenicamSource(viky_cfg(frames=None), camera_id="cam1")
+    src.open()
+    got: list = []
+    errors: list = []
+
+    def grab() -> None:
+        try:
+            for frame in src:
+                got.append(frame.frame_id)
+        except Exception as e:  # the read after close
+            errors.append(e)
+
+    worker = threading.Thread(target=grab)
+    worker.start()
+    while len(got) < 5 and worker.is_alive():
+        threading.Event().wait(0.01)
+    src.close()
+    worker.join(timeout=5)
+    assert not worker.is_alive() and len(got) >= 5
+    # close() waited for the fetch in flight; the next read said "not open", nothing else broke
+    assert len(errors) == 1 and isinstance(errors[0], SourceError) and "not open" in str(errors[0])
+    with GenicamSource(viky_cfg(frames=1), camera_id="cam1") as again:  # producer not wedged
+        assert again.read() is not None
+
+
+@pytest.mark.parametrize("fmt, data, expected", [
+    ("Mono8", [1, 2, 3, 4, 5, 6], [[1, 2, 3], [4, 5, 6]]),
+    ("RGB8", [1, 2, 3, 4, 5, 6], [[[1, 2, 3]], [[4, 5, 6]]]),
+    ("BGR8", [1, 2, 3, 4, 5, 6], [[[3, 2, 1]], [[6, 5, 4]]]),
+    ("RGBa8", [1, 2, 3, 9, 4, 5, 6, 9], [[[1, 2, 3]], [[4, 5, 6]]]),
+    ("BGRa8", [1, 2, 3, 9, 4, 5, 6, 9], [[[3, 2, 1]], [[6, 5, 4]]]),
+])
+def test_pixel_format_conversion(fmt: str, data: list[int], expected: list):
+    # viky only streams Mono8 and RGBa8; the other layouts are checked on plain byte arrays.
+    width = 3 if fmt == "Mono8" else 1
+    image = image_from_buffer(fmt, width, 2, np.array(data, np.uint8))
+    assert image.tolist() == expected and image.dtype == np.uint8
+
+
+def test_conversion_drops_row_padding_and_refuses_short_data():
+    rows = np.array([1, 2, 3, 0, 0, 4, 5, 6, 0, 0], np.uint8)  # 3 pixels + 2 padding bytes per row
+    assert image_from_buffer("Mono8", 3, 2, rows).tolist() == [[1, 2, 3], [4, 5, 6]]
+    with pytest.raises(ValueError, match="incomplete"):
+        image_from_buffer("RGBa8", 3, 2, rows)
+    with pytest.raises(ValueError, match="not supported"):
+        image_from_buffer("BayerRG8", 3, 2, rows)

@@ -123,11 +123,13 @@ def test_pacing_and_no_burst_after_a_stall(folder: Path):
 
 def test_close_idempotent_and_reopen_restarts(folder: Path):
     src = replay(folder)
+    with pytest.raises(SourceError, match="not open"):
+        src.read()
     src.open()
     assert src.read().meta["file"] == "f1.png"
     src.close()
     src.close()
-    with pytest.raises(RuntimeError):
+    with pytest.raises(SourceError, match="not open"):  # the pipeline reopens on SourceError
         src.read()
     src.open()
     again = src.read()

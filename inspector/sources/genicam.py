@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -34,14 +36,15 @@ from inspector.sources.base import Source
 
 log = logging.getLogger(__name__)
 
-# PixelFormat -> (bytes per pixel in the buffer, channels to keep in RGB order or None for mono).
-# A slice rather than an index list keeps the copy a strided view: no temporary per frame.
-_LAYOUTS: dict[str, tuple[int, slice | None]] = {
+# PixelFormat -> (bytes per pixel in the buffer, OpenCV conversion to RGB or None for a plain copy).
+# cvtColor writes straight into the frame's array and is ~50x faster than numpy's strided copy
+# for dropping alpha or swapping channels (0.06 ms vs 4 ms at 800x800).
+_LAYOUTS: dict[str, tuple[int, int | None]] = {
     "Mono8": (1, None),
-    "RGB8": (3, slice(0, 3)),
-    "BGR8": (3, slice(2, None, -1)),
-    "RGBa8": (4, slice(0, 3)),
-    "BGRa8": (4, slice(2, None, -1)),
+    "RGB8": (3, None),
+    "BGR8": (3, cv2.COLOR_BGR2RGB),
+    "RGBa8": (4, cv2.COLOR_RGBA2RGB),
+    "BGRa8": (4, cv2.COLOR_BGRA2RGB),
 }
 SUPPORTED_PIXEL_FORMATS = tuple(_LAYOUTS)
 
@@ -56,7 +59,8 @@ class GenicamConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["genicam"] = "genicam"
-    cti: str = Field(..., description="path to the GenTL producer (.cti); relative to the config file")
+    cti: str = Field(..., description="path to the GenTL producer (.cti), relative to the config file; "
+                                      "'builtin:viky' = the simulated camera in the genicam wheel")
     serial: str | None = Field(None, description="pick the device by serial number")
     device_id: str | None = Field(None, description="pick the device by GenTL id")
     index: int | None = Field(None, ge=0, description="pick the device by position in the list")
@@ -68,10 +72,11 @@ class GenicamConfig(BaseModel):
     fps: float | None = Field(None, gt=0, description="AcquisitionFrameRate; None = camera default")
     fetch_timeout_s: float = Field(2.0, gt=0)
     timestamp: Literal["device", "host"] = Field(
-        "device",
-        description="t_capture_ns from the buffer timestamp when the device gives one ('device'), "
-                    "or always the host clock at fetch ('host'); use 'host' when the camera clock "
-                    "is not synchronised (PTP) to the host's epoch clock",
+        "host",
+        description="t_capture_ns from the host clock at fetch ('host', default: end-to-end latency "
+                    "is then measured on one clock), or the buffer timestamp where the device gives "
+                    "one ('device'; only when the camera clock is PTP-synchronised to the host's "
+                    "epoch clock). The device timestamp is always in meta['device_timestamp_ns'].",
     )
     mm_per_px_across: float | None = Field(None, gt=0)
     mm_per_px_along: float | None = Field(None, gt=0)
@@ -93,6 +98,10 @@ class GenicamConfig(BaseModel):
         if self.index is not None and (self.serial is not None or self.device_id is not None):
             raise ValueError("give source.index or source.serial/source.device_id, not both")
         return self
+
+
+#: ``cti: builtin:viky`` names the simulated camera shipped inside the genicam wheel
+BUILTIN_VIKY = "builtin:viky"
 
 
 def default_viky_cti() -> Path | None:
@@ -138,15 +147,23 @@ class GenicamSource(Source):
         self._harvester: Any = None
         self._ia: Any = None
         self._next_id = 0
+        # Held while a buffer is out of the producer, so that close() from another thread (daemon
+        # shutdown) never destroys the acquirer under a fetch: with viky that race leaves the
+        # producer unusable for the rest of the process (no devices listed on the next open).
+        self._lock = threading.Lock()
+        self._closing = False  # lets close() in, even though the grab loop re-takes the lock at once
         self._label = f"genicam camera {camera_id}"
         self._timeout_exc: type[BaseException] = TimeoutError
         self._lost_excs: tuple[type[BaseException], ...] = ()
+        self._gentl_excs: tuple[type[BaseException], ...] = ()
         self._not_available_excs: tuple[type[BaseException], ...] = (AttributeError,)
 
     # -- opening ---------------------------------------------------------------------------------
 
     def cti_path(self) -> Path:
         """``cfg.cti`` resolved against ``base_dir`` (the config file's folder)."""
+        if self.cfg.cti == BUILTIN_VIKY:
+            return default_viky_cti() or Path("viky.cti (not found in the genicam package)")
         path = Path(self.cfg.cti).expanduser()
         if not path.is_absolute() and self.base_dir is not None:
             path = Path(self.base_dir) / path
@@ -170,7 +187,8 @@ class GenicamSource(Source):
         self._not_available_excs = (gentl.GenericException, AttributeError)
         # After a device loss harvesters surfaces GenTL errors, or IndexError/AttributeError from
         # its own bookkeeping once the acquirer was destroyed underneath it.
-        self._lost_excs = (gentl.GenericException, genapi.GenericException, IndexError, AttributeError)
+        self._gentl_excs = (gentl.GenericException, genapi.GenericException)
+        self._lost_excs = (*self._gentl_excs, IndexError, AttributeError)
         try:
             self._harvester = Harvester()
             self._load_producer(cti)
@@ -222,7 +240,7 @@ class GenicamSource(Source):
         try:
             return self._harvester.create(index)
         except Exception as e:  # in use by another process, access denied, ...
-            raise SourceError(f"cannot open {self._label}: {e}") from e
+            raise SourceError(f"cannot open {self._label}: {_first_line(e)}") from e
 
     def _start(self) -> None:
         try:
@@ -275,22 +293,31 @@ class GenicamSource(Source):
         """Fetch the next frame, copying it out of the producer's buffer.
 
         Raises SourceError on a fetch timeout or a lost device (the pipeline decides whether to
-        reopen) and FrameError on a broken buffer (the pipeline drops it and reads on).
+        reopen) and FrameError on a broken buffer (the pipeline drops it and reads on). A closed
+        source (or one whose reopen failed) raises SourceError too, so the pipeline's reopen loop
+        keeps trying instead of taking it for the end of the stream.
         """
-        if self._ia is None:
-            raise RuntimeError("GenicamSource.read() before open() or after close()")
-        if self.cfg.frames is not None and self._next_id >= self.cfg.frames:
-            return None
-        buffer = self._fetch()
-        t_host = time.time_ns()
-        frame_id = self._next_id
-        self._next_id += 1
-        if buffer is None:
-            raise FrameError(f"{self._label}: frame {frame_id} arrived without image information")
-        with buffer:  # requeues the buffer on exit, also when the copy fails
-            image = self._copy_image(buffer, frame_id)
-            meta = self._meta(buffer)
-            t_capture = self._device_timestamp(buffer)
+        with self._lock:
+            if self._ia is None or self._closing:
+                raise SourceError(f"{self._label} is not open (closed, or the last open failed)")
+            if self.cfg.frames is not None and self._next_id >= self.cfg.frames:
+                return None
+            buffer = self._fetch()
+            t_host = time.time_ns()
+            frame_id = self._next_id
+            self._next_id += 1
+            if buffer is None:
+                raise FrameError(f"{self._label}: frame {frame_id} arrived without image information")
+            try:
+                with buffer:  # requeues the buffer on exit, also when the copy fails
+                    image = self._copy_image(buffer, frame_id)
+                    meta = self._meta(buffer)
+                    t_capture = self._device_timestamp(buffer)
+            except self._gentl_excs as e:
+                raise SourceError(f"{self._label}: buffer of frame {frame_id} became invalid, device "
+                                  f"lost? {_first_line(e)}") from e
+        if t_capture is not None:
+            meta["device_timestamp_ns"] = t_capture
         if t_capture is None or self.cfg.timestamp == "host":
             t_capture = t_host
         along = self.cfg.mm_per_px_along
@@ -312,29 +339,15 @@ class GenicamSource(Source):
             raise SourceError(f"{self._label}: fetch failed, device lost? {_first_line(e)}") from e
 
     def _copy_image(self, buffer: Any, frame_id: int) -> np.ndarray:
-        """The buffer's image as an owned HxW or HxWx3 (RGB) uint8 array: the one copy per frame."""
+        """The buffer's image as an owned array, or FrameError naming camera and frame."""
         payload = buffer.payload
         if payload is None or not payload.components or not _is_complete(buffer):
             raise FrameError(f"{self._label}: frame {frame_id} is incomplete")
         comp = payload.components[0]
-        fmt, h, w, data = comp.data_format, int(comp.height), int(comp.width), comp.data
-        layout = _LAYOUTS.get(fmt)
-        if layout is None:
-            raise FrameError(f"{self._label}: frame {frame_id} has pixel format {fmt!r}; supported: "
-                             f"{', '.join(SUPPORTED_PIXEL_FORMATS)}")
-        bpp, channels = layout
-        line = w * bpp
-        if data is None or h == 0 or data.size < h * line or data.size % h:
-            size = 0 if data is None else data.size
-            raise FrameError(f"{self._label}: frame {frame_id} is incomplete: {size} bytes for "
-                             f"{w}x{h} {fmt} (expected {h * line})")
-        # Rows may carry padding (data.size // h > line); the view drops it without copying.
-        rows = data.reshape(h, data.size // h)[:, :line]
-        if channels is None:
-            return rows.copy()
-        out = np.empty((h, w, 3), np.uint8)
-        np.copyto(out, rows.reshape(h, w, bpp)[:, :, channels])
-        return out
+        try:
+            return image_from_buffer(comp.data_format, int(comp.width), int(comp.height), comp.data)
+        except ValueError as e:
+            raise FrameError(f"{self._label}: frame {frame_id}: {e}") from e
 
     def _meta(self, buffer: Any) -> dict:
         meta: dict[str, Any] = {}
@@ -358,15 +371,23 @@ class GenicamSource(Source):
     # -- closing ---------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Stop, destroy the acquirer and reset the Harvester; safe to call twice or after errors."""
-        ia, self._ia = self._ia, None
-        harvester, self._harvester = self._harvester, None
+        """Stop, destroy the acquirer and reset the Harvester; safe to call twice or after errors.
+
+        Called from another thread while read() waits in a fetch, it waits for that fetch to end
+        (at most ``fetch_timeout_s``); that read then returns its frame, the next one raises.
+        """
+        self._closing = True
+        with self._lock:
+            ia, self._ia = self._ia, None
+            harvester, self._harvester = self._harvester, None
+            self._closing = False
         if ia is not None:
             for step in (ia.stop, ia.destroy):
                 try:
                     step()
                 except Exception as e:  # device already gone: nothing left to release
-                    log.warning("%s: %s during close failed: %s", self._label, step.__name__, _first_line(e))
+                    log.warning("%s: %s during close failed: %s", self._label, step.__name__,
+                                _first_line(e))
         if harvester is not None:
             try:
                 harvester.reset()
@@ -378,7 +399,8 @@ class GenicamSource(Source):
         c = self.cfg
         if self._ia is None:
             size = f"{c.width or '?'}x{c.height or '?'}"
-            return f"genicam {c.cti} ({self.camera_id}) {c.pixel_format} {size} @ {c.fps or '?'} fps (not open)"
+            return (f"genicam {c.cti} ({self.camera_id}) {c.pixel_format} {size} "
+                    f"@ {c.fps or '?'} fps (not open)")
         nm = self._ia.remote_device.node_map
 
         def node(name: str) -> Any:
@@ -391,6 +413,38 @@ class GenicamSource(Source):
         fps_text = f"{fps:g}" if isinstance(fps, float) else str(fps)
         return (f"genicam {self._label} {node('PixelFormat')} {node('Width')}x{node('Height')} "
                 f"@ {fps_text} fps")
+
+
+def image_from_buffer(pixel_format: str, width: int, height: int,
+                      data: np.ndarray | None) -> np.ndarray:
+    """Copy a GenICam image (1-D uint8 ``data``) into an owned HxW or HxWx3 RGB uint8 array.
+
+    This is the one allocation per frame: the producer's buffer is requeued right after, so the
+    frame must own its pixels. Rows may carry padding, which is dropped. Raises ValueError for a
+    format that is not supported or for data too short for the size (an incomplete buffer).
+
+    Example::
+
+        image_from_buffer("BGRa8", 2, 1, np.array([1, 2, 3, 0, 4, 5, 6, 0], np.uint8))
+        # -> [[[3, 2, 1], [6, 5, 4]]]
+    """
+    layout = _LAYOUTS.get(pixel_format)
+    if layout is None:
+        raise ValueError(f"pixel format {pixel_format!r} is not supported; use one of "
+                         f"{', '.join(SUPPORTED_PIXEL_FORMATS)}")
+    bpp, conversion = layout
+    line = width * bpp
+    size = 0 if data is None else int(data.size)
+    if data is None or height <= 0 or size < height * line or size % height:
+        raise ValueError(f"incomplete: {size} bytes for {width}x{height} {pixel_format} "
+                         f"(expected {height * line})")
+    # A padded row is longer than `line`; slicing the view drops the padding without copying.
+    rows = data.reshape(height, size // height)[:, :line]
+    if conversion is None:
+        return rows.reshape((height, width) if bpp == 1 else (height, width, bpp)).copy()
+    out = np.empty((height, width, 3), np.uint8)
+    cv2.cvtColor(rows.reshape(height, width, bpp), conversion, dst=out)
+    return out
 
 
 def _is_complete(buffer: Any) -> bool:

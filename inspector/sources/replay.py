@@ -198,7 +198,8 @@ class ReplaySource(Source):
     def read(self) -> Frame | None:
         """Next frame, paced at ``cfg.fps``; None at the end (unless looping) or after ``frames``."""
         if self._reader is None:
-            raise RuntimeError("ReplaySource.read() before open() or after close()")
+            # SourceError, not None: the pipeline then reopens rather than ending the stream.
+            raise SourceError(f"replay {self.resolved_path()} is not open (closed, or the last open failed)")
         if self._finished or (self.cfg.frames is not None and self._next_id >= self.cfg.frames):
             return None
         self._pace()

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_BUNDLE = ROOT / "deploy" / "models" / "demo-arcd"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def free_endpoint() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inspector", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, **kw)
+
+
+@pytest.fixture(scope="session")
+def toy_bundle(tmp_path_factory) -> Path:
+    """A hand-built real ONNX graph (dark spots -> class 1) in a valid bundle, 4 NEU classes."""
+    from toy_models import dark_spot_bundle
+    return dark_spot_bundle(tmp_path_factory.mktemp("bundles") / "toy", tile=128,
+                            classes=("background", "inclusion", "patches", "scratches"))
+
+
+@pytest.fixture
+def demo_bundle() -> Path:
+    if not (DEMO_BUNDLE / "bundle.yaml").is_file():
+        pytest.fail(f"the shipped demo bundle is missing at {DEMO_BUNDLE}")
+    return DEMO_BUNDLE
+
+
+@pytest.fixture
+def synthetic_cfg(toy_bundle):
+    """A camera config dict on the synthetic strip and the toy model, on a free port."""
+    def make(**over) -> dict:
+        cfg = {
+            "camera_id": "test",
+            "source": {"type": "synthetic", "width": 512, "height": 128, "fps": 0, "seed": 3},
+            "model": {"bundle": str(toy_bundle)},
+            "publish": {"endpoint": free_endpoint(), "connect_grace_s": 0.2},
+        }
+        for k, v in over.items():
+            if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+                cfg[k] = {**cfg[k], **v}
+            else:
+                cfg[k] = v
+        return cfg
+    return make

@@ -1,0 +1,70 @@
+"""Bad configs exit 2 with one line naming the file and the key."""
+
+import pytest
+import yaml
+
+from conftest import run_cli, write_config
+
+
+def check(path):
+    return run_cli("check", "--config", str(path), timeout=60)
+
+
+@pytest.mark.parametrize("mutate,key", [
+    (lambda c: c["source"].update(colour="red"), "source.colour: unknown key"),
+    (lambda c: c["source"].update(fps="fast"), "source.fps"),
+    (lambda c: c["source"].update(type="webcam"), "source.type: unknown type 'webcam'"),
+    (lambda c: c.update(publsh={}), "publsh: unknown key"),
+    (lambda c: c["model"].update(bundle="no/such/bundle"), "model.bundle"),
+    (lambda c: c["model"].update(postprocess={"k3": 1.0}), "model.postprocess"),
+    (lambda c: c["model"].update(postprocess={"threshold": 3.0}), "model.postprocess.threshold"),
+    (lambda c: c["publish"].update(endpoint="localhost:5556"), "publish.endpoint"),
+    (lambda c: c.update(source={"type": "genicam", "cti": "missing/producer.cti"}), "source.cti"),
+    (lambda c: c.pop("camera_id"), "camera_id: required key is missing"),
+])
+def test_broken_config_exits_2_naming_the_key(tmp_path, synthetic_cfg, mutate, key):
+    cfg = synthetic_cfg()
+    mutate(cfg)
+    p = write_config(tmp_path / "cam.yaml", cfg)
+    r = check(p)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert str(p) in last and key in last, last
+
+
+def test_unparsable_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("camera_id: [unclosed\n")
+    r = check(p)
+    assert r.returncode == 2 and "not valid YAML at line" in r.stderr
+    r = check(tmp_path / "absent.yaml")
+    assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_corrupt_model_exits_2_naming_the_file(tmp_path, synthetic_cfg, toy_bundle):
+    import shutil
+    b = tmp_path / "bundle"
+    shutil.copytree(toy_bundle, b)
+    (b / "model.onnx").write_bytes(b"not an onnx graph")
+    p = write_config(tmp_path / "cam.yaml", synthetic_cfg(model={"bundle": str(b)}))
+    r = check(p)
+    assert r.returncode == 2 and "model.onnx" in r.stderr and "sha256" in r.stderr
+
+
+def test_check_runs_one_frame_and_reports(tmp_path, synthetic_cfg):
+    p = write_config(tmp_path / "cam.yaml", synthetic_cfg())
+    r = run_cli("check", "--config", str(p), "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    import json
+    s = json.loads(r.stdout)
+    assert s["result"] == "ok" and s["frame_shape"] == [128, 512]
+    assert s["engine"].startswith("onnxruntime:CPUExecutionProvider")
+
+
+def test_relative_bundle_path_resolves_against_config_file(tmp_path, synthetic_cfg, toy_bundle):
+    import shutil
+    shutil.copytree(toy_bundle, tmp_path / "models" / "toy")
+    (tmp_path / "cams").mkdir()
+    p = write_config(tmp_path / "cams" / "cam.yaml", synthetic_cfg(model={"bundle": "../models/toy"}))
+    r = check(p)
+    assert r.returncode == 0, r.stderr

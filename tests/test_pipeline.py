@@ -1,0 +1,204 @@
+"""The pipeline end to end on the synthetic strip with real ZeroMQ sockets."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+
+from inspector.config import parse_config
+from inspector.frame import Frame
+from inspector.pipeline import Pipeline
+from inspector.publish import SCHEMA, Subscriber
+from inspector.sources.base import Source
+from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
+
+
+def collect(endpoint: str, n: int, out: list, timeout_s: float = 30.0, ready: threading.Event | None = None):
+    sub = Subscriber(endpoint)
+    if ready:
+        ready.set()
+    deadline = time.monotonic() + timeout_s
+    while len(out) < n and time.monotonic() < deadline:
+        m = sub.recv(timeout_s=0.5)
+        if m is not None:
+            out.append(m)
+    sub.close()
+
+
+def test_subscriber_started_first_gets_every_frame(synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}), "t.yaml")
+    got: list = []
+    ready = threading.Event()
+    t = threading.Thread(target=collect, args=(cfg.publish.endpoint, 40, got), kwargs={"ready": ready})
+    t.start()
+    ready.wait()
+    with Pipeline(cfg) as p:
+        counters = p.run(frames=40)
+    t.join()
+    assert counters["grabbed"] == 40 and counters["published"] == 40
+    assert [m.header["frame_id"] for m in got] == list(range(40))
+    h = got[-1].header
+    assert h["schema"] == SCHEMA and h["camera_id"] == "test" and h["shape"] == [128, 512]
+    for key in ("t_capture_ns", "t_publish_ns", "strip_pos_mm", "mask_encoding", "defects",
+                "timings_ms", "counters"):
+        assert key in h
+    assert h["t_publish_ns"] >= h["t_capture_ns"]
+    assert {"queue", "preprocess", "engine", "postprocess", "encode", "e2e"} <= set(h["timings_ms"])
+    for m in got:
+        mask = m.mask()
+        assert mask.shape == (128, 512) and mask.dtype == np.uint8
+        assert int((mask > 0).sum()) == sum(d["area_px"] for d in m.header["defects"]) or \
+            m.header["defects_total"] > len(m.header["defects"])
+
+
+class ScriptedSource(Source):
+    """Replays given images through the real pipeline (to inject bad frames mid-stream)."""
+
+    def __init__(self, images):
+        self.camera_id = "scripted"
+        self.images = list(images)
+        self.i = 0
+
+    def open(self):
+        pass
+
+    def read(self):
+        if self.i >= len(self.images):
+            return None
+        img = self.images[self.i]
+        self.i += 1
+        return Frame("scripted", self.i - 1, time.time_ns(), img)
+
+    def close(self):
+        pass
+
+
+def test_wrong_shape_or_dtype_mid_stream_is_dropped_and_loop_goes_on(synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}), "t.yaml")
+    good = np.full((128, 512), 120, np.uint8)
+    imgs = [good, good, np.zeros((100, 512), np.uint8), good, good.astype(np.float32), good,
+            np.zeros((128, 512, 4), np.uint8), good]
+    got = []
+    with Pipeline(cfg, on_report=got.append, source=ScriptedSource(imgs)) as p:
+        c = p.run()
+    assert c["grabbed"] == 8 and c["published"] == 5 and c["dropped"]["bad_frame"] == 3
+    assert [h["frame_id"] for h in got] == [0, 1, 3, 5, 7]
+    assert p.counters.balanced
+
+
+def test_engine_error_is_counted_and_loop_goes_on(synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}), "t.yaml")
+    with Pipeline(cfg) as p:
+        real = p.model.adapter.infer
+        calls = {"n": 0}
+
+        def flaky(img):
+            calls["n"] += 1
+            if calls["n"] in (3, 4):
+                raise RuntimeError("simulated engine fault")
+            return real(img)
+        p.model.adapter.infer = flaky
+        c = p.run(frames=10)
+    assert c["dropped"]["engine_error"] == 2 and c["published"] == 8 and p.counters.balanced
+
+
+def test_slow_subscriber_never_stalls_the_pipeline(synthetic_cfg):
+    # raw masks are 64 KB each, so a subscriber that never reads fills its queues quickly
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True},
+                                     publish={"sndhwm": 2, "mask_encoding": "raw"}), "t.yaml")
+    ctx = zmq.Context.instance()
+    stuck = ctx.socket(zmq.SUB)
+    stuck.setsockopt(zmq.RCVHWM, 2)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.connect(cfg.publish.endpoint)
+    try:
+        with Pipeline(cfg) as p:
+            t0 = time.monotonic()
+            c = p.run(frames=200)
+            took = time.monotonic() - t0
+    finally:
+        stuck.close(0)
+    assert c["grabbed"] == 200 and p.counters.balanced
+    assert c["dropped"]["subscriber_slow"] > 0
+    assert took < 60
+
+
+def test_subscriber_that_goes_away_mid_stream(synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(source={"fps": 50}), "t.yaml")
+    got: list = []
+    t = threading.Thread(target=collect, args=(cfg.publish.endpoint, 10, got))
+    t.start()
+    with Pipeline(cfg) as p:
+        c = p.run(frames=60)
+    t.join()
+    assert len(got) == 10
+    assert c["grabbed"] == 60 and p.counters.balanced
+
+
+def test_queue_full_drops_are_counted_when_engine_is_slower_than_camera(synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(pipeline={"queue_size": 1}), "t.yaml")
+    with Pipeline(cfg) as p:
+        real = p.model.adapter.infer
+
+        def slow(img):
+            time.sleep(0.02)
+            return real(img)
+        p.model.adapter.infer = slow
+        c = p.run(frames=80)
+    assert c["dropped"]["queue_full"] > 0 and p.counters.balanced
+
+
+def test_stop_drains_queued_frames(synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(source={"fps": 100}), "t.yaml")
+    with Pipeline(cfg) as p:
+        c = p.run(seconds=1.0)
+    assert c["grabbed"] > 10 and c["grabbed"] == c["published"] + sum(c["dropped"].values())
+
+
+class DyingSource(SyntheticSource):
+    """A synthetic camera that 'disconnects' once, like a pulled cable."""
+
+    def __init__(self):
+        super().__init__(SyntheticConfig(width=256, height=128, fps=0), "dying")
+        self.reads = 0
+        self.opens = 0
+
+    def open(self):
+        self.opens += 1
+        super().open()
+
+    def read(self):
+        from inspector.errors import SourceError
+        self.reads += 1
+        if self.reads == 5:
+            raise SourceError("camera dying: cable pulled")
+        return super().read()
+
+
+def test_lost_camera_is_reopened_and_reported(synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(pipeline={"reopen_backoff_s": [0.05, 0.2]}), "t.yaml")
+    src = DyingSource()
+    with Pipeline(cfg, source=src) as p:
+        c = p.run(frames=20)
+    assert c["source_errors"] == 1 and c["reopens"] == 1 and src.opens == 2
+    assert c["published"] + sum(c["dropped"].values()) == 20
+
+
+def test_pipeline_on_the_viky_genicam_camera(synthetic_cfg):
+    from inspector.sources.genicam import default_viky_cti
+    if default_viky_cti() is None:
+        pytest.skip("viky.cti not found in the installed genicam package")
+    cfg = parse_config(synthetic_cfg(source={"type": "genicam", "cti": "builtin:viky", "serial": "1",
+                                             "pixel_format": "Mono8", "width": 320, "height": 160,
+                                             "fps": 100}), "t.yaml")
+    got = []
+    with Pipeline(cfg, on_report=got.append) as p:
+        c = p.run(frames=20)
+    assert c["grabbed"] == 20 and p.counters.balanced
+    assert c["published"] >= 15  # a 2-core CI box may drop a few at 100 fps; they are counted
+    assert all(h["shape"] == [160, 320] for h in got)
+    ids = [h["frame_id"] for h in got]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)

@@ -1,0 +1,121 @@
+"""The dual-threshold recipe (CLGAN spec §2), probability thresholds and components."""
+
+import numpy as np
+import pytest
+
+from inspector.postprocess import (Geometry, PostprocessConfig, Postprocessor, components,
+                                   dual_threshold, threshold_probabilities)
+
+
+def test_constant_residual_gives_empty_mask_not_whole_image():
+    for r in (np.zeros((16, 16), np.float32), np.full((16, 16, 3), 7.0, np.float32)):
+        assert dual_threshold(r).sum() == 0
+
+
+def test_two_d_residual_hand_computed():
+    # 4 of 100 pixels at 5: mean 0.2, std sqrt(0.96) = 0.98, T1 = 3.14 -> the 4 fire;
+    # grey image: mean 0.04, std 0.196, T2 = 0.236 -> the same 4; closing keeps a 2x2 square.
+    r = np.zeros((10, 10), np.float32)
+    r[3:5, 6:8] = 5.0
+    m = dual_threshold(r, k1=3.0, k2=1.0, kernel_size=3)
+    assert m.dtype == np.uint8 and set(np.unique(m)) <= {0, 1}
+    expected = np.zeros((10, 10), np.uint8)
+    expected[3:5, 6:8] = 1
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_k1_decides_which_pixels_pass_the_first_threshold():
+    # values 1 (50 px) and 0 (50 px): mean .5, std .5; T1(k1=0.9) = .95 -> the 1s pass,
+    # T1(k1=1.1) = 1.05 -> none pass, and the empty vote image gives an empty mask.
+    r = np.zeros((10, 10), np.float32)
+    r[:5] = 1.0
+    assert dual_threshold(r, k1=0.9, kernel_size=0).sum() == 50
+    assert dual_threshold(r, k1=1.1, kernel_size=0).sum() == 0
+
+
+def test_rgb_square_recovered_and_noise_removed():
+    rng = np.random.default_rng(0)
+    r = np.abs(rng.normal(0, 1, (128, 128, 3))).astype(np.float32)
+    r[40:60, 70:90] += 12.0
+    m = dual_threshold(r)
+    inside = m[40:60, 70:90].mean()
+    outside = np.delete(m.reshape(-1), np.ravel_multi_index(np.mgrid[40:60, 70:90].reshape(2, -1),
+                                                               (128, 128))).mean()
+    assert inside > 0.99
+    assert outside < 0.01
+
+
+def test_scaling_the_residual_changes_nothing():
+    rng = np.random.default_rng(1)
+    r = np.abs(rng.normal(0, 1, (64, 64, 3))).astype(np.float32)
+    r[10:20, 10:20] += 6
+    np.testing.assert_array_equal(dual_threshold(r), dual_threshold(r * 10))
+
+
+def test_closing_fills_one_pixel_hole():
+    r = np.zeros((32, 32), np.float32)
+    r[10:20, 10:20] = 9.0
+    r[15, 15] = 0.0
+    m = dual_threshold(r, kernel_size=3)
+    assert m[15, 15] == 1
+    assert dual_threshold(r, kernel_size=0)[15, 15] == 0
+
+
+def test_blue_only_defect_kept_when_area_small():
+    # spec §2.4: with few flagged pixels the grey vote threshold is below 0.114, so B alone passes
+    rng = np.random.default_rng(2)
+    r = np.abs(rng.normal(0, 0.1, (100, 100, 3))).astype(np.float32)
+    r[50:53, 50:53, 2] += 10.0
+    m = dual_threshold(r)
+    assert m[50:53, 50:53].all()
+
+
+def test_defect_touching_border_survives_closing():
+    r = np.zeros((20, 20), np.float32)
+    r[0:3, 0:5] = 4.0
+    assert dual_threshold(r)[0:3, 0:5].all()
+
+
+def test_bad_residual_shape_is_rejected():
+    with pytest.raises(ValueError, match="HxW or HxWx3"):
+        dual_threshold(np.zeros((4, 4, 2)))
+
+
+def test_probability_threshold_per_class_and_morphology():
+    p = np.zeros((3, 8, 8), np.float32)
+    p[0] = 1.0
+    p[:, 1:3, 1:3] = np.array([0.2, 0.7, 0.1])[:, None, None]
+    p[:, 5:7, 5:7] = np.array([0.4, 0.25, 0.35])[:, None, None]
+    lab = threshold_probabilities(p, np.array([0.5, 0.3]))
+    assert (lab[1:3, 1:3] == 1).all()
+    assert (lab[5:7, 5:7] == 2).all()
+    assert lab.sum() == 4 * 1 + 4 * 2
+    # raising class 2's threshold removes it; opening with 3x3 removes the 2x2 blob too
+    assert (threshold_probabilities(p, np.array([0.5, 0.5]))[5:7, 5:7] == 0).all()
+    assert threshold_probabilities(p, np.array([0.5, 0.3]), open_kernel=3).sum() == 0
+
+
+def test_components_fields_and_geometry():
+    lab = np.zeros((20, 30), np.uint8)
+    lab[2:5, 3:9] = 3          # 18 px of class 3
+    lab[10:12, 20:21] = 1      # 2 px of class 1
+    score = np.zeros((20, 30), np.float32)
+    score[2:5, 3:9] = 0.9
+    score[10:12, 20:21] = 0.6
+    names = ["background", "inclusion", "patches", "scratches"]
+    d, total = components(lab, score, names, geometry=Geometry(2.0, 0.5), strip_pos_mm=1000.0)
+    assert total == 2
+    assert d[0]["class"] == "scratches" and d[0]["area_px"] == 18 and d[0]["bbox"] == [3, 2, 6, 3]
+    assert d[0]["score"] == pytest.approx(0.9)
+    assert d[0]["area_mm2"] == pytest.approx(18.0)
+    assert d[0]["strip_pos_mm"] == pytest.approx(1000.0 + 3.0 * 0.5)
+    assert d[1]["class"] == "inclusion"
+    d, total = components(lab, score, names, min_area_px=5)
+    assert total == 1 and len(d) == 1
+    d, total = components(lab, score, names, max_defects=1)
+    assert total == 2 and len(d) == 1
+
+
+def test_postprocessor_rejects_unknown_class_threshold():
+    with pytest.raises(ValueError, match="unknown class"):
+        Postprocessor(PostprocessConfig(class_thresholds={"rust": 0.4}), ["background", "scratches"])
