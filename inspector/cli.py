@@ -58,6 +58,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     if args.log_level:
         logging.getLogger().setLevel(args.log_level)
+    if cfg.alarms.rules or cfg.alarms.drivers or cfg.metrics.enabled:
+        log.warning("%s: alarms and metrics run under `inspector daemon`, not `inspector run`",
+                    cfg.source_file)
     tty = sys.stderr.isatty()
 
     def tick(p) -> None:
@@ -92,15 +95,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     spec = model.bundle.spec
     src = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
     with src:
-        frame = None
+        frame, problem = None, "the source ended before its first frame"
         for _ in range(10):  # a replay may start with unreadable files; a camera may need a moment
             try:
                 frame = src.read()
                 break
             except InspectorError as e:
-                last = e
+                problem = str(e)
         if frame is None:
-            raise SourceError(f"source gave no frame: {locals().get('last', 'source ended')}")
+            raise SourceError(f"source gave no frame: {problem}")
         out = model.adapter.infer(frame.image)  # first call also warms the engine up
         t0 = time.perf_counter()
         out = model.adapter.infer(frame.image)
@@ -168,6 +171,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from inspector.daemon import Daemon, setup_logging
+
+    journal = {"auto": None, "journal": True, "text": False}[args.log_format]
+    setup_logging(args.log_level or "INFO", journal)
+    daemon = Daemon(args.config)
+    if not args.log_level:
+        logging.getLogger().setLevel(daemon.cfg.log_level)
+    return daemon.run()
+
+
+def cmd_alarms(args: argparse.Namespace) -> int:
+    from inspector.alarms.commission import run_alarm_test
+
+    cfg = _load(args.config)
+    failed = run_alarm_test(cfg, hold_s=args.hold, out=lambda line: print(line, flush=True))
+    return EXIT_FAIL if failed else EXIT_OK
+
+
 def _needs_torch() -> None:
     try:
         import torch  # noqa: F401
@@ -183,17 +205,152 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = train(Path(args.config), Path(args.run_dir) if args.run_dir else None, args.resume)
         print(run_dir)
         return EXIT_OK
+    if args.kind == "clgan":
+        from export.clgan.train import train as train_clgan
+        run_dir = train_clgan(Path(args.config), Path(args.run_dir) if args.run_dir else None,
+                              args.resume, getattr(args, "max_iters", None))
+        print(run_dir)
+        return EXIT_OK
     return _fail(f"unknown model kind {args.kind}", EXIT_BAD_INPUT)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "tensorrt":  # runtime only: TensorRT and pycuda, no torch
+        return _export_tensorrt(args)
+    if not (args.run_dir and args.out):
+        return _fail("export onnx needs --run-dir and --out", EXIT_BAD_INPUT)
     _needs_torch()
     if args.format == "onnx":
+        from export.clgan.export import is_clgan_run
+        if is_clgan_run(Path(args.run_dir)):  # config.yaml says kind: clgan
+            from export.clgan.export import export_bundle as export_clgan
+            print(export_clgan(Path(args.run_dir), Path(args.out), name=args.name, opset=args.opset))
+            return EXIT_OK
         from export.onnx_export import export_bundle
         out = export_bundle(Path(args.run_dir), Path(args.out), name=args.name, opset=args.opset)
         print(out)
         return EXIT_OK
     return _fail(f"unknown export format {args.format}", EXIT_BAD_INPUT)
+
+
+def _export_tensorrt(args: argparse.Namespace) -> int:
+    from inspector.engines.tensorrt import TensorRTConfig, export_engine
+    from inspector.engines.trt_build import parse_shapes
+
+    if args.config:
+        cfg = _load(args.config)
+        eng = cfg.model.engine
+        if not isinstance(eng, TensorRTConfig):
+            raise ConfigError(cfg.source_file, "model.engine.type", "export tensorrt needs an "
+                              f"engine of type tensorrt (this config's is {eng.type})")
+        bundle = cfg.resolve(cfg.model.bundle)
+        if eng.calib_dir and not Path(eng.calib_dir).is_absolute():
+            # the config's paths resolve against the config file; the engine's against the bundle
+            eng = eng.model_copy(update={"calib_dir": str(cfg.resolve(eng.calib_dir).resolve())})
+    else:
+        if not (args.bundle and args.precision):
+            return _fail("export tensorrt needs --bundle and --precision (or --config)", EXIT_BAD_INPUT)
+        bundle = Path(args.bundle)
+        try:
+            profiles = parse_shapes(args.shapes)
+        except ValueError as e:
+            return _fail(f"--shapes: {e}", EXIT_BAD_INPUT)
+        first = profiles[0]
+        from pydantic import ValidationError
+        try:
+            eng = TensorRTConfig(precision=args.precision, device_id=args.device,
+                                 workspace_mb=args.workspace_mb, min_batch=first.min,
+                                 opt_batch=first.opt, max_batch=first.max,
+                                 extra_profiles=[str(p) for p in profiles[1:]],
+                                 cache_dir=str(Path(args.cache_dir).resolve()) if args.cache_dir else None,
+                                 calib_dir=str(Path(args.calib).resolve()) if args.calib else None)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = {"calib_dir": "--calib"}.get(str(err["loc"][-1]), f"--{err['loc'][-1]}")
+            return _fail(f"{key}: {err['msg'].removeprefix('Value error, ')}", EXIT_BAD_INPUT)
+    result = export_engine(bundle, eng)
+    print(json.dumps(result) if args.json else "\n".join(f"{k:>10}: {v}" for k, v in result.items()))
+    return EXIT_OK
+
+
+def _data_args(args: argparse.Namespace):
+    """The data set named by --data/--format/--split (and --categories) of evaluate/calibrate."""
+    from inspector.evaluation.datasets import open_dataset
+
+    kw = {}
+    if args.categories:
+        kw["categories" if args.format == "magnetic-tile" else "subsets"] = args.categories.split(",")
+    return open_dataset(args.format, Path(args.data), split=args.split, **kw)
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    import yaml
+
+    out = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. k1=3.5")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from inspector.engines.onnxruntime import OnnxRuntimeConfig
+    from inspector.evaluation.evaluate import evaluate_bundle
+
+    try:
+        ds = _data_args(args)
+        post = _overrides(args.set)
+        size = tuple(int(v) for v in args.resize.lower().split("x")) if args.resize else None
+        if size is not None and len(size) != 2:
+            raise ValueError(f"--resize {args.resize!r}: expected HxW, e.g. 256x256")
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    try:
+        res = evaluate_bundle(args.bundle, ds, out_dir=Path(args.out) if args.out else None,
+                              overlays=args.overlays, postprocess=post, resize=size,
+                              engine=OnnxRuntimeConfig(intra_op_threads=args.threads))
+    except ValueError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
+        for k in ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_alarm_rate",
+                  "false_alarm_px_per_mpx", "defective_images", "normal_images", "ms_per_image"):
+            print(f"{k:>24}: {fmt(res.get(k))}")
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from calibration.dual_threshold import parse_range, save_result, sweep, write_k
+
+    try:
+        ds = _data_args(args)
+        values = parse_range(args.range)
+        res = sweep(args.bundle, ds, values, param=args.param, objective=args.objective)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    files = save_result(res, Path(args.out))
+    res["files"] = {k: str(v) for k, v in files.items()}
+    if args.write and res["best_value"] is not None:
+        write_k(args.bundle, args.param, res["best_value"],
+                {"data": res["data"], "objective": args.objective, "best": res["best"],
+                 "range": args.range})
+        res["written"] = {args.param: res["best_value"]}
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        for r in res["rows"]:
+            f1 = "-" if r["f1"] is None else f"{r['f1'] * 100:6.2f}"
+            iou = "-" if r["iou"] is None else f"{r['iou'] * 100:6.2f}"
+            fa = "-" if r["false_alarm_px_per_mpx"] is None else f"{r['false_alarm_px_per_mpx']:9.0f}"
+            print(f"{args.param} {r[args.param]:5.2f}  F1 {f1}  IoU {iou}  normals: px/Mpx {fa}")
+        print(f"best {args.param} = {res['best_value']} by {args.objective}"
+              + (" (at the edge of the range: extend it)" if res["at_edge"] else "")
+              + f"; curve {files['png']}" + (f"; written to {args.bundle}" if "written" in res else ""))
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -232,20 +389,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     p.set_defaults(fn=cmd_bench)
 
+    p = sub.add_parser("daemon", help="run one camera as a service: systemd notify and watchdog, "
+                                      "SIGHUP reload, PLC alarms, metrics")
+    p.add_argument("--config", required=True, help="camera config YAML")
+    p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="default: the config's log_level")
+    p.add_argument("--log-format", choices=["auto", "journal", "text"], default="auto",
+                   help="journal: syslog priority prefixes for journald; auto: journal under systemd")
+    p.set_defaults(fn=cmd_daemon)
+
+    p = sub.add_parser("alarms", help="PLC alarm tools")
+    asub = p.add_subparsers(dest="action", required=True)
+    q = asub.add_parser("test", help="set and clear each alarm once on every configured PLC (commissioning)")
+    q.add_argument("--config", required=True, help="camera config YAML")
+    q.add_argument("--hold", type=float, default=1.0, help="seconds each alarm stays set")
+    q.set_defaults(fn=cmd_alarms)
+
     p = sub.add_parser("train", help="train a model (needs the train extra)")
-    p.add_argument("kind", choices=["arcd"])
+    p.add_argument("kind", choices=["arcd", "clgan"])
     p.add_argument("--config", required=True, help="training config YAML")
     p.add_argument("--run-dir", help="run folder (default: runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    p.add_argument("--max-iters", type=int, help="clgan: stop after this many iterations (smoke runs)")
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("export", help="export a trained run to a model bundle (needs the train extra)")
-    p.add_argument("format", choices=["onnx"])
-    p.add_argument("--run-dir", required=True)
-    p.add_argument("--out", required=True, help="bundle folder to write")
+    p = sub.add_parser("export", help="onnx: a trained run to a model bundle (train extra); "
+                                      "tensorrt: build and cache a bundle's engine (gpu extra)")
+    p.add_argument("format", choices=["onnx", "tensorrt"])
+    p.add_argument("--run-dir", help="onnx: the training run folder")
+    p.add_argument("--out", help="onnx: bundle folder to write")
+    p.add_argument("--bundle", help="tensorrt: the model bundle folder")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="tensorrt: engine precision")
+    p.add_argument("--calib", metavar="DIR", help="tensorrt int8: folder of calibration frames")
+    p.add_argument("--shapes", default="1:8:8", help="tensorrt: tile batch profiles MIN:OPT:MAX[,...] "
+                                                     "(a 256x1600 frame in 256-px tiles is 7 tiles)")
+    p.add_argument("--workspace-mb", type=int, default=1024, help="tensorrt: builder workspace")
+    p.add_argument("--device", type=int, default=0, help="tensorrt: CUDA device")
+    p.add_argument("--cache-dir", help="tensorrt: engine cache (default <bundle>/engines)")
+    p.add_argument("--config", help="tensorrt: build exactly what this camera config's engine loads")
+    p.add_argument("--json", action="store_true", help="tensorrt: print the result as JSON")
     p.add_argument("--name", help="bundle name (default: the folder name)")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(fn=cmd_export)
+
+    def data_opts(q: argparse.ArgumentParser, split: str) -> None:
+        q.add_argument("--bundle", required=True, help="model bundle folder")
+        q.add_argument("--data", required=True, help="data root")
+        q.add_argument("--format", required=True, choices=["magnetic-tile", "neu-seg", "folder"],
+                       help="layout of --data (folder: defect-free images only)")
+        q.add_argument("--split", default=split, choices=["all", "train", "val", "test"],
+                       help=f"hash split of the file stems (default {split})")
+        q.add_argument("--categories", help="comma list: magnetic-tile folders (MT_Crack,MT_Free) "
+                                            "or neu-seg subsets")
+        q.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("evaluate", help="run a bundle over a labelled image folder: pixel metrics, "
+                                        "AUROC, false alarms (JSON, overlays)")
+    data_opts(p, "all")
+    p.add_argument("--out", help="folder for metrics.json, per_image.jsonl and overlays/")
+    p.add_argument("--overlays", type=int, default=0, help="overlay PNGs to write into --out")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a post-processing key of the bundle, e.g. k1=3.5 (repeatable)")
+    p.add_argument("--resize", metavar="HxW", help="resize images (masks nearest) before the model")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all)")
+    p.set_defaults(fn=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="calibrate post-processing parameters")
+    csub = p.add_subparsers(dest="action", required=True)
+    q = csub.add_parser("dual-threshold", help="sweep k1 (or k2) of a residual bundle; JSON + PNG curve")
+    data_opts(q, "val")
+    q.add_argument("--param", choices=["k1", "k2"], default="k1")
+    q.add_argument("--range", default="2.0:4.0:0.1", help="start:stop:step or a comma list")
+    q.add_argument("--objective", choices=["f1", "iou"], default="f1")
+    q.add_argument("--out", default="calib-out", help="folder for sweep_<param>.json and .png")
+    q.add_argument("--write", action="store_true", help="store the best value in the bundle "
+                                                        "(the old section goes to postprocess_history)")
+    q.set_defaults(fn=cmd_calibrate)
     return ap
 
 

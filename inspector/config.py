@@ -15,8 +15,12 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
                       field_validator)
 
-from inspector.engines import OnnxRuntimeConfig
+from inspector.alarms.config import UNION_TAGS as _ALARM_TAGS
+from inspector.alarms.config import AlarmsConfig
+from inspector.daemon_config import DaemonConfig
+from inspector.engines import OnnxRuntimeConfig, TensorRTConfig
 from inspector.errors import ConfigError
+from inspector.metrics import MetricsConfig
 from inspector.postprocess import PostprocessConfig
 from inspector.publish import PublishConfig
 from inspector.sources import GenicamConfig, ReplayConfig, SyntheticConfig
@@ -31,9 +35,10 @@ def _engine_tag(v: Any) -> str | None:
     return getattr(v, "type", None)
 
 
-EngineConfig = Annotated[Union[Annotated[OnnxRuntimeConfig, Tag("onnxruntime")]],
+EngineConfig = Annotated[Union[Annotated[OnnxRuntimeConfig, Tag("onnxruntime")],
+                               Annotated[TensorRTConfig, Tag("tensorrt")]],
                          Discriminator(_engine_tag)]
-_TAGS = {"genicam", "replay", "synthetic", "onnxruntime", "tensorrt"}
+_TAGS = {"genicam", "replay", "synthetic", "onnxruntime", "tensorrt"} | _ALARM_TAGS
 
 
 class ModelConfig(BaseModel):
@@ -101,6 +106,9 @@ class InspectorConfig(BaseModel):
     publish: PublishConfig = Field(default_factory=PublishConfig)
     geometry: GeometryConfig = Field(default_factory=GeometryConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
+    alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     #: folder of the file this was loaded from; relative paths resolve against it
@@ -116,7 +124,9 @@ def _key(loc: tuple) -> str:
     parts: list[str] = []
     for i, p in enumerate(loc):
         # pydantic puts the union tag in the path (source.synthetic.fps); users wrote source.fps
-        if isinstance(p, str) and p in _TAGS and i > 0 and loc[i - 1] in ("source", "engine"):
+        # (alarms.drivers.0.modbus.port: the tag follows a list index there)
+        if isinstance(p, str) and p in _TAGS and i > 0 and (loc[i - 1] in ("source", "engine")
+                                                            or isinstance(loc[i - 1], int)):
             continue
         parts.append(str(p))
     return ".".join(parts)
@@ -139,6 +149,9 @@ def validation_error(file: str, e: ValidationError) -> ConfigError:
     key = _key(err["loc"])
     if err["type"] == "union_tag_invalid":
         key = f"{key}.type" if key else "type"
+    if err["type"] == "union_tag_not_found":  # e.g. an alarms.drivers entry without its type
+        field = str(err.get("ctx", {}).get("discriminator", "type")).strip("'")
+        key, msg = (f"{key}.{field}" if key else field), "required key is missing"
     extra = f" (+{len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return ConfigError(file, key or None, msg + extra)
 

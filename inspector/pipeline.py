@@ -161,6 +161,7 @@ class _Job:
     t_queued: float
     out: ModelOutput | None = None
     t_infer_done: float = 0.0
+    model: LoadedModel | None = None  # the model that inferred it; post-processing must match
 
 
 class Pipeline:
@@ -200,12 +201,14 @@ class Pipeline:
             self.model = load_model(cfg)
         if self.source is None:
             self.source = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
-        self.source.open()
-        self.camera_state = "ok"
+        # Warm up before the camera streams: frames it captured meanwhile would arrive as a burst
+        # and overflow the queue.
         shape = self._warmup_shape()
         self.warmup_ms = self.model.adapter.warmup(shape)
         log.info("model %s (%s) on %s, warm-up %.0f ms at %s", self.model.bundle.spec.name,
                  self.model.bundle.spec.kind, self.model.backend, self.warmup_ms, shape)
+        self.source.open()
+        self.camera_state = "ok"
         n = self.publisher.wait_ready()
         log.info("source %s; %d subscriber(s) at start", self.source.describe(), n)
 
@@ -323,14 +326,16 @@ class Pipeline:
                     continue
                 job = _Job(frame, t_grab, time.perf_counter())
                 if self.cfg.pipeline.backpressure:
-                    while not self._stop.is_set():
+                    # Wait even when a stop is asked for: the frame is grabbed and the infer stage
+                    # drains until the end marker, so it will be taken (unless a stage died).
+                    while True:
                         try:
                             self._q_infer.put(job, timeout=0.1)
                             break
                         except queue.Full:
-                            continue
-                    else:
-                        self.counters.drop("queue_full")
+                            if self.error is not None:
+                                self.counters.drop("queue_full")
+                                break
                 else:
                     try:
                         self._q_infer.put_nowait(job)
@@ -342,15 +347,16 @@ class Pipeline:
 
     def _infer_loop(self) -> None:
         fail = BurstLog("engine error, frame dropped")
-        adapter = self.model.adapter
         while True:
             job = self._q_infer.get()
             if job is _END:
                 self._q_post.put(_END)
                 return
             job.t_queued = time.perf_counter() - job.t_queued
+            # Read per frame: swap_model() may replace it; the job carries it on to post-processing.
+            job.model = model = self.model
             try:
-                job.out = adapter.infer(job.frame.image)
+                job.out = model.adapter.infer(job.frame.image)
             except Exception as e:
                 self.counters.drop("engine_error")
                 fail(job.frame.frame_id, e)
@@ -361,16 +367,18 @@ class Pipeline:
     def _post_loop(self) -> None:
         fail = BurstLog("post-processing error, frame dropped")
         slow = BurstLog("subscriber too slow, frame dropped")
-        model = self.model
+        model = None
         enc = self.cfg.publish.mask_encoding
-        spec = model.bundle.spec
-        model_info = {"name": spec.name, "kind": spec.kind,
-                      "sha256": spec.graphs["model"].sha256[:16], "backend": model.backend}
         while True:
             job = self._q_post.get()
             if job is _END:
                 self._done.set()
                 return
+            if job.model is not model:  # first frame, or the first after swap_model()
+                model = job.model
+                spec = model.bundle.spec
+                model_info = {"name": spec.name, "kind": spec.kind,
+                              "sha256": spec.graphs["model"].sha256[:16], "backend": model.backend}
             f, out = job.frame, job.out
             try:
                 t0 = time.perf_counter()
@@ -413,6 +421,23 @@ class Pipeline:
                 self.on_report(header)
 
     # -- control ----------------------------------------------------------------------------------
+    def swap_model(self, model: LoadedModel, geometry: Geometry | None = None) -> float:
+        """Warm ``model`` up at the running frame shape, then make it the model of the next frame.
+
+        The swap is one reference assignment: a frame in flight finishes on the model that
+        inferred it (the job carries it), so adapter and post-processing always match and no
+        frame is dropped. Returns the warm-up time in ms; raises (old model untouched) if warm-up
+        fails.
+        """
+        shape = self._expected[0] if self._expected is not None else self._warmup_shape()
+        warmup_ms = model.adapter.warmup(shape)
+        if geometry is not None:
+            self._geometry = geometry
+        self.model = model
+        log.info("model %s (%s) on %s swapped in, warm-up %.0f ms at %s", model.bundle.spec.name,
+                 model.bundle.spec.kind, model.backend, warmup_ms, shape)
+        return warmup_ms
+
     def stop(self) -> None:
         """Stop grabbing; frames already in the queues are still processed and published."""
         self._stop.set()

@@ -1,0 +1,146 @@
+#!/bin/sh
+# Install the strip inspector on a line PC: a venv under /opt, the `inspector` system user, the
+# systemd template unit inspector@.service and the config folder. Re-running upgrades the venv
+# and the unit and never touches existing camera configs.
+#
+#   deploy/install.sh [SOURCE]
+#
+# SOURCE  a wheel (strip_inspector-*.whl) or a source tree; default: the tree this script is in.
+#
+# Environment (defaults in brackets):
+#   DESTDIR       install into this scratch root instead of /: nothing outside it is touched (no
+#                 user is created, no chown, no systemctl); the tree is ready to be packaged or
+#                 copied to / (venv scripts already point at PREFIX, not DESTDIR/PREFIX)
+#   PREFIX        [/opt/inspector]       venv in PREFIX/venv, model bundles in PREFIX/models
+#   CONFDIR       [/etc/inspector]       camera configs: CONFDIR/cameras/<instance>.yaml
+#   STATEDIR      [/var/lib/inspector]   engine cache and recordings (writable by the service)
+#   UNITDIR       [/etc/systemd/system]
+#   SERVICE_USER  [inspector]
+#   PYTHON        [python3.11, else python3]
+#   EXTRAS        [plc]                  pip extras ("" for none, "plc,gpu" with TensorRT)
+#   MODELS        [<script dir>/models]  bundles copied to PREFIX/models
+#   WHEELHOUSE    a folder of wheels: install offline from it (pip --no-index --find-links)
+#   PIP_ARGS      more pip arguments, e.g. "--no-deps"
+#
+# Network: installing from the index needs it. For an offline line PC build on a connected
+# machine of the same OS/Python:
+#   pip wheel --no-deps -w dist .                  # the inspector wheel
+#   pip wheel -w wheelhouse 'dist/strip_inspector-*.whl[plc]'   # it and all dependencies
+# and run:  WHEELHOUSE=wheelhouse deploy/install.sh dist/strip_inspector-*.whl
+set -eu
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+SOURCE=${1:-$(dirname "$HERE")}
+DESTDIR=${DESTDIR:-}
+PREFIX=${PREFIX:-/opt/inspector}
+CONFDIR=${CONFDIR:-/etc/inspector}
+STATEDIR=${STATEDIR:-/var/lib/inspector}
+UNITDIR=${UNITDIR:-/etc/systemd/system}
+SERVICE_USER=${SERVICE_USER:-inspector}
+EXTRAS=${EXTRAS-plc}
+MODELS=${MODELS:-$HERE/models}
+WHEELHOUSE=${WHEELHOUSE:-}
+PIP_ARGS=${PIP_ARGS:-}
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=$(command -v python3.11 || command -v python3 || true)
+fi
+
+say() { printf 'install: %s\n' "$*"; }
+die() { printf 'install: error: %s\n' "$*" >&2; exit 1; }
+
+[ -n "$PYTHON" ] || die "no python3 found; set PYTHON"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "$PYTHON is older than Python 3.11"
+case "$SOURCE" in
+    *.whl) [ -f "$SOURCE" ] || die "wheel $SOURCE not found" ;;
+    *) [ -f "$SOURCE/setup.cfg" ] || die "$SOURCE is neither a wheel nor the inspector source tree" ;;
+esac
+case "$PREFIX$CONFDIR$STATEDIR$UNITDIR" in
+    *" "*) die "paths with spaces are not supported" ;;
+esac
+ROOT=${DESTDIR%/}
+if [ -n "$ROOT" ]; then
+    mkdir -p "$ROOT"
+    ROOT=$(cd "$ROOT" && pwd)
+fi
+
+# -- venv and package ---------------------------------------------------------------------------
+VENV=$ROOT$PREFIX/venv
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating venv $PREFIX/venv with $PYTHON"
+    mkdir -p "$ROOT$PREFIX"
+    "$PYTHON" -m venv "$VENV"
+fi
+SPEC=$SOURCE
+[ -n "$EXTRAS" ] && SPEC="$SOURCE[$EXTRAS]"
+set -- --disable-pip-version-check --no-input
+[ -n "$WHEELHOUSE" ] && set -- "$@" --no-index --find-links "$WHEELHOUSE"
+say "installing $SPEC"
+# PIP_ARGS is deliberately split into words
+# shellcheck disable=SC2086
+"$VENV/bin/python" -m pip install -q "$@" $PIP_ARGS --upgrade "$SPEC"
+
+if [ -n "$ROOT" ]; then
+    # A venv is not relocatable: its scripts name their interpreter by absolute path. Make them
+    # name PREFIX, where the tree will live, instead of the scratch root.
+    grep -rlI -- "$VENV" "$VENV/bin" "$VENV/pyvenv.cfg" 2>/dev/null | while read -r f; do
+        sed -i "s|$VENV|$PREFIX/venv|g" "$f"
+    done
+fi
+
+# -- models, docs, configs ----------------------------------------------------------------------
+mkdir -p "$ROOT$PREFIX/models"
+if [ -d "$MODELS" ]; then
+    for bundle in "$MODELS"/*/; do
+        [ -f "$bundle/bundle.yaml" ] || continue
+        name=$(basename "$bundle")
+        rm -rf "$ROOT$PREFIX/models/$name"
+        cp -R "$bundle" "$ROOT$PREFIX/models/$name"
+        say "model bundle $PREFIX/models/$name"
+    done
+fi
+[ -f "$HERE/../README.md" ] && cp "$HERE/../README.md" "$ROOT$PREFIX/README.md"
+mkdir -p "$ROOT$CONFDIR/cameras"
+cp "$HERE/camera.example.yaml" "$ROOT$CONFDIR/cameras/example.yaml.sample"
+
+# -- state, user, unit --------------------------------------------------------------------------
+mkdir -p "$ROOT$STATEDIR/engines" "$ROOT$STATEDIR/recordings"
+mkdir -p "$ROOT/usr/lib/sysusers.d" "$ROOT/usr/lib/tmpfiles.d"
+printf 'u %s - "Strip inspection daemon" %s\n' "$SERVICE_USER" "$STATEDIR" \
+    > "$ROOT/usr/lib/sysusers.d/inspector.conf"
+printf 'd %s 0750 %s %s -\nd %s/engines 0750 %s %s -\nd %s/recordings 0750 %s %s -\n' \
+    "$STATEDIR" "$SERVICE_USER" "$SERVICE_USER" "$STATEDIR" "$SERVICE_USER" "$SERVICE_USER" \
+    "$STATEDIR" "$SERVICE_USER" "$SERVICE_USER" > "$ROOT/usr/lib/tmpfiles.d/inspector.conf"
+mkdir -p "$ROOT$UNITDIR"
+sed -e "s|/opt/inspector|$PREFIX|g" -e "s|/etc/inspector|$CONFDIR|g" \
+    -e "s|/var/lib/inspector|$STATEDIR|g" -e "s|^User=inspector$|User=$SERVICE_USER|" \
+    -e "s|^Group=inspector$|Group=$SERVICE_USER|" \
+    -e "s|^StateDirectory=inspector$|StateDirectory=${STATEDIR#/var/lib/}|" \
+    "$HERE/inspector@.service" > "$ROOT$UNITDIR/inspector@.service"
+chmod 0644 "$ROOT$UNITDIR/inspector@.service"
+say "unit $UNITDIR/inspector@.service"
+
+if [ -n "$ROOT" ]; then
+    say "scratch-root install in $ROOT: user, ownership and systemctl left to the target system"
+    say "(run there: systemd-sysusers; systemd-tmpfiles --create; systemctl daemon-reload)"
+    exit 0
+fi
+
+# -- the real system only -----------------------------------------------------------------------
+if command -v systemd-sysusers >/dev/null 2>&1; then
+    systemd-sysusers /usr/lib/sysusers.d/inspector.conf
+elif ! id "$SERVICE_USER" >/dev/null 2>&1; then
+    useradd --system --home-dir "$STATEDIR" --shell /usr/sbin/nologin "$SERVICE_USER"
+fi
+for g in video render; do
+    getent group "$g" >/dev/null 2>&1 || continue
+    usermod -a -G "$g" "$SERVICE_USER" 2>/dev/null || true
+done
+chown -R "$SERVICE_USER:$SERVICE_USER" "$STATEDIR"
+chmod 0750 "$STATEDIR"
+if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+fi
+say "done. Put a camera config in $CONFDIR/cameras/<name>.yaml (see example.yaml.sample), then:"
+say "  $PREFIX/venv/bin/inspector check --config $CONFDIR/cameras/<name>.yaml"
+say "  systemctl enable --now inspector@<name>"

@@ -1,0 +1,172 @@
+"""The part of every PLC driver that keeps inspection independent of the PLC.
+
+A protocol :class:`Link` only knows how to connect, write one :class:`PlcState`, read acknowledge
+requests and close; it may block (up to its timeout). :class:`DriverWorker` runs a link in its own
+thread behind a bounded queue:
+
+* :meth:`DriverWorker.submit` never blocks: when the queue is full the oldest state is dropped
+  (each state is complete, so only the newest matters: latest state wins);
+* the worker writes the newest state, and again every ``heartbeat_s`` (the heartbeat counter);
+* a failed connect or write closes the link and retries with exponential backoff; after every
+  (re)connect the current state is written first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from typing import Callable, Protocol
+
+from inspector.alarms.layout import PlcState
+
+log = logging.getLogger(__name__)
+
+
+class Link(Protocol):
+    """One PLC connection, used from one thread at a time."""
+
+    #: "modbus 10.0.0.5:502 unit 1", for logs and metrics
+    label: str
+
+    def connect(self) -> None: ...
+
+    def write(self, state: PlcState, heartbeat: int) -> None: ...
+
+    def read_acks(self) -> list[int]:
+        """Alarm indices the PLC asked to acknowledge since the last call (request then cleared)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class DriverWorker:
+    """Runs one :class:`Link` in a thread (see module docs)."""
+
+    def __init__(self, link: Link, cfg, on_ack: Callable[[list[int], str], object] | None = None,
+                 name: str = "plc"):
+        self.link = link
+        self.cfg = cfg
+        self.on_ack = on_ack
+        self.name = name
+        self.label = link.label
+        self._q: deque[PlcState] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.connected = False
+        self.writes = 0
+        self.errors = 0
+        self.skipped = 0          # states dropped because the queue was full (PLC slow or down)
+        self.connects = 0
+        self.heartbeat = 0
+        self.last_written: PlcState | None = None
+        self._latest: PlcState | None = None
+
+    # -- called from the pipeline side: never blocks ---------------------------------------------
+    def submit(self, state: PlcState) -> None:
+        with self._cv:
+            if len(self._q) >= self.cfg.queue_size:
+                self._q.popleft()
+                self.skipped += 1
+            self._q.append(state)
+            self._cv.notify()
+
+    @property
+    def state_name(self) -> str:
+        return "connected" if self.connected else "down"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"plc-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Write the last submitted state if connected, close the link, end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout if timeout is not None else 2 * self.cfg.timeout_s + 2)
+            if self._thread.is_alive():
+                log.warning("%s: still busy after stop (PLC slow); leaving it behind", self.label)
+
+    # -- worker thread ----------------------------------------------------------------------------
+    def _take_latest(self) -> bool:
+        """Move the newest queued state into ``_latest``; True when there was one."""
+        with self._cv:
+            if not self._q:
+                return False
+            self._latest = self._q[-1]
+            self._q.clear()
+            return True
+
+    def _wait(self, seconds: float, for_states: bool) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self._stopping or (for_states and bool(self._q)), timeout=seconds)
+
+    def _run(self) -> None:
+        first, longest = self.cfg.retry_backoff_s
+        backoff = first
+        down_since_logged = False
+        while True:
+            with self._cv:
+                stopping = self._stopping
+            if not self.connected:
+                if stopping:
+                    break
+                try:
+                    self.link.connect()
+                except Exception as e:
+                    self.errors += 1
+                    if not down_since_logged:
+                        log.error("%s: PLC not reachable: %s; retrying with backoff up to %gs",
+                                  self.label, _first_line(e), longest)
+                        down_since_logged = True
+                    self._close_link()
+                    self._wait(backoff, for_states=False)
+                    backoff = min(longest, backoff * 2)
+                    continue
+                self.connected = True
+                self.connects += 1
+                backoff = first
+                down_since_logged = False
+                log.info("%s: connected%s", self.label,
+                         "; writing the current alarm state" if self.connects > 1 else "")
+            else:
+                if not stopping:
+                    self._wait(self.cfg.heartbeat_s, for_states=True)
+            self._take_latest()
+            with self._cv:
+                stopping = self._stopping
+            if self._latest is not None:
+                try:
+                    self.heartbeat += 1
+                    self.link.write(self._latest, self.heartbeat)
+                    self.writes += 1
+                    self.last_written = self._latest
+                    if self.cfg.acknowledge and self.on_ack is not None and not stopping:
+                        acks = self.link.read_acks()
+                        if acks:
+                            self.on_ack(acks, self.label)
+                except Exception as e:
+                    self.errors += 1
+                    self.connected = False
+                    log.error("%s: write failed: %s; reconnecting", self.label, _first_line(e))
+                    down_since_logged = True
+                    self._close_link()
+                    continue
+            if stopping:
+                break
+        self._close_link()
+        self.connected = False
+
+    def _close_link(self) -> None:
+        try:
+            self.link.close()
+        except Exception as e:  # already broken: nothing left to release
+            log.debug("%s: close: %s", self.label, e)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

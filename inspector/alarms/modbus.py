@@ -1,0 +1,74 @@
+"""Modbus TCP link (pymodbus): alarm coils plus the holding-register map of
+:mod:`inspector.alarms.layout`.
+
+* coil ``coil_base + i`` = alarm i (rule order);
+* holding registers from ``register_base``: the word table in :mod:`inspector.alarms.layout`
+  (heartbeat, alarm words, status, counters, last defect, acknowledge words, counts per class).
+
+pymodbus is imported when the link is built, so the runtime runs without it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+from inspector.alarms.config import ModbusDriverConfig
+from inspector.alarms.layout import ACK, COUNTS, LAST_SCORE, PlcState, ack_indices, encode_words
+
+log = logging.getLogger(__name__)
+
+
+class ModbusLink:
+    def __init__(self, cfg: ModbusDriverConfig):
+        from pymodbus.client import ModbusTcpClient  # ImportError handled by make_link
+
+        self.cfg = cfg
+        self.label = f"modbus {cfg.host}:{cfg.port} unit {cfg.unit_id}"
+        self._client_cls = ModbusTcpClient
+        # pymodbus 3.10 renamed the request keyword ``slave`` to ``device_id``.
+        params = inspect.signature(ModbusTcpClient.write_registers).parameters
+        self._unit_kw = {"device_id" if "device_id" in params else "slave": cfg.unit_id}
+        self._client = None
+
+    def connect(self) -> None:
+        c = self.cfg
+        # retries=0: the worker owns retrying (with backoff), a request must fail fast instead
+        self._client = self._client_cls(c.host, port=c.port, timeout=c.timeout_s, retries=0)
+        if not self._client.connect():
+            raise ConnectionError(f"cannot connect to {c.host}:{c.port}")
+
+    def _check(self, rr, what: str):
+        if rr is None or rr.isError():
+            raise IOError(f"{what} refused by the PLC: {rr}")
+        return rr
+
+    def write(self, state: PlcState, heartbeat: int) -> None:
+        c, cl = self.cfg, self._client
+        if cl is None:
+            raise ConnectionError("not connected")
+        words = encode_words(state, heartbeat)
+        if state.alarms:
+            self._check(cl.write_coils(c.coil_base, list(state.alarms), **self._unit_kw),
+                        f"write coils {c.coil_base}..{c.coil_base + len(state.alarms) - 1}")
+        # Two blocks around the acknowledge words, which belong to the PLC.
+        self._check(cl.write_registers(c.register_base, words[:LAST_SCORE + 1], **self._unit_kw),
+                    f"write holding registers {c.register_base}..{c.register_base + LAST_SCORE}")
+        if len(words) > COUNTS:
+            self._check(cl.write_registers(c.register_base + COUNTS, words[COUNTS:], **self._unit_kw),
+                        f"write holding registers {c.register_base + COUNTS}..{c.register_base + len(words) - 1}")
+
+    def read_acks(self) -> list[int]:
+        c, cl = self.cfg, self._client
+        rr = self._check(cl.read_holding_registers(c.register_base + ACK, count=2, **self._unit_kw),
+                         f"read holding registers {c.register_base + ACK}..{c.register_base + ACK + 1}")
+        idx = ack_indices(list(rr.registers))
+        if idx:
+            self._check(cl.write_registers(c.register_base + ACK, [0, 0], **self._unit_kw),
+                        "clear acknowledge registers")
+        return idx
+
+    def close(self) -> None:
+        cl, self._client = self._client, None
+        if cl is not None:
+            cl.close()

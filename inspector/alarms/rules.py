@@ -1,0 +1,349 @@
+"""Alarm rules: from published frames and pipeline health to alarm bits.
+
+The engine is fed from two places: :meth:`AlarmEngine.on_frame` with every report header the
+pipeline publishes (publish thread), and :meth:`AlarmEngine.tick` a few times a second from the
+daemon loop with the camera state and the counters (time-based rules, debounce timers). Every
+change of the PLC-visible state goes to the subscribed drivers, which never block.
+
+Each alarm has a *cause* (the rule's raw condition), debounced by ``on_delay_s`` (cause must last
+that long) and ``off_delay_s`` (cause must be gone that long), and optionally a *latch*: a latched
+alarm stays on after its cause is gone until acknowledged (PLC acknowledge bit, OPC UA
+``Acknowledge`` method). Acknowledging only releases the latch; an alarm whose cause is still
+there stays on until the cause goes.
+
+Example::
+
+    eng = AlarmEngine(cfg.alarms, classes=["background", "scratches"])
+    eng.subscribe(lambda state: print(state.alarms))
+    eng.on_frame(header)           # from Pipeline(on_report=...)
+    eng.tick("ok", pipeline.counters.snapshot())
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable, Iterable, Sequence
+
+from inspector.alarms.config import AlarmsConfig, CameraDownRule, DefectRule, OverloadRule
+from inspector.alarms.layout import PlcState
+from inspector.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+class _Alarm:
+    """One rule's live state."""
+
+    def __init__(self, index: int, rule, now: float):
+        self.index = index
+        self.rule = rule
+        self.cause = False
+        self.t_cause = now          # when ``cause`` last changed
+        self.cond = False           # debounced cause
+        self.latched = False
+        self.active = False
+        self.raised = 0             # times it went on
+        self.window: deque = deque()
+        self.detail = ""
+        self.warned: set[str] = set()
+
+    @property
+    def on_delay(self) -> float:
+        r = self.rule
+        return r.after_s if isinstance(r, CameraDownRule) else r.on_delay_s
+
+    def update(self, now: float, cause: bool) -> bool:
+        """Apply a new cause value at ``now``; True when the output (``active``) changed."""
+        if cause != self.cause:
+            self.cause = cause
+            self.t_cause = now
+        held = now - self.t_cause
+        if not self.cond and self.cause and held >= self.on_delay:
+            self.cond = True
+            if self.rule.latch:
+                self.latched = True
+        elif self.cond and not self.cause and held >= self.rule.off_delay_s:
+            self.cond = False
+        was = self.active
+        self.active = self.cond or self.latched
+        if self.active and not was:
+            self.raised += 1
+        return self.active != was
+
+
+class AlarmEngine:
+    """Evaluates ``alarms.rules`` (see module docs). Thread-safe."""
+
+    def __init__(self, cfg: AlarmsConfig, classes: Sequence[str], source_file: str = "<memory>",
+                 clock: Callable[[], float] = time.monotonic):
+        self.source_file = source_file
+        self.clock = clock
+        self.all_classes = list(classes)
+        self.defect_classes = tuple(self.all_classes[1:])  # index 0 is the background
+        self._lock = threading.RLock()
+        self._listeners: list[Callable[[PlcState], None]] = []
+        self.counts = [0] * len(self.defect_classes)
+        self.frames = 0
+        self.defects_total = 0
+        self.running = False
+        self.camera_ok = False
+        self._last = (0, 0.0, 0.0, 0.0, 0.0)  # class index, pos mm, across px, area, score
+        self._overload_hist: deque = deque()
+        self._alarms: list[_Alarm] = []
+        self.set_rules(cfg)
+
+    # -- configuration --------------------------------------------------------------------------
+    def check_rules(self, cfg: AlarmsConfig) -> None:
+        """ConfigError naming the key when a rule names a class the model does not have."""
+        known = set(self.defect_classes)
+        for i, rule in enumerate(cfg.rules):
+            if isinstance(rule, DefectRule):
+                unknown = [c for c in rule.classes if c not in known]
+                if unknown:
+                    raise ConfigError(self.source_file, f"alarms.rules.{i}.classes",
+                                      f"unknown class(es) {unknown}; the model's defect classes are "
+                                      f"{list(self.defect_classes)}")
+
+    def set_rules(self, cfg: AlarmsConfig) -> None:
+        """(Re)load the rules; alarms whose name stays keep their state (SIGHUP reload)."""
+        self.check_rules(cfg)
+        now = self.clock()
+        with self._lock:
+            old = {a.rule.name: a for a in self._alarms}
+            alarms = []
+            for i, rule in enumerate(cfg.rules):
+                a = old.get(rule.name)
+                if a is None or type(a.rule) is not type(rule):
+                    a = _Alarm(i, rule, now)
+                else:
+                    a.index, a.rule = i, rule
+                alarms.append(a)
+            self._alarms = alarms
+            self.cfg = cfg
+        self._notify()
+
+    @property
+    def names(self) -> list[str]:
+        return [a.rule.name for a in self._alarms]
+
+    def subscribe(self, fn: Callable[[PlcState], None]) -> None:
+        """Call ``fn(state)`` after every change; ``fn`` must not block (drivers queue)."""
+        self._listeners.append(fn)
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def set_running(self, running: bool, camera_ok: bool | None = None) -> None:
+        with self._lock:
+            self.running = running
+            if camera_ok is not None:
+                self.camera_ok = camera_ok
+        self._notify()
+
+    def on_frame(self, header: dict) -> None:
+        """Account one published frame and evaluate the defect rules on it."""
+        now = self.clock()
+        defects = header.get("defects") or []
+        changed: list[_Alarm] = []
+        with self._lock:
+            self.frames += 1
+            self.defects_total += len(defects)
+            for d in defects:
+                k = d.get("class_id", 0) - 1
+                if 0 <= k < len(self.counts):
+                    self.counts[k] += 1
+            if defects:
+                d = defects[0]  # the largest of the frame
+                pos = d.get("strip_pos_mm")
+                area = d.get("area_mm2")
+                self._last = (d.get("class_id", 0), pos if pos is not None else header.get("strip_pos_mm", 0.0),
+                              (d.get("centroid") or [0.0])[0], area if area is not None else d.get("area_px", 0),
+                              d.get("score", 0.0))
+            for a in self._alarms:
+                if isinstance(a.rule, DefectRule):
+                    cause = self._defect_cause(a, header, defects, now)
+                    if a.update(now, cause):
+                        changed.append(a)
+        self._report(changed)
+        self._notify()
+
+    def tick(self, camera_state: str, counters: dict | None = None) -> None:
+        """Time-based rules and debounce timers; call a few times a second."""
+        now = self.clock()
+        changed: list[_Alarm] = []
+        with self._lock:
+            camera_ok = camera_state == "ok"
+            status_changed = camera_ok != self.camera_ok
+            self.camera_ok = camera_ok
+            if counters is not None:
+                self._overload_hist.append((now, counters["grabbed"], counters["dropped"]))
+                longest = max((a.rule.window_s for a in self._alarms if isinstance(a.rule, OverloadRule)),
+                              default=0.0)
+                while len(self._overload_hist) > 2 and now - self._overload_hist[1][0] >= longest:
+                    self._overload_hist.popleft()
+            for a in self._alarms:
+                r = a.rule
+                if isinstance(r, CameraDownRule):
+                    cause = self.running and not camera_ok
+                    if cause and not a.cause:
+                        a.detail = f"camera {camera_state} for {r.after_s:g} s"
+                elif isinstance(r, OverloadRule):
+                    cause = self._overload_cause(a, now)
+                elif r.window_s is not None:
+                    while a.window and now - a.window[0] > r.window_s:
+                        a.window.popleft()
+                    cause = len(a.window) >= r.count
+                else:
+                    cause = a.cause
+                if a.update(now, cause):
+                    changed.append(a)
+        self._report(changed)
+        if changed or status_changed:
+            self._notify()
+
+    def ack(self, indices: Iterable[int] | None = None, by: str = "") -> list[str]:
+        """Release the latch of the given alarms (all when None); returns the names released."""
+        done: list[str] = []
+        changed: list[_Alarm] = []
+        with self._lock:
+            wanted = set(range(len(self._alarms))) if indices is None else set(indices)
+            for a in self._alarms:
+                if a.index in wanted and a.latched:
+                    a.latched = False
+                    done.append(a.rule.name)
+                    was = a.active
+                    a.active = a.cond
+                    if was != a.active:
+                        changed.append(a)
+        for name in done:
+            log.info("alarm %s acknowledged%s", name, f" by {by}" if by else "")
+        self._report(changed)
+        if done:
+            self._notify()
+        return done
+
+    def ack_names(self, names: Iterable[str], by: str = "") -> list[str]:
+        index = {a.rule.name: a.index for a in self._alarms}
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise KeyError(f"unknown alarm(s) {unknown}; alarms are {list(index)}")
+        return self.ack([index[n] for n in names], by)
+
+    # -- rules ----------------------------------------------------------------------------------
+    def _matches(self, a: _Alarm, d: dict) -> bool:
+        r: DefectRule = a.rule
+        if r.classes and d.get("class") not in r.classes:
+            return False
+        if d.get("score", 0.0) < r.min_score:
+            return False
+        if r.min_area_px is not None and d.get("area_px", 0) < r.min_area_px:
+            return False
+        if r.min_area_mm2 is not None:
+            if d.get("area_mm2") is None:
+                self._warn_once(a, "min_area_mm2", "defects carry no area in mm² (the source gives "
+                                "no pixel size: set geometry.mm_per_px_across/along); the rule cannot fire")
+                return False
+            if d["area_mm2"] < r.min_area_mm2:
+                return False
+        return True
+
+    def _defect_cause(self, a: _Alarm, header: dict, defects: list[dict], now: float) -> bool:
+        r: DefectRule = a.rule
+        hits = [d for d in defects if self._matches(a, d)]
+        if r.per_m is not None:
+            for d in hits:
+                pos = d.get("strip_pos_mm")
+                if pos is None:
+                    self._warn_once(a, "per_m", "defects carry no strip position (set "
+                                    "geometry.mm_per_px_along); counting per frame position")
+                    pos = header.get("strip_pos_mm", 0.0)
+                a.window.append(pos)
+            end = header.get("strip_pos_mm", 0.0)
+            while a.window and a.window[0] < end - r.per_m * 1000.0:
+                a.window.popleft()
+            n = len(a.window)
+            span = f"within {r.per_m:g} m"
+        elif r.window_s is not None:
+            a.window.extend([now] * len(hits))
+            while a.window and now - a.window[0] > r.window_s:
+                a.window.popleft()
+            n = len(a.window)
+            span = f"within {r.window_s:g} s"
+        else:
+            n = len(hits)
+            span = "in one frame"
+        cause = n >= r.count
+        if cause and hits and not a.cause:
+            d = hits[0]
+            area = (f"{d['area_mm2']:g} mm²" if d.get("area_mm2") is not None else f"{d.get('area_px')} px")
+            a.detail = (f"{n} defect(s) {span}; {d.get('class')} score {d.get('score', 0):.2f} area {area} "
+                        f"at {d.get('strip_pos_mm') if d.get('strip_pos_mm') is not None else '?'} mm "
+                        f"(frame {header.get('frame_id')})")
+        return cause
+
+    def _overload_cause(self, a: _Alarm, now: float) -> bool:
+        r: OverloadRule = a.rule
+        hist = self._overload_hist
+        if len(hist) < 2:
+            return False
+        t1, g1, d1 = hist[-1]
+        # the oldest sample still inside the window (or the oldest kept)
+        base = hist[0]
+        for s in hist:
+            if now - s[0] <= r.window_s:
+                break
+            base = s
+        _, g0, d0 = base
+        grabbed = g1 - g0
+        dropped = sum(d1.get(k, 0) - d0.get(k, 0) for k in r.reasons)
+        if grabbed < r.min_frames:
+            return a.cause if grabbed > 0 else False
+        frac = dropped / grabbed
+        cause = frac >= r.drop_fraction
+        if cause and not a.cause:
+            a.detail = (f"{dropped} of {grabbed} frames dropped ({'/'.join(r.reasons)}) "
+                        f"in {r.window_s:g} s")
+        return cause
+
+    def _warn_once(self, a: _Alarm, key: str, msg: str) -> None:
+        if key not in a.warned:
+            a.warned.add(key)
+            log.warning("%s: alarms.rules.%d.%s: %s", self.source_file, a.index, key, msg)
+
+    # -- outputs --------------------------------------------------------------------------------
+    def _report(self, changed: list[_Alarm]) -> None:
+        # One line per state change (journald), never per frame.
+        for a in changed:
+            if a.active:
+                log.warning("alarm %s RAISED: %s", a.rule.name, a.detail or a.rule.type)
+            else:
+                log.info("alarm %s cleared", a.rule.name)
+
+    def state(self) -> PlcState:
+        with self._lock:
+            c, pos, across, area, score = self._last
+            return PlcState(alarm_names=tuple(a.rule.name for a in self._alarms),
+                            alarms=tuple(a.active for a in self._alarms),
+                            classes=self.defect_classes, counts=tuple(self.counts),
+                            frames=self.frames, defects_total=self.defects_total,
+                            running=self.running, camera_ok=self.camera_ok, last_class=c,
+                            last_pos_mm=pos, last_across_px=across, last_area=area, last_score=score)
+
+    def active(self) -> dict[str, bool]:
+        with self._lock:
+            return {a.rule.name: a.active for a in self._alarms}
+
+    def raised_counts(self) -> dict[str, int]:
+        with self._lock:
+            return {a.rule.name: a.raised for a in self._alarms}
+
+    def _notify(self) -> None:
+        if not self._listeners:
+            return
+        s = self.state()
+        for fn in self._listeners:
+            try:
+                fn(s)
+            except Exception:  # a broken listener must not stop the frame that fed us
+                log.exception("alarm state listener failed")

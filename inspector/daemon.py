@@ -1,0 +1,362 @@
+"""One camera's daemon under systemd: notify, watchdog, signals, reload, alarms, metrics.
+
+``inspector daemon --config F`` runs :class:`Daemon`. Under ``Type=notify`` it tells systemd:
+
+* ``READY=1`` once the engine is warmed up and the camera is open (not before: a unit that
+  depends on this one starts only when frames can flow);
+* ``WATCHDOG=1`` every half ``WATCHDOG_USEC``, but only while frames were published within
+  ``daemon.watchdog_stall_s`` (or, with ``daemon.watchdog_while_reopening``, while a lost camera
+  is being reopened), so a stuck pipeline stops pinging and systemd restarts it;
+* ``STATUS=`` fps, latency, drops, camera and alarms, every ``status.interval_s``;
+* ``STOPPING=1`` on SIGTERM/SIGINT, then the queues drain and the process exits 0;
+* ``RELOADING=1`` ... ``READY=1`` around a SIGHUP reload: the config is re-read, the model is
+  loaded and warmed up beside the running one and swapped in atomically; on any error the running
+  model stays and the error is logged.
+
+The notify protocol is a datagram per message to the unix socket named by ``NOTIFY_SOCKET``
+(``@name`` = abstract namespace); without it, notifications are no-ops, so the same command runs
+in a terminal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from inspector.alarms import AlarmEngine, DriverWorker, make_drivers
+from inspector.config import InspectorConfig, load_config
+from inspector.errors import InspectorError
+from inspector.metrics import Metrics
+from inspector.pipeline import BurstLog, LoadedModel, Pipeline, load_model
+from inspector.postprocess import Geometry
+from inspector.sources import Source
+
+log = logging.getLogger(__name__)
+
+#: config sections a SIGHUP cannot change in a running daemon (sockets, threads, PLC layout)
+RESTART_ONLY = ("camera_id", "source", "publish", "pipeline", "metrics", "daemon", "status")
+
+
+class Notifier:
+    """sd_notify(3) over ``NOTIFY_SOCKET``; every call is a no-op when there is no socket."""
+
+    def __init__(self, address: str | None):
+        self.address = address or None
+        self._sock: socket.socket | None = None
+        self._warned = False
+        if self.address:
+            # '@' stands for the abstract namespace (leading NUL byte)
+            self._target = "\0" + self.address[1:] if self.address.startswith("@") else self.address
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+
+    @classmethod
+    def from_env(cls) -> "Notifier":
+        return cls(os.environ.get("NOTIFY_SOCKET"))
+
+    @property
+    def enabled(self) -> bool:
+        return self._sock is not None
+
+    def send(self, *fields: str) -> bool:
+        """Send ``KEY=value`` fields as one datagram; False (logged once) when it cannot."""
+        if self._sock is None:
+            return False
+        msg = "\n".join(f.replace("\n", " ") for f in fields).encode()
+        try:
+            self._sock.sendto(msg, self._target)
+            return True
+        except OSError as e:  # systemd gone or socket wrong: the daemon itself must go on
+            if not self._warned:
+                log.warning("cannot notify systemd at %s: %s", self.address, e)
+                self._warned = True
+            return False
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def watchdog_interval_s() -> float | None:
+    """Half of ``WATCHDOG_USEC`` (as sd_watchdog_enabled(3) advises), or None when not asked for
+    (no variable, or ``WATCHDOG_PID`` names another process)."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec:
+        return None
+    if pid and pid.isdigit() and int(pid) != os.getpid():
+        return None
+    try:
+        value = int(usec)
+    except ValueError:
+        log.warning("ignoring WATCHDOG_USEC=%r (not a number)", usec)
+        return None
+    return value / 2e6 if value > 0 else None
+
+
+def status_text(p: Pipeline, engine: AlarmEngine | None) -> str:
+    """One line for ``STATUS=``: fps, latency, counters, camera, alarms."""
+    s = p.stats.summary()
+    c = p.counters.snapshot()
+    drops = sum(c["dropped"].values())
+    why = ",".join(f"{k} {v}" for k, v in c["dropped"].items() if v)
+    lat = (f"p50 {s['p50_ms']:.0f} ms p99 {s['p99_ms']:.0f} ms" if s["p50_ms"] is not None else "latency -")
+    text = (f"{s['fps']:.1f} fps, {lat}, published {c['published']}, dropped {drops}"
+            + (f" ({why})" if why else "") + f", camera {p.camera_state}")
+    if engine is not None:
+        on = [n for n, a in engine.active().items() if a]
+        text += f", alarms: {' '.join(on) if on else 'none'}"
+    return text
+
+
+class Daemon:
+    """Runs one camera (see module docs). ``source`` replaces the configured one (tests)."""
+
+    def __init__(self, config_path: str | Path, source: Source | None = None,
+                 notifier: Notifier | None = None, clock: Callable[[], float] = time.monotonic):
+        self.path = Path(config_path)
+        self.cfg: InspectorConfig = load_config(self.path)
+        self.notifier = notifier or Notifier.from_env()
+        self.clock = clock
+        self._source = source
+        self._wake = threading.Event()
+        self._reload_req = threading.Event()
+        self.stop_requested = False
+        self._reload_thread: threading.Thread | None = None
+        self.pipeline: Pipeline | None = None
+        self.engine: AlarmEngine | None = None
+        self.workers: list[DriverWorker] = []
+        self.metrics: Metrics | None = None
+        self._report_fail = BurstLog("report consumer failed")
+        self._consumers: list[Callable[[dict], None]] = []  # fed every published header
+        self.reloads = {"ok": 0, "failed": 0}
+
+    # -- requests (signal handlers, tests) --------------------------------------------------------
+    # Signal handlers only set flags: the main loop does the work, outside the handler.
+    def request_stop(self, *_: object) -> None:
+        self.stop_requested = True
+        self._wake.set()
+
+    def request_reload(self, *_: object) -> None:
+        self._reload_req.set()
+        self._wake.set()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # tests drive an in-process daemon through request_*()
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    # -- the frame hook -------------------------------------------------------------------------
+    def _on_report(self, header: dict) -> None:
+        # Runs in the publish thread for every frame: consumers must be quick and must not kill it.
+        for fn in self._consumers:
+            try:
+                fn(header)
+            except Exception as e:
+                self._report_fail(header.get("frame_id", -1), e)
+
+    # -- main -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        """Start, serve until stopped or the source ends, drain; returns the exit code."""
+        cfg = self.cfg
+        n = self.notifier
+        self._install_signals()
+        n.send("STATUS=loading model")
+        model = load_model(cfg)
+        classes = model.bundle.spec.classes
+        if cfg.alarms.rules or cfg.alarms.drivers:
+            self.engine = AlarmEngine(cfg.alarms, classes, cfg.source_file, clock=self.clock)
+        self.workers = make_drivers(cfg, self.engine)
+        if cfg.metrics.enabled:
+            self.metrics = Metrics(cfg.metrics, cfg.camera_id)
+            self._consumers.append(self.metrics.observe)
+        if self.engine is not None:
+            self._consumers.append(self.engine.on_frame)
+        p = self.pipeline = Pipeline(cfg, on_report=self._on_report, model=model, source=self._source)
+        drained = True
+        try:
+            if self.metrics is not None:
+                self.metrics.bind(p, self.engine, self.workers)
+                self.metrics.reloads = self.reloads
+                self.metrics.start()
+            n.send("STATUS=warming up and opening the camera")
+            p.open()  # publisher, warm-up, camera: READY only after all three
+            for w in self.workers:
+                w.start()
+            if self.engine is not None:
+                self.engine.set_running(True, camera_ok=p.camera_state == "ok")
+            p.start()
+            n.send("READY=1", f"STATUS=running: model warm-up {p.warmup_ms:.0f} ms, camera {p.camera_state}")
+            log.info("%s ready: %s", cfg.camera_id, p.source.describe())
+            self._serve(p)
+            if self.stop_requested:
+                log.info("stop requested: draining the queues (at most %gs)", cfg.daemon.stop_timeout_s)
+                n.send("STOPPING=1", "STATUS=stopping: draining the queues")
+            else:
+                n.send("STOPPING=1", "STATUS=source finished: draining the queues")
+            p.stop()
+            drained = p.wait(cfg.daemon.stop_timeout_s)
+            if not drained:
+                log.error("queues not drained within daemon.stop_timeout_s=%gs; exiting anyway",
+                          cfg.daemon.stop_timeout_s)
+        finally:
+            if self.engine is not None:
+                self.engine.set_running(False)
+            for w in self.workers:
+                w.stop()
+            p.close()
+            if self.metrics is not None:
+                self.metrics.stop()
+        c = p.counters.snapshot()
+        log.info("stopped: grabbed %d published %d dropped %s", c["grabbed"], c["published"],
+                 {k: v for k, v in c["dropped"].items() if v} or 0)
+        if p.error is not None:
+            log.error("pipeline failed: %s", p.error)
+            return 1
+        return 0 if drained else 1
+
+    def _serve(self, p: Pipeline) -> None:
+        cfg = self.cfg
+        wd = watchdog_interval_s()
+        if wd is not None:
+            log.info("systemd watchdog: pinging every %.2fs while frames flow (stall after %gs)",
+                     wd, cfg.daemon.watchdog_stall_s)
+        tick = min(0.1, wd) if wd else 0.1
+        now = self.clock()
+        last_ping = last_status = now
+        progress_at = now
+        seen = (-1, -1, -1)
+        camera = p.camera_state
+        down_at = now
+        stalled = False
+        while not p.wait(0):
+            self._wake.wait(tick)
+            self._wake.clear()
+            if self._reload_req.is_set():
+                self._reload_req.clear()
+                self._start_reload()
+            if self.stop_requested:
+                return
+            now = self.clock()
+            c = p.counters.snapshot()
+            mark = (c["published"],) + ((c["source_errors"], c["reopens"])
+                                        if cfg.daemon.watchdog_while_reopening else (0, 0))
+            if mark != seen:
+                seen, progress_at = mark, now
+            if self.engine is not None:
+                self.engine.tick(p.camera_state, c)
+            if p.camera_state != camera:  # one line per state change: the outage and its length
+                if p.camera_state == "ok":
+                    log.warning("camera %s back after %.1fs outage (%d reopen(s) so far)",
+                                cfg.camera_id, now - down_at, c["reopens"])
+                else:
+                    down_at = now
+                camera = p.camera_state
+            healthy = now - progress_at <= cfg.daemon.watchdog_stall_s
+            if healthy == stalled:
+                stalled = not healthy
+                if stalled:
+                    log.error("no frame published for %gs (daemon.watchdog_stall_s): watchdog pings "
+                              "stop", cfg.daemon.watchdog_stall_s)
+                else:
+                    log.warning("frames flow again: watchdog pings resume")
+            if wd is not None and healthy and now - last_ping >= wd:
+                self.notifier.send("WATCHDOG=1")
+                last_ping = now
+            if now - last_status >= cfg.status.interval_s:
+                self.notifier.send(f"STATUS={status_text(p, self.engine)}")
+                last_status = now
+
+    # -- SIGHUP ---------------------------------------------------------------------------------
+    def _start_reload(self) -> None:
+        # Loading and warming a model can take long (an engine build): do it beside the main loop,
+        # which keeps ticking the watchdog and alarms. A SIGHUP during a reload runs after it.
+        if self._reload_thread is not None and self._reload_thread.is_alive():
+            self._reload_req.set()
+            return
+        self._reload_thread = threading.Thread(target=self.reload, name="reload", daemon=True)
+        self._reload_thread.start()
+
+    def reload(self) -> bool:
+        """Re-read the config file, load and warm up its model, swap it in; True on success.
+        On any error the running model and rules stay and the error is logged."""
+        p = self.pipeline
+        n = self.notifier
+        n.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
+               "STATUS=reloading")
+        log.info("reload: reading %s", self.path)
+        old = self.cfg
+        try:
+            new = load_config(self.path)
+            later = [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]
+            if new.alarms.drivers != old.alarms.drivers:
+                later.append("alarms.drivers")
+            model: LoadedModel = load_model(new)
+            if model.bundle.spec.classes != p.model.bundle.spec.classes:
+                raise InspectorError(f"{new.source_file}: model.bundle: the new model's classes "
+                                     f"{model.bundle.spec.classes} differ from the running model's "
+                                     f"{p.model.bundle.spec.classes}; the PLC maps depend on them: "
+                                     "restart the service to change them")
+            if self.engine is not None:
+                self.engine.check_rules(new.alarms)
+            elif new.alarms.rules:
+                later.append("alarms.rules (alarms were off at start)")
+            geometry = Geometry(new.geometry.mm_per_px_across, new.geometry.mm_per_px_along)
+            warm = p.swap_model(model, geometry)
+            if self.engine is not None:
+                self.engine.set_rules(new.alarms)
+        except Exception as e:
+            self.reloads["failed"] += 1
+            log.error("reload failed, the running model and rules stay: %s", e)
+            n.send("READY=1", f"STATUS=reload failed ({str(e).splitlines()[0][:200]}); running on")
+            return False
+        logging.getLogger().setLevel(new.log_level)
+        # Sections that need a restart keep their running values, so the next reload compares
+        # against what actually runs.
+        self.cfg = new.model_copy(update={k: getattr(old, k) for k in RESTART_ONLY}
+                                  | {"alarms": new.alarms.model_copy(update={"drivers": old.alarms.drivers})})
+        self.reloads["ok"] += 1
+        if later:
+            log.warning("reload: %s changed; that takes effect after a restart", ", ".join(later))
+        log.info("reload done: model %s warmed up in %.0f ms and swapped in", model.bundle.spec.name, warm)
+        n.send("READY=1", f"STATUS=reloaded: model {model.bundle.spec.name}, warm-up {warm:.0f} ms")
+        return True
+
+
+class JournalFormatter(logging.Formatter):
+    """``<priority>logger: message``: journald reads the syslog priority prefix and stamps the
+    time itself, so lines stay short and ``journalctl -p warning`` works."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        prio = self.PRIORITY.get(record.levelno, 6)
+        # one journal entry per line: continuation lines (tracebacks) keep the priority
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines() or [""])
+
+
+def setup_logging(level: str = "INFO", journal: bool | None = None) -> None:
+    """Log to stderr; in journald form when ``journal`` (default: when systemd connected stderr
+    to the journal, i.e. ``JOURNAL_STREAM`` is set)."""
+    if journal is None:
+        journal = bool(os.environ.get("JOURNAL_STREAM"))
+    handler = logging.StreamHandler(sys.stderr)
+    if journal:
+        handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level))

@@ -1,0 +1,26 @@
+"""The ``daemon:`` section of a camera config (systemd integration, see :mod:`inspector.daemon`).
+
+Kept apart from :mod:`inspector.daemon` so that :mod:`inspector.config` can embed it without
+importing the pipeline (which imports the config).
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DaemonConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    watchdog_stall_s: float = Field(
+        20.0, gt=0,
+        description="WATCHDOG=1 pings stop once no frame was published for this long, so systemd "
+                    "restarts a stuck pipeline (WatchdogSec= in the unit is the grace after that)")
+    watchdog_while_reopening: bool = Field(
+        True,
+        description="keep pinging while the camera is down and the reopen loop is still trying: "
+                    "a restart would not bring a missing camera back, the reopen loop will")
+    stop_timeout_s: float = Field(
+        20.0, gt=0,
+        description="on SIGTERM, longest wait for queued frames to be published; keep it below the "
+                    "unit's TimeoutStopSec")

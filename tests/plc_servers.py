@@ -1,0 +1,258 @@
+"""Real PLC protocol servers on 127.0.0.1 for the alarm tests (the "PLC" side).
+
+Each server can be stopped and started again on the same port; a start always begins with fresh
+memory (all zero), like a PLC after a power cycle, so a test can tell whether the inspector wrote
+the current state after reconnecting. ``read()`` decodes the PLC map the way a PLC program would,
+written from the README's tables, not from the inspector's encoder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition", every: float = 0.05):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+        except Exception as e:  # the server may be between states
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def decode_words(w: list[int]) -> dict:
+    """The README's register table, read by hand."""
+    return {"heartbeat": w[0], "alarm_bits": w[1] | (w[2] << 16), "status": w[3],
+            "frames": (w[4] << 16) | w[5], "defects": (w[6] << 16) | w[7], "last_class": w[8],
+            "last_pos_mm": (w[9] << 16) | w[10], "ack": w[14] | (w[15] << 16), "counts": w[16:]}
+
+
+class _Loop:
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def run(self, coro, timeout: float = 30):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+class ModbusPlc:
+    kind = "modbus"
+
+    def __init__(self, n_classes: int = 3):
+        self.port = free_port()
+        self.n_classes = n_classes
+        self._loop = _Loop()
+        self.server = None
+        self.writes: list[tuple[int, int, list]] = []   # (function code, address, values)
+
+    def start(self) -> "ModbusPlc":
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        async def record(fc, start, address, count, regs, set_values):
+            if set_values is not None:
+                self.writes.append((fc, address, list(set_values)))
+            return None
+
+        async def go():
+            dev = SimDevice(id=1, action=record, simdata=(
+                [SimData(0, count=256, values=False, datatype=DataType.BITS)],
+                [SimData(0, count=16, values=False, datatype=DataType.BITS)],
+                [SimData(0, count=256, values=0, datatype=DataType.REGISTERS)],
+                [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)]))
+            self.server = ModbusTcpServer(dev, address=("127.0.0.1", self.port))
+            await self.server.serve_forever(background=True)
+        self._loop.run(go())
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self._loop.run(self.server.shutdown())
+            self.server = None
+
+    def driver_cfg(self, **kw) -> dict:
+        return {"type": "modbus", "host": "127.0.0.1", "port": self.port, "unit_id": 1, **kw}
+
+    def _client(self):
+        from pymodbus.client import ModbusTcpClient
+        c = ModbusTcpClient("127.0.0.1", port=self.port, timeout=2, retries=0)
+        assert c.connect(), "test client cannot reach the modbus server"
+        return c
+
+    def read(self, n_alarms: int = 4) -> dict:
+        c = self._client()
+        try:
+            w = c.read_holding_registers(0, count=16 + self.n_classes, device_id=1).registers
+            coils = c.read_coils(0, count=n_alarms, device_id=1).bits[:n_alarms]
+        finally:
+            c.close()
+        out = decode_words(list(w))
+        out["coils"] = list(coils)
+        return out
+
+    def request_ack(self, index: int) -> None:
+        c = self._client()
+        try:
+            c.write_registers(14 + index // 16, [1 << (index % 16)], device_id=1)
+        finally:
+            c.close()
+
+
+class S7Plc:
+    kind = "s7"
+    DB = 100
+
+    def __init__(self, n_classes: int = 3):
+        self.port = free_port()
+        self.n_classes = n_classes
+        self.server = None
+        self.db = bytearray(256)
+
+    def start(self) -> "S7Plc":
+        import snap7
+        self.db = bytearray(256)
+        self.server = snap7.Server(log=False)
+        self.server.register_area(snap7.SrvArea.DB, self.DB, self.db)
+        self.server.start_to("127.0.0.1", self.port)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def driver_cfg(self, **kw) -> dict:
+        return {"type": "s7", "host": "127.0.0.1", "port": self.port, "rack": 0, "slot": 1,
+                "db": self.DB, "start": 0, **kw}
+
+    def read(self, n_alarms: int = 4) -> dict:
+        raw = bytes(self.db)
+        w = [int.from_bytes(raw[2 * i:2 * i + 2], "big") for i in range(16 + self.n_classes)]
+        out = decode_words(w)
+        # DBX bit addressing as a PLC programmer writes it: alarm k of word 1 is DBX3.k (k < 8)
+        out["coils"] = [bool(raw[3 - k // 8] >> (k % 8) & 1) for k in range(n_alarms)]
+        return out
+
+    def request_ack(self, index: int) -> None:
+        word = 14 + index // 16
+        bit = index % 16
+        byte = 2 * word + (1 if bit < 8 else 0)
+        self.db[byte] |= 1 << (bit % 8)
+
+
+class OpcUaPlc:
+    """An OPC UA server holding the inspector's nodes, as a PLC programmer sets them up from the
+    README table (names spelled out here, not taken from the inspector's code)."""
+
+    kind = "opcua"
+    NS = "urn:strip-inspector"
+
+    def __init__(self, obj: str, alarms: list[str], classes: list[str]):
+        self.port = free_port()
+        self.obj = obj
+        self.alarms = alarms
+        self.classes = classes
+        self._loop = _Loop()
+        self.server = None
+        self.vars: dict = {}
+
+    def start(self) -> "OpcUaPlc":
+        self._loop.run(self._start(), 60)
+        return self
+
+    async def _start(self):
+        from asyncua import Server, ua
+        srv = Server()
+        await srv.init()
+        srv.set_endpoint(f"opc.tcp://127.0.0.1:{self.port}/")
+        srv.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        idx = await srv.register_namespace(self.NS)
+        obj = await srv.nodes.objects.add_object(ua.NodeId(self.obj, idx), ua.QualifiedName(self.obj, idx))
+        spec = [("Heartbeat", ua.VariantType.UInt32, 0), ("Running", ua.VariantType.Boolean, False),
+                ("CameraOk", ua.VariantType.Boolean, False), ("FramesInspected", ua.VariantType.UInt64, 0),
+                ("DefectsTotal", ua.VariantType.UInt64, 0), ("AlarmWord", ua.VariantType.UInt32, 0),
+                ("LastDefect.Class", ua.VariantType.String, ""),
+                ("LastDefect.PositionMm", ua.VariantType.Double, 0.0),
+                ("LastDefect.AcrossPx", ua.VariantType.Double, 0.0),
+                ("LastDefect.Area", ua.VariantType.Double, 0.0), ("LastDefect.Score", ua.VariantType.Double, 0.0)]
+        spec += [(f"Alarms.{a}", ua.VariantType.Boolean, False) for a in self.alarms]
+        spec += [(f"Ack.{a}", ua.VariantType.Boolean, False) for a in self.alarms]
+        spec += [(f"Counts.{c}", ua.VariantType.UInt32, 0) for c in self.classes]
+        self.vars = {}
+        for name, vt, v0 in spec:
+            var = await obj.add_variable(ua.NodeId(f"{self.obj}.{name}", idx), ua.QualifiedName(name, idx),
+                                         ua.Variant(v0, vt))
+            await var.set_writable()
+            self.vars[name] = var
+        await srv.start()
+        self.server = srv
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self._loop.run(self.server.stop())
+            self.server = None
+
+    def driver_cfg(self, **kw) -> dict:
+        return {"type": "opcua", "mode": "client", "endpoint": f"opc.tcp://127.0.0.1:{self.port}/",
+                "namespace": self.NS, **kw}
+
+    def read(self, n_alarms: int = 4) -> dict:
+        async def go():
+            return {k: await v.read_value() for k, v in self.vars.items()}
+        v = self._loop.run(go())
+        return {"heartbeat": v["Heartbeat"], "alarm_bits": v["AlarmWord"],
+                "status": (1 if v["Running"] else 0) | (2 if v["CameraOk"] else 0),
+                "frames": v["FramesInspected"], "defects": v["DefectsTotal"],
+                "counts": [v[f"Counts.{c}"] for c in self.classes],
+                "coils": [v[f"Alarms.{a}"] for a in self.alarms][:n_alarms],
+                "ack": sum(1 << i for i, a in enumerate(self.alarms) if v[f"Ack.{a}"])}
+
+    def request_ack(self, index: int) -> None:
+        from asyncua import ua
+
+        async def go():
+            await self.vars[f"Ack.{self.alarms[index]}"].write_value(ua.Variant(True, ua.VariantType.Boolean))
+        self._loop.run(go())
+
+
+class BlackHole:
+    """Accepts TCP connections and never answers: a PLC that hangs."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+                self.conns.append(c)
+            except OSError:
+                continue
+
+    def close(self):
+        self._stop = True
+        for c in self.conns:
+            c.close()
+        self.sock.close()

@@ -1,0 +1,211 @@
+"""PLC drivers against real protocol servers on 127.0.0.1 (pymodbus, asyncua, python-snap7).
+
+The pipeline runs on the synthetic strip with a real ONNX model; defects raise the mapped alarm on
+the PLC; a PLC stopped and restarted mid-run gets the current state after reconnect while the
+pipeline publishes every frame; a hanging PLC never slows inspection down.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from inspector.alarms import AlarmEngine, make_drivers
+from inspector.config import parse_config
+from inspector.pipeline import Pipeline
+from plc_servers import BlackHole, ModbusPlc, OpcUaPlc, S7Plc, free_port, wait_for
+
+pytest.importorskip("pymodbus")
+pytest.importorskip("asyncua")
+pytest.importorskip("snap7")
+
+CLASSES = ["inclusion", "patches", "scratches"]
+RULES = [{"name": "any_defect", "latch": True, "off_delay_s": 0},
+         # never fires: no defect is that large; its bit must stay 0 on the PLC
+         {"name": "huge_scratch", "classes": ["scratches"], "min_area_px": 10 ** 9}]
+FAST = {"heartbeat_s": 0.1, "retry_backoff_s": [0.05, 0.3], "timeout_s": 1.0}
+
+
+def make_plc(kind: str):
+    if kind == "modbus":
+        return ModbusPlc(n_classes=len(CLASSES))
+    if kind == "s7":
+        return S7Plc(n_classes=len(CLASSES))
+    return OpcUaPlc("test", [r["name"] for r in RULES], CLASSES)
+
+
+@pytest.fixture(params=["modbus", "opcua", "s7"])
+def plc(request):
+    p = make_plc(request.param).start()
+    yield p
+    p.stop()
+
+
+def alarm_setup(cfg):
+    engine = AlarmEngine(cfg.alarms, ["background", *CLASSES], cfg.source_file)
+    workers = make_drivers(cfg, engine)
+    return engine, workers
+
+
+def test_defects_raise_the_mapped_alarm_and_a_restarted_plc_gets_the_current_state(plc, synthetic_cfg):
+    # backpressure: the test's own PLC server starts in this process and competes for the 2 CPU
+    # cores; frames must not be lost to that. A PLC that blocks is the next test's business.
+    cfg = parse_config(synthetic_cfg(source={"fps": 25, "defect_rate": 1.0}, pipeline={"backpressure": True},
+                                     alarms={"rules": RULES, "drivers": [plc.driver_cfg(**FAST)]}), "t.yaml")
+    engine, workers = alarm_setup(cfg)
+    [w] = workers
+    with Pipeline(cfg, on_report=engine.on_frame) as p:
+        w.start()
+        engine.set_running(True, camera_ok=True)
+        p.start()
+        s = wait_for(lambda: (lambda r: r if r["alarm_bits"] & 1 and r["frames"] > 0 else None)(plc.read(2)),
+                     what="alarm any_defect on the PLC")
+        assert s["coils"] == [True, False] and s["alarm_bits"] == 0b01
+        assert s["heartbeat"] > 0 and s["status"] & 1 and s["status"] & 2  # running, camera ok
+        assert sum(s["counts"]) > 0
+
+        plc.stop()
+        wait_for(lambda: not w.connected, what="the driver to notice the PLC is gone")
+        frames_at_outage = engine.state().frames
+        wait_for(lambda: engine.state().frames >= frames_at_outage + 10, what="frames during the outage")
+        plc.start()  # fresh memory: everything the PLC shows now was written after reconnect
+        frames_at_restart = engine.state().frames
+        s = wait_for(lambda: (lambda r: r if r["frames"] >= frames_at_restart else None)(plc.read(2)),
+                     what="the current state on the restarted PLC")
+        assert s["alarm_bits"] == 0b01 and s["coils"] == [True, False]  # latched alarm still on
+        assert s["heartbeat"] > 0 and sum(s["counts"]) > 0
+        assert w.connects >= 2
+        p.stop()
+        assert p.wait(30)
+    w.stop()
+    c = p.counters.snapshot()
+    # With backpressure, stop() may catch one grabbed frame waiting for a queue slot (counted as
+    # queue_full); every other frame was published, through the outage too.
+    assert c["grabbed"] == c["published"] + c["dropped"]["queue_full"], c
+    assert c["dropped"]["queue_full"] <= 1 and sum(c["dropped"].values()) == c["dropped"]["queue_full"], c
+
+
+def test_plc_acknowledge_releases_a_latched_alarm(plc, synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(alarms={"rules": RULES, "drivers": [plc.driver_cfg(**FAST)]}), "t.yaml")
+    engine, [w] = alarm_setup(cfg)
+    w.start()
+    try:
+        engine.set_running(True, camera_ok=True)
+        defect = {"class": "inclusion", "class_id": 1, "score": 0.9, "area_px": 40, "area_mm2": None,
+                  "strip_pos_mm": 10.0, "centroid": [5.0, 5.0]}
+        engine.on_frame({"frame_id": 0, "strip_pos_mm": 0.0, "defects": [defect]})
+        engine.on_frame({"frame_id": 1, "strip_pos_mm": 100.0, "defects": []})  # cause gone, latch holds
+        wait_for(lambda: plc.read(2)["coils"] == [True, False], what="latched alarm on the PLC")
+        assert engine.active()["any_defect"]
+        plc.request_ack(0)
+        wait_for(lambda: not engine.active()["any_defect"], what="the acknowledge to reach the engine")
+        s = wait_for(lambda: (lambda r: r if r["coils"] == [False, False] else None)(plc.read(2)),
+                     what="the alarm to clear on the PLC")
+        assert s["ack"] == 0  # the request was taken and reset
+    finally:
+        w.stop()
+
+
+def test_a_plc_that_hangs_never_slows_inspection(synthetic_cfg):
+    hole = BlackHole()
+    try:
+        drv = {"type": "modbus", "host": "127.0.0.1", "port": hole.port, "timeout_s": 3.0,
+               "heartbeat_s": 0.05, "queue_size": 4}
+        cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True},
+                                         alarms={"rules": RULES, "drivers": [drv]}), "t.yaml")
+        engine, [w] = alarm_setup(cfg)
+        w.start()
+        with Pipeline(cfg, on_report=engine.on_frame) as p:
+            engine.set_running(True, camera_ok=True)
+            t0 = time.monotonic()
+            c = p.run(frames=80)
+            took = time.monotonic() - t0
+        # Every frame published while the one write in flight waits for its 3 s timeout (a blocking
+        # design would need 80 x 3 s); the bounded queue dropped old states instead of growing.
+        assert c["published"] == 80 and took < 60
+        assert w.skipped > 0 and w.writes == 0
+        w.stop(timeout=10)
+    finally:
+        hole.close()
+
+
+def test_plc_down_from_the_start_is_retried_and_never_blocks(synthetic_cfg):
+    port = free_port()  # nothing listens there
+    drv = {"type": "s7", "host": "127.0.0.1", "port": port, "db": 1, **FAST}
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True},
+                                     alarms={"rules": RULES, "drivers": [drv]}), "t.yaml")
+    engine, [w] = alarm_setup(cfg)
+    w.start()
+    with Pipeline(cfg, on_report=engine.on_frame) as p:
+        engine.set_running(True, camera_ok=True)
+        c = p.run(frames=30)
+    assert c["published"] == 30
+    wait_for(lambda: w.errors >= 2, what="repeated connect attempts")
+    assert not w.connected and w.writes == 0
+    w.stop()
+
+
+def test_opcua_server_mode_hosts_nodes_and_the_acknowledge_method(synthetic_cfg):
+    from asyncua import Client, ua
+
+    port = free_port()
+    drv = {"type": "opcua", "mode": "server", "endpoint": f"opc.tcp://127.0.0.1:{port}/", **FAST}
+    cfg = parse_config(synthetic_cfg(alarms={"rules": RULES, "drivers": [drv]}), "t.yaml")
+    engine, [w] = alarm_setup(cfg)
+    w.start()
+    loop_q = __import__("asyncio").new_event_loop()
+    try:
+        wait_for(lambda: w.connected and w.writes > 0, timeout=60, what="the OPC UA server to start")
+        defect = {"class": "scratches", "class_id": 3, "score": 0.75, "area_px": 12, "area_mm2": 3.5,
+                  "strip_pos_mm": 1234.5, "centroid": [100.0, 7.0]}
+        engine.set_running(True, camera_ok=True)
+        engine.on_frame({"frame_id": 7, "strip_pos_mm": 1200.0, "defects": [defect]})
+        engine.on_frame({"frame_id": 8, "strip_pos_mm": 1300.0, "defects": []})
+
+        async def session():
+            async with Client(f"opc.tcp://127.0.0.1:{port}/", timeout=5) as c:
+                ns = await c.get_namespace_index("urn:strip-inspector")
+
+                def node(name):
+                    return c.get_node(ua.NodeId(f"test.{name}", ns))
+                deadline = time.monotonic() + 20
+                while not await node("Alarms.any_defect").read_value():
+                    assert time.monotonic() < deadline, "alarm never showed up on the served node"
+                    await __import__("asyncio").sleep(0.05)
+                seen = {n: await node(n).read_value() for n in
+                        ("LastDefect.Class", "LastDefect.PositionMm", "LastDefect.Area",
+                         "Counts.scratches", "FramesInspected", "AlarmWord", "Alarms.huge_scratch")}
+                obj = c.get_node(ua.NodeId("test", ns))
+                with pytest.raises(ua.UaStatusCodeError):
+                    await obj.call_method(ua.NodeId("test.Acknowledge", ns), "no_such_alarm")
+                await obj.call_method(ua.NodeId("test.Acknowledge", ns), "any_defect")
+                while await node("Alarms.any_defect").read_value():
+                    assert time.monotonic() < deadline + 10, "acknowledge never cleared the alarm"
+                    await __import__("asyncio").sleep(0.05)
+                return seen
+        seen = loop_q.run_until_complete(session())
+        assert seen == {"LastDefect.Class": "scratches", "LastDefect.PositionMm": 1234.5,
+                        "LastDefect.Area": 3.5, "Counts.scratches": 1, "FramesInspected": 2,
+                        "AlarmWord": 1, "Alarms.huge_scratch": False}
+        assert not engine.active()["any_defect"]
+    finally:
+        loop_q.close()
+        w.stop()
+
+
+def test_opcua_client_names_missing_nodes(synthetic_cfg):
+    # A PLC server that lacks the inspector's nodes: the driver says which ones and keeps retrying.
+    srv = OpcUaPlc("other_object", ["x"], []).start()
+    try:
+        drv = srv.driver_cfg(**FAST)
+        cfg = parse_config(synthetic_cfg(alarms={"rules": RULES, "drivers": [drv]}), "t.yaml")
+        engine, [w] = alarm_setup(cfg)
+        from inspector.alarms import make_link
+        link = make_link(cfg.alarms.drivers[0], "test")
+        link.connect()
+        with pytest.raises(LookupError, match=r"missing on opc\.tcp://127\.0\.0\.1:\d+/: .*test\.Heartbeat"):
+            link.write(engine.state(), 1)
+        link.close()
+    finally:
+        srv.stop()

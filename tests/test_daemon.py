@@ -1,0 +1,351 @@
+"""The daemon under a real sd_notify socket: READY, WATCHDOG, STATUS, STOPPING, SIGTERM, SIGHUP.
+
+A unix datagram socket bound by the test plays systemd's part; the daemon runs as
+``python -m inspector daemon`` in a subprocess so that real signals reach it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, write_config
+from inspector.daemon import Daemon, JournalFormatter, Notifier, watchdog_interval_s
+from inspector.publish import Subscriber
+from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
+
+
+class NotifySocket:
+    """What systemd listens on: collects (monotonic time, message) datagrams."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._stop = False
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+
+    def _loop(self):
+        while not self._stop:
+            try:
+                data = self.sock.recv(4096)
+            except OSError:
+                continue
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def close(self):
+        self._stop = True
+        self._t.join(2)
+        self.sock.close()
+
+    def fields(self) -> list[str]:
+        return [f for _, m in list(self.messages) for f in m.split("\n")]
+
+    def wait(self, pred, timeout: float = 60.0, what: str = "") -> tuple[float, str]:
+        deadline = time.monotonic() + timeout
+        seen = 0
+        while time.monotonic() < deadline:
+            msgs = list(self.messages)
+            for t, m in msgs[seen:]:
+                if pred(m):
+                    return t, m
+            seen = len(msgs)
+            time.sleep(0.02)
+        raise AssertionError(f"no notify message {what} within {timeout}s; got {self.fields()[-20:]}")
+
+    def count(self, field: str, since: float = 0.0) -> int:
+        return sum(1 for t, m in list(self.messages) if t >= since and field in m.split("\n"))
+
+
+@pytest.fixture
+def notify(tmp_path):
+    n = NotifySocket(str(tmp_path / "notify.sock"))
+    yield n
+    n.close()
+
+
+def start_daemon(cfg_path: Path, notify_addr: str, watchdog_usec: int = 300_000, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "NOTIFY_SOCKET": notify_addr, "WATCHDOG_USEC": str(watchdog_usec)}
+    env.pop("WATCHDOG_PID", None)
+    return subprocess.Popen([sys.executable, "-m", "inspector", "daemon", "--config", str(cfg_path), *extra],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 60) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        _, err = proc.communicate()
+        raise AssertionError(f"daemon did not exit within {timeout}s:\n{err[-3000:]}")
+    return proc.returncode, err
+
+
+# -- the notify protocol itself ------------------------------------------------------------------
+
+@pytest.mark.parametrize("abstract", [False, True])
+def test_notifier_sends_datagrams_to_path_and_abstract_sockets(tmp_path, abstract):
+    addr = f"@inspector-test-{os.getpid()}-{time.monotonic_ns()}" if abstract else str(tmp_path / "n.sock")
+    listener = NotifySocket(addr)
+    try:
+        n = Notifier(addr)
+        assert n.enabled and n.send("READY=1", "STATUS=two\nlines")
+        listener.wait(lambda m: m == "READY=1\nSTATUS=two lines", timeout=5)
+        n.close()
+    finally:
+        listener.close()
+
+
+def test_notifier_without_socket_or_with_a_dead_one(tmp_path, caplog):
+    assert not Notifier(None).enabled and Notifier(None).send("READY=1") is False
+    dead = Notifier(str(tmp_path / "nobody-listens.sock"))
+    assert dead.send("READY=1") is False and dead.send("WATCHDOG=1") is False
+    assert sum("cannot notify systemd" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+def test_watchdog_interval_from_environment(monkeypatch):
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    monkeypatch.delenv("WATCHDOG_USEC", raising=False)
+    assert watchdog_interval_s() is None
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    assert watchdog_interval_s() == 15.0
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid() + 1))  # meant for another process
+    assert watchdog_interval_s() is None
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    monkeypatch.setenv("WATCHDOG_USEC", "soon")
+    assert watchdog_interval_s() is None
+
+
+def test_journal_formatter_prefixes_priorities():
+    fmt = JournalFormatter("%(name)s: %(message)s")
+    rec = logging.LogRecord("inspector.x", logging.ERROR, __file__, 1, "a\nb", None, None)
+    assert fmt.format(rec) == "<3>inspector.x: a\n<3>b"
+    rec = logging.LogRecord("inspector.x", logging.INFO, __file__, 1, "fine", None, None)
+    assert fmt.format(rec) == "<6>inspector.x: fine"
+
+
+# -- the daemon process --------------------------------------------------------------------------
+
+def test_ready_after_warmup_watchdog_while_flowing_stopping_on_sigterm_exit_0(tmp_path, notify, synthetic_cfg):
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(
+        source={"fps": 20}, status={"interval_s": 0.3},
+        alarms={"rules": [{"name": "any_defect"}]}))
+    proc = start_daemon(cfg, notify.address, 300_000, "--log-format", "journal")
+    try:
+        t_ready, ready = notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        # READY comes after the warm-up and the camera open, and no ping before it
+        assert "model warm-up" in ready and "camera ok" in ready
+        before = [m for t, m in notify.messages if t < t_ready]
+        assert any("STATUS=warming up" in m for m in before)
+        assert not any("WATCHDOG=1" in m for m in before)
+        notify.wait(lambda m: m.startswith("STATUS=") and " fps, " in m and "published" in m, what="STATUS=")
+        deadline = time.monotonic() + 30
+        while notify.count("WATCHDOG=1") < 4:
+            assert time.monotonic() < deadline, notify.fields()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        notify.wait(lambda m: "STOPPING=1" in m.split("\n"), what="STOPPING=1")
+        rc, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, err[-3000:]
+    lines = err.strip().splitlines()
+    # journald form: a priority prefix on every line, no timestamps, and no line per frame
+    assert all(line[:1] == "<" and line[2:3] == ">" for line in lines), lines[:5]
+    stopped = [line for line in lines if "stopped: grabbed" in line]
+    assert stopped, lines
+    grabbed = int(stopped[0].split("grabbed ")[1].split()[0])
+    assert grabbed >= 20 and len(lines) < 30, (grabbed, lines)
+
+
+class StallingSource(SyntheticSource):
+    """A synthetic camera whose read() hangs after ``good`` frames until released: a stuck driver."""
+
+    def __init__(self, good: int):
+        super().__init__(SyntheticConfig(width=256, height=128, fps=50, seed=1), "stall")
+        self.good = good
+        self.n = 0
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+
+    def read(self):
+        self.n += 1
+        if self.n > self.good and not self.release.is_set():
+            self.stalled.set()
+            while not self.release.wait(0.05):
+                pass
+        return super().read()
+
+    def close(self):
+        self.release.set()  # never leave a reader hanging at shutdown
+        super().close()
+
+
+def test_watchdog_pings_stop_while_the_source_stalls_and_resume_after(tmp_path, notify, synthetic_cfg, monkeypatch):
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(daemon={"watchdog_stall_s": 1.0}))
+    src = StallingSource(good=15)
+    d = Daemon(cfg, source=src, notifier=Notifier(notify.address))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(rc=d.run()), daemon=True)
+    t.start()
+    try:
+        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        assert src.stalled.wait(30)
+        t_stall = time.monotonic()
+        assert notify.count("WATCHDOG=1") >= 1  # it pinged while frames flowed
+        time.sleep(1.0 + 0.5)  # watchdog_stall_s plus a margin: the last pings may still come
+        quiet_from = time.monotonic()
+        time.sleep(1.5)
+        assert notify.count("WATCHDOG=1", since=quiet_from) == 0, "pinged while the source was stuck"
+        assert d.pipeline.counters.snapshot()["published"] == 15
+        assert time.monotonic() - t_stall > 2.0
+        src.release.set()
+        resumed = time.monotonic()
+        deadline = resumed + 20
+        while notify.count("WATCHDOG=1", since=resumed) < 2:
+            assert time.monotonic() < deadline, "pings did not resume with the frames"
+            time.sleep(0.05)
+    finally:
+        src.release.set()
+        d.request_stop()
+        t.join(60)
+    assert result.get("rc") == 0
+    assert notify.count("STOPPING=1") == 1
+
+
+def _collect(endpoint: str, out: list, stop: threading.Event, ready: threading.Event):
+    sub = Subscriber(endpoint)
+    ready.set()
+    while not stop.is_set():
+        m = sub.recv(timeout_s=0.2)
+        if m is not None:
+            out.append(m.header)
+    sub.close()
+
+
+@pytest.fixture
+def stream():
+    started = []
+
+    def start(endpoint):
+        out: list = []
+        stop, ready = threading.Event(), threading.Event()
+        t = threading.Thread(target=_collect, args=(endpoint, out, stop, ready), daemon=True)
+        t.start()
+        ready.wait(10)
+        started.append((t, stop))
+        return out
+    yield start
+    for t, stop in started:
+        stop.set()
+        t.join(5)
+
+
+def wait_frames(got: list, n: int, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while len(got) < n:
+        assert time.monotonic() < deadline, f"only {len(got)} of {n} frames arrived"
+        time.sleep(0.05)
+
+
+def test_sighup_with_a_changed_threshold_takes_effect_without_dropping_the_stream(tmp_path, notify, stream,
+                                                                                   synthetic_cfg):
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0}, pipeline={"backpressure": True},
+                        publish={"connect_grace_s": 0.5})
+    cfg = write_config(tmp_path / "cam.yaml", raw)
+    got = stream(raw["publish"]["endpoint"])
+    proc = start_daemon(cfg, notify.address)
+    try:
+        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        wait_frames(got, 15)
+        assert sum(1 for h in got if h["defects"]) >= 5  # threshold 0.5 finds the defects
+        raw["model"]["postprocess"] = {"threshold": 0.999}
+        write_config(cfg, raw)
+        proc.send_signal(signal.SIGHUP)
+        notify.wait(lambda m: "RELOADING=1" in m.split("\n"), what="RELOADING=1")
+        notify.wait(lambda m: "READY=1" in m.split("\n") and "reloaded" in m, what="READY=1 after reload")
+        n_at_reload = len(got)
+        wait_frames(got, n_at_reload + 20)
+        proc.send_signal(signal.SIGTERM)
+        rc, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, err[-3000:]
+    ids = [h["frame_id"] for h in got]
+    assert ids == list(range(len(ids))), "frames were lost across the reload"
+    after = got[n_at_reload + 8:]  # frames still in the queues finish on the old model
+    assert len(after) >= 12 and all(h["defects"] == [] for h in after)
+    assert all(sum(h["counters"]["dropped"].values()) == 0 for h in got)
+    assert "reload done" in err and "reload failed" not in err
+
+
+def test_sighup_with_a_corrupt_model_or_bad_config_keeps_the_old_model(tmp_path, notify, stream, synthetic_cfg,
+                                                                       toy_bundle):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(toy_bundle, bundle)
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0}, model={"bundle": str(bundle)},
+                        pipeline={"backpressure": True}, publish={"connect_grace_s": 0.5})
+    cfg = write_config(tmp_path / "cam.yaml", raw)
+    got = stream(raw["publish"]["endpoint"])
+    proc = start_daemon(cfg, notify.address)
+    try:
+        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        wait_frames(got, 10)
+        onnx = bundle / "model.onnx"
+        onnx.write_bytes(onnx.read_bytes()[: onnx.stat().st_size // 2])  # truncated on disk
+        proc.send_signal(signal.SIGHUP)
+        notify.wait(lambda m: "READY=1" in m.split("\n") and "reload failed" in m, what="reload failed")
+        n1 = len(got)
+        wait_frames(got, n1 + 15)
+        assert sum(1 for h in got[n1:] if h["defects"]) >= 5  # the old model still finds defects
+        cfg.write_text("camera_id: [unclosed\n")  # and then a broken config file
+        proc.send_signal(signal.SIGHUP)
+        _, m = notify.wait(lambda m: "READY=1" in m.split("\n") and "reload failed" in m and "YAML" in m,
+                           what="second reload failed")
+        n2 = len(got)
+        wait_frames(got, n2 + 10)
+        proc.send_signal(signal.SIGTERM)
+        rc, err = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert rc == 0, err[-3000:]
+    assert "reload failed, the running model and rules stay" in err
+    assert "sha256" in err and str(onnx) in err  # names the file that is wrong
+    assert f"{cfg}: not valid YAML" in err
+    ids = [h["frame_id"] for h in got]
+    assert ids == list(range(len(ids)))
+    assert len({h["model"]["sha256"] for h in got}) == 1
+
+
+def test_startup_fails_fast_naming_file_and_key(tmp_path, synthetic_cfg):
+    from conftest import run_cli
+    # a rule naming a class the model does not have: exit 2 (no systemd restart loop)
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(alarms={"rules": [{"name": "r", "classes": ["rust"]}]}))
+    r = run_cli("daemon", "--config", str(cfg), timeout=60)
+    assert r.returncode == 2 and f"{cfg}: alarms.rules.0.classes: unknown class(es) ['rust']" in r.stderr
+    # the metrics port is taken: exit 1 (runtime failure), naming the key
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path / "cam2.yaml", synthetic_cfg(metrics={"enabled": True, "port": port}))
+        r = run_cli("daemon", "--config", str(cfg), timeout=60)
+    assert r.returncode == 1 and f"metrics.port: cannot listen on 127.0.0.1:{port}" in r.stderr
