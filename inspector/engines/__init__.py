@@ -10,15 +10,19 @@ from pathlib import Path
 
 from inspector.engines.base import Engine, TensorSpec
 from inspector.engines.onnxruntime import OnnxRuntimeConfig
+from inspector.engines.tensorrt import TensorRTConfig  # the config only: no tensorrt/pycuda import
 
-EngineConfig = OnnxRuntimeConfig
+EngineConfig = OnnxRuntimeConfig | TensorRTConfig
 
 
 def make_engine(cfg: EngineConfig, graph: str | Path) -> Engine:
     if isinstance(cfg, OnnxRuntimeConfig):
         from inspector.engines.onnxruntime import OnnxRuntimeEngine
         return OnnxRuntimeEngine(graph, cfg)
+    if isinstance(cfg, TensorRTConfig):
+        from inspector.engines.tensorrt import open_tensorrt
+        return open_tensorrt(graph, cfg)
     raise TypeError(f"unknown engine config {type(cfg).__name__}")
 
 
-__all__ = ["Engine", "EngineConfig", "TensorSpec", "make_engine", "OnnxRuntimeConfig"]
+__all__ = ["Engine", "EngineConfig", "TensorSpec", "make_engine", "OnnxRuntimeConfig", "TensorRTConfig"]

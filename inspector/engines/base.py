@@ -28,8 +28,23 @@ class Engine(abc.ABC):
     #: what actually ran, for logs and the status line, e.g. "onnxruntime:CPUExecutionProvider"
     backend: str
 
+    #: submissions ``run_async`` may have in flight at once; 0 = no asynchronous path (use ``run``)
+    async_depth: int = 0
+
     @abc.abstractmethod
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def run_async(self, feeds: dict[str, np.ndarray]) -> int:
+        """Queue one batch and return a ticket at once (engines with ``async_depth`` > 0).
+
+        The feeds are copied before this returns. Up to ``async_depth`` tickets may be pending;
+        ``collect`` them oldest first, so the upload of the next batch overlaps the current one.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no asynchronous path")
+
+    def collect(self, ticket: int) -> dict[str, np.ndarray]:
+        """Wait for ``ticket``'s outputs; they are views valid until ``async_depth`` more submits."""
+        raise NotImplementedError(f"{type(self).__name__} has no asynchronous path")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass

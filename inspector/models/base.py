@@ -21,6 +21,7 @@ import numpy as np
 from inspector.bundle import BUNDLE_FILE, Bundle
 from inspector.engines.base import Engine
 from inspector.errors import BundleError
+from inspector.flatfield import FlatField
 from inspector.models.tiling import TileGrid
 
 
@@ -90,6 +91,11 @@ class ModelAdapter(abc.ABC):
                               f"'{self.input_name}' (it has {names})")
         self._grids: dict[tuple[int, int], TileGrid] = {}
         self._batches: dict[tuple[int, int], np.ndarray] = {}
+        #: per batch size, the outputs of an overlapped run (engines with ``async_depth`` > 1)
+        self._overlap_out: dict[int, dict[str, np.ndarray]] = {}
+        #: optional flat-field correction (config ``preprocess.flat_field``, set by load_model);
+        #: applied to the frame before everything else, so decode() sees the corrected frame too
+        self.flat_field: FlatField | None = None
 
     # -- input side ---------------------------------------------------------------------------
     def grid(self, h: int, w: int) -> TileGrid:
@@ -140,12 +146,42 @@ class ModelAdapter(abc.ABC):
     def run_engine(self, batch: np.ndarray) -> dict[str, list[np.ndarray]]:
         """Run the batch in chunks of ``self.batch`` tiles (all at once when 0)."""
         step = self.batch if self.batch > 0 else len(batch)
+        if getattr(self.engine, "async_depth", 0) > 1 and len(batch) > step:
+            return self._run_engine_overlapped(batch, step)
         results: dict[str, list[np.ndarray]] = {}
         for s in range(0, len(batch), step):
             out = self.engine.run({self.input_name: batch[s:s + step]})
             for k, v in out.items():
                 results.setdefault(k, []).append(v)
         return results
+
+    def _run_engine_overlapped(self, batch: np.ndarray, step: int) -> dict[str, list[np.ndarray]]:
+        """Chunks through ``run_async``/``collect``: chunk n+1 uploads while chunk n runs.
+
+        The engine's outputs are views into its own buffers, reused ``async_depth`` submits later,
+        so each chunk is copied into one array per output (allocated once per batch size) as it
+        is collected. The result is valid until the next call, i.e. ``decode`` must consume it.
+        """
+        n = len(batch)
+        outs = self._overlap_out.get(n)
+        pending: deque[tuple[int, int]] = deque()
+
+        def take(start: int, ticket: int) -> None:
+            nonlocal outs
+            res = self.engine.collect(ticket)
+            if outs is None:
+                outs = {k: np.empty((n,) + v.shape[1:], v.dtype) for k, v in res.items()}
+                self._overlap_out[n] = outs
+            for k, v in res.items():
+                outs[k][start:start + len(v)] = v
+
+        for s in range(0, n, step):
+            if len(pending) >= self.engine.async_depth:
+                take(*pending.popleft())
+            pending.append((s, self.engine.run_async({self.input_name: batch[s:s + step]})))
+        while pending:
+            take(*pending.popleft())
+        return {k: [v] for k, v in outs.items()}
 
     def stitch(self, chunks: list[np.ndarray], g: TileGrid, out: np.ndarray) -> np.ndarray:
         """Write the kept part of each tile's output (N x C x th x tw chunks) into ``out`` (C x H x W)."""
@@ -158,6 +194,8 @@ class ModelAdapter(abc.ABC):
     # -- the call -----------------------------------------------------------------------------
     def infer(self, image: np.ndarray) -> ModelOutput:
         t0 = time.perf_counter()
+        if self.flat_field is not None:
+            image = self.flat_field.apply(image)
         batch, g = self.fill_batch(image)
         t1 = time.perf_counter()
         raw = self.run_engine(batch)
