@@ -28,6 +28,7 @@ from inspector.bundle import BUNDLE_FILE, Bundle, load_bundle
 from inspector.config import InspectorConfig
 from inspector.engines import make_engine
 from inspector.errors import ConfigError, FrameError, SourceError
+from inspector.flatfield import FlatField
 from inspector.frame import Frame
 from inspector.models import ModelAdapter, ModelOutput, make_adapter
 from inspector.postprocess import Geometry, PostprocessConfig, Postprocessor
@@ -120,6 +121,11 @@ def load_model(cfg: InspectorConfig) -> LoadedModel:
         raise ConfigError(cfg.source_file, "model.postprocess", str(e)) from None
     engine = make_engine(cfg.model.engine, bundle.graph_path("model"))
     adapter = make_adapter(bundle, engine, cfg.model.max_batch)
+    if cfg.preprocess.flat_field:
+        try:
+            adapter.flat_field = FlatField.load(cfg.resolve(cfg.preprocess.flat_field))
+        except ValueError as e:
+            raise ConfigError(cfg.source_file, "preprocess.flat_field", str(e)) from None
     return LoadedModel(bundle, adapter, post, engine.backend)
 
 
@@ -172,6 +178,7 @@ class Pipeline:
         self.cfg = cfg
         self.on_report = on_report
         self.model = model
+        self._owns_model = model is None
         self.source = source
         self.publisher: Publisher | None = None
         self.counters = Counters()
@@ -185,7 +192,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._frame_limit: int | None = None
         self._expected: tuple[tuple[int, ...], np.dtype] | None = None
-        self._geometry = Geometry(cfg.geometry.mm_per_px_across, cfg.geometry.mm_per_px_along)
+        self._geometry = Geometry.of(cfg.geometry)
         self.warmup_ms = 0.0
         fs = cfg.pipeline.frame
         if fs is not None:
@@ -383,8 +390,10 @@ class Pipeline:
             try:
                 t0 = time.perf_counter()
                 label = model.post.mask(out.probs, out.residual, out.score_map)
-                geo = Geometry(f.meta.get("mm_per_px_across", self._geometry.mm_per_px_across),
-                               f.meta.get("mm_per_px_along", self._geometry.mm_per_px_along))
+                g = self._geometry
+                f.strip_pos_mm = g.frame_pos_mm(f.frame_id, label.shape[0], f.meta, f.strip_pos_mm)
+                geo = Geometry(f.meta.get("mm_per_px_across", g.mm_per_px_across),
+                               f.meta.get("mm_per_px_along", g.mm_per_px_along))
                 defects, total = model.post.defects(label, out.score_map, geo, f.strip_pos_mm)
                 t1 = time.perf_counter()
                 mask_bytes = encode_mask(label, enc)
@@ -477,6 +486,9 @@ class Pipeline:
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None
+        if self._owns_model and self.model is not None:
+            # a model handed in (bench phases, reload tests) belongs to the caller
+            self.model.adapter.engine.close()
         self.camera_state = "closed"
 
     def __enter__(self) -> "Pipeline":

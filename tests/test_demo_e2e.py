@@ -15,8 +15,11 @@ from inspector.publish import Subscriber
 from inspector.sources.synthetic import SyntheticSource
 
 
-def demo_config(tmp_path, **source):
+def demo_config(tmp_path, backpressure=False, **source):
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    # a loaded 2-core CI box may not keep the demo's pace; waiting instead of dropping keeps the
+    # frame count exact (drops and their accounting are tested in test_pipeline.py)
+    cfg.setdefault("pipeline", {})["backpressure"] = backpressure
     cfg["model"]["bundle"] = str(ROOT / "deploy" / "models" / "demo-arcd")
     cfg["publish"]["endpoint"] = free_endpoint()
     cfg["source"].update(source)
@@ -24,7 +27,7 @@ def demo_config(tmp_path, **source):
 
 
 def test_run_and_subscribe_as_two_commands(tmp_path, demo_bundle):
-    path, endpoint = demo_config(tmp_path, fps=20)
+    path, endpoint = demo_config(tmp_path, backpressure=True, fps=20)
     n = 30
     sub = subprocess.Popen([sys.executable, "-m", "inspector", "subscribe", "--endpoint", endpoint,
                             "--count", str(n), "--json", "--timeout", "60",
@@ -56,9 +59,8 @@ class RecordingSource(SyntheticSource):
 
 
 def test_demo_model_finds_the_injected_defects(tmp_path, demo_bundle):
-    path, endpoint = demo_config(tmp_path, fps=0, seed=12345, defect_rate=1.0)
+    path, endpoint = demo_config(tmp_path, backpressure=True, fps=0, seed=12345, defect_rate=1.0)
     cfg = load_config(path)
-    cfg.pipeline.backpressure = True
     src = RecordingSource(cfg.source, cfg.camera_id)
     sub = Subscriber(endpoint)
     n = 24
@@ -76,5 +78,6 @@ def test_demo_model_finds_the_injected_defects(tmp_path, demo_bundle):
         inter += int((t & pr).sum())
         union += int((t | pr).sum())
     iou = inter / union
-    # measured 2026-11-26 on the shipped bundle: see README ("Demo model"); bound set below it
-    assert iou > 0.35, f"defect IoU {iou:.3f}"
+    # measured 0.62 on the shipped bundle (24 frames, seed 12345; README "Demo model");
+    # the bound sits below it so that only a real regression fails
+    assert iou > 0.45, f"defect IoU {iou:.3f}"

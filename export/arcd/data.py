@@ -1,0 +1,479 @@
+"""Training data for ARCD: tiles cut from whole frames, for both stages.
+
+Two layers, so that new data sets only add a frame provider:
+
+* a **frame provider** returns whole frames (:class:`LabeledFrame`: uint8 image, optional class
+  mask, optional valid-region mask) drawn with a ``numpy.random.Generator``. The synthetic strip
+  (:class:`SyntheticStripFrames`) is one; readers of NEU-Seg or magnetic-tile folders are meant to
+  be others (they implement :class:`FrameProvider` and register in :data:`DATA_SOURCES`).
+* **datasets** cut model-size tiles from provided frames:
+  :class:`SimulatedAnomalyDataset` (stage 1: a normal tile, its simulated-anomaly version and the
+  anomaly mask) and :class:`SegmentationTileDataset` (stage 2: a tile and its class mask).
+
+Sample ``i`` of a dataset is drawn from ``numpy.random.default_rng([seed, i])``, so any sample can
+be regenerated on its own: training resumes mid-stage with the same data, and DataLoader workers
+need no shared random state.
+
+Example::
+
+    >>> ds = SyntheticDefectDataset(tile=(64, 64), length=4, frame_size=(64, 256), seed=1)
+    >>> s = ds[0]
+    >>> tuple(s["image"].shape), tuple(s["mask"].shape), s["mask"].dtype
+    ((1, 64, 64), (64, 64), torch.int64)
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Literal, Protocol, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch.utils.data import Dataset
+
+from inspector.sources.synthetic import CLASS_NAMES, StripRenderer
+
+from export.arcd.simulation import AnomalySimulator, SimulationConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "LabeledFrame",
+    "FrameProvider",
+    "SyntheticStripFrames",
+    "SimulatedAnomalyDataset",
+    "SegmentationTileDataset",
+    "SyntheticNormalDataset",
+    "SyntheticDefectDataset",
+    "SyntheticDataConfig",
+    "TrainingData",
+    "DATA_SOURCES",
+    "build_data",
+    "to_tensor",
+    "to_float01",
+    "collate",
+]
+
+
+@dataclass
+class LabeledFrame:
+    """A whole frame. ``image``: HxW or HxWxC uint8; ``truth``: HxW uint8 class ids (None for
+    unlabeled normal data); ``valid``: HxW bool region that holds real image content (None = all)."""
+
+    image: np.ndarray
+    truth: np.ndarray | None = None
+    valid: np.ndarray | None = None
+
+
+class FrameProvider(Protocol):
+    """Anything that hands out frames: procedural (endless) or a folder of files."""
+
+    channels: int
+    class_names: tuple[str, ...]
+
+    def sample(self, rng: np.random.Generator) -> LabeledFrame:
+        """One frame, chosen with ``rng``."""
+        ...
+
+    def describe(self) -> str:
+        """One line naming the data, for logs and bundle provenance."""
+        ...
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic strip
+# ---------------------------------------------------------------------------------------------
+
+class SyntheticStripFrames:
+    """Frames of the procedural strip (``inspector.sources.synthetic``) with their truth masks.
+
+    Several renderer seeds give several rolling-grain patterns (so a model does not learn one
+    strip by heart); ``contrasts`` varies how strongly defects stand out, drawn per frame.
+    Renderers are built lazily, so a provider is cheap to pass to DataLoader workers.
+    """
+
+    def __init__(self, width: int = 1600, height: int = 256, renderer_seeds: Sequence[int] = (0,),
+                 contrasts: Sequence[float] = (1.0,), defect_rate: float = 0.5,
+                 max_defects: int = 2, channels: int = 1,
+                 classes: Sequence[str] = CLASS_NAMES[1:]):
+        if not renderer_seeds:
+            raise ValueError("SyntheticStripFrames needs at least one renderer seed")
+        self.width, self.height = width, height
+        self.renderer_seeds = tuple(int(s) for s in renderer_seeds)
+        self.contrasts = tuple(float(c) for c in contrasts) or (1.0,)
+        self.defect_rate = defect_rate
+        self.max_defects = max_defects
+        self.channels = channels
+        self.defect_classes = tuple(classes)
+        self.class_names = CLASS_NAMES
+        self._renderers: dict[int, StripRenderer] = {}
+
+    def _renderer(self, seed: int) -> StripRenderer:
+        r = self._renderers.get(seed)
+        if r is None:
+            r = StripRenderer(self.width, self.height, seed=seed, classes=self.defect_classes,
+                              max_defects=self.max_defects)
+            self._renderers[seed] = r
+        return r
+
+    def sample(self, rng: np.random.Generator, defect_rate: float | None = None) -> LabeledFrame:
+        r = self._renderer(self.renderer_seeds[int(rng.integers(len(self.renderer_seeds)))])
+        # contrast only scales the painted defect's intensity change; set per frame
+        r.contrast = self.contrasts[int(rng.integers(len(self.contrasts)))]
+        img, truth = r.render(rng, self.defect_rate if defect_rate is None else defect_rate)
+        if self.channels == 3:
+            img = np.repeat(img[:, :, None], 3, axis=2)
+        return LabeledFrame(image=img, truth=truth)
+
+    def normal(self, rng: np.random.Generator) -> np.ndarray:
+        """A defect-free frame image (texture source for the simulator's normal crops)."""
+        return self.sample(rng, defect_rate=0.0).image
+
+    def describe(self) -> str:
+        return (f"synthetic strip {self.height}x{self.width}, renderer seeds "
+                f"{list(self.renderer_seeds)}, contrasts {list(self.contrasts)}, defect rate "
+                f"{self.defect_rate:g}, up to {self.max_defects} defects/frame, classes "
+                f"{list(self.defect_classes)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiles
+# ---------------------------------------------------------------------------------------------
+
+def _pad_to(a: np.ndarray, h: int, w: int, value: int | None = None) -> np.ndarray:
+    ph, pw = max(0, h - a.shape[0]), max(0, w - a.shape[1])
+    if not ph and not pw:
+        return a
+    pad = ((0, ph), (0, pw)) + ((0, 0),) * (a.ndim - 2)
+    if value is None:
+        return np.pad(a, pad, mode="reflect")
+    return np.pad(a, pad, mode="constant", constant_values=value)
+
+
+def crop_box(shape: tuple[int, int], tile: tuple[int, int], rng: np.random.Generator,
+             focus: np.ndarray | None = None, edge_prob: float = 0.0) -> tuple[int, int]:
+    """Top-left corner of a ``tile`` crop; centred near a random ``focus`` pixel when given.
+
+    Otherwise the corner is uniform, except that with probability ``edge_prob`` per axis the
+    crop is pushed against a frame border. Why: the runtime's tiling always puts a tile border on
+    the frame border (first and last tile), where the strip is darkest and nothing lies beyond;
+    uniform crops almost never show that, and a model trained on them took the dark frame edge
+    for a 'patches' defect.
+    """
+    h, w = shape
+    th, tw = tile
+    if focus is not None and focus.any():
+        ys, xs = np.nonzero(focus)
+        j = int(rng.integers(len(ys)))
+        # jitter so the defect is not always at the tile centre
+        cy = int(ys[j]) + int(rng.integers(-th // 3, th // 3 + 1))
+        cx = int(xs[j]) + int(rng.integers(-tw // 3, tw // 3 + 1))
+        y = int(np.clip(cy - th // 2, 0, max(0, h - th)))
+        x = int(np.clip(cx - tw // 2, 0, max(0, w - tw)))
+        return y, x
+    y = int(rng.integers(0, max(0, h - th) + 1))
+    x = int(rng.integers(0, max(0, w - tw) + 1))
+    if edge_prob > 0:
+        if rng.random() < edge_prob:
+            y = 0 if rng.random() < 0.5 else max(0, h - th)
+        if rng.random() < edge_prob:
+            x = 0 if rng.random() < 0.5 else max(0, w - tw)
+    return y, x
+
+
+def cut_tile(frame: LabeledFrame, tile: tuple[int, int], rng: np.random.Generator,
+             focus_prob: float = 0.0, edge_prob: float = 0.0) -> LabeledFrame:
+    """A ``tile``-size crop of ``frame`` (reflect-padded when the frame is smaller); with
+    probability ``focus_prob`` the crop is placed around a labelled defect pixel, else see
+    :func:`crop_box` for ``edge_prob``."""
+    th, tw = tile
+    img = _pad_to(frame.image, th, tw)
+    truth = None if frame.truth is None else _pad_to(frame.truth, th, tw, value=0)
+    valid = frame.valid
+    if valid is None and img.shape[:2] != frame.image.shape[:2]:
+        valid = np.ones(frame.image.shape[:2], bool)
+    if valid is not None:
+        valid = _pad_to(valid.astype(np.uint8), th, tw, value=0).astype(bool)
+    focus = None
+    if truth is not None and focus_prob > 0 and rng.random() < focus_prob:
+        focus = truth > 0
+    y, x = crop_box(img.shape[:2], tile, rng, focus, edge_prob)
+    sl = (slice(y, y + th), slice(x, x + tw))
+    return LabeledFrame(image=img[sl], truth=None if truth is None else truth[sl],
+                        valid=None if valid is None else valid[sl])
+
+
+def to_tensor(image01: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """HxW or HxWxC float [0, 1] -> normalised CxHxW float32 tensor."""
+    a = image01 if image01.ndim == 3 else image01[:, :, None]
+    c = a.shape[2]
+    m = np.broadcast_to(np.asarray(mean, np.float32), (c,))
+    s = np.broadcast_to(np.asarray(std, np.float32), (c,))
+    a = (a.astype(np.float32) - m) / s
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))
+
+
+def to_float01(image: np.ndarray, channels: int) -> np.ndarray:
+    """uint8 (or float [0, 1]) HxW / HxWxC -> float32 HxWxC' in [0, 1] with the model's channels
+    (BT.601 luma for RGB -> grey, repetition for grey -> RGB, as the runtime adapter does)."""
+    a = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+    if a.ndim == 2:
+        a = a[:, :, None]
+    if a.shape[2] == channels:
+        return a
+    if channels == 1:
+        return (a[:, :, 0] * 0.299 + a[:, :, 1] * 0.587 + a[:, :, 2] * 0.114)[:, :, None]
+    return np.repeat(a[:, :, :1], channels, axis=2)
+
+
+def _flip(rng: np.random.Generator, hflip: bool, vflip: bool, *arrays: np.ndarray | None
+          ) -> list[np.ndarray | None]:
+    fh = hflip and rng.random() < 0.5
+    fv = vflip and rng.random() < 0.5
+    out = []
+    for a in arrays:
+        if a is not None:
+            if fh:
+                a = a[:, ::-1]
+            if fv:
+                a = a[::-1]
+            a = np.ascontiguousarray(a)
+        out.append(a)
+    return out
+
+
+class SimulatedAnomalyDataset(Dataset):
+    """Stage 1: normal tiles with simulated anomalies (spec §2.2, §2.5).
+
+    Item: ``image`` (simulated anomalous tile, CxHxW normalised), ``target`` (the clean tile),
+    ``anomaly_mask`` (1xHxW 0/1). ``provider`` must hand out normal frames; the simulator may crop
+    textures from further normal frames of the same provider.
+    """
+
+    def __init__(self, provider: FrameProvider, tile: tuple[int, int], simulator: AnomalySimulator,
+                 length: int, seed: int = 0, mean: Sequence[float] = (0.0,),
+                 std: Sequence[float] = (1.0,), hflip: bool = True, vflip: bool = False,
+                 edge_prob: float = 0.0):
+        self.provider = provider
+        self.tile = tuple(tile)
+        self.simulator = simulator
+        self.edge_prob = edge_prob
+        self.length = length
+        self.seed = seed
+        self.mean, self.std = list(mean), list(std)
+        self.hflip, self.vflip = hflip, vflip
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _normal_image(self, rng: np.random.Generator) -> np.ndarray:
+        normal = getattr(self.provider, "normal", None)
+        return normal(rng) if normal is not None else self.provider.sample(rng).image
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.sample(i)
+
+    def sample(self, i: int) -> dict[str, torch.Tensor]:
+        """Sample ``i`` for any ``i >= 0``; indices past ``len`` are held-out draws."""
+        rng = np.random.default_rng([self.seed, 1, int(i)])
+        frame = LabeledFrame(image=self._normal_image(rng))
+        t = cut_tile(frame, self.tile, rng, edge_prob=self.edge_prob)
+        img01 = to_float01(t.image, self.provider.channels)
+        img01, valid = _flip(rng, self.hflip, self.vflip, img01, t.valid)
+        texture_source: Callable[[np.random.Generator], np.ndarray] = self._normal_image
+        sim = self.simulator(img01, rng, valid=valid, texture_source=texture_source)
+        return {
+            "image": to_tensor(sim.image, self.mean, self.std),
+            "target": to_tensor(img01, self.mean, self.std),
+            "anomaly_mask": torch.from_numpy(sim.mask[None].astype(np.float32)),
+        }
+
+
+class SegmentationTileDataset(Dataset):
+    """Stage 2: labelled tiles. Item: ``image`` (CxHxW normalised), ``mask`` (HxW int64 class ids;
+    ``ignore_index`` outside the valid region when the provider gives one)."""
+
+    def __init__(self, provider: FrameProvider, tile: tuple[int, int], length: int, seed: int = 0,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
+                 focus_prob: float = 0.5, hflip: bool = True, vflip: bool = False,
+                 ignore_index: int = 255, crops_per_frame: int = 1, edge_prob: float = 0.0):
+        self.provider = provider
+        self.tile = tuple(tile)
+        self.length = length
+        self.seed = seed
+        self.mean, self.std = list(mean), list(std)
+        self.focus_prob = focus_prob
+        self.hflip, self.vflip = hflip, vflip
+        self.ignore_index = ignore_index
+        self.crops_per_frame = crops_per_frame
+        self.edge_prob = edge_prob
+        self._frame: tuple[int, LabeledFrame] | None = None
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < self.length:
+            raise IndexError(i)
+        return self.sample(i)
+
+    def _frame_for(self, i: int) -> LabeledFrame:
+        # samples i with the same i // crops_per_frame share a frame; it is drawn from its own
+        # seed, so the result does not depend on which sample asked first
+        j = int(i) // self.crops_per_frame
+        if self._frame is None or self._frame[0] != j:
+            self._frame = (j, self.provider.sample(np.random.default_rng([self.seed, 3, j])))
+        return self._frame[1]
+
+    def sample(self, i: int) -> dict[str, torch.Tensor]:
+        """Sample ``i`` for any ``i >= 0``; indices past ``len`` are held-out draws."""
+        rng = np.random.default_rng([self.seed, 2, int(i)])
+        if self.crops_per_frame > 1:
+            frame = self._frame_for(i)
+        else:
+            frame = self.provider.sample(rng)
+        if frame.truth is None:
+            raise ValueError(f"{self.provider.describe()}: stage-2 frames need a truth mask")
+        t = cut_tile(frame, self.tile, rng, self.focus_prob, self.edge_prob)
+        img01 = to_float01(t.image, self.provider.channels)
+        img01, truth, valid = _flip(rng, self.hflip, self.vflip, img01, t.truth, t.valid)
+        mask = truth.astype(np.int64)
+        if valid is not None:
+            mask[~valid] = self.ignore_index
+        return {"image": to_tensor(img01, self.mean, self.std), "mask": torch.from_numpy(mask)}
+
+
+class SyntheticNormalDataset(SimulatedAnomalyDataset):
+    """Stage 1 on the synthetic strip: defect-free frames (``defect_rate=0``) + simulation."""
+
+    def __init__(self, tile: tuple[int, int] = (256, 256), length: int = 1000, seed: int = 0,
+                 frame_size: tuple[int, int] = (256, 1600), renderer_seeds: Sequence[int] = (0,),
+                 channels: int = 1, simulation: SimulationConfig | None = None,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), hflip: bool = True,
+                 vflip: bool = False):
+        provider = SyntheticStripFrames(width=frame_size[1], height=frame_size[0],
+                                        renderer_seeds=renderer_seeds, defect_rate=0.0,
+                                        channels=channels)
+        super().__init__(provider, tile, AnomalySimulator(simulation), length, seed, mean, std,
+                         hflip, vflip)
+
+
+class SyntheticDefectDataset(SegmentationTileDataset):
+    """Stage 2 on the synthetic strip: tiles with painted defects and their class masks."""
+
+    def __init__(self, tile: tuple[int, int] = (256, 256), length: int = 1000, seed: int = 0,
+                 frame_size: tuple[int, int] = (256, 1600), renderer_seeds: Sequence[int] = (0,),
+                 contrasts: Sequence[float] = (1.0,), defect_rate: float = 0.9,
+                 max_defects: int = 2, channels: int = 1, focus_prob: float = 0.5,
+                 mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), hflip: bool = True,
+                 vflip: bool = False, crops_per_frame: int = 1):
+        provider = SyntheticStripFrames(width=frame_size[1], height=frame_size[0],
+                                        renderer_seeds=renderer_seeds, contrasts=contrasts,
+                                        defect_rate=defect_rate, max_defects=max_defects,
+                                        channels=channels)
+        super().__init__(provider, tile, length, seed, mean, std, focus_prob, hflip, vflip,
+                         crops_per_frame=crops_per_frame)
+
+
+def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and the registry of data sources
+# ---------------------------------------------------------------------------------------------
+
+class SyntheticDataConfig(BaseModel):
+    """``data:`` section for ``source: synthetic`` (the procedural strip)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["synthetic"] = "synthetic"
+    frame_size: tuple[int, int] = Field((256, 1600), description="rendered frame H, W")
+    renderer_seeds: list[int] = Field(default_factory=lambda: [0, 1, 2, 3])
+    contrasts: list[float] = Field(default_factory=lambda: [0.7, 1.0, 1.3])
+    defect_rate: float = Field(0.9, ge=0, le=1, description="stage-2 frames with defects")
+    max_defects: int = Field(3, ge=1, le=16)
+    focus_prob: float = Field(0.6, ge=0, le=1, description="stage-2 crops placed on a defect")
+    #: training crop H, W (None = the model tile). The nets are fully convolutional; smaller
+    #: crops put more defect pixels into the same compute, which short CPU schedules need.
+    train_crop: tuple[int, int] | None = None
+    #: stage-2 crops cut from one rendered frame before the next is rendered (rendering a
+    #: 256x1600 frame costs about as much as a small net's step on a few crops)
+    crops_per_frame: int = Field(1, ge=1)
+    #: per axis, probability that a crop touches the frame border (see crop_box)
+    edge_prob: float = Field(0.25, ge=0, le=1)
+    hflip: bool = True
+    vflip: bool = True
+    # held-out frames: calibration (threshold choice) and validation (reported IoU)
+    val_frames: int = Field(48, ge=1)
+    val_renderer_seeds: list[int] = Field(default_factory=lambda: [100, 101])
+    calib_frames: int = Field(32, ge=0)
+    calib_renderer_seeds: list[int] = Field(default_factory=lambda: [200, 201])
+    eval_contrast: float = Field(1.0, gt=0, description="contrast of held-out frames")
+    eval_defect_rate: float = Field(0.5, ge=0, le=1, description="as the runtime demo's default")
+    eval_max_defects: int = Field(2, ge=1, le=16)
+
+
+# A data source for NEU-Seg / magnetic tiles adds its config model here (as a discriminated
+# union on ``source``) and a builder in DATA_SOURCES.
+DataConfig = SyntheticDataConfig
+
+
+@dataclass
+class TrainingData:
+    """What a data source gives the training loop."""
+
+    stage1: SimulatedAnomalyDataset
+    stage2: SegmentationTileDataset
+    #: held-out labelled frames: choose thresholds on ``calib``, report IoU on ``val``
+    calib: Callable[[], list[LabeledFrame]]
+    val: Callable[[], list[LabeledFrame]]
+    class_names: tuple[str, ...]
+    description: str
+
+
+def _build_synthetic(cfg: SyntheticDataConfig, *, tile: tuple[int, int], channels: int,
+                     mean: Sequence[float], std: Sequence[float], simulation: SimulationConfig,
+                     stage1_length: int, stage2_length: int, seed: int) -> TrainingData:
+    h, w = cfg.frame_size
+    normal = SyntheticStripFrames(w, h, cfg.renderer_seeds, cfg.contrasts, 0.0, cfg.max_defects,
+                                  channels)
+    defects = SyntheticStripFrames(w, h, cfg.renderer_seeds, cfg.contrasts, cfg.defect_rate,
+                                   cfg.max_defects, channels)
+    stage1 = SimulatedAnomalyDataset(normal, tile, AnomalySimulator(simulation), stage1_length,
+                                     seed, mean, std, cfg.hflip, cfg.vflip, cfg.edge_prob)
+    stage2 = SegmentationTileDataset(defects, tile, stage2_length, seed, mean, std,
+                                     cfg.focus_prob, cfg.hflip, cfg.vflip,
+                                     crops_per_frame=cfg.crops_per_frame, edge_prob=cfg.edge_prob)
+
+    def held_out(seeds: list[int], n: int, salt: int) -> Callable[[], list[LabeledFrame]]:
+        def frames() -> list[LabeledFrame]:
+            p = SyntheticStripFrames(w, h, seeds, (cfg.eval_contrast,), cfg.eval_defect_rate,
+                                     cfg.eval_max_defects, channels)
+            rng = np.random.default_rng([seed, salt])
+            return [p.sample(rng) for _ in range(n)]
+        return frames
+
+    desc = (f"train: {defects.describe()}; stage 1 uses the same strip with defect rate 0 plus "
+            f"simulated anomalies; validation: {cfg.val_frames} frames, renderer seeds "
+            f"{cfg.val_renderer_seeds}, contrast {cfg.eval_contrast:g}, defect rate "
+            f"{cfg.eval_defect_rate:g}")
+    return TrainingData(stage1, stage2, held_out(cfg.calib_renderer_seeds, cfg.calib_frames, 7),
+                        held_out(cfg.val_renderer_seeds, cfg.val_frames, 11), CLASS_NAMES, desc)
+
+
+DATA_SOURCES: dict[str, Callable[..., TrainingData]] = {"synthetic": _build_synthetic}
+
+
+def build_data(cfg: DataConfig, **kwargs) -> TrainingData:
+    """Datasets and held-out frames for ``cfg.source`` (see :data:`DATA_SOURCES`)."""
+    try:
+        builder = DATA_SOURCES[cfg.source]
+    except KeyError:
+        raise ValueError(f"data.source: unknown '{cfg.source}' (known: {sorted(DATA_SOURCES)})") from None
+    return builder(cfg, **kwargs)

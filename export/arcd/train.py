@@ -1,0 +1,507 @@
+"""Two-stage ARCD training from a YAML config (seed spec ``004_spec.md`` §2.5, §2.7).
+
+Stage 1 trains the reconstruction net R on simulated anomalies of normal tiles with
+``L_rec = MSE + 0.01 (1 - SSIM)``. Stage 2 freezes R (eval mode, no gradients) and trains the
+discrimination net D on labelled defect tiles with the focal loss. Afterwards thresholds are
+chosen on held-out calibration frames and IoU per class is measured on held-out validation
+frames, tiled as the runtime tiles them.
+
+The run folder holds ``config.yaml`` (the resolved config), ``checkpoint.pt`` (both networks,
+optimiser and scheduler state, stage and step, the config; written every
+``checkpoint_every`` steps and at the end of each stage) and ``metrics.json``. ``resume=True``
+continues from the checkpoint; sample ``i`` of each stage is a pure function of (seed, i), so a
+resumed run sees the data an uninterrupted one would have.
+
+Example::
+
+    python -m export.arcd.train --config configs/train/arcd-demo.yaml --run-dir runs/arcd-demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from inspector.errors import ConfigError
+from inspector.sources.synthetic import CLASS_NAMES
+
+from export.arcd.data import DataConfig, SyntheticDataConfig, TrainingData, build_data, collate
+from export.arcd.evaluate import choose_thresholds, evaluate, predict_frame
+from export.arcd.loss import DiceLoss, FocalLoss, ReconstructionLoss
+from export.arcd.simulation import SimulationConfig
+from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork,
+                                     ReconstructiveSubNetwork, count_parameters)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+CHECKPOINT_FORMAT = 1
+
+__all__ = ["ModelConfig", "Stage1Config", "Stage2Config", "EvalConfig", "TrainConfig",
+           "load_config", "build_models", "train", "main"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+class ModelConfig(BaseModel):
+    """Network sizes and the input contract. Defaults are the thesis networks (RGB)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    in_channels: Literal[1, 3] = 3
+    classes: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
+    tile: tuple[int, int] = (256, 256)
+    r_base_width: int = Field(128, ge=1)
+    r_depth: int = Field(5, ge=2, le=8)
+    d_base_channels: int = Field(64, ge=1)
+    d_depth: int = Field(6, ge=2, le=8)
+    #: applied to pixel / 255; the spec's default is no normalisation (mean 0, std 1)
+    mean: list[float] = Field(default_factory=lambda: [0.0])
+    std: list[float] = Field(default_factory=lambda: [1.0])
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        div = 2 ** (max(self.r_depth, self.d_depth) - 1)
+        if any(t % div for t in self.tile):
+            raise ValueError(f"tile {list(self.tile)} must be a multiple of {div} "
+                             f"(2 ** (depth - 1) of the deeper network)")
+        if len(self.classes) < 2 or self.classes[0] != "background":
+            raise ValueError("classes must start with 'background' and name at least one defect")
+        for key in ("mean", "std"):
+            if len(getattr(self, key)) not in (1, self.in_channels):
+                raise ValueError(f"{key} needs 1 or {self.in_channels} values")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+class _StageBase(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(..., ge=0, description="optimiser steps")
+    batch_size: int = Field(8, ge=1)
+    lr: float = Field(1e-4, gt=0, description="Adam learning rate (thesis: 1e-4)")
+    weight_decay: float = Field(0.0, ge=0)
+    #: MultiStepLR milestones as fractions of ``steps`` (spec default 0.8 and 0.9, gamma 0.2)
+    milestones: list[float] = Field(default_factory=lambda: [0.8, 0.9])
+    lr_gamma: float = Field(0.2, gt=0, le=1)
+
+
+class Stage1Config(_StageBase):
+    steps: int = Field(5000, ge=0)
+    ssim_weight: float = Field(0.01, ge=0, description="weight of (1 - SSIM); thesis 1/100")
+
+
+class Stage2Config(_StageBase):
+    steps: int = Field(5000, ge=0)
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_alpha: Literal["balanced"] | list[float] | None = None
+    alpha_clamp: tuple[float, float] = (0.25, 0.999)
+    #: weight of an extra soft-Dice term (0 = the thesis's focal loss alone); see loss.DiceLoss
+    dice_weight: float = Field(0.0, ge=0)
+
+
+class EvalConfig(BaseModel):
+    """Held-out evaluation and the post-processing written into the bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    overlap: int = Field(32, ge=0, description="tile overlap, as the bundle's tiling.overlap")
+    threshold_candidates: list[float] = Field(
+        default_factory=lambda: [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
+    per_class_thresholds: bool = True
+    default_threshold: float = Field(0.5, gt=0, le=1, description="used when no calibration frames")
+    open_kernel: int = Field(0, ge=0)
+    close_kernel: int = Field(0, ge=0)
+    min_area_px: int = Field(16, ge=0)
+
+
+class TrainConfig(BaseModel):
+    """The whole training YAML."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "arcd"
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch CPU threads")
+    device: str = "cpu"
+    data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = inline)")
+    #: NHWC tensors; about 2x faster for the narrow networks on CPU (oneDNN), same results
+    channels_last: bool = True
+    log_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=SyntheticDataConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    stage1: Stage1Config = Field(default_factory=Stage1Config)
+    stage2: Stage2Config = Field(default_factory=Stage2Config)
+    evaluation: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def load_config(path: Path) -> TrainConfig:
+    """Read and validate a training YAML; errors name the file and the dotted key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), None, "training config not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), None, f"not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), None, "expected a mapping at the top level")
+    return _validate(raw, str(path))
+
+
+def _validate(raw: dict, where: str) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(where, key, err["msg"]) from e
+
+
+def build_models(cfg: ModelConfig) -> tuple[ReconstructiveSubNetwork, DiscriminativeSubNetwork]:
+    r = ReconstructiveSubNetwork(cfg.in_channels, cfg.in_channels, cfg.r_base_width, cfg.r_depth)
+    d = DiscriminativeSubNetwork(2 * cfg.in_channels, len(cfg.classes), cfg.d_base_channels, cfg.d_depth)
+    return r, d
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _scheduler(opt: torch.optim.Optimizer, stage: _StageBase) -> torch.optim.lr_scheduler.MultiStepLR:
+    ms = sorted({max(1, int(round(f * stage.steps))) for f in stage.milestones if 0 < f < 1})
+    return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=ms, gamma=stage.lr_gamma)
+
+
+class _State:
+    """Everything a checkpoint holds, kept in one place so saving and resuming stay in step."""
+
+    def __init__(self, cfg: TrainConfig, r: torch.nn.Module, d: torch.nn.Module):
+        self.cfg = cfg
+        self.r, self.d = r, d
+        self.stage = 1
+        self.step = 0  # steps done in the current stage
+        self.done = False
+        self.history: dict[str, list[list[float]]] = {"stage1": [], "stage2": []}
+        self.elapsed_s = 0.0
+        self.opt1 = torch.optim.Adam(r.parameters(), lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay)
+        self.opt2 = torch.optim.Adam(d.parameters(), lr=cfg.stage2.lr, weight_decay=cfg.stage2.weight_decay)
+        self.sched1 = _scheduler(self.opt1, cfg.stage1)
+        self.sched2 = _scheduler(self.opt2, cfg.stage2)
+
+    def state_dict(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "stage": self.stage, "step": self.step, "done": self.done,
+            "reconstruction": self.r.state_dict(), "discrimination": self.d.state_dict(),
+            "optimizer": {"stage1": self.opt1.state_dict(), "stage2": self.opt2.state_dict()},
+            "scheduler": {"stage1": self.sched1.state_dict(), "stage2": self.sched2.state_dict()},
+            "config": self.cfg.model_dump(mode="json"),
+            "history": self.history, "elapsed_s": self.elapsed_s,
+            "torch": str(torch.__version__),
+        }
+
+    def load(self, ck: dict) -> None:
+        self.r.load_state_dict(ck["reconstruction"])
+        self.d.load_state_dict(ck["discrimination"])
+        self.opt1.load_state_dict(ck["optimizer"]["stage1"])
+        self.opt2.load_state_dict(ck["optimizer"]["stage2"])
+        self.sched1.load_state_dict(ck["scheduler"]["stage1"])
+        self.sched2.load_state_dict(ck["scheduler"]["stage2"])
+        self.stage, self.step, self.done = int(ck["stage"]), int(ck["step"]), bool(ck["done"])
+        self.history = ck.get("history", self.history)
+        self.elapsed_s = float(ck.get("elapsed_s", 0.0))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Load ``checkpoint.pt`` (tensors and plain data only)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint (train first, or pass the run folder)")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: checkpoint format {ck.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+    return ck
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------------
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _batches(ds: Dataset, batch: int, start_step: int, steps: int, workers: int):
+    """Batches for steps ``start_step..steps-1``: step s uses samples s*batch .. s*batch+batch-1."""
+    idx = range(start_step * batch, steps * batch)
+    if workers > 0:
+        loader = DataLoader(Subset(ds, list(idx)), batch_size=batch, shuffle=False,
+                            num_workers=workers, collate_fn=collate, persistent_workers=False)
+        yield from loader
+        return
+    for s in range(start_step, steps):
+        yield collate([ds[i] for i in range(s * batch, (s + 1) * batch)])
+
+
+def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev: torch.device) -> None:
+    cfg = state.cfg
+    sc: _StageBase
+    dice: torch.nn.Module | None = None
+    if stage == 1:
+        sc, ds, opt, sched = cfg.stage1, data.stage1, state.opt1, state.sched1
+        crit: torch.nn.Module = ReconstructionLoss(cfg.stage1.ssim_weight, mean=cfg.model.mean,
+                                                   std=cfg.model.std).to(dev)
+        state.r.train()
+        state.d.eval()
+    else:
+        sc, ds, opt, sched = cfg.stage2, data.stage2, state.opt2, state.sched2
+        crit = FocalLoss(cfg.stage2.focal_gamma, cfg.stage2.focal_alpha, cfg.stage2.alpha_clamp,
+                         ignore_index=255)
+        if cfg.stage2.dice_weight > 0:
+            dice = DiceLoss(ignore_index=255)
+        state.r.eval()  # frozen: BN statistics and weights stay as stage 1 left them
+        state.r.requires_grad_(False)
+        state.d.train()
+    log.info("stage %d: %s, %d steps x batch %d, lr %g (from step %d)", stage,
+             "R on simulated anomalies" if stage == 1 else "D on labelled defects (R frozen)",
+             sc.steps, sc.batch_size, sc.lr, state.step)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    try:
+        _loop(state, stage, sc, ds, opt, sched, crit, dice, run_dir, dev, fmt)
+    except KeyboardInterrupt:
+        _atomic_save(state.state_dict(), run_dir / CHECKPOINT)
+        log.warning("interrupted at stage %d step %d; checkpoint saved, continue with --resume",
+                    stage, state.step)
+        raise
+    finally:
+        if stage == 2:
+            state.r.requires_grad_(True)
+
+
+def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.optim.Optimizer,
+          sched: torch.optim.lr_scheduler.LRScheduler, crit: torch.nn.Module,
+          dice: torch.nn.Module | None, run_dir: Path, dev: torch.device,
+          fmt: torch.memory_format) -> None:
+    cfg = state.cfg
+    hist = state.history[f"stage{stage}"]
+    t0 = time.monotonic()
+    t_base = state.elapsed_s
+    first = state.step
+    ema: float | None = None
+    for batch in _batches(ds, sc.batch_size, state.step, sc.steps, cfg.data_workers):
+        x = batch["image"].to(dev, memory_format=fmt)
+        if stage == 1:
+            rec = state.r(x)
+            loss, parts = crit(rec, batch["target"].to(dev))
+        else:
+            with torch.no_grad():
+                rec = state.r(x)
+            logits = state.d(torch.cat([rec, x], dim=1))
+            mask = batch["mask"].to(dev)
+            loss = crit(logits, mask)
+            parts = {}
+            if dice is not None:
+                dl = dice(logits, mask)
+                parts = {"focal": float(loss.detach()), "dice": float(dl.detach())}
+                loss = loss + cfg.stage2.dice_weight * dl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        state.step += 1
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"stage {stage} step {state.step}: loss is {lv}; lower the "
+                                     f"learning rate (stage{stage}.lr = {sc.lr})")
+        hist.append([state.step, lv])
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        state.elapsed_s = t_base + time.monotonic() - t0
+        if state.step % cfg.log_every == 0 or state.step == sc.steps:
+            rate = (state.step - first) / max(1e-9, time.monotonic() - t0)
+            extra = "".join(f" {k} {v:.4f}" for k, v in parts.items())
+            log.info("stage %d step %d/%d loss %.5f (avg %.5f)%s lr %.2e %.2f it/s eta %s",
+                     stage, state.step, sc.steps, lv, ema, extra, opt.param_groups[0]["lr"], rate,
+                     _fmt_s((sc.steps - state.step) / max(rate, 1e-9)))
+        if state.step % cfg.checkpoint_every == 0 and state.step < sc.steps:
+            _atomic_save(state.state_dict(), run_dir / CHECKPOINT)
+
+
+def _final(hist: list[list[float]], n: int = 20) -> float | None:
+    if not hist:
+        return None
+    return float(np.mean([v for _, v in hist[-n:]]))
+
+
+def _evaluate(state: _State, data: TrainingData) -> dict:
+    """Thresholds from the calibration frames, IoU per class on the validation frames."""
+    cfg = state.cfg
+    mc, ec = cfg.model, cfg.evaluation
+    model = ARCDInference(state.r, state.d).eval()
+    names = list(mc.classes)
+
+    def probs_of(frames):
+        return [predict_frame(model, f.image, mc.tile, ec.overlap, mc.in_channels, mc.mean, mc.std)
+                for f in frames]
+
+    t0 = time.monotonic()
+    calib = data.calib()
+    if calib:
+        cp = probs_of(calib)
+        g, per, s = choose_thresholds(cp, [f.truth for f in calib], ec.threshold_candidates,
+                                      ec.per_class_thresholds, ec.open_kernel, ec.close_kernel)
+        del cp
+        log.info("thresholds from %d calibration frames: global %.2f, per class %s (mean defect "
+                 "IoU %.3f there)", len(calib), g, per, s)
+    else:
+        g, per = ec.default_threshold, [ec.default_threshold] * (len(names) - 1)
+    val = data.val()
+    vp = probs_of(val)
+    res = evaluate(vp, val, names, per, ec.open_kernel, ec.close_kernel)
+    log.info("validation on %d frames: IoU %s, mean defect IoU %.3f (argmax %.3f)", len(val),
+             {k: (round(v, 3) if v is not None else None) for k, v in res.iou.items()},
+             res.mean_defect_iou, res.mean_defect_iou_argmax)
+    out = res.as_dict()
+    out.update(global_threshold=g, calibration_frames=len(calib), seconds=round(time.monotonic() - t0, 1))
+    return out
+
+
+def _stage1_holdout(state: _State, data: TrainingData, n: int = 16) -> dict:
+    """Reconstruction loss on simulated samples beyond the training range (held out)."""
+    sc = state.cfg.stage1
+    dev = next(state.r.parameters()).device
+    crit = ReconstructionLoss(sc.ssim_weight, mean=state.cfg.model.mean, std=state.cfg.model.std).to(dev)
+    # indices past the training range are draws of the same distribution never trained on
+    base = sc.steps * sc.batch_size
+    state.r.eval()
+    vals, mses = [], []
+    with torch.no_grad():
+        for i in range(n):
+            item = data.stage1.sample(base + i)
+            x, y = item["image"][None].to(dev), item["target"][None].to(dev)
+            loss, parts = crit(state.r(x), y)
+            vals.append(float(loss))
+            mses.append(parts["mse"])
+    return {"loss": float(np.mean(vals)), "mse": float(np.mean(mses)), "samples": n}
+
+
+def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) -> Path:
+    """Train ARCD from ``config_path`` into ``run_dir``; returns the run folder.
+
+    ``run_dir`` defaults to ``runs/<name>-<UTC time>``. An existing checkpoint is only continued
+    with ``resume=True`` (never silently overwritten); the network sizes of the config must match
+    the checkpoint's, while step counts may grow (to train longer).
+    """
+    config_path = Path(config_path)
+    cfg = load_config(config_path)
+    if run_dir is None:
+        run_dir = Path("runs") / f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ck_path = run_dir / CHECKPOINT
+    if ck_path.exists() and not resume:
+        raise FileExistsError(f"{ck_path}: a run is already here; pass resume=True (--resume) to "
+                              f"continue it or choose another run folder")
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
+    r, d = build_models(cfg.model)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    r.to(dev, memory_format=fmt)
+    d.to(dev, memory_format=fmt)
+    state = _State(cfg, r, d)
+    if resume and ck_path.exists():
+        ck = load_checkpoint(ck_path)
+        if ck["config"]["model"] != cfg.model.model_dump(mode="json"):
+            raise ConfigError(str(config_path), "model", f"differs from the checkpoint in {ck_path}; "
+                              f"a resumed run keeps its network")
+        state.load(ck)
+        prev = (cfg.stage1.steps if state.stage == 1 else cfg.stage2.steps)
+        if state.done and state.step < prev:
+            state.done = False  # the config asks for more steps than were run
+        log.info("resuming %s at stage %d step %d", run_dir, state.stage, state.step)
+    elif resume:
+        log.warning("%s: nothing to resume, starting a new run", ck_path)
+    (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    log.info("run %s: R %.3f M params, D %.3f M params, tile %s, %d channel(s)", run_dir,
+             count_parameters(r) / 1e6, count_parameters(d) / 1e6, list(cfg.model.tile),
+             cfg.model.in_channels)
+
+    data = build_data(cfg.data, tile=tuple(cfg.data.train_crop or cfg.model.tile), channels=cfg.model.in_channels,
+                      mean=cfg.model.mean, std=cfg.model.std, simulation=cfg.simulation,
+                      stage1_length=cfg.stage1.steps * cfg.stage1.batch_size,
+                      stage2_length=cfg.stage2.steps * cfg.stage2.batch_size, seed=cfg.seed)
+    log.info("data: %s", data.description)
+    if not state.done:
+        if state.stage == 1:
+            _run_stage(state, 1, data, run_dir, dev)
+            state.stage, state.step = 2, 0
+            _atomic_save(state.state_dict(), ck_path)
+        _run_stage(state, 2, data, run_dir, dev)
+        state.done = True
+        _atomic_save(state.state_dict(), ck_path)
+
+    metrics: dict[str, Any] = {
+        "name": cfg.name,
+        "stage1": {"steps": cfg.stage1.steps, "final_loss": _final(state.history["stage1"]),
+                   "first_loss": state.history["stage1"][0][1] if state.history["stage1"] else None,
+                   "holdout": _stage1_holdout(state, data) if cfg.stage1.steps else None},
+        "stage2": {"steps": cfg.stage2.steps, "final_loss": _final(state.history["stage2"]),
+                   "first_loss": state.history["stage2"][0][1] if state.history["stage2"] else None},
+        "validation": _evaluate(state, data),
+        "params": {"reconstruction": count_parameters(r), "discrimination": count_parameters(d)},
+        "train_seconds": round(state.elapsed_s, 1),
+        "data": data.description,
+        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+    log.info("done: %s (train time %s)", run_dir / METRICS, _fmt_s(state.elapsed_s))
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.arcd.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, type=Path, help="training YAML")
+    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<name>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = train(a.config, a.run_dir, a.resume)
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        log.error("%s", e)
+        return 2
+    log.info("run folder: %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""The offline side of ARCD: simulation, networks, losses, training, ONNX export to a bundle.
+
+Fast by construction (tiny tiles and widths); skipped cleanly where torch is not installed (the
+runtime-only install).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+torch = pytest.importorskip("torch", reason="torch is needed for the offline ARCD code (pip install .[train])")
+pytest.importorskip("onnx", reason="onnx is needed for the ARCD export")
+
+from export.arcd.loss import DiceLoss, FocalLoss, ReconstructionLoss, balanced_alpha, ssim  # noqa: E402
+from export.arcd.simulation import (AnomalySimulator, SimulationConfig, perlin_noise,  # noqa: E402
+                                    square_pad_resize)
+from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork,  # noqa: E402
+                                     ReconstructiveSubNetwork, count_parameters)
+from inspector.bundle import load_bundle  # noqa: E402
+from inspector.sources.synthetic import CLASS_NAMES, StripRenderer  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def _normal_tile(seed: int = 0, size: int = 64, channels: int = 1) -> np.ndarray:
+    img, _ = StripRenderer(256, size, seed=seed).render(np.random.default_rng(seed), 0.0)
+    tile = img[:, 40:40 + size].astype(np.float32) / 255.0
+    return np.repeat(tile[:, :, None], 3, axis=2) if channels == 3 else tile
+
+
+# ----------------------------------------------------------------------------- simulation
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_simulation_stays_in_valid_region_and_keeps_the_rest(channels):
+    img = _normal_tile(channels=channels)
+    valid = np.zeros(img.shape[:2], bool)
+    valid[8:40, :] = True  # a band, like the square-padded 1440x2560 frame's 144 of 256 rows
+    sim = AnomalySimulator(SimulationConfig(clean_prob=0.0))
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        out = sim(img, rng, valid=valid)
+        assert out.anomalous and out.mask.any()
+        assert set(np.unique(out.mask)) <= {0.0, 1.0}
+        assert not out.mask[~valid].any(), "anomaly outside the valid region"
+        outside = out.mask == 0
+        np.testing.assert_array_equal(out.image[outside], img[outside])
+        assert out.image.shape == img.shape and out.image.dtype == np.float32
+        assert 0.0 <= out.image.min() and out.image.max() <= 1.0
+        assert len(out.ops) == 3 and len(set(out.ops)) == 3
+        assert 0.0 <= out.beta <= 0.8
+
+
+def test_simulation_blend_formula_inside_mask():
+    img = _normal_tile()
+    sim = AnomalySimulator(SimulationConfig(clean_prob=0.0, num_augmentations=0,
+                                            texture_weights={"field": 1.0}))
+    out = sim(img, np.random.default_rng(5))
+    m = out.mask > 0
+    # I_A = beta*I + (1-beta)*A inside the mask, so A is recoverable and lies in [0, 1]
+    a = (out.image[m] - out.beta * img[m]) / (1.0 - out.beta)
+    assert a.min() >= -1e-4 and a.max() <= 1 + 1e-4
+
+
+def test_simulation_is_deterministic_under_seed():
+    img = _normal_tile()
+    sim = AnomalySimulator(SimulationConfig(clean_prob=0.0))
+    a = [sim(img, np.random.default_rng(11)) for _ in range(2)]
+    np.testing.assert_array_equal(a[0].image, a[1].image)
+    np.testing.assert_array_equal(a[0].mask, a[1].mask)
+    assert a[0].beta == a[1].beta and a[0].ops == a[1].ops
+    b = sim(img, np.random.default_rng(12))
+    assert not np.array_equal(a[0].mask, b.mask)
+    n1 = perlin_noise((32, 48), (4, 2), np.random.default_rng(1))
+    n2 = perlin_noise((32, 48), (4, 2), np.random.default_rng(1))
+    np.testing.assert_array_equal(n1, n2)
+
+
+def test_clean_samples_and_square_pad():
+    img = _normal_tile()
+    out = AnomalySimulator(SimulationConfig(clean_prob=1.0))(img, np.random.default_rng(0))
+    assert not out.anomalous and not out.mask.any()
+    np.testing.assert_array_equal(out.image, img)
+    frame = np.full((144, 256), 200, np.uint8)
+    sq, valid = square_pad_resize(frame, 128)
+    assert sq.shape == (128, 128) and valid.shape == (128, 128)
+    assert valid[:72].all() and not valid[72:].any()  # 144/256 of the rows, top-aligned
+
+
+# ----------------------------------------------------------------------------- networks
+
+def test_thesis_network_sizes():
+    # spec §10: R(3,3,128) 69.05 M and D(6,5,64) 28.38 M parameters
+    assert count_parameters(ReconstructiveSubNetwork(3, 3, 128)) == 69_048_579
+    assert count_parameters(DiscriminativeSubNetwork(6, 5, 64)) == 28_375_877
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes(channels):
+    r = ReconstructiveSubNetwork(channels, base_width=4)
+    d = DiscriminativeSubNetwork(2 * channels, 4, base_channels=4, depth=5)
+    x = torch.rand(2, channels, 64, 96)
+    rec = r(x)
+    assert rec.shape == x.shape
+    assert d(torch.cat([rec, x], 1)).shape == (2, 4, 64, 96)
+    model = ARCDInference(r, d).eval()
+    with torch.no_grad():
+        rec, probs = model(x)
+    assert rec.shape == x.shape and probs.shape == (2, 4, 64, 96)
+    torch.testing.assert_close(probs.sum(1), torch.ones(2, 64, 96))
+    with torch.no_grad():
+        logits = d(torch.cat([rec, x], 1))
+    torch.testing.assert_close(probs, torch.softmax(logits, 1))
+    with pytest.raises(ValueError):
+        ARCDInference(r, DiscriminativeSubNetwork(channels, 4, 4))
+
+
+# ----------------------------------------------------------------------------- losses
+
+def test_ssim_identical_is_one_and_rec_loss_zero():
+    x = torch.rand(2, 3, 32, 32)
+    assert float(ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
+    assert float(ssim(x, 1 - x)) < 0.5
+    loss, parts = ReconstructionLoss()(x, x)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    # normalised inputs are mapped back to [0, 1] first
+    loss_n, _ = ReconstructionLoss(mean=[0.5], std=[0.5])((x - 0.5) / 0.5, (x - 0.5) / 0.5)
+    assert float(loss_n) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_focal_loss_by_hand():
+    # one image, 2 classes, 2 pixels: logits (2, 0) with truth 0 and (0, 1) with truth 0
+    logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])
+    target = torch.tensor([[[0, 0]]])
+    p0 = 1 / (1 + math.exp(-2.0))      # softmax prob of class 0 at pixel 0
+    p1 = 1 / (1 + math.exp(1.0))       # ... at pixel 1
+    fl = lambda p, g: -((1 - p) ** g) * math.log(p)  # noqa: E731
+    assert float(FocalLoss(gamma=2.0)(logits, target)) == pytest.approx((fl(p0, 2) + fl(p1, 2)) / 2, rel=1e-5)
+    # gamma 0 and no alpha is cross-entropy (spec §10)
+    ce = torch.nn.functional.cross_entropy(logits, target)
+    assert float(FocalLoss(gamma=0.0)(logits, target)) == pytest.approx(float(ce), rel=1e-6)
+    # fixed alpha weights each pixel by its true class's alpha
+    assert float(FocalLoss(2.0, alpha=[0.25, 0.75])(logits, target)) == pytest.approx(
+        0.25 * (fl(p0, 2) + fl(p1, 2)) / 2, rel=1e-5)
+    # balanced alpha: alpha_c = 1 - freq_c, clamped
+    t = torch.tensor([[[0, 0, 0, 1]]])
+    torch.testing.assert_close(balanced_alpha(t, 2, (0.0, 1.0)), torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(balanced_alpha(t, 2, (0.3, 0.7)), torch.tensor([0.3, 0.7]))
+    # ignored pixels count for nothing
+    t_ign = torch.tensor([[[0, 255]]])
+    assert float(FocalLoss(2.0, ignore_index=255)(logits, t_ign)) == pytest.approx(fl(p0, 2), rel=1e-5)
+
+
+def test_dice_loss():
+    target = torch.tensor([[[0, 1], [2, 2]]])
+    perfect = torch.nn.functional.one_hot(target, 3).permute(0, 3, 1, 2).float() * 100.0
+    assert float(DiceLoss(smooth=0.0)(perfect, target)) == pytest.approx(0.0, abs=1e-6)
+    # uniform logits: p = 1/3 everywhere; class 1: 2*(1/3)/(4/3 + 1) = 2/7, class 2: 4/3/(4/3 + 2) = 2/5
+    flat = torch.zeros(1, 3, 2, 2)
+    assert float(DiceLoss(smooth=0.0)(flat, target)) == pytest.approx(1 - (2 / 7 + 2 / 5) / 2, rel=1e-5)
+
+
+def test_datasets_are_pure_functions_of_the_index():
+    from export.arcd.data import SyntheticDefectDataset, SyntheticNormalDataset
+
+    ds = SyntheticDefectDataset(tile=(32, 32), length=8, frame_size=(64, 160), seed=3,
+                                crops_per_frame=4, focus_prob=1.0)
+    late = ds[6]
+    early = [ds[i] for i in range(8)]  # a different access order must not change sample 6
+    torch.testing.assert_close(early[6]["image"], late["image"])
+    torch.testing.assert_close(early[6]["mask"], late["mask"])
+    assert early[0]["image"].shape == (1, 32, 32) and early[0]["mask"].dtype == torch.int64
+    normal = SyntheticNormalDataset(tile=(32, 32), length=4, frame_size=(64, 160), seed=3,
+                                    simulation=SimulationConfig(clean_prob=0.0))
+    a, b = normal[1], normal[1]
+    torch.testing.assert_close(a["image"], b["image"])
+    diff = (a["image"] != a["target"]).any(0)
+    assert diff.any() and not diff[a["anomaly_mask"][0] == 0].any()
+
+
+# ----------------------------------------------------------------------------- training and export
+
+TINY = {
+    "name": "tiny-arcd",
+    "seed": 0,
+    "log_every": 5,
+    "checkpoint_every": 4,
+    "model": {"in_channels": 1, "tile": [64, 64], "r_base_width": 4, "r_depth": 4,
+              "d_base_channels": 4, "d_depth": 4},
+    "data": {"frame_size": [64, 192], "renderer_seeds": [0], "contrasts": [1.5],
+             "val_frames": 2, "val_renderer_seeds": [5], "calib_frames": 2,
+             "calib_renderer_seeds": [6], "focus_prob": 1.0},
+    "simulation": {"clean_prob": 0.0},
+    "stage1": {"steps": 12, "batch_size": 4, "lr": 0.005},
+    "stage2": {"steps": 12, "batch_size": 4, "lr": 0.005, "focal_alpha": "balanced"},
+    "evaluation": {"threshold_candidates": [0.4, 0.6], "per_class_thresholds": False},
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from export.arcd.train import train
+
+    root = tmp_path_factory.mktemp("arcd")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    run = train(cfg, root / "run")
+    return cfg, run
+
+
+def test_training_reduces_loss_and_writes_run(tiny_run):
+    _, run = tiny_run
+    for f in ("checkpoint.pt", "config.yaml", "metrics.json"):
+        assert (run / f).is_file(), f
+    m = json.loads((run / "metrics.json").read_text())
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert ck["done"] and ck["stage"] == 2 and ck["step"] == 12
+    for stage in ("stage1", "stage2"):
+        losses = [v for _, v in ck["history"][stage]]
+        assert len(losses) == 12
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), (stage, losses)
+    assert set(m["validation"]["iou"]) == set(CLASS_NAMES)
+    assert m["stage1"]["final_loss"] is not None
+
+
+def test_stage2_leaves_r_alone_and_resume_continues(tiny_run, tmp_path):
+    from export.arcd.train import train
+
+    cfg_path, run = tiny_run
+    before = torch.load(run / "checkpoint.pt", weights_only=True)
+    longer = dict(TINY, stage2=dict(TINY["stage2"], steps=16))
+    cfg2 = tmp_path / "longer.yaml"
+    cfg2.write_text(yaml.safe_dump(longer))
+    with pytest.raises(FileExistsError):
+        train(cfg2, run)  # never overwrites a run without resume
+    import shutil
+
+    run2 = tmp_path / "run"
+    shutil.copytree(run, run2)
+    train(cfg2, run2, resume=True)
+    after = torch.load(run2 / "checkpoint.pt", weights_only=True)
+    assert after["step"] == 16 and after["done"]
+    assert len(after["history"]["stage2"]) == 16
+    assert after["history"]["stage2"][:12] == before["history"]["stage2"]
+    for k, v in before["reconstruction"].items():
+        torch.testing.assert_close(after["reconstruction"][k], v)  # R frozen in stage 2
+
+
+def test_onnx_export_parity_and_bundle(tiny_run, tmp_path):
+    from export.onnx_export import export_bundle
+
+    _, run = tiny_run
+    out = export_bundle(run, tmp_path / "bundle", name="tiny")
+    b = load_bundle(out)
+    spec = b.spec
+    assert spec.kind == "arcd" and spec.name == "tiny"
+    assert spec.input.name == "image" and tuple(spec.input.tile) == (64, 64)
+    assert spec.input.channels == 1 and spec.input.batch == 0
+    assert spec.outputs == {"probabilities": "probs", "reconstruction": "reconstruction"}
+    assert spec.classes == list(CLASS_NAMES)
+    assert spec.tiling.overlap == 32 and spec.postprocess.type == "probability"
+    prov = spec.provenance
+    for key in ("data", "training_config", "commit", "metrics", "created", "parity"):
+        assert key in prov
+    assert all(v <= 1e-4 for d in prov["parity"]["max_abs_diff"].values() for v in d.values())
+
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(b.graph_path()), providers=["CPUExecutionProvider"])
+    (inp,) = sess.get_inputs()
+    assert inp.name == "image" and inp.shape[1:] == [1, 64, 64] and not isinstance(inp.shape[0], int)
+    rec, probs = sess.run(["reconstruction", "probs"], {"image": np.zeros((3, 1, 64, 64), np.float32)})
+    assert rec.shape == (3, 1, 64, 64) and probs.shape == (3, 4, 64, 64)
+
+
+def test_parity_failure_is_reported(tmp_path):
+    from export.onnx_export import ExportParityError, check_parity, export_onnx
+
+    r = ReconstructiveSubNetwork(1, base_width=2, depth=3)
+    d = DiscriminativeSubNetwork(2, 4, base_channels=2, depth=3)
+    model = ARCDInference(r, d).eval()
+    path = tmp_path / "m.onnx"
+    export_onnx(model, path, 1, (32, 32))
+    x = {"random": np.random.default_rng(0).random((2, 1, 32, 32), dtype=np.float32)}
+    assert check_parity(model, path, x)["random"]["probs"] <= 1e-4
+    with torch.no_grad():  # change the torch weights after export: the graph no longer matches
+        d.final.bias[1] += 5.0
+    with pytest.raises(ExportParityError, match="differs from torch"):
+        check_parity(model, path, x)
