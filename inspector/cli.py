@@ -313,12 +313,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                               engine=OnnxRuntimeConfig(intra_op_threads=args.threads))
     except ValueError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
+    if args.record:
+        from inspector.evaluation.evaluate import record_metrics
+        res["recorded_as"] = record_metrics(args.bundle, res, args.record_key)
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
         for k in ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_alarm_rate",
-                  "false_alarm_px_per_mpx", "defective_images", "normal_images", "ms_per_image"):
+                  "false_alarm_px_per_mpx", "false_alarm_rate_reported", "defective_images",
+                  "normal_images", "ms_per_image"):
             print(f"{k:>24}: {fmt(res.get(k))}")
     return EXIT_OK
 
@@ -452,6 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a post-processing key of the bundle, e.g. k1=3.5 (repeatable)")
     p.add_argument("--resize", metavar="HxW", help="resize images (masks nearest) before the model")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all)")
+    p.add_argument("--record", action="store_true",
+                   help="store the figures in the bundle's provenance.metrics (key: format/split)")
+    p.add_argument("--record-key", help="key for --record instead of format/split")
     p.set_defaults(fn=cmd_evaluate)
 
     p = sub.add_parser("calibrate", help="calibrate post-processing parameters")
@@ -465,6 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--write", action="store_true", help="store the best value in the bundle "
                                                         "(the old section goes to postprocess_history)")
     q.set_defaults(fn=cmd_calibrate)
+    from calibration.cli import add_calibrate_commands  # argparse only; each command imports on use
+    add_calibrate_commands(csub)
     return ap
 
 

@@ -81,11 +81,23 @@ class PipelineConfig(BaseModel):
 
 
 class GeometryConfig(BaseModel):
-    """Pixel size on the strip; a source that knows better (frame metadata) wins."""
+    """Pixel size on the strip; a source that knows better (frame metadata) wins.
+    ``inspector calibrate geometry`` prints this section from strip width, line speed, etc."""
 
     model_config = ConfigDict(extra="forbid")
     mm_per_px_across: float | None = Field(None, gt=0)
     mm_per_px_along: float | None = Field(None, gt=0)
+    mm_per_encoder_count: float | None = Field(
+        None, gt=0, description="strip position = frame.meta[encoder_key] x this (wins over frame numbers)")
+    encoder_key: str = Field("encoder_count", min_length=1, description="frame metadata key of the count")
+
+
+class PreprocessConfig(BaseModel):
+    """Corrections applied to each frame before the model (and before its residual)."""
+
+    model_config = ConfigDict(extra="forbid")
+    flat_field: str | None = Field(None, description="gain/offset maps (.npz from `inspector calibrate "
+                                                     "flat-field`); relative to the config file")
 
 
 class StatusConfig(BaseModel):
@@ -105,6 +117,7 @@ class InspectorConfig(BaseModel):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     publish: PublishConfig = Field(default_factory=PublishConfig)
     geometry: GeometryConfig = Field(default_factory=GeometryConfig)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
     status: StatusConfig = Field(default_factory=StatusConfig)
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
@@ -185,6 +198,10 @@ def _check_paths(cfg: InspectorConfig) -> None:
                if src.cti == BUILTIN_VIKY else cfg.resolve(src.cti))
         if not cti.is_file():
             raise ConfigError(f, "source.cti", f"GenTL producer {cti} not found (expected a .cti file)")
+    ff = cfg.preprocess.flat_field
+    if ff and not cfg.resolve(ff).is_file():
+        raise ConfigError(f, "preprocess.flat_field", f"flat-field file {cfg.resolve(ff)} not found "
+                          f"(expected an .npz from `inspector calibrate flat-field`)")
     if isinstance(src, ReplayConfig):
         p = cfg.resolve(src.path)
         if not p.exists():

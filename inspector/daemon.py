@@ -310,7 +310,7 @@ class Daemon:
                 self.engine.check_rules(new.alarms)
             elif new.alarms.rules:
                 later.append("alarms.rules (alarms were off at start)")
-            geometry = Geometry(new.geometry.mm_per_px_across, new.geometry.mm_per_px_along)
+            geometry = Geometry.of(new.geometry)
             warm = p.swap_model(model, geometry)
             if self.engine is not None:
                 self.engine.set_rules(new.alarms)

@@ -10,6 +10,14 @@ Two recipes, chosen by the bundle's ``postprocess.type``:
   optional opening and closing.
 
 Then connected components turn the mask into defects (class, score, bbox, area, centroid).
+
+``min_residual`` (dual-threshold recipe, default 0 = off) adds an absolute floor: a component the
+recipe found is kept only where its highest score (grey-level residual) reaches the floor. The
+recipe alone is self-referential: it thresholds each image at its own mean + k·std, so it marks
+the upper tail of every image, a defect-free one included, and cannot hold a false-alarm rate.
+The floor, chosen on the line's own normal frames (``inspector calibrate thresholds``), decides
+*whether* an image has a defect; the recipe still decides its shape (hysteresis: the floor is the
+high threshold, the per-image statistics the low one).
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ class PostprocessConfig(BaseModel):
     k1: float = Field(3.0, description="first (per-channel) threshold: mean + k1*std")
     k2: float = Field(1.0, description="second (grey) threshold: mean + k2*std")
     kernel_size: int = Field(3, ge=0, description="closing kernel of the dual-threshold recipe")
+    min_residual: float = Field(0.0, ge=0, description="dual-threshold recipe: keep a component only "
+                                "if its highest score reaches this absolute floor (0 = off)")
     # connected components
     min_area_px: int = Field(0, ge=0, description="drop components smaller than this (0 = keep all)")
     connectivity: Literal[4, 8] = 8
@@ -88,6 +98,26 @@ def dual_threshold(residual: np.ndarray, k1: float = 3.0, k2: float = 1.0,
     return mask
 
 
+def keep_components_reaching(mask: np.ndarray, score_map: np.ndarray, floor: float,
+                              connectivity: int = 8) -> np.ndarray:
+    """``mask`` (uint8 0/1, HxW) without the connected components whose highest ``score_map``
+    value is below ``floor``; kept components are kept whole.
+
+    >>> m = np.zeros((6, 6), np.uint8); m[0:2, 0:2] = 1; m[4:6, 4:6] = 1
+    >>> s = np.zeros((6, 6), np.float32); s[0, 0] = 9.0; s[5, 5] = 2.0
+    >>> int(keep_components_reaching(m, s, 5.0).sum())
+    4
+    """
+    seeds = (mask > 0) & (score_map >= np.float32(floor))
+    if not seeds.any():
+        return np.zeros_like(mask)
+    n, cc = cv2.connectedComponents(mask, connectivity=connectivity)
+    keep = np.zeros(n, np.uint8)
+    keep[cc[seeds]] = 1
+    keep[0] = 0
+    return keep[cc]
+
+
 def threshold_probabilities(probs: np.ndarray, thresholds: np.ndarray, open_kernel: int = 0,
                             close_kernel: int = 0, score_map: np.ndarray | None = None) -> np.ndarray:
     """Class-index mask from softmax probabilities.
@@ -129,10 +159,37 @@ def threshold_probabilities(probs: np.ndarray, thresholds: np.ndarray, open_kern
 
 @dataclass
 class Geometry:
-    """Pixel size on the strip, for areas in mm² and positions along the strip."""
+    """Pixel size on the strip, for areas in mm² and positions along the strip.
+
+    ``mm_per_encoder_count`` (with the frame metadata key ``encoder_key``) places a frame on the
+    strip from an encoder count instead of from its frame number.
+    """
 
     mm_per_px_across: float | None = None
     mm_per_px_along: float | None = None
+    mm_per_encoder_count: float | None = None
+    encoder_key: str = "encoder_count"
+
+    @classmethod
+    def of(cls, cfg: object) -> "Geometry":
+        """From a ``geometry`` config section (any object with these attribute names)."""
+        return cls(getattr(cfg, "mm_per_px_across", None), getattr(cfg, "mm_per_px_along", None),
+                   getattr(cfg, "mm_per_encoder_count", None),
+                   getattr(cfg, "encoder_key", "encoder_count"))
+
+    def frame_pos_mm(self, frame_id: int, rows: int, meta: dict, source_pos_mm: float) -> float:
+        """Position of a frame's first row along the strip, mm.
+
+        An encoder count in the metadata wins (it follows speed changes and slip-free stops);
+        a source that knows its pixel size (``mm_per_px_along`` in the metadata) has placed the
+        frame itself; otherwise frames are taken as contiguous: frame number x rows x pixel size.
+        """
+        count = meta.get(self.encoder_key) if self.mm_per_encoder_count else None
+        if count is not None:
+            return float(count) * self.mm_per_encoder_count
+        if meta.get("mm_per_px_along") or not self.mm_per_px_along:
+            return source_pos_mm
+        return frame_id * rows * self.mm_per_px_along
 
 
 def components(label: np.ndarray, score_map: np.ndarray, class_names: list[str],
@@ -201,7 +258,12 @@ class Postprocessor:
                                            score_map)
         if residual is None:
             raise ValueError("postprocess.type dual_threshold needs a model that outputs a residual")
-        return dual_threshold(residual, c.k1, c.k2, c.kernel_size)
+        mask = dual_threshold(residual, c.k1, c.k2, c.kernel_size)
+        if c.min_residual > 0:
+            if score_map is None:  # the adapters' score: the residual, grey-weighted if RGB
+                score_map = residual if residual.ndim == 2 else residual @ np.float32(GREY_WEIGHTS_RGB)
+            mask = keep_components_reaching(mask, score_map, c.min_residual, c.connectivity)
+        return mask
 
     def defects(self, label: np.ndarray, score_map: np.ndarray, geometry: Geometry | None = None,
                 strip_pos_mm: float = 0.0) -> tuple[list[dict], int]:

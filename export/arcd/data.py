@@ -26,16 +26,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Literal, Protocol, Sequence
+from typing import TYPE_CHECKING, Annotated, Callable, Literal, Protocol, Sequence, Union
+
+import cv2
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset
 
 from inspector.sources.synthetic import CLASS_NAMES, StripRenderer
 
 from export.arcd.simulation import AnomalySimulator, SimulationConfig
+
+if TYPE_CHECKING:
+    from inspector.evaluation.datasets import Dataset as EvalDataset
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +53,10 @@ __all__ = [
     "SyntheticNormalDataset",
     "SyntheticDefectDataset",
     "SyntheticDataConfig",
+    "FolderDataConfig",
+    "DatasetFrames",
+    "DefectFreePatches",
+    "sample_labelled",
     "TrainingData",
     "DATA_SOURCES",
     "build_data",
@@ -419,9 +428,8 @@ class SyntheticDataConfig(BaseModel):
     eval_max_defects: int = Field(2, ge=1, le=16)
 
 
-# A data source for NEU-Seg / magnetic tiles adds its config model here (as a discriminated
-# union on ``source``) and a builder in DATA_SOURCES.
-DataConfig = SyntheticDataConfig
+# Data sources on labelled image folders (NEU-Seg, magnetic tile, plain normal folders) live in
+# export/arcd/folders.py; they register themselves in DATA_SOURCES when imported.
 
 
 @dataclass
@@ -477,3 +485,227 @@ def build_data(cfg: DataConfig, **kwargs) -> TrainingData:
     except KeyError:
         raise ValueError(f"data.source: unknown '{cfg.source}' (known: {sorted(DATA_SOURCES)})") from None
     return builder(cfg, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled image folders: NEU-Seg, magnetic tile, plus plain folders of normal images
+# ---------------------------------------------------------------------------------------------
+
+class FolderDataConfig(BaseModel):
+    """``data:`` section for real image folders (``source: neu-seg`` or ``magnetic-tile``).
+
+    The folder is split by the SHA-256 of each file stem (``inspector.evaluation.datasets``), so
+    training, the runtime's ``inspector evaluate`` and every machine agree on the held-out images.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: Literal["neu-seg", "magnetic-tile"]
+    root: str = Field(..., description="data set root (NEU-Seg: images/ + annotations/)")
+    #: hash splits trained on; 'val' is held out for the reported figures. The shared NEU-Seg
+    #: training folder has its real test split kept elsewhere, so its hash 'test' share is
+    #: training data by default (pass [train] to keep it out too).
+    train_splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "test"])
+    val_split: Literal["train", "val", "test"] = "val"
+    #: thresholds are chosen on the first ``calib_images`` validation images (by hash order);
+    #: 0 = use evaluation.default_threshold
+    calib_images: int = Field(128, ge=0)
+    #: cap on the validation images scored during training (0 = all); the full split is scored by
+    #: ``inspector evaluate`` on the exported bundle
+    val_images: int = Field(0, ge=0)
+    #: share of the labelled training images stage 2 may use (thesis sampling rates 1/.8/.5/.3);
+    #: a fixed permutation under ``label_seed``, so a smaller rate's images are a subset of a
+    #: larger one's
+    label_fraction: float = Field(1.0, gt=0, le=1)
+    label_seed: int = 0
+    #: where stage 1 gets normal images: square windows of labelled images whose mask is all
+    #: background ('defect-free-regions'; NEU-Seg has no clean image), the MT_Free folder
+    #: ('mt-free'), or every image under ``normal_root`` ('folder')
+    normal_source: Literal["defect-free-regions", "mt-free", "folder"] = "defect-free-regions"
+    normal_root: str | None = None
+    #: side of the defect-free windows (stage 1 trains on crops of this size; the nets are fully
+    #: convolutional). 200x200 NEU images rarely have a clean 128 window, but most have a 64 one.
+    normal_patch: int = Field(64, ge=16)
+    #: resize every image to H, W first (magnetic tiles vary in size); None keeps the file size
+    frame_size: tuple[int, int] | None = None
+    focus_prob: float = Field(0.5, ge=0, le=1)
+    train_crop: tuple[int, int] | None = None
+    crops_per_frame: int = Field(1, ge=1)
+    edge_prob: float = Field(0.0, ge=0, le=1)
+    hflip: bool = True
+    vflip: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> "FolderDataConfig":
+        if self.normal_source == "folder" and not self.normal_root:
+            raise ValueError("normal_source 'folder' needs normal_root")
+        if self.normal_source == "mt-free" and self.source != "magnetic-tile":
+            raise ValueError("normal_source 'mt-free' is for source 'magnetic-tile'")
+        return self
+
+
+def _resized(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int] | None
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+    if size is None or img.shape[:2] == tuple(size):
+        return img, mask
+    h, w = size
+    img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    if mask is not None:
+        # nearest neighbour keeps class indices intact
+        mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    return img, mask
+
+
+def sample_labelled(n: int, fraction: float, seed: int) -> list[int]:
+    """Indices of the labelled images kept at sampling rate ``fraction`` (at least one).
+
+    The first ``round(fraction * n)`` entries of one fixed permutation, so for one seed the 30 %
+    subset lies inside the 50 % one, which lies inside the 80 % one (spec §10: nested subsets).
+
+    >>> sample_labelled(10, 0.3, 0)[:1] == sample_labelled(10, 0.8, 0)[:1]
+    True
+    """
+    perm = np.random.default_rng([int(seed), 77]).permutation(n)
+    k = max(1, int(round(fraction * n))) if n else 0
+    return sorted(int(i) for i in perm[:k])
+
+
+class DatasetFrames:
+    """Frames of an ``inspector.evaluation`` :class:`~inspector.evaluation.datasets.Dataset`
+    (the runtime's readers, so training reads files exactly as evaluation does)."""
+
+    def __init__(self, dataset: "EvalDataset", channels: int = 1,
+                 frame_size: tuple[int, int] | None = None, indices: Sequence[int] | None = None):
+        if len(dataset) == 0:
+            raise ValueError(f"{dataset.root}: no images in split '{dataset.split}' "
+                             f"({dataset.format} layout)")
+        self.dataset = dataset
+        self.channels = channels
+        self.frame_size = tuple(frame_size) if frame_size else None
+        self.indices = list(range(len(dataset))) if indices is None else list(indices)
+        if not self.indices:
+            raise ValueError(f"{dataset.root}: no images selected")
+        self.class_names = tuple(dataset.classes)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def frame(self, j: int) -> LabeledFrame:
+        s = self.dataset.load(self.indices[j])
+        img, mask = _resized(s.image, s.mask, self.frame_size)
+        return LabeledFrame(image=img, truth=mask)
+
+    def sample(self, rng: np.random.Generator) -> LabeledFrame:
+        return self.frame(int(rng.integers(len(self.indices))))
+
+    def describe(self) -> str:
+        return (f"{self.dataset.format} {self.dataset.root} split {self.dataset.split}: "
+                f"{len(self.indices)} of {len(self.dataset)} images")
+
+
+class DefectFreePatches:
+    """Normal frames for stage 1: ``patch`` x ``patch`` windows of labelled images whose mask is
+    background everywhere (:func:`inspector.evaluation.datasets.defect_free_windows`).
+
+    An image without any such window is skipped and another drawn; after ``tries`` misses in a
+    row the draw fails loudly (the patch is too large for the data's defects).
+    """
+
+    def __init__(self, frames: DatasetFrames, patch: int, stride: int = 8, tries: int = 50):
+        from inspector.evaluation.datasets import defect_free_windows
+
+        self._windows = defect_free_windows
+        self.frames = frames
+        self.patch, self.stride, self.tries = patch, stride, tries
+        self.channels = frames.channels
+        self.class_names = frames.class_names
+
+    def normal(self, rng: np.random.Generator) -> np.ndarray:
+        for _ in range(self.tries):
+            f = self.frames.sample(rng)
+            win = self._windows(f.truth, self.patch, self.stride)
+            if len(win):
+                y, x = (int(v) for v in win[int(rng.integers(len(win)))])
+                return np.ascontiguousarray(f.image[y:y + self.patch, x:x + self.patch])
+        raise ValueError(f"{self.frames.describe()}: no defect-free {self.patch}x{self.patch} "
+                         f"window in {self.tries} images drawn; lower data.normal_patch")
+
+    def sample(self, rng: np.random.Generator) -> LabeledFrame:
+        return LabeledFrame(image=self.normal(rng))
+
+    def describe(self) -> str:
+        return f"defect-free {self.patch}x{self.patch} windows of {self.frames.describe()}"
+
+
+def _open_eval_dataset(fmt: str, root: str, split: str, **kw) -> "EvalDataset":
+    from inspector.evaluation.datasets import open_dataset
+
+    return open_dataset(fmt, root, split=split, **kw)
+
+
+def _union(parts: list["EvalDataset"]) -> "EvalDataset":
+    from inspector.evaluation.datasets import Dataset as EvalDataset
+
+    first = parts[0]
+    entries = [e for p in parts for e in p.entries]
+    return EvalDataset(first.format, first.root, first.classes, entries,
+                       "+".join(p.split for p in parts), first.color,
+                       [n for p in parts for n in p.notes])
+
+
+def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int,
+                  mean: Sequence[float], std: Sequence[float], simulation: SimulationConfig,
+                  stage1_length: int, stage2_length: int, seed: int) -> TrainingData:
+    kw = {"categories": None} if cfg.source == "magnetic-tile" else {}
+    if cfg.source == "magnetic-tile":
+        from inspector.evaluation.datasets import magnetic_tile
+
+        probe = magnetic_tile(cfg.root)
+        defect_cats = sorted({e.category for e in probe.entries if e.category != "MT_Free"})
+        kw = {"categories": defect_cats}
+    train_ds = _union([_open_eval_dataset(cfg.source, cfg.root, s, **kw) for s in cfg.train_splits])
+    labelled_all = DatasetFrames(train_ds, channels, cfg.frame_size)
+    keep = sample_labelled(len(train_ds), cfg.label_fraction, cfg.label_seed)
+    labelled = DatasetFrames(train_ds, channels, cfg.frame_size, keep)
+    log.info("labelled images: %d of %d (rate %g, seed %d)", len(keep), len(train_ds),
+             cfg.label_fraction, cfg.label_seed)
+
+    # spec §8 #14: the sampling rate applies to labelled images; normal data stays whole
+    normal: FrameProvider
+    if cfg.normal_source == "defect-free-regions":
+        normal = DefectFreePatches(labelled_all, cfg.normal_patch)
+        s1_tile = (cfg.normal_patch, cfg.normal_patch)
+    else:
+        if cfg.normal_source == "mt-free":
+            nds = _union([_open_eval_dataset("magnetic-tile", cfg.root, s, categories=["MT_Free"])
+                          for s in cfg.train_splits])
+        else:
+            nds = _open_eval_dataset("folder", str(cfg.normal_root), "all")
+        normal = DatasetFrames(nds, channels, cfg.frame_size)
+        s1_tile = tuple(tile)
+    stage1 = SimulatedAnomalyDataset(normal, s1_tile, AnomalySimulator(simulation), stage1_length,
+                                     seed, mean, std, cfg.hflip, cfg.vflip, cfg.edge_prob)
+    stage2 = SegmentationTileDataset(labelled, tile, stage2_length, seed, mean, std,
+                                     cfg.focus_prob, cfg.hflip, cfg.vflip,
+                                     crops_per_frame=cfg.crops_per_frame, edge_prob=cfg.edge_prob)
+    val_ds = _open_eval_dataset(cfg.source, cfg.root, cfg.val_split, **kw)
+    n_val = len(val_ds) if not cfg.val_images else min(cfg.val_images, len(val_ds))
+    val_frames = DatasetFrames(val_ds, channels, cfg.frame_size, list(range(n_val)))
+    n_cal = min(cfg.calib_images, len(val_ds))
+
+    def calib() -> list[LabeledFrame]:
+        return [val_frames.frame(j) for j in range(n_cal)] if n_cal else []
+
+    def val() -> list[LabeledFrame]:
+        return [val_frames.frame(j) for j in range(len(val_frames))]
+
+    desc = (f"stage 2: {labelled.describe()} (label rate {cfg.label_fraction:g}); stage 1: "
+            f"{normal.describe()} plus simulated anomalies; thresholds from {n_cal} and scores on "
+            f"{n_val} images of split '{cfg.val_split}'")
+    return TrainingData(stage1, stage2, calib, val, tuple(train_ds.classes), desc)
+
+
+DATA_SOURCES["neu-seg"] = _build_folder
+DATA_SOURCES["magnetic-tile"] = _build_folder
+
+DataConfig = Annotated[Union[SyntheticDataConfig, FolderDataConfig], Field(discriminator="source")]

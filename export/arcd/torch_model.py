@@ -27,7 +27,13 @@ __all__ = [
     "ReconstructiveSubNetwork",
     "DiscriminativeSubNetwork",
     "ARCDInference",
+    "NoReconstruction",
+    "discriminator_input",
     "init_weights",
+    "MaskedDilatedConv",
+    "ChannelTransformer",
+    "MFLM",
+    "CALM",
     "count_parameters",
     "channel_softmax",
 ]
@@ -72,6 +78,110 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+class MaskedDilatedConv(nn.Module):
+    """Masked dilated convolution (spec §3.1a, SSPCAB's layout): four ``k`` x ``k`` convs on the
+    four corners of a ``(2k + 2d + 1)``-wide neighbourhood, centre hidden, summed, ReLU. Each
+    pixel is predicted from its surroundings only, which is what makes it self-supervised."""
+
+    def __init__(self, channels: int, kernel: int = 3, dilation: int = 1):
+        super().__init__()
+        self.pad = kernel + dilation
+        self.border = kernel + 2 * dilation + 1
+        self.convs = nn.ModuleList(nn.Conv2d(channels, channels, kernel) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, b = self.pad, self.border
+        xp = nn.functional.pad(x, (p, p, p, p))
+        c1, c2, c3, c4 = self.convs
+        out = (c1(xp[:, :, :-b, :-b]) + c2(xp[:, :, b:, :-b]) + c3(xp[:, :, :-b, b:])
+               + c4(xp[:, :, b:, b:]))
+        return torch.relu(out)
+
+
+class ChannelTransformer(nn.Module):
+    """Transformer channel attention that replaces SSPCAB's SE layer (spec §3.1c, SSMCTB
+    defaults): one token per channel from global average pooling, Linear(1 -> dim) plus a learned
+    position embedding, pre-LayerNorm blocks whose attention heads are *summed* (eq. 4-7), then
+    ``w = sigmoid(mean over dim)`` rescales the channels."""
+
+    def __init__(self, channels: int, heads: int = 5, dim: int = 64, layers: int = 1,
+                 mlp_ratio: int = 4):
+        super().__init__()
+        self.heads, self.dim = heads, dim
+        self.embed = nn.Linear(1, dim)
+        self.pos = nn.Parameter(torch.zeros(1, channels, dim))
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "norm1": nn.LayerNorm(dim),
+                "qkv": nn.Linear(dim, 3 * heads * dim, bias=False),
+                "norm2": nn.LayerNorm(dim),
+                "mlp": nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(),
+                                     nn.Linear(mlp_ratio * dim, dim)),
+            }))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        n, c = z.shape[:2]
+        t = self.embed(z.mean(dim=(2, 3)).unsqueeze(-1)) + self.pos  # N x c x dim
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["norm1"](t)).view(n, c, 3, self.heads, self.dim).unbind(2)
+            q, k, v = (a.transpose(1, 2) for a in (q, k, v))  # N x H x c x dim
+            att = torch.softmax(q @ k.transpose(-1, -2) / self.dim ** 0.5, dim=-1)
+            t = (att @ v).sum(dim=1) + t  # heads summed, eq. (4-7), then residual (4-8)
+            t = blk["mlp"](blk["norm2"](t)) + t
+        w = torch.sigmoid(t.mean(dim=-1))
+        return z * w[:, :, None, None]
+
+
+class MFLM(nn.Module):
+    """Masked Feature Learning Module (spec §3.1): masked dilated conv, then channel transformer.
+    ``residual=True`` adds the input back (the thesis's "added to the original features")."""
+
+    def __init__(self, channels: int, kernel: int = 3, dilation: int = 1, heads: int = 5,
+                 dim: int = 64, layers: int = 1, residual: bool = False):
+        super().__init__()
+        self.mdc = MaskedDilatedConv(channels, kernel, dilation)
+        self.attn = ChannelTransformer(channels, heads, dim, layers)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.attn(self.mdc(x))
+        return x + out if self.residual else out
+
+
+class CALM(nn.Module):
+    """Contrastive Attention Learning Module (spec §3.2 default): CBAM channel attention from
+    average *and* max pooling (r = 16, bias-free 1x1 convs), then coordinate-style attention from
+    average pooling along X and along Y through one shared 1x1 conv c -> 1."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.w1 = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.w2 = nn.Conv2d(hidden, channels, 1, bias=False)
+        self.axis = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        avg = f.mean(dim=(2, 3), keepdim=True)
+        mx = f.amax(dim=(2, 3), keepdim=True)
+        mc = torch.sigmoid(self.w2(torch.relu(self.w1(avg))) + self.w2(torch.relu(self.w1(mx))))
+        f = f * mc
+        a_h = torch.sigmoid(self.axis(f.mean(dim=3, keepdim=True)))  # N x 1 x H x 1
+        a_w = torch.sigmoid(self.axis(f.mean(dim=2, keepdim=True)))  # N x 1 x 1 x W
+        return f * a_h * a_w
+
+
+def _calm_block(cin: int, cout: int) -> nn.Sequential:
+    # spec §3.2 [I]: CALM replaces the block's second 3x3 conv; its BN + ReLU stay
+    return nn.Sequential(*_conv_bn_relu(cin, cout), CALM(cout), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def _mflm_block(cin: int, cout: int) -> nn.Sequential:
+    # spec §3.1 default placement: MFLM replaces the bottleneck block's second conv
+    return nn.Sequential(*_conv_bn_relu(cin, cout), MFLM(cout))
+
+
 class ReconstructiveSubNetwork(nn.Module):
     """R: maps a (possibly anomalous) image to its defect-free reconstruction.
 
@@ -84,7 +194,7 @@ class ReconstructiveSubNetwork(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int | None = None,
-                 base_width: int = 128, depth: int = 5):
+                 base_width: int = 128, depth: int = 5, mflm: bool = False):
         super().__init__()
         if depth < 2:
             raise ValueError(f"ReconstructiveSubNetwork depth must be >= 2, got {depth}")
@@ -94,8 +204,9 @@ class ReconstructiveSubNetwork(nn.Module):
         widths = _encoder_widths(base_width, depth)
         enc: list[nn.Module] = []
         cin = in_channels
-        for w in widths:
-            enc.append(_double_conv(cin, w, w))
+        for i, w in enumerate(widths):
+            last = i == len(widths) - 1
+            enc.append(_mflm_block(cin, w) if mflm and last else _double_conv(cin, w, w))
             cin = w
         self.encoder = nn.ModuleList(enc)
         self.pool = nn.MaxPool2d(2)
@@ -135,7 +246,7 @@ class DiscriminativeSubNetwork(nn.Module):
     """
 
     def __init__(self, in_channels: int = 6, out_channels: int = 4, base_channels: int = 64,
-                 depth: int = 6):
+                 depth: int = 6, calm: bool = False):
         super().__init__()
         if depth < 2:
             raise ValueError(f"DiscriminativeSubNetwork depth must be >= 2, got {depth}")
@@ -145,7 +256,7 @@ class DiscriminativeSubNetwork(nn.Module):
         enc: list[nn.Module] = []
         cin = in_channels
         for w in widths:
-            enc.append(_double_conv(cin, w, w))
+            enc.append(_calm_block(cin, w) if calm else _double_conv(cin, w, w))
             cin = w
         self.encoder = nn.ModuleList(enc)
         self.pool = nn.MaxPool2d(2)
@@ -175,6 +286,31 @@ class DiscriminativeSubNetwork(nn.Module):
         return self.final(x)
 
 
+class NoReconstruction(nn.Module):
+    """R switched off: the plain U-Net baseline of the thesis (D alone on the image).
+
+    Passes the image through unchanged, so the fused graph keeps its two outputs (the runtime
+    contract), while :func:`discriminator_input` hands D the image alone, not ``cat(x, x)``.
+    """
+
+    passthrough = True
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.in_channels = self.out_channels = in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def discriminator_input(reconstruction: nn.Module, rec: torch.Tensor, image: torch.Tensor
+                        ) -> torch.Tensor:
+    """What D sees: ``cat([rec, image])`` (spec order), or the image alone for the baseline."""
+    if getattr(reconstruction, "passthrough", False):
+        return image
+    return torch.cat([rec, image], dim=1)
+
+
 class ARCDInference(nn.Module):
     """R and D fused into the one graph the runtime runs.
 
@@ -184,19 +320,20 @@ class ARCDInference(nn.Module):
     the spec's default order.
     """
 
-    def __init__(self, reconstruction: ReconstructiveSubNetwork,
+    def __init__(self, reconstruction: ReconstructiveSubNetwork | NoReconstruction,
                  discrimination: DiscriminativeSubNetwork):
         super().__init__()
-        if discrimination.in_channels != reconstruction.out_channels + reconstruction.in_channels:
+        want = reconstruction.in_channels if getattr(reconstruction, "passthrough", False) \
+            else reconstruction.out_channels + reconstruction.in_channels
+        if discrimination.in_channels != want:
             raise ValueError(
-                f"D takes {discrimination.in_channels} channels but cat(R(x), x) has "
-                f"{reconstruction.out_channels + reconstruction.in_channels}")
+                f"D takes {discrimination.in_channels} channels but its input has {want}")
         self.reconstruction = reconstruction
         self.discrimination = discrimination
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rec = self.reconstruction(image)
-        logits = self.discrimination(torch.cat([rec, image], dim=1))
+        logits = self.discrimination(discriminator_input(self.reconstruction, rec, image))
         return rec, channel_softmax(logits)
 
 

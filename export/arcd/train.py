@@ -43,8 +43,9 @@ from export.arcd.data import DataConfig, SyntheticDataConfig, TrainingData, buil
 from export.arcd.evaluate import choose_thresholds, evaluate, predict_frame
 from export.arcd.loss import DiceLoss, FocalLoss, ReconstructionLoss
 from export.arcd.simulation import SimulationConfig
-from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork,
-                                     ReconstructiveSubNetwork, count_parameters)
+from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, NoReconstruction,
+                                     ReconstructiveSubNetwork, count_parameters,
+                                     discriminator_input)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,12 @@ class ModelConfig(BaseModel):
     #: applied to pixel / 255; the spec's default is no normalisation (mean 0, std 1)
     mean: list[float] = Field(default_factory=lambda: [0.0])
     std: list[float] = Field(default_factory=lambda: [1.0])
+    #: False = the thesis's plain U-Net baseline: no R, no stage 1, D on the image alone
+    reconstruction: bool = True
+    #: spec §3.1: MFLM (masked dilated conv + channel transformer) in R's bottleneck block
+    mflm: bool = False
+    #: spec §3.2: CALM in place of the second conv of each D encoder block
+    calm: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -155,6 +162,13 @@ class TrainConfig(BaseModel):
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="after")
+    def _baseline_has_no_stage1(self) -> "TrainConfig":
+        # without R there is nothing for stage 1 to train; the budget goes to stage 2 alone
+        if not self.model.reconstruction:
+            self.stage1.steps = 0
+        return self
+
 
 def load_config(path: Path) -> TrainConfig:
     """Read and validate a training YAML; errors name the file and the dotted key."""
@@ -179,9 +193,17 @@ def _validate(raw: dict, where: str) -> TrainConfig:
         raise ConfigError(where, key, err["msg"]) from e
 
 
-def build_models(cfg: ModelConfig) -> tuple[ReconstructiveSubNetwork, DiscriminativeSubNetwork]:
-    r = ReconstructiveSubNetwork(cfg.in_channels, cfg.in_channels, cfg.r_base_width, cfg.r_depth)
-    d = DiscriminativeSubNetwork(2 * cfg.in_channels, len(cfg.classes), cfg.d_base_channels, cfg.d_depth)
+def build_models(cfg: ModelConfig) -> tuple[ReconstructiveSubNetwork | NoReconstruction,
+                                             DiscriminativeSubNetwork]:
+    if not cfg.reconstruction:
+        r: ReconstructiveSubNetwork | NoReconstruction = NoReconstruction(cfg.in_channels)
+        d_in = cfg.in_channels
+    else:
+        r = ReconstructiveSubNetwork(cfg.in_channels, cfg.in_channels, cfg.r_base_width,
+                                     cfg.r_depth, mflm=cfg.mflm)
+        d_in = 2 * cfg.in_channels
+    d = DiscriminativeSubNetwork(d_in, len(cfg.classes), cfg.d_base_channels, cfg.d_depth,
+                                 calm=cfg.calm)
     return r, d
 
 
@@ -211,7 +233,10 @@ class _State:
         self.done = False
         self.history: dict[str, list[list[float]]] = {"stage1": [], "stage2": []}
         self.elapsed_s = 0.0
-        self.opt1 = torch.optim.Adam(r.parameters(), lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay)
+        # the baseline's pass-through R has no parameters; Adam refuses an empty list, and a
+        # stand-in keeps checkpoints of both variants in one format
+        r_params = list(r.parameters()) or [torch.nn.Parameter(torch.zeros(1))]
+        self.opt1 = torch.optim.Adam(r_params, lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay)
         self.opt2 = torch.optim.Adam(d.parameters(), lr=cfg.stage2.lr, weight_decay=cfg.stage2.weight_decay)
         self.sched1 = _scheduler(self.opt1, cfg.stage1)
         self.sched2 = _scheduler(self.opt2, cfg.stage2)
@@ -324,7 +349,7 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
         else:
             with torch.no_grad():
                 rec = state.r(x)
-            logits = state.d(torch.cat([rec, x], dim=1))
+            logits = state.d(discriminator_input(state.r, rec, x))
             mask = batch["mask"].to(dev)
             loss = crit(logits, mask)
             parts = {}

@@ -13,8 +13,11 @@ def make_adapter(bundle: Bundle, engine: Engine, max_batch: int = 0) -> ModelAda
     if kind == "arcd":
         from inspector.models.arcd import ArcdAdapter
         return ArcdAdapter(bundle, engine, max_batch)
+    if kind == "clgan":
+        from inspector.models.clgan import ClganAdapter
+        return ClganAdapter(bundle, engine, max_batch)
     raise BundleError(f"{bundle.path / BUNDLE_FILE}: kind: '{kind}' has no runtime adapter in this "
-                      f"version (available: arcd)")
+                      f"version (available: arcd, clgan)")
 
 
 __all__ = ["ModelAdapter", "ModelOutput", "make_adapter"]

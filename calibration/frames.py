@@ -1,0 +1,226 @@
+"""Frame sets for calibration: normal frames from a folder or a live source, labelled defects,
+and the deterministic split into a calibration part and a held-back check part.
+
+The split is a fixed function of each image's stem (:func:`inspector.evaluation.datasets.
+hash_fraction`, the hash the evaluation and training code split by), so every run and machine
+holds back the same frames, and adding frames never moves old ones between the parts:
+
+* hash < ``check_fraction``                         -> ``check`` (held back, only measured)
+* hash < ``check_fraction + calib_fraction``        -> ``calibration`` (thresholds chosen here)
+* otherwise                                         -> ``unused``
+
+With ``check_fraction 0.3, calib_fraction 0.2`` the parts are exactly the shared ``test`` and
+``val`` splits (:data:`inspector.evaluation.datasets.DEFAULT_SPLIT`), and ``unused`` is the
+``train`` split that a model such as clgan-mt was trained on: thresholds must not be set on
+frames the model has learnt to reconstruct, or they come out too low for new frames.
+``calib_fraction`` None (the default) takes every frame that is not held back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal
+
+import numpy as np
+
+from inspector.errors import InspectorError
+from inspector.evaluation.datasets import (Dataset, Entry, hash_fraction, image_folder, open_dataset,
+                                           read_image)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Split", "FrameItem", "FrameSet", "normal_folder", "live_frames", "defect_set", "Part"]
+
+Part = Literal["calibration", "check", "unused"]
+
+
+class CalibrationInputError(InspectorError, ValueError):
+    """Bad calibration input (an argument or a file): the CLI exits 2 with this message."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which part an image stem falls in (see module doc)."""
+
+    check_fraction: float = 0.3
+    calib_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.check_fraction < 1:
+            raise CalibrationInputError(f"--check-fraction: must be in (0, 1), got {self.check_fraction}")
+        if self.calib_fraction is not None and not (
+                0 < self.calib_fraction and self.check_fraction + self.calib_fraction <= 1 + 1e-12):
+            raise CalibrationInputError(f"--calib-fraction: must be > 0 and leave check + calibration "
+                                        f"<= 1, got {self.calib_fraction}")
+
+    def part(self, stem: str) -> Part:
+        h = hash_fraction(stem)
+        if h < self.check_fraction:
+            return "check"
+        if self.calib_fraction is None or h < self.check_fraction + self.calib_fraction:
+            return "calibration"
+        return "unused"
+
+    def describe(self) -> dict:
+        return {"check_fraction": self.check_fraction, "calib_fraction": self.calib_fraction,
+                "rule": "sha256(stem) -> [0,1): < check_fraction held back for the check, the next "
+                        "calib_fraction (default: the rest) calibrates"}
+
+
+@dataclass
+class FrameItem:
+    """One image of a frame set, loaded on demand (``load()`` -> image, truth or None)."""
+
+    name: str
+    part: Part
+    load: Callable[[], tuple[np.ndarray, np.ndarray | None]]
+    path: Path | None = None  # the image file, where there is one
+
+
+@dataclass
+class FrameSet:
+    """Images split into parts; ``kind`` is ``normal`` or ``defect``."""
+
+    kind: str
+    source: str
+    items: list[FrameItem]
+    notes: list[str] = field(default_factory=list)
+
+    def part(self, part: Part) -> list[FrameItem]:
+        return [it for it in self.items if it.part == part]
+
+    def counts(self) -> dict[str, int]:
+        out = {"calibration": 0, "check": 0, "unused": 0}
+        for it in self.items:
+            out[it.part] += 1
+        return out
+
+    def summary(self) -> dict:
+        return {"source": self.source, **self.counts(), "notes": list(self.notes)}
+
+
+def _drop_mask_siblings(entries: list[Entry]) -> tuple[list[Entry], int]:
+    """A ``.png`` beside an image of the same stem is that image's mask (the magnetic-tile
+    layout keeps ``<stem>.jpg`` and ``<stem>.png`` in one folder), not a second frame."""
+    by_stem: dict[str, list[Entry]] = {}
+    for e in entries:
+        by_stem.setdefault(e.stem, []).append(e)
+    kept, dropped = [], 0
+    for group in by_stem.values():
+        if len(group) > 1 and any(e.image.suffix.lower() != ".png" for e in group):
+            pngs = [e for e in group if e.image.suffix.lower() == ".png"]
+            dropped += len(pngs)
+            group = [e for e in group if e.image.suffix.lower() != ".png"]
+        kept.extend(group)
+    kept.sort(key=lambda e: e.stem)
+    return kept, dropped
+
+
+def normal_folder(root: str | Path, split: Split, arg: str = "--normal") -> FrameSet:
+    """Every image under ``root`` (recursively) as a normal frame."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CalibrationInputError(f"{arg} {root}: folder not found")
+    ds = image_folder(root)
+    entries, dropped = _drop_mask_siblings(ds.entries)
+    if not entries:
+        raise CalibrationInputError(f"{arg} {root}: no images in it (expected .png/.jpg/.bmp/.tif files)")
+    # The split hashes the bare file stem, as the data-set readers do, so that pointing at a
+    # parent folder (MT_Free/ rather than MT_Free/Imgs/) does not move images between parts.
+    items = [FrameItem(e.stem, split.part(e.image.stem), _loader(e.image), e.image) for e in entries]
+    fs = FrameSet("normal", str(root), items)
+    if dropped:
+        fs.notes.append(f"{dropped} .png file(s) beside a same-name image taken as masks and skipped")
+    return fs
+
+
+def _loader(path: Path) -> Callable[[], tuple[np.ndarray, None]]:
+    return lambda: (read_image(path), None)
+
+
+def live_frames(cfg, frames: int, split: Split) -> FrameSet:
+    """``frames`` frames from the camera config's source, held in memory (N x frame size).
+
+    Frames a source marks as defective (the synthetic strip's ``truth``) are skipped: they are
+    not normal. The stem of a frame is ``<camera_id>/<frame_id>``.
+    """
+    from inspector.errors import FrameError
+    from inspector.sources import make_source
+
+    if frames < 1:
+        raise CalibrationInputError(f"--frames: must be >= 1, got {frames}")
+    src = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
+    items: list[FrameItem] = []
+    skipped_defect = broken = 0
+    with src:
+        while len(items) + skipped_defect < frames:
+            try:
+                f = src.read()
+            except FrameError as e:
+                broken += 1
+                if broken > max(10, frames):
+                    raise
+                log.warning("frame skipped: %s", e)
+                continue
+            if f is None:
+                break
+            if f.truth is not None and f.truth.any():
+                skipped_defect += 1
+                continue
+            stem = f"{cfg.camera_id}/{f.frame_id:08d}"
+            img = np.array(f.image, copy=True)
+            items.append(FrameItem(stem, split.part(stem), (lambda im=img: (im, None))))
+    if not items:
+        raise CalibrationInputError(f"--config {cfg.source_file}: the source gave no normal frame")
+    fs = FrameSet("normal", f"{cfg.source_file} ({src.describe()})", items)
+    if skipped_defect:
+        fs.notes.append(f"{skipped_defect} frame(s) with defects (source truth) skipped")
+    if broken:
+        fs.notes.append(f"{broken} broken frame(s) skipped")
+    if len(items) + skipped_defect < frames:
+        fs.notes.append(f"the source ended after {len(items) + skipped_defect} of {frames} frames")
+    return fs
+
+
+def defect_set(root: str | Path, fmt: str, split: Split, categories: list[str] | None = None) -> FrameSet:
+    """Labelled defect images (``magnetic-tile`` without ``MT_Free`` unless named, or ``neu-seg``)."""
+    root = Path(root)
+    try:
+        if fmt == "magnetic-tile":
+            ds: Dataset = open_dataset(fmt, root, categories=categories) if categories else open_dataset(fmt, root)
+            if not categories:
+                ds = ds.filter(lambda e: e.category != "MT_Free")
+        elif fmt == "neu-seg":
+            ds = open_dataset(fmt, root, subsets=categories) if categories else open_dataset(fmt, root)
+        else:
+            raise CalibrationInputError(f"--format: {fmt!r}; expected magnetic-tile or neu-seg")
+    except FileNotFoundError as e:
+        raise CalibrationInputError(f"--defects {e}") from None
+    if len(ds) == 0:
+        raise CalibrationInputError(f"--defects {root}: no labelled images ({fmt} layout)")
+    items = [FrameItem(f"{e.category}/{e.stem}", split.part(e.stem), _sample_loader(ds, i))
+             for i, e in enumerate(ds.entries)]
+    fs = FrameSet("defect", f"{root} ({fmt})", items, list(ds.notes))
+    return fs
+
+
+def _sample_loader(ds: Dataset, i: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        s = ds.load(i)
+        return s.image, s.mask
+    return load
+
+
+def iterate(items: list[FrameItem], what: str, every: int = 50) -> Iterator[tuple[FrameItem, np.ndarray, np.ndarray | None]]:
+    """Load ``items`` one by one, logging progress; unreadable files are named and skipped."""
+    for n, it in enumerate(items, 1):
+        try:
+            image, truth = it.load()
+        except ValueError as e:
+            log.warning("%s: skipped: %s", it.name, e)
+            continue
+        yield it, image, truth
+        if n % every == 0:
+            log.info("%s: %d/%d images", what, n, len(items))

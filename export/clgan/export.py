@@ -1,0 +1,168 @@
+"""CLGAN run -> model bundle of kind ``clgan``: the generator as ONNX, checked against torch.
+
+Only G ships (spec §1.5: D and H are discarded at test time). The graph takes normalised tiles
+``image`` [N, C, th, tw] (pixel/255, mean 0.5, std 0.5, i.e. [-1, 1]) and returns
+``reconstruction`` [N, C, th, tw] in [-1, 1]; the batch axis is dynamic. The runtime adapter
+(``inspector.models.clgan``) turns it into the spec's residual and the dual-threshold mask, with
+the detection parameters of the run's config written into the bundle.
+
+Parity: onnxruntime and torch must agree on random tiles and on near-flat, gradient and striped
+tiles to ``atol`` (default 1e-3 on the [-1, 1] output, i.e. 0.13 grey levels); the measured
+maximum is recorded in the bundle's provenance.
+
+Example::
+
+    inspector export onnx --run-dir runs/clgan-mt --out deploy/models/clgan-mt
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, write_bundle
+from inspector.postprocess import PostprocessConfig
+
+from export.clgan.torch_model import ResnetGenerator
+from export.clgan.train import CHECKPOINT, CONFIG, METRICS, ClganTrainConfig, build_networks, load_checkpoint
+
+log = logging.getLogger(__name__)
+
+__all__ = ["is_clgan_run", "export_generator", "parity_check", "export_bundle", "detection_kind_params"]
+
+GRAPH = "model.onnx"
+
+
+def is_clgan_run(run_dir: Path) -> bool:
+    """True when ``run_dir/config.yaml`` says ``kind: clgan`` (how the CLI picks the exporter)."""
+    p = Path(run_dir) / CONFIG
+    if not p.is_file():
+        return False
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        return False
+    return isinstance(raw, dict) and raw.get("kind") == "clgan"
+
+
+def export_generator(G: ResnetGenerator, path: Path, tile: tuple[int, int], opset: int = 17) -> Path:
+    """Write G (eval mode) to ``path`` as ONNX with a dynamic batch axis."""
+    G = G.eval()
+    dummy = torch.zeros(1, G.in_channels, *tile)
+    # The TorchScript-based exporter: it needs no onnxscript, and the graph is plain convs,
+    # instance norms, pads and Tanh, which it maps one to one. Its deprecation and
+    # instance-norm-in-eval notices are expected here (G normalises per image by design).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(G, (dummy,), str(path), input_names=["image"], output_names=["reconstruction"],
+                          dynamic_axes={"image": {0: "N"}, "reconstruction": {0: "N"}},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    return path
+
+
+def _probe_tiles(channels: int, tile: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Random, near-flat, gradient and striped tiles in [-1, 1]: the inputs the parity check compares."""
+    th, tw = tile
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:th, 0:tw].astype(np.float32)
+    tiles = [rng.uniform(-1, 1, (channels, th, tw)),
+             # near-flat, not flat: on an exactly constant tile every instance norm divides
+             # rounding noise by sqrt(eps), so torch and onnxruntime legitimately disagree there
+             0.2 + rng.normal(0, 0.02, (channels, th, tw)),
+             np.broadcast_to((xx / tw * 2 - 1)[None], (channels, th, tw)),
+             np.broadcast_to(np.sin(yy / 3.0)[None] * 0.8, (channels, th, tw))]
+    return np.stack(tiles).astype(np.float32)
+
+
+def parity_check(G: ResnetGenerator, graph: Path, tile: tuple[int, int], atol: float = 1e-3) -> dict:
+    """Run the probe tiles through torch and onnxruntime; raise when they differ by > ``atol``."""
+    import onnxruntime as ort
+
+    x = _probe_tiles(G.in_channels, tile)
+    with torch.no_grad():
+        ref = G.eval()(torch.from_numpy(x)).numpy()
+    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    got = np.concatenate([sess.run(None, {"image": x[i:i + 1]})[0] for i in range(len(x))]
+                         + [sess.run(None, {"image": x[:2]})[0]])  # batch 1 and a batch of 2
+    ref = np.concatenate([ref, ref[:2]])
+    diff = float(np.abs(got - ref).max())
+    result = {"max_abs_diff": diff, "atol": atol, "tiles": int(len(x)) + 2, "tile": list(tile)}
+    if not np.isfinite(diff) or diff > atol:
+        raise RuntimeError(f"{graph}: ONNX and torch differ by {diff:.3g} > {atol} on the parity tiles")
+    return result
+
+
+def detection_kind_params(cfg: ClganTrainConfig) -> dict[str, Any]:
+    d = cfg.detection
+    return {"gauss_ksize": d.gauss_ksize, "gauss_sigma": d.gauss_sigma,
+            "residual_mode": d.residual_mode, "output_range": [-1.0, 1.0]}
+
+
+def _git_commit(cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
+                             timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int = 17,
+                  atol: float = 1e-3, tile: tuple[int, int] | None = None) -> Path:
+    """Export the run's generator into the bundle folder ``out`` (created or overwritten)."""
+    run_dir, out = Path(run_dir), Path(out)
+    ck = load_checkpoint(run_dir / CHECKPOINT)
+    cfg = ClganTrainConfig.model_validate(ck["config"])
+    G, _, _ = build_networks(cfg)
+    G.load_state_dict(ck["G"])
+    G.eval()
+    tile = tuple(tile or cfg.detection.tile)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        staged = export_generator(G, Path(tmp) / GRAPH, tile, opset)
+        parity = parity_check(G, staged, tile, atol)
+        staged.replace(out / GRAPH)
+    log.info("parity torch vs onnxruntime: max |diff| %.2e (atol %g)", parity["max_abs_diff"], atol)
+    metrics = {}
+    if (run_dir / METRICS).is_file():
+        metrics = json.loads((run_dir / METRICS).read_text())
+    d = cfg.detection
+    n = cfg.data.channels
+    spec = BundleSpec(
+        name=name or out.name, kind="clgan",
+        graphs={"model": GraphRef(file=GRAPH, sha256="")},
+        input=InputSpec(name="image", tile=tile, channels=n, mean=[0.5] * n, std=[0.5] * n, batch=0),
+        outputs={"reconstruction": "reconstruction"},
+        classes=["background", "defect"],
+        tiling=TilingSpec(overlap=d.overlap),
+        postprocess=PostprocessConfig(type="dual_threshold", k1=d.k1, k2=d.k2, kernel_size=d.kernel_size),
+        kind_params=detection_kind_params(cfg),
+        provenance={
+            "method": "CLGAN (../shared/seeds/002_spec.md): contrastive GAN reconstruction, "
+                      "trained on defect-free images only",
+            "data": metrics.get("data") or [s.model_dump(mode="json") for s in cfg.data.sources],
+            "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
+            "training": {k: metrics.get(k) for k in ("iterations", "train_seconds", "device", "threads",
+                                                     "params", "final_losses_ema",
+                                                     "preview_abs_error_grey")},
+            "commit": _git_commit(Path(__file__).resolve().parents[2]),
+            "parity": parity,
+            "opset": opset,
+            "torch": str(torch.__version__),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metrics": {},
+        },
+    )
+    write_bundle(out, spec)
+    log.info("bundle %s written (kind clgan, tile %s, %d channel(s))", out, list(tile), n)
+    return out

@@ -1,0 +1,555 @@
+"""CLGAN training on defect-free images (``../shared/seeds/002_spec.md`` §1.5-§1.6).
+
+Per iteration (CUT's order): G reconstructs [Real_A; Real_B]; a D step on (Real_B real, Fake_B
+fake); a G+H step on ``lambda_GAN * L_GAN + lambda_X * PatchNCE(Real_A, Fake_B) + lambda_Y *
+PatchNCE(Real_B, G(Real_B)) [+ lambda_l1 * L1(Fake_B, Real_A), off by default]``. Adam for G, D
+and H; constant learning rate for ``n_epochs`` then linear decay to 0 over ``n_epochs_decay``.
+
+The run folder holds ``config.yaml`` (the resolved config, ``kind: clgan``, which is how
+``inspector export onnx`` recognises a CLGAN run), ``checkpoint.pt`` (G, D, H, optimisers,
+iteration, elapsed time; written every ``checkpoint_every`` iterations and at the end),
+``metrics.json``, ``losses.jsonl`` and ``preview.png`` (fixed crops, their reconstructions and
+residuals, refreshed at each checkpoint). ``--resume`` continues a run; pair ``i`` is a pure
+function of (seed, rank, i), so a resumed run sees the data an uninterrupted one would.
+
+Multi-GPU: ``torchrun --nproc_per_node=N -m export.clgan.train --config ...``; each rank draws its
+own crops (batch_size per rank), gradients are averaged across ranks after every backward pass
+(NCCL on GPUs, gloo on CPU), rank 0 writes the run folder.
+
+Example::
+
+    inspector train clgan --config configs/train/clgan-mt.yaml --run-dir runs/clgan-mt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from inspector.errors import ConfigError
+from inspector.evaluation.datasets import SplitFractions
+
+from export.clgan.data import CropPairs, DataSource, load_normal_images
+from export.clgan.loss import GANLoss, PatchNCE
+from export.clgan.torch_model import (DEFAULT_NCE_LAYERS, PatchGANDiscriminator, ProjectionHeads,
+                                      ResnetGenerator, count_parameters)
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+LOSSES = "losses.jsonl"
+PREVIEW = "preview.png"
+CHECKPOINT_FORMAT = 1
+
+__all__ = ["ClganTrainConfig", "load_config", "build_networks", "ClganTrainer", "train", "main"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config (every spec DEFAULT is a default here; configs/train/clgan-mt.yaml overrides for CPU)
+# ---------------------------------------------------------------------------------------------
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[DataSource] = Field(..., min_length=1)
+    crop: int = Field(256, ge=16, description="training crop side (spec: 256x256 images)")
+    channels: Literal[1, 3] = Field(3, description="model channels (spec: RGB; 1 for grey surfaces)")
+    real_b_mode: Literal["independent", "same_as_A"] = "independent"
+    flip: bool = Field(False, description="random left-right flip (spec: optional for textures)")
+    vflip: bool = False
+    split_test: float = Field(0.3, ge=0, le=1, description="hash share held out as test")
+    split_val: float = Field(0.2, ge=0, le=1, description="hash share held out as val")
+
+    @model_validator(mode="after")
+    def _crop_div4(self) -> "DataConfig":
+        if self.crop % 4:
+            raise ValueError(f"crop {self.crop} must be a multiple of 4 (two stride-2 stages)")
+        return self
+
+
+class GeneratorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ngf: int = Field(64, ge=1)
+    n_resblocks: int = Field(9, ge=0)
+    normG: Literal["instance", "batch", "none"] = "instance"
+    antialias: bool = False
+    skip: Literal["none", "add", "concat"] = "none"
+
+
+class DiscriminatorConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ndf: int = Field(64, ge=1)
+    n_layers_D: int = Field(3, ge=1)
+    normD: Literal["batch", "instance", "none"] = "batch"
+    layout: Literal["standard", "table1_literal"] = "standard"
+    first_norm: bool | None = Field(None, description="norm on C1 (default: only in table1_literal)")
+
+
+class NCEConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    nce_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_NCE_LAYERS))
+    num_patches: int = Field(256, ge=2)
+    nce_T: float = Field(0.07, gt=0)
+    mlp_layers: int = Field(4, ge=1)
+    mlp_dim: int = Field(256, ge=1)
+    mlp_last_relu: bool = False
+    detach_keys: bool = Field(False, description="CUT's code detaches keys; the spec does not")
+
+
+class LossConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lambda_X: float = Field(1.0, ge=0)
+    lambda_Y: float = Field(1.0, ge=0)
+    lambda_GAN: float = Field(1.0, ge=0)
+    lambda_l1: float = Field(0.0, ge=0, description="optional extension; the paper has none")
+    gan_mode: Literal["vanilla", "lsgan"] = "vanilla"
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    batch_size: int = Field(1, ge=1, description="per rank")
+    n_epochs: float = Field(200, ge=0, description="epochs at constant learning rate")
+    n_epochs_decay: float = Field(200, ge=0, description="epochs of linear decay to 0")
+    iters_per_epoch: int | None = Field(None, ge=1, description="default: training images / batch")
+
+
+class DetectionConfig(BaseModel):
+    """Run-time detection written into the bundle (spec §2.3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile: tuple[int, int] = (256, 256)
+    overlap: int = Field(32, ge=0)
+    gauss_ksize: int = Field(3, ge=1)
+    gauss_sigma: float = Field(0.0, ge=0, description="0 = OpenCV's choice from the size (0.8 for 3)")
+    residual_mode: Literal["abs", "signed", "clip"] = "abs"
+    k1: float = 3.0
+    k2: float = 1.0
+    kernel_size: int = Field(3, ge=0, description="closing element side (square)")
+
+    @model_validator(mode="after")
+    def _odd(self) -> "DetectionConfig":
+        if self.gauss_ksize % 2 == 0:
+            raise ValueError(f"gauss_ksize must be odd, got {self.gauss_ksize}")
+        if any(t % 4 for t in self.tile):
+            raise ValueError(f"tile {list(self.tile)} must be a multiple of 4")
+        return self
+
+
+class ClganTrainConfig(BaseModel):
+    """The whole training YAML of a CLGAN run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["clgan"] = "clgan"
+    name: str = "clgan"
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch CPU threads")
+    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    data: DataConfig
+    generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
+    discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)
+    nce: NCEConfig = Field(default_factory=NCEConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    detection: DetectionConfig = Field(default_factory=DetectionConfig)
+    #: folder the relative data roots resolve against (the config file's folder)
+    base_dir: str = Field(".", description="set by load_config; relative data roots start here")
+
+
+def load_config(path: Path) -> ClganTrainConfig:
+    """Read and validate a training YAML; errors name the file and the dotted key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), None, "training config not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), None, f"not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), None, "expected a mapping at the top level")
+    raw.setdefault("base_dir", str(path.resolve().parent))
+    try:
+        cfg = ClganTrainConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(str(path), key, err["msg"]) from e
+    try:
+        ResnetGenerator(cfg.data.channels, ngf=1, n_resblocks=cfg.generator.n_resblocks) \
+            .feature_channels(cfg.nce.nce_layers)
+    except ValueError as e:
+        raise ConfigError(str(path), "nce.nce_layers", str(e)) from e
+    return cfg
+
+
+def build_networks(cfg: ClganTrainConfig) -> tuple[ResnetGenerator, PatchGANDiscriminator, ProjectionHeads]:
+    g = cfg.generator
+    G = ResnetGenerator(cfg.data.channels, cfg.data.channels, g.ngf, g.n_resblocks, g.normG,
+                        g.antialias, g.skip)
+    d = cfg.discriminator
+    D = PatchGANDiscriminator(cfg.data.channels, d.ndf, d.n_layers_D, d.normD, d.layout, d.first_norm)
+    n = cfg.nce
+    H = ProjectionHeads(G.feature_channels(n.nce_layers), n.mlp_layers, n.mlp_dim, n.mlp_last_relu)
+    return G, D, H
+
+
+# ---------------------------------------------------------------------------------------------
+# One training step
+# ---------------------------------------------------------------------------------------------
+
+def _set_requires_grad(m: torch.nn.Module, flag: bool) -> None:
+    for p in m.parameters():
+        p.requires_grad_(flag)
+
+
+class ClganTrainer:
+    """Networks, optimisers and the per-iteration update. ``world > 1`` averages gradients
+    across ranks (the process group must be initialised)."""
+
+    def __init__(self, cfg: ClganTrainConfig, G: ResnetGenerator, D: PatchGANDiscriminator,
+                 H: ProjectionHeads, world: int = 1):
+        self.cfg, self.G, self.D, self.H, self.world = cfg, G, D, H, world
+        o = cfg.optim
+        self.opt_G = torch.optim.Adam(G.parameters(), lr=o.lr, betas=o.betas)
+        self.opt_D = torch.optim.Adam(D.parameters(), lr=o.lr, betas=o.betas)
+        self.opt_H = torch.optim.Adam(H.parameters(), lr=o.lr, betas=o.betas)
+        self.gan = GANLoss(cfg.loss.gan_mode)
+        self.nce = PatchNCE(cfg.nce.nce_T, cfg.nce.detach_keys)
+
+    @property
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"G": self.opt_G, "D": self.opt_D, "H": self.opt_H}
+
+    def set_lr(self, lr: float) -> None:
+        for opt in self.optimizers.values():
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    def _sync(self, *modules: torch.nn.Module) -> None:
+        if self.world <= 1:
+            return
+        for m in modules:
+            for p in m.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
+
+    def nce_loss(self, src: torch.Tensor, tgt: torch.Tensor,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """PatchNCE between an input ``src`` (keys) and its reconstruction ``tgt`` (queries)."""
+        layers, n = self.cfg.nce.nce_layers, self.cfg.nce.num_patches
+        feat_k = self.G(src, nce_layers=layers)
+        feat_q = self.G(tgt, nce_layers=layers)
+        k, ids = self.H(feat_k, n, generator=generator)
+        q, _ = self.H(feat_q, n, patch_ids=ids)
+        return self.nce(q, k, src.shape[0])
+
+    def step(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
+        lc = self.cfg.loss
+        bs = real_a.shape[0]
+        use_idt = lc.lambda_Y > 0
+        real = torch.cat([real_a, real_b]) if use_idt else real_a
+        fake = self.G(real)
+        fake_b = fake[:bs]
+        idt_b = fake[bs:] if use_idt else None
+        out: dict[str, float] = {}
+
+        # D step: Real_B is real, Fake_B (detached) is fake
+        _set_requires_grad(self.D, True)
+        self.opt_D.zero_grad(set_to_none=True)
+        loss_d = 0.5 * (self.gan(self.D(fake_b.detach()), False) + self.gan(self.D(real_b), True))
+        loss_d.backward()
+        self._sync(self.D)
+        self.opt_D.step()
+        out["D"] = float(loss_d.detach())
+
+        # G + H step (D frozen: its gradients are not needed here)
+        _set_requires_grad(self.D, False)
+        self.opt_G.zero_grad(set_to_none=True)
+        self.opt_H.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=real_a.device)
+        if lc.lambda_GAN > 0:
+            g_gan = self.gan(self.D(fake_b), True)
+            total = total + lc.lambda_GAN * g_gan
+            out["G_GAN"] = float(g_gan.detach())
+        if lc.lambda_X > 0:
+            nce_x = self.nce_loss(real_a, fake_b)
+            total = total + lc.lambda_X * nce_x
+            out["NCE_X"] = float(nce_x.detach())
+        if use_idt:
+            nce_y = self.nce_loss(real_b, idt_b)
+            total = total + lc.lambda_Y * nce_y
+            out["NCE_Y"] = float(nce_y.detach())
+        if lc.lambda_l1 > 0:
+            l1 = (fake_b - real_a).abs().mean()
+            total = total + lc.lambda_l1 * l1
+            out["L1"] = float(l1.detach())
+        total.backward()
+        self._sync(self.G, self.H)
+        self.opt_G.step()
+        self.opt_H.step()
+        _set_requires_grad(self.D, True)
+        out["G"] = float(total.detach())
+        for k, v in out.items():
+            if not math.isfinite(v):
+                raise FloatingPointError(f"loss {k} is {v}; lower optim.lr ({self.cfg.optim.lr})")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder, checkpoints, the loop
+# ---------------------------------------------------------------------------------------------
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint (train first, or pass the run folder)")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "clgan":
+        raise ValueError(f"{path}: not a CLGAN checkpoint of format {CHECKPOINT_FORMAT}")
+    return ck
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def lr_at(it: int, cfg: OptimConfig, iters_per_epoch: int) -> float:
+    """Constant for ``n_epochs``, then linear to 0 at the end of ``n_epochs_decay`` (CUT)."""
+    const = cfg.n_epochs * iters_per_epoch
+    decay = cfg.n_epochs_decay * iters_per_epoch
+    if it < const or decay <= 0:
+        return cfg.lr
+    return cfg.lr * max(0.0, 1.0 - (it - const) / decay)
+
+
+def _device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if spec == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(spec)
+
+
+def _preview(G: ResnetGenerator, pairs: CropPairs, start: int, path: Path, n: int = 4) -> float:
+    """Input | reconstruction | 4x residual for ``n`` fixed crops; returns their mean |I - G(I)|
+    in grey levels (how much of a normal surface the generator fails to keep)."""
+    import cv2
+
+    crops = np.stack([pairs.pair(start + i)[0] for i in range(n)])
+    G.eval()
+    with torch.no_grad():
+        rec = G(torch.from_numpy(crops).to(next(G.parameters()).device)).cpu().numpy()
+    G.train()
+    to8 = lambda a: np.clip((a + 1) * 127.5, 0, 255).astype(np.uint8)  # noqa: E731
+    rows = []
+    for x, r in zip(crops, rec):
+        xi, ri = to8(x).transpose(1, 2, 0), to8(r).transpose(1, 2, 0)
+        diff = np.clip(np.abs(xi.astype(np.int16) - ri) * 4, 0, 255).astype(np.uint8)
+        rows.append(np.concatenate([xi, ri, diff], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    if grid.shape[2] == 3:
+        grid = cv2.cvtColor(grid, cv2.COLOR_RGB2BGR)
+    cv2.imwrite(str(path), grid)
+    return float(np.abs((crops - rec) * 127.5).mean())
+
+
+def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
+          max_iters: int | None = None) -> Path:
+    """Train CLGAN from ``config_path`` into ``run_dir``; returns the run folder.
+
+    ``max_iters`` stops early (tests, smoke runs) without changing the learning-rate schedule.
+    """
+    config_path = Path(config_path)
+    cfg = load_config(config_path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = 0, int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        rank = dist.get_rank()
+    dev = _device(cfg.device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    main_rank = rank == 0
+
+    if run_dir is None:
+        run_dir = Path("runs") / f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = Path(run_dir)
+    ck_path = run_dir / CHECKPOINT
+    if ck_path.exists() and not resume:
+        raise FileExistsError(f"{ck_path}: a run is already here; pass --resume to continue it "
+                              f"or choose another run folder")
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    fractions = SplitFractions(cfg.data.split_test, cfg.data.split_val)
+    images, desc = load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
+                                      cfg.data.crop, fractions)
+    pairs = CropPairs(images, cfg.data.crop, cfg.data.channels, cfg.seed, rank,
+                      cfg.data.real_b_mode, cfg.data.flip, cfg.data.vflip)
+    o = cfg.optim
+    ipe = o.iters_per_epoch or max(1, len(images) // o.batch_size)
+    total = int(round((o.n_epochs + o.n_epochs_decay) * ipe))
+
+    G, D, H = build_networks(cfg)
+    for m in (G, D, H):
+        m.to(dev)
+    if world > 1:  # every rank starts from rank 0's weights
+        for m in (G, D, H):
+            for t in list(m.parameters()) + list(m.buffers()):
+                dist.broadcast(t.data, 0)
+    trainer = ClganTrainer(cfg, G, D, H, world)
+    step, elapsed, history = 0, 0.0, []
+    if resume and ck_path.exists():
+        ck = load_checkpoint(ck_path)
+        if ck["config"]["generator"] != cfg.generator.model_dump(mode="json") or \
+                ck["config"]["data"]["channels"] != cfg.data.channels:
+            raise ConfigError(str(config_path), "generator",
+                              f"differs from the checkpoint in {ck_path}; a resumed run keeps its network")
+        G.load_state_dict(ck["G"])
+        D.load_state_dict(ck["D"])
+        H.load_state_dict(ck["H"])
+        for k, opt in trainer.optimizers.items():
+            opt.load_state_dict(ck["optimizers"][k])
+        step, elapsed, history = int(ck["step"]), float(ck["elapsed_s"]), list(ck.get("history", []))
+        if main_rank:
+            log.info("resuming %s at iteration %d of %d", run_dir, step, total)
+    elif resume and main_rank:
+        log.warning("%s: nothing to resume, starting a new run", ck_path)
+
+    if main_rank:
+        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        for line in desc:
+            log.info("data: %s", line)
+        log.info("run %s: G %.3f M, D %.3f M, H %.3f M params; crop %d, %d channel(s), batch %d x %d "
+                 "rank(s), %d iterations (%g + %g epochs of %d), device %s, %d thread(s)", run_dir,
+                 count_parameters(G) / 1e6, count_parameters(D) / 1e6, count_parameters(H) / 1e6,
+                 cfg.data.crop, cfg.data.channels, o.batch_size, world, total, o.n_epochs,
+                 o.n_epochs_decay, ipe, dev, cfg.threads)
+
+    def checkpoint() -> dict:
+        return {"format": CHECKPOINT_FORMAT, "kind": "clgan", "step": step, "total": total,
+                "elapsed_s": elapsed, "G": G.state_dict(), "D": D.state_dict(), "H": H.state_dict(),
+                "optimizers": {k: v.state_dict() for k, v in trainer.optimizers.items()},
+                "config": cfg.model_dump(mode="json"), "history": history,
+                "torch": str(torch.__version__)}
+
+    preview_start = 10 ** 9  # pair ids far beyond any training run: crops never trained on
+    stop = total if max_iters is None else min(total, step + max_iters)
+    G.train(), D.train(), H.train()
+    t_rate, first, ema = time.monotonic(), step, {}
+    t_prev = t_rate
+    losses_f = open(run_dir / LOSSES, "a") if main_rank else None
+    try:
+        while step < stop:
+            lr = lr_at(step, o, ipe)
+            trainer.set_lr(lr)
+            a, b = pairs.batch(step, o.batch_size)
+            parts = trainer.step(a.to(dev), b.to(dev))
+            step += 1
+            now = time.monotonic()
+            elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
+            for k, v in parts.items():
+                ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
+            if not main_rank:
+                continue
+            if step % cfg.log_every == 0 or step == stop:
+                rate = (step - first) / max(1e-9, now - t_rate)
+                losses_f.write(json.dumps({"it": step, "lr": lr, "elapsed_s": round(elapsed, 1),
+                                           **{k: round(v, 5) for k, v in ema.items()}}) + "\n")
+                losses_f.flush()
+                history.append([step, ema.get("G", 0.0), ema.get("D", 0.0)])
+                log.info("it %d/%d %s lr %.2e %.2f it/s eta %s", step, total,
+                         " ".join(f"{k} {v:.3f}" for k, v in ema.items()), lr, rate,
+                         _fmt_s((stop - step) / max(rate, 1e-9)))
+            if step % cfg.checkpoint_every == 0 or step == stop:
+                err = _preview(G, pairs, preview_start, run_dir / PREVIEW)
+                _atomic_save(checkpoint(), ck_path)
+                log.info("checkpoint at %d: preview crops |I - G(I)| %.2f grey levels", step, err)
+    finally:
+        if losses_f:
+            losses_f.close()
+
+    if main_rank:
+        err = _preview(G, pairs, preview_start, run_dir / PREVIEW, n=8)
+        final = {k: round(v, 4) for k, v in ema.items()}
+        metrics = {
+            "name": cfg.name, "iterations": step, "planned_iterations": total,
+            "iters_per_epoch": ipe, "world_size": world, "final_losses_ema": final,
+            "preview_abs_error_grey": round(err, 3),
+            "params": {"G": count_parameters(G), "D": count_parameters(D), "H": count_parameters(H)},
+            "train_seconds": round(elapsed, 1), "device": str(dev), "threads": cfg.threads,
+            "data": desc, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        log.info("done: %d iterations in %s; %s", step, _fmt_s(elapsed), run_dir / METRICS)
+    if world > 1:
+        # every rank applied the same averaged gradients to the same start: the weights must agree
+        s = torch.stack([p.detach().double().sum() for p in G.parameters()]).sum().reshape(1).to(dev)
+        all_s = [torch.zeros_like(s) for _ in range(world)]
+        dist.all_gather(all_s, s)
+        sums = [float(x) for x in all_s]
+        if main_rank:
+            log.info("generator checksum per rank: %s", ", ".join(f"{v:.8f}" for v in sums))
+        dist.barrier()
+        dist.destroy_process_group()
+        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+            raise RuntimeError(f"ranks ended with different generators (checksums {sums})")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.clgan.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, type=Path, help="training YAML")
+    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<name>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = train(a.config, a.run_dir, a.resume, a.max_iters)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    log.info("run folder: %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

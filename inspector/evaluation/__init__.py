@@ -1,0 +1,1 @@
+"""Evaluation of model bundles on labelled image folders (runtime side: numpy/OpenCV, no torch)."""

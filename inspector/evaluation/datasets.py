@@ -1,0 +1,328 @@
+"""Readers of labelled surface-image folders, shared by evaluation (runtime) and training (export/).
+
+numpy and OpenCV only, so the runtime can evaluate a bundle on a line PC without torch, and the
+training code reads the very same files the same way.
+
+Three layouts (``FORMATS``):
+
+* ``magnetic-tile``: ``MT_<Category>/Imgs/<stem>.jpg`` with ``<stem>.png`` masks beside them
+  (255 defect, 0 background; anti-aliased in-between values are thresholded at >= 128).
+  ``MT_Free`` holds the defect-free images. The class of a defect pixel is its folder's category.
+* ``neu-seg``: ``images/<subset>/<stem>.jpg`` with ``annotations/<subset>/<stem>.png`` holding
+  class indices (0 background, 1 inclusion, 2 patches, 3 scratches).
+* ``folder``: every image under the root (recursively), all taken as defect-free.
+
+Splits are deterministic and need no list file: a stem's split is fixed by the SHA-256 of the
+stem (:func:`split_of`), so every reader, machine and run agrees on which images are held out,
+and adding images to a folder never moves the old ones between splits.
+
+Example::
+
+    >>> split_of("exp1_num_10181") in ("train", "val", "test")
+    True
+    >>> ds = open_dataset("magnetic-tile", "../shared/data/magnetic_tile", split="test")  # doctest: +SKIP
+    >>> s = ds.load(0); s.image.shape, s.mask.dtype, ds.classes[s.mask.max()]             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
+
+import cv2
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Sample", "Entry", "Dataset", "SplitFractions", "split_of", "hash_fraction",
+           "read_image", "open_dataset", "magnetic_tile", "neu_seg", "image_folder", "FORMATS",
+           "MAGNETIC_TILE_CLASSES", "NEU_SEG_CLASSES", "SPLITS"]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+MAGNETIC_TILE_CLASSES = ("background", "Blowhole", "Break", "Crack", "Fray", "Uneven")
+NEU_SEG_CLASSES = ("background", "inclusion", "patches", "scratches")
+SPLITS = ("train", "val", "test", "all")
+
+
+@dataclass(frozen=True)
+class SplitFractions:
+    """Shares of the hash range: [0, test) test, [test, test + val) val, the rest train."""
+
+    test: float = 0.3
+    val: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.test and 0 <= self.val and self.test + self.val <= 1):
+            raise ValueError(f"split fractions test={self.test}, val={self.val} must be >= 0 and sum to <= 1")
+
+
+DEFAULT_SPLIT = SplitFractions()
+
+
+def hash_fraction(stem: str) -> float:
+    """A stable number in [0, 1) from the file stem (first 8 bytes of its SHA-256)."""
+    return int.from_bytes(hashlib.sha256(stem.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+
+
+def split_of(stem: str, fractions: SplitFractions = DEFAULT_SPLIT) -> str:
+    h = hash_fraction(stem)
+    if h < fractions.test:
+        return "test"
+    if h < fractions.test + fractions.val:
+        return "val"
+    return "train"
+
+
+def read_image(path: Path, color: Literal["keep", "gray", "rgb"] = "keep") -> np.ndarray:
+    """uint8 HxW (grey) or HxWx3 (RGB order). ``keep`` returns grey files grey and colour files
+    RGB; JPEGs that are colour-coded but grey in content stay 3-channel (the model adapter
+    converts to its own channel count, as it does for camera frames)."""
+    flag = {"keep": cv2.IMREAD_UNCHANGED, "gray": cv2.IMREAD_GRAYSCALE, "rgb": cv2.IMREAD_COLOR}[color]
+    img = cv2.imread(str(path), flag)
+    if img is None:
+        raise ValueError(f"{path}: cannot read the image (missing, truncated or not an image)")
+    if img.dtype != np.uint8:
+        if img.dtype == np.uint16:  # 16-bit scans: keep the top 8 bits
+            img = (img >> 8).astype(np.uint8)
+        else:
+            raise ValueError(f"{path}: pixel type {img.dtype}, expected 8- or 16-bit")
+    if img.ndim == 3:
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One image of a data set, not yet loaded."""
+
+    image: Path
+    mask: Path | None  # None: defect-free by construction (no mask file)
+    stem: str
+    category: str  # MT_Crack, training, ... (the folder the image came from)
+    split: str
+    #: class index given to every mask pixel >= 128 (binary masks), or None: the mask file holds
+    #: class indices already
+    binary_class: int | None = None
+
+
+@dataclass
+class Sample:
+    """A loaded image with its class-index mask (0 = background), same height and width."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    entry: Entry
+
+    @property
+    def defective(self) -> bool:
+        return bool(self.mask.any())
+
+    @property
+    def name(self) -> str:
+        return f"{self.entry.category}/{self.entry.stem}"
+
+
+@dataclass
+class Dataset:
+    """A list of entries plus how to load them. ``classes[0]`` is always ``background``."""
+
+    format: str
+    root: Path
+    classes: list[str]
+    entries: list[Entry]
+    split: str = "all"
+    color: Literal["keep", "gray", "rgb"] = "keep"
+    notes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def load(self, i: int) -> Sample:
+        e = self.entries[i]
+        img = read_image(e.image, self.color)
+        h, w = img.shape[:2]
+        if e.mask is None:
+            mask = np.zeros((h, w), np.uint8)
+        else:
+            raw = cv2.imread(str(e.mask), cv2.IMREAD_GRAYSCALE)
+            if raw is None:
+                raise ValueError(f"{e.mask}: cannot read the mask of {e.image.name}")
+            if raw.shape != (h, w):
+                raise ValueError(f"{e.mask}: mask is {raw.shape[1]}x{raw.shape[0]} but its image "
+                                 f"{e.image.name} is {w}x{h}")
+            if e.binary_class is not None:
+                mask = np.where(raw >= 128, np.uint8(e.binary_class), np.uint8(0))
+            else:
+                if raw.max() >= len(self.classes):
+                    raise ValueError(f"{e.mask}: class index {int(raw.max())} but the {self.format} "
+                                     f"layout has {len(self.classes)} classes {self.classes}")
+                mask = raw
+        return Sample(img, mask, e)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for i in range(len(self)):
+            yield self.load(i)
+
+    def filter(self, keep: Callable[[Entry], bool]) -> "Dataset":
+        return Dataset(self.format, self.root, self.classes, [e for e in self.entries if keep(e)],
+                       self.split, self.color, list(self.notes))
+
+    def summary(self) -> dict:
+        cats: dict[str, int] = {}
+        for e in self.entries:
+            cats[e.category] = cats.get(e.category, 0) + 1
+        return {"format": self.format, "root": str(self.root), "split": self.split,
+                "images": len(self.entries), "by_category": cats}
+
+
+def _images_in(folder: Path, recursive: bool = False) -> list[Path]:
+    it = folder.rglob("*") if recursive else folder.glob("*")
+    return sorted(p for p in it if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _in_split(stem: str, split: str, fractions: SplitFractions) -> tuple[bool, str]:
+    s = split_of(stem, fractions)
+    return (split == "all" or s == split), s
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def magnetic_tile(root: str | Path, split: str = "all", categories: Sequence[str] | None = None,
+                  fractions: SplitFractions = DEFAULT_SPLIT) -> Dataset:
+    """The magnetic-tile layout (``MT_*/Imgs``). ``categories`` limits the folders, e.g.
+    ``["MT_Free"]``. Folders beyond the five known defect kinds get classes of their own,
+    appended in name order, so the known class ids never change."""
+    root = Path(root)
+    _check_split(split)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: magnetic-tile root not found (expected MT_*/Imgs/ folders)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("MT_")
+                     and (p / "Imgs").is_dir())
+    if not folders:
+        raise FileNotFoundError(f"{root}: no MT_<Category>/Imgs/ folders (magnetic-tile layout)")
+    classes = list(MAGNETIC_TILE_CLASSES)
+    for f in folders:
+        cat = f.name[3:]
+        if cat != "Free" and cat not in classes:
+            classes.append(cat)
+    if categories is not None:
+        unknown = sorted(set(categories) - {f.name for f in folders})
+        if unknown:
+            raise FileNotFoundError(f"{root}: no folder(s) {unknown} (has {[f.name for f in folders]})")
+        folders = [f for f in folders if f.name in set(categories)]
+    entries, missing = [], 0
+    for f in folders:
+        cat = f.name[3:]
+        cls = 0 if cat == "Free" else classes.index(cat)
+        for img in _images_in(f / "Imgs"):
+            if img.suffix.lower() == ".png":
+                continue  # the masks share the folder with the .jpg images
+            ok, s = _in_split(img.stem, split, fractions)
+            if not ok:
+                continue
+            mask = img.with_suffix(".png")
+            if not mask.is_file():
+                if cat != "Free":
+                    missing += 1
+                    continue  # a defect image without its mask cannot be scored
+                mask = None
+            entries.append(Entry(img, mask, img.stem, f.name, s, binary_class=cls))
+    ds = Dataset("magnetic-tile", root, classes, entries, split)
+    if missing:
+        ds.notes.append(f"{missing} defect image(s) without a mask skipped")
+        log.warning("%s: %d defect image(s) without a .png mask skipped", root, missing)
+    return ds
+
+
+def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None = None,
+            fractions: SplitFractions = DEFAULT_SPLIT) -> Dataset:
+    """The NEU-Seg layout (``images/<subset>/*.jpg``, ``annotations/<subset>/*.png``). All
+    subsets present are read unless ``subsets`` names some (e.g. ``["training"]``)."""
+    root = Path(root)
+    _check_split(split)
+    img_root, ann_root = root / "images", root / "annotations"
+    if not img_root.is_dir() or not ann_root.is_dir():
+        raise FileNotFoundError(f"{root}: expected images/ and annotations/ folders (NEU-Seg layout)")
+    subs = sorted(p.name for p in img_root.iterdir() if p.is_dir())
+    if subsets is not None:
+        unknown = sorted(set(subsets) - set(subs))
+        if unknown:
+            raise FileNotFoundError(f"{img_root}: no subset folder(s) {unknown} (has {subs})")
+        subs = [s for s in subs if s in set(subsets)]
+    entries, missing = [], 0
+    for sub in subs:
+        for img in _images_in(img_root / sub):
+            ok, s = _in_split(img.stem, split, fractions)
+            if not ok:
+                continue
+            ann = ann_root / sub / f"{img.stem}.png"
+            if not ann.is_file():
+                missing += 1
+                continue
+            entries.append(Entry(img, ann, img.stem, sub, s, binary_class=None))
+    ds = Dataset("neu-seg", root, list(NEU_SEG_CLASSES), entries, split)
+    if missing:
+        ds.notes.append(f"{missing} image(s) without annotation skipped")
+        log.warning("%s: %d image(s) without an annotation skipped", root, missing)
+    return ds
+
+
+def image_folder(root: str | Path, split: str = "all",
+                 fractions: SplitFractions = DEFAULT_SPLIT) -> Dataset:
+    """Every image under ``root`` (recursively), all defect-free. The stem used for the split is
+    the path relative to the root, so equal file names in two sub-folders split independently."""
+    root = Path(root)
+    _check_split(split)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: image folder not found")
+    entries = []
+    for img in _images_in(root, recursive=True):
+        rel = img.relative_to(root).with_suffix("").as_posix()
+        ok, s = _in_split(rel, split, fractions)
+        if ok:
+            cat = img.parent.relative_to(root).as_posix() or "."
+            entries.append(Entry(img, None, rel, cat, s, binary_class=0))
+    entries.sort(key=lambda e: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", e.stem)])
+    return Dataset("folder", root, ["background", "defect"], entries, split)
+
+
+FORMATS: dict[str, Callable[..., Dataset]] = {
+    "magnetic-tile": magnetic_tile,
+    "neu-seg": neu_seg,
+    "folder": image_folder,
+}
+
+
+def open_dataset(fmt: str, root: str | Path, split: str = "all",
+                 fractions: SplitFractions = DEFAULT_SPLIT, **kw) -> Dataset:
+    """Open ``root`` in layout ``fmt`` (one of :data:`FORMATS`) restricted to ``split``."""
+    try:
+        reader = FORMATS[fmt]
+    except KeyError:
+        raise ValueError(f"unknown data format {fmt!r}; expected one of {', '.join(FORMATS)}") from None
+    return reader(root, split=split, fractions=fractions, **kw)
+
+
+def defect_free_windows(mask: np.ndarray, size: int, stride: int = 8) -> np.ndarray:
+    """Top-left corners (K x 2, y/x) of ``size`` x ``size`` windows on a ``stride`` grid whose
+    mask is background everywhere: where a reconstruction model may take normal training crops
+    from images that also show defects (NEU-Seg has no defect-free image)."""
+    h, w = mask.shape
+    if h < size or w < size:
+        return np.zeros((0, 2), np.int64)
+    ii = cv2.integral((mask > 0).astype(np.uint8), sdepth=cv2.CV_32S)
+    ys = np.arange(0, h - size + 1, stride)
+    xs = np.arange(0, w - size + 1, stride)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    s = ii[yy + size, xx + size] - ii[yy, xx + size] - ii[yy + size, xx] + ii[yy, xx]
+    keep = s == 0
+    return np.stack([yy[keep], xx[keep]], axis=1).astype(np.int64)

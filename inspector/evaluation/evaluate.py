@@ -1,0 +1,200 @@
+"""Evaluate a model bundle on a labelled image folder, exactly as the runtime would run it.
+
+Each image goes through the bundle's adapter (tiling, engine, decoding) and the bundle's
+:class:`~inspector.postprocess.Postprocessor` (optionally overridden), then through the metric
+accumulators registered for the bundle's kind in :data:`METRICS_BY_KIND`. The result is one
+JSON-ready dict; with ``out_dir`` it is also written as ``metrics.json``, with each defective
+image's scores in ``per_image.jsonl`` and overlay PNGs (input | score heat map | truth in green,
+prediction in red) in ``overlays/``.
+
+Adding metrics for a kind: append a factory to ``METRICS_BY_KIND[kind]`` (or call
+:func:`register_metric`); its ``result()`` keys join the top level of the JSON.
+
+Example::
+
+    from inspector.evaluation.datasets import open_dataset
+    from inspector.evaluation.evaluate import evaluate_bundle
+    ds = open_dataset("magnetic-tile", "../shared/data/magnetic_tile", split="test")
+    res = evaluate_bundle("deploy/models/clgan-mt", ds, out_dir=Path("eval-out"), overlays=16)
+    res["f1"], res["pixel_auroc"], res["false_alarm_rate"]
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+
+from inspector.bundle import Bundle, load_bundle
+from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
+from inspector.evaluation.datasets import Dataset, Sample
+from inspector.evaluation.metrics import (DefectPixelMetrics, FalseAlarm, FrameResult, Metric,
+                                          PixelAUROC)
+from inspector.models import ModelAdapter, make_adapter
+from inspector.postprocess import PostprocessConfig, Postprocessor
+
+log = logging.getLogger(__name__)
+
+__all__ = ["METRICS_BY_KIND", "register_metric", "Runner", "evaluate_bundle", "overlay"]
+
+#: metric accumulators per model kind; every kind gets the binary defect-mask metrics
+METRICS_BY_KIND: dict[str, list[Callable[[], Metric]]] = {
+    "clgan": [DefectPixelMetrics, PixelAUROC, FalseAlarm],
+    "arcd": [DefectPixelMetrics, PixelAUROC, FalseAlarm],
+    "fuzzymask": [DefectPixelMetrics, PixelAUROC, FalseAlarm],
+}
+
+
+def register_metric(kind: str, factory: Callable[[], Metric]) -> None:
+    METRICS_BY_KIND.setdefault(kind, []).append(factory)
+
+
+class Runner:
+    """A bundle loaded for offline use: adapter + post-processing, one image at a time."""
+
+    def __init__(self, bundle: str | Path | Bundle, postprocess: dict[str, Any] | None = None,
+                 engine: OnnxRuntimeConfig | None = None, max_batch: int = 0):
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        spec = self.bundle.spec
+        merged = spec.postprocess.model_dump() | (postprocess or {})
+        self.pp_config = PostprocessConfig.model_validate(merged)
+        self.post = Postprocessor(self.pp_config, spec.classes)
+        self.engine = OnnxRuntimeEngine(self.bundle.graph_path("model"), engine)
+        self.adapter: ModelAdapter = make_adapter(self.bundle, self.engine, max_batch)
+
+    def run(self, image: np.ndarray, keep_maps: bool = False) -> FrameResult:
+        """Post-processed result of one image. The adapter's pooled buffers are copied out when
+        ``keep_maps`` (the caller keeps them past the next call) and handed back either way."""
+        out = self.adapter.infer(image)
+        try:
+            label = self.post.mask(out.probs, out.residual, out.score_map)
+            defects, _ = self.post.defects(label, out.score_map)
+            cp = (lambda a: None if a is None else np.array(a, copy=True)) if keep_maps else (lambda a: a)
+            return FrameResult(label=label, score_map=np.array(out.score_map, copy=True),
+                               probs=cp(out.probs), residual=cp(out.residual), defects=defects)
+        finally:
+            if out.release:
+                out.release()
+
+
+def _resize(sample: Sample, size: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    if size is None:
+        return sample.image, sample.mask
+    h, w = size
+    img = cv2.resize(sample.image, (w, h), interpolation=cv2.INTER_AREA)
+    # nearest keeps class indices intact (spec §3.2: GT resized nearest-neighbour)
+    mask = cv2.resize(sample.mask, (w, h), interpolation=cv2.INTER_NEAREST)
+    return img, mask
+
+
+def overlay(image: np.ndarray, score: np.ndarray, truth: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """BGR panel: input | score heat map (scaled to this image's max) | truth contour (green)
+    over prediction (red)."""
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    base = cv2.cvtColor(grey, cv2.COLOR_GRAY2BGR)
+    top = float(score.max())
+    heat = np.zeros(score.shape, np.uint8) if top <= 0 else \
+        np.clip(score * (255.0 / top), 0, 255).astype(np.uint8)
+    heat = cv2.applyColorMap(heat, cv2.COLORMAP_INFERNO)
+    mix = base.copy()
+    pred = label > 0
+    mix[pred] = (0.45 * mix[pred] + 0.55 * np.array([0, 0, 255])).astype(np.uint8)
+    contours, _ = cv2.findContours((truth > 0).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(mix, contours, -1, (0, 255, 0), 1)
+    return np.concatenate([base, heat, mix], axis=1)
+
+
+def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_dir: Path | None = None,
+                    overlays: int = 0, postprocess: dict[str, Any] | None = None,
+                    resize: tuple[int, int] | None = None, engine: OnnxRuntimeConfig | None = None,
+                    auroc_stride: int = 1) -> dict[str, Any]:
+    """Run ``dataset`` through the bundle and return the metrics of its kind (see module doc)."""
+    runner = bundle if isinstance(bundle, Runner) else Runner(bundle, postprocess, engine)
+    spec = runner.bundle.spec
+    factories = METRICS_BY_KIND.get(spec.kind, METRICS_BY_KIND["clgan"])
+    metrics = [f() if f is not PixelAUROC else PixelAUROC(auroc_stride) for f in factories]
+    if len(dataset) == 0:
+        raise ValueError(f"{dataset.root}: no images in split '{dataset.split}' ({dataset.format} layout)")
+    pick = set()
+    if overlays > 0:
+        pick = {int(i) for i in np.linspace(0, len(dataset) - 1, min(overlays, len(dataset)))}
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if pick:
+            (out_dir / "overlays").mkdir(exist_ok=True)
+    per_image_f = open(out_dir / "per_image.jsonl", "w") if out_dir is not None else None
+    t0 = time.perf_counter()
+    infer_ms: list[float] = []
+    try:
+        for i in range(len(dataset)):
+            sample = dataset.load(i)
+            img, truth = _resize(sample, resize)
+            t = time.perf_counter()
+            res = runner.run(img)
+            infer_ms.append((time.perf_counter() - t) * 1e3)
+            for m in metrics:
+                m.update(truth, res, sample.name)
+            if per_image_f is not None:
+                n_pred = int(np.count_nonzero(res.label))
+                per_image_f.write(json.dumps({"image": sample.name, "defective": bool(truth.any()),
+                                              "truth_px": int(np.count_nonzero(truth)),
+                                              "pred_px": n_pred, "defects": len(res.defects),
+                                              "score_max": round(float(res.score_map.max()), 3)}) + "\n")
+            if out_dir is not None and i in pick:
+                name = f"{sample.entry.category}_{sample.entry.stem}.png".replace("/", "_")
+                cv2.imwrite(str(out_dir / "overlays" / name), overlay(img, res.score_map, truth, res.label))
+            if (i + 1) % 50 == 0:
+                log.info("evaluated %d/%d images", i + 1, len(dataset))
+    finally:
+        if per_image_f is not None:
+            per_image_f.close()
+    result: dict[str, Any] = {}
+    for m in metrics:
+        part = m.result()
+        clash = set(part) & set(result)
+        if clash:
+            raise RuntimeError(f"metric {type(m).__name__} repeats keys {sorted(clash)}")
+        result.update(part)
+    pp = runner.pp_config
+    result.update({
+        "bundle": str(runner.bundle.path), "kind": spec.kind,
+        "data": {**dataset.summary(), "resize": list(resize) if resize else None, "notes": dataset.notes},
+        "postprocess": {"type": pp.type, "k1": pp.k1, "k2": pp.k2, "kernel_size": pp.kernel_size,
+                        "threshold": pp.threshold, "min_area_px": pp.min_area_px,
+                        "min_residual": pp.min_residual},
+        "images": len(dataset),
+        "ms_per_image": round(float(np.mean(infer_ms)), 2),
+        "seconds": round(time.perf_counter() - t0, 1),
+    })
+    if out_dir is not None:
+        (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+RECORD_KEYS = ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_alarm_rate",
+               "false_alarm_px_per_mpx", "false_alarm_rate_reported", "defective_images",
+               "normal_images", "ms_per_image")
+
+
+def record_metrics(bundle: str | Path, result: dict[str, Any], key: str | None = None) -> str:
+    """Store the headline figures of ``result`` in the bundle's ``provenance.metrics[key]``
+    (default key ``<format>/<split>``), with the post-processing they were measured with."""
+    from datetime import datetime, timezone
+
+    from inspector.bundle import BundleSpec, write_bundle
+
+    b = load_bundle(bundle)
+    d = result["data"]
+    key = key or f"{d['format']}/{d['split']}"
+    entry = {k: result.get(k) for k in RECORD_KEYS}
+    entry.update(postprocess=result["postprocess"], data_root=d["root"], images=result["images"],
+                 measured=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    raw = b.spec.model_dump(mode="json")
+    raw.setdefault("provenance", {}).setdefault("metrics", {})[key] = entry
+    write_bundle(b.path, BundleSpec.model_validate(raw))
+    return key

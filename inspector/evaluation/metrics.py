@@ -1,0 +1,203 @@
+"""Pixel metrics of a defect mask against ground truth, as accumulators over a data set.
+
+Each metric is an accumulator with ``update(sample, frame)`` and ``result() -> dict``; the
+evaluation runs every accumulator registered for the bundle's kind and merges their dicts into
+one JSON object (keys must not collide). New kinds add accumulators without touching the loop
+(e.g. per-class IoU for class-probability models).
+
+* :class:`DefectPixelMetrics` — the CLGAN paper's P, R, F1, IoU, ACC (Eqs. 11-15), computed per
+  defective image and averaged over images (the spec's aggregation, §3.2), plus the pooled-pixel
+  variant and the variant that includes defect-free images.
+* :class:`PixelAUROC` — area under the ROC of the per-pixel score, exact (rank statistic with
+  ties counted half), without sklearn.
+* :class:`FalseAlarm` — on defect-free images: the share of images with any defect pixel, and
+  defect pixels per megapixel.
+
+Example::
+
+    >>> import numpy as np
+    >>> c = Counts.of(np.array([[1, 1], [0, 0]], bool), np.array([[1, 0], [1, 0]], bool))
+    >>> (c.tp, c.fp, c.fn, c.tn), round(scores(c)["f1"], 3)
+    ((1, 1, 1, 1), 0.5)
+    >>> auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool))
+    0.75
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = ["Counts", "scores", "auroc", "FrameResult", "Metric", "DefectPixelMetrics", "PixelAUROC",
+           "FalseAlarm", "SCORE_KEYS"]
+
+SCORE_KEYS = ("precision", "recall", "f1", "iou", "acc")
+
+
+@dataclass
+class Counts:
+    """Pixel confusion counts of a binary prediction against binary truth."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+    tn: int = 0
+
+    @classmethod
+    def of(cls, pred: np.ndarray, truth: np.ndarray) -> "Counts":
+        pred = np.asarray(pred, bool)
+        truth = np.asarray(truth, bool)
+        if pred.shape != truth.shape:
+            raise ValueError(f"prediction {pred.shape} and truth {truth.shape} differ in shape")
+        tp = int(np.count_nonzero(pred & truth))
+        npred, ntrue = int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
+        fp, fn = npred - tp, ntrue - tp
+        return cls(tp, fp, fn, pred.size - tp - fp - fn)
+
+    def __iadd__(self, o: "Counts") -> "Counts":
+        self.tp += o.tp
+        self.fp += o.fp
+        self.fn += o.fn
+        self.tn += o.tn
+        return self
+
+    @property
+    def total(self) -> int:
+        return self.tp + self.fp + self.fn + self.tn
+
+
+def _div(a: float, b: float) -> float:
+    # An empty denominator scores 0 (nothing predicted: precision 0), the convention the paper's
+    # per-image averages imply for images where the method finds nothing.
+    return a / b if b > 0 else 0.0
+
+
+def scores(c: Counts) -> dict[str, float]:
+    """P = TP/(TP+FP), R = TP/(TP+FN), F1 = 2PR/(P+R), IoU = TP/(TP+FP+FN), ACC = (TP+TN)/all."""
+    p, r = _div(c.tp, c.tp + c.fp), _div(c.tp, c.tp + c.fn)
+    return {"precision": p, "recall": r, "f1": _div(2 * p * r, p + r),
+            "iou": _div(c.tp, c.tp + c.fp + c.fn), "acc": _div(c.tp + c.tn, c.total)}
+
+
+def auroc(score: np.ndarray, label: np.ndarray) -> float | None:
+    """Exact ROC AUC = P(score of a positive > score of a negative) + 0.5 P(equal).
+
+    Sorts the negatives once and counts, for each positive, the negatives below and equal to it
+    (two binary searches), so memory stays at one float32 copy of the scores. None when one of
+    the two classes is absent.
+    """
+    s = np.asarray(score, np.float32).ravel()
+    y = np.asarray(label, bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and labels {y.shape} differ in size")
+    pos, neg = s[y], np.sort(s[~y])
+    if pos.size == 0 or neg.size == 0:
+        return None
+    below = np.searchsorted(neg, pos, side="left").astype(np.float64)
+    upto = np.searchsorted(neg, pos, side="right").astype(np.float64)
+    return float((below.sum() + 0.5 * (upto - below).sum()) / (pos.size * float(neg.size)))
+
+
+@dataclass
+class FrameResult:
+    """What the runtime produced for one evaluated image."""
+
+    label: np.ndarray  # uint8 HxW class-index mask from the post-processing (0 = background)
+    score_map: np.ndarray  # float32 HxW, the published per-pixel score
+    probs: np.ndarray | None = None  # KxHxW for class-probability kinds
+    residual: np.ndarray | None = None
+    defects: list[dict] = field(default_factory=list)
+
+
+class Metric(Protocol):
+    def update(self, truth: np.ndarray, frame: FrameResult, name: str = "") -> None: ...
+
+    def result(self) -> dict[str, Any]: ...
+
+
+class DefectPixelMetrics:
+    """P, R, F1, IoU, ACC of the binary defect mask (any class > 0 against truth > 0).
+
+    Top-level keys: the per-image averages over defective images (the paper's figures; null
+    when the data has no defective image). ``pooled``: from counts summed over defective images.
+    ``pooled_with_normals``: summed over every image. ``per_image``: each defective image's
+    scores, for finding the worst ones.
+    """
+
+    def __init__(self) -> None:
+        self.per_image: list[dict[str, Any]] = []
+        self.pooled = Counts()
+        self.pooled_all = Counts()
+
+    def update(self, truth: np.ndarray, frame: FrameResult, name: str = "") -> None:
+        c = Counts.of(frame.label > 0, truth > 0)
+        self.pooled_all += c
+        if c.tp + c.fn > 0:  # a defective image
+            self.pooled += c
+            self.per_image.append({"image": name, **scores(c)})
+
+    def result(self) -> dict[str, Any]:
+        n = len(self.per_image)
+        out: dict[str, Any] = {k: (float(np.mean([r[k] for r in self.per_image])) if n else None)
+                               for k in SCORE_KEYS}
+        out["defective_images"] = n
+        out["pooled"] = scores(self.pooled) if n else None
+        out["pooled_with_normals"] = scores(self.pooled_all) if self.pooled_all.total else None
+        return out
+
+
+class PixelAUROC:
+    """Pixel AUROC of the score map over all evaluated pixels (defective and normal images).
+
+    ``stride`` > 1 keeps every stride-th pixel of each image (row-major), bounding memory on very
+    large evaluations; 1 (default) is exact.
+    """
+
+    def __init__(self, stride: int = 1) -> None:
+        self.stride = max(1, int(stride))
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def update(self, truth: np.ndarray, frame: FrameResult, name: str = "") -> None:
+        self._scores.append(np.asarray(frame.score_map, np.float32).ravel()[::self.stride].copy())
+        self._labels.append((truth > 0).ravel()[::self.stride].copy())
+
+    def result(self) -> dict[str, Any]:
+        if not self._scores:
+            return {"pixel_auroc": None}
+        return {"pixel_auroc": auroc(np.concatenate(self._scores), np.concatenate(self._labels))}
+
+
+class FalseAlarm:
+    """On defect-free images: the share of images with at least one defect pixel
+    (``false_alarm_rate``), defect pixels per megapixel (``false_alarm_px_per_mpx``), and the
+    share with at least one *reported* defect (``false_alarm_rate_reported``: after the
+    post-processing's ``min_area_px`` filter, i.e. what a PLC alarm rule would see)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.alarmed = 0
+        self.reported = 0
+        self.pixels = 0
+        self.flagged = 0
+
+    def update(self, truth: np.ndarray, frame: FrameResult, name: str = "") -> None:
+        if truth.any():
+            return
+        n = int(np.count_nonzero(frame.label))
+        self.images += 1
+        self.alarmed += n > 0
+        self.reported += len(frame.defects) > 0
+        self.pixels += int(frame.label.size)
+        self.flagged += n
+
+    def result(self) -> dict[str, Any]:
+        if not self.images:
+            return {"false_alarm_rate": None, "false_alarm_px_per_mpx": None,
+                    "false_alarm_rate_reported": None, "normal_images": 0}
+        return {"false_alarm_rate": self.alarmed / self.images,
+                "false_alarm_px_per_mpx": self.flagged / self.pixels * 1e6,
+                "false_alarm_rate_reported": self.reported / self.images,
+                "normal_images": self.images}

@@ -1,0 +1,183 @@
+"""Model kind ``clgan``: reconstruction by the CLGAN generator, residual out.
+
+The graph takes normalised tiles and returns ``reconstruction`` (N x C x th x tw in the bundle's
+``kind_params.output_range``, [-1, 1] for the Tanh generator). The adapter stitches the tiles
+back into frame coordinates, maps the reconstruction to grey levels and computes the spec's
+residual on the whole frame (``../shared/seeds/002_spec.md`` §2.2, Eq. 7)::
+
+    ID1 = Gauss( |Gauss(I) - Gauss(I_r)| )        per channel, float32, grey levels
+
+(``residual_mode`` ``signed`` keeps the sign, ``clip`` keeps the positive part). The residual goes
+to the post-processing (``dual_threshold`` with the bundle's k1, k2, kernel_size) and, merged
+over channels with grey weights 0.299/0.587/0.114, is the published per-pixel score. The
+residual is computed after stitching, so the blurs see no tile borders.
+
+Steady state allocates nothing per frame beyond OpenCV's internals: every map lives in a
+:class:`BufferPool` keyed by frame shape and goes back to it once the frame is published.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from inspector.bundle import BUNDLE_FILE, Bundle
+from inspector.engines.base import Engine
+from inspector.errors import BundleError
+from inspector.models.base import BufferPool, ModelAdapter, ModelOutput
+from inspector.models.tiling import TileGrid
+from inspector.postprocess import GREY_WEIGHTS_RGB
+
+__all__ = ["ClganParams", "ClganAdapter", "clgan_residual", "reconstruction_to_grey_levels"]
+
+
+class ClganParams(BaseModel):
+    """``kind_params`` of a clgan bundle (spec §2.3 defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gauss_ksize: int = Field(3, ge=1, description="side of the Gaussian kernel of all three blurs")
+    gauss_sigma: float = Field(0.0, ge=0, description="0 = OpenCV's choice from the size (0.8 for 3)")
+    residual_mode: Literal["abs", "signed", "clip"] = "abs"
+    output_range: tuple[float, float] = Field((-1.0, 1.0), description="graph output for grey 0 and 255")
+
+    @field_validator("gauss_ksize")
+    @classmethod
+    def _odd(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError(f"must be odd, got {v}")
+        return v
+
+    @field_validator("output_range")
+    @classmethod
+    def _range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[1] <= v[0]:
+            raise ValueError(f"needs low < high, got {list(v)}")
+        return v
+
+
+def reconstruction_to_grey_levels(rec: np.ndarray, output_range: tuple[float, float] = (-1.0, 1.0),
+                                  out: np.ndarray | None = None) -> np.ndarray:
+    """Graph output -> grey levels [0, 255] (float32), clipped as the spec's reference does."""
+    lo, hi = output_range
+    scale = np.float32(255.0 / (hi - lo))
+    out = np.multiply(rec, scale, out=out, dtype=np.float32, casting="unsafe")
+    out -= np.float32(lo) * scale
+    np.clip(out, 0.0, 255.0, out=out)
+    return out
+
+
+def clgan_residual(image: np.ndarray, recon: np.ndarray, ksize: int = 3, sigma: float = 0.0,
+                   mode: str = "abs", out: np.ndarray | None = None,
+                   tmp: np.ndarray | None = None) -> np.ndarray:
+    """The spec's ID1 = G(G(I) - G(Ir)) with the residual sign rule ``mode``.
+
+    ``image`` (uint8 or float, grey levels) and ``recon`` (float32 grey levels, already clipped
+    to [0, 255]) are HxW or HxWx3 of one shape. ``recon`` is blurred in place; ``out`` and ``tmp``
+    (float32, that shape) are optional preallocated buffers. Returns ``out``.
+
+    >>> img = np.zeros((9, 9), np.uint8); img[4, 4] = 200
+    >>> r = clgan_residual(img, np.zeros((9, 9), np.float32))
+    >>> bool(r[4, 4] == r.max() and r[0, 0] == 0)
+    True
+    """
+    if image.shape != recon.shape:
+        raise ValueError(f"image {image.shape} and reconstruction {recon.shape} differ in shape")
+    k = (ksize, ksize)
+    if tmp is None:
+        tmp = np.empty(recon.shape, np.float32)
+    if out is None:
+        out = np.empty(recon.shape, np.float32)
+    if image.dtype == np.float32:
+        np.copyto(tmp, image)
+    else:
+        np.copyto(tmp, image, casting="unsafe")
+    cv2.GaussianBlur(tmp, k, sigma, dst=out)        # G(I)
+    cv2.GaussianBlur(recon, k, sigma, dst=tmp)      # G(Ir)
+    np.subtract(out, tmp, out=tmp)                  # G(I) - G(Ir)
+    if mode == "abs":
+        np.abs(tmp, out=tmp)
+    elif mode == "clip":  # what cv2.subtract on uint8 images would give
+        np.maximum(tmp, 0.0, out=tmp)
+    elif mode != "signed":
+        raise ValueError(f"residual_mode must be abs|signed|clip, got {mode!r}")
+    cv2.GaussianBlur(tmp, k, sigma, dst=out)        # G(residual)
+    return out
+
+
+class ClganAdapter(ModelAdapter):
+    kind = "clgan"
+
+    def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
+        super().__init__(bundle, engine, max_batch)
+        meta = bundle.path / BUNDLE_FILE
+        outs = bundle.spec.outputs
+        if "reconstruction" not in outs:
+            raise BundleError(f"{meta}: outputs.reconstruction: required for kind clgan (the graph "
+                              f"output holding the reconstructed tiles)")
+        self.rec_name = outs["reconstruction"]
+        names = [t.name for t in engine.outputs]
+        if self.rec_name not in names:
+            raise BundleError(f"{meta}: outputs.reconstruction: the graph has no output "
+                              f"'{self.rec_name}' (it has {names})")
+        if bundle.spec.postprocess.type != "dual_threshold":
+            raise BundleError(f"{meta}: postprocess.type: kind clgan outputs a residual; expected "
+                              f"dual_threshold, got {bundle.spec.postprocess.type}")
+        try:
+            self.params = ClganParams.model_validate(bundle.spec.kind_params)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            raise BundleError(f"{meta}: kind_params.{key}: {err['msg']}") from None
+        self._pools: dict[tuple[int, int], BufferPool] = {}
+
+    def _shape(self, h: int, w: int) -> tuple[int, ...]:
+        return (h, w) if self.channels == 1 else (h, w, self.channels)
+
+    def decode(self, raw: dict[str, list[np.ndarray]], g: TileGrid, image: np.ndarray) -> ModelOutput:
+        chunks = raw[self.rec_name]
+        c = chunks[0].shape[1]
+        if c != self.channels:
+            raise BundleError(f"{self.bundle.path / BUNDLE_FILE}: input.channels: {self.channels} but "
+                              f"the graph reconstructs {c} channel(s)")
+        h, w = image.shape[:2]
+        pool = self._pools.get((h, w))
+        if pool is None:
+            hw = self._shape(h, w)
+            pool = BufferPool(((c, g.height, g.width), hw, hw, hw, (h, w)))
+            self._pools[(h, w)] = pool
+        bufs = pool.acquire()
+        rec_chw, rec, tmp, residual, score = bufs
+        self.stitch(chunks, g, rec_chw)
+        src = rec_chw[0, :h, :w] if c == 1 else rec_chw[:, :h, :w].transpose(1, 2, 0)
+        reconstruction_to_grey_levels(src, self.params.output_range, out=rec)
+        img = self.to_model_channels(image)
+        img = img[:, :, 0] if c == 1 else img
+        if img.shape != rec.shape:  # a grey frame on an RGB model: the channels are equal
+            img = np.broadcast_to(img[:, :, :1] if img.ndim == 3 else img[:, :, None], rec.shape)
+        p = self.params
+        clgan_residual(img, rec, p.gauss_ksize, p.gauss_sigma, p.residual_mode, out=residual, tmp=tmp)
+        if c == 1:
+            np.copyto(score, residual)
+        else:
+            np.multiply(residual[:, :, 0], np.float32(GREY_WEIGHTS_RGB[0]), out=score)
+            score += residual[:, :, 1] * np.float32(GREY_WEIGHTS_RGB[1])
+            score += residual[:, :, 2] * np.float32(GREY_WEIGHTS_RGB[2])
+        return ModelOutput(score_map=score, residual=residual, release=lambda: pool.give_back(bufs))
+
+    def reconstruct(self, image: np.ndarray) -> np.ndarray:
+        """The reconstruction of a frame in grey levels (HxW or HxWxC float32), for overlays and
+        tests; runs the engine once (not on the hot path)."""
+        if getattr(self, "flat_field", None) is not None:  # as infer() does
+            image = self.flat_field.apply(image)
+        batch, g = self.fill_batch(image)
+        raw = self.run_engine(batch)
+        chunks = raw[self.rec_name]
+        out = np.empty((chunks[0].shape[1], g.height, g.width), np.float32)
+        self.stitch(chunks, g, out)
+        h, w = image.shape[:2]
+        src = out[0, :h, :w] if self.channels == 1 else out[:, :h, :w].transpose(1, 2, 0)
+        return reconstruction_to_grey_levels(src, self.params.output_range)

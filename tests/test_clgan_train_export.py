@@ -1,0 +1,218 @@
+"""`inspector train clgan` -> `export onnx` -> `evaluate` / `calibrate dual-threshold`, as commands.
+
+A tiny CLGAN trains for a few iterations on a small synthetic magnetic-tile folder (written to a
+temporary directory); the export's ONNX graph must match torch, and the bundle must run through the
+evaluation and calibration commands.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT
+
+pytest.importorskip("torch", reason="training and export need the train extra (torch)")
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # tiny models: extra threads only spin on a busy box
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inspector", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=ENV)
+
+
+def texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Grey vertical streaks with noise, roughly the look of a magnetic-tile surface."""
+    cols = rng.normal(120, 12, w)
+    img = np.tile(cols, (h, 1)) + rng.normal(0, 6, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_magnetic_tile_root(root: Path, normals: int = 8, defects: int = 3, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    free, crack = root / "MT_Free" / "Imgs", root / "MT_Crack" / "Imgs"
+    free.mkdir(parents=True)
+    crack.mkdir(parents=True)
+    for i in range(normals):
+        img = texture(rng, 72, 96)
+        cv2.imwrite(str(free / f"free_{i}.jpg"), img)
+        cv2.imwrite(str(free / f"free_{i}.png"), np.zeros_like(img))
+    for i in range(defects):
+        img = texture(rng, 72, 96)
+        mask = np.zeros_like(img)
+        cv2.line(mask, (20 + 10 * i, 10), (60, 60), 255, 3)
+        img[mask > 0] = 30  # a dark crack
+        cv2.imwrite(str(crack / f"crack_{i}.jpg"), img)
+        cv2.imwrite(str(crack / f"crack_{i}.png"), mask)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    base = tmp_path_factory.mktemp("clgan")
+    data = make_magnetic_tile_root(base / "mt")
+    cfg = {
+        "kind": "clgan", "name": "tiny", "seed": 0, "threads": 1, "device": "cpu",
+        "log_every": 1, "checkpoint_every": 2,
+        # every image in training (split all): the folder is tiny
+        "data": {"sources": [{"format": "magnetic-tile", "root": "mt", "split": "all"}],
+                 "crop": 32, "channels": 1, "flip": True},
+        "generator": {"ngf": 4, "n_resblocks": 1},
+        "discriminator": {"ndf": 4},
+        "nce": {"nce_layers": ["input", "E2", "E3", "R1"], "num_patches": 16, "mlp_dim": 8},
+        "optim": {"n_epochs": 1, "n_epochs_decay": 1, "iters_per_epoch": 5},
+        "detection": {"tile": [64, 64], "overlap": 16},
+    }
+    path = base / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return {"base": base, "data": data, "config": path, "run": base / "run", "bundle": base / "bundle"}
+
+
+def test_train_checkpoints_and_resumes(trained, caplog):
+    run = trained["run"]
+    r = cli("train", "clgan", "--config", str(trained["config"]), "--run-dir", str(run), "--max-iters", "3")
+    assert r.returncode == 0, r.stderr
+    assert (run / "checkpoint.pt").is_file() and (run / "preview.png").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["kind"] == "clgan"
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["iterations"] == 3 and m["planned_iterations"] == 10
+    assert "it 3/10" in r.stderr and "NCE_X" in r.stderr  # progress lines
+    # in-process from here (saves a torch start-up per call): a second run into the same folder
+    # must not overwrite it ...
+    import torch
+
+    from export.clgan.train import train
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(FileExistsError, match="--resume"):
+            train(trained["config"], run)
+        # ... but resume continues at iteration 3 up to the planned 10
+        with caplog.at_level(logging.INFO, logger="export.clgan.train"):
+            train(trained["config"], run, resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert "resuming" in caplog.text and "at iteration 3 of 10" in caplog.text
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["iterations"] == 10
+    lines = [json.loads(x) for x in (run / "losses.jsonl").read_text().splitlines()]
+    assert [x["it"] for x in lines] == list(range(1, 11))
+    assert lines[-1]["lr"] < lines[0]["lr"]  # the linear decay of the second "epoch"
+
+
+def test_bad_training_config_names_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"sources": [{"format": "folder", "root": "x"}]},
+                                   "nce": {"nce_T": -1}}))
+    r = cli("train", "clgan", "--config", str(bad), "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and "nce.nce_T" in r.stderr
+
+
+def test_export_parity_and_bundle(trained):
+    if not (trained["run"] / "checkpoint.pt").is_file():
+        pytest.skip("needs the run of test_train_checkpoints_and_resumes")
+    r = cli("export", "onnx", "--run-dir", str(trained["run"]), "--out", str(trained["bundle"]))
+    assert r.returncode == 0, r.stderr
+    from inspector.bundle import load_bundle
+    b = load_bundle(trained["bundle"])
+    s = b.spec
+    assert s.kind == "clgan" and s.input.channels == 1 and tuple(s.input.tile) == (64, 64)
+    assert s.outputs == {"reconstruction": "reconstruction"} and s.tiling.overlap == 16
+    assert s.postprocess.type == "dual_threshold" and (s.postprocess.k1, s.postprocess.k2) == (3.0, 1.0)
+    assert s.kind_params["residual_mode"] == "abs" and s.kind_params["gauss_ksize"] == 3
+    assert s.provenance["parity"]["max_abs_diff"] < 1e-3
+    assert s.provenance["training"]["iterations"] == 10
+
+    # parity once more, independently: the generator from the checkpoint against onnxruntime
+    import onnxruntime as ort
+    import torch
+
+    from export.clgan.train import ClganTrainConfig, build_networks, load_checkpoint
+    ck = load_checkpoint(trained["run"] / "checkpoint.pt")
+    G, _, _ = build_networks(ClganTrainConfig.model_validate(ck["config"]))
+    G.load_state_dict(ck["G"])
+    x = np.random.default_rng(5).uniform(-1, 1, (3, 1, 64, 64)).astype(np.float32)
+    with torch.no_grad():
+        ref = G.eval()(torch.from_numpy(x)).numpy()
+    got = ort.InferenceSession(str(b.graph_path()), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+
+
+def test_evaluate_and_calibrate_commands_on_the_exported_bundle(trained, tmp_path):
+    bundle = trained["bundle"]
+    if not (bundle / "bundle.yaml").is_file():
+        pytest.skip("needs the bundle of test_export_parity_and_bundle")
+    out = tmp_path / "eval"
+    r = cli("evaluate", "--bundle", str(bundle), "--data", str(trained["data"]), "--format",
+            "magnetic-tile", "--json", "--out", str(out), "--overlays", "3", "--threads", "1", "--record")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    from inspector.bundle import load_bundle
+    rec = load_bundle(bundle).spec.provenance["metrics"]["magnetic-tile/all"]
+    assert rec["f1"] == res["f1"] and rec["postprocess"]["k1"] == 3.0
+    for key in ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_alarm_rate"):
+        assert isinstance(res[key], float) and 0.0 <= res[key] <= 1.0, key
+    assert res["defective_images"] == 3 and res["normal_images"] == 8
+    assert res["false_alarm_px_per_mpx"] >= 0
+    assert (out / "metrics.json").is_file() and len(list((out / "overlays").glob("*.png"))) == 3
+    assert len((out / "per_image.jsonl").read_text().splitlines()) == 11
+
+    # defect-free images only: defect metrics are null, the false-alarm rate is still there
+    r = cli("evaluate", "--bundle", str(bundle), "--data", str(trained["data"]), "--format",
+            "magnetic-tile", "--categories", "MT_Free", "--json", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert all(res[k] is None for k in ("precision", "recall", "f1", "iou", "acc", "pixel_auroc"))
+    assert isinstance(res["false_alarm_rate"], float)
+
+    # the k1 sweep: JSON + PNG; --write stores the best k1 and keeps the old section
+    cal = tmp_path / "cal"
+    r = cli("calibrate", "dual-threshold", "--bundle", str(bundle), "--data", str(trained["data"]),
+            "--format", "magnetic-tile", "--split", "all", "--range", "2:4:0.5", "--out", str(cal),
+            "--write", "--json")
+    assert r.returncode == 0, r.stderr
+    sw = json.loads(r.stdout)
+    assert [row["k1"] for row in sw["rows"]] == [2.0, 2.5, 3.0, 3.5, 4.0]
+    assert (cal / "sweep_k1.png").stat().st_size > 1000 and (cal / "sweep_k1.json").is_file()
+    spec = load_bundle(bundle).spec  # the sha256 still matches after the rewrite
+    assert spec.postprocess.k1 == sw["best_value"]
+    assert spec.postprocess_history[-1]["k1"] == 3.0
+    assert spec.postprocess_history[-1]["calibration"]["objective"] == "f1"
+
+
+def test_evaluate_bad_input_exits_2(trained, tmp_path):
+    r = cli("evaluate", "--bundle", str(tmp_path / "nope"), "--data", str(trained["data"]),
+            "--format", "magnetic-tile")
+    assert r.returncode == 2 and "nope" in r.stderr
+    if (trained["bundle"] / "bundle.yaml").is_file():
+        r = cli("evaluate", "--bundle", str(trained["bundle"]), "--data", str(tmp_path / "missing"),
+                "--format", "magnetic-tile")
+        assert r.returncode == 2 and "missing" in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_on_cpu_keep_one_generator(trained, tmp_path):
+    """`torchrun` multi-process training (gloo on CPU; NCCL on GPUs): gradients are averaged, so
+    both ranks end with the same weights (checked inside train(), logged by rank 0)."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun not installed beside this python")
+    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "export.clgan.train", "--config",
+                        str(trained["config"]), "--run-dir", str(tmp_path / "ddp"), "--max-iters", "3"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**ENV, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["iterations"] == 3
+    line = next(x for x in r.stderr.splitlines() if "checksum per rank" in x)
+    a, b = line.rsplit(":", 1)[1].split(",")
+    assert float(a) == float(b)
