@@ -202,8 +202,20 @@ def components(label: np.ndarray, score_map: np.ndarray, class_names: list[str],
     the cap). A component's class is its most frequent label, its score the highest
     ``score_map`` value inside it.
     """
+    # Most frames of a strip have no defect: skip the labelling then, and otherwise label only
+    # the bounding box of the marked pixels (labelling costs ~3 ms on a whole 256x1600 frame).
+    rows = np.flatnonzero(label.any(axis=1))
+    if rows.size == 0:
+        return [], 0
+    cols = np.flatnonzero(label.any(axis=0))
+    oy, ox = int(rows[0]), int(cols[0])
+    label = label[oy:int(rows[-1]) + 1, ox:int(cols[-1]) + 1]
+    score_map = score_map[oy:oy + label.shape[0], ox:ox + label.shape[1]]
     binary = (label > 0).astype(np.uint8)
     n, cc, stats, cents = cv2.connectedComponentsWithStats(binary, connectivity=connectivity)
+    stats[:, cv2.CC_STAT_LEFT] += ox
+    stats[:, cv2.CC_STAT_TOP] += oy
+    cents += (ox, oy)
     order = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= max(min_area_px, 1)]
     total = len(order)
     order.sort(key=lambda i: -stats[i, cv2.CC_STAT_AREA])
@@ -211,10 +223,11 @@ def components(label: np.ndarray, score_map: np.ndarray, class_names: list[str],
     defects = []
     for i in order[:max_defects]:
         x, y, w, h, area = (int(v) for v in stats[i, :5])
-        sub = cc[y:y + h, x:x + w] == i
-        labels_in = label[y:y + h, x:x + w][sub]
+        ly, lx = y - oy, x - ox  # the crop's coordinates
+        sub = cc[ly:ly + h, lx:lx + w] == i
+        labels_in = label[ly:ly + h, lx:lx + w][sub]
         cls = int(np.bincount(labels_in).argmax())
-        score = float(score_map[y:y + h, x:x + w][sub].max())
+        score = float(score_map[ly:ly + h, lx:lx + w][sub].max())
         cx, cy = float(cents[i][0]), float(cents[i][1])
         d = {
             "class": class_names[cls] if cls < len(class_names) else str(cls),

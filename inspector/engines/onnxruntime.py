@@ -39,6 +39,9 @@ class OnnxRuntimeConfig(BaseModel):
     intra_op_threads: int = Field(0, ge=0, description="0 = onnxruntime's choice (all cores)")
     inter_op_threads: int = Field(1, ge=0)
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    allow_spinning: bool = Field(False, description="let idle intra-op threads spin-wait; lowers "
+                                 "engine latency on a PC with cores to spare, but on a small PC "
+                                 "the spinning threads starve the grab and publish stages")
     trt_fp16: bool = False
     trt_engine_cache: str | None = Field(None, description="folder for TensorRT EP engine cache")
     trt_workspace_mb: int = Field(2048, ge=64)
@@ -65,6 +68,8 @@ class OnnxRuntimeEngine(Engine):
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[cfg.graph_optimization]
         opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                      "1" if cfg.allow_spinning else "0")
         providers = self._providers(ort.get_available_providers())
         try:
             self.session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
