@@ -310,7 +310,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         res = evaluate_bundle(args.bundle, ds, out_dir=Path(args.out) if args.out else None,
                               overlays=args.overlays, postprocess=post, resize=size,
-                              engine=OnnxRuntimeConfig(intra_op_threads=args.threads))
+                              engine=OnnxRuntimeConfig(intra_op_threads=args.threads),
+                              overlay_pick=args.overlay_pick)
     except ValueError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     if args.record:
@@ -320,10 +321,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
     else:
         fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
-        for k in ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_alarm_rate",
-                  "false_alarm_px_per_mpx", "false_alarm_rate_reported", "defective_images",
-                  "normal_images", "ms_per_image"):
-            print(f"{k:>24}: {fmt(res.get(k))}")
+        for k in ("miou", "miou_defects", "mpa", "precision", "recall", "f1", "iou", "acc",
+                  "pixel_auroc", "false_alarm_rate", "false_alarm_px_per_mpx",
+                  "false_alarm_rate_reported", "defective_images", "normal_images", "ms_per_image"):
+            if k in res:  # the class metrics exist for class-probability kinds only
+                print(f"{k:>24}: {fmt(res.get(k))}")
     return EXIT_OK
 
 
@@ -452,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_opts(p, "all")
     p.add_argument("--out", help="folder for metrics.json, per_image.jsonl and overlays/")
     p.add_argument("--overlays", type=int, default=0, help="overlay PNGs to write into --out")
+    p.add_argument("--overlay-pick", choices=["spread", "worst-best"], default=None,
+                   help="which images get overlays (default: worst-best for arcd, else spread)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a post-processing key of the bundle, e.g. k1=3.5 (repeatable)")
     p.add_argument("--resize", metavar="HxW", help="resize images (masks nearest) before the model")

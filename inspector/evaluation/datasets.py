@@ -197,10 +197,11 @@ def _check_split(split: str) -> None:
 
 
 def magnetic_tile(root: str | Path, split: str = "all", categories: Sequence[str] | None = None,
-                  fractions: SplitFractions = DEFAULT_SPLIT) -> Dataset:
+                  fractions: SplitFractions = DEFAULT_SPLIT, strict: bool = False) -> Dataset:
     """The magnetic-tile layout (``MT_*/Imgs``). ``categories`` limits the folders, e.g.
     ``["MT_Free"]``. Folders beyond the five known defect kinds get classes of their own,
-    appended in name order, so the known class ids never change."""
+    appended in name order, so the known class ids never change. ``strict``: a defect image
+    without its mask is an error naming it (training), not a skipped image (evaluation)."""
     root = Path(root)
     _check_split(split)
     if not root.is_dir():
@@ -232,6 +233,8 @@ def magnetic_tile(root: str | Path, split: str = "all", categories: Sequence[str
             mask = img.with_suffix(".png")
             if not mask.is_file():
                 if cat != "Free":
+                    if strict:
+                        raise FileNotFoundError(f"{img}: no mask {mask.name} beside it")
                     missing += 1
                     continue  # a defect image without its mask cannot be scored
                 mask = None
@@ -244,9 +247,10 @@ def magnetic_tile(root: str | Path, split: str = "all", categories: Sequence[str
 
 
 def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None = None,
-            fractions: SplitFractions = DEFAULT_SPLIT) -> Dataset:
+            fractions: SplitFractions = DEFAULT_SPLIT, strict: bool = False) -> Dataset:
     """The NEU-Seg layout (``images/<subset>/*.jpg``, ``annotations/<subset>/*.png``). All
-    subsets present are read unless ``subsets`` names some (e.g. ``["training"]``)."""
+    subsets present are read unless ``subsets`` names some (e.g. ``["training"]``).
+    ``strict``: an image without its annotation is an error naming both files."""
     root = Path(root)
     _check_split(split)
     img_root, ann_root = root / "images", root / "annotations"
@@ -266,6 +270,8 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
                 continue
             ann = ann_root / sub / f"{img.stem}.png"
             if not ann.is_file():
+                if strict:
+                    raise FileNotFoundError(f"{img}: no annotation {ann}")
                 missing += 1
                 continue
             entries.append(Entry(img, ann, img.stem, sub, s, binary_class=None))

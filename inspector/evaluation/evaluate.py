@@ -33,8 +33,8 @@ import numpy as np
 from inspector.bundle import Bundle, load_bundle
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
 from inspector.evaluation.datasets import Dataset, Sample
-from inspector.evaluation.metrics import (DefectPixelMetrics, FalseAlarm, FrameResult, Metric,
-                                          PixelAUROC)
+from inspector.evaluation.metrics import (ClassConfusion, Counts, DefectPixelMetrics, FalseAlarm,
+                                          FrameResult, Metric, PixelAUROC, scores)
 from inspector.models import ModelAdapter, make_adapter
 from inspector.postprocess import PostprocessConfig, Postprocessor
 
@@ -45,7 +45,9 @@ __all__ = ["METRICS_BY_KIND", "register_metric", "Runner", "evaluate_bundle", "o
 #: metric accumulators per model kind; every kind gets the binary defect-mask metrics
 METRICS_BY_KIND: dict[str, list[Callable[[], Metric]]] = {
     "clgan": [DefectPixelMetrics, PixelAUROC, FalseAlarm],
-    "arcd": [DefectPixelMetrics, PixelAUROC, FalseAlarm],
+    # class-probability bundles: also the thesis's MIoU / MPA over all classes; the AUROC is of
+    # the adapter's score map, 1 - p(background)
+    "arcd": [DefectPixelMetrics, PixelAUROC, FalseAlarm, ClassConfusion],
     "fuzzymask": [DefectPixelMetrics, PixelAUROC, FalseAlarm],
 }
 
@@ -112,20 +114,29 @@ def overlay(image: np.ndarray, score: np.ndarray, truth: np.ndarray, label: np.n
 def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_dir: Path | None = None,
                     overlays: int = 0, postprocess: dict[str, Any] | None = None,
                     resize: tuple[int, int] | None = None, engine: OnnxRuntimeConfig | None = None,
-                    auroc_stride: int = 1) -> dict[str, Any]:
-    """Run ``dataset`` through the bundle and return the metrics of its kind (see module doc)."""
+                    auroc_stride: int = 1, overlay_pick: str | None = None) -> dict[str, Any]:
+    """Run ``dataset`` through the bundle and return the metrics of its kind (see module doc).
+
+    ``overlay_pick``: ``"spread"`` draws the ``overlays`` images evenly over the data set,
+    ``"worst-best"`` the defective images with the lowest and highest defect IoU (half each,
+    named ``worst_NN_*`` / ``best_NN_*``); default worst-best for class-probability kinds."""
     runner = bundle if isinstance(bundle, Runner) else Runner(bundle, postprocess, engine)
     spec = runner.bundle.spec
     factories = METRICS_BY_KIND.get(spec.kind, METRICS_BY_KIND["clgan"])
     metrics = [f() if f is not PixelAUROC else PixelAUROC(auroc_stride) for f in factories]
     if len(dataset) == 0:
         raise ValueError(f"{dataset.root}: no images in split '{dataset.split}' ({dataset.format} layout)")
+    if overlay_pick is None:
+        overlay_pick = "worst-best" if spec.kind == "arcd" else "spread"
+    if overlay_pick not in ("spread", "worst-best"):
+        raise ValueError(f"overlay_pick {overlay_pick!r}: expected 'spread' or 'worst-best'")
+    image_iou: list[tuple[float, int]] = []  # (defect IoU, index) of defective images
     pick = set()
-    if overlays > 0:
+    if overlays > 0 and overlay_pick == "spread":
         pick = {int(i) for i in np.linspace(0, len(dataset) - 1, min(overlays, len(dataset)))}
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if pick:
+        if overlays > 0:
             (out_dir / "overlays").mkdir(exist_ok=True)
     per_image_f = open(out_dir / "per_image.jsonl", "w") if out_dir is not None else None
     t0 = time.perf_counter()
@@ -139,6 +150,8 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
             infer_ms.append((time.perf_counter() - t) * 1e3)
             for m in metrics:
                 m.update(truth, res, sample.name)
+            if truth.any():
+                image_iou.append((scores(Counts.of(res.label > 0, truth > 0))["iou"], i))
             if per_image_f is not None:
                 n_pred = int(np.count_nonzero(res.label))
                 per_image_f.write(json.dumps({"image": sample.name, "defective": bool(truth.any()),
@@ -153,6 +166,19 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
     finally:
         if per_image_f is not None:
             per_image_f.close()
+    if out_dir is not None and overlays > 0 and overlay_pick == "worst-best" and image_iou:
+        # a second pass over a handful of images is cheaper than keeping every map in memory
+        ranked = sorted(image_iou)
+        n_worst = min(len(ranked), (overlays + 1) // 2)
+        n_best = min(len(ranked) - n_worst, overlays - n_worst)
+        chosen = [("worst", r, ranked[r]) for r in range(n_worst)] + \
+                 [("best", r, ranked[-1 - r]) for r in range(n_best)]
+        for tag, rank, (iou_i, i) in chosen:
+            sample = dataset.load(i)
+            img, truth = _resize(sample, resize)
+            res = runner.run(img)
+            name = f"{tag}_{rank + 1:02d}_{sample.entry.category}_{sample.entry.stem}.png".replace("/", "_")
+            cv2.imwrite(str(out_dir / "overlays" / name), overlay(img, res.score_map, truth, res.label))
     result: dict[str, Any] = {}
     for m in metrics:
         part = m.result()
@@ -160,6 +186,12 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
         if clash:
             raise RuntimeError(f"metric {type(m).__name__} repeats keys {sorted(clash)}")
         result.update(part)
+    if "per_class_iou" in result:
+        # the accumulator counts classes by index; name them with the bundle's class list
+        names = list(spec.classes)
+        for key in ("per_class_iou", "per_class_pa"):
+            result[key] = {(names[c] if c < len(names) else str(c)): v
+                           for c, v in enumerate(result[key])}
     pp = runner.pp_config
     result.update({
         "bundle": str(runner.bundle.path), "kind": spec.kind,
@@ -178,7 +210,7 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
 
 RECORD_KEYS = ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_alarm_rate",
                "false_alarm_px_per_mpx", "false_alarm_rate_reported", "defective_images",
-               "normal_images", "ms_per_image")
+               "normal_images", "ms_per_image", "miou", "miou_defects", "mpa", "per_class_iou")
 
 
 def record_metrics(bundle: str | Path, result: dict[str, Any], key: str | None = None) -> str:

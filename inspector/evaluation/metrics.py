@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = ["Counts", "scores", "auroc", "FrameResult", "Metric", "DefectPixelMetrics", "PixelAUROC",
-           "FalseAlarm", "SCORE_KEYS"]
+           "FalseAlarm", "SCORE_KEYS", "confusion_matrix", "class_scores", "ClassConfusion"]
 
 SCORE_KEYS = ("precision", "recall", "f1", "iou", "acc")
 
@@ -201,3 +201,61 @@ class FalseAlarm:
                 "false_alarm_px_per_mpx": self.flagged / self.pixels * 1e6,
                 "false_alarm_rate_reported": self.reported / self.images,
                 "normal_images": self.images}
+
+
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, k: int) -> np.ndarray:
+    """K x K pixel counts p_ij: rows true class i, columns predicted class j."""
+    t = np.asarray(truth, np.int64).ravel()
+    p = np.asarray(pred, np.int64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"prediction {np.shape(pred)} and truth {np.shape(truth)} differ in shape")
+    if t.size and max(int(t.max()), int(p.max())) >= k:
+        raise ValueError(f"class index {max(int(t.max()), int(p.max()))} but only {k} classes")
+    return np.bincount(t * k + p, minlength=k * k).reshape(k, k)
+
+
+def class_scores(cm: np.ndarray) -> dict[str, Any]:
+    """Multi-class scores of a confusion matrix (seed 004 spec §4, background = class 0).
+
+    ``miou``: mean over all k+1 classes of p_ii / (sum_j p_ij + sum_j p_ji - p_ii), the standard
+    form (the thesis prints the denominator without ``- p_ii``, a typo the spec corrects);
+    ``miou_defects``: the same over classes 1..k; ``mpa``: mean of p_ii / sum_j p_ij (per-class
+    recall). A class that is neither true nor predicted anywhere has no IoU (null) and is left
+    out of the means, as is a class without true pixels from ``mpa``.
+    """
+    cm = np.asarray(cm, np.float64)
+    tp = np.diag(cm)
+    rows, cols = cm.sum(1), cm.sum(0)
+    union = rows + cols - tp
+    iou = [float(tp[c] / union[c]) if union[c] > 0 else None for c in range(len(tp))]
+    pa = [float(tp[c] / rows[c]) if rows[c] > 0 else None for c in range(len(tp))]
+
+    def mean(vals: list[float | None]) -> float | None:
+        v = [x for x in vals if x is not None]
+        return float(np.mean(v)) if v else None
+
+    return {"miou": mean(iou), "miou_defects": mean(iou[1:]), "mpa": mean(pa),
+            "per_class_iou": iou, "per_class_pa": pa}
+
+
+class ClassConfusion:
+    """One K x K confusion matrix of the class-index label over every evaluated image, and the
+    thesis's MIoU / MPA from it (:func:`class_scores`). K grows to the largest class seen (or the
+    probability channels of the frame), so the accumulator needs no class list up front."""
+
+    def __init__(self, num_classes: int = 2) -> None:
+        self.cm = np.zeros((num_classes, num_classes), np.int64)
+
+    def update(self, truth: np.ndarray, frame: FrameResult, name: str = "") -> None:
+        k = max(self.cm.shape[0], int(truth.max()) + 1 if truth.size else 0,
+                int(frame.label.max()) + 1 if frame.label.size else 0,
+                frame.probs.shape[0] if frame.probs is not None else 0)
+        if k > self.cm.shape[0]:
+            grown = np.zeros((k, k), np.int64)
+            n = self.cm.shape[0]
+            grown[:n, :n] = self.cm
+            self.cm = grown
+        self.cm += confusion_matrix(frame.label, truth, k)
+
+    def result(self) -> dict[str, Any]:
+        return {**class_scores(self.cm), "confusion": self.cm.tolist()}
