@@ -78,6 +78,6 @@ def test_demo_model_finds_the_injected_defects(tmp_path, demo_bundle):
         inter += int((t & pr).sum())
         union += int((t | pr).sum())
     iou = inter / union
-    # measured 0.62 on the shipped bundle (24 frames, seed 12345; README "Demo model");
+    # measured 0.70 on the shipped bundle (24 frames, seed 12345; README "Demo model");
     # the bound sits below it so that only a real regression fails
-    assert iou > 0.45, f"defect IoU {iou:.3f}"
+    assert iou > 0.55, f"defect IoU {iou:.3f}"
