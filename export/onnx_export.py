@@ -139,6 +139,28 @@ def _synthetic_tiles(cfg: TrainConfig, seed: int = 12345) -> np.ndarray:
     return np.stack([to_tensor(t.transpose(1, 2, 0), mc.mean, mc.std).numpy() for t in tiles])
 
 
+def _real_tiles(cfg: TrainConfig, n: int = 4) -> np.ndarray | None:
+    """Normalised tiles of the first ``n`` held-out images of a folder data source (None when
+    the source is synthetic or its folder is not on this machine)."""
+    data = cfg.data
+    if getattr(data, "source", "synthetic") == "synthetic":
+        return None
+    from inspector.evaluation.datasets import open_dataset
+
+    try:
+        ds = open_dataset(data.source, data.root, split=data.val_split)
+    except FileNotFoundError as e:
+        log.warning("parity on real images skipped: %s", e)
+        return None
+    mc = cfg.model
+    out = []
+    for i in range(min(n, len(ds))):
+        tiles, _, _ = tile_frame(to_float01(ds.load(i).image, mc.in_channels), tuple(mc.tile),
+                                 cfg.evaluation.overlap)
+        out.extend(to_tensor(t.transpose(1, 2, 0), mc.mean, mc.std).numpy() for t in tiles)
+    return np.stack(out) if out else None
+
+
 def check_parity(model: ARCDInference, onnx_path: Path, inputs: dict[str, np.ndarray],
                  tol: float = PARITY_TOL) -> dict[str, dict[str, float]]:
     """Max |torch - ORT| per output for each named input batch; raises above ``tol``."""
@@ -215,6 +237,9 @@ def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: 
         std = np.broadcast_to(np.asarray(mc.std, np.float32), (mc.in_channels,)).reshape(1, -1, 1, 1)
         inputs = {"random": ((rand01 - mean) / std).astype(np.float32),
                   "synthetic_tiles": _synthetic_tiles(cfg)}
+        real = _real_tiles(cfg)
+        if real is not None:
+            inputs["real_tiles"] = real
         parity = check_parity(model, tmp_graph, inputs)
         log.info("parity ok (tolerance %g): %s", PARITY_TOL, parity)
         tmp_graph.replace(out_dir / GRAPH_FILE)

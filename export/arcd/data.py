@@ -656,13 +656,14 @@ def _union(parts: list["EvalDataset"]) -> "EvalDataset":
 def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int,
                   mean: Sequence[float], std: Sequence[float], simulation: SimulationConfig,
                   stage1_length: int, stage2_length: int, seed: int) -> TrainingData:
-    kw = {"categories": None} if cfg.source == "magnetic-tile" else {}
+    # strict: training must not silently drop an image whose mask is missing
+    kw: dict = {"strict": True}
     if cfg.source == "magnetic-tile":
         from inspector.evaluation.datasets import magnetic_tile
 
         probe = magnetic_tile(cfg.root)
         defect_cats = sorted({e.category for e in probe.entries if e.category != "MT_Free"})
-        kw = {"categories": defect_cats}
+        kw["categories"] = defect_cats
     train_ds = _union([_open_eval_dataset(cfg.source, cfg.root, s, **kw) for s in cfg.train_splits])
     labelled_all = DatasetFrames(train_ds, channels, cfg.frame_size)
     keep = sample_labelled(len(train_ds), cfg.label_fraction, cfg.label_seed)
@@ -692,9 +693,10 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
     n_val = len(val_ds) if not cfg.val_images else min(cfg.val_images, len(val_ds))
     val_frames = DatasetFrames(val_ds, channels, cfg.frame_size, list(range(n_val)))
     n_cal = min(cfg.calib_images, len(val_ds))
+    calib_frames = DatasetFrames(val_ds, channels, cfg.frame_size, list(range(max(1, n_cal))))
 
     def calib() -> list[LabeledFrame]:
-        return [val_frames.frame(j) for j in range(n_cal)] if n_cal else []
+        return [calib_frames.frame(j) for j in range(n_cal)] if n_cal else []
 
     def val() -> list[LabeledFrame]:
         return [val_frames.frame(j) for j in range(len(val_frames))]

@@ -50,6 +50,7 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
+STAGE1_CHECKPOINT = "checkpoint-stage1.pt"
 CONFIG = "config.yaml"
 METRICS = "metrics.json"
 CHECKPOINT_FORMAT = 1
@@ -162,6 +163,14 @@ class TrainConfig(BaseModel):
     stage2: Stage2Config = Field(default_factory=Stage2Config)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_source(cls, raw: Any) -> Any:
+        # configs written before the folder sources existed have no data.source: synthetic
+        if isinstance(raw, dict) and isinstance(raw.get("data"), dict) and "source" not in raw["data"]:
+            raw = {**raw, "data": {**raw["data"], "source": "synthetic"}}
+        return raw
+
     @model_validator(mode="after")
     def _baseline_has_no_stage1(self) -> "TrainConfig":
         # without R there is nothing for stage 1 to train; the budget goes to stage 2 alone
@@ -222,6 +231,36 @@ def _scheduler(opt: torch.optim.Optimizer, stage: _StageBase) -> torch.optim.lr_
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=ms, gamma=stage.lr_gamma)
 
 
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _init_distributed(cfg_device: str) -> torch.device:
+    """Join the process group when started by ``torchrun`` with more than one process.
+
+    torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; each process then drives GPU ``LOCAL_RANK``
+    (NCCL), or the CPU (gloo) when the config's device is the CPU. A single process (plain
+    ``inspector train``) returns the config's device unchanged.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return torch.device(cfg_device)
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = cfg_device.startswith("cuda") and torch.cuda.is_available()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
 class _State:
     """Everything a checkpoint holds, kept in one place so saving and resuming stay in step."""
 
@@ -240,6 +279,25 @@ class _State:
         self.opt2 = torch.optim.Adam(d.parameters(), lr=cfg.stage2.lr, weight_decay=cfg.stage2.weight_decay)
         self.sched1 = _scheduler(self.opt1, cfg.stage1)
         self.sched2 = _scheduler(self.opt2, cfg.stage2)
+        self.rank, self.world = _dist_rank_world()
+        #: the modules the loop calls: DDP wrappers of the network a stage trains when world > 1
+        self.trained_r: torch.nn.Module = r
+        self.trained_d: torch.nn.Module = d
+
+    def wrap_for_stage(self, stage: int) -> None:
+        """Under torchrun, wrap the network this stage trains in DistributedDataParallel (its
+        gradients are averaged over processes); the frozen one stays a plain module."""
+        self.trained_r, self.trained_d = self.r, self.d
+        if self.world <= 1:
+            return
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dev = next(self.d.parameters()).device
+        ids = [dev.index] if dev.type == "cuda" else None
+        if stage == 1:
+            self.trained_r = DDP(self.r, device_ids=ids)
+        else:
+            self.trained_d = DDP(self.d, device_ids=ids)
 
     def state_dict(self) -> dict:
         return {
@@ -284,16 +342,25 @@ def _fmt_s(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _batches(ds: Dataset, batch: int, start_step: int, steps: int, workers: int):
-    """Batches for steps ``start_step..steps-1``: step s uses samples s*batch .. s*batch+batch-1."""
-    idx = range(start_step * batch, steps * batch)
+def _batches(ds: Dataset, batch: int, start_step: int, steps: int, workers: int,
+             rank: int = 0, world: int = 1):
+    """Batches for steps ``start_step..steps-1``: step s uses samples s*batch .. s*batch+batch-1.
+
+    Under DistributedDataParallel each of the ``world`` processes takes its own ``batch``
+    samples of step s (``(s * world + rank) * batch`` on), so the global batch is
+    ``world * batch`` and no two processes see the same sample.
+    """
+    def first(s: int) -> int:
+        return (s * world + rank) * batch
+
     if workers > 0:
-        loader = DataLoader(Subset(ds, list(idx)), batch_size=batch, shuffle=False,
+        idx = [i for s in range(start_step, steps) for i in range(first(s), first(s) + batch)]
+        loader = DataLoader(Subset(ds, idx), batch_size=batch, shuffle=False,
                             num_workers=workers, collate_fn=collate, persistent_workers=False)
         yield from loader
         return
     for s in range(start_step, steps):
-        yield collate([ds[i] for i in range(s * batch, (s + 1) * batch)])
+        yield collate([ds[i] for i in range(first(s), first(s) + batch)])
 
 
 def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev: torch.device) -> None:
@@ -319,10 +386,12 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
              "R on simulated anomalies" if stage == 1 else "D on labelled defects (R frozen)",
              sc.steps, sc.batch_size, sc.lr, state.step)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    state.wrap_for_stage(stage)
     try:
         _loop(state, stage, sc, ds, opt, sched, crit, dice, run_dir, dev, fmt)
     except KeyboardInterrupt:
-        _atomic_save(state.state_dict(), run_dir / CHECKPOINT)
+        if state.rank == 0:
+            _atomic_save(state.state_dict(), run_dir / CHECKPOINT)
         log.warning("interrupted at stage %d step %d; checkpoint saved, continue with --resume",
                     stage, state.step)
         raise
@@ -341,15 +410,17 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
     t_base = state.elapsed_s
     first = state.step
     ema: float | None = None
-    for batch in _batches(ds, sc.batch_size, state.step, sc.steps, cfg.data_workers):
+    r_fwd, d_fwd = state.trained_r, state.trained_d
+    for batch in _batches(ds, sc.batch_size, state.step, sc.steps, cfg.data_workers,
+                          state.rank, state.world):
         x = batch["image"].to(dev, memory_format=fmt)
         if stage == 1:
-            rec = state.r(x)
+            rec = r_fwd(x)
             loss, parts = crit(rec, batch["target"].to(dev))
         else:
             with torch.no_grad():
                 rec = state.r(x)
-            logits = state.d(discriminator_input(state.r, rec, x))
+            logits = d_fwd(discriminator_input(state.r, rec, x))
             mask = batch["mask"].to(dev)
             loss = crit(logits, mask)
             parts = {}
@@ -369,13 +440,13 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
         hist.append([state.step, lv])
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         state.elapsed_s = t_base + time.monotonic() - t0
-        if state.step % cfg.log_every == 0 or state.step == sc.steps:
+        if state.rank == 0 and (state.step % cfg.log_every == 0 or state.step == sc.steps):
             rate = (state.step - first) / max(1e-9, time.monotonic() - t0)
             extra = "".join(f" {k} {v:.4f}" for k, v in parts.items())
             log.info("stage %d step %d/%d loss %.5f (avg %.5f)%s lr %.2e %.2f it/s eta %s",
                      stage, state.step, sc.steps, lv, ema, extra, opt.param_groups[0]["lr"], rate,
                      _fmt_s((sc.steps - state.step) / max(rate, 1e-9)))
-        if state.step % cfg.checkpoint_every == 0 and state.step < sc.steps:
+        if state.rank == 0 and state.step % cfg.checkpoint_every == 0 and state.step < sc.steps:
             _atomic_save(state.state_dict(), run_dir / CHECKPOINT)
 
 
@@ -455,8 +526,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         raise FileExistsError(f"{ck_path}: a run is already here; pass resume=True (--resume) to "
                               f"continue it or choose another run folder")
     torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    dev = torch.device(cfg.device)
+    torch.manual_seed(cfg.seed)  # same seed on every rank: DDP starts from identical weights
+    dev = _init_distributed(cfg.device)
     r, d = build_models(cfg.model)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     r.to(dev, memory_format=fmt)
@@ -488,10 +559,20 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         if state.stage == 1:
             _run_stage(state, 1, data, run_dir, dev)
             state.stage, state.step = 2, 0
-            _atomic_save(state.state_dict(), ck_path)
+            if state.rank == 0:
+                _atomic_save(state.state_dict(), ck_path)
+            if state.rank == 0 and cfg.stage1.steps:
+                # kept apart: stage 1 sees normal images only, so runs that differ only in
+                # stage 2 (labelled-data rates) can start from this file (copy it to
+                # checkpoint.pt, --resume) instead of training the same R again
+                _atomic_save(state.state_dict(), run_dir / STAGE1_CHECKPOINT)
         _run_stage(state, 2, data, run_dir, dev)
         state.done = True
-        _atomic_save(state.state_dict(), ck_path)
+        if state.rank == 0:
+            _atomic_save(state.state_dict(), ck_path)
+    if state.rank != 0:
+        # rank 0 alone evaluates and writes metrics; the others are done
+        return run_dir
 
     metrics: dict[str, Any] = {
         "name": cfg.name,
