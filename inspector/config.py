@@ -208,12 +208,12 @@ def _check_paths(cfg: InspectorConfig) -> None:
             raise ConfigError(f, "source.path", f"{p} not found (expected a folder of images or a video)")
 
 
-def load_config(path: str | Path, check_paths: bool = True) -> InspectorConfig:
-    """Read, validate and path-check one camera config file."""
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file's top-level mapping ({} when empty); errors name the file and the line."""
     p = Path(path)
     file = str(path)
     if not p.is_file():
-        raise ConfigError(file, None, "config file not found")
+        raise ConfigError(file, None, f"{what} not found")
     try:
         raw = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
@@ -222,4 +222,14 @@ def load_config(path: str | Path, check_paths: bool = True) -> InspectorConfig:
         raise ConfigError(file, None, f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(file, None, "not a text file") from None
-    return parse_config(raw, file, p.resolve().parent, check_paths)
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(file, None, "expected a mapping of keys at the top level")
+    return raw
+
+
+def load_config(path: str | Path, check_paths: bool = True) -> InspectorConfig:
+    """Read, validate and path-check one camera config file."""
+    raw = read_yaml_mapping(path)
+    return parse_config(raw, str(path), Path(path).resolve().parent, check_paths)

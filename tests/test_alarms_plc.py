@@ -71,7 +71,10 @@ def test_defects_raise_the_mapped_alarm_and_a_restarted_plc_gets_the_current_sta
         wait_for(lambda: engine.state().frames >= frames_at_outage + 10, what="frames during the outage")
         plc.start()  # fresh memory: everything the PLC shows now was written after reconnect
         frames_at_restart = engine.state().frames
-        s = wait_for(lambda: (lambda r: r if r["frames"] >= frames_at_restart else None)(plc.read(2)),
+        # the words around the PLC-owned acknowledge words arrive in two writes (S7: two DB
+        # writes), so wait for both halves of the state rather than reading between them
+        s = wait_for(lambda: (lambda r: r if r["frames"] >= frames_at_restart and sum(r["counts"]) > 0
+                              else None)(plc.read(2)),
                      what="the current state on the restarted PLC")
         assert s["alarm_bits"] == 0b01 and s["coils"] == [True, False]  # latched alarm still on
         assert s["heartbeat"] > 0 and sum(s["counts"]) > 0

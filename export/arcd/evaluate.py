@@ -2,8 +2,8 @@
 
 Frames are cut into model-size tiles that overlap by ``overlap`` pixels, the last tile aligned to
 the frame edge; when the tile outputs are put back, each pixel comes from one tile, with the
-overlap split at its middle (the runtime's ``inspector.models.tiling`` does the same, so the
-IoU reported here is the IoU the line will see). Class masks come from
+overlap split at its middle, by the runtime's own ``inspector.models.tiling`` functions, so the
+IoU reported here is the IoU the line will see. Class masks come from
 ``inspector.postprocess.threshold_probabilities`` with the bundle's thresholds, again exactly as
 at runtime. IoU per class is accumulated over all frames (one confusion matrix), background
 included.
@@ -23,6 +23,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from inspector.models.tiling import axis_keep as tile_keep
+from inspector.models.tiling import axis_starts as tile_starts
 from inspector.postprocess import threshold_probabilities
 
 from export.arcd.data import LabeledFrame, to_float01, to_tensor
@@ -41,26 +43,6 @@ __all__ = [
     "FrameEval",
     "evaluate",
 ]
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets along one axis; the last tile ends at the frame edge."""
-    if length <= tile:
-        return [0]
-    stride = max(1, tile - overlap)
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
-    return starts
-
-
-def tile_keep(starts: list[int], tile: int, length: int) -> list[tuple[int, int]]:
-    """The [begin, end) frame range each tile provides: overlaps split at their middle."""
-    keep = []
-    for i, s in enumerate(starts):
-        lo = 0 if i == 0 else (starts[i - 1] + tile + s) // 2
-        hi = min(length, s + tile) if i == len(starts) - 1 else (s + tile + starts[i + 1]) // 2
-        keep.append((lo, hi))
-    return keep
 
 
 def tile_frame(image01: np.ndarray, tile: tuple[int, int], overlap: int

@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from inspector.config import read_yaml_mapping
 from inspector.errors import ConfigError
 from inspector.sources.synthetic import CLASS_NAMES
 
@@ -182,14 +183,7 @@ class TrainConfig(BaseModel):
 def load_config(path: Path) -> TrainConfig:
     """Read and validate a training YAML; errors name the file and the dotted key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), None, "training config not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), None, f"not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(str(path), None, "expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "training config")
     return _validate(raw, str(path))
 
 

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from inspector.config import read_yaml_mapping
 from inspector.errors import ConfigError
 from inspector.evaluation.datasets import SplitFractions
 
@@ -185,14 +186,7 @@ class ClganTrainConfig(BaseModel):
 def load_config(path: Path) -> ClganTrainConfig:
     """Read and validate a training YAML; errors name the file and the dotted key."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(str(path), None, "training config not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(str(path), None, f"not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(str(path), None, "expected a mapping at the top level")
+    raw = read_yaml_mapping(path, "training config")
     raw.setdefault("base_dir", str(path.resolve().parent))
     try:
         cfg = ClganTrainConfig.model_validate(raw)

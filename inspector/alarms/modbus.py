@@ -51,12 +51,13 @@ class ModbusLink:
         if state.alarms:
             self._check(cl.write_coils(c.coil_base, list(state.alarms), **self._unit_kw),
                         f"write coils {c.coil_base}..{c.coil_base + len(state.alarms) - 1}")
-        # Two blocks around the acknowledge words, which belong to the PLC.
-        self._check(cl.write_registers(c.register_base, words[:LAST_SCORE + 1], **self._unit_kw),
-                    f"write holding registers {c.register_base}..{c.register_base + LAST_SCORE}")
+        # Two blocks around the acknowledge words, which belong to the PLC. Counts first, the
+        # heartbeat/frames block last: a PLC that sees a new heartbeat also sees its counts.
         if len(words) > COUNTS:
             self._check(cl.write_registers(c.register_base + COUNTS, words[COUNTS:], **self._unit_kw),
                         f"write holding registers {c.register_base + COUNTS}..{c.register_base + len(words) - 1}")
+        self._check(cl.write_registers(c.register_base, words[:LAST_SCORE + 1], **self._unit_kw),
+                    f"write holding registers {c.register_base}..{c.register_base + LAST_SCORE}")
 
     def read_acks(self) -> list[int]:
         c, cl = self.cfg, self._client

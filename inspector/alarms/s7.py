@@ -39,9 +39,11 @@ class S7Link:
         if cl is None:
             raise ConnectionError("not connected")
         words = encode_words(state, heartbeat)
-        cl.db_write(c.db, c.start, words_to_bytes(words[:LAST_SCORE + 1]))
+        # Counts first, heartbeat/frames block last: a PLC that sees a new heartbeat or frame
+        # count then also sees the counts that belong to it.
         if len(words) > COUNTS:
             cl.db_write(c.db, c.start + 2 * COUNTS, words_to_bytes(words[COUNTS:]))
+        cl.db_write(c.db, c.start, words_to_bytes(words[:LAST_SCORE + 1]))
 
     def read_acks(self) -> list[int]:
         c, cl = self.cfg, self._client
