@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from inspector.errors import EngineError
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -40,11 +42,11 @@ class Engine(abc.ABC):
         The feeds are copied before this returns. Up to ``async_depth`` tickets may be pending;
         ``collect`` them oldest first, so the upload of the next batch overlaps the current one.
         """
-        raise NotImplementedError(f"{type(self).__name__} has no asynchronous path")
+        raise EngineError(f"{type(self).__name__} has no asynchronous path (async_depth is 0)")
 
     def collect(self, ticket: int) -> dict[str, np.ndarray]:
         """Wait for ``ticket``'s outputs; they are views valid until ``async_depth`` more submits."""
-        raise NotImplementedError(f"{type(self).__name__} has no asynchronous path")
+        raise EngineError(f"{type(self).__name__} has no asynchronous path (async_depth is 0)")
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
