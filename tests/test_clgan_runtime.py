@@ -277,18 +277,7 @@ def test_pipeline_on_a_replay_folder_with_the_clgan_bundle(bundle_path, tmp_path
         assert {"engine", "decode", "postprocess"} <= set(m.header["timings_ms"])
 
 
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == 'torch' or name.startswith('torch.'):
-            raise ImportError('torch is not installed on this line PC (blocked by the test)')
-sys.meta_path.insert(0, _NoTorch())
-from inspector.cli import main
-rc = main(sys.argv[1:])
-assert 'torch' not in sys.modules, 'the runtime imported torch'
-sys.exit(rc)
-"""
+from test_runtime_without_torch import BLOCK_TORCH  # noqa: E402 - one copy of the blocker
 
 
 def test_clgan_run_and_evaluate_without_torch(bundle_path, tmp_path):

@@ -21,15 +21,7 @@ class ArcdAdapter(ModelAdapter):
 
     def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
         super().__init__(bundle, engine, max_batch)
-        outs = bundle.spec.outputs
-        if "probabilities" not in outs:
-            raise BundleError(f"{bundle.path / BUNDLE_FILE}: outputs.probabilities: required for "
-                              f"kind arcd (the graph output holding class probabilities)")
-        self.probs_name = outs["probabilities"]
-        names = [t.name for t in engine.outputs]
-        if self.probs_name not in names:
-            raise BundleError(f"{bundle.path / BUNDLE_FILE}: outputs.probabilities: the graph has "
-                              f"no output '{self.probs_name}' (it has {names})")
+        self.probs_name = self.output_name("probabilities", "the graph output holding class probabilities")
         self.num_classes = len(bundle.spec.classes)
         self._pools: dict[tuple[int, int], BufferPool] = {}
 

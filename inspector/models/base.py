@@ -97,6 +97,18 @@ class ModelAdapter(abc.ABC):
         #: applied to the frame before everything else, so decode() sees the corrected frame too
         self.flat_field: FlatField | None = None
 
+    def output_name(self, key: str, what: str) -> str:
+        """The graph output the bundle names under ``outputs.<key>``, checked against the graph."""
+        meta = self.bundle.path / BUNDLE_FILE
+        outs = self.bundle.spec.outputs
+        if key not in outs:
+            raise BundleError(f"{meta}: outputs.{key}: required for kind {self.kind} ({what})")
+        names = [t.name for t in self.engine.outputs]
+        if outs[key] not in names:
+            raise BundleError(f"{meta}: outputs.{key}: the graph has no output '{outs[key]}' "
+                              f"(it has {names})")
+        return outs[key]
+
     # -- input side ---------------------------------------------------------------------------
     def grid(self, h: int, w: int) -> TileGrid:
         g = self._grids.get((h, w))

@@ -114,15 +114,7 @@ class ClganAdapter(ModelAdapter):
     def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
         super().__init__(bundle, engine, max_batch)
         meta = bundle.path / BUNDLE_FILE
-        outs = bundle.spec.outputs
-        if "reconstruction" not in outs:
-            raise BundleError(f"{meta}: outputs.reconstruction: required for kind clgan (the graph "
-                              f"output holding the reconstructed tiles)")
-        self.rec_name = outs["reconstruction"]
-        names = [t.name for t in engine.outputs]
-        if self.rec_name not in names:
-            raise BundleError(f"{meta}: outputs.reconstruction: the graph has no output "
-                              f"'{self.rec_name}' (it has {names})")
+        self.rec_name = self.output_name("reconstruction", "the graph output holding the reconstructed tiles")
         if bundle.spec.postprocess.type != "dual_threshold":
             raise BundleError(f"{meta}: postprocess.type: kind clgan outputs a residual; expected "
                               f"dual_threshold, got {bundle.spec.postprocess.type}")
