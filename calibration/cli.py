@@ -152,6 +152,9 @@ def _print_thresholds(r: dict[str, Any], files: dict[str, Path]) -> None:
     if r["recipe"] == "dual_threshold":
         print(f"  min_residual {c['min_residual']}  (k1 {c['k1']}, k2 {c['k2']}, kernel_size "
               f"{c['kernel_size']}, min_area_px {c['min_area_px']})")
+    elif r["recipe"] == "score_threshold":
+        print(f"  score_threshold {c['score_threshold']}  (min_area_px {c['min_area_px']}, open_kernel "
+              f"{c['open_kernel']}, close_kernel {c['close_kernel']})")
     else:
         print("  class thresholds " + ", ".join(f"{k} {v}" for k, v in c["class_thresholds"].items()))
     for part, label in (("calibration", "calibration"), ("check", "held back  ")):

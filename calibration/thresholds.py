@@ -4,7 +4,7 @@ The false-alarm rate (FPR) here is what the PLC sees: the share of normal frames
 list is not empty (after ``min_area_px``). The bundle's model runs once over every frame, as at
 run time (adapter, tiling, flat-field when configured); only the post-processing is repeated.
 
-**Residual models** (``postprocess.type: dual_threshold``: clgan, fuzzymask). The paper's dual
+**Residual models** (``postprocess.type: dual_threshold``: clgan). The paper's dual
 threshold (mean + k·std of each image itself) flags the upper tail of *every* image, so on its own
 it cannot hold any false-alarm rate: on defect-free magnetic tiles it marks something on nearly
 every image. The calibrated setting therefore adds an absolute floor, ``min_residual``: a
@@ -24,6 +24,16 @@ per-class allowance k is searched for which the thresholds just above each class
 highest calibration peak keep the union of alarming frames at or below ⌊target·n⌋. Thresholds
 never go below ``--min-threshold`` (default 0.5). With an opening or ``min_area_px`` this
 count is an upper bound (they can only remove alarms), so the target still holds.
+
+**Score-threshold models** (``postprocess.type: score_threshold``: fuzzymask). A pixel is a
+defect pixel where the model's anomaly score reaches ``score_threshold``; the optional opening and
+closing and ``min_area_px`` follow. All three are increasing operations, so the set of reported
+defects can only shrink as the threshold rises, and each image reduces to one number: the highest
+threshold at which it still reports a defect (its peak score when there is no opening and no area
+filter, else found by bisection over its own score values). The threshold is set just above the
+(⌊target·n⌋+1)-th highest of these over the n calibration frames, as for the residual floor;
+``--min-area-px`` may give a grid (chosen by detection recall on labelled defects). Scores may be
+negative (the converged branch of dynamic inference), and so may the threshold.
 
 How many calibration frames may alarm: by default ⌊target·n⌋, the empirical rule, whose FPR on
 new frames lands around the target (above it about as often as below). ``--confidence 0.9``
@@ -74,7 +84,7 @@ from calibration.frames import CalibrationInputError, FrameItem, FrameSet, itera
 log = logging.getLogger(__name__)
 
 __all__ = ["CalibModel", "SearchGrid", "calibrate_thresholds", "write_postprocess_section",
-           "floor_for", "wilson", "residual_table"]
+           "floor_for", "wilson", "residual_table", "score_table", "score_floor"]
 
 NO_SCORE = -np.inf  # an image without any (large enough) component
 
@@ -312,8 +322,13 @@ class _PixelHist:
     """Score histograms of normal pixels and of defect (truth) pixels."""
 
     def __init__(self, recipe: str):
-        self.edges = (np.linspace(0.0, 1.0, 101) if recipe == "probability"
-                      else np.concatenate([[0.0], np.geomspace(1e-2, 256.0, 120)]))
+        if recipe == "probability":
+            self.edges = np.linspace(0.0, 1.0, 101)
+        elif recipe == "score_threshold":
+            # fuzzymask scores: D maps lie in [0, 2], converged-branch scores go below 0
+            self.edges = np.linspace(-2.0, 2.0, 201)
+        else:
+            self.edges = np.concatenate([[0.0], np.geomspace(1e-2, 256.0, 120)])
         self.normal = np.zeros(len(self.edges) - 1, np.int64)
         self.defect = np.zeros(len(self.edges) - 1, np.int64)
 
@@ -371,6 +386,13 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
     check_d = defects.part("check") if defects else []
     if model.recipe == "dual_threshold":
         res = _ResidualCalibration(model, target_fpr, grid, confidence)
+    elif model.recipe == "score_threshold":
+        bad = [k for k in grid.given() if k != "min_area_px"]
+        if bad:
+            raise CalibrationInputError(f"--{bad[0].replace('_', '-')}: applies to residual models "
+                                        f"(dual_threshold); this bundle's recipe is score_threshold "
+                                        f"(only --min-area-px may give a grid)")
+        res = _ScoreCalibration(model, target_fpr, grid, confidence)
     else:
         if grid.given():
             raise CalibrationInputError(f"--{grid.given()[0].replace('_', '-')}: search grids apply to "
@@ -570,6 +592,178 @@ class _ResidualCalibration:
                 for p in ("calibration", "check") for k in ("normal", "defect")} | {"threshold": [self.best[2]]}
 
 
+def score_table(score: np.ndarray, pp: PostprocessConfig, areas: Sequence[int],
+                truth: np.ndarray | None) -> dict[int, tuple[float, float]]:
+    """Per min area: (alarm score, detect score) of one image for the score-threshold recipe.
+
+    The alarm score is the highest threshold at which the image still reports a defect (a
+    component of at least ``area`` pixels after opening and closing); the detect score the
+    highest at which such a component overlaps the truth (``NO_SCORE`` without truth or when
+    none ever does). Both are among the image's own score values; reporting is monotone in the
+    threshold, so a bisection over the sorted values finds them.
+    """
+    from inspector.postprocess import threshold_score
+
+    conn = pp.connectivity
+    t_mask = (truth > 0) if truth is not None else None
+
+    def reports(t: float, area: int, detect: bool) -> bool:
+        m = threshold_score(score, t, pp.open_kernel, pp.close_kernel)
+        if not m.any():
+            return False
+        if area <= 1 and not detect:
+            return True
+        n, cc, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=conn)
+        big = stats[:, cv2.CC_STAT_AREA] >= max(area, 1)
+        big[0] = False
+        if not detect:
+            return bool(big.any())
+        hit = np.unique(cc[t_mask])
+        return bool(big[hit[hit > 0]].any())
+
+    vals: np.ndarray | None = None
+
+    def highest(area: int, detect: bool) -> float:
+        nonlocal vals
+        if detect and (t_mask is None or not t_mask.any()):
+            return NO_SCORE
+        if not detect and pp.open_kernel <= 1 and area <= 1:
+            return float(score.max())  # thresholding alone (closing only adds to a non-empty mask)
+        if vals is None:
+            vals = np.unique(score)
+        if not reports(float(vals[0]), area, detect):
+            return NO_SCORE
+        lo, hi = 0, len(vals) - 1  # reports at vals[lo]; find the last index that does
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if reports(float(vals[mid]), area, detect):
+                lo = mid
+            else:
+                hi = mid - 1
+        return float(vals[lo])
+
+    return {a: (highest(a, False), highest(a, True)) for a in areas}
+
+
+def score_floor(scores_: Sequence[float], target: float, confidence: float | None = None
+                ) -> tuple[float | None, int]:
+    """Like :func:`floor_for` for score thresholds of any sign: the threshold just above the
+    (allowed+1)-th highest image score, and how many images alarm there. ``None`` when any
+    threshold meets the target (too few images ever report anything), ``inf`` when the
+    confidence asks for more frames than there are.
+
+    >>> score_floor([-0.5, -0.2, -0.31, -0.9, NO_SCORE], 0.2)
+    (-0.3099, 1)
+    """
+    s = np.asarray(scores_, np.float64)
+    allowed = allowed_alarms(len(s), target, confidence)
+    if allowed < 0:
+        return math.inf, 0
+    finite = np.sort(s[np.isfinite(s)])[::-1]
+    if len(finite) <= allowed:
+        return None, int(len(finite))
+    v = float(finite[allowed])
+    t = _above(v, _step(v))
+    return t, int((np.isfinite(s) & (s >= t)).sum())
+
+
+class _ScoreCalibration:
+    """Statistics and choice for score-threshold models (fuzzymask): one threshold on the score."""
+
+    def __init__(self, model: CalibModel, target: float, grid: SearchGrid, confidence: float | None):
+        self.model = model
+        self.target = target
+        self.confidence = confidence
+        self.areas = grid.areas(model.pp)
+        # part -> kind -> list of (name, {area: (alarm score, detect score)})
+        self.tables: dict[str, dict[str, list[tuple[str, dict[int, tuple[float, float]]]]]] = {
+            p: {"normal": [], "defect": []} for p in ("calibration", "check")}
+        self.rows: list[dict[str, Any]] = []
+        self.best: tuple[int, float] | None = None
+        self.best_row: dict[str, Any] = {}
+        self.infeasible_reason = ""
+
+    def candidates(self) -> list[int]:
+        return list(self.areas)
+
+    def add(self, part: str, it: FrameItem, image: np.ndarray, truth: np.ndarray | None,
+            hist: _PixelHist) -> None:
+        _run(self.model, image, lambda out: self.add_output(part, it, out, truth, hist))
+
+    def add_output(self, part: str, it: FrameItem, out, truth: np.ndarray | None, hist: _PixelHist) -> None:
+        if out.score_map is None:
+            raise CalibrationInputError(f"{self.model.bundle.path / BUNDLE_FILE}: postprocess.type is "
+                                        f"score_threshold but the model gives no score map")
+        areas = self.areas if part == "calibration" else [self.best[0]]
+        tab = score_table(out.score_map, self.model.pp, areas, truth)
+        self.tables[part]["defect" if truth is not None else "normal"].append((it.name, tab))
+        hist.add(out.score_map, truth)
+
+    def _scores(self, part: str, kind: str, area: int, detect: bool = False) -> np.ndarray:
+        return np.array([t[area][1 if detect else 0] for _, t in self.tables[part][kind]], np.float64)
+
+    @staticmethod
+    def _passes(s: np.ndarray, t: float) -> np.ndarray:
+        return np.isfinite(s) & (s >= t)
+
+    def choose(self) -> PostprocessConfig | None:
+        for area in self.areas:
+            s = self._scores("calibration", "normal", area)
+            thr, alarmed = score_floor(s, self.target, self.confidence)
+            if thr is not None and math.isinf(thr):
+                self.infeasible_reason = _too_few(len(s), self.target, self.confidence)
+                return None
+            if thr is None:  # no calibration frame reports anything: any threshold does
+                thr = float(self.model.pp.score_threshold)
+                alarmed = int(self._passes(s, thr).sum())
+            det = self._scores("calibration", "defect", area, detect=True)
+            alarm_d = self._scores("calibration", "defect", area)
+            self.rows.append({"min_area_px": area, "score_threshold": thr, "alarmed": alarmed,
+                              "fpr": round(alarmed / len(s), 4),
+                              "recall": _rate(self._passes(det, thr)) if len(det) else None,
+                              "alarm_rate_on_defect_images": _rate(self._passes(alarm_d, thr))
+                              if len(det) else None})
+        # highest recall; the bundle's own min area comes first and wins ties
+        best_i = max(range(len(self.rows)), key=lambda i: (self.rows[i]["recall"] or 0.0, -i))
+        r = self.best_row = self.rows[best_i]
+        self.best = (r["min_area_px"], r["score_threshold"])
+        return self.model.pp.model_copy(update={"score_threshold": r["score_threshold"],
+                                                "min_area_px": r["min_area_px"]})
+
+    def search_report(self) -> dict[str, Any]:
+        return {"method": "threshold on the anomaly score just above the allowed share of the "
+                          "calibration normals' alarm scores (highest threshold at which each image "
+                          "still reports a defect); one threshold per min_area_px candidate",
+                "candidates": self.rows}
+
+    def figures_at_choice(self) -> dict[str, Any]:
+        r = self.best_row
+        n = len(self.tables["calibration"]["normal"])
+        d = self.tables["calibration"]["defect"]
+        return {"normal_images": n, "alarmed": r["alarmed"], "fpr": r["fpr"],
+                "fpr_ci95": wilson(r["alarmed"], n), "defect_images": len(d), "recall": r["recall"],
+                "alarm_rate_on_defect_images": r["alarm_rate_on_defect_images"]}
+
+    def curve(self) -> dict[str, Any]:
+        """FPR and recall of the chosen min area as the threshold moves."""
+        area, chosen = self.best
+        sc = {(p, k, det): self._scores(p, k, area, det)
+              for p in ("calibration", "check") for k, det in (("normal", False), ("defect", True))}
+        allv = np.concatenate([v[np.isfinite(v)] for v in sc.values()] + [np.array([chosen])])
+        ts = np.unique(np.concatenate([np.quantile(allv, np.linspace(0, 1, 241)), [chosen]]))
+        out: dict[str, Any] = {"parameter": "score_threshold", "values": [round(float(t), 5) for t in ts]}
+        for (p, k, det), v in sc.items():
+            key = f"{'recall' if det else 'fpr'}_{p}"
+            out[key] = [None if not len(v) else round(float(self._passes(v, t).mean()), 4) for t in ts]
+        out["chosen"] = chosen
+        return out
+
+    def image_scores(self) -> dict[str, list[float | None]]:
+        area, thr = self.best
+        return {f"{p}_{k}": [float(x) if np.isfinite(x) else None for x in self._scores(p, k, area)]
+                for p in ("calibration", "check") for k in ("normal", "defect")} | {"threshold": [thr]}
+
+
 class _ProbabilityCalibration:
     """Statistics and choice for class-probability models (one threshold per defect class)."""
 
@@ -740,7 +934,9 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     sc = report["_scores"]
     hist = report["_hist"]
     residual = report["recipe"] == "dual_threshold"
-    unit = "residual (grey levels)" if residual else "highest defect-class probability"
+    scored = report["recipe"] == "score_threshold"
+    unit = ("residual (grey levels)" if residual else "anomaly score" if scored
+            else "highest defect-class probability")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     ax = axes[0]
     groups = [("calibration_normal", "normal, calibration", "tab:blue"),
@@ -764,9 +960,11 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
                         label=f"{label} ({len(sc[key])}" + (f", {none} without component" if none else "")
                         + ")")
     for t in sc.get("threshold", []):
-        if t > 0:
+        if t > 0 or scored:
             ax.axvline(t, color="k", ls="--", lw=1)
-    ax.set_xlabel(f"per image: {'highest component peak, ' if residual else ''}{unit}")
+    prefix = ("highest component peak, " if residual else
+              "highest threshold still reporting a defect, " if scored else "")
+    ax.set_xlabel(f"per image: {prefix}{unit}")
     ax.set_ylabel("images")
     ax.set_title("image scores (dashed: calibrated threshold)", fontsize=9)
     ax.legend(fontsize=7)
@@ -781,7 +979,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     if residual:
         ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel(f"per pixel: {unit if residual else 'score (1 - p(background))'}")
+    ax.set_xlabel(f"per pixel: {unit if residual or scored else 'score (1 - p(background))'}")
     ax.set_ylabel("fraction of pixels")
     ax.set_title("pixel scores", fontsize=9)
     ax.legend(fontsize=7)

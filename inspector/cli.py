@@ -108,7 +108,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         out = model.adapter.infer(frame.image)
         infer_ms = (time.perf_counter() - t0) * 1e3
-        label = model.post.mask(out.probs, out.residual)
+        label = model.post.mask(out.probs, out.residual, out.score_map)
         defects, total = model.post.defects(label, out.score_map)
         if out.release:
             out.release()
@@ -211,6 +211,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                               args.resume, getattr(args, "max_iters", None))
         print(run_dir)
         return EXIT_OK
+    if args.kind == "fuzzymask":
+        from export.fuzzymask.train import train as train_fuzzymask
+        run_dir = train_fuzzymask(Path(args.config), Path(args.run_dir) if args.run_dir else None,
+                                  args.resume, getattr(args, "max_iters", None))
+        print(run_dir)
+        return EXIT_OK
     return _fail(f"unknown model kind {args.kind}", EXIT_BAD_INPUT)
 
 
@@ -221,6 +227,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _fail("export onnx needs --run-dir and --out", EXIT_BAD_INPUT)
     _needs_torch()
     if args.format == "onnx":
+        from export.fuzzymask.export import is_fuzzymask_run
+        if is_fuzzymask_run(Path(args.run_dir)):  # config.yaml says kind: fuzzymask
+            from export.fuzzymask.export import export_bundle as export_fuzzymask
+            print(export_fuzzymask(Path(args.run_dir), Path(args.out), name=args.name, opset=args.opset))
+            return EXIT_OK
         from export.clgan.export import is_clgan_run
         if is_clgan_run(Path(args.run_dir)):  # config.yaml says kind: clgan
             from export.clgan.export import export_bundle as export_clgan
@@ -326,6 +337,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                   "false_alarm_rate_reported", "defective_images", "normal_images", "ms_per_image"):
             if k in res:  # the class metrics exist for class-probability kinds only
                 print(f"{k:>24}: {fmt(res.get(k))}")
+        di = res.get("dynamic_inference")
+        if di:  # fuzzymask: which branch the tiles took, engine rounds per frame
+            print(f"{'converged tiles':>24}: {fmt(di['converged_tile_fraction'])}")
+            print(f"{'engine calls per frame':>24}: {di['engine_calls_per_frame']['mean']:.2f} "
+                  f"(max {di['engine_calls_per_frame']['max']})")
     return EXIT_OK
 
 
@@ -412,11 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_alarms)
 
     p = sub.add_parser("train", help="train a model (needs the train extra)")
-    p.add_argument("kind", choices=["arcd", "clgan"])
+    p.add_argument("kind", choices=["arcd", "clgan", "fuzzymask"])
     p.add_argument("--config", required=True, help="training config YAML")
     p.add_argument("--run-dir", help="run folder (default: runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--max-iters", type=int, help="clgan: stop after this many iterations (smoke runs)")
+    p.add_argument("--max-iters", type=int, help="clgan, fuzzymask: stop after this many iterations "
+                                                 "(smoke runs)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("export", help="onnx: a trained run to a model bundle (train extra); "

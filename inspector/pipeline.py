@@ -427,6 +427,10 @@ class Pipeline:
                 slow(f.frame_id, RuntimeError(f"send queue full ({self.cfg.publish.sndhwm} messages)"))
             self.stats.add(time.monotonic(), timings["pipeline"], len(defects))
             if self.on_report is not None:
+                if out.stats:
+                    # local consumers (the benchmark) see the model kind's per-frame figures;
+                    # the message already went out without them (schema unchanged)
+                    header["model_stats"] = out.stats
                 self.on_report(header)
 
     # -- control ----------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """From a model's output maps to a defect mask and a defect list.
 
-Two recipes, chosen by the bundle's ``postprocess.type``:
+Three recipes, chosen by the bundle's ``postprocess.type``:
 
 * ``dual_threshold`` for residual models (CLGAN, fuzzy-mask inpainter): the CLGAN paper's
   sequential per-image thresholds (``../shared/seeds/002_spec.md`` §2): each channel at
@@ -8,6 +8,11 @@ Two recipes, chosen by the bundle's ``postprocess.type``:
   0.299/0.587/0.114, that image at mean + k2·std, then a closing with a square element.
 * ``probability`` for models that output class probabilities (ARCD): a threshold per class, with
   optional opening and closing.
+* ``score_threshold`` for models whose score map is already an absolute anomaly score (the
+  fuzzy-mask inpainter's dynamic-inference map, ``../shared/seeds/001_spec.md`` §4.6): a pixel
+  is a defect where its score reaches ``score_threshold``; then the optional opening and closing.
+  The value is chosen on defect-free frames for a target false-alarm rate
+  (``inspector calibrate thresholds``).
 
 Then connected components turn the mask into defects (class, score, bbox, area, centroid).
 
@@ -37,8 +42,8 @@ class PostprocessConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["probability", "dual_threshold"] = "probability"
-    # probability recipe
+    type: Literal["probability", "dual_threshold", "score_threshold"] = "probability"
+    # probability recipe (open_kernel, close_kernel also serve score_threshold)
     threshold: float = Field(0.5, gt=0, le=1, description="default probability threshold per class")
     class_thresholds: dict[str, float] = Field(default_factory=dict)
     open_kernel: int = Field(0, ge=0, description="opening kernel size (0 = off)")
@@ -49,6 +54,9 @@ class PostprocessConfig(BaseModel):
     kernel_size: int = Field(3, ge=0, description="closing kernel of the dual-threshold recipe")
     min_residual: float = Field(0.0, ge=0, description="dual-threshold recipe: keep a component only "
                                 "if its highest score reaches this absolute floor (0 = off)")
+    # score-threshold recipe (any sign: the fuzzymask score of a converged tile can be negative)
+    score_threshold: float = Field(0.0, description="score_threshold recipe: a pixel whose score "
+                                   "reaches this value is a defect pixel")
     # connected components
     min_area_px: int = Field(0, ge=0, description="drop components smaller than this (0 = keep all)")
     connectivity: Literal[4, 8] = 8
@@ -116,6 +124,26 @@ def keep_components_reaching(mask: np.ndarray, score_map: np.ndarray, floor: flo
     keep[cc[seeds]] = 1
     keep[0] = 0
     return keep[cc]
+
+
+def threshold_score(score_map: np.ndarray, threshold: float, open_kernel: int = 0,
+                    close_kernel: int = 0) -> np.ndarray:
+    """Binary mask (uint8 HxW of 0/1) of the pixels whose score reaches ``threshold``, then an
+    opening and a closing with square elements (each when its size is > 1), in the order the
+    probability recipe uses.
+
+    >>> s = np.zeros((6, 6), np.float32); s[1:3, 1:3] = 0.8; s[5, 5] = -1.0
+    >>> int(threshold_score(s, 0.5).sum()), int(threshold_score(s, -2.0).sum())
+    (4, 36)
+    """
+    if score_map.ndim != 2:
+        raise ValueError(f"score map must be HxW, got shape {score_map.shape}")
+    mask = (score_map >= np.float32(threshold)).view(np.uint8)
+    if open_kernel > 1:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, _square(open_kernel))
+    if close_kernel > 1:
+        mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, _square(close_kernel))
+    return mask
 
 
 def threshold_probabilities(probs: np.ndarray, thresholds: np.ndarray, open_kernel: int = 0,
@@ -269,6 +297,10 @@ class Postprocessor:
                 raise ValueError("postprocess.type probability needs a model that outputs probabilities")
             return threshold_probabilities(probs, self.thresholds, c.open_kernel, c.close_kernel,
                                            score_map)
+        if c.type == "score_threshold":
+            if score_map is None:
+                raise ValueError("postprocess.type score_threshold needs a model that outputs a score map")
+            return threshold_score(score_map, c.score_threshold, c.open_kernel, c.close_kernel)
         if residual is None:
             raise ValueError("postprocess.type dual_threshold needs a model that outputs a residual")
         mask = dual_threshold(residual, c.k1, c.k2, c.kernel_size)

@@ -1,10 +1,10 @@
-"""The dual-threshold recipe (CLGAN spec §2), probability thresholds and components."""
+"""The dual-threshold recipe (CLGAN spec §2), probability and score thresholds, and components."""
 
 import numpy as np
 import pytest
 
 from inspector.postprocess import (Geometry, PostprocessConfig, Postprocessor, components,
-                                   dual_threshold, threshold_probabilities)
+                                   dual_threshold, threshold_probabilities, threshold_score)
 
 
 def test_constant_residual_gives_empty_mask_not_whole_image():
@@ -119,3 +119,44 @@ def test_components_fields_and_geometry():
 def test_postprocessor_rejects_unknown_class_threshold():
     with pytest.raises(ValueError, match="unknown class"):
         Postprocessor(PostprocessConfig(class_thresholds={"rust": 0.4}), ["background", "scratches"])
+
+
+def test_score_threshold_hand_computed_any_sign():
+    s = np.full((8, 10), -0.3, np.float32)
+    s[1:3, 1:4] = 0.5
+    s[6, 8] = 0.2
+    m = threshold_score(s, 0.2)
+    assert m.dtype == np.uint8 and m.shape == (8, 10)
+    assert m.sum() == 7 and m[6, 8] == 1  # ">=": a score equal to the threshold is a defect
+    assert threshold_score(s, 0.21).sum() == 6
+    assert threshold_score(s, -0.3).sum() == 80  # negative thresholds are allowed
+    assert threshold_score(s, 0.6).sum() == 0
+    with pytest.raises(ValueError, match="HxW"):
+        threshold_score(np.zeros((2, 4, 4), np.float32), 0.1)
+
+
+def test_score_threshold_morphology_and_min_area_through_the_postprocessor():
+    s = np.zeros((12, 12), np.float32)
+    s[2:6, 2:6] = 1.0
+    s[3, 3] = 0.0            # a one-pixel hole
+    s[10, 10] = 1.0          # a lone pixel
+    names = ["background", "defect"]
+    post = Postprocessor(PostprocessConfig(type="score_threshold", score_threshold=0.5), names)
+    lab = post.mask(None, None, s)
+    assert lab.sum() == 15 + 1
+    cfg = PostprocessConfig(type="score_threshold", score_threshold=0.5, close_kernel=3)
+    post = Postprocessor(cfg, names)
+    assert post.mask(None, None, s)[3, 3] == 1  # closing fills the hole
+    solid = np.zeros((12, 12), np.float32)
+    solid[2:7, 2:7] = 1.0
+    solid[10, 10] = 1.0
+    post = Postprocessor(PostprocessConfig(type="score_threshold", score_threshold=0.5, open_kernel=3), names)
+    lab = post.mask(None, None, solid)
+    assert lab[10, 10] == 0 and lab[2:7, 2:7].all() and lab.sum() == 25  # opening drops the lone pixel
+    post = Postprocessor(PostprocessConfig(type="score_threshold", score_threshold=0.5, min_area_px=4), names)
+    lab = post.mask(None, s, s)
+    defects, total = post.defects(lab, s)
+    assert total == 1 and defects[0]["class"] == "defect" and defects[0]["area_px"] == 15
+    assert defects[0]["score"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="score map"):
+        post.mask(None, s, None)

@@ -50,3 +50,55 @@ def dark_spot_bundle(root: Path, tile: int = 64, classes=("background", "dark"))
                       provenance={"note": "hand-built test graph"})
     write_bundle(root, spec)
     return root
+
+
+def fuzzymask_toy_bundle(root: Path, tile: int = 64, cell: int = 8, kernel: int = 9, blend: float = 0.5,
+                         channels: int = 1, overlap: int = 16, **kind_params) -> Path:
+    """A fuzzymask-kind bundle whose "reconstruction" is a real ONNX graph with known behaviour:
+    ``R = (1 - blend) * x + blend * close(x)``, ``close`` the grey closing (max-pool dilation, then
+    min-pool erosion) with a ``kernel`` x ``kernel`` square.
+
+    The closing fills dark spots smaller than the kernel and, with ``kernel > cell``, a zeroed
+    k x k cell; it leaves smooth texture almost unchanged. The blend makes it a partial repair, so
+    iterating the model on its own output converges geometrically (a few iterations, like a
+    trained inpainter) instead of at once. ``kind_params`` override the bundle's (tau defaults
+    to 0.05, above the D(R1, x) of the test textures, below that of a pasted dark spot).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, write_bundle
+    from inspector.postprocess import PostprocessConfig
+
+    pad = kernel // 2
+    pool = dict(kernel_shape=[kernel, kernel], pads=[pad] * 4, strides=[1, 1])
+    nodes = [
+        helper.make_node("MaxPool", ["image"], ["dilated"], **pool),
+        helper.make_node("Neg", ["dilated"], ["neg"]),
+        helper.make_node("MaxPool", ["neg"], ["neg_closed"], **pool),
+        helper.make_node("Neg", ["neg_closed"], ["closed"]),
+        helper.make_node("Sub", ["closed", "image"], ["lift"]),
+        helper.make_node("Mul", ["lift", "blend"], ["step"]),
+        helper.make_node("Add", ["image", "step"], ["reconstruction"]),
+    ]
+    shape = ["N", channels, tile, tile]
+    graph = helper.make_graph(
+        nodes, "blended_closing",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("reconstruction", TensorProto.FLOAT, shape)],
+        [helper.make_tensor("blend", TensorProto.FLOAT, [], [blend])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    root.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(root / "model.onnx"))
+    kp = {"cell": cell, "tau": 0.05, **kind_params}
+    spec = BundleSpec(name=root.name, kind="fuzzymask",
+                      graphs={"model": GraphRef(file="model.onnx", sha256="")},
+                      input=InputSpec(name="image", tile=(tile, tile), channels=channels,
+                                      mean=[0.0] * channels, std=[1.0] * channels),
+                      outputs={"reconstruction": "reconstruction"}, classes=["background", "defect"],
+                      tiling=TilingSpec(overlap=overlap),
+                      postprocess=PostprocessConfig(type="score_threshold", score_threshold=0.05),
+                      kind_params=kp, provenance={"note": "hand-built test graph"})
+    write_bundle(root, spec)
+    return root

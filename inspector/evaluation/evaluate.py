@@ -33,8 +33,9 @@ import numpy as np
 from inspector.bundle import Bundle, load_bundle
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
 from inspector.evaluation.datasets import Dataset, Sample
-from inspector.evaluation.metrics import (ClassConfusion, Counts, DefectPixelMetrics, FalseAlarm,
-                                          FrameResult, Metric, PixelAUROC, scores)
+from inspector.evaluation.metrics import (ClassConfusion, Counts, DefectPixelMetrics,
+                                          DynamicInferenceStats, FalseAlarm, FrameResult, Metric,
+                                          PixelAUROC, scores)
 from inspector.models import ModelAdapter, make_adapter
 from inspector.postprocess import PostprocessConfig, Postprocessor
 
@@ -48,7 +49,9 @@ METRICS_BY_KIND: dict[str, list[Callable[[], Metric]]] = {
     # class-probability bundles: also the thesis's MIoU / MPA over all classes; the AUROC is of
     # the adapter's score map, 1 - p(background)
     "arcd": [DefectPixelMetrics, PixelAUROC, FalseAlarm, ClassConfusion],
-    "fuzzymask": [DefectPixelMetrics, PixelAUROC, FalseAlarm],
+    # the same figures as clgan (pixel AUROC is the paper's metric), plus the branch statistics
+    # of dynamic inference
+    "fuzzymask": [DefectPixelMetrics, PixelAUROC, FalseAlarm, DynamicInferenceStats],
 }
 
 
@@ -78,7 +81,8 @@ class Runner:
             defects, _ = self.post.defects(label, out.score_map)
             cp = (lambda a: None if a is None else np.array(a, copy=True)) if keep_maps else (lambda a: a)
             return FrameResult(label=label, score_map=np.array(out.score_map, copy=True),
-                               probs=cp(out.probs), residual=cp(out.residual), defects=defects)
+                               probs=cp(out.probs), residual=cp(out.residual), defects=defects,
+                               stats=dict(out.stats))
         finally:
             if out.release:
                 out.release()
@@ -154,10 +158,12 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
                 image_iou.append((scores(Counts.of(res.label > 0, truth > 0))["iou"], i))
             if per_image_f is not None:
                 n_pred = int(np.count_nonzero(res.label))
-                per_image_f.write(json.dumps({"image": sample.name, "defective": bool(truth.any()),
-                                              "truth_px": int(np.count_nonzero(truth)),
-                                              "pred_px": n_pred, "defects": len(res.defects),
-                                              "score_max": round(float(res.score_map.max()), 3)}) + "\n")
+                row = {"image": sample.name, "defective": bool(truth.any()),
+                       "truth_px": int(np.count_nonzero(truth)), "pred_px": n_pred,
+                       "defects": len(res.defects), "score_max": round(float(res.score_map.max()), 3)}
+                if res.stats:  # fuzzymask: engine rounds, converged tiles of this image
+                    row["model_stats"] = res.stats
+                per_image_f.write(json.dumps(row) + "\n")
             if out_dir is not None and i in pick:
                 name = f"{sample.entry.category}_{sample.entry.stem}.png".replace("/", "_")
                 cv2.imwrite(str(out_dir / "overlays" / name), overlay(img, res.score_map, truth, res.label))
@@ -198,8 +204,11 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
         "data": {**dataset.summary(), "resize": list(resize) if resize else None, "notes": dataset.notes},
         "postprocess": {"type": pp.type, "k1": pp.k1, "k2": pp.k2, "kernel_size": pp.kernel_size,
                         "threshold": pp.threshold, "min_area_px": pp.min_area_px,
-                        "min_residual": pp.min_residual},
+                        "min_residual": pp.min_residual, "score_threshold": pp.score_threshold,
+                        "open_kernel": pp.open_kernel, "close_kernel": pp.close_kernel},
         "images": len(dataset),
+        # the parameters that decide the anomaly map (fuzzymask: m, tau, flags), as run
+        "kind_params": _kind_params(runner.adapter, spec.kind_params),
         "ms_per_image": round(float(np.mean(infer_ms)), 2),
         "seconds": round(time.perf_counter() - t0, 1),
     })
@@ -208,9 +217,18 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
     return result
 
 
+def _kind_params(adapter: ModelAdapter, raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The kind's parameters with the defaults filled in where the adapter validated them."""
+    params = getattr(adapter, "params", None)
+    if params is not None and hasattr(params, "model_dump"):
+        return params.model_dump(mode="json")
+    return dict(raw) or None
+
+
 RECORD_KEYS = ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_alarm_rate",
                "false_alarm_px_per_mpx", "false_alarm_rate_reported", "defective_images",
-               "normal_images", "ms_per_image", "miou", "miou_defects", "mpa", "per_class_iou")
+               "normal_images", "ms_per_image", "miou", "miou_defects", "mpa", "per_class_iou",
+               "dynamic_inference")
 
 
 def record_metrics(bundle: str | Path, result: dict[str, Any], key: str | None = None) -> str:

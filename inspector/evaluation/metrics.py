@@ -12,6 +12,8 @@ one JSON object (keys must not collide). New kinds add accumulators without touc
   ties counted half), without sklearn.
 * :class:`FalseAlarm` — on defect-free images: the share of images with any defect pixel, and
   defect pixels per megapixel.
+* :class:`DynamicInferenceStats` — for models with several engine rounds per frame (fuzzymask):
+  which branch the tiles took and what a frame cost in engine calls, overall and per category.
 
 Example::
 
@@ -31,7 +33,8 @@ from typing import Any, Protocol
 import numpy as np
 
 __all__ = ["Counts", "scores", "auroc", "FrameResult", "Metric", "DefectPixelMetrics", "PixelAUROC",
-           "FalseAlarm", "SCORE_KEYS", "confusion_matrix", "class_scores", "ClassConfusion"]
+           "FalseAlarm", "SCORE_KEYS", "confusion_matrix", "class_scores", "ClassConfusion",
+           "DynamicInferenceStats"]
 
 SCORE_KEYS = ("precision", "recall", "f1", "iou", "acc")
 
@@ -109,6 +112,8 @@ class FrameResult:
     probs: np.ndarray | None = None  # KxHxW for class-probability kinds
     residual: np.ndarray | None = None
     defects: list[dict] = field(default_factory=list)
+    #: the adapter's per-frame figures (fuzzymask: engine rounds, converged tiles; see ModelOutput)
+    stats: dict[str, float] = field(default_factory=dict)
 
 
 class Metric(Protocol):
@@ -259,3 +264,56 @@ class ClassConfusion:
 
     def result(self) -> dict[str, Any]:
         return {**class_scores(self.cm), "confusion": self.cm.tolist()}
+
+
+class DynamicInferenceStats:
+    """Branch statistics of dynamic inference (spec 001 §5: "the fraction of test images that took
+    each branch"), from the adapter's per-frame ``stats``.
+
+    A frame is tiled, and each tile takes its own branch; an image counts as *converged* when all
+    its tiles converged, as *repair* when none did, else as *mixed*. Key ``dynamic_inference``:
+    ``images``, ``converged_tile_fraction`` (pooled over tiles), ``image_branch`` (fractions of
+    images per branch), ``engine_calls_per_frame`` (mean and max of the engine rounds),
+    ``tile_passes_per_tile`` (model applications per tile: the cost in units of one plain
+    reconstruction pass, before batching), ``repaired_tile_fraction``, ``masked_cells_per_frame``
+    and the same figures per category (the folder of the image, the part of its name before '/').
+    """
+
+    def __init__(self) -> None:
+        self._rows: dict[str, list[dict[str, float]]] = {}
+
+    def update(self, truth: np.ndarray, frame: FrameResult, name: str = "") -> None:
+        if not frame.stats or "tiles" not in frame.stats:
+            return
+        cat = name.split("/", 1)[0] if "/" in name else ""
+        self._rows.setdefault(cat, []).append(dict(frame.stats))
+
+    @staticmethod
+    def _summary(rows: list[dict[str, float]]) -> dict[str, Any]:
+        tiles = sum(r["tiles"] for r in rows)
+        conv = sum(r["converged_tiles"] for r in rows)
+        branch = {"converged": 0, "repair": 0, "mixed": 0}
+        for r in rows:
+            key = ("converged" if r["converged_tiles"] == r["tiles"] else
+                   "repair" if r["converged_tiles"] == 0 else "mixed")
+            branch[key] += 1
+        calls = np.array([r["engine_calls"] for r in rows], np.float64)
+        return {
+            "images": len(rows),
+            "converged_tile_fraction": round(conv / tiles, 4) if tiles else None,
+            "image_branch": {k: round(v / len(rows), 4) for k, v in branch.items()},
+            "engine_calls_per_frame": {"mean": round(float(calls.mean()), 3), "max": int(calls.max())},
+            "tile_passes_per_tile": round(sum(r["tile_passes"] for r in rows) / tiles, 3) if tiles else None,
+            "repaired_tile_fraction": round(sum(r.get("repaired_tiles", 0) for r in rows) / tiles, 4)
+            if tiles else None,
+            "masked_cells_per_frame": round(float(np.mean([r.get("masked_cells", 0) for r in rows])), 3),
+        }
+
+    def result(self) -> dict[str, Any]:
+        rows = [r for v in self._rows.values() for r in v]
+        if not rows:
+            return {"dynamic_inference": None}
+        out = self._summary(rows)
+        if len(self._rows) > 1 or "" not in self._rows:
+            out["per_category"] = {c: self._summary(v) for c, v in sorted(self._rows.items())}
+        return {"dynamic_inference": out}

@@ -16,8 +16,11 @@ def make_adapter(bundle: Bundle, engine: Engine, max_batch: int = 0) -> ModelAda
     if kind == "clgan":
         from inspector.models.clgan import ClganAdapter
         return ClganAdapter(bundle, engine, max_batch)
+    if kind == "fuzzymask":
+        from inspector.models.fuzzymask import FuzzymaskAdapter
+        return FuzzymaskAdapter(bundle, engine, max_batch)
     raise BundleError(f"{bundle.path / BUNDLE_FILE}: kind: '{kind}' has no runtime adapter in this "
-                      f"version (available: arcd, clgan)")
+                      f"version (available: arcd, clgan, fuzzymask)")
 
 
 __all__ = ["ModelAdapter", "ModelOutput", "make_adapter"]

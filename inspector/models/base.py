@@ -31,6 +31,9 @@ class ModelOutput:
     probs: np.ndarray | None = None
     residual: np.ndarray | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: per-frame figures of the model kind that are not milliseconds (fuzzymask: engine rounds,
+    #: converged tiles); not published, but passed to local report consumers and the evaluation
+    stats: dict[str, float] = field(default_factory=dict)
     #: hands the output buffers back to the adapter's pool once the frame is published
     release: Callable[[], None] | None = None
 

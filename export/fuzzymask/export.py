@@ -1,0 +1,304 @@
+"""Fuzzy-mask inpainter run -> model bundle of kind ``fuzzymask``: the network as ONNX, checked
+against torch.
+
+The graph takes ``image`` [N, C, T, T] (pixel/255 in [0, 1]: mean 0, std 1 in the bundle) and
+returns ``reconstruction`` [N, C, T, T] in [0, 1]; the batch axis is dynamic, so the runtime can
+batch the tiles of a frame and the variants of dynamic inference into one engine call. BatchNorm
+is folded into the convolutions in float64 before export (the float32 fold of the exporter alone
+moves outputs by ~1e-5..1e-4).
+
+Parity: onnxruntime (CPU) and torch must agree to ``atol`` (default 1e-4 on the [0, 1] output) on
+random tiles, flat / gradient / striped tiles, batches of several tiles, and real crops of the
+training data when it is on this machine; otherwise the export fails and no bundle is written.
+
+``kind_params`` follow :class:`inspector.models.fuzzymask.FuzzymaskParams` (validated with it):
+the run's cell size, SSIM weights, the inference flags of the training config and tau
+(``train_envelope``: from the run's metrics.json, recomputed here if missing). Post-processing is
+``score_threshold`` at tau, a first value that ``inspector calibrate thresholds`` refines.
+
+Example::
+
+    inspector export onnx --run-dir runs/fuzzymask-mt --out deploy/models/fuzzymask-mt
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import subprocess
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, load_bundle, write_bundle
+from inspector.evaluation.datasets import SplitFractions
+from inspector.postprocess import PostprocessConfig
+
+from export.fuzzymask.data import NormalCrops, load_normal_images
+from export.fuzzymask.torch_model import FuzzyMaskNet
+from export.fuzzymask.train import (CHECKPOINT, CONFIG, METRICS, FuzzymaskTrainConfig, build_model,
+                                    compute_tau, load_checkpoint, ssim_weights)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ExportParityError", "is_fuzzymask_run", "fold_batchnorm", "export_graph", "parity_check",
+           "kind_params", "export_bundle"]
+
+GRAPH = "model.onnx"
+INPUT_NAME = "image"
+OUTPUT_NAME = "reconstruction"
+PARITY_ATOL = 1e-4
+
+
+class ExportParityError(RuntimeError):
+    """ONNX Runtime's output differs from torch's by more than the tolerance."""
+
+
+def is_fuzzymask_run(run_dir: Path) -> bool:
+    """True when ``run_dir/config.yaml`` says ``kind: fuzzymask`` (how the CLI picks the exporter)."""
+    p = Path(run_dir) / CONFIG
+    if not p.is_file():
+        return False
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        return False
+    return isinstance(raw, dict) and raw.get("kind") == "fuzzymask"
+
+
+def fold_batchnorm(net: FuzzyMaskNet) -> nn.Module:
+    """An eval-mode copy of ``net`` with every BatchNorm merged into the conv before it, in float64.
+
+    Conv-BN pairs are found by module order: in this network every BatchNorm2d directly follows
+    the Conv2d that feeds it (``conv1``/``bn1``, ``conv2``/``bn2``, ``downsample.0``/``.1``,
+    conv-BN-ReLU stages).
+    """
+    folded = copy.deepcopy(net).eval().double()
+    parents = {m: (parent, name) for parent in folded.modules() for name, m in parent.named_children()}
+    prev: nn.Module | None = None
+    for m in list(folded.modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            if not isinstance(prev, nn.Conv2d) or prev.out_channels != m.num_features:
+                raise RuntimeError(f"BatchNorm {parents[m][1]} does not follow a matching conv")
+            with torch.no_grad():
+                scale = m.weight / torch.sqrt(m.running_var + m.eps)
+                bias = prev.bias if prev.bias is not None else torch.zeros_like(m.running_mean)
+                prev.weight.mul_(scale.view(-1, 1, 1, 1))
+                prev.bias = nn.Parameter((bias - m.running_mean) * scale + m.bias)
+            parent, name = parents[m]
+            setattr(parent, name, nn.Identity())
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d)):
+            prev = m
+    return folded.float()
+
+
+def export_graph(net: FuzzyMaskNet, path: Path, tile: int, opset: int = 17) -> Path:
+    """Write ``net`` (BN folded) to ``path`` as ONNX with a dynamic batch axis."""
+    model = fold_batchnorm(net)
+    dummy = torch.zeros(1, net.in_channels, tile, tile)
+    with warnings.catch_warnings():
+        # the TorchScript exporter is deprecated in favour of dynamo, which needs onnxscript (not
+        # installed here); this graph is plain convs, resizes and a sigmoid, exported exactly
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (dummy,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "N"}, OUTPUT_NAME: {0: "N"}},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    try:
+        import onnx
+    except ImportError:  # a bare GPU box may lack it; the onnxruntime parity check still runs
+        log.warning("onnx not installed: graph checker skipped")
+        return path
+    onnx.checker.check_model(onnx.load(str(path)))
+    return path
+
+
+def _probe_tiles(channels: int, tile: int, seed: int = 0) -> np.ndarray:
+    """Random, flat, gradient and striped tiles in [0, 1]."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:tile, 0:tile].astype(np.float32)
+    t = [rng.random((channels, tile, tile)),
+         np.full((channels, tile, tile), 0.45),
+         np.broadcast_to((xx / tile)[None], (channels, tile, tile)),
+         np.broadcast_to(0.5 + 0.4 * np.sin(yy / 3.0)[None], (channels, tile, tile))]
+    return np.stack(t).astype(np.float32)
+
+
+def _real_tiles(cfg: FuzzymaskTrainConfig, n: int = 6) -> np.ndarray | None:
+    """Tiles of the run's held-out normal images (val split), or of its training images when the
+    val split is empty; None when the data is not on this machine."""
+    d = cfg.data
+    fractions = SplitFractions(d.split_test, d.split_val)
+    for split in ("val", None):
+        sources = [s.model_copy(update={"split": split}) if split else s for s in d.sources]
+        try:
+            images, _ = load_normal_images(sources, Path(cfg.base_dir), d.channels, cfg.tile(), fractions)
+        except (FileNotFoundError, ValueError, OSError) as e:
+            log.info("parity on real images (%s split): %s", split or "training", e)
+            continue
+        crops = NormalCrops(images, cfg.tile(), d.channels, seed=12345)
+        return crops.stack(range(n)).numpy()
+    return None
+
+
+def parity_check(net: FuzzyMaskNet, graph: Path, inputs: dict[str, np.ndarray],
+                 atol: float = PARITY_ATOL) -> dict[str, Any]:
+    """Max |torch - ORT| per named input batch (each run as one batch and tile by tile);
+    raises :class:`ExportParityError` above ``atol`` (NaN included)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+    net = net.eval()
+    report: dict[str, float] = {}
+    for label, x in inputs.items():
+        with torch.no_grad():
+            ref = net(torch.from_numpy(x)).numpy()
+        got = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+        single = sess.run([OUTPUT_NAME], {INPUT_NAME: x[:1]})[0]
+        report[label] = float(max(np.abs(got - ref).max(), np.abs(single - ref[:1]).max()))
+    worst = max(report.values())
+    if not worst <= atol:
+        raise ExportParityError(f"{graph}: ONNX Runtime differs from torch by {worst:.3g} (tolerance "
+                                f"{atol:g}): {report}. No bundle was written.")
+    return {"max_abs_diff": worst, "per_input": report, "atol": atol,
+            "provider": "CPUExecutionProvider", "tiles": int(sum(len(v) for v in inputs.values()))}
+
+
+def kind_params(cfg: FuzzymaskTrainConfig, tau: float | None) -> dict[str, Any]:
+    """The bundle's ``kind_params`` (contract keys), validated by the runtime's FuzzymaskParams."""
+    ic, lc, mk = cfg.inference, cfg.loss, cfg.mask
+    a, b, g = ssim_weights(cfg)
+    params: dict[str, Any] = {
+        "cell": mk.cell, "ssim_alpha": a, "ssim_beta": b, "ssim_gamma": g,
+        "ssim_window": lc.ssim_window, "ssim_sigma": lc.ssim_sigma, "ssim_structure": lc.ssim_structure,
+        "c1": lc.c1, "c2": lc.c2, "c3": lc.c3,
+        "max_iterations": ic.max_iterations, "m": ic.m, "conv_metric": ic.conv_metric,
+        "first_check_from": ic.first_check_from,
+        # train_envelope computes one tau for every tile: at run time that is a fixed threshold
+        "tau_mode": "per_image_sigma" if ic.tau_mode == "per_image_sigma" else "fixed",
+        "tau": tau, "max_mask_frac": ic.max_mask_frac, "inference_fill": ic.inference_fill,
+        "w_max": mk.w_max, "sigma_w": mk.sigma_w, "sigma_z": mk.sigma_z,
+        "iter_target": ic.iter_target, "apply_line18": ic.apply_line18,
+        "smooth_sigma": ic.smooth_sigma, "clamp_negative": ic.clamp_negative,
+    }
+    try:
+        from inspector.models.fuzzymask import FuzzymaskParams
+    except ImportError:  # runtime side not present: the dict above follows the contract
+        log.warning("inspector.models.fuzzymask not importable; kind_params written unvalidated")
+        return params
+    return FuzzymaskParams.model_validate(params).model_dump(mode="json")
+
+
+def _git_commit(cwd: Path) -> tuple[str | None, bool | None]:
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "HEAD") or None, None if status is None else bool(status)
+
+
+def _tau(run_dir: Path, cfg: FuzzymaskTrainConfig, net: FuzzyMaskNet,
+         metrics: dict) -> tuple[float | None, dict | None]:
+    ic = cfg.inference
+    if ic.tau_mode == "fixed":
+        return ic.tau, None
+    if ic.tau_mode == "per_image_sigma":
+        return None, None
+    if metrics.get("tau") is not None:
+        return float(metrics["tau"]), metrics.get("tau_stats")
+    log.warning("%s has no tau (training did not finish?): computing it now from the training crops",
+                run_dir / METRICS)
+    d = cfg.data
+    images, _ = load_normal_images(d.sources, Path(cfg.base_dir), d.channels, cfg.tile(),
+                                   SplitFractions(d.split_test, d.split_val))
+    crops = NormalCrops(images, cfg.tile(), d.channels, cfg.seed, 0, d.flip, d.vflip)
+    stats = compute_tau(net, crops, cfg, torch.device("cpu"))
+    return stats["tau"], stats
+
+
+def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int = 17,
+                  atol: float = PARITY_ATOL) -> Path:
+    """Export the run's network into the bundle folder ``out`` (created or overwritten)."""
+    run_dir, out = Path(run_dir), Path(out)
+    ck = load_checkpoint(run_dir / CHECKPOINT)
+    cfg = FuzzymaskTrainConfig.model_validate(ck["config"])
+    net = build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
+    net.load_state_dict(ck["model"])
+    net.eval()
+    metrics: dict = {}
+    if (run_dir / METRICS).is_file():
+        metrics = json.loads((run_dir / METRICS).read_text())
+    tau, tau_stats = _tau(run_dir, cfg, net, metrics)
+    params = kind_params(cfg, tau)
+    ic, n, tile = cfg.inference, cfg.data.channels, cfg.tile()
+    pp = PostprocessConfig.model_validate({
+        "type": "score_threshold", "score_threshold": tau if tau is not None else 0.0,
+        "open_kernel": ic.open_kernel, "close_kernel": ic.close_kernel, "min_area_px": ic.min_area_px})
+
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+        staged = export_graph(net, Path(tmp) / GRAPH, tile, opset)
+        inputs = {"probe": _probe_tiles(n, tile),
+                  "random_batch": np.random.default_rng(1).random((3, n, tile, tile), dtype=np.float32)}
+        real = _real_tiles(cfg)
+        if real is not None:
+            inputs["real"] = real
+        else:
+            log.warning("parity on real images skipped: the training data is not on this machine")
+        parity = parity_check(net, staged, inputs, atol)
+        staged.replace(out / GRAPH)
+    log.info("parity torch vs onnxruntime: max |diff| %.2e (atol %g) over %d tiles",
+             parity["max_abs_diff"], atol, parity["tiles"])
+
+    import onnxruntime
+
+    commit, dirty = _git_commit(Path(__file__).resolve().parents[2])
+    spec = BundleSpec(
+        name=name or out.name, kind="fuzzymask",
+        graphs={"model": GraphRef(file=GRAPH, sha256="")},
+        input=InputSpec(name=INPUT_NAME, tile=(tile, tile), channels=n, mean=[0.0] * n, std=[1.0] * n,
+                        batch=0),
+        outputs={"reconstruction": OUTPUT_NAME},
+        classes=["background", "defect"],
+        tiling=TilingSpec(overlap=ic.overlap),
+        postprocess=pp,
+        kind_params=params,
+        provenance={
+            "method": "fuzzy-mask inpainter with multi-branch dynamic inference "
+                      "(../shared/seeds/001_spec.md), trained on defect-free images only",
+            "data": metrics.get("data") or [s.model_dump(mode="json") for s in cfg.data.sources],
+            "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
+            "training": {k: metrics.get(k) for k in (
+                "iterations", "planned_iterations", "epochs_done", "stopped_by", "train_seconds",
+                "device", "world_size", "params", "final_losses_ema", "last_epoch_loss",
+                "preview_abs_error_grey")},
+            "tau": {"value": tau, "mode": ic.tau_mode, "stats": tau_stats},
+            "training_complete": metrics.get("stopped_by") == "completed",
+            "run_dir": str(run_dir),
+            "commit": commit, "commit_dirty": dirty,
+            "parity": parity,
+            "exporter": {"torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__,
+                         "opset": opset},
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metrics": {},
+        },
+    )
+    write_bundle(out, spec)
+    load_bundle(out)  # what the runtime does first: fail here rather than on the line
+    log.info("bundle %s written (kind fuzzymask, tile %d, %d channel(s), graph %.2f MB, tau %s)", out,
+             tile, n, (out / GRAPH).stat().st_size / 1e6, tau)
+    return out

@@ -1,0 +1,560 @@
+"""Fuzzy-mask inpainter training on defect-free images (``../shared/seeds/001_spec.md`` §2-§4.5).
+
+Per step (spec §3.4): ``batch_size`` native-scale normal crops x, their fuzzy-masked copies x~
+(cells complementary within the batch), one forward of ``cat([x, x~])`` and the eq. (5) loss
+``[MSE + L_SSIM](x, Model(x)) + lambda [MSE + L_SSIM](x, Model(x~))``; Adam, learning rate
+``lr * lr_gamma ** epoch`` (ExponentialLR stepped once per epoch). An epoch is
+``iters_per_epoch`` steps (default: training images // batch size).
+
+After training, tau for the runtime's suspicious cells (spec §4.5, ``train_envelope``): the 99th
+percentile over ``tau_images`` training crops of max_{h,w} D(Model(x), x), stored in
+``metrics.json`` and written into the bundle by the export.
+
+The run folder holds ``config.yaml`` (the resolved config with ``kind: fuzzymask``, which is how
+``inspector export onnx`` recognises the run), ``checkpoint.pt`` (network, optimiser, step,
+elapsed time; every ``checkpoint_every`` steps and at the end), ``metrics.json``,
+``losses.jsonl`` and ``preview.png`` (rows: x | x~ | Model(x) | Model(x~) | D(Model(x), x)).
+``--resume`` continues a run; batch ``s`` is a pure function of (seed, rank, s), so a resumed run
+sees the data an uninterrupted one would. ``max_minutes`` ends training cleanly (final
+checkpoint, tau, metrics) once this invocation has run that long: a time-boxed GPU run.
+
+Multi-GPU: ``torchrun --nproc_per_node=N -m export.fuzzymask.train --config ...``; the network
+is wrapped in DistributedDataParallel (gradients averaged, BatchNorm buffers from rank 0), each
+rank draws its own crops (batch_size per rank) and rank 0 writes the run folder.
+
+Example::
+
+    inspector train fuzzymask --config configs/train/fuzzymask-mt.yaml --run-dir runs/fuzzymask-mt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from torch.utils.data import DataLoader
+
+from inspector.config import read_yaml_mapping
+from inspector.errors import ConfigError
+from inspector.evaluation.datasets import SplitFractions
+
+from export.fuzzymask.data import DataSource, NormalCrops, StepBatches, load_normal_images, worker_init
+from export.fuzzymask.loss import TYPE_WEIGHTS, FuzzyMaskLoss, dissimilarity_map
+from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
+from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+LOSSES = "losses.jsonl"
+PREVIEW = "preview.png"
+CHECKPOINT_FORMAT = 1
+#: crop ids for tau and the preview: far beyond any training step's, from the same images
+TAU_START = 2 * 10 ** 9
+PREVIEW_START = 10 ** 9
+
+__all__ = ["FuzzymaskTrainConfig", "load_config", "build_model", "ssim_weights", "build_loss",
+           "lr_at", "compute_tau", "load_checkpoint", "train", "main"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Config: every spec value is the default here; configs/train/fuzzymask-*.yaml override for size
+# ---------------------------------------------------------------------------------------------
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[DataSource] = Field(..., min_length=1)
+    crop: int = Field(256, ge=32, description="training crop side, native scale (spec: 256x256)")
+    channels: Literal[1, 3] = Field(3, description="model channels (spec: RGB; 1 for grey surfaces)")
+    flip: bool = Field(False, description="random left-right flip (the spec has no augmentation)")
+    vflip: bool = False
+    split_test: float = Field(0.3, ge=0, le=1, description="hash share held out as test")
+    split_val: float = Field(0.2, ge=0, le=1, description="hash share held out as val")
+
+    @model_validator(mode="after")
+    def _crop32(self) -> "DataConfig":
+        if self.crop % 32:
+            raise ValueError(f"crop {self.crop} must be a multiple of 32 (five stride-2 stages)")
+        return self
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(64, ge=2, description="encoder base width (spec ResNet34: 64)")
+    blocks: tuple[int, int, int, int] = Field((3, 4, 6, 3), description="BasicBlocks per layer")
+    skip_layers: tuple[Literal["layer1", "layer2", "layer3"], Literal["layer1", "layer2", "layer3"]] = \
+        ("layer2", "layer3")
+    fusion: bool = Field(True, description="false: the paper's CAE ablation (no skips)")
+    upsample: Literal["bilinear", "convtranspose"] = "bilinear"
+    pretrained_encoder: str | None = Field(None, description="local encoder checkpoint (relative to "
+                                           "the config file); never downloaded")
+    imagenet_norm: bool = Field(False, description="normalise inside forward (for an ImageNet encoder)")
+
+
+class LossConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lambda_inpaint: float = Field(0.1, ge=0, description="lambda of eq. (5): repair term weight")
+    ssim_type: Literal["I", "II", "III"] = Field("I", description="Table 1 weights: I textures, "
+                                                  "II shapes on large backgrounds, III mixed")
+    weight_override: tuple[float, float, float] | None = Field(
+        None, description="(alpha, beta, gamma) instead of the type's")
+    gamma_override: float | None = Field(None, gt=0, description="the text's 1/3 power: 3")
+    ssim_structure: Literal["standard", "literal"] = "standard"
+    ssim_window: int = Field(11, ge=3)
+    ssim_sigma: float = Field(1.5, gt=0)
+    c1: float = Field(0.01 ** 2, gt=0)
+    c2: float = Field(0.03 ** 2, gt=0)
+    c3: float = Field(0.015 ** 2, gt=0)
+    use_ssim: bool = Field(True, description="false: MSE only (ablation)")
+
+    @model_validator(mode="after")
+    def _odd(self) -> "LossConfig":
+        if self.ssim_window % 2 == 0:
+            raise ValueError(f"ssim_window must be odd, got {self.ssim_window}")
+        return self
+
+
+class OptimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(2e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(6, ge=1, description="per rank (paper: 6)")
+    epochs: float = Field(200, gt=0, description="paper: 200")
+    lr_gamma: float = Field(0.98, gt=0, le=1, description="ExponentialLR factor per epoch")
+    iters_per_epoch: int | None = Field(None, ge=1, description="default: training images // batch")
+
+
+class InferenceConfig(BaseModel):
+    """Dynamic inference (spec §4) and post-processing written into the bundle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tile: int | None = Field(None, ge=32, description="runtime tile side (default: data.crop)")
+    overlap: int = Field(32, ge=0)
+    max_iterations: int = Field(10, ge=1, description="N")
+    m: float = Field(1e-4, ge=0, description="convergence: MSE of consecutive reconstructions")
+    conv_metric: Literal["mse", "D_mean"] = "mse"
+    first_check_from: int = Field(1, ge=1)
+    tau_mode: Literal["train_envelope", "per_image_sigma", "fixed"] = "train_envelope"
+    tau: float | None = Field(None, ge=0, description="tau_mode fixed: this value")
+    tau_percentile: float = Field(99.0, gt=0, le=100)
+    tau_images: int = Field(256, ge=1, description="training crops used for tau (cap)")
+    max_mask_frac: float = Field(0.5, gt=0, le=1)
+    inference_fill: Literal["zero", "fuzzy"] = "zero"
+    iter_target: Literal["inpaint", "last_iterate"] = "inpaint"
+    apply_line18: bool = False
+    smooth_sigma: float = Field(0.0, ge=0)
+    clamp_negative: bool = False
+    close_kernel: int = Field(0, ge=0)
+    open_kernel: int = Field(0, ge=0)
+    min_area_px: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _tile(self) -> "InferenceConfig":
+        if self.tile is not None and self.tile % 32:
+            raise ValueError(f"tile {self.tile} must be a multiple of 32")
+        if self.tau_mode == "fixed" and self.tau is None:
+            raise ValueError("tau_mode fixed needs tau")
+        return self
+
+
+class FuzzymaskTrainConfig(BaseModel):
+    """The whole training YAML of a fuzzy-mask inpainter run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["fuzzymask"] = "fuzzymask"
+    name: str = "fuzzymask"
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch CPU threads")
+    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
+    data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = inline)")
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+    max_minutes: float | None = Field(None, gt=0, description="end cleanly after this wall time")
+    data: DataConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mask: FuzzyMaskConfig = Field(default_factory=FuzzyMaskConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    #: folder the relative data roots resolve against (the config file's folder)
+    base_dir: str = Field(".", description="set by load_config; relative paths start here")
+
+    def tile(self) -> int:
+        return self.inference.tile or self.data.crop
+
+
+def load_config(path: Path) -> FuzzymaskTrainConfig:
+    """Read and validate a training YAML; errors name the file and the dotted key."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "training config")
+    raw.setdefault("base_dir", str(path.resolve().parent))
+    try:
+        cfg = FuzzymaskTrainConfig.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(str(path), key, err["msg"]) from e
+    enc = cfg.model.pretrained_encoder
+    if enc and not (Path(cfg.base_dir) / enc).is_file():
+        raise ConfigError(str(path), "model.pretrained_encoder", f"{Path(cfg.base_dir) / enc} not found")
+    return cfg
+
+
+def build_model(cfg: FuzzymaskTrainConfig, load_pretrained: bool = True) -> FuzzyMaskNet:
+    mc = cfg.model
+    net = FuzzyMaskNet(cfg.data.channels, mc.width, mc.blocks, mc.skip_layers, mc.fusion,
+                       mc.upsample, mc.imagenet_norm)
+    if load_pretrained and mc.pretrained_encoder:
+        net.load_encoder(Path(cfg.base_dir) / mc.pretrained_encoder)
+    return net
+
+
+def ssim_weights(cfg: FuzzymaskTrainConfig) -> tuple[float, float, float]:
+    """(alpha, beta, gamma) of the run: the type's, or the override, with gamma_override."""
+    lc = cfg.loss
+    a, b, g = lc.weight_override or TYPE_WEIGHTS[lc.ssim_type]
+    return float(a), float(b), float(lc.gamma_override or g)
+
+
+def _ssim_kw(cfg: FuzzymaskTrainConfig) -> dict[str, Any]:
+    lc = cfg.loss
+    return dict(window=lc.ssim_window, sigma=lc.ssim_sigma, structure=lc.ssim_structure,
+                c1=lc.c1, c2=lc.c2, c3=lc.c3)
+
+
+def build_loss(cfg: FuzzymaskTrainConfig) -> FuzzyMaskLoss:
+    return FuzzyMaskLoss(*ssim_weights(cfg), lam=cfg.loss.lambda_inpaint, use_ssim=cfg.loss.use_ssim,
+                         **_ssim_kw(cfg))
+
+
+def lr_at(step: int, o: OptimConfig, iters_per_epoch: int) -> float:
+    """ExponentialLR stepped once per epoch, as a closed form (a resumed run needs no scheduler state)."""
+    return o.lr * o.lr_gamma ** (step // iters_per_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# tau (spec §4.5) and the preview
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def compute_tau(net: FuzzyMaskNet, crops: NormalCrops, cfg: FuzzymaskTrainConfig,
+                device: torch.device, batch: int = 16) -> dict[str, Any]:
+    """``train_envelope``: the ``tau_percentile`` of max_{h,w} D(Model(x), x) over ``tau_images``
+    training crops (eval mode). Returns tau and the distribution of the per-image maxima."""
+    ic = cfg.inference
+    was_training = net.training
+    net.eval()
+    a, b, g = ssim_weights(cfg)
+    maxima: list[np.ndarray] = []
+    n = ic.tau_images
+    for s in range(0, n, batch):
+        x = crops.stack(range(TAU_START + s, TAU_START + min(n, s + batch))).to(device)
+        d = dissimilarity_map(net(x), x, a, b, g, **_ssim_kw(cfg))
+        maxima.append(d.flatten(1).amax(dim=1).cpu().numpy())
+    net.train(was_training)
+    mx = np.concatenate(maxima).astype(np.float64)
+    tau = float(np.percentile(mx, ic.tau_percentile))
+    return {"tau": round(tau, 6), "tau_mode": "train_envelope", "percentile": ic.tau_percentile,
+            "images": int(mx.size), "tile": crops.crop,
+            "per_image_max": {"min": round(float(mx.min()), 6), "median": round(float(np.median(mx)), 6),
+                              "max": round(float(mx.max()), 6)}}
+
+
+@torch.no_grad()
+def _preview(net: FuzzyMaskNet, crops: NormalCrops, cfg: FuzzymaskTrainConfig, path: Path,
+             device: torch.device, n: int = 4) -> float:
+    """Rows x | x~ | Model(x) | Model(x~) | D(Model(x), x) (x4) of fixed crops never trained on;
+    returns their mean |x - Model(x)| in grey levels."""
+    import cv2
+
+    was_training = net.training
+    net.eval()
+    x = crops.stack(range(PREVIEW_START, PREVIEW_START + n))
+    xt, _ = fuzzy_mask(x, cfg.mask, np.random.default_rng([cfg.seed, PREVIEW_START]))
+    out = net(torch.cat([x, xt]).to(device)).cpu()
+    rec, inp = out[:n], out[n:]
+    d = dissimilarity_map(rec, x, *ssim_weights(cfg), **_ssim_kw(cfg))
+    net.train(was_training)
+
+    def img(t: torch.Tensor) -> np.ndarray:
+        a = np.clip(t.numpy() * 255.0, 0, 255).astype(np.uint8)
+        return a.mean(axis=0).astype(np.uint8) if a.ndim == 3 else a  # grey view of RGB
+
+    rows = [np.concatenate([img(x[i]), img(xt[i]), img(rec[i]), img(inp[i]),
+                            img((d[i] * 4).clamp(0, 1))], axis=1) for i in range(n)]
+    cv2.imwrite(str(path), np.concatenate(rows, axis=0))
+    return float((x - rec).abs().mean() * 255.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder, checkpoints, the loop
+# ---------------------------------------------------------------------------------------------
+
+def _atomic_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint (train first, or pass the run folder)")
+    ck = torch.load(path, map_location="cpu", weights_only=True)
+    if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "fuzzymask":
+        raise ValueError(f"{path}: not a fuzzymask checkpoint of format {CHECKPOINT_FORMAT}")
+    return ck
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def _device(spec: str, local_rank: int) -> torch.device:
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if spec == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(spec)
+
+
+def _any_rank(flag: bool, world: int, dev: torch.device) -> bool:
+    """True when ``flag`` is set on any rank: every rank must leave the loop at the same step,
+    or the others would wait forever in the next gradient all-reduce."""
+    if world <= 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
+          max_iters: int | None = None) -> Path:
+    """Train from ``config_path`` into ``run_dir``; returns the run folder.
+
+    ``max_iters`` stops early (tests, smoke runs) without changing the learning-rate schedule.
+    """
+    t_start = time.monotonic()
+    config_path = Path(config_path)
+    cfg = load_config(config_path)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = 0, int(os.environ.get("LOCAL_RANK", "0"))
+    if world > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
+        rank = dist.get_rank()
+    dev = _device(cfg.device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convs
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    main_rank = rank == 0
+
+    if run_dir is None:
+        run_dir = Path("runs") / f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = Path(run_dir)
+    ck_path = run_dir / CHECKPOINT
+    if ck_path.exists() and not resume:
+        raise FileExistsError(f"{ck_path}: a run is already here; pass --resume to continue it "
+                              f"or choose another run folder")
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    fractions = SplitFractions(cfg.data.split_test, cfg.data.split_val)
+    images, desc = load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
+                                      cfg.data.crop, fractions)
+    d = cfg.data
+    crops = NormalCrops(images, d.crop, d.channels, cfg.seed, rank, d.flip, d.vflip)
+    o = cfg.optim
+    ipe = o.iters_per_epoch or max(1, len(images) // o.batch_size)
+    total = max(1, int(round(o.epochs * ipe)))
+
+    net = build_model(cfg).to(dev)
+    fwd: torch.nn.Module = net
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        fwd = DDP(net, device_ids=[dev.index] if dev.type == "cuda" else None)  # syncs rank 0's init
+    opt = torch.optim.Adam(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+    crit = build_loss(cfg)
+    step, elapsed, history = 0, 0.0, []
+    if resume and ck_path.exists():
+        ck = load_checkpoint(ck_path)
+        if ck["config"]["model"] != cfg.model.model_dump(mode="json") or \
+                ck["config"]["data"]["channels"] != cfg.data.channels:
+            raise ConfigError(str(config_path), "model",
+                              f"differs from the checkpoint in {ck_path}; a resumed run keeps its network")
+        net.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step, elapsed, history = int(ck["step"]), float(ck["elapsed_s"]), list(ck.get("history", []))
+        if main_rank:
+            log.info("resuming %s at step %d of %d", run_dir, step, total)
+    elif resume and main_rank:
+        log.warning("%s: nothing to resume, starting a new run", ck_path)
+
+    if main_rank:
+        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        for line in desc:
+            log.info("data: %s", line)
+        log.info("run %s: %.3f M params (width %d, skips %s); crop %d, %d channel(s), batch %d x %d "
+                 "rank(s), %d steps (%g epochs of %d), cell %d, lambda %g, SSIM type %s %s, device %s, "
+                 "%d thread(s), %d data worker(s)%s", run_dir, count_parameters(net) / 1e6,
+                 cfg.model.width, list(net.skip_layers) or "off", d.crop, d.channels, o.batch_size,
+                 world, total, o.epochs, ipe, cfg.mask.cell, cfg.loss.lambda_inpaint, cfg.loss.ssim_type,
+                 ssim_weights(cfg), dev, cfg.threads, cfg.data_workers,
+                 f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else "")
+
+    def checkpoint() -> dict:
+        return {"format": CHECKPOINT_FORMAT, "kind": "fuzzymask", "step": step, "total": total,
+                "elapsed_s": elapsed, "model": net.state_dict(), "optimizer": opt.state_dict(),
+                "config": cfg.model_dump(mode="json"), "history": history,
+                "torch": str(torch.__version__)}
+
+    stop = total if max_iters is None else min(total, step + max_iters)
+    deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
+    batches = StepBatches(crops, o.batch_size, cfg.mask, total)
+    loader = DataLoader(batches, batch_size=None, sampler=range(step, stop),
+                        num_workers=cfg.data_workers, worker_init_fn=worker_init,
+                        pin_memory=dev.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if cfg.data_workers else None)
+    net.train()
+    t_rate, first, ema = time.monotonic(), step, {}
+    t_prev = t_rate
+    epoch_sum, epoch_n, last_epoch_loss = 0.0, 0, None
+    stopped_by = "completed" if stop == total else "max_iters"
+    losses_f = open(run_dir / LOSSES, "a") if main_rank else None
+    try:
+        for x, x_tilde in loader:
+            lr = lr_at(step, o, ipe)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            x = x.to(dev, non_blocking=True)
+            x_tilde = x_tilde.to(dev, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            loss, parts = crit(fwd, x, x_tilde)
+            loss.backward()
+            opt.step()
+            step += 1
+            # one device sync per step for all the parts, not one per part
+            vals = dict(zip(parts, torch.stack(list(parts.values())).tolist()))
+            if not math.isfinite(vals["loss"]):
+                raise FloatingPointError(f"loss is {vals['loss']} at step {step}; lower optim.lr ({o.lr})")
+            now = time.monotonic()
+            elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
+            for k, v in vals.items():
+                ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
+            epoch_sum, epoch_n = epoch_sum + vals["loss"], epoch_n + 1
+            if step % ipe == 0:
+                last_epoch_loss, epoch_sum, epoch_n = epoch_sum / epoch_n, 0.0, 0
+            out_of_time = _any_rank(deadline is not None and now >= deadline, world, dev)
+            if main_rank and (step % cfg.log_every == 0 or step == stop or out_of_time):
+                rate = (step - first) / max(1e-9, now - t_rate)
+                eta = (stop - step) / max(rate, 1e-9)
+                if deadline is not None:
+                    eta = min(eta, max(0.0, deadline - now))
+                losses_f.write(json.dumps({"it": step, "epoch": round(step / ipe, 3), "lr": lr,
+                                           "elapsed_s": round(elapsed, 1),
+                                           **{k: round(v, 6) for k, v in ema.items()}}) + "\n")
+                losses_f.flush()
+                history.append([step, ema["loss"]])
+                log.info("it %d/%d ep %.1f loss %.4f (rec mse %.4f ssim %.4f | inp mse %.4f ssim %.4f) "
+                         "lr %.2e %.2f it/s eta %s", step, total, step / ipe, ema["loss"],
+                         ema["mse_rec"], ema["ssim_rec"], ema["mse_inp"], ema["ssim_inp"], lr, rate,
+                         _fmt_s(eta))
+            if main_rank and step % cfg.checkpoint_every == 0 and step != stop and not out_of_time:
+                _atomic_save(checkpoint(), ck_path)
+                err = _preview(net, crops, cfg, run_dir / PREVIEW, dev)
+                log.info("checkpoint at %d: preview crops |x - Model(x)| %.2f grey levels", step, err)
+            if out_of_time:
+                stopped_by = "max_minutes"
+                if main_rank:
+                    log.info("max_minutes %g reached at step %d of %d: stopping cleanly",
+                             cfg.max_minutes, step, total)
+                break
+    except KeyboardInterrupt:
+        if main_rank:
+            _atomic_save(checkpoint(), ck_path)
+            log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
+        raise
+    finally:
+        if losses_f:
+            losses_f.close()
+
+    if main_rank:
+        _atomic_save(checkpoint(), ck_path)
+        err = _preview(net, crops, cfg, run_dir / PREVIEW, dev)
+        t_tau = time.monotonic()
+        tau_crops = NormalCrops(images, cfg.tile(), d.channels, cfg.seed, 0, d.flip, d.vflip)
+        tau = compute_tau(net, tau_crops, cfg, dev)
+        log.info("tau (train_envelope, P%g of per-crop max D over %d crops): %.5f  [%.1f s]",
+                 cfg.inference.tau_percentile, tau["images"], tau["tau"], time.monotonic() - t_tau)
+        metrics = {
+            "name": cfg.name, "kind": "fuzzymask", "iterations": step, "planned_iterations": total,
+            "epochs_done": round(step / ipe, 3), "iters_per_epoch": ipe, "world_size": world,
+            "stopped_by": stopped_by, "final_losses_ema": {k: round(v, 6) for k, v in ema.items()},
+            "last_epoch_loss": None if last_epoch_loss is None else round(last_epoch_loss, 6),
+            "final_lr": lr_at(max(0, step - 1), o, ipe),
+            "preview_abs_error_grey": round(err, 3), "tau": tau["tau"], "tau_stats": tau,
+            "ssim_weights": list(ssim_weights(cfg)), "params": count_parameters(net),
+            "train_seconds": round(elapsed, 1), "device": str(dev), "threads": cfg.threads,
+            "data_workers": cfg.data_workers, "data": desc,
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        log.info("done: %d steps (%s) in %s; %s", step, stopped_by, _fmt_s(elapsed), run_dir / METRICS)
+    if world > 1:
+        # DDP applied the same averaged gradients to the same start: the weights must agree
+        s = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1).to(dev)
+        all_s = [torch.zeros_like(s) for _ in range(world)]
+        dist.all_gather(all_s, s)
+        sums = [float(v) for v in all_s]
+        dist.barrier()
+        dist.destroy_process_group()
+        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+            raise RuntimeError(f"ranks ended with different networks (checksums {sums})")
+    return run_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m export.fuzzymask.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, type=Path, help="training YAML")
+    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<name>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    p.add_argument("--max-iters", type=int, default=None, help="stop after this many steps")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = train(a.config, a.run_dir, a.resume, a.max_iters)
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    log.info("run folder: %s", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""Fuzzy-mask inpainter, training side: training steps, tau, the bundle export with its parity
+check, and ``inspector train fuzzymask`` -> ``inspector export onnx`` as commands on a tiny
+synthetic folder. The magnetic-tile checks skip when ../shared/data is not on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+
+from conftest import ROOT, SHARED_DATA
+
+torch = pytest.importorskip("torch", reason="training and export need the train extra (torch)")
+
+from export.fuzzymask.data import NormalCrops, StepBatches, load_normal_images  # noqa: E402
+from export.fuzzymask.loss import TYPE_WEIGHTS, FuzzyMaskLoss  # noqa: E402
+from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask  # noqa: E402
+from export.fuzzymask.torch_model import FuzzyMaskNet  # noqa: E402
+
+torch.set_num_threads(1)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+MT = SHARED_DATA / "magnetic_tile"
+needs_mt = pytest.mark.skipif(not (MT / "MT_Free").is_dir(),
+                              reason=f"magnetic-tile data not found at {MT} (../shared/data absent)")
+
+
+def cli(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "inspector", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=ENV)
+
+
+def texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Grey vertical streaks with noise, roughly the look of a magnetic-tile surface."""
+    img = np.tile(rng.normal(120, 14, w), (h, 1)) + rng.normal(0, 5, (h, w))
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_folder(root: Path, n: int = 6, seed: int = 0) -> Path:
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        cv2.imwrite(str(root / f"normal_{i}.png"), texture(rng, 56, 80))  # smaller than a crop: padded
+    return root
+
+
+def tiny_config(base: Path, **over) -> Path:
+    cfg = {
+        "kind": "fuzzymask", "name": "tiny", "seed": 0, "threads": 1, "device": "cpu",
+        "log_every": 1, "checkpoint_every": 2,
+        # every image in training (split all): the folder is tiny
+        "data": {"sources": [{"format": "folder", "root": "imgs", "split": "all"}],
+                 "crop": 64, "channels": 1, "flip": True},
+        "model": {"width": 4, "blocks": [1, 1, 1, 1]},
+        "optim": {"batch_size": 3, "epochs": 2, "iters_per_epoch": 3},
+        "inference": {"tau_images": 12, "overlap": 16},
+    }
+    for k, v in over.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    path = base / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """One tiny run through the commands, shared by the export checks below."""
+    base = tmp_path_factory.mktemp("fuzzymask")
+    make_folder(base / "imgs")
+    config = tiny_config(base)
+    run, bundle = base / "run", base / "bundle"
+    r = cli("train", "fuzzymask", "--config", str(config), "--run-dir", str(run), "--max-iters", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r2 = cli("export", "onnx", "--run-dir", str(run), "--out", str(bundle))
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    from export.fuzzymask.train import load_checkpoint
+
+    # the exported state: a later test resumes the run and moves its checkpoint on
+    metrics = json.loads((run / "metrics.json").read_text())
+    ck = load_checkpoint(run / "checkpoint.pt")
+    return {"base": base, "config": config, "run": run, "bundle": bundle, "train": r, "export": r2,
+            "metrics": metrics, "checkpoint": ck}
+
+
+def test_training_steps_reduce_the_loss():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(np.stack([texture(rng, 64, 64)[None] for _ in range(4)]).astype(np.float32) / 255)
+    net = FuzzyMaskNet(1, 4, blocks=(1, 1, 1, 1))
+    crit = FuzzyMaskLoss(*TYPE_WEIGHTS["I"], lam=0.1)
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    losses = []
+    for step in range(30):
+        xt, _ = fuzzy_mask(x, FuzzyMaskConfig(), np.random.default_rng(step))
+        opt.zero_grad()
+        loss, _ = crit(net, x, xt)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+def test_step_batches_are_a_function_of_the_step():
+    from export.clgan.data import NormalImage
+
+    rng = np.random.default_rng(1)
+    images = [NormalImage(texture(rng, 50, 70)[:, :, None], None, f"i{i}") for i in range(3)]
+    a = StepBatches(NormalCrops(images, 64, 1, seed=3), 2, FuzzyMaskConfig(), 10)
+    b = StepBatches(NormalCrops(images, 64, 1, seed=3), 2, FuzzyMaskConfig(), 10)
+    (x1, t1), (x2, t2) = a[5], b[5]
+    assert torch.equal(x1, x2) and torch.equal(t1, t2) and x1.shape == (2, 1, 64, 64)
+    assert not torch.equal(a[4][0], x1)
+
+
+def test_cli_train_writes_the_run_folder(trained):
+    run = trained["run"]
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["kind"] == "fuzzymask" and cfg["optim"]["lr"] == 2e-4 and cfg["loss"]["lambda_inpaint"] == 0.1
+    m = trained["metrics"]
+    assert m["iterations"] == 4 and m["stopped_by"] == "max_iters" and m["tau"] > 0
+    assert m["tau_stats"]["images"] == 12
+    assert (run / "checkpoint.pt").is_file() and (run / "preview.png").is_file()
+    lines = (run / "losses.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and "loss" in json.loads(lines[-1])
+    assert "eta" in trained["train"].stderr  # progress lines
+
+
+def test_cli_refuses_to_overwrite_and_resumes(trained):
+    r = cli("train", "fuzzymask", "--config", str(trained["config"]), "--run-dir", str(trained["run"]),
+            "--max-iters", "1")
+    assert r.returncode != 0 and "--resume" in r.stderr
+    r = cli("train", "fuzzymask", "--config", str(trained["config"]), "--run-dir", str(trained["run"]),
+            "--resume", "--max-iters", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((trained["run"] / "metrics.json").read_text())["iterations"] == 5
+
+
+def test_bundle_follows_the_contract(trained):
+    from inspector.bundle import load_bundle
+
+    b = load_bundle(trained["bundle"])
+    s = b.spec
+    assert s.kind == "fuzzymask" and s.input.tile == (64, 64) and s.input.channels == 1
+    assert s.input.mean == [0.0] and s.input.std == [1.0] and s.input.batch == 0
+    assert s.outputs == {"reconstruction": "reconstruction"} and s.tiling.overlap == 16
+    kp = s.kind_params
+    assert kp["cell"] == 16 and (kp["ssim_alpha"], kp["ssim_beta"], kp["ssim_gamma"]) == TYPE_WEIGHTS["I"]
+    assert kp["tau_mode"] == "fixed" and kp["tau"] == trained["metrics"]["tau"] > 0
+    assert s.postprocess.type == "score_threshold" and s.postprocess.score_threshold == kp["tau"]
+    par = s.provenance["parity"]
+    assert par["max_abs_diff"] <= 1e-4 and par["atol"] == 1e-4
+    try:
+        from inspector.models.fuzzymask import FuzzymaskParams
+    except ImportError:
+        return
+    FuzzymaskParams.model_validate(kp)
+
+
+def test_onnx_matches_torch_with_a_dynamic_batch(trained):
+    import onnxruntime as ort
+
+    from export.fuzzymask.train import FuzzymaskTrainConfig, build_model
+
+    ck = trained["checkpoint"]
+    net = build_model(FuzzymaskTrainConfig.model_validate(ck["config"]))
+    net.load_state_dict(ck["model"])
+    sess = ort.InferenceSession(str(trained["bundle"] / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(9).random((5, 1, 64, 64), dtype=np.float32)
+    got = sess.run(["reconstruction"], {"image": x})[0]
+    with torch.no_grad():
+        ref = net.eval()(torch.from_numpy(x)).numpy()
+    assert got.shape == (5, 1, 64, 64)
+    assert float(np.abs(got - ref).max()) <= 1e-4
+
+
+def test_parity_failure_writes_no_bundle(trained, tmp_path):
+    from export.fuzzymask.export import ExportParityError, export_bundle
+
+    with pytest.raises(ExportParityError, match="differs from torch"):
+        export_bundle(trained["run"], tmp_path / "b", atol=-1.0)  # nothing can pass a negative tolerance
+    assert not (tmp_path / "b" / "bundle.yaml").exists() and not (tmp_path / "b" / "model.onnx").exists()
+
+
+def test_max_minutes_stops_cleanly(tmp_path):
+    from export.fuzzymask.train import train
+
+    make_folder(tmp_path / "imgs", n=3)
+    config = tiny_config(tmp_path, max_minutes=1e-4, data={"crop": 32},
+                         inference={"tau_images": 4, "tile": 64})
+    run = train(config, tmp_path / "run")
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["stopped_by"] == "max_minutes" and m["iterations"] == 1
+    assert m["tau_stats"]["tile"] == 64  # tau on runtime-sized tiles, not training crops
+    assert (run / "checkpoint.pt").is_file()
+
+
+def test_config_errors_name_the_key(tmp_path):
+    make_folder(tmp_path / "imgs", n=1)
+    bad = tiny_config(tmp_path, data={"crop": 48})
+    r = cli("train", "fuzzymask", "--config", str(bad), "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and "data" in r.stderr and "multiple of 32" in r.stderr
+    bad = tiny_config(tmp_path, loss={"ssim_type": "IV"})
+    r = cli("train", "fuzzymask", "--config", str(bad), "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and "loss.ssim_type" in r.stderr
+
+
+def test_shipped_configs_validate():
+    from export.fuzzymask.train import load_config
+
+    for name in ("fuzzymask-mt.yaml", "fuzzymask-mt-gpu.yaml"):
+        cfg = load_config(ROOT / "configs" / "train" / name)
+        assert cfg.kind == "fuzzymask" and cfg.data.sources[0].split == "train"
+        assert cfg.data.channels == 1 and cfg.max_minutes
+
+
+@needs_mt
+def test_magnetic_tile_training_crops_are_train_split_normals():
+    from inspector.evaluation.datasets import SplitFractions, split_of
+
+    from export.fuzzymask.train import load_config
+
+    cfg = load_config(ROOT / "configs" / "train" / "fuzzymask-mt-gpu.yaml")
+    fr = SplitFractions(cfg.data.split_test, cfg.data.split_val)
+    images, desc = load_normal_images(cfg.data.sources, Path(cfg.base_dir), 1, 256, fr)
+    assert len(images) > 100 and "split=train" in desc[0]
+    assert all(split_of(Path(im.name).stem, fr) == "train" for im in images)
+    x = NormalCrops(images, 256, 1, seed=0).stack(range(4))
+    assert x.shape == (4, 1, 256, 256) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
