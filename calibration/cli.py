@@ -1,4 +1,4 @@
-"""``inspector calibrate thresholds | flat-field | geometry | int8-set``.
+"""``inspector calibrate thresholds | convergence | flat-field | geometry | int8-set``.
 
 Only argparse at import time: :func:`add_calibrate_commands` is called while the ``inspector``
 parser is built, and each command imports what it needs when it runs. Bad input raises
@@ -76,6 +76,19 @@ def _model(args: argparse.Namespace):
     return CalibModel(runner.bundle, runner.adapter, runner.pp_config), None
 
 
+def _check_frame_sources(args: argparse.Namespace) -> None:
+    """The argument checks ``thresholds`` and ``convergence`` share (before any model load)."""
+    from calibration.frames import CalibrationInputError
+    if not args.bundle and not args.config:
+        raise CalibrationInputError("--bundle: required (or --config, whose model.bundle is used)")
+    if args.config and not args.frames:
+        raise CalibrationInputError("--frames: required with --config (how many frames to grab)")
+    if args.defects and not args.format:
+        raise CalibrationInputError("--format: required with --defects (magnetic-tile or neu-seg)")
+    if args.normal and not Path(args.normal).is_dir():
+        raise CalibrationInputError(f"--normal {args.normal}: folder not found")
+
+
 # -- thresholds -----------------------------------------------------------------------------------
 def cmd_thresholds(args: argparse.Namespace) -> int:
     from calibration.frames import CalibrationInputError, Split, defect_set, live_frames, normal_folder
@@ -87,17 +100,10 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
         raise CalibrationInputError(f"--target-fpr: must be in (0, 1), got {args.target_fpr}")
     if args.confidence is not None and not 0 < args.confidence < 1:
         raise CalibrationInputError(f"--confidence: must be in (0, 1), got {args.confidence}")
-    if not args.bundle and not args.config:
-        raise CalibrationInputError("--bundle: required (or --config, whose model.bundle is used)")
-    if args.config and not args.frames:
-        raise CalibrationInputError("--frames: required with --config (how many frames to grab)")
-    if args.defects and not args.format:
-        raise CalibrationInputError("--format: required with --defects (magnetic-tile or neu-seg)")
+    _check_frame_sources(args)
     split = Split(args.check_fraction, args.calib_fraction)
     grid = SearchGrid(_floats(args.k1, "--k1"), _floats(args.k2, "--k2"),
                       _ints(args.kernel_size, "--kernel-size"), _ints(args.min_area_px, "--min-area-px"))
-    if args.normal and not Path(args.normal).is_dir():
-        raise CalibrationInputError(f"--normal {args.normal}: folder not found")
     model, cfg = _model(args)
     normals = normal_folder(args.normal, split) if args.normal else live_frames(cfg, args.frames, split)
     defects = None
@@ -397,6 +403,47 @@ def _decode(buf):
     return img if img.ndim == 2 else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
+# -- convergence (fuzzymask) ----------------------------------------------------------------------
+def cmd_convergence(args: argparse.Namespace) -> int:
+    from calibration.convergence import calibrate_convergence, save_report, write_m
+    from calibration.frames import CalibrationInputError, Split, defect_set, live_frames, normal_folder
+
+    if not 0 < args.quantile <= 1:
+        raise CalibrationInputError(f"--quantile: must be in (0, 1], got {args.quantile}")
+    if args.within < 1:
+        raise CalibrationInputError(f"--within: must be >= 1, got {args.within}")
+    _check_frame_sources(args)
+    split = Split(args.check_fraction, args.calib_fraction)
+    model, cfg = _model(args)
+    normals = normal_folder(args.normal, split) if args.normal else live_frames(cfg, args.frames, split)
+    defects = defect_set(args.defects, args.format, split) if args.defects else None
+    report = calibrate_convergence(model.adapter, normals, args.quantile, args.within, defects,
+                                   args.passes)
+    out = Path(args.out)
+    report["written"] = None
+    if not args.dry_run:
+        note = {"tool": "inspector calibrate convergence", "quantile": args.quantile,
+                "within": args.within, "normal": normals.source, "split": split.describe(),
+                "check": report["check"], "report": str((out / "convergence.json").resolve())}
+        report["written"] = write_m(model.bundle.path, report["m"], note)
+    files = save_report(report, out)
+    if args.json:
+        print(files["report"].read_text())
+    else:
+        chk = report["check"]
+        print(f"m = {report['m']:.4g} (was {report['previous_m']:.4g}): "
+              f"{report['calibration']['converged_within']:.1%} of {report['calibration']['tiles']} "
+              f"calibration tiles converge within {args.within} passes; held-back check: "
+              f"{_pct(chk.get('converged_within'))} of {chk['tiles']} tiles")
+        if "defect_tiles" in report:
+            d = report["defect_tiles"]
+            print(f"tiles holding a defect (check part): {_pct(d.get('converged_within'))} of "
+                  f"{d['tiles']} converge within {args.within} passes")
+        print(f"report: {files['report']}  plot: {files['plot']}"
+              + ("" if report["written"] else "  (dry run: bundle not changed)"))
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------
 def add_calibrate_commands(csub: argparse._SubParsersAction) -> None:
     """Add the calibration subcommands to ``inspector calibrate``."""
@@ -435,6 +482,28 @@ def add_calibrate_commands(csub: argparse._SubParsersAction) -> None:
     q.add_argument("--dry-run", action="store_true", help="report only; do not write the bundle")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.set_defaults(fn=cmd_thresholds)
+
+    q = csub.add_parser("convergence", help="fuzzymask: the convergence threshold m of dynamic inference "
+                                            "from normal frames; writes kind_params.m")
+    q.add_argument("--bundle", help="fuzzymask bundle folder (default with --config: its model.bundle)")
+    src = q.add_mutually_exclusive_group(required=True)
+    src.add_argument("--normal", metavar="DIR", help="folder of defect-free frames (recursive)")
+    src.add_argument("--config", metavar="F", help="camera config: grab --frames normal frames from its source")
+    q.add_argument("--frames", type=int, help="with --config: frames to grab")
+    q.add_argument("--quantile", type=float, default=0.95,
+                   help="share of normal tiles that must converge within --within passes")
+    q.add_argument("--within", type=int, default=2, help="model passes by which they must converge")
+    q.add_argument("--passes", type=int, help="passes to measure (default --within; more shows the tail)")
+    q.add_argument("--defects", metavar="DIR", help="labelled defect images: report how their tiles converge")
+    q.add_argument("--format", choices=["magnetic-tile", "neu-seg"], help="layout of --defects")
+    q.add_argument("--check-fraction", type=float, default=0.3, help="share of frames held back (hash of the stem)")
+    q.add_argument("--calib-fraction", type=float, help="share used to calibrate (default: the rest)")
+    q.add_argument("--flat-field", metavar="NPZ", help="with --normal: apply these flat-field maps")
+    q.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all)")
+    q.add_argument("--out", default="calib-out/convergence", help="report folder (convergence.json, .png)")
+    q.add_argument("--dry-run", action="store_true", help="report only; do not write the bundle")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.set_defaults(fn=cmd_convergence)
 
     q = csub.add_parser("flat-field", help="gain/offset maps from dark+bright references or the median "
                                            "of normal frames (.npz for preprocess.flat_field)")

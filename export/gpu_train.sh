@@ -12,7 +12,8 @@
 # Environment: OUT (results folder, default gpu-train-out), BUDGET_S (seconds of main training,
 # default 330), DEVICE (default cuda), R_WIDTH / D_WIDTH (default 8 / 12), CALIB_IMAGES /
 # VAL_IMAGES (validation frames scored at the end of training; default 128 / 0 = all), JOBS (the
-# ARCD/U-Net runs, below), FUZZYMASK=0 (skip the fuzzy-mask run).
+# ARCD/U-Net runs, below), FUZZYMASK=0 (skip the fuzzy-mask run), STAGE1_STEPS + STAGE2_STEPS
+# (fixed steps instead of the probe, to rerun a known schedule).
 #
 # How the time box is kept: a probe trains every job for PROBE steps at once (the same four
 # processes that share the GPU later), measures steps/s from the training logs, and sizes the
@@ -112,7 +113,10 @@ EOF
   say "fuzzymask: started (pid $FZ_PID)"
 }
 
-# -- probe: steps/s of each job with all four sharing the device --------------------------------
+# -- probe: steps/s of each job with all of them sharing the device ------------------------------
+if [ -n "${STAGE1_STEPS:-}" ] && [ -n "${STAGE2_STEPS:-}" ]; then
+S1=$STAGE1_STEPS S2=$STAGE2_STEPS   # a rerun of a known schedule: no probe
+else
 say "probe: $PROBE + $PROBE steps per job, R width $R_WIDTH, D width $D_WIDTH, device $DEVICE"
 if ! train_all probe "$PROBE" "$PROBE" 8 8; then
   say "probe failed"; for f in "$WORK"/probe/*.log; do echo "== $f"; tail -25 "$f"; done | tee -a "$LOG"
@@ -149,6 +153,7 @@ print(f"rates it/s: stage1 {r1:.1f}, stage2 arcd {r2a:.1f}, unet {r2u:.1f} -> st
 EOF
 )" || { say "rate parse failed"; exit 1; }
 read -r S1 S2 <<<"$STEPS"
+fi
 say "main: stage1 $S1 steps, stage2 $S2 steps (budget ${BUDGET}s)"
 start_fuzzymask
 train_all main "$S1" "$S2" "${CALIB_IMAGES:-128}" "${VAL_IMAGES:-0}"

@@ -19,7 +19,6 @@ import argparse
 import copy
 import json
 import logging
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ from export.arcd.data import to_float01, to_tensor
 from export.arcd.evaluate import tile_frame
 from export.arcd.torch_model import ARCDInference
 from export.arcd.train import CHECKPOINT, METRICS, TrainConfig, build_models, load_checkpoint
+from export.training import git_commit
 
 log = logging.getLogger(__name__)
 
@@ -53,22 +53,6 @@ __all__ = ["ExportParityError", "fold_batchnorm", "export_onnx", "check_parity",
 
 class ExportParityError(RuntimeError):
     """ONNX Runtime's output differs from torch's by more than the tolerance."""
-
-
-def _git(start: Path, *args: str) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=start, capture_output=True, text=True,
-                             timeout=10, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _git_commit(start: Path) -> tuple[str | None, bool | None]:
-    """(HEAD commit, whether the work tree had uncommitted changes), None where git is absent."""
-    head = _git(start, "rev-parse", "HEAD") or None
-    status = _git(start, "status", "--porcelain", "--untracked-files=no")
-    return head, (None if status is None else bool(status))
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -252,7 +236,7 @@ def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: 
                            min_area_px=ec.min_area_px)
     import onnxruntime
 
-    commit, dirty = _git_commit(Path(__file__).resolve().parent)
+    commit, dirty = git_commit(Path(__file__).resolve().parent)
     provenance: dict[str, Any] = {
         "data": metrics.get("data") if metrics else cfg.data.model_dump(mode="json"),
         "training_config": cfg.model_dump(mode="json"),

@@ -3,6 +3,8 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,24 @@ def write_config(path: Path, cfg: dict) -> Path:
 def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "inspector", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, **kw)
+
+
+def collect(endpoint: str, n: int, out: list, ready: threading.Event | None = None,
+            timeout_s: float = 60.0) -> None:
+    """Subscribe to ``endpoint`` and append messages to ``out`` until there are ``n`` or
+    ``timeout_s`` passed (run it in a thread). ``ready`` is set once subscribed, so the test can
+    start publishing only then."""
+    from inspector.publish import Subscriber
+
+    sub = Subscriber(endpoint)
+    if ready:
+        ready.set()
+    deadline = time.monotonic() + timeout_s
+    while len(out) < n and time.monotonic() < deadline:
+        m = sub.recv(timeout_s=0.5)
+        if m is not None:
+            out.append(m)
+    sub.close()
 
 
 @pytest.fixture(scope="session")

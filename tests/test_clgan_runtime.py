@@ -7,14 +7,13 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, SHARED_DATA, free_endpoint, write_config
+from conftest import ROOT, SHARED_DATA, collect, free_endpoint, write_config
 from inspector.bundle import BundleSpec, GraphRef, InputSpec, load_bundle, write_bundle
 from inspector.config import parse_config
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
@@ -23,7 +22,6 @@ from inspector.models import make_adapter
 from inspector.models.clgan import ClganAdapter
 from inspector.pipeline import Pipeline
 from inspector.postprocess import PostprocessConfig, dual_threshold
-from inspector.publish import Subscriber
 
 CLGAN_BUNDLE = ROOT / "deploy" / "models" / "clgan-mt"
 MT = SHARED_DATA / "magnetic_tile"
@@ -200,17 +198,6 @@ def clgan_cfg(bundle: Path, source: dict, **over) -> dict:
            "publish": {"endpoint": free_endpoint(), "connect_grace_s": 0.2}}
     cfg.update(over)
     return cfg
-
-
-def collect(endpoint: str, n: int, out: list, ready: threading.Event, timeout_s: float = 60.0) -> None:
-    sub = Subscriber(endpoint)
-    ready.set()
-    deadline = time.monotonic() + timeout_s
-    while len(out) < n and time.monotonic() < deadline:
-        m = sub.recv(timeout_s=0.5)
-        if m is not None:
-            out.append(m)
-    sub.close()
 
 
 def test_pipeline_streams_clgan_masks_from_the_viky_camera(bundle_path):

@@ -10,21 +10,19 @@ import json
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import ROOT, free_endpoint, run_cli, write_config
+from conftest import ROOT, collect, free_endpoint, run_cli, write_config
 from inspector.bundle import load_bundle
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
 from inspector.errors import BundleError
 from inspector.models import make_adapter
 from inspector.models.fuzzymask import FuzzymaskAdapter, FuzzymaskParams, dissimilarity_map
 from inspector.models.tiling import TileGrid
-from inspector.publish import Subscriber
 from test_runtime_without_torch import BLOCK_TORCH
 from toy_models import fuzzymask_toy_bundle
 
@@ -436,17 +434,6 @@ def test_smoothing_and_constant_frames(toy):
 
 
 # -- the pipeline end to end ------------------------------------------------------------------------
-def collect(endpoint: str, n: int, out: list, ready: threading.Event, timeout_s: float = 60.0) -> None:
-    sub = Subscriber(endpoint)
-    ready.set()
-    deadline = time.monotonic() + timeout_s
-    while len(out) < n and time.monotonic() < deadline:
-        m = sub.recv(timeout_s=0.5)
-        if m is not None:
-            out.append(m)
-    sub.close()
-
-
 def run_streaming(cfg_path: Path, endpoint: str, frames: int) -> tuple[subprocess.CompletedProcess, list]:
     """`inspector run --frames N` (torch blocked) with a subscriber collecting every message."""
     got: list = []

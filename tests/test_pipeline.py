@@ -7,31 +7,21 @@ import numpy as np
 import pytest
 import zmq
 
+from conftest import collect
 from inspector.config import parse_config
 from inspector.frame import Frame
 from inspector.pipeline import Pipeline
-from inspector.publish import SCHEMA, Subscriber
+from inspector.publish import SCHEMA
 from inspector.sources.base import Source
 from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
-
-
-def collect(endpoint: str, n: int, out: list, timeout_s: float = 30.0, ready: threading.Event | None = None):
-    sub = Subscriber(endpoint)
-    if ready:
-        ready.set()
-    deadline = time.monotonic() + timeout_s
-    while len(out) < n and time.monotonic() < deadline:
-        m = sub.recv(timeout_s=0.5)
-        if m is not None:
-            out.append(m)
-    sub.close()
 
 
 def test_subscriber_started_first_gets_every_frame(synthetic_cfg):
     cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}), "t.yaml")
     got: list = []
     ready = threading.Event()
-    t = threading.Thread(target=collect, args=(cfg.publish.endpoint, 40, got), kwargs={"ready": ready})
+    t = threading.Thread(target=collect, args=(cfg.publish.endpoint, 40, got),
+                         kwargs={"ready": ready, "timeout_s": 30.0})
     t.start()
     ready.wait()
     with Pipeline(cfg) as p:
@@ -129,7 +119,7 @@ def test_slow_subscriber_never_stalls_the_pipeline(synthetic_cfg):
 def test_subscriber_that_goes_away_mid_stream(synthetic_cfg):
     cfg = parse_config(synthetic_cfg(source={"fps": 50}), "t.yaml")
     got: list = []
-    t = threading.Thread(target=collect, args=(cfg.publish.endpoint, 10, got))
+    t = threading.Thread(target=collect, args=(cfg.publish.endpoint, 10, got), kwargs={"timeout_s": 30.0})
     t.start()
     with Pipeline(cfg) as p:
         c = p.run(frames=60)

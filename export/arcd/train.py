@@ -19,11 +19,9 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -32,11 +30,9 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from inspector.config import read_yaml_mapping
 from inspector.errors import ConfigError
 from inspector.sources.synthetic import CLASS_NAMES
 
@@ -47,13 +43,15 @@ from export.arcd.simulation import SimulationConfig
 from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, NoReconstruction,
                                      ReconstructiveSubNetwork, count_parameters,
                                      discriminator_input)
+# the run folder's file names stay importable from here (export.onnx_export takes them so)
+from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
+from export.training import (atomic_save, fmt_duration, init_distributed, prepare_run_dir,
+                             rate_eta, read_checkpoint, read_config, train_main, validate_config,
+                             write_run_config)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
 STAGE1_CHECKPOINT = "checkpoint-stage1.pt"
-CONFIG = "config.yaml"
-METRICS = "metrics.json"
 CHECKPOINT_FORMAT = 1
 
 __all__ = ["ModelConfig", "Stage1Config", "Stage2Config", "EvalConfig", "TrainConfig",
@@ -182,18 +180,11 @@ class TrainConfig(BaseModel):
 
 def load_config(path: Path) -> TrainConfig:
     """Read and validate a training YAML; errors name the file and the dotted key."""
-    path = Path(path)
-    raw = read_yaml_mapping(path, "training config")
-    return _validate(raw, str(path))
+    return read_config(path, TrainConfig, set_base_dir=False)  # ARCD's config has no base_dir
 
 
 def _validate(raw: dict, where: str) -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(where, key, err["msg"]) from e
+    return validate_config(TrainConfig, raw, where)
 
 
 def build_models(cfg: ModelConfig) -> tuple[ReconstructiveSubNetwork | NoReconstruction,
@@ -213,12 +204,6 @@ def build_models(cfg: ModelConfig) -> tuple[ReconstructiveSubNetwork | NoReconst
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
-
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
 
 def _scheduler(opt: torch.optim.Optimizer, stage: _StageBase) -> torch.optim.lr_scheduler.MultiStepLR:
     ms = sorted({max(1, int(round(f * stage.steps))) for f in stage.milestones if 0 < f < 1})
@@ -240,18 +225,13 @@ def _init_distributed(cfg_device: str) -> torch.device:
     (NCCL), or the CPU (gloo) when the config's device is the CPU. A single process (plain
     ``inspector train``) returns the config's device unchanged.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return torch.device(cfg_device)
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = cfg_device.startswith("cuda") and torch.cuda.is_available()
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    ranks = init_distributed(nccl=cuda)
+    if ranks.world <= 1:
+        return torch.device(cfg_device)
     if cuda:
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
+        torch.cuda.set_device(ranks.local_rank)
+        return torch.device("cuda", ranks.local_rank)
     return torch.device("cpu")
 
 
@@ -319,9 +299,7 @@ class _State:
 
 def load_checkpoint(path: Path) -> dict:
     """Load ``checkpoint.pt`` (tensors and plain data only)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint (train first, or pass the run folder)")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = read_checkpoint(path)
     if ck.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: checkpoint format {ck.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     return ck
@@ -330,11 +308,6 @@ def load_checkpoint(path: Path) -> dict:
 # ---------------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------------
-
-def _fmt_s(s: float) -> str:
-    s = max(0, int(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
 
 def _batches(ds: Dataset, batch: int, start_step: int, steps: int, workers: int,
              rank: int = 0, world: int = 1):
@@ -385,7 +358,7 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
         _loop(state, stage, sc, ds, opt, sched, crit, dice, run_dir, dev, fmt)
     except KeyboardInterrupt:
         if state.rank == 0:
-            _atomic_save(state.state_dict(), run_dir / CHECKPOINT)
+            atomic_save(state.state_dict(), run_dir / CHECKPOINT)
         log.warning("interrupted at stage %d step %d; checkpoint saved, continue with --resume",
                     stage, state.step)
         raise
@@ -435,13 +408,13 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
         ema = lv if ema is None else 0.95 * ema + 0.05 * lv
         state.elapsed_s = t_base + time.monotonic() - t0
         if state.rank == 0 and (state.step % cfg.log_every == 0 or state.step == sc.steps):
-            rate = (state.step - first) / max(1e-9, time.monotonic() - t0)
+            rate, eta = rate_eta(state.step - first, time.monotonic() - t0, sc.steps - state.step)
             extra = "".join(f" {k} {v:.4f}" for k, v in parts.items())
             log.info("stage %d step %d/%d loss %.5f (avg %.5f)%s lr %.2e %.2f it/s eta %s",
                      stage, state.step, sc.steps, lv, ema, extra, opt.param_groups[0]["lr"], rate,
-                     _fmt_s((sc.steps - state.step) / max(rate, 1e-9)))
+                     fmt_duration(eta))
         if state.rank == 0 and state.step % cfg.checkpoint_every == 0 and state.step < sc.steps:
-            _atomic_save(state.state_dict(), run_dir / CHECKPOINT)
+            atomic_save(state.state_dict(), run_dir / CHECKPOINT)
 
 
 def _final(hist: list[list[float]], n: int = 20) -> float | None:
@@ -511,14 +484,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     """
     config_path = Path(config_path)
     cfg = load_config(config_path)
-    if run_dir is None:
-        run_dir = Path("runs") / f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, resume_flag="resume=True (--resume)")
     ck_path = run_dir / CHECKPOINT
-    if ck_path.exists() and not resume:
-        raise FileExistsError(f"{ck_path}: a run is already here; pass resume=True (--resume) to "
-                              f"continue it or choose another run folder")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # same seed on every rank: DDP starts from identical weights
     dev = _init_distributed(cfg.device)
@@ -539,7 +506,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         log.info("resuming %s at stage %d step %d", run_dir, state.stage, state.step)
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
-    (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_run_config(run_dir, cfg)
     log.info("run %s: R %.3f M params, D %.3f M params, tile %s, %d channel(s)", run_dir,
              count_parameters(r) / 1e6, count_parameters(d) / 1e6, list(cfg.model.tile),
              cfg.model.in_channels)
@@ -554,16 +521,16 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
             _run_stage(state, 1, data, run_dir, dev)
             state.stage, state.step = 2, 0
             if state.rank == 0:
-                _atomic_save(state.state_dict(), ck_path)
+                atomic_save(state.state_dict(), ck_path)
             if state.rank == 0 and cfg.stage1.steps:
                 # kept apart: stage 1 sees normal images only, so runs that differ only in
                 # stage 2 (labelled-data rates) can start from this file (copy it to
                 # checkpoint.pt, --resume) instead of training the same R again
-                _atomic_save(state.state_dict(), run_dir / STAGE1_CHECKPOINT)
+                atomic_save(state.state_dict(), run_dir / STAGE1_CHECKPOINT)
         _run_stage(state, 2, data, run_dir, dev)
         state.done = True
         if state.rank == 0:
-            _atomic_save(state.state_dict(), ck_path)
+            atomic_save(state.state_dict(), ck_path)
     if state.rank != 0:
         # rank 0 alone evaluates and writes metrics; the others are done
         return run_dir
@@ -582,25 +549,15 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-    log.info("done: %s (train time %s)", run_dir / METRICS, _fmt_s(state.elapsed_s))
+    log.info("done: %s (train time %s)", run_dir / METRICS, fmt_duration(state.elapsed_s))
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.arcd.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, type=Path, help="training YAML")
-    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<name>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
-    p.add_argument("--log-level", default="INFO")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = train(a.config, a.run_dir, a.resume)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
-        log.error("%s", e)
-        return 2
-    log.info("run folder: %s", out)
-    return 0
+    # no --max-iters here, and a ValueError (e.g. a checkpoint of another format) keeps its
+    # traceback: ARCD's command has always reported only these three as one-line errors
+    return train_main(argv, kind="arcd", doc=__doc__, train=train, log=log,
+                      errors=(ConfigError, FileExistsError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ pair can be regenerated on its own: a resumed run sees the data an uninterrupted
 Example::
 
     >>> import numpy as np
-    >>> imgs = [NormalImage(np.full((40, 50), 128, np.uint8), None, "a")]
+    >>> imgs = [NormalImage(np.full((40, 50, 1), 128, np.uint8), None, "a")]
     >>> pairs = CropPairs(imgs, crop=32, channels=1, seed=0)
     >>> a, b = pairs.pair(0)
     >>> a.shape, float(a.min()), float(a.max())
@@ -39,7 +39,8 @@ from inspector.evaluation.datasets import SplitFractions, defect_free_windows, o
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DataSource", "NormalImage", "load_normal_images", "CropPairs", "to_model_range"]
+__all__ = ["DataSource", "NormalImage", "load_normal_images", "CropPairs", "to_model_range",
+           "pad_small", "random_crop"]
 
 
 class DataSource(BaseModel):
@@ -118,6 +119,34 @@ def to_model_range(img: np.ndarray) -> np.ndarray:
     return (img.transpose(2, 0, 1).astype(np.float32) / 127.5) - 1.0
 
 
+def pad_small(img: np.ndarray, windows: np.ndarray | None, crop: int) -> np.ndarray:
+    """HxWxC ``img`` reflect-padded at the bottom and right to at least ``crop`` x ``crop`` when
+    crops may come from anywhere (``windows`` None); done once per image, not at every draw."""
+    h, w = img.shape[:2]
+    if windows is not None or (h >= crop and w >= crop):
+        return img
+    return np.pad(img, ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0)), mode="reflect")
+
+
+def random_crop(images: list[NormalImage], crop: int, rng: np.random.Generator,
+                flip: bool = False, vflip: bool = False) -> np.ndarray:
+    """One ``crop`` x ``crop`` window (HxWxC uint8, contiguous) of a random image: at a random
+    allowed corner, flipped left-right / up-down with p = 0.5 each when asked. The draws from
+    ``rng`` are always in the same order, so a crop is a pure function of the generator's seed."""
+    im = images[int(rng.integers(len(images)))]
+    if im.windows is not None:
+        y, x = (int(v) for v in im.windows[int(rng.integers(len(im.windows)))])
+    else:
+        h, w = im.image.shape[:2]
+        y, x = int(rng.integers(h - crop + 1)), int(rng.integers(w - crop + 1))
+    t = im.image[y:y + crop, x:x + crop]
+    if flip and rng.random() < 0.5:
+        t = t[:, ::-1]
+    if vflip and rng.random() < 0.5:
+        t = t[::-1]
+    return np.ascontiguousarray(t)
+
+
 class CropPairs:
     """(Real_A, Real_B) crop pairs for training step ``i``.
 
@@ -134,27 +163,11 @@ class CropPairs:
         self.images, self.crop, self.channels = images, crop, channels
         self.seed, self.rank = seed, rank
         self.real_b_mode, self.flip, self.vflip = real_b_mode, flip, vflip
-        # pad small images once up front rather than at every draw
         for im in images:
-            h, w = im.image.shape[:2]
-            if im.windows is None and (h < crop or w < crop):
-                pad = ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0))
-                im.image = np.pad(im.image, pad, mode="reflect")
+            im.image = pad_small(im.image, im.windows, crop)
 
     def _crop(self, rng: np.random.Generator) -> np.ndarray:
-        im = self.images[int(rng.integers(len(self.images)))]
-        c = self.crop
-        if im.windows is not None:
-            y, x = im.windows[int(rng.integers(len(im.windows)))]
-        else:
-            h, w = im.image.shape[:2]
-            y, x = int(rng.integers(h - c + 1)), int(rng.integers(w - c + 1))
-        t = im.image[y:y + c, x:x + c]
-        if self.flip and rng.random() < 0.5:
-            t = t[:, ::-1]
-        if self.vflip and rng.random() < 0.5:
-            t = t[::-1]
-        return to_model_range(np.ascontiguousarray(t))
+        return to_model_range(random_crop(self.images, self.crop, rng, self.flip, self.vflip))
 
     def pair(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, self.rank, i])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
 import tempfile
 import warnings
 from datetime import datetime, timezone
@@ -28,13 +27,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, write_bundle
 from inspector.postprocess import PostprocessConfig
 
 from export.clgan.torch_model import ResnetGenerator
-from export.clgan.train import CHECKPOINT, CONFIG, METRICS, ClganTrainConfig, build_networks, load_checkpoint
+from export.clgan.train import CHECKPOINT, METRICS, ClganTrainConfig, build_networks, load_checkpoint
+from export.training import git_commit, run_kind
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +44,7 @@ GRAPH = "model.onnx"
 
 def is_clgan_run(run_dir: Path) -> bool:
     """True when ``run_dir/config.yaml`` says ``kind: clgan`` (how the CLI picks the exporter)."""
-    p = Path(run_dir) / CONFIG
-    if not p.is_file():
-        return False
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        return False
-    return isinstance(raw, dict) and raw.get("kind") == "clgan"
+    return run_kind(run_dir) == "clgan"
 
 
 def export_generator(G: ResnetGenerator, path: Path, tile: tuple[int, int], opset: int = 17) -> Path:
@@ -108,15 +100,6 @@ def detection_kind_params(cfg: ClganTrainConfig) -> dict[str, Any]:
             "residual_mode": d.residual_mode, "output_range": [-1.0, 1.0]}
 
 
-def _git_commit(cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=cwd,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
-
-
 def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int = 17,
                   atol: float = 1e-3, tile: tuple[int, int] | None = None) -> Path:
     """Export the run's generator into the bundle folder ``out`` (created or overwritten)."""
@@ -155,7 +138,7 @@ def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int 
             "training": {k: metrics.get(k) for k in ("iterations", "train_seconds", "device", "threads",
                                                      "params", "final_losses_ema",
                                                      "preview_abs_error_grey")},
-            "commit": _git_commit(Path(__file__).resolve().parents[2]),
+            "commit": git_commit(Path(__file__).resolve().parents[2])[0],
             "parity": parity,
             "opset": opset,
             "torch": str(torch.__version__),

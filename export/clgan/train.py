@@ -23,24 +23,20 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from inspector.config import read_yaml_mapping
 from inspector.errors import ConfigError
 from inspector.evaluation.datasets import SplitFractions
 
@@ -48,14 +44,14 @@ from export.clgan.data import CropPairs, DataSource, load_normal_images
 from export.clgan.loss import GANLoss, PatchNCE
 from export.clgan.torch_model import (DEFAULT_NCE_LAYERS, PatchGANDiscriminator, ProjectionHeads,
                                       ResnetGenerator, count_parameters)
+# the run folder's file names stay importable from here (export.clgan.export takes them so)
+from export.training import CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
+from export.training import (atomic_save, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+                             read_checkpoint, read_config, start_ranks, train_main, update_ema,
+                             write_run_config)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.yaml"
-METRICS = "metrics.json"
-LOSSES = "losses.jsonl"
-PREVIEW = "preview.png"
 CHECKPOINT_FORMAT = 1
 
 __all__ = ["ClganTrainConfig", "load_config", "build_networks", "ClganTrainer", "train", "main"]
@@ -186,14 +182,7 @@ class ClganTrainConfig(BaseModel):
 def load_config(path: Path) -> ClganTrainConfig:
     """Read and validate a training YAML; errors name the file and the dotted key."""
     path = Path(path)
-    raw = read_yaml_mapping(path, "training config")
-    raw.setdefault("base_dir", str(path.resolve().parent))
-    try:
-        cfg = ClganTrainConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(str(path), key, err["msg"]) from e
+    cfg = read_config(path, ClganTrainConfig)
     try:
         ResnetGenerator(cfg.data.channels, ngf=1, n_resblocks=cfg.generator.n_resblocks) \
             .feature_channels(cfg.nce.nce_layers)
@@ -320,24 +309,11 @@ class ClganTrainer:
 # Run folder, checkpoints, the loop
 # ---------------------------------------------------------------------------------------------
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint (train first, or pass the run folder)")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = read_checkpoint(path)
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "clgan":
         raise ValueError(f"{path}: not a CLGAN checkpoint of format {CHECKPOINT_FORMAT}")
     return ck
-
-
-def _fmt_s(s: float) -> str:
-    s = max(0, int(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def lr_at(it: int, cfg: OptimConfig, iters_per_epoch: int) -> float:
@@ -347,14 +323,6 @@ def lr_at(it: int, cfg: OptimConfig, iters_per_epoch: int) -> float:
     if it < const or decay <= 0:
         return cfg.lr
     return cfg.lr * max(0.0, 1.0 - (it - const) / decay)
-
-
-def _device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if spec == "cuda" and torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(spec)
 
 
 def _preview(G: ResnetGenerator, pairs: CropPairs, start: int, path: Path, n: int = 4) -> float:
@@ -388,27 +356,10 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     """
     config_path = Path(config_path)
     cfg = load_config(config_path)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = 0, int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        rank = dist.get_rank()
-    dev = _device(cfg.device, local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    main_rank = rank == 0
-
-    if run_dir is None:
-        run_dir = Path("runs") / f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    run_dir = Path(run_dir)
+    ranks, dev = start_ranks(cfg.device, cfg.threads, cfg.seed)
+    world, rank, main_rank = ranks.world, ranks.rank, ranks.main
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=main_rank)
     ck_path = run_dir / CHECKPOINT
-    if ck_path.exists() and not resume:
-        raise FileExistsError(f"{ck_path}: a run is already here; pass --resume to continue it "
-                              f"or choose another run folder")
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     fractions = SplitFractions(cfg.data.split_test, cfg.data.split_val)
     images, desc = load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
@@ -446,7 +397,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         log.warning("%s: nothing to resume, starting a new run", ck_path)
 
     if main_rank:
-        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        write_run_config(run_dir, cfg)
         for line in desc:
             log.info("data: %s", line)
         log.info("run %s: G %.3f M, D %.3f M, H %.3f M params; crop %d, %d channel(s), batch %d x %d "
@@ -477,22 +428,20 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             step += 1
             now = time.monotonic()
             elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
-            for k, v in parts.items():
-                ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
+            update_ema(ema, parts)
             if not main_rank:
                 continue
             if step % cfg.log_every == 0 or step == stop:
-                rate = (step - first) / max(1e-9, now - t_rate)
+                rate, eta = rate_eta(step - first, now - t_rate, stop - step)
                 losses_f.write(json.dumps({"it": step, "lr": lr, "elapsed_s": round(elapsed, 1),
                                            **{k: round(v, 5) for k, v in ema.items()}}) + "\n")
                 losses_f.flush()
                 history.append([step, ema.get("G", 0.0), ema.get("D", 0.0)])
                 log.info("it %d/%d %s lr %.2e %.2f it/s eta %s", step, total,
-                         " ".join(f"{k} {v:.3f}" for k, v in ema.items()), lr, rate,
-                         _fmt_s((stop - step) / max(rate, 1e-9)))
+                         " ".join(f"{k} {v:.3f}" for k, v in ema.items()), lr, rate, fmt_duration(eta))
             if step % cfg.checkpoint_every == 0 or step == stop:
                 err = _preview(G, pairs, preview_start, run_dir / PREVIEW)
-                _atomic_save(checkpoint(), ck_path)
+                atomic_save(checkpoint(), ck_path)
                 log.info("checkpoint at %d: preview crops |I - G(I)| %.2f grey levels", step, err)
     finally:
         if losses_f:
@@ -510,39 +459,14 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             "data": desc, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-        log.info("done: %d iterations in %s; %s", step, _fmt_s(elapsed), run_dir / METRICS)
+        log.info("done: %d iterations in %s; %s", step, fmt_duration(elapsed), run_dir / METRICS)
     if world > 1:
-        # every rank applied the same averaged gradients to the same start: the weights must agree
-        s = torch.stack([p.detach().double().sum() for p in G.parameters()]).sum().reshape(1).to(dev)
-        all_s = [torch.zeros_like(s) for _ in range(world)]
-        dist.all_gather(all_s, s)
-        sums = [float(x) for x in all_s]
-        if main_rank:
-            log.info("generator checksum per rank: %s", ", ".join(f"{v:.8f}" for v in sums))
-        dist.barrier()
-        dist.destroy_process_group()
-        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
-            raise RuntimeError(f"ranks ended with different generators (checksums {sums})")
+        end_ranks(G, world, dev, "generator", log)
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.clgan.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, type=Path, help="training YAML")
-    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<name>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
-    p.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations")
-    p.add_argument("--log-level", default="INFO")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = train(a.config, a.run_dir, a.resume, a.max_iters)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 2
-    log.info("run folder: %s", out)
-    return 0
+    return train_main(argv, kind="clgan", doc=__doc__, train=train, log=log, max_iters="iterations")
 
 
 if __name__ == "__main__":

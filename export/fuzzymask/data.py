@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from export.clgan.data import DataSource, NormalImage, load_normal_images
+from export.clgan.data import DataSource, NormalImage, load_normal_images, pad_small, random_crop
 from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
 
 log = logging.getLogger(__name__)
@@ -63,28 +63,12 @@ class NormalCrops:
             img = im.image if im.image.ndim == 3 else im.image[:, :, None]
             if img.shape[2] != channels:
                 raise ValueError(f"{im.name}: {img.shape[2]} channel(s), the model has {channels}")
-            h, w = img.shape[:2]
-            if im.windows is None and (h < crop or w < crop):
-                # pad once here rather than at every draw
-                img = np.pad(img, ((0, max(0, crop - h)), (0, max(0, crop - w)), (0, 0)), mode="reflect")
-            self.images.append(NormalImage(img, im.windows, im.name))
+            self.images.append(NormalImage(pad_small(img, im.windows, crop), im.windows, im.name))
 
     def crop_at(self, i: int) -> np.ndarray:
         """Crop number ``i`` (C x crop x crop float32 in [0, 1])."""
         rng = np.random.default_rng([self.seed, self.rank, i])
-        im = self.images[int(rng.integers(len(self.images)))]
-        c = self.crop
-        if im.windows is not None:
-            y, x = (int(v) for v in im.windows[int(rng.integers(len(im.windows)))])
-        else:
-            h, w = im.image.shape[:2]
-            y, x = int(rng.integers(h - c + 1)), int(rng.integers(w - c + 1))
-        t = im.image[y:y + c, x:x + c]
-        if self.flip and rng.random() < 0.5:
-            t = t[:, ::-1]
-        if self.vflip and rng.random() < 0.5:
-            t = t[::-1]
-        return to_unit(np.ascontiguousarray(t))
+        return to_unit(random_crop(self.images, self.crop, rng, self.flip, self.vflip))
 
     def stack(self, ids: range | list[int]) -> torch.Tensor:
         return torch.from_numpy(np.stack([self.crop_at(i) for i in ids]))

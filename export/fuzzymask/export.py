@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import subprocess
 import tempfile
 import warnings
 from datetime import datetime, timezone
@@ -36,7 +35,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
-import yaml
 
 from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import SplitFractions
@@ -44,8 +42,9 @@ from inspector.postprocess import PostprocessConfig
 
 from export.fuzzymask.data import NormalCrops, load_normal_images
 from export.fuzzymask.torch_model import FuzzyMaskNet
-from export.fuzzymask.train import (CHECKPOINT, CONFIG, METRICS, FuzzymaskTrainConfig, build_model,
-                                    compute_tau, load_checkpoint, ssim_weights)
+from export.fuzzymask.train import (CHECKPOINT, METRICS, FuzzymaskTrainConfig, build_model, compute_tau,
+                                    load_checkpoint, ssim_weights)
+from export.training import git_commit, run_kind
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +63,7 @@ class ExportParityError(RuntimeError):
 
 def is_fuzzymask_run(run_dir: Path) -> bool:
     """True when ``run_dir/config.yaml`` says ``kind: fuzzymask`` (how the CLI picks the exporter)."""
-    p = Path(run_dir) / CONFIG
-    if not p.is_file():
-        return False
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        return False
-    return isinstance(raw, dict) and raw.get("kind") == "fuzzymask"
+    return run_kind(run_dir) == "fuzzymask"
 
 
 def fold_batchnorm(net: FuzzyMaskNet) -> nn.Module:
@@ -199,18 +191,6 @@ def kind_params(cfg: FuzzymaskTrainConfig, tau: float | None) -> dict[str, Any]:
     return FuzzymaskParams.model_validate(params).model_dump(mode="json")
 
 
-def _git_commit(cwd: Path) -> tuple[str | None, bool | None]:
-    def git(*args: str) -> str | None:
-        try:
-            out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=cwd, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return out.stdout.strip() if out.returncode == 0 else None
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return git("rev-parse", "HEAD") or None, None if status is None else bool(status)
-
-
 def _tau(run_dir: Path, cfg: FuzzymaskTrainConfig, net: FuzzyMaskNet,
          metrics: dict) -> tuple[float | None, dict | None]:
     ic = cfg.inference
@@ -266,7 +246,7 @@ def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int 
 
     import onnxruntime
 
-    commit, dirty = _git_commit(Path(__file__).resolve().parents[2])
+    commit, dirty = git_commit(Path(__file__).resolve().parents[2])
     spec = BundleSpec(
         name=name or out.name, kind="fuzzymask",
         graphs={"model": GraphRef(file=GRAPH, sha256="")},

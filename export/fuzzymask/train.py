@@ -29,11 +29,9 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -43,11 +41,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader
 
-from inspector.config import read_yaml_mapping
 from inspector.errors import ConfigError
 from inspector.evaluation.datasets import SplitFractions
 
@@ -55,14 +51,14 @@ from export.fuzzymask.data import DataSource, NormalCrops, StepBatches, load_nor
 from export.fuzzymask.loss import TYPE_WEIGHTS, FuzzyMaskLoss, dissimilarity_map
 from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
 from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
+# the run folder's file names stay importable from here (export.fuzzymask.export takes them so)
+from export.training import CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
+from export.training import (atomic_save, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+                             read_checkpoint, read_config, start_ranks, train_main, update_ema,
+                             write_run_config)
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.yaml"
-METRICS = "metrics.json"
-LOSSES = "losses.jsonl"
-PREVIEW = "preview.png"
 CHECKPOINT_FORMAT = 1
 #: crop ids for tau and the preview: far beyond any training step's, from the same images
 TAU_START = 2 * 10 ** 9
@@ -208,14 +204,7 @@ class FuzzymaskTrainConfig(BaseModel):
 def load_config(path: Path) -> FuzzymaskTrainConfig:
     """Read and validate a training YAML; errors name the file and the dotted key."""
     path = Path(path)
-    raw = read_yaml_mapping(path, "training config")
-    raw.setdefault("base_dir", str(path.resolve().parent))
-    try:
-        cfg = FuzzymaskTrainConfig.model_validate(raw)
-    except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(str(path), key, err["msg"]) from e
+    cfg = read_config(path, FuzzymaskTrainConfig)
     enc = cfg.model.pretrained_encoder
     if enc and not (Path(cfg.base_dir) / enc).is_file():
         raise ConfigError(str(path), "model.pretrained_encoder", f"{Path(cfg.base_dir) / enc} not found")
@@ -312,32 +301,11 @@ def _preview(net: FuzzyMaskNet, crops: NormalCrops, cfg: FuzzymaskTrainConfig, p
 # Run folder, checkpoints, the loop
 # ---------------------------------------------------------------------------------------------
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint (train first, or pass the run folder)")
-    ck = torch.load(path, map_location="cpu", weights_only=True)
+    ck = read_checkpoint(path)
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "fuzzymask":
         raise ValueError(f"{path}: not a fuzzymask checkpoint of format {CHECKPOINT_FORMAT}")
     return ck
-
-
-def _fmt_s(s: float) -> str:
-    s = max(0, int(s))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _device(spec: str, local_rank: int) -> torch.device:
-    if spec == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    if spec == "cuda" and torch.cuda.is_available():
-        return torch.device(f"cuda:{local_rank}")
-    return torch.device(spec)
 
 
 def _any_rank(flag: bool, world: int, dev: torch.device) -> bool:
@@ -359,28 +327,12 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     t_start = time.monotonic()
     config_path = Path(config_path)
     cfg = load_config(config_path)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = 0, int(os.environ.get("LOCAL_RANK", "0"))
-    if world > 1:
-        dist.init_process_group("nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo")
-        rank = dist.get_rank()
-    dev = _device(cfg.device, local_rank)
+    ranks, dev = start_ranks(cfg.device, cfg.threads, cfg.seed)
+    world, rank, main_rank = ranks.world, ranks.rank, ranks.main
     if dev.type == "cuda":
-        torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convs
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    main_rank = rank == 0
-
-    if run_dir is None:
-        run_dir = Path("runs") / f"{cfg.name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    run_dir = Path(run_dir)
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=main_rank)
     ck_path = run_dir / CHECKPOINT
-    if ck_path.exists() and not resume:
-        raise FileExistsError(f"{ck_path}: a run is already here; pass --resume to continue it "
-                              f"or choose another run folder")
-    if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     fractions = SplitFractions(cfg.data.split_test, cfg.data.split_val)
     images, desc = load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
@@ -415,7 +367,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         log.warning("%s: nothing to resume, starting a new run", ck_path)
 
     if main_rank:
-        (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        write_run_config(run_dir, cfg)
         for line in desc:
             log.info("data: %s", line)
         log.info("run %s: %.3f M params (width %d, skips %s); crop %d, %d channel(s), batch %d x %d "
@@ -463,15 +415,13 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 raise FloatingPointError(f"loss is {vals['loss']} at step {step}; lower optim.lr ({o.lr})")
             now = time.monotonic()
             elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
-            for k, v in vals.items():
-                ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
+            update_ema(ema, vals)
             epoch_sum, epoch_n = epoch_sum + vals["loss"], epoch_n + 1
             if step % ipe == 0:
                 last_epoch_loss, epoch_sum, epoch_n = epoch_sum / epoch_n, 0.0, 0
             out_of_time = _any_rank(deadline is not None and now >= deadline, world, dev)
             if main_rank and (step % cfg.log_every == 0 or step == stop or out_of_time):
-                rate = (step - first) / max(1e-9, now - t_rate)
-                eta = (stop - step) / max(rate, 1e-9)
+                rate, eta = rate_eta(step - first, now - t_rate, stop - step)
                 if deadline is not None:
                     eta = min(eta, max(0.0, deadline - now))
                 losses_f.write(json.dumps({"it": step, "epoch": round(step / ipe, 3), "lr": lr,
@@ -482,9 +432,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 log.info("it %d/%d ep %.1f loss %.4f (rec mse %.4f ssim %.4f | inp mse %.4f ssim %.4f) "
                          "lr %.2e %.2f it/s eta %s", step, total, step / ipe, ema["loss"],
                          ema["mse_rec"], ema["ssim_rec"], ema["mse_inp"], ema["ssim_inp"], lr, rate,
-                         _fmt_s(eta))
+                         fmt_duration(eta))
             if main_rank and step % cfg.checkpoint_every == 0 and step != stop and not out_of_time:
-                _atomic_save(checkpoint(), ck_path)
+                atomic_save(checkpoint(), ck_path)
                 err = _preview(net, crops, cfg, run_dir / PREVIEW, dev)
                 log.info("checkpoint at %d: preview crops |x - Model(x)| %.2f grey levels", step, err)
             if out_of_time:
@@ -495,7 +445,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 break
     except KeyboardInterrupt:
         if main_rank:
-            _atomic_save(checkpoint(), ck_path)
+            atomic_save(checkpoint(), ck_path)
             log.warning("interrupted at step %d; checkpoint saved, continue with --resume", step)
         raise
     finally:
@@ -503,7 +453,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             losses_f.close()
 
     if main_rank:
-        _atomic_save(checkpoint(), ck_path)
+        atomic_save(checkpoint(), ck_path)
         err = _preview(net, crops, cfg, run_dir / PREVIEW, dev)
         t_tau = time.monotonic()
         tau_crops = NormalCrops(images, cfg.tile(), d.channels, cfg.seed, 0, d.flip, d.vflip)
@@ -523,37 +473,14 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-        log.info("done: %d steps (%s) in %s; %s", step, stopped_by, _fmt_s(elapsed), run_dir / METRICS)
-    if world > 1:
-        # DDP applied the same averaged gradients to the same start: the weights must agree
-        s = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1).to(dev)
-        all_s = [torch.zeros_like(s) for _ in range(world)]
-        dist.all_gather(all_s, s)
-        sums = [float(v) for v in all_s]
-        dist.barrier()
-        dist.destroy_process_group()
-        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
-            raise RuntimeError(f"ranks ended with different networks (checksums {sums})")
+        log.info("done: %d steps (%s) in %s; %s", step, stopped_by, fmt_duration(elapsed), run_dir / METRICS)
+    if world > 1:  # DDP applied the same averaged gradients to the same start
+        end_ranks(net, world, dev, "network")
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m export.fuzzymask.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", required=True, type=Path, help="training YAML")
-    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<name>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
-    p.add_argument("--max-iters", type=int, default=None, help="stop after this many steps")
-    p.add_argument("--log-level", default="INFO")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = train(a.config, a.run_dir, a.resume, a.max_iters)
-    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:
-        log.error("%s", e)
-        return 2
-    log.info("run folder: %s", out)
-    return 0
+    return train_main(argv, kind="fuzzymask", doc=__doc__, train=train, log=log, max_iters="steps")
 
 
 if __name__ == "__main__":

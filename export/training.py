@@ -1,0 +1,287 @@
+"""What the trainers of ``export.arcd``, ``export.clgan`` and ``export.fuzzymask`` share.
+
+The run folder's file names, config validation with errors that name the file and the dotted
+key, the run folder's creation, atomic checkpoints, torchrun process groups and device choice,
+rate / ETA figures for the log, and the ``python -m export.<kind>.train`` command line. The
+exporters use :func:`run_kind` (which trainer wrote a run) and :func:`git_commit` (provenance).
+
+Everything here behaves as the per-trainer copies it replaces did: the same file names, log
+lines and error messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, TypeVar
+
+import torch
+import torch.distributed as dist
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from inspector.config import read_yaml_mapping
+from inspector.errors import ConfigError
+
+__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW", "validate_config",
+           "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "read_checkpoint",
+           "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
+           "start_ranks", "end_ranks", "USER_ERRORS", "train_main", "run_kind", "git_commit"]
+
+# The run folder's files (``inspector export onnx`` and the tests find them by these names)
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+LOSSES = "losses.jsonl"
+PREVIEW = "preview.png"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and run folder
+# ---------------------------------------------------------------------------------------------
+
+def validate_config(model: type[M], raw: dict, where: str) -> M:
+    """``model`` from ``raw``; the first validation error becomes a :class:`ConfigError` naming
+    ``where`` and the dotted key."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(where, key, err["msg"]) from e
+
+
+def read_config(path: Path, model: type[M], set_base_dir: bool = True) -> M:
+    """Read and validate a training YAML. ``set_base_dir`` fills the config's ``base_dir`` with
+    the file's folder (unless the YAML sets it), so relative data roots resolve against it."""
+    path = Path(path)
+    raw = read_yaml_mapping(path, "training config")
+    if set_base_dir:
+        raw.setdefault("base_dir", str(path.resolve().parent))
+    return validate_config(model, raw, str(path))
+
+
+def prepare_run_dir(run_dir: Path | None, name: str, resume: bool, create: bool = True,
+                    resume_flag: str = "--resume") -> Path:
+    """The run folder, by default ``runs/<name>-<UTC time>``, created when ``create``.
+
+    A folder that already holds a checkpoint is refused unless ``resume``: a run is never
+    silently overwritten. ``resume_flag`` is how the error tells the user to resume.
+    """
+    if run_dir is None:
+        run_dir = Path("runs") / f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    run_dir = Path(run_dir)
+    ck_path = run_dir / CHECKPOINT
+    if ck_path.exists() and not resume:
+        raise FileExistsError(f"{ck_path}: a run is already here; pass {resume_flag} to continue it "
+                              f"or choose another run folder")
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def write_run_config(run_dir: Path, cfg: BaseModel) -> None:
+    """``config.yaml``: the resolved config, in the order of its fields."""
+    (run_dir / CONFIG).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file, then rename: a run killed mid-write keeps its previous
+    checkpoint instead of a truncated one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's dict, on the CPU; tensors and plain data only (``weights_only``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no checkpoint (train first, or pass the run folder)")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress figures
+# ---------------------------------------------------------------------------------------------
+
+def fmt_duration(s: float) -> str:
+    """Seconds as ``MmSSs``, or ``HhMMm`` from an hour on (the log's ETA and train times).
+
+    >>> fmt_duration(75.9), fmt_duration(3 * 3600 + 125), fmt_duration(-4)
+    ('1m15s', '3h02m', '0m00s')
+    """
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def rate_eta(done: int, seconds: float, left: int) -> tuple[float, float]:
+    """(steps per second over ``done`` steps in ``seconds``, seconds for the ``left`` steps).
+
+    >>> rate_eta(10, 5.0, 30)
+    (2.0, 15.0)
+    """
+    rate = done / max(1e-9, seconds)
+    return rate, left / max(rate, 1e-9)
+
+
+def update_ema(ema: dict[str, float], values: dict[str, float]) -> None:
+    """Fold ``values`` into the running averages ``ema`` (weight 0.02 each) in place; a new key
+    starts at its value."""
+    for k, v in values.items():
+        ema[k] = v if k not in ema else 0.98 * ema[k] + 0.02 * v
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices and torchrun
+# ---------------------------------------------------------------------------------------------
+
+class Ranks(NamedTuple):
+    """This process's place under torchrun (world 1, rank 0 when started alone)."""
+
+    world: int
+    rank: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes the run folder and logs progress."""
+        return self.rank == 0
+
+
+def init_distributed(nccl: bool) -> Ranks:
+    """Join the process group when ``torchrun`` started more than one process (it sets
+    WORLD_SIZE, RANK and LOCAL_RANK); NCCL when ``nccl``, else gloo. A single process joins
+    nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world <= 1:
+        return Ranks(world, 0, local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if nccl else "gloo")
+    return Ranks(world, dist.get_rank(), local_rank)
+
+
+def pick_device(spec: str, local_rank: int) -> torch.device:
+    """``auto``: GPU ``local_rank`` when CUDA is present, else the CPU; ``cuda``: GPU
+    ``local_rank`` (one GPU per torchrun process); anything else as written."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if spec == "cuda" and torch.cuda.is_available():
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(spec)
+
+
+def start_ranks(device: str, threads: int, seed: int) -> tuple[Ranks, torch.device]:
+    """Process group, device (:func:`pick_device`), CPU threads and seed for a training run.
+
+    NCCL whenever CUDA is present and the config does not ask for the CPU. The seed is the same
+    on every rank, so all networks start from the same weights.
+    """
+    ranks = init_distributed(nccl=torch.cuda.is_available() and device != "cpu")
+    dev = pick_device(device, ranks.local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return ranks, dev
+
+
+def end_ranks(net: torch.nn.Module, world: int, dev: torch.device, what: str,
+              log: logging.Logger | None = None) -> list[float]:
+    """Check that every rank ended with the same ``net``, then leave the process group.
+
+    Every rank applied the same averaged gradients to the same start, so the weights must agree;
+    a parameter-sum checksum that differs raises RuntimeError ("different <what>s"). With ``log``,
+    rank 0 logs the checksums first.
+    """
+    s = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1).to(dev)
+    all_s = [torch.zeros_like(s) for _ in range(world)]
+    dist.all_gather(all_s, s)
+    sums = [float(v) for v in all_s]
+    if log is not None and dist.get_rank() == 0:
+        log.info("%s checksum per rank: %s", what, ", ".join(f"{v:.8f}" for v in sums))
+    dist.barrier()
+    dist.destroy_process_group()
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise RuntimeError(f"ranks ended with different {what}s (checksums {sums})")
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------
+# python -m export.<kind>.train
+# ---------------------------------------------------------------------------------------------
+
+#: what the command reports as one error line (exit 2) rather than a traceback
+USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileExistsError, FileNotFoundError, ValueError)
+
+
+def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[..., Path],
+               log: logging.Logger, max_iters: str | None = None,
+               errors: tuple[type[Exception], ...] = USER_ERRORS) -> int:
+    """The ``python -m export.<kind>.train`` command: flags, logging to stderr, then
+    ``train(config, run_dir, resume[, max_iters])``; 0 with the run folder, 2 on ``errors``.
+
+    ``doc`` is the trainer module's docstring (its first line describes the command);
+    ``max_iters`` names the trainer's unit ("steps") and adds ``--max-iters``.
+    """
+    p = argparse.ArgumentParser(prog=f"python -m export.{kind}.train", description=doc.split("\n")[0])
+    p.add_argument("--config", required=True, type=Path, help="training YAML")
+    p.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<name>-<time>)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
+    if max_iters:
+        p.add_argument("--max-iters", type=int, default=None, help=f"stop after this many {max_iters}")
+    p.add_argument("--log-level", default="INFO")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    extra = (a.max_iters,) if max_iters else ()
+    try:
+        out = train(a.config, a.run_dir, a.resume, *extra)
+    except errors as e:
+        log.error("%s", e)
+        return 2
+    log.info("run folder: %s", out)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# For the exporters
+# ---------------------------------------------------------------------------------------------
+
+def run_kind(run_dir: Path) -> object:
+    """The ``kind`` that ``run_dir/config.yaml`` names (how ``inspector export onnx`` picks the
+    exporter); None without a readable mapping there."""
+    p = Path(run_dir) / CONFIG
+    if not p.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError:
+        return None
+    return raw.get("kind") if isinstance(raw, dict) else None
+
+
+def git_commit(start: Path) -> tuple[str | None, bool | None]:
+    """(HEAD commit, whether tracked files had uncommitted changes) of the checkout at
+    ``start``, for a bundle's provenance; None where git or the checkout is absent."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=start, capture_output=True, text=True,
+                                 timeout=10, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip()
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return git("rev-parse", "HEAD") or None, (None if status is None else bool(status))

@@ -1,0 +1,128 @@
+"""``inspector calibrate convergence``: the fuzzymask convergence threshold m from normal frames."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import run_cli
+from toy_models import fuzzymask_toy_bundle
+
+from calibration.convergence import choose_m, mse_sequences, passes_to_converge
+from inspector.bundle import load_bundle
+from inspector.engines.onnxruntime import OnnxRuntimeConfig
+from inspector.evaluation.evaluate import Runner
+
+TILE = 64
+
+
+def texture(rng: np.random.Generator, h: int, w: int, sigma: float) -> np.ndarray:
+    img = 128 + rng.normal(0, sigma, (h, w))
+    return np.clip(cv2.GaussianBlur(img.astype(np.float32), (0, 0), 1.5), 0, 255).astype(np.uint8)
+
+
+def test_choose_m_is_the_quantile_of_the_best_mse_within_the_allowed_passes():
+    # rows: tiles; columns: MSE at iterations 1, 2, 3
+    seqs = np.array([[4.0, 1.0, 0.5],
+                     [3.0, 2.0, 0.1],
+                     [1.0, 5.0, 5.0],
+                     [9.0, 8.0, 7.0]])
+    # best within 2 passes: 1, 2, 1, 8 -> sorted 1, 1, 2, 8
+    assert choose_m(seqs, 0.5, within=2) == 1.0
+    assert choose_m(seqs, 0.75, within=2) == 2.0
+    assert choose_m(seqs, 1.0, within=2) == 8.0
+    # from iteration 2 on only: best of columns 2..3 within 3 passes: 0.5, 0.1, 5, 7
+    assert choose_m(seqs, 0.5, within=3, first_check_from=2) == 0.5
+    with pytest.raises(ValueError, match="quantile"):
+        choose_m(seqs, 0.0, within=2)
+    with pytest.raises(ValueError, match="within"):
+        choose_m(seqs, 0.5, within=4)
+
+
+def test_passes_to_converge_counts_the_iteration_the_runtime_would_stop_at():
+    seqs = np.array([[4.0, 1.0, 0.5], [0.1, 2.0, 0.1], [9.0, 8.0, 7.0]])
+    assert passes_to_converge(seqs, 1.0).tolist() == [2, 1, 4]          # 4 = never within 3
+    assert passes_to_converge(seqs, 1.0, first_check_from=2).tolist() == [2, 3, 4]
+
+
+def test_mse_sequences_match_iterating_the_graph_by_hand(tmp_path):
+    bundle = fuzzymask_toy_bundle(tmp_path / "toy", tile=TILE)
+    runner = Runner(bundle, engine=OnnxRuntimeConfig(intra_op_threads=1))
+    img = texture(np.random.default_rng(0), TILE, TILE, 8.0)
+    seq, has = mse_sequences(runner.adapter, img, 3, truth=np.zeros_like(img))
+    assert seq.shape == (1, 3) and not has.any()
+    x = img.astype(np.float32)[None, None] / 255.0
+    rec = runner.adapter.engine
+    prev = x
+    for i in range(3):
+        out = rec.run({"image": prev})["reconstruction"]
+        assert seq[0, i] == pytest.approx(float(np.mean((out - prev) ** 2)), rel=1e-5)
+        prev = out
+    # the toy graph is a partial repair: iterating it settles geometrically
+    assert seq[0, 2] < seq[0, 0]
+
+
+def test_cli_writes_m_so_that_the_asked_share_of_normal_tiles_converge(tmp_path):
+    bundle = fuzzymask_toy_bundle(tmp_path / "toy", tile=TILE, m=1e-12)
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(40):
+        cv2.imwrite(str(normal / f"n{i:03d}.png"), texture(rng, TILE, 2 * TILE, rng.uniform(3, 12)))
+    out = tmp_path / "report"
+    r = run_cli("calibrate", "convergence", "--bundle", str(bundle), "--normal", str(normal),
+                "--quantile", "0.9", "--within", "2", "--passes", "4", "--threads", "1",
+                "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads((out / "convergence.json").read_text())
+    assert cv2.imread(str(out / "convergence.png")) is not None
+    m = rep["m"]
+    assert rep["previous_m"] == 1e-12 and m > 1e-12
+    assert rep["calibration"]["converged_within"] >= 0.9
+    spec = load_bundle(bundle).spec
+    assert spec.kind_params["m"] == m
+    assert spec.provenance["convergence_calibration"]["previous_m"] == 1e-12
+    # the runtime now converges within 2 passes on (at least) that share of calibration tiles
+    runner = Runner(bundle, engine=OnnxRuntimeConfig(intra_op_threads=1))
+    conv = tiles = 0
+    for p in sorted(normal.glob("*.png")):
+        runner.adapter.infer(cv2.imread(str(p), cv2.IMREAD_GRAYSCALE))
+        last = runner.adapter.last_frame
+        conv += int((last["converged"] & (last["iterations"] <= 2)).sum())
+        tiles += len(last["converged"])
+    assert conv / tiles >= 0.85  # check + calibration parts together, so a little below 0.9
+    # a dry run reports but leaves the bundle alone
+    r = run_cli("calibrate", "convergence", "--bundle", str(bundle), "--normal", str(normal),
+                "--quantile", "0.5", "--dry-run", "--threads", "1", "--out", str(tmp_path / "dry"))
+    assert r.returncode == 0, r.stderr
+    assert "dry run" in r.stdout
+    assert load_bundle(bundle).spec.kind_params["m"] == m
+
+
+def test_cli_errors_name_the_argument(tmp_path, toy_bundle):
+    fm = fuzzymask_toy_bundle(tmp_path / "toy", tile=TILE)
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    cv2.imwrite(str(normal / "a.png"), np.full((TILE, TILE), 128, np.uint8))
+    cases = [
+        (["--bundle", str(fm), "--normal", str(normal), "--quantile", "1.5"], "--quantile"),
+        (["--bundle", str(fm), "--normal", str(normal), "--within", "0"], "--within"),
+        (["--bundle", str(fm), "--normal", str(tmp_path / "nope")], "--normal"),
+        (["--bundle", str(fm), "--normal", str(normal), "--within", "50"], "--within"),
+        (["--bundle", str(toy_bundle), "--normal", str(normal)], "--bundle"),
+    ]
+    for args, name in cases:
+        r = run_cli("calibrate", "convergence", *args, "--out", str(tmp_path / "o"))
+        assert r.returncode == 2, (args, r.stderr)
+        assert name in r.stderr, (args, r.stderr)
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / "deploy/models/fuzzymask-mt/bundle.yaml").is_file(),
+                    reason="no shipped fuzzymask-mt bundle")
+def test_shipped_bundle_records_its_convergence_calibration():
+    spec = load_bundle(Path(__file__).resolve().parents[1] / "deploy/models/fuzzymask-mt").spec
+    cal = spec.provenance.get("convergence_calibration")
+    assert cal is not None and cal["m"] == spec.kind_params["m"]
