@@ -241,6 +241,23 @@ def test_one_tile_equals_the_spec_reference(toy, flags):
     out.release()
 
 
+def test_line18_runs_no_iterations_only_the_first_pass_and_the_repair(toy):
+    a = adapter_for(toy, apply_line18=True)
+    calls = []
+    run = a.engine.run
+    a.engine.run = lambda feed: calls.append(len(next(iter(feed.values())))) or run(feed)
+    try:
+        clean = texture(np.random.default_rng(5), TILE, 2 * TILE)
+        a.infer(clean).release()
+        assert len(calls) == 1            # no suspicious cell: R1 alone, S_rep = D(R1, x)
+        calls.clear()
+        a.infer(with_spot(clean, 20, 26)).release()
+        assert len(calls) == 2            # R1, then the repair of the flagged tile(s) only
+        assert calls[1] <= calls[0]
+    finally:
+        a.engine.run = run
+
+
 def test_converged_branch_is_s_rep_minus_both_backgrounds(toy):
     """The spec's acceptance check, on the adapter's own intermediate maps."""
     a = adapter_for(toy)

@@ -16,7 +16,9 @@ tile of the frame; round 2 runs, in one batch, the next iteration ``Model(R1)`` 
 have not converged *and* the precise repair ``Model(I_m * x)`` of the tiles with suspicious cells
 (``I_m`` is known as soon as ``R1`` is, so the repair need not wait for the loop); later rounds
 iterate only the tiles still unconverged. A frame therefore costs at most ``max(N, 2)`` engine
-rounds (the spec's "10 iterations plus 1 inpainting" per tile, batched) and usually far fewer.
+rounds (the spec's "10 iterations plus 1 inpainting" per tile, batched) and usually far fewer;
+with ``apply_line18`` (every tile scores ``S_rep``) the iterations decide nothing and are skipped,
+so a frame costs round 1 plus at most one repair round.
 
 Two exact shortcuts keep clean frames cheap: a tile with no suspicious cell has ``I_m = 1``, so
 ``Y = Model(x) = R1`` and ``S_rep = D(x, R1) = D(R1, x)`` (D is symmetric) without an engine pass;
@@ -539,7 +541,10 @@ class FuzzymaskAdapter(ModelAdapter):
         if p.iter_target == "last_iterate" and not p.apply_line18:
             need_y &= ~converged  # a converged tile then scores with its last iterate, not Y
         ridx = np.flatnonzero(need_y)
-        active = np.flatnonzero(~converged) if N >= 2 else np.zeros(0, np.intp)
+        # with the literal line 18 every tile scores S_rep = D(x, Y): the iterations decide
+        # nothing, so they are not run (a frame costs the first pass plus at most the repairs)
+        iterate = N >= 2 and not p.apply_line18
+        active = np.flatnonzero(~converged) if iterate else np.zeros(0, np.intp)
         prev, cur = wk.r1, wk.ping
         i = 1
         repairs_pending = len(ridx) > 0
