@@ -25,10 +25,10 @@ $(VENV)/.runtime: $(BIN)/python setup.cfg pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# Runtime + tests + training (torch==2.13.0 takes the CPU wheel) + the PLC packages, whose real
-# protocol servers the alarm tests run.
+# Runtime + tests + training (torch==2.13.0 takes the CPU wheel) + defect synthesis (diffusers) +
+# the PLC packages, whose real protocol servers the alarm tests run.
 $(VENV)/.dev: $(VENV)/.runtime
-	$(BIN)/pip install -q -e '.[dev,train,plc]'
+	$(BIN)/pip install -q -e '.[dev,train,augment,plc]'
 	touch $@
 
 demo: $(VENV)/.runtime

@@ -244,6 +244,36 @@ def cmd_export(args: argparse.Namespace) -> int:
     return _fail(f"unknown export format {args.format}", EXIT_BAD_INPUT)
 
 
+#: modules that register ``inspector augment <generator> ...`` (argparse only at import; each
+#: defines ``add_commands(subparsers)`` and sets ``augment_fn`` on its commands). A generator adds
+#: its module here.
+AUGMENT_GENERATORS: tuple[str, ...] = ("export.augment.defectgan.cli",
+                                       "export.augment.anomalyalign.cli",
+                                       "export.augment.measure_cli")
+
+
+def _add_augment_commands(sub: argparse._SubParsersAction) -> None:
+    import importlib
+
+    p = sub.add_parser("augment", help="offline defect synthesis: train a generator, write "
+                                       "synthetic NEU-Seg pairs (train extra)")
+    gsub = p.add_subparsers(dest="generator", required=True)
+    for name in AUGMENT_GENERATORS:
+        try:
+            importlib.import_module(name).add_commands(gsub)
+        except ModuleNotFoundError as e:  # a runtime install without the export/ tree
+            log.debug("augment generator %s not available: %s", name, e)
+    p.set_defaults(fn=cmd_augment)
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    _needs_torch()
+    try:
+        return args.augment_fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # messages name the argument/file
+        return _fail(str(e), EXIT_BAD_INPUT)
+
+
 def _export_tensorrt(args: argparse.Namespace) -> int:
     from inspector.engines.tensorrt import TensorRTConfig, export_engine
     from inspector.engines.trt_build import parse_shapes
@@ -454,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="bundle name (default: the folder name)")
     p.add_argument("--opset", type=int, default=17)
     p.set_defaults(fn=cmd_export)
+
+    _add_augment_commands(sub)
 
     def data_opts(q: argparse.ArgumentParser, split: str) -> None:
         q.add_argument("--bundle", required=True, help="model bundle folder")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Literal, Protocol, Sequence, Union
 
 import cv2
@@ -534,6 +535,12 @@ class FolderDataConfig(BaseModel):
     edge_prob: float = Field(0.0, ge=0, le=1)
     hflip: bool = True
     vflip: bool = True
+    #: generated pairs (``inspector augment ... sample``: NEU-Seg layout, same classes) mixed into
+    #: stage 2: a share ``synthetic_ratio`` of the stage-2 frames is drawn from the first
+    #: ``synthetic_limit`` pairs (0 = all) of this folder, the rest from the labelled images
+    synthetic_root: str | None = None
+    synthetic_ratio: float = Field(0.5, ge=0, le=1)
+    synthetic_limit: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "FolderDataConfig":
@@ -541,6 +548,8 @@ class FolderDataConfig(BaseModel):
             raise ValueError("normal_source 'folder' needs normal_root")
         if self.normal_source == "mt-free" and self.source != "magnetic-tile":
             raise ValueError("normal_source 'mt-free' is for source 'magnetic-tile'")
+        if self.synthetic_root and self.source != "neu-seg":
+            raise ValueError("synthetic_root is for source 'neu-seg' (the generators write that layout)")
         return self
 
 
@@ -686,7 +695,11 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
         s1_tile = tuple(tile)
     stage1 = SimulatedAnomalyDataset(normal, s1_tile, AnomalySimulator(simulation), stage1_length,
                                      seed, mean, std, cfg.hflip, cfg.vflip, cfg.edge_prob)
-    stage2 = SegmentationTileDataset(labelled, tile, stage2_length, seed, mean, std,
+    stage2_frames: FrameProvider = labelled
+    if cfg.synthetic_root:
+        stage2_frames = MixedFrames(labelled, _synthetic_frames(cfg, train_ds.classes, channels),
+                                    cfg.synthetic_ratio)
+    stage2 = SegmentationTileDataset(stage2_frames, tile, stage2_length, seed, mean, std,
                                      cfg.focus_prob, cfg.hflip, cfg.vflip,
                                      crops_per_frame=cfg.crops_per_frame, edge_prob=cfg.edge_prob)
     val_ds = _open_eval_dataset(cfg.source, cfg.root, cfg.val_split, **kw)
@@ -701,10 +714,50 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
     def val() -> list[LabeledFrame]:
         return [val_frames.frame(j) for j in range(len(val_frames))]
 
-    desc = (f"stage 2: {labelled.describe()} (label rate {cfg.label_fraction:g}); stage 1: "
+    desc = (f"stage 2: {stage2_frames.describe()} (label rate {cfg.label_fraction:g}); stage 1: "
             f"{normal.describe()} plus simulated anomalies; thresholds from {n_cal} and scores on "
             f"{n_val} images of split '{cfg.val_split}'")
     return TrainingData(stage1, stage2, calib, val, tuple(train_ds.classes), desc)
+
+
+def _synthetic_frames(cfg: FolderDataConfig, classes: Sequence[str], channels: int) -> "DatasetFrames":
+    """The generated pairs of ``cfg.synthetic_root`` (checked against the data set's classes)."""
+    from inspector.evaluation.datasets import open_dataset
+
+    root = Path(cfg.synthetic_root)
+    try:
+        ds = open_dataset("neu-seg", root, split="all", strict=True)
+    except FileNotFoundError as e:
+        raise ValueError(f"data.synthetic_root: {e}") from None
+    if len(ds) == 0:
+        raise ValueError(f"data.synthetic_root: {root}: no generated pairs (NEU-Seg layout)")
+    manifest = root / "manifest.json"
+    if manifest.is_file():
+        import json
+
+        got = json.loads(manifest.read_text()).get("classes")
+        if got is not None and list(got) != list(classes):
+            raise ValueError(f"data.synthetic_root: {manifest}: classes {got} differ from the data "
+                             f"set's {list(classes)}")
+    n = len(ds) if not cfg.synthetic_limit else min(cfg.synthetic_limit, len(ds))
+    return DatasetFrames(ds, channels, cfg.frame_size, list(range(n)))
+
+
+class MixedFrames:
+    """Stage-2 frames: a share ``ratio`` from generated pairs, the rest from real labelled images
+    (each draw decided by the sample's own generator, so a sample stays a function of its seed)."""
+
+    def __init__(self, real: "DatasetFrames", synthetic: "DatasetFrames", ratio: float):
+        self.real, self.synthetic, self.ratio = real, synthetic, float(ratio)
+        self.channels = real.channels
+        self.class_names = real.class_names
+
+    def sample(self, rng: np.random.Generator) -> LabeledFrame:
+        return self.synthetic.sample(rng) if rng.random() < self.ratio else self.real.sample(rng)
+
+    def describe(self) -> str:
+        return (f"{self.real.describe()} mixed with {self.ratio:.0%} generated pairs from "
+                f"{self.synthetic.describe()}")
 
 
 DATA_SOURCES["neu-seg"] = _build_folder

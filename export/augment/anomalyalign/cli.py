@@ -1,0 +1,50 @@
+"""``inspector augment anomalyalign train | sample``.
+
+Only argparse at import time: :func:`add_commands` runs while the ``inspector`` parser is built
+(the runtime must start without torch or diffusers); each command imports the trainer or the
+sampler when it runs. Bad input raises ValueError / FileNotFoundError / FileExistsError /
+ConfigError naming the argument or file; ``inspector augment`` turns them into exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from export.augment.cli_common import add_train_command, positive
+
+__all__ = ["add_commands"]
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from export.augment.anomalyalign.sample import sample, write_grid
+
+    path = sample(Path(args.run_dir), Path(args.out), args.n, args.seed, steps=args.steps,
+                  guidance=args.guidance, batch_size=args.batch_size, threads=args.threads)
+    if args.grid:
+        write_grid(Path(args.out), Path(args.grid))
+    print(path)
+    return 0
+
+
+def add_commands(gsub: argparse._SubParsersAction) -> None:
+    """Register ``anomalyalign`` under ``inspector augment``."""
+    p = gsub.add_parser("anomalyalign", help="AnomalyAlign: mask- and prompt-conditioned diffusion "
+                                             "(ControlNet form) that draws whole defect images (spec 000)")
+    sub = p.add_subparsers(dest="action", required=True)
+
+    add_train_command(sub, "anomalyalign", "diffusion iterations")
+
+    q = sub.add_parser("sample", help="DDIM from the subset's real masks (flipped/shifted) and their "
+                                      "prompts; write NEU-Seg pairs + manifest")
+    q.add_argument("--run-dir", required=True, help="trained run folder (checkpoint.pt)")
+    q.add_argument("--out", required=True, help="output folder (must not hold a manifest yet)")
+    q.add_argument("--n", type=positive, required=True, help="pairs to write")
+    q.add_argument("--seed", type=int, default=0, help="everything random derives from it")
+    q.add_argument("--steps", type=positive, help="DDIM steps (default: the run's sample.steps)")
+    q.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the "
+                                                  "run's sample.guidance_scale; 1 = off)")
+    q.add_argument("--batch-size", type=positive, help="images per DDIM batch")
+    q.add_argument("--threads", type=positive, help="torch threads (default: the run's threads)")
+    q.add_argument("--grid", help="also write a PNG grid of the first 16 pairs with their masks")
+    q.set_defaults(augment_fn=cmd_sample)

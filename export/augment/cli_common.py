@@ -1,0 +1,42 @@
+"""What the generators' ``inspector augment <generator> ...`` commands share (argparse only:
+the ``inspector`` parser is built without torch)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+__all__ = ["positive", "add_train_command"]
+
+
+def positive(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def add_train_command(sub: argparse._SubParsersAction, kind: str, iterations: str) -> None:
+    """``inspector augment <kind> train``: runs ``export.augment.<kind>.train.train`` (imported
+    when the command runs) on ``--config``, printing the run folder."""
+
+    def cmd_train(args: argparse.Namespace) -> int:
+        train = importlib.import_module(f"export.augment.{kind}.train").train
+        if not Path(args.config).is_file():
+            raise FileNotFoundError(f"--config {args.config}: no such file")
+        run_dir = train(Path(args.config), Path(args.run_dir) if args.run_dir else None,
+                        args.resume, args.max_iters)
+        print(run_dir)
+        return 0
+
+    q = sub.add_parser("train", help="train on the labelled NEU-Seg subset of the config")
+    q.add_argument("--config", required=True, help=f"training YAML (kind: {kind})")
+    q.add_argument("--run-dir", help="run folder (default: runs/<name>-<time>)")
+    q.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
+    q.add_argument("--max-iters", type=positive, help=f"stop after this many {iterations}")
+    q.set_defaults(augment_fn=cmd_train)

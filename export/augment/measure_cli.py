@@ -1,0 +1,54 @@
+"""``inspector augment measure``: diversity of generated pairs against real images.
+
+Only argparse at import time (the ``inspector`` parser is built without torch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+__all__ = ["add_commands"]
+
+
+def cmd_measure(args: argparse.Namespace) -> int:
+    from export.augment.measure import diversity
+    from inspector.evaluation.datasets import open_dataset
+
+    out: dict = {}
+    for key, root, fmt, split in (("generated", args.pairs, "neu-seg", "all"),
+                                  ("reference", args.reference, args.reference_format,
+                                   args.reference_split)):
+        if root is None:
+            continue
+        if not Path(root).is_dir():
+            raise FileNotFoundError(f"--{'pairs' if key == 'generated' else 'reference'} {root}: "
+                                    f"folder not found")
+        ds = open_dataset(fmt, root, split=split)
+        n = min(len(ds), args.max_images)
+        if n < 2:
+            raise ValueError(f"{root}: {len(ds)} image(s) in split {split}; diversity needs 2")
+        out[key] = {"root": str(root), "split": split, "images": n,
+                    "diversity": round(diversity((ds.load(i).image for i in range(n)), n), 4)}
+    if not out:
+        raise ValueError("--pairs: required (and/or --reference)")
+    if "generated" in out and "reference" in out:
+        out["ratio"] = round(out["generated"]["diversity"] / out["reference"]["diversity"], 4)
+    text = json.dumps(out, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
+    return 0
+
+
+def add_commands(gsub: argparse._SubParsersAction) -> None:
+    p = gsub.add_parser("measure", help="diversity of generated pairs in a fixed feature space, "
+                                        "against real images (mask alignment: inspector evaluate)")
+    p.add_argument("--pairs", help="generated pairs (NEU-Seg layout, as `sample` writes them)")
+    p.add_argument("--reference", help="real images to compare with, e.g. ../shared/data/neu_seg")
+    p.add_argument("--reference-format", default="neu-seg", choices=["neu-seg", "magnetic-tile", "folder"])
+    p.add_argument("--reference-split", default="val", choices=["train", "val", "test", "all"])
+    p.add_argument("--max-images", type=int, default=300, help="images per set (the first N)")
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(augment_fn=cmd_measure)
