@@ -69,7 +69,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
@@ -415,7 +415,7 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
     report: dict[str, Any] = {
         "bundle": str(model.bundle.path), "kind": model.bundle.spec.kind, "recipe": model.recipe,
         "target_fpr": target_fpr, "confidence": confidence,
-        "rule": (f"at most floor(target x n) calibration frames alarm" if confidence is None else
+        "rule": ("at most floor(target x n) calibration frames alarm" if confidence is None else
                  f"P(true FPR > target) <= {1 - confidence:g} (binomial bound on the calibration frames)"),
         "fpr_definition": "share of normal frames whose defect list is not empty (after min_area_px)",
         "normal": normals.summary(), "defects": defects.summary() if defects else None,
@@ -487,29 +487,70 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
     return report
 
 
-class _ResidualCalibration:
-    """Statistics and choice for dual-threshold (residual) models."""
+class _Calibration:
+    """What the residual and score searches share: per-part tables of normal and defect images,
+    the report of the chosen row, the FPR/recall curve as the chosen parameter moves."""
 
-    def __init__(self, model: CalibModel, target: float, grid: SearchGrid, confidence: float | None):
+    def __init__(self, model: CalibModel, target: float, confidence: float | None):
         self.model = model
         self.target = target
         self.confidence = confidence
-        self.shapes = grid.shapes(model.pp)
-        self.areas = grid.areas(model.pp)
-        self.conn = model.pp.connectivity
-        # part -> kind -> list of (name, {shape: CompTable})
-        self.tables: dict[str, dict[str, list[tuple[str, dict[Shape, CompTable]]]]] = {
+        # part -> kind -> list of (image name, the recipe's per-image table)
+        self.tables: dict[str, dict[str, list[tuple[str, Any]]]] = {
             p: {"normal": [], "defect": []} for p in ("calibration", "check")}
         self.rows: list[dict[str, Any]] = []
-        self.best: tuple[Shape, int, float] | None = None
+        self.best_row: dict[str, Any] = {}
         self.infeasible_reason = ""
-
-    def candidates(self) -> list[tuple[Shape, int]]:
-        return [(s, a) for s in self.shapes for a in self.areas]
 
     def add(self, part: str, it: FrameItem, image: np.ndarray, truth: np.ndarray | None,
             hist: _PixelHist) -> None:
         _run(self.model, image, lambda out: self.add_output(part, it, out, truth, hist))
+
+    def _figures(self) -> dict[str, Any]:
+        r = self.best_row
+        n = len(self.tables["calibration"]["normal"])
+        d = self.tables["calibration"]["defect"]
+        return {"normal_images": n, "alarmed": r["alarmed"], "fpr": r["fpr"],
+                "fpr_ci95": wilson(r["alarmed"], n), "defect_images": len(d), "recall": r["recall"],
+                "alarm_rate_on_defect_images": r["alarm_rate_on_defect_images"]}
+
+    def _curve(self, parameter: str, scores_of: Callable[[str, str, bool], np.ndarray],
+               chosen: float, values: np.ndarray, digits: int,
+               passes: Callable[[np.ndarray, float], np.ndarray] = _passes) -> dict[str, Any]:
+        """FPR (normals) and recall (defects) of both parts at each value of ``parameter``
+        (``passes`` says which image scores alarm at a value)."""
+        out: dict[str, Any] = {"parameter": parameter, "values": [round(float(v), digits) for v in values]}
+        for p in ("calibration", "check"):
+            for k, det in (("normal", False), ("defect", True)):
+                sc = scores_of(p, k, det)
+                out[f"{'recall' if det else 'fpr'}_{p}"] = [
+                    None if not len(sc) else round(float(passes(sc, v).mean()), 4) for v in values]
+        out["chosen"] = chosen
+        return out
+
+    @staticmethod
+    def _candidate_values(all_scores: list[np.ndarray], chosen: float) -> np.ndarray:
+        allv = np.concatenate([v[np.isfinite(v)] for v in all_scores] + [np.array([chosen])])
+        return np.unique(np.quantile(allv, np.linspace(0, 1, 241))) if allv.size else np.array([chosen])
+
+    def _image_scores(self, scores_of: Callable[[str, str], np.ndarray], threshold: float
+                      ) -> dict[str, list[float | None]]:
+        return {f"{p}_{k}": [float(x) if np.isfinite(x) else None for x in scores_of(p, k)]
+                for p in ("calibration", "check") for k in ("normal", "defect")} | {"threshold": [threshold]}
+
+
+class _ResidualCalibration(_Calibration):
+    """Statistics and choice for dual-threshold (residual) models."""
+
+    def __init__(self, model: CalibModel, target: float, grid: SearchGrid, confidence: float | None):
+        super().__init__(model, target, confidence)  # tables: (name, {shape: CompTable})
+        self.shapes = grid.shapes(model.pp)
+        self.areas = grid.areas(model.pp)
+        self.conn = model.pp.connectivity
+        self.best: tuple[Shape, int, float] | None = None
+
+    def candidates(self) -> list[tuple[Shape, int]]:
+        return [(s, a) for s in self.shapes for a in self.areas]
 
     def add_output(self, part: str, it: FrameItem, out, truth: np.ndarray | None, hist: _PixelHist) -> None:
         if out.residual is None:
@@ -563,33 +604,23 @@ class _ResidualCalibration:
                 "candidates": self.rows}
 
     def figures_at_choice(self) -> dict[str, Any]:
-        r = self.best_row
-        n = len(self.tables["calibration"]["normal"])
-        d = self.tables["calibration"]["defect"]
-        return {"normal_images": n, "alarmed": r["alarmed"], "fpr": r["fpr"],
-                "fpr_ci95": wilson(r["alarmed"], n), "defect_images": len(d), "recall": r["recall"],
-                "alarm_rate_on_defect_images": r["alarm_rate_on_defect_images"],
-                "pixel_f1": None if r["pixel_f1"] is None else round(r["pixel_f1"], 4)}
+        f1 = self.best_row["pixel_f1"]
+        return self._figures() | {"pixel_f1": None if f1 is None else round(f1, 4)}
 
     def curve(self) -> dict[str, Any]:
         """FPR and recall of the chosen shape and min area as the floor moves."""
         shape, area, chosen = self.best
-        sc = {(p, k, det): self._scores(p, k, shape, area, det)
-              for p in ("calibration", "check") for k, det in (("normal", False), ("defect", True))}
-        allv = np.concatenate([v[np.isfinite(v)] for v in sc.values()] + [np.array([chosen])])
-        floors = np.unique(np.quantile(allv, np.linspace(0, 1, 241))) if allv.size else np.array([chosen])
+
+        def scores(p: str, k: str, det: bool) -> np.ndarray:
+            return self._scores(p, k, shape, area, det)
+        floors = self._candidate_values([scores(p, k, k == "defect") for p in ("calibration", "check")
+                                         for k in ("normal", "defect")], chosen)
         floors = np.unique(np.concatenate([[0.0], floors, [chosen]]))
-        out: dict[str, Any] = {"parameter": "min_residual", "values": [round(float(f), 4) for f in floors]}
-        for (p, k, det), v in sc.items():
-            key = f"{'recall' if det else 'fpr'}_{p}"
-            out[key] = [None if not len(v) else round(float(_passes(v, f).mean()), 4) for f in floors]
-        out["chosen"] = chosen
-        return out
+        return self._curve("min_residual", scores, chosen, floors, 4)
 
     def image_scores(self) -> dict[str, list[float | None]]:
-        shape, area, _ = self.best
-        return {f"{p}_{k}": [float(x) if np.isfinite(x) else None for x in self._scores(p, k, shape, area)]
-                for p in ("calibration", "check") for k in ("normal", "defect")} | {"threshold": [self.best[2]]}
+        shape, area, thr = self.best
+        return self._image_scores(lambda p, k: self._scores(p, k, shape, area), thr)
 
 
 def score_table(score: np.ndarray, pp: PostprocessConfig, areas: Sequence[int],
@@ -667,28 +698,16 @@ def score_floor(scores_: Sequence[float], target: float, confidence: float | Non
     return t, int((np.isfinite(s) & (s >= t)).sum())
 
 
-class _ScoreCalibration:
+class _ScoreCalibration(_Calibration):
     """Statistics and choice for score-threshold models (fuzzymask): one threshold on the score."""
 
     def __init__(self, model: CalibModel, target: float, grid: SearchGrid, confidence: float | None):
-        self.model = model
-        self.target = target
-        self.confidence = confidence
+        super().__init__(model, target, confidence)  # tables: (name, {area: (alarm, detect score)})
         self.areas = grid.areas(model.pp)
-        # part -> kind -> list of (name, {area: (alarm score, detect score)})
-        self.tables: dict[str, dict[str, list[tuple[str, dict[int, tuple[float, float]]]]]] = {
-            p: {"normal": [], "defect": []} for p in ("calibration", "check")}
-        self.rows: list[dict[str, Any]] = []
         self.best: tuple[int, float] | None = None
-        self.best_row: dict[str, Any] = {}
-        self.infeasible_reason = ""
 
     def candidates(self) -> list[int]:
         return list(self.areas)
-
-    def add(self, part: str, it: FrameItem, image: np.ndarray, truth: np.ndarray | None,
-            hist: _PixelHist) -> None:
-        _run(self.model, image, lambda out: self.add_output(part, it, out, truth, hist))
 
     def add_output(self, part: str, it: FrameItem, out, truth: np.ndarray | None, hist: _PixelHist) -> None:
         if out.score_map is None:
@@ -737,31 +756,22 @@ class _ScoreCalibration:
                 "candidates": self.rows}
 
     def figures_at_choice(self) -> dict[str, Any]:
-        r = self.best_row
-        n = len(self.tables["calibration"]["normal"])
-        d = self.tables["calibration"]["defect"]
-        return {"normal_images": n, "alarmed": r["alarmed"], "fpr": r["fpr"],
-                "fpr_ci95": wilson(r["alarmed"], n), "defect_images": len(d), "recall": r["recall"],
-                "alarm_rate_on_defect_images": r["alarm_rate_on_defect_images"]}
+        return self._figures()
 
     def curve(self) -> dict[str, Any]:
         """FPR and recall of the chosen min area as the threshold moves."""
         area, chosen = self.best
-        sc = {(p, k, det): self._scores(p, k, area, det)
-              for p in ("calibration", "check") for k, det in (("normal", False), ("defect", True))}
-        allv = np.concatenate([v[np.isfinite(v)] for v in sc.values()] + [np.array([chosen])])
-        ts = np.unique(np.concatenate([np.quantile(allv, np.linspace(0, 1, 241)), [chosen]]))
-        out: dict[str, Any] = {"parameter": "score_threshold", "values": [round(float(t), 5) for t in ts]}
-        for (p, k, det), v in sc.items():
-            key = f"{'recall' if det else 'fpr'}_{p}"
-            out[key] = [None if not len(v) else round(float(self._passes(v, t).mean()), 4) for t in ts]
-        out["chosen"] = chosen
-        return out
+
+        def scores(p: str, k: str, det: bool) -> np.ndarray:
+            return self._scores(p, k, area, det)
+        ts = self._candidate_values([scores(p, k, k == "defect") for p in ("calibration", "check")
+                                     for k in ("normal", "defect")], chosen)
+        return self._curve("score_threshold", scores, chosen, np.unique(np.concatenate([ts, [chosen]])),
+                           5, self._passes)
 
     def image_scores(self) -> dict[str, list[float | None]]:
         area, thr = self.best
-        return {f"{p}_{k}": [float(x) if np.isfinite(x) else None for x in self._scores(p, k, area)]
-                for p in ("calibration", "check") for k in ("normal", "defect")} | {"threshold": [thr]}
+        return self._image_scores(lambda p, k: self._scores(p, k, area), thr)
 
 
 class _ProbabilityCalibration:

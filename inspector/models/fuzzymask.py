@@ -618,4 +618,5 @@ class FuzzymaskAdapter(ModelAdapter):
         return st["engine_ms"]
 
     def decode(self, raw: dict[str, list[np.ndarray]], g: TileGrid, image: np.ndarray) -> ModelOutput:
-        raise NotImplementedError("fuzzymask runs several engine rounds per frame: use infer()")
+        # infer() drives the engine itself (several rounds per frame); nothing calls decode()
+        raise TypeError("fuzzymask runs several engine rounds per frame: use infer()")
