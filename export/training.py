@@ -23,12 +23,12 @@ from typing import Any, Callable, NamedTuple, TypeVar
 import torch
 import torch.distributed as dist
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inspector.config import read_yaml_mapping
 from inspector.errors import ConfigError
 
-__all__ = ["CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW", "validate_config",
+__all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW", "validate_config",
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
            "start_ranks", "end_ranks", "USER_ERRORS", "train_main", "run_kind", "git_commit"]
@@ -46,6 +46,19 @@ M = TypeVar("M", bound=BaseModel)
 # ---------------------------------------------------------------------------------------------
 # Config and run folder
 # ---------------------------------------------------------------------------------------------
+
+class RunSettings(BaseModel):
+    """The keys every trainer's YAML has at its top (a trainer redeclares one to change its
+    default); ``extra="forbid"`` so a key a trainer does not read is an error, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    threads: int = Field(2, ge=1, description="torch CPU threads")
+    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
 
 def validate_config(model: type[M], raw: dict, where: str) -> M:
     """``model`` from ``raw``; the first validation error becomes a :class:`ConfigError` naming

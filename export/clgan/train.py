@@ -45,7 +45,7 @@ from export.clgan.loss import GANLoss, PatchNCE
 from export.clgan.torch_model import (DEFAULT_NCE_LAYERS, PatchGANDiscriminator, ProjectionHeads,
                                       ResnetGenerator, count_parameters)
 # the run folder's file names stay importable from here (export.clgan.export takes them so)
-from export.training import CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
+from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
 from export.training import (atomic_save, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main, update_ema,
                              write_run_config)
@@ -156,18 +156,11 @@ class DetectionConfig(BaseModel):
         return self
 
 
-class ClganTrainConfig(BaseModel):
+class ClganTrainConfig(RunSettings):
     """The whole training YAML of a CLGAN run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["clgan"] = "clgan"
     name: str = "clgan"
-    seed: int = 0
-    threads: int = Field(2, ge=1, description="torch CPU threads")
-    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
-    log_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
     data: DataConfig
     generator: GeneratorConfig = Field(default_factory=GeneratorConfig)
     discriminator: DiscriminatorConfig = Field(default_factory=DiscriminatorConfig)

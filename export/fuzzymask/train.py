@@ -52,7 +52,7 @@ from export.fuzzymask.loss import TYPE_WEIGHTS, FuzzyMaskLoss, dissimilarity_map
 from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
 from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
 # the run folder's file names stay importable from here (export.fuzzymask.export takes them so)
-from export.training import CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
+from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
 from export.training import (atomic_save, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main, update_ema,
                              write_run_config)
@@ -174,19 +174,12 @@ class InferenceConfig(BaseModel):
         return self
 
 
-class FuzzymaskTrainConfig(BaseModel):
+class FuzzymaskTrainConfig(RunSettings):
     """The whole training YAML of a fuzzy-mask inpainter run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["fuzzymask"] = "fuzzymask"
     name: str = "fuzzymask"
-    seed: int = 0
-    threads: int = Field(2, ge=1, description="torch CPU threads")
-    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = inline)")
-    log_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="end cleanly after this wall time")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)

@@ -58,7 +58,8 @@ from export.augment.anomalyalign.nets import (SegUNet, build_controlnet, build_u
 from export.augment.anomalyalign.prompts import (CATEGORIES, SYNONYMS, TEMPLATES, PromptLibrary,
                                                  TinyClip, build_library, select_prompts,
                                                  train_tinyclip)
-from export.training import (CHECKPOINT, LOSSES, METRICS, PREVIEW, atomic_save, fmt_duration,
+from export.training import (CHECKPOINT, LOSSES, METRICS, PREVIEW, RunSettings, atomic_save,
+                             fmt_duration,
                              pick_device, prepare_run_dir, rate_eta, read_checkpoint, read_config,
                              train_main, update_ema, write_run_config)
 
@@ -177,16 +178,12 @@ class SampleConfig(BaseModel):
     batch_size: int = Field(25, ge=1)
 
 
-class AnomalyAlignConfig(BaseModel):
+class AnomalyAlignConfig(RunSettings):
     """The whole training YAML of an AnomalyAlign run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["anomalyalign"] = "anomalyalign"
     name: str = "anomalyalign"
-    seed: int = 0
     threads: int = Field(1, ge=1, description="torch CPU threads")
-    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
     max_minutes: float | None = Field(None, gt=0, description="end cleanly after this wall time")
     log_every: int = Field(25, ge=1)
     checkpoint_every: int = Field(200, ge=1)

@@ -45,7 +45,7 @@ from inspector.errors import ConfigError
 from export.augment.defectgan.data import CropSampler, from_tensor_range, load_subset
 from export.augment.defectgan.model import (DefectDiscriminator, DefectGenerator,
                                             count_parameters, gradient_penalty)
-from export.training import CHECKPOINT, LOSSES, METRICS, PREVIEW
+from export.training import RunSettings, CHECKPOINT, LOSSES, METRICS, PREVIEW
 from export.training import (atomic_save, fmt_duration, prepare_run_dir, rate_eta, read_checkpoint,
                              read_config, start_ranks, train_main, update_ema, write_run_config)
 
@@ -126,18 +126,11 @@ class SampleConfig(BaseModel):
     tries: int = Field(6, ge=1, description="redraws (noise, place) before accepting a small one")
 
 
-class DefectGanConfig(BaseModel):
+class DefectGanConfig(RunSettings):
     """The whole training YAML of a Defect-GAN run."""
-
-    model_config = ConfigDict(extra="forbid")
 
     kind: Literal["defectgan"] = KIND
     name: str = "defectgan"
-    seed: int = 0
-    threads: int = Field(2, ge=1, description="torch CPU threads")
-    device: str = Field("auto", description="auto (cuda when present) | cpu | cuda | cuda:N")
-    log_every: int = Field(50, ge=1)
-    checkpoint_every: int = Field(500, ge=1)
     max_minutes: float | None = Field(None, gt=0, description="end cleanly after this wall time")
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
