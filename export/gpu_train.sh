@@ -13,7 +13,8 @@
 # default 330), DEVICE (default cuda), R_WIDTH / D_WIDTH (default 8 / 12), CALIB_IMAGES /
 # VAL_IMAGES (validation frames scored at the end of training; default 128 / 0 = all), JOBS (the
 # ARCD/U-Net runs, below), FUZZYMASK=0 (skip the fuzzy-mask run), STAGE1_STEPS + STAGE2_STEPS
-# (fixed steps instead of the probe, to rerun a known schedule).
+# (fixed steps instead of the probe, to rerun a known schedule), DATA_WORKERS (loader processes
+# per job, default 2; lower it when many jobs share the machine's cores).
 #
 # How the time box is kept: a probe trains every job for PROBE steps at once (the same four
 # processes that share the GPU later), measures steps/s from the training logs, and sizes the
@@ -57,14 +58,14 @@ tail -1 "$LOG" >&2
 [ -d .gpudata/neu_seg/images ] || { say "missing .gpudata/neu_seg"; exit 2; }
 
 # write one ARCD config from a base config: name, label fraction, reconstruction on/off, steps
-arcd_cfg() {  # name base frac recon s1 s2 calib val
+arcd_cfg() {  # name base frac recon seed s1 s2 calib val
   $PY - "$@" <<EOF
 import sys, yaml
 from pathlib import Path
-name, base, frac, recon, s1, s2, calib, val = sys.argv[1:]
+name, base, frac, recon, seed, s1, s2, calib, val = sys.argv[1:]
 c = yaml.safe_load(open(base))
-c.update(name=name, device="$DEVICE", data_workers=2, threads=2, log_every=20,
-         checkpoint_every=1000000)
+c.update(name=name, device="$DEVICE", data_workers=${DATA_WORKERS:-2}, threads=2, log_every=20,
+         checkpoint_every=1000000, seed=int(seed or c.get("seed", 0)))
 c["model"].update(r_base_width=$R_WIDTH, d_base_channels=$D_WIDTH, reconstruction=recon == "1")
 c["data"].update(root="$REPO/.gpudata/" + Path(c["data"]["root"]).name, label_fraction=float(frac),
                  calib_images=int(calib), val_images=int(val))
@@ -74,7 +75,8 @@ yaml.safe_dump(c, open("$WORK/" + name + ".yaml", "w"), sort_keys=False)
 EOF
 }
 
-# name:base config:label fraction:reconstruction (1 = ARCD, 0 = the plain U-Net baseline)
+# name:base config:label fraction:reconstruction (1 = ARCD, 0 = the plain U-Net baseline)[:seed]
+# (the seed changes initial weights and sample order; the labelled subset stays data.label_seed's)
 NEU=configs/train/arcd-neu.yaml
 JOBS="${JOBS:-arcd-neu-gpu:$NEU:1.0:1 arcd-neu-gpu-30:$NEU:0.3:1 unet-neu-gpu:$NEU:1.0:0 unet-neu-gpu-30:$NEU:0.3:0}"
 
@@ -82,8 +84,8 @@ train_all() {  # phase s1 s2 calib val -> runs in $WORK/<phase>/<name>
   local phase=$1 s1=$2 s2=$3 calib=$4 val=$5 pids=""
   mkdir -p "$WORK/$phase"
   for j in $JOBS; do
-    IFS=: read -r name base frac recon <<<"$j"
-    arcd_cfg "$name" "$base" "$frac" "$recon" "$s1" "$s2" "$calib" "$val" || return 1
+    IFS=: read -r name base frac recon seed <<<"$j"
+    arcd_cfg "$name" "$base" "$frac" "$recon" "${seed:-}" "$s1" "$s2" "$calib" "$val" || return 1
     $PY -m inspector train arcd --config "$WORK/$name.yaml" --run-dir "$WORK/$phase/$name" \
       >"$WORK/$phase/$name.log" 2>&1 &
     pids="$pids $!"
@@ -177,7 +179,7 @@ pack() {  # name run_dir log
 }
 mkdir -p "$WORK/bundles"
 for j in $JOBS; do
-  IFS=: read -r name _ _ _ <<<"$j"
+  IFS=: read -r name _ _ _ _ <<<"$j"
   pack "$name" "$WORK/main/$name" "$WORK/main/$name.log" &
 done
 [ -n "$FZ_PID" ] && pack fuzzymask-mt-gpu "$WORK/fuzzymask-mt-gpu" "$WORK/fuzzymask-mt-gpu.log" &

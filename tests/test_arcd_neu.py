@@ -9,6 +9,7 @@ a reason where it is absent.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -306,3 +307,21 @@ def test_shared_magnetic_tile_source_with_mt_free_normals():
     assert tuple(data.stage1[0]["image"].shape) == (1, 64, 64)
     assert int(data.stage2[0]["mask"].max()) < len(data.class_names)
     assert len(data.val()) == 2
+
+
+@pytest.mark.skipif(not NEU.is_dir(), reason=f"NEU-Seg not found at {NEU} (../shared/data absent)")
+@pytest.mark.parametrize("name", ["arcd-neu", "unet-neu"])
+def test_shipped_neu_bundles_segment_held_out_images(name):
+    """The shipped pair (ARCD and its plain U-Net baseline) runs on the runtime path and finds
+    the defects of held-out images; the val figures the README quotes are in its provenance."""
+    from inspector.bundle import load_bundle
+    from inspector.evaluation.evaluate import evaluate_bundle
+
+    path = Path(__file__).resolve().parents[1] / "deploy" / "models" / name
+    spec = load_bundle(path).spec
+    recorded = spec.provenance["metrics"]["neu-seg/val"]
+    assert recorded["images"] == 699 and 0.75 < recorded["miou"] < 0.85
+    val = open_dataset("neu-seg", NEU, split="val")
+    val.entries = val.entries[:24]
+    res = evaluate_bundle(path, val)
+    assert res["miou"] > 0.6 and res["pixel_auroc"] > 0.95, res

@@ -250,6 +250,37 @@ def test_stage2_leaves_r_alone_and_resume_continues(tiny_run, tmp_path):
         torch.testing.assert_close(after["reconstruction"][k], v)  # R frozen in stage 2
 
 
+def test_stage1_train_d_pretrains_d_without_changing_r(tmp_path):
+    """stage1.train_d (spec §2.5 option): D learns the class-agnostic simulated masks in stage 1;
+    R sees exactly the updates it would see without the option (D reads R's output detached)."""
+    from export.arcd.loss import defect_vs_background
+    from export.arcd.train import train
+
+    short = dict(TINY, stage2=dict(TINY["stage2"], steps=0), evaluation=dict(TINY["evaluation"]))
+    runs = {}
+    for flag in (False, True):
+        cfg = dict(short, stage1=dict(TINY["stage1"], train_d=flag, d_lr=0.01))
+        path = tmp_path / f"d{int(flag)}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        runs[flag] = torch.load(train(path, tmp_path / f"run{int(flag)}") / "checkpoint-stage1.pt",
+                                weights_only=True)
+    plain, pre = runs[False], runs[True]
+    for k, v in plain["reconstruction"].items():
+        torch.testing.assert_close(pre["reconstruction"][k], v)  # R's training is unchanged
+    changed = [k for k, v in plain["discrimination"].items()
+               if v.is_floating_point() and not torch.equal(pre["discrimination"][k], v)]
+    assert changed, "D must train in stage 1 with train_d"
+    losses = pre["history"]["stage1"]
+    assert len(losses) == TINY["stage1"]["steps"]
+
+    # the 2-class view is what the stage-1 loss sees: softmax of it = (p_bg, 1 - p_bg)
+    z = torch.randn(2, 4, 3, 3)
+    q = torch.softmax(defect_vs_background(z), 1)
+    p = torch.softmax(z, 1)
+    torch.testing.assert_close(q[:, 0], p[:, 0])
+    torch.testing.assert_close(q[:, 1], 1 - p[:, 0])
+
+
 def test_onnx_export_parity_and_bundle(tiny_run, tmp_path):
     from export.onnx_export import export_bundle
 

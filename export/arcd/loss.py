@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["gaussian_window", "ssim", "ReconstructionLoss", "FocalLoss", "balanced_alpha", "DiceLoss"]
+__all__ = ["gaussian_window", "ssim", "ReconstructionLoss", "FocalLoss", "balanced_alpha", "DiceLoss",
+           "defect_vs_background"]
 
 
 def gaussian_window(size: int = 11, sigma: float = 1.5, channels: int = 1,
@@ -204,3 +205,18 @@ class DiceLoss(nn.Module):
         denom = probs.sum(dims)[1:] + onehot.sum(dims)[1:]
         dice = (2 * inter + self.smooth) / (denom + self.smooth)
         return 1.0 - dice.mean()
+
+
+def defect_vs_background(logits: torch.Tensor) -> torch.Tensor:
+    """K-class logits [N, K, H, W] -> 2-class logits [N, 2, H, W] (background, any defect).
+
+    A softmax over the result gives ``(p_background, 1 - p_background)`` of the K-class softmax,
+    so a 2-class loss on it trains the K-class head without naming a defect class (the stage-1
+    class-agnostic target of spec §2.5).
+
+    >>> z = torch.tensor([1.0, 0.5, -1.0, 2.0]).view(1, 4, 1, 1)
+    >>> p = torch.softmax(z, 1); q = torch.softmax(defect_vs_background(z), 1)
+    >>> bool(torch.allclose(q[0, 0], p[0, 0]) and torch.allclose(q[0, 1], p[0, 1:].sum()))
+    True
+    """
+    return torch.cat([logits[:, :1], torch.logsumexp(logits[:, 1:], dim=1, keepdim=True)], dim=1)

@@ -38,7 +38,7 @@ from inspector.sources.synthetic import CLASS_NAMES
 
 from export.arcd.data import DataConfig, SyntheticDataConfig, TrainingData, build_data, collate
 from export.arcd.evaluate import choose_thresholds, evaluate, predict_frame
-from export.arcd.loss import DiceLoss, FocalLoss, ReconstructionLoss
+from export.arcd.loss import DiceLoss, FocalLoss, ReconstructionLoss, defect_vs_background
 from export.arcd.simulation import SimulationConfig
 from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, NoReconstruction,
                                      ReconstructiveSubNetwork, count_parameters,
@@ -115,6 +115,15 @@ class _StageBase(BaseModel):
 class Stage1Config(_StageBase):
     steps: int = Field(5000, ge=0)
     ssim_weight: float = Field(0.01, ge=0, description="weight of (1 - SSIM); thesis 1/100")
+    #: spec §2.5 / default 10: also train D in stage 1, on the simulated anomaly masks with a
+    #: class-agnostic target (defect = 1 - p_background), so that stage 2 starts from a D that
+    #: already finds "where the input departs from R's reconstruction" on the unlabelled normals.
+    #: R's update is unchanged (D sees R's output detached). Off = the thesis's default.
+    train_d: bool = False
+    #: D's learning rate in stage 1 (None = stage1.lr); the schedule follows stage 1's
+    d_lr: float | None = Field(None, gt=0)
+    #: focal gamma of the class-agnostic stage-1 D loss (class-balanced alpha per batch)
+    d_focal_gamma: float = Field(2.0, ge=0)
 
 
 class Stage2Config(_StageBase):
@@ -249,7 +258,10 @@ class _State:
         # the baseline's pass-through R has no parameters; Adam refuses an empty list, and a
         # stand-in keeps checkpoints of both variants in one format
         r_params = list(r.parameters()) or [torch.nn.Parameter(torch.zeros(1))]
-        self.opt1 = torch.optim.Adam(r_params, lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay)
+        groups: list[dict[str, Any]] = [{"params": r_params}]
+        if cfg.stage1.train_d and cfg.model.reconstruction:
+            groups.append({"params": list(d.parameters()), "lr": cfg.stage1.d_lr or cfg.stage1.lr})
+        self.opt1 = torch.optim.Adam(groups, lr=cfg.stage1.lr, weight_decay=cfg.stage1.weight_decay)
         self.opt2 = torch.optim.Adam(d.parameters(), lr=cfg.stage2.lr, weight_decay=cfg.stage2.weight_decay)
         self.sched1 = _scheduler(self.opt1, cfg.stage1)
         self.sched2 = _scheduler(self.opt2, cfg.stage2)
@@ -270,6 +282,8 @@ class _State:
         ids = [dev.index] if dev.type == "cuda" else None
         if stage == 1:
             self.trained_r = DDP(self.r, device_ids=ids)
+            if self.cfg.stage1.train_d:
+                self.trained_d = DDP(self.d, device_ids=ids)
         else:
             self.trained_d = DDP(self.d, device_ids=ids)
 
@@ -334,12 +348,15 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
     cfg = state.cfg
     sc: _StageBase
     dice: torch.nn.Module | None = None
+    agnostic: torch.nn.Module | None = None  # stage 1 with train_d: D's class-agnostic loss
     if stage == 1:
         sc, ds, opt, sched = cfg.stage1, data.stage1, state.opt1, state.sched1
         crit: torch.nn.Module = ReconstructionLoss(cfg.stage1.ssim_weight, mean=cfg.model.mean,
                                                    std=cfg.model.std).to(dev)
         state.r.train()
-        state.d.eval()
+        state.d.train(cfg.stage1.train_d)
+        if cfg.stage1.train_d:
+            agnostic = FocalLoss(cfg.stage1.d_focal_gamma, "balanced", cfg.stage2.alpha_clamp)
     else:
         sc, ds, opt, sched = cfg.stage2, data.stage2, state.opt2, state.sched2
         crit = FocalLoss(cfg.stage2.focal_gamma, cfg.stage2.focal_alpha, cfg.stage2.alpha_clamp,
@@ -350,12 +367,13 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
         state.r.requires_grad_(False)
         state.d.train()
     log.info("stage %d: %s, %d steps x batch %d, lr %g (from step %d)", stage,
-             "R on simulated anomalies" if stage == 1 else "D on labelled defects (R frozen)",
+             ("R on simulated anomalies" + (", D on their masks (class-agnostic)" if agnostic else ""))
+             if stage == 1 else "D on labelled defects (R frozen)",
              sc.steps, sc.batch_size, sc.lr, state.step)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     state.wrap_for_stage(stage)
     try:
-        _loop(state, stage, sc, ds, opt, sched, crit, dice, run_dir, dev, fmt)
+        _loop(state, stage, sc, ds, opt, sched, crit, dice, run_dir, dev, fmt, agnostic)
     except KeyboardInterrupt:
         if state.rank == 0:
             atomic_save(state.state_dict(), run_dir / CHECKPOINT)
@@ -370,7 +388,7 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
 def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.optim.Optimizer,
           sched: torch.optim.lr_scheduler.LRScheduler, crit: torch.nn.Module,
           dice: torch.nn.Module | None, run_dir: Path, dev: torch.device,
-          fmt: torch.memory_format) -> None:
+          fmt: torch.memory_format, agnostic: torch.nn.Module | None = None) -> None:
     cfg = state.cfg
     hist = state.history[f"stage{stage}"]
     t0 = time.monotonic()
@@ -384,6 +402,12 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
         if stage == 1:
             rec = r_fwd(x)
             loss, parts = crit(rec, batch["target"].to(dev))
+            if agnostic is not None:
+                logits = d_fwd(discriminator_input(state.r, rec.detach(), x))
+                target = (batch["anomaly_mask"][:, 0] > 0.5).long().to(dev)
+                dl = agnostic(defect_vs_background(logits), target)
+                parts = {**parts, "d_focal": float(dl.detach())}
+                loss = loss + dl
         else:
             with torch.no_grad():
                 rec = state.r(x)
