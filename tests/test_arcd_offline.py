@@ -281,6 +281,38 @@ def test_stage1_train_d_pretrains_d_without_changing_r(tmp_path):
     torch.testing.assert_close(q[:, 1], 1 - p[:, 0])
 
 
+@pytest.mark.parametrize("reconstruction", [True, False], ids=["arcd", "unet-baseline"])
+def test_torchrun_two_ranks_on_cpu_train_both_stages_in_step(tmp_path, reconstruction):
+    """`torchrun` (gloo on CPU; NCCL on GPUs) with stage-1 D pretraining on: R and D are wrapped
+    in DistributedDataParallel where they train, and both ranks end with the same weights
+    (checked inside train(); a mismatch raises)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun not installed beside this python")
+    cfg = dict(TINY, stage1=dict(TINY["stage1"], steps=4, train_d=True),
+               stage2=dict(TINY["stage2"], steps=4), threads=1,
+               model=dict(TINY["model"], reconstruction=reconstruction))
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "export.arcd.train", "--config",
+                        str(path), "--run-dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = next(x for x in r.stderr.splitlines() if "weight checksum (R, D) per rank" in x)
+    assert line.count("(") == 3  # two ranks' tuples inside the list
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ck["done"] and len(ck["history"]["stage2"]) == 4
+    assert len(ck["history"]["stage1"]) == (4 if reconstruction else 0)
+
+
 def test_onnx_export_parity_and_bundle(tiny_run, tmp_path):
     from export.onnx_export import export_bundle
 

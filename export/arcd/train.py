@@ -281,9 +281,11 @@ class _State:
         dev = next(self.d.parameters()).device
         ids = [dev.index] if dev.type == "cuda" else None
         if stage == 1:
-            self.trained_r = DDP(self.r, device_ids=ids)
-            if self.cfg.stage1.train_d:
-                self.trained_d = DDP(self.d, device_ids=ids)
+            # the U-Net baseline's pass-through R has no parameters (and no stage-1 steps)
+            if any(p.requires_grad for p in self.r.parameters()):
+                self.trained_r = DDP(self.r, device_ids=ids)
+                if self.cfg.stage1.train_d:
+                    self.trained_d = DDP(self.d, device_ids=ids)
         else:
             self.trained_d = DDP(self.d, device_ids=ids)
 
@@ -486,7 +488,7 @@ def _stage1_holdout(state: _State, data: TrainingData, n: int = 16) -> dict:
     dev = next(state.r.parameters()).device
     crit = ReconstructionLoss(sc.ssim_weight, mean=state.cfg.model.mean, std=state.cfg.model.std).to(dev)
     # indices past the training range are draws of the same distribution never trained on
-    base = sc.steps * sc.batch_size
+    base = sc.steps * sc.batch_size * state.world
     state.r.eval()
     vals, mses = [], []
     with torch.no_grad():
@@ -497,6 +499,23 @@ def _stage1_holdout(state: _State, data: TrainingData, n: int = 16) -> dict:
             vals.append(float(loss))
             mses.append(parts["mse"])
     return {"loss": float(np.mean(vals)), "mse": float(np.mean(mses)), "samples": n}
+
+
+def _check_ranks_agree(state: _State) -> None:
+    """Under torchrun every rank must end with the same R and D (DDP averages the gradients of
+    the network each stage trains); a difference means a rank trained on its own."""
+    import torch.distributed as dist
+
+    dev = next(state.d.parameters()).device
+    mine = torch.tensor([float(sum(p.detach().double().sum() for p in net.parameters()))
+                         for net in (state.r, state.d)], dtype=torch.float64, device=dev)
+    every = [torch.zeros_like(mine) for _ in range(state.world)]
+    dist.all_gather(every, mine)
+    sums = [tuple(round(float(v), 6) for v in t) for t in every]
+    if state.rank == 0:
+        log.info("weight checksum (R, D) per rank: %s", sums)
+    if any(x != sums[0] for x in sums):
+        raise RuntimeError(f"ranks ended with different weights (R, D checksums {sums})")
 
 
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) -> Path:
@@ -537,8 +556,10 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
 
     data = build_data(cfg.data, tile=tuple(cfg.data.train_crop or cfg.model.tile), channels=cfg.model.in_channels,
                       mean=cfg.model.mean, std=cfg.model.std, simulation=cfg.simulation,
-                      stage1_length=cfg.stage1.steps * cfg.stage1.batch_size,
-                      stage2_length=cfg.stage2.steps * cfg.stage2.batch_size, seed=cfg.seed)
+                      # under torchrun every rank draws its own batch of each step
+                      stage1_length=cfg.stage1.steps * cfg.stage1.batch_size * state.world,
+                      stage2_length=cfg.stage2.steps * cfg.stage2.batch_size * state.world,
+                      seed=cfg.seed)
     log.info("data: %s", data.description)
     if not state.done:
         if state.stage == 1:
@@ -555,6 +576,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         state.done = True
         if state.rank == 0:
             atomic_save(state.state_dict(), ck_path)
+    if state.world > 1:
+        _check_ranks_agree(state)
     if state.rank != 0:
         # rank 0 alone evaluates and writes metrics; the others are done
         return run_dir
