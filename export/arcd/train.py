@@ -550,6 +550,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
     write_run_config(run_dir, cfg)
+    if cfg.stage1.train_d and not cfg.model.reconstruction:
+        log.info("stage1.train_d is ignored: the plain U-Net baseline has no stage 1")
     log.info("run %s: R %.3f M params, D %.3f M params, tile %s, %d channel(s)", run_dir,
              count_parameters(r) / 1e6, count_parameters(d) / 1e6, list(cfg.model.tile),
              cfg.model.in_channels)
