@@ -273,6 +273,15 @@ def test_stage1_train_d_pretrains_d_without_changing_r(tmp_path):
     losses = pre["history"]["stage1"]
     assert len(losses) == TINY["stage1"]["steps"]
 
+    # a checkpoint of the other setting is refused with the key, not a torch error
+    import shutil
+
+    from inspector.errors import ConfigError
+
+    shutil.copytree(tmp_path / "run0", tmp_path / "resumed")
+    with pytest.raises(ConfigError, match="stage1.train_d"):
+        train(tmp_path / "d1.yaml", tmp_path / "resumed", resume=True)
+
     # the 2-class view is what the stage-1 loss sees: softmax of it = (p_bg, 1 - p_bg)
     z = torch.randn(2, 4, 3, 3)
     q = torch.softmax(defect_vs_background(z), 1)

@@ -542,6 +542,12 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         if ck["config"]["model"] != cfg.model.model_dump(mode="json"):
             raise ConfigError(str(config_path), "model", f"differs from the checkpoint in {ck_path}; "
                               f"a resumed run keeps its network")
+        if len(ck["optimizer"]["stage1"]["param_groups"]) != len(state.opt1.param_groups):
+            # the stage-1 optimiser holds D only with train_d; a checkpoint of the other setting
+            # cannot continue stage 1 with this config
+            raise ConfigError(str(config_path), "stage1.train_d",
+                              f"{'on' if cfg.stage1.train_d else 'off'} here, but the checkpoint "
+                              f"{ck_path} was trained with it {'off' if cfg.stage1.train_d else 'on'}")
         state.load(ck)
         prev = (cfg.stage1.steps if state.stage == 1 else cfg.stage2.steps)
         if state.done and state.step < prev:
