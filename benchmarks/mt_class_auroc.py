@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from inspector.errors import BundleError  # noqa: E402
 from inspector.evaluation.datasets import magnetic_tile  # noqa: E402
 from inspector.evaluation.evaluate import Runner  # noqa: E402
 from inspector.evaluation.metrics import auroc  # noqa: E402
@@ -83,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="write the table as JSON here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    res = class_auroc(args.bundle, args.data, args.split, args.stride)
+    try:
+        res = class_auroc(args.bundle, args.data, args.split, args.stride)
+    except (BundleError, OSError, ValueError) as e:  # missing/corrupt bundle, unreadable image or mask
+        log.error("%s", e)
+        return 2
     for cat, row in res["classes"].items():
         log.info("%-12s images %3d  defect-pixel share %.3f  AUROC model %.3f  local contrast %.3f",
                  cat, row["images"], row["defect_pixel_share"], row["pixel_auroc_model"],

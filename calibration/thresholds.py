@@ -140,6 +140,22 @@ def allowed_alarms(n: int, target: float, confidence: float | None = None) -> in
     return k
 
 
+def _first_refused(scores_: Sequence[float], target: float, confidence: float | None
+                   ) -> tuple[np.ndarray, float | None, int]:
+    """The scores as an array, the (allowed+1)-th highest finite score (the first image a floor
+    must silence; ``inf`` when the confidence asks for more frames than there are, None when few
+    enough images report anything for every floor to meet the target) and, for None, how many
+    images report."""
+    s = np.asarray(scores_, np.float64)
+    allowed = allowed_alarms(len(s), target, confidence)
+    if allowed < 0:
+        return s, math.inf, 0
+    finite = np.sort(s[np.isfinite(s)])[::-1]
+    if len(finite) <= allowed:
+        return s, None, int(len(finite))
+    return s, float(finite[allowed]), 0
+
+
 def floor_for(scores_: Sequence[float], target: float, confidence: float | None = None) -> tuple[float, int]:
     """The lowest floor at which at most :func:`allowed_alarms` of ``scores_`` alarm, and how
     many do. 0.0 when no floor is needed (few enough images have any component at all);
@@ -148,14 +164,9 @@ def floor_for(scores_: Sequence[float], target: float, confidence: float | None 
     >>> floor_for([1.0, 5.0, 2.0, 9.0, NO_SCORE], 0.2)   # n = 5: one image may alarm
     (5.001, 1)
     """
-    s = np.asarray(scores_, np.float64)
-    allowed = allowed_alarms(len(s), target, confidence)
-    if allowed < 0:
-        return math.inf, 0
-    finite = np.sort(s[np.isfinite(s)])[::-1]
-    if len(finite) <= allowed:
-        return 0.0, int(len(finite))
-    v = float(finite[allowed])
+    s, v, reporting = _first_refused(scores_, target, confidence)
+    if v is None or math.isinf(v):
+        return (0.0 if v is None else v), reporting
     t = _above(v, _step(v)) if v > 0 else _above(v, 1e-4)
     if t <= 0:  # all scores negative (signed residuals): any positive floor removes them all
         t = 1e-4
@@ -686,14 +697,9 @@ def score_floor(scores_: Sequence[float], target: float, confidence: float | Non
     >>> score_floor([-0.5, -0.2, -0.31, -0.9, NO_SCORE], 0.2)
     (-0.3099, 1)
     """
-    s = np.asarray(scores_, np.float64)
-    allowed = allowed_alarms(len(s), target, confidence)
-    if allowed < 0:
-        return math.inf, 0
-    finite = np.sort(s[np.isfinite(s)])[::-1]
-    if len(finite) <= allowed:
-        return None, int(len(finite))
-    v = float(finite[allowed])
+    s, v, reporting = _first_refused(scores_, target, confidence)
+    if v is None or math.isinf(v):
+        return v, reporting
     t = _above(v, _step(v))
     return t, int((np.isfinite(s) & (s >= t)).sum())
 

@@ -55,3 +55,5 @@ def test_mt_class_auroc_ranks_each_class_against_the_normals(tmp_path):
     for row in res["classes"].values():
         assert row["images"] == 2 and 0 <= row["pixel_auroc_model"] <= 1
         assert row["pixel_auroc_local_contrast"] > 0.9
+    # a missing bundle is a clear error (exit 2), not a traceback
+    assert main(["--bundle", str(tmp_path / "nope"), "--data", str(tmp_path / "mt"), "--split", "all"]) == 2
