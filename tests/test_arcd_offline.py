@@ -315,8 +315,9 @@ def test_torchrun_two_ranks_on_cpu_train_both_stages_in_step(tmp_path, reconstru
                        capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
-    line = next(x for x in r.stderr.splitlines() if "weight checksum (R, D) per rank" in x)
-    assert line.count("(") == 3  # two ranks' tuples inside the list
+    line = next(x for x in r.stderr.splitlines() if "R+D weight checksum per rank" in x)
+    a, b = line.rsplit(":", 1)[1].split(",")  # two ranks, one checksum each
+    assert float(a) == float(b)
     ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert ck["done"] and len(ck["history"]["stage2"]) == 4
     assert len(ck["history"]["stage1"]) == (4 if reconstruction else 0)

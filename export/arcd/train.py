@@ -45,9 +45,9 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
                                      discriminator_input)
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
-from export.training import (atomic_save, fmt_duration, init_distributed, prepare_run_dir,
-                             rate_eta, read_checkpoint, read_config, train_main, validate_config,
-                             write_run_config)
+from export.training import (atomic_save, end_ranks, fmt_duration, init_distributed,
+                             prepare_run_dir, rate_eta, read_checkpoint, read_config, train_main,
+                             validate_config, write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -501,23 +501,6 @@ def _stage1_holdout(state: _State, data: TrainingData, n: int = 16) -> dict:
     return {"loss": float(np.mean(vals)), "mse": float(np.mean(mses)), "samples": n}
 
 
-def _check_ranks_agree(state: _State) -> None:
-    """Under torchrun every rank must end with the same R and D (DDP averages the gradients of
-    the network each stage trains); a difference means a rank trained on its own."""
-    import torch.distributed as dist
-
-    dev = next(state.d.parameters()).device
-    mine = torch.tensor([float(sum(p.detach().double().sum() for p in net.parameters()))
-                         for net in (state.r, state.d)], dtype=torch.float64, device=dev)
-    every = [torch.zeros_like(mine) for _ in range(state.world)]
-    dist.all_gather(every, mine)
-    sums = [tuple(round(float(v), 6) for v in t) for t in every]
-    if state.rank == 0:
-        log.info("weight checksum (R, D) per rank: %s", sums)
-    if any(x != sums[0] for x in sums):
-        raise RuntimeError(f"ranks ended with different weights (R, D checksums {sums})")
-
-
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) -> Path:
     """Train ARCD from ``config_path`` into ``run_dir``; returns the run folder.
 
@@ -585,7 +568,10 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         if state.rank == 0:
             atomic_save(state.state_dict(), ck_path)
     if state.world > 1:
-        _check_ranks_agree(state)
+        # same weights on every rank (DDP averaged the gradients of what each stage trained),
+        # then leave the group together: rank 0 evaluates alone
+        end_ranks(torch.nn.ModuleList([state.r, state.d]), state.world,
+                  next(state.d.parameters()).device, "R+D weight", log)
     if state.rank != 0:
         # rank 0 alone evaluates and writes metrics; the others are done
         return run_dir
