@@ -141,8 +141,15 @@ def plot_sweep(result: dict[str, Any], path: Path) -> Path:
         ax.axvline(result["best_value"], color="tab:red", alpha=0.4, lw=1)
     h1, l1 = ax.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="best")
+    return finish_sweep_plot(fig, ax, result, f"{param} sweep", path)
+
+
+def finish_sweep_plot(fig, ax, result: dict[str, Any], what: str, path: Path) -> Path:
+    """Title a sweep plot with the bundle and data it measured, save it as ``path``, close it."""
+    import matplotlib.pyplot as plt
+
     d = result["data"]
-    ax.set_title(f"{Path(result['bundle']).name}: {param} sweep on {d['format']} split {d['split']} "
+    ax.set_title(f"{Path(result['bundle']).name}: {what} on {d['format']} split {d['split']} "
                  f"({d['images']} images)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

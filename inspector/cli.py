@@ -375,6 +375,37 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_calibrate_window(args: argparse.Namespace) -> int:
+    from calibration.residual_window import parse_windows, save_result, sweep_window, write_window
+
+    try:
+        ds = _data_args(args)
+        windows = parse_windows(args.windows)
+        res = sweep_window(args.bundle, ds, windows, objective=args.objective, stride=args.stride)
+    except (ValueError, FileNotFoundError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    files = save_result(res, Path(args.out))
+    res["files"] = {k: str(v) for k, v in files.items()}
+    if args.write and res["best_value"] is not None:
+        res["written"] = write_window(args.bundle, res["best_value"],
+                                      {"tool": "inspector calibrate residual-window", "data": res["data"],
+                                       "objective": args.objective, "best": res["best"],
+                                       "windows": windows})
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        pct = lambda v: "     -" if v is None else f"{v * 100:6.2f}"  # noqa: E731
+        for r in res["rows"]:
+            au = lambda v: "    -" if v is None else f"{v:.3f}"  # noqa: E731
+            print(f"window {r['local_mean_window']:3d}  AUROC class mean {au(r['class_mean_auroc'])} "
+                  f"pooled {au(r['pixel_auroc'])}  F1 {pct(r['f1'])}  IoU {pct(r['iou'])}"
+                  f"  false alarms {pct(r['false_alarm_rate'])} % of normals")
+        print(f"best local_mean_window = {res['best_value']} by {args.objective}"
+              + (" (at the edge of the list: extend it)" if res["at_edge"] else "")
+              + f"; plot {files['png']}" + (f"; written to {args.bundle}" if "written" in res else ""))
+    return EXIT_OK
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration.dual_threshold import parse_range, save_result, sweep, write_k
 
@@ -525,6 +556,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--write", action="store_true", help="store the best value in the bundle "
                                                         "(the old section goes to postprocess_history)")
     q.set_defaults(fn=cmd_calibrate)
+    q = csub.add_parser("residual-window", help="clgan: sweep local_mean_window (the reconstruction "
+                                                "takes the input's local grey level); JSON + PNG")
+    data_opts(q, "val")
+    q.add_argument("--windows", default="0,15,31,63", help="comma list of window sides (0 = off, "
+                                                         "the spec; else odd >= 3)")
+    q.add_argument("--objective", choices=["class_mean_auroc", "pixel_auroc", "f1", "iou"],
+                   default="class_mean_auroc", help="what picks the window (default: pixel AUROC per "
+                                                    "defect class, averaged over the classes)")
+    q.add_argument("--stride", type=int, default=2, help="AUROC on every n-th pixel (memory)")
+    q.add_argument("--out", default="calib-out", help="folder for sweep_local_mean_window.json and .png")
+    q.add_argument("--write", action="store_true", help="store the best window in the bundle (resets "
+                                                        "an absolute floor calibrated on the old residual)")
+    q.set_defaults(fn=cmd_calibrate_window)
     from calibration.cli import add_calibrate_commands  # argparse only; each command imports on use
     add_calibrate_commands(csub)
     return ap

@@ -204,8 +204,24 @@ class OpcUaPlc:
 
     def stop(self) -> None:
         if self.server is not None:
-            self._loop.run(self.server.stop())
+            self._loop.run(self._stop())
             self.server = None
+
+    async def _stop(self) -> None:
+        # asyncua's stop() closes the open client transports and only then the listening socket,
+        # and asyncio's wait_closed() (3.11.5+) waits for every connection to drop. A client that
+        # reconnects in between (the inspector's driver retries fast in these tests) holds that
+        # wait open until it gives up itself: seen once as a 30 s timeout here. So stop listening
+        # first, and abort whatever is still connected after a bounded wait.
+        bs = self.server.bserver
+        listener = getattr(bs, "_server", None) if bs is not None else None
+        if listener is not None:
+            listener.close()
+        try:
+            await asyncio.wait_for(self.server.stop(), 10)
+        except asyncio.TimeoutError:
+            for t in list(getattr(self.server.iserver, "asyncio_transports", [])):
+                t.abort()
 
     def driver_cfg(self, **kw) -> dict:
         return {"type": "opcua", "mode": "client", "endpoint": f"opc.tcp://127.0.0.1:{self.port}/",

@@ -115,6 +115,10 @@ def test_bad_training_config_names_the_key(tmp_path):
                                    "nce": {"nce_T": -1}}))
     r = cli("train", "clgan", "--config", str(bad), "--run-dir", str(tmp_path / "r"))
     assert r.returncode == 2 and "nce.nce_T" in r.stderr
+    bad.write_text(yaml.safe_dump({"data": {"sources": [{"format": "folder", "root": "x"}]},
+                                   "detection": {"local_mean_window": 4}}))
+    r = cli("train", "clgan", "--config", str(bad), "--run-dir", str(tmp_path / "r"))
+    assert r.returncode == 2 and "local_mean_window" in r.stderr
 
 
 def test_export_parity_and_bundle(trained):
@@ -129,6 +133,7 @@ def test_export_parity_and_bundle(trained):
     assert s.outputs == {"reconstruction": "reconstruction"} and s.tiling.overlap == 16
     assert s.postprocess.type == "dual_threshold" and (s.postprocess.k1, s.postprocess.k2) == (3.0, 1.0)
     assert s.kind_params["residual_mode"] == "abs" and s.kind_params["gauss_ksize"] == 3
+    assert s.kind_params["local_mean_window"] == 0  # the spec's residual unless the config says
     assert s.provenance["parity"]["max_abs_diff"] < 1e-3
     assert s.provenance["training"]["iterations"] == 10
 
@@ -159,6 +164,7 @@ def test_evaluate_and_calibrate_commands_on_the_exported_bundle(trained, tmp_pat
     from inspector.bundle import load_bundle
     rec = load_bundle(bundle).spec.provenance["metrics"]["magnetic-tile/all"]
     assert rec["f1"] == res["f1"] and rec["postprocess"]["k1"] == 3.0
+    assert rec["kind_params"]["local_mean_window"] == 0 and rec["kind_params"]["residual_mode"] == "abs"
     for key in ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_alarm_rate"):
         assert isinstance(res[key], float) and 0.0 <= res[key] <= 1.0, key
     assert res["defective_images"] == 3 and res["normal_images"] == 8
@@ -187,6 +193,68 @@ def test_evaluate_and_calibrate_commands_on_the_exported_bundle(trained, tmp_pat
     assert spec.postprocess.k1 == sw["best_value"]
     assert spec.postprocess_history[-1]["k1"] == 3.0
     assert spec.postprocess_history[-1]["calibration"]["objective"] == "f1"
+
+
+def test_calibrate_residual_window_sweeps_writes_and_resets_the_floor(trained, tmp_path):
+    import shutil
+
+    from inspector.bundle import BundleSpec, load_bundle, write_bundle
+    if not (trained["bundle"] / "bundle.yaml").is_file():
+        pytest.skip("needs the bundle of test_export_parity_and_bundle")
+    bundle = tmp_path / "b"
+    shutil.copytree(trained["bundle"], bundle)
+    b = load_bundle(bundle)  # as if `calibrate thresholds` had set a floor on the old residual
+    write_bundle(bundle, BundleSpec.model_validate({**b.spec.model_dump(mode="json"), "postprocess": {
+        **b.spec.postprocess.model_dump(mode="json"), "min_residual": 12.5}}))
+    out = tmp_path / "cal"
+    r = cli("calibrate", "residual-window", "--bundle", str(bundle), "--data", str(trained["data"]),
+            "--format", "magnetic-tile", "--split", "all", "--windows", "0,7,15", "--out", str(out),
+            "--write", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert [row["local_mean_window"] for row in res["rows"]] == [0, 7, 15]
+    for row in res["rows"]:
+        assert set(row["per_class_auroc"]) == {"Crack"}
+        assert row["class_mean_auroc"] == row["per_class_auroc"]["Crack"]  # one class: its own
+        assert 0 <= row["pixel_auroc"] <= 1 and row["normal_images"] == 8
+    best = max(res["rows"], key=lambda row: row["class_mean_auroc"])["local_mean_window"]
+    assert res["best_value"] == best and res["objective"] == "class_mean_auroc"
+    assert (out / "sweep_local_mean_window.png").stat().st_size > 1000
+    assert json.loads((out / "sweep_local_mean_window.json").read_text())["best_value"] == best
+    spec = load_bundle(bundle).spec  # loads and verifies after the rewrite
+    assert spec.kind_params["local_mean_window"] == best
+    cal = spec.provenance["residual_window_calibration"]
+    assert cal["previous"] == 0 and cal["objective"] == "class_mean_auroc"
+    if best:  # a floor in the old residual's units no longer applies: reset, kept in the history
+        assert spec.postprocess.min_residual == 0.0
+        assert spec.postprocess_history[-1]["min_residual"] == 12.5
+    # the window changes the residual the runtime computes, exactly as the sweep measured it
+    r = cli("evaluate", "--bundle", str(bundle), "--data", str(trained["data"]), "--format",
+            "magnetic-tile", "--split", "all", "--json", "--threads", "1", "--set", "min_residual=0")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads(r.stdout)
+    row = next(x for x in res["rows"] if x["local_mean_window"] == best)
+    assert ev["kind_params"]["local_mean_window"] == best
+    assert ev["f1"] == pytest.approx(row["f1"], abs=1e-9)
+    assert ev["false_alarm_rate"] == pytest.approx(row["false_alarm_rate"])
+
+
+@pytest.mark.parametrize("windows, says", [("0,4", "odd"), ("x", "comma list"), ("1", "odd")])
+def test_calibrate_residual_window_bad_input_exits_2(trained, tmp_path, windows, says):
+    if not (trained["bundle"] / "bundle.yaml").is_file():
+        pytest.skip("needs the bundle of test_export_parity_and_bundle")
+    r = cli("calibrate", "residual-window", "--bundle", str(trained["bundle"]), "--data",
+            str(trained["data"]), "--format", "magnetic-tile", "--windows", windows, "--out", str(tmp_path))
+    assert r.returncode == 2 and says in r.stderr and windows in r.stderr
+
+
+def test_calibrate_residual_window_refuses_other_kinds(trained, tmp_path):
+    demo = ROOT / "deploy" / "models" / "demo-arcd"
+    if not (demo / "bundle.yaml").is_file():
+        pytest.skip("the shipped demo bundle is missing")
+    r = cli("calibrate", "residual-window", "--bundle", str(demo), "--data", str(trained["data"]),
+            "--format", "magnetic-tile", "--out", str(tmp_path))
+    assert r.returncode == 2 and "clgan" in r.stderr and "bundle.yaml" in r.stderr
 
 
 def test_evaluate_bad_input_exits_2(trained, tmp_path):

@@ -97,7 +97,8 @@ def parity_check(G: ResnetGenerator, graph: Path, tile: tuple[int, int], atol: f
 def detection_kind_params(cfg: ClganTrainConfig) -> dict[str, Any]:
     d = cfg.detection
     return {"gauss_ksize": d.gauss_ksize, "gauss_sigma": d.gauss_sigma,
-            "residual_mode": d.residual_mode, "output_range": [-1.0, 1.0]}
+            "residual_mode": d.residual_mode, "local_mean_window": d.local_mean_window,
+            "output_range": [-1.0, 1.0]}
 
 
 def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int = 17,

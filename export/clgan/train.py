@@ -143,6 +143,9 @@ class DetectionConfig(BaseModel):
     gauss_ksize: int = Field(3, ge=1)
     gauss_sigma: float = Field(0.0, ge=0, description="0 = OpenCV's choice from the size (0.8 for 3)")
     residual_mode: Literal["abs", "signed", "clip"] = "abs"
+    local_mean_window: int = Field(0, ge=0, description="the reconstruction takes the input's mean "
+                                   "grey level over this odd Gaussian window before the residual; "
+                                   "0 = off (the spec); see inspector.models.clgan")
     k1: float = 3.0
     k2: float = 1.0
     kernel_size: int = Field(3, ge=0, description="closing element side (square)")
@@ -151,6 +154,9 @@ class DetectionConfig(BaseModel):
     def _odd(self) -> "DetectionConfig":
         if self.gauss_ksize % 2 == 0:
             raise ValueError(f"gauss_ksize must be odd, got {self.gauss_ksize}")
+        if self.local_mean_window and (self.local_mean_window % 2 == 0 or self.local_mean_window < 3):
+            raise ValueError(f"local_mean_window must be 0 (off) or an odd side >= 3, "
+                             f"got {self.local_mean_window}")
         if any(t % 4 for t in self.tile):
             raise ValueError(f"tile {list(self.tile)} must be a multiple of 4")
         return self

@@ -233,7 +233,8 @@ RECORD_KEYS = ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_
 
 def record_metrics(bundle: str | Path, result: dict[str, Any], key: str | None = None) -> str:
     """Store the headline figures of ``result`` in the bundle's ``provenance.metrics[key]``
-    (default key ``<format>/<split>``), with the post-processing they were measured with."""
+    (default key ``<format>/<split>``), with the post-processing and the kind's parameters (the
+    residual / anomaly-map settings) they were measured with."""
     from datetime import datetime, timezone
 
     from inspector.bundle import BundleSpec, write_bundle
@@ -243,6 +244,7 @@ def record_metrics(bundle: str | Path, result: dict[str, Any], key: str | None =
     key = key or f"{d['format']}/{d['split']}"
     entry = {k: result.get(k) for k in RECORD_KEYS}
     entry.update(postprocess=result["postprocess"], data_root=d["root"], images=result["images"],
+                 **({"kind_params": result["kind_params"]} if result.get("kind_params") else {}),
                  measured=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     raw = b.spec.model_dump(mode="json")
     raw.setdefault("provenance", {}).setdefault("metrics", {})[key] = entry
