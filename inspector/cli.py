@@ -336,13 +336,26 @@ def _overrides(pairs: list[str] | None) -> dict:
     return out
 
 
+def _split_overrides(pairs: list[str] | None) -> tuple[dict, dict]:
+    """``--set`` pairs -> (post-processing keys, the rest: the bundle's ``kind_params``, which
+    the model kind validates and names in its error)."""
+    from inspector.postprocess import PostprocessConfig
+
+    post, kind = {}, {}
+    for key, value in _overrides(pairs).items():
+        (post if key in PostprocessConfig.model_fields else kind)[key] = value
+    return post, kind
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from inspector.engines.onnxruntime import OnnxRuntimeConfig
     from inspector.evaluation.evaluate import evaluate_bundle
 
     try:
         ds = _data_args(args)
-        post = _overrides(args.set)
+        post, kind = _split_overrides(args.set)
         size = tuple(int(v) for v in args.resize.lower().split("x")) if args.resize else None
         if size is not None and len(size) != 2:
             raise ValueError(f"--resize {args.resize!r}: expected HxW, e.g. 256x256")
@@ -352,7 +365,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         res = evaluate_bundle(args.bundle, ds, out_dir=Path(args.out) if args.out else None,
                               overlays=args.overlays, postprocess=post, resize=size,
                               engine=OnnxRuntimeConfig(intra_op_threads=args.threads),
-                              overlay_pick=args.overlay_pick)
+                              overlay_pick=args.overlay_pick, kind_params=kind)
+    except ValidationError as e:  # a post-processing value of --set
+        err = e.errors()[0]
+        return _fail(f"--set {'.'.join(str(x) for x in err['loc'])}: {err['msg']}", EXIT_BAD_INPUT)
+    except BundleError as e:  # the model kind refused a kind_params key of --set
+        bad = [k for k in kind if f"kind_params.{k}:" in str(e)]
+        if not bad:
+            raise
+        return _fail(f"--set {bad[0]}: neither a post-processing key nor one the bundle's kind takes "
+                     f"({e})", EXIT_BAD_INPUT)
     except ValueError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     if args.record:
@@ -537,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay-pick", choices=["spread", "worst-best"], default=None,
                    help="which images get overlays (default: worst-best for arcd, else spread)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a post-processing key of the bundle, e.g. k1=3.5 (repeatable)")
+                   help="override a post-processing or kind_params key of the bundle for this run, "
+                        "e.g. k1=3.5 or local_mean_window=31 (repeatable)")
     p.add_argument("--resize", metavar="HxW", help="resize images (masks nearest) before the model")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all)")
     p.add_argument("--record", action="store_true",

@@ -257,6 +257,25 @@ def test_calibrate_residual_window_refuses_other_kinds(trained, tmp_path):
     assert r.returncode == 2 and "clgan" in r.stderr and "bundle.yaml" in r.stderr
 
 
+def test_evaluate_set_overrides_kind_params_for_one_run(trained):
+    bundle = trained["bundle"]
+    if not (bundle / "bundle.yaml").is_file():
+        pytest.skip("needs the bundle of test_export_parity_and_bundle")
+    before = (bundle / "bundle.yaml").read_text()
+    args = ("evaluate", "--bundle", str(bundle), "--data", str(trained["data"]), "--format",
+            "magnetic-tile", "--json", "--threads", "1")
+    r = cli(*args, "--set", "local_mean_window=7", "--set", "k1=2.5")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["kind_params"]["local_mean_window"] == 7 and res["postprocess"]["k1"] == 2.5
+    assert (bundle / "bundle.yaml").read_text() == before  # for this run only
+    for bad, says in (("bogus=1", "--set bogus: neither a post-processing key"),
+                      ("local_mean_window=4", "kind_params.local_mean_window"),
+                      ("k1=abc", "--set k1:")):
+        r = cli(*args, "--set", bad)
+        assert r.returncode == 2 and says in r.stderr, (bad, r.stderr)
+
+
 def test_evaluate_bad_input_exits_2(trained, tmp_path):
     r = cli("evaluate", "--bundle", str(tmp_path / "nope"), "--data", str(trained["data"]),
             "--format", "magnetic-tile")

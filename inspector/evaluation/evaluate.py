@@ -63,8 +63,13 @@ class Runner:
     """A bundle loaded for offline use: adapter + post-processing, one image at a time."""
 
     def __init__(self, bundle: str | Path | Bundle, postprocess: dict[str, Any] | None = None,
-                 engine: OnnxRuntimeConfig | None = None, max_batch: int = 0):
+                 engine: OnnxRuntimeConfig | None = None, max_batch: int = 0,
+                 kind_params: dict[str, Any] | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        if kind_params:  # a copy: the caller's bundle object keeps its own parameters
+            spec = self.bundle.spec.model_copy(update={
+                "kind_params": {**self.bundle.spec.kind_params, **kind_params}})
+            self.bundle = Bundle(self.bundle.path, spec)
         spec = self.bundle.spec
         merged = spec.postprocess.model_dump() | (postprocess or {})
         self.pp_config = PostprocessConfig.model_validate(merged)
@@ -118,13 +123,17 @@ def overlay(image: np.ndarray, score: np.ndarray, truth: np.ndarray, label: np.n
 def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_dir: Path | None = None,
                     overlays: int = 0, postprocess: dict[str, Any] | None = None,
                     resize: tuple[int, int] | None = None, engine: OnnxRuntimeConfig | None = None,
-                    auroc_stride: int = 1, overlay_pick: str | None = None) -> dict[str, Any]:
+                    auroc_stride: int = 1, overlay_pick: str | None = None,
+                    kind_params: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run ``dataset`` through the bundle and return the metrics of its kind (see module doc).
+
+    ``postprocess`` and ``kind_params`` override the bundle's sections for this run only.
 
     ``overlay_pick``: ``"spread"`` draws the ``overlays`` images evenly over the data set,
     ``"worst-best"`` the defective images with the lowest and highest defect IoU (half each,
     named ``worst_NN_*`` / ``best_NN_*``); default worst-best for class-probability kinds."""
-    runner = bundle if isinstance(bundle, Runner) else Runner(bundle, postprocess, engine)
+    runner = bundle if isinstance(bundle, Runner) else Runner(bundle, postprocess, engine,
+                                                              kind_params=kind_params)
     spec = runner.bundle.spec
     factories = METRICS_BY_KIND.get(spec.kind, METRICS_BY_KIND["clgan"])
     metrics = [f() if f is not PixelAUROC else PixelAUROC(auroc_stride) for f in factories]
