@@ -207,8 +207,8 @@ def real_defect_images(n: int = 8):
 @needs_mt
 def test_dual_threshold_on_residuals_of_real_reconstructions(adapter):
     # Only the recipe's behaviour is asserted here. Whether the residual singles out the defects
-    # is the model's quality, measured by `inspector evaluate` (README: the shipped clgan-mt does
-    # not; its pixel AUROC on the held-out split is 0.46).
+    # is the model's quality, measured by `inspector evaluate` and the test below (README, CLGAN:
+    # per pixel, pits and cracks yes; per image, no better than chance).
     strictly = 0
     for s in real_defect_images(8):
         out = adapter.infer(s.image)
