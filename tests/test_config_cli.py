@@ -68,3 +68,16 @@ def test_relative_bundle_path_resolves_against_config_file(tmp_path, synthetic_c
     p = write_config(tmp_path / "cams" / "cam.yaml", synthetic_cfg(model={"bundle": "../models/toy"}))
     r = check(p)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "viky.yaml", "fuzzymask-mt.yaml", "clgan-mt.yaml"])
+def test_shipped_camera_configs_validate_and_their_bundles_load(name):
+    """Every camera config under configs/ parses, and its model bundle loads and verifies (a
+    replay folder that `benchmarks/mt_frames.py` writes first is not needed to validate)."""
+    from conftest import ROOT
+    from inspector.bundle import load_bundle
+    from inspector.config import load_config
+
+    cfg = load_config(ROOT / "configs" / name, check_paths=False)
+    b = load_bundle(ROOT / "configs" / cfg.model.bundle)  # relative to the config file
+    assert b.spec.kind in ("arcd", "clgan", "fuzzymask")
