@@ -43,7 +43,7 @@ from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
 from inspector.evaluation.evaluate import Runner
 from inspector.evaluation.metrics import DefectPixelMetrics, FalseAlarm, FrameResult, auroc
-from inspector.models.clgan import ClganAdapter, clgan_residual, residual_score
+from inspector.models.clgan import ClganAdapter, check_local_mean_window, clgan_residual, residual_score
 from inspector.postprocess import dual_threshold
 
 log = logging.getLogger(__name__)
@@ -63,9 +63,11 @@ def parse_windows(text: str) -> list[int]:
         vals = []
     if not vals:
         raise ValueError(f"windows {text!r}: expected a comma list of integers, e.g. {DEFAULT_WINDOWS}")
-    bad = [v for v in vals if v and (v < 3 or v % 2 == 0)]
-    if bad:
-        raise ValueError(f"windows {text!r}: {bad} — each side must be 0 (off) or odd and >= 3")
+    for v in vals:
+        try:
+            check_local_mean_window(v)
+        except ValueError as e:
+            raise ValueError(f"windows {text!r}: {e}") from None
     return sorted(set(vals))
 
 
@@ -74,6 +76,8 @@ def sweep_window(bundle: str | Path, dataset: Dataset, windows: Sequence[int],
     """Figures of the residual for each ``local_mean_window`` in ``windows``."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if stride < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
     runner = Runner(bundle)
     adapter = runner.adapter
     if not isinstance(adapter, ClganAdapter):

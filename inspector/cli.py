@@ -417,8 +417,8 @@ def cmd_calibrate_window(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
     else:
         pct = lambda v: "     -" if v is None else f"{v * 100:6.2f}"  # noqa: E731
+        au = lambda v: "    -" if v is None else f"{v:.3f}"  # noqa: E731
         for r in res["rows"]:
-            au = lambda v: "    -" if v is None else f"{v:.3f}"  # noqa: E731
             print(f"window {r['local_mean_window']:3d}  AUROC class mean {au(r['class_mean_auroc'])} "
                   f"pooled {au(r['pixel_auroc'])}  F1 {pct(r['f1'])}  IoU {pct(r['iou'])}"
                   f"  false alarms {pct(r['false_alarm_rate'])} % of normals")

@@ -239,7 +239,7 @@ def test_calibrate_residual_window_sweeps_writes_and_resets_the_floor(trained, t
     assert ev["false_alarm_rate"] == pytest.approx(row["false_alarm_rate"])
 
 
-@pytest.mark.parametrize("windows, says", [("0,4", "odd"), ("x", "comma list"), ("1", "odd")])
+@pytest.mark.parametrize("windows, says", [("0,4", "odd"), ("x", "comma list"), ("1", "odd side >= 3")])
 def test_calibrate_residual_window_bad_input_exits_2(trained, tmp_path, windows, says):
     if not (trained["bundle"] / "bundle.yaml").is_file():
         pytest.skip("needs the bundle of test_export_parity_and_bundle")

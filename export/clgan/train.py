@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inspector.errors import ConfigError
 from inspector.evaluation.datasets import SplitFractions
+from inspector.models.clgan import check_local_mean_window
 
 from export.clgan.data import CropPairs, DataSource, load_normal_images
 from export.clgan.loss import GANLoss, PatchNCE
@@ -154,9 +155,10 @@ class DetectionConfig(BaseModel):
     def _odd(self) -> "DetectionConfig":
         if self.gauss_ksize % 2 == 0:
             raise ValueError(f"gauss_ksize must be odd, got {self.gauss_ksize}")
-        if self.local_mean_window and (self.local_mean_window % 2 == 0 or self.local_mean_window < 3):
-            raise ValueError(f"local_mean_window must be 0 (off) or an odd side >= 3, "
-                             f"got {self.local_mean_window}")
+        try:
+            check_local_mean_window(self.local_mean_window)
+        except ValueError as e:
+            raise ValueError(f"local_mean_window {e}") from None
         if any(t % 4 for t in self.tile):
             raise ValueError(f"tile {list(self.tile)} must be a multiple of 4")
         return self

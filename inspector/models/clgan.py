@@ -38,7 +38,7 @@ from inspector.models.tiling import TileGrid
 from inspector.postprocess import GREY_WEIGHTS_RGB
 
 __all__ = ["ClganParams", "ClganAdapter", "clgan_residual", "residual_score",
-           "reconstruction_to_grey_levels"]
+           "reconstruction_to_grey_levels", "check_local_mean_window"]
 
 
 class ClganParams(BaseModel):
@@ -63,9 +63,7 @@ class ClganParams(BaseModel):
     @field_validator("local_mean_window")
     @classmethod
     def _odd_or_off(cls, v: int) -> int:
-        if v and (v % 2 == 0 or v < 3):
-            raise ValueError(f"must be 0 (off) or an odd side >= 3, got {v}")
-        return v
+        return check_local_mean_window(v)
 
     @field_validator("output_range")
     @classmethod
@@ -73,6 +71,13 @@ class ClganParams(BaseModel):
         if v[1] <= v[0]:
             raise ValueError(f"needs low < high, got {list(v)}")
         return v
+
+
+def check_local_mean_window(v: int) -> int:
+    """``local_mean_window`` is 0 (off) or an odd Gaussian side of at least 3."""
+    if v and (v % 2 == 0 or v < 3):
+        raise ValueError(f"must be 0 (off) or an odd side >= 3, got {v}")
+    return v
 
 
 def reconstruction_to_grey_levels(rec: np.ndarray, output_range: tuple[float, float] = (-1.0, 1.0),
