@@ -17,10 +17,10 @@ from typing import Any
 
 log = logging.getLogger("inspector.calibrate")
 
-__all__ = ["add_calibrate_commands"]
+__all__ = ["add_calibrate_commands", "comma_floats", "comma_ints"]
 
 
-def _floats(text: str | None, arg: str) -> list[float] | None:
+def comma_floats(text: str | None, arg: str) -> list[float] | None:
     from calibration.frames import CalibrationInputError
     if text is None:
         return None
@@ -33,9 +33,9 @@ def _floats(text: str | None, arg: str) -> list[float] | None:
     return vals
 
 
-def _ints(text: str | None, arg: str) -> list[int] | None:
+def comma_ints(text: str | None, arg: str) -> list[int] | None:
     from calibration.frames import CalibrationInputError
-    vals = _floats(text, arg)
+    vals = comma_floats(text, arg)
     if vals is None:
         return None
     if any(v != int(v) or v < 0 for v in vals):
@@ -102,8 +102,8 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
         raise CalibrationInputError(f"--confidence: must be in (0, 1), got {args.confidence}")
     _check_frame_sources(args)
     split = Split(args.check_fraction, args.calib_fraction)
-    grid = SearchGrid(_floats(args.k1, "--k1"), _floats(args.k2, "--k2"),
-                      _ints(args.kernel_size, "--kernel-size"), _ints(args.min_area_px, "--min-area-px"))
+    grid = SearchGrid(comma_floats(args.k1, "--k1"), comma_floats(args.k2, "--k2"),
+                      comma_ints(args.kernel_size, "--kernel-size"), comma_ints(args.min_area_px, "--min-area-px"))
     model, cfg = _model(args)
     normals = normal_folder(args.normal, split) if args.normal else live_frames(cfg, args.frames, split)
     defects = None

@@ -38,6 +38,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 
+from calibration.cli import comma_ints
 from calibration.dual_threshold import finish_sweep_plot
 from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
@@ -57,12 +58,7 @@ OBJECTIVES = ("class_mean_auroc", "pixel_auroc", "f1", "iou")
 
 def parse_windows(text: str) -> list[int]:
     """Comma list of window sides, each 0 (off) or odd >= 3, e.g. ``0,15,31,63``."""
-    try:
-        vals = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        vals = []
-    if not vals:
-        raise ValueError(f"windows {text!r}: expected a comma list of integers, e.g. {DEFAULT_WINDOWS}")
+    vals = comma_ints(text, "--windows")
     for v in vals:
         try:
             check_local_mean_window(v)

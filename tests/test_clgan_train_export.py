@@ -255,6 +255,10 @@ def test_calibrate_residual_window_refuses_other_kinds(trained, tmp_path):
     r = cli("calibrate", "residual-window", "--bundle", str(demo), "--data", str(trained["data"]),
             "--format", "magnetic-tile", "--out", str(tmp_path))
     assert r.returncode == 2 and "clgan" in r.stderr and "bundle.yaml" in r.stderr
+    # a kind without kind_params does not ignore an unknown --set key
+    r = cli("evaluate", "--bundle", str(demo), "--data", str(trained["data"]), "--format",
+            "magnetic-tile", "--set", "local_mean_window=31")
+    assert r.returncode == 2 and "--set local_mean_window" in r.stderr and "takes no kind_params" in r.stderr
 
 
 def test_evaluate_set_overrides_kind_params_for_one_run(trained):

@@ -30,7 +30,8 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from inspector.bundle import Bundle, load_bundle
+from inspector.bundle import BUNDLE_FILE, Bundle, load_bundle
+from inspector.errors import BundleError
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
 from inspector.evaluation.datasets import Dataset, Sample
 from inspector.evaluation.metrics import (ClassConfusion, Counts, DefectPixelMetrics,
@@ -76,6 +77,11 @@ class Runner:
         self.post = Postprocessor(self.pp_config, spec.classes)
         self.engine = OnnxRuntimeEngine(self.bundle.graph_path("model"), engine)
         self.adapter: ModelAdapter = make_adapter(self.bundle, self.engine, max_batch)
+        if kind_params and getattr(self.adapter, "params", None) is None:
+            # a kind without parameters would ignore them: refuse, naming the first key
+            key = sorted(kind_params)[0]
+            raise BundleError(f"{self.bundle.path / BUNDLE_FILE}: kind_params.{key}: kind "
+                              f"'{spec.kind}' takes no kind_params")
 
     def run(self, image: np.ndarray, keep_maps: bool = False) -> FrameResult:
         """Post-processed result of one image. The adapter's pooled buffers are copied out when
