@@ -57,3 +57,41 @@ def test_mt_class_auroc_ranks_each_class_against_the_normals(tmp_path):
         assert row["pixel_auroc_local_contrast"] > 0.9
     # a missing bundle is a clear error (exit 2), not a traceback
     assert main(["--bundle", str(tmp_path / "nope"), "--data", str(tmp_path / "mt"), "--split", "all"]) == 2
+
+
+def test_arcd_residual_auroc_scores_d_r_and_the_reference_per_class(tmp_path):
+    """benchmarks/arcd_residual_auroc.py on a tiny NEU-Seg layout with the shipped ARCD bundle:
+    one row per defect class plus all defects, three scores each; the plain U-Net (no R) and a
+    missing bundle are clear errors (exit 2)."""
+    import sys
+
+    from conftest import ROOT
+    from test_arcd_neu import neu_folder
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from arcd_residual_auroc import main
+
+    data = neu_folder(tmp_path / "neu", n=6, size=96)
+    out = tmp_path / "res.json"
+    assert main(["--bundle", str(ROOT / "deploy" / "models" / "arcd-neu"), "--data", str(data),
+                 "--split", "all", "--stride", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["images"] == 6
+    assert list(res["classes"]) == ["inclusion", "patches", "scratches", "all defects"]
+    assert res["classes"]["all defects"]["pixels"] == sum(
+        r["pixels"] for k, r in res["classes"].items() if k != "all defects") == 6 * 10 * 32
+    for row in res["classes"].values():
+        for k in ("discriminator", "reconstruction_residual"):
+            assert 0 <= row[f"pixel_auroc_{k}"] <= 1
+        # a dark band on a flat background: the model-free reference finds it
+        assert row["pixel_auroc_local_contrast"] > 0.9
+    # --simulate: the bundle's own simulated anomalies, pasted into the background only
+    assert main(["--bundle", str(ROOT / "deploy" / "models" / "arcd-neu"), "--data", str(data),
+                 "--split", "all", "--simulate", "--out", str(out)]) == 0
+    sim = json.loads(out.read_text())
+    assert sim["simulated"] is True and list(sim["classes"]) == ["simulated"]
+    row = sim["classes"]["simulated"]
+    assert 0 < row["pixels"] < 6 * (96 * 96 - 10 * 32) and 0 <= row["pixel_auroc_reconstruction_residual"] <= 1
+    assert main(["--bundle", str(ROOT / "deploy" / "models" / "unet-neu"), "--data", str(data),
+                 "--split", "all"]) == 2
+    assert main(["--bundle", str(tmp_path / "nope"), "--data", str(data), "--split", "all"]) == 2

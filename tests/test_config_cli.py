@@ -1,5 +1,7 @@
 """Bad configs exit 2 with one line naming the file and the key."""
 
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -81,3 +83,22 @@ def test_shipped_camera_configs_validate_and_their_bundles_load(name):
     cfg = load_config(ROOT / "configs" / name, check_paths=False)
     b = load_bundle(ROOT / "configs" / cfg.model.bundle)  # relative to the config file
     assert b.spec.kind in ("arcd", "clgan", "fuzzymask")
+
+
+TRAINERS = {"arcd": "export.arcd.train", "clgan": "export.clgan.train",
+            "fuzzymask": "export.fuzzymask.train", "defectgan": "export.augment.defectgan.train",
+            "anomalyalign": "export.augment.anomalyalign.train"}
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs" / "train")
+                                        .glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_training_configs_validate(path):
+    """Every training config the README tells users to run parses with its trainer's loader
+    (named by the file's prefix), so a typo or a renamed key fails here, not an hour into a run."""
+    import importlib
+
+    pytest.importorskip("torch")
+    prefix = path.stem.split("-")[0]
+    assert prefix in TRAINERS, f"{path.name}: no trainer for prefix '{prefix}'"
+    cfg = importlib.import_module(TRAINERS[prefix]).load_config(path)
+    assert cfg is not None
