@@ -250,6 +250,29 @@ def test_stage2_leaves_r_alone_and_resume_continues(tiny_run, tmp_path):
         torch.testing.assert_close(after["reconstruction"][k], v)  # R frozen in stage 2
 
 
+def test_a_copied_stage1_checkpoint_follows_the_new_configs_schedule(tiny_run, tmp_path):
+    """The README's recipe (copy checkpoint-stage1.pt, --resume) with a longer stage 2: the
+    learning rate decays at this config's milestones, not at those of the run that wrote it."""
+    import shutil
+
+    from export.arcd.train import train
+
+    _, run = tiny_run
+    longer = dict(TINY, stage2=dict(TINY["stage2"], steps=20))
+    cfg = tmp_path / "longer.yaml"
+    cfg.write_text(yaml.safe_dump(longer))
+    (tmp_path / "run").mkdir()
+    shutil.copy(run / "checkpoint-stage1.pt", tmp_path / "run" / "checkpoint.pt")
+    saved = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert sorted(saved["scheduler"]["stage2"]["milestones"]) == [10, 11]  # 0.8 / 0.9 of 12
+    after = torch.load(train(cfg, tmp_path / "run", resume=True) / "checkpoint.pt", weights_only=False)
+    sched = after["scheduler"]["stage2"]
+    assert sorted(sched["milestones"]) == [16, 18] and sched["last_epoch"] == 20
+    lr = TINY["stage2"]["lr"]
+    assert sched["_last_lr"] == pytest.approx([lr * 0.2 ** 2])
+    assert after["optimizer"]["stage2"]["param_groups"][0]["lr"] == pytest.approx(lr * 0.2 ** 2)
+
+
 def test_stage1_train_d_pretrains_d_without_changing_r(tmp_path):
     """stage1.train_d (spec §2.5 option): D learns the class-agnostic simulated masks in stage 1;
     R sees exactly the updates it would see without the option (D reads R's output detached)."""

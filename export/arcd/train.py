@@ -219,6 +219,32 @@ def _scheduler(opt: torch.optim.Optimizer, stage: _StageBase) -> torch.optim.lr_
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=ms, gamma=stage.lr_gamma)
 
 
+def _load_following_config(sched: torch.optim.lr_scheduler.MultiStepLR, saved: dict) -> None:
+    """Load a stage's scheduler state, but keep the schedule this run's config asks for.
+
+    The learning rate is a function of (config, step): a checkpoint resumed with other step
+    counts (a stage-1 checkpoint continued with a longer stage 2, a finished run trained longer)
+    takes its milestones, base rates and gamma from the config, not from the run that wrote it,
+    and its rate is recomputed for the step it resumes at. Otherwise a copied stage-1 checkpoint
+    silently decays the rate at the old run's milestones.
+    """
+    import bisect
+
+    base, milestones, gamma = list(sched.base_lrs), sched.milestones.copy(), sched.gamma
+    sched.load_state_dict(saved)
+    if (list(sched.base_lrs), sched.milestones, sched.gamma) == (base, milestones, gamma):
+        return  # the same schedule: the loaded rate is exactly an uninterrupted run's
+    log.info("resumed schedule follows this config: milestones %s (checkpoint: %s), base lr %s, "
+             "gamma %g", sorted(milestones.elements()), sorted(sched.milestones.elements()),
+             base, gamma)
+    sched.base_lrs, sched.milestones, sched.gamma = base, milestones, gamma
+    decays = bisect.bisect_right(sorted(milestones.elements()), sched.last_epoch)
+    lrs = [b * gamma ** decays for b in base]
+    for group, b, lr in zip(sched.optimizer.param_groups, base, lrs):
+        group["initial_lr"], group["lr"] = b, lr
+    sched._last_lr = lrs
+
+
 def _dist_rank_world() -> tuple[int, int]:
     import torch.distributed as dist
 
@@ -306,8 +332,8 @@ class _State:
         self.d.load_state_dict(ck["discrimination"])
         self.opt1.load_state_dict(ck["optimizer"]["stage1"])
         self.opt2.load_state_dict(ck["optimizer"]["stage2"])
-        self.sched1.load_state_dict(ck["scheduler"]["stage1"])
-        self.sched2.load_state_dict(ck["scheduler"]["stage2"])
+        for sched, key in ((self.sched1, "stage1"), (self.sched2, "stage2")):
+            _load_following_config(sched, ck["scheduler"][key])
         self.stage, self.step, self.done = int(ck["stage"]), int(ck["step"]), bool(ck["done"])
         self.history = ck.get("history", self.history)
         self.elapsed_s = float(ck.get("elapsed_s", 0.0))
@@ -506,7 +532,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
 
     ``run_dir`` defaults to ``runs/<name>-<UTC time>``. An existing checkpoint is only continued
     with ``resume=True`` (never silently overwritten); the network sizes of the config must match
-    the checkpoint's, while step counts may grow (to train longer).
+    the checkpoint's, while step counts may change (to train longer, or a copied stage-1
+    checkpoint with another stage 2); the learning-rate schedule always follows this config.
     """
     config_path = Path(config_path)
     cfg = load_config(config_path)
