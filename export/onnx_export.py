@@ -187,7 +187,8 @@ def _thresholds(metrics: dict | None, cfg: TrainConfig) -> tuple[float, dict[str
     return round(float(g), 4), {k: round(float(v), 4) for k, v in per.items()}
 
 
-def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: int = 17) -> Path:
+def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: int = 17,
+                  parity_tol: float = PARITY_TOL) -> Path:
     """Export ``run_dir``'s checkpoint to a bundle in ``out_dir``; returns ``out_dir``.
 
     The parity check runs on a temporary copy of the graph; only a graph that passed is moved
@@ -224,8 +225,8 @@ def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: 
         real = _real_tiles(cfg)
         if real is not None:
             inputs["real_tiles"] = real
-        parity = check_parity(model, tmp_graph, inputs)
-        log.info("parity ok (tolerance %g): %s", PARITY_TOL, parity)
+        parity = check_parity(model, tmp_graph, inputs, parity_tol)
+        log.info("parity ok (tolerance %g): %s", parity_tol, parity)
         tmp_graph.replace(out_dir / GRAPH_FILE)
 
     g, per = _thresholds(metrics, cfg)
@@ -246,7 +247,7 @@ def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
         "training_complete": bool(ck.get("done")),
-        "parity": {"tolerance": PARITY_TOL, "max_abs_diff": parity,
+        "parity": {"tolerance": parity_tol, "max_abs_diff": parity,
                    "provider": "CPUExecutionProvider"},
         "exporter": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "opset": opset},
@@ -282,11 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--bench", type=int, default=0, metavar="N",
                    help="after export, time ORT CPU on N synthetic tiles (logged, not stored)")
+    p.add_argument("--parity-tol", type=float, default=PARITY_TOL,
+                   help="max |torch - ONNX Runtime| allowed (recorded in the bundle)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        out = export_bundle(a.run_dir, a.out, a.name, a.opset)
+        out = export_bundle(a.run_dir, a.out, a.name, a.opset, a.parity_tol)
     except (FileNotFoundError, ExportParityError, ValueError) as e:
         log.error("%s", e)
         return 2

@@ -29,6 +29,16 @@ def _setup_logging(level: str = "INFO") -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
 
 
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
 def _fail(msg: str, code: int) -> int:
     print(f"inspector: error: {msg}", file=sys.stderr)
     return code
@@ -227,21 +237,31 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _fail("export onnx needs --run-dir and --out", EXIT_BAD_INPUT)
     _needs_torch()
     if args.format == "onnx":
-        from export.fuzzymask.export import is_fuzzymask_run
-        if is_fuzzymask_run(Path(args.run_dir)):  # config.yaml says kind: fuzzymask
-            from export.fuzzymask.export import export_bundle as export_fuzzymask
-            print(export_fuzzymask(Path(args.run_dir), Path(args.out), name=args.name, opset=args.opset))
-            return EXIT_OK
-        from export.clgan.export import is_clgan_run
-        if is_clgan_run(Path(args.run_dir)):  # config.yaml says kind: clgan
-            from export.clgan.export import export_bundle as export_clgan
-            print(export_clgan(Path(args.run_dir), Path(args.out), name=args.name, opset=args.opset))
-            return EXIT_OK
-        from export.onnx_export import export_bundle
-        out = export_bundle(Path(args.run_dir), Path(args.out), name=args.name, opset=args.opset)
-        print(out)
+        from export.onnx_export import ExportParityError
+        try:
+            print(_export_onnx(args))
+        except ExportParityError as e:  # the message names the graph, the output and the tolerance
+            return _fail(f"{e} (--parity-tol loosens the check, recorded in the bundle)", EXIT_BAD_INPUT)
         return EXIT_OK
     return _fail(f"unknown export format {args.format}", EXIT_BAD_INPUT)
+
+
+def _export_onnx(args: argparse.Namespace) -> Path:
+    """The run's kind (its config.yaml) picks the exporter; --parity-tol, when given, replaces
+    that exporter's own tolerance."""
+    run, out = Path(args.run_dir), Path(args.out)
+    tol = {} if args.parity_tol is None else {"atol": args.parity_tol}
+    from export.fuzzymask.export import is_fuzzymask_run
+    if is_fuzzymask_run(run):  # config.yaml says kind: fuzzymask
+        from export.fuzzymask.export import export_bundle as export_fuzzymask
+        return export_fuzzymask(run, out, name=args.name, opset=args.opset, **tol)
+    from export.clgan.export import is_clgan_run
+    if is_clgan_run(run):  # config.yaml says kind: clgan
+        from export.clgan.export import export_bundle as export_clgan
+        return export_clgan(run, out, name=args.name, opset=args.opset, **tol)
+    from export.onnx_export import export_bundle
+    tol = {} if args.parity_tol is None else {"parity_tol": args.parity_tol}
+    return export_bundle(run, out, name=args.name, opset=args.opset, **tol)
 
 
 #: modules that register ``inspector augment <generator> ...`` (argparse only at import; each
@@ -532,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace-mb", type=int, default=1024, help="tensorrt: builder workspace")
     p.add_argument("--device", type=int, default=0, help="tensorrt: CUDA device")
     p.add_argument("--cache-dir", help="tensorrt: engine cache (default <bundle>/engines)")
+    p.add_argument("--parity-tol", type=_positive_float, default=None, metavar="TOL",
+                   help="onnx: max |torch - ONNX Runtime| allowed (default: the kind's own, "
+                        "1e-4 for arcd); the value used is recorded in the bundle")
     p.add_argument("--config", help="tensorrt: build exactly what this camera config's engine loads")
     p.add_argument("--json", action="store_true", help="tensorrt: print the result as JSON")
     p.add_argument("--name", help="bundle name (default: the folder name)")

@@ -387,3 +387,24 @@ def test_parity_failure_is_reported(tmp_path):
         d.final.bias[1] += 5.0
     with pytest.raises(ExportParityError, match="differs from torch"):
         check_parity(model, path, x)
+
+
+def test_export_cli_parity_failure_is_one_line_and_the_tolerance_is_recorded(tiny_run, tmp_path,
+                                                                             capsys):
+    """`inspector export onnx` on a graph that misses the parity tolerance exits 2 with one line
+    naming the graph and the tolerance (no traceback, no bundle); --parity-tol given knowingly
+    exports and the bundle records the tolerance it passed."""
+    from inspector.cli import main as cli_main
+
+    _, run = tiny_run
+    out = tmp_path / "strict"
+    assert cli_main(["export", "onnx", "--run-dir", str(run), "--out", str(out),
+                     "--parity-tol", "1e-12"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from torch" in err and "tolerance 1e-12" in err and "--parity-tol" in err
+    assert "Traceback" not in err and not (out / "bundle.yaml").exists()
+    assert cli_main(["export", "onnx", "--run-dir", str(run), "--out", str(tmp_path / "loose"),
+                     "--parity-tol", "1e-3"]) == 0
+    assert load_bundle(tmp_path / "loose").spec.provenance["parity"]["tolerance"] == 1e-3
+    with pytest.raises(SystemExit):  # argparse: a tolerance must be a positive number
+        cli_main(["export", "onnx", "--run-dir", str(run), "--out", str(out), "--parity-tol", "0"])

@@ -33,6 +33,7 @@ from inspector.postprocess import PostprocessConfig
 
 from export.clgan.torch_model import ResnetGenerator
 from export.clgan.train import CHECKPOINT, METRICS, ClganTrainConfig, build_networks, load_checkpoint
+from export.onnx_export import ExportParityError
 from export.training import git_commit, run_kind
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,8 @@ def parity_check(G: ResnetGenerator, graph: Path, tile: tuple[int, int], atol: f
     diff = float(np.abs(got - ref).max())
     result = {"max_abs_diff": diff, "atol": atol, "tiles": int(len(x)) + 2, "tile": list(tile)}
     if not np.isfinite(diff) or diff > atol:
-        raise RuntimeError(f"{graph}: ONNX and torch differ by {diff:.3g} > {atol} on the parity tiles")
+        raise ExportParityError(f"{graph}: ONNX and torch differ by {diff:.3g} > {atol} on the parity "
+                                "tiles; the graph was not bundled")
     return result
 
 

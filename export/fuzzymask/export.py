@@ -44,6 +44,7 @@ from export.fuzzymask.data import NormalCrops, load_normal_images
 from export.fuzzymask.torch_model import FuzzyMaskNet
 from export.fuzzymask.train import (CHECKPOINT, METRICS, FuzzymaskTrainConfig, build_model, compute_tau,
                                     load_checkpoint, ssim_weights)
+from export.onnx_export import ExportParityError as OnnxExportParityError
 from export.training import git_commit, run_kind
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ OUTPUT_NAME = "reconstruction"
 PARITY_ATOL = 1e-4
 
 
-class ExportParityError(RuntimeError):
+class ExportParityError(OnnxExportParityError):
     """ONNX Runtime's output differs from torch's by more than the tolerance."""
 
 
