@@ -188,7 +188,7 @@ def _thresholds(metrics: dict | None, cfg: TrainConfig) -> tuple[float, dict[str
 
 
 def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: int = 17,
-                  parity_tol: float = PARITY_TOL) -> Path:
+                  atol: float = PARITY_TOL) -> Path:
     """Export ``run_dir``'s checkpoint to a bundle in ``out_dir``; returns ``out_dir``.
 
     The parity check runs on a temporary copy of the graph; only a graph that passed is moved
@@ -225,8 +225,8 @@ def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: 
         real = _real_tiles(cfg)
         if real is not None:
             inputs["real_tiles"] = real
-        parity = check_parity(model, tmp_graph, inputs, parity_tol)
-        log.info("parity ok (tolerance %g): %s", parity_tol, parity)
+        parity = check_parity(model, tmp_graph, inputs, atol)
+        log.info("parity ok (tolerance %g): %s", atol, parity)
         tmp_graph.replace(out_dir / GRAPH_FILE)
 
     g, per = _thresholds(metrics, cfg)
@@ -247,7 +247,7 @@ def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: 
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
         "training_complete": bool(ck.get("done")),
-        "parity": {"tolerance": parity_tol, "max_abs_diff": parity,
+        "parity": {"tolerance": atol, "max_abs_diff": parity,
                    "provider": "CPUExecutionProvider"},
         "exporter": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
                      "opset": opset},

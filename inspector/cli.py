@@ -248,7 +248,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export_onnx(args: argparse.Namespace) -> Path:
     """The run's kind (its config.yaml) picks the exporter; --parity-tol, when given, replaces
-    that exporter's own tolerance."""
+    that exporter's own tolerance (``atol`` of every kind's export_bundle)."""
     run, out = Path(args.run_dir), Path(args.out)
     tol = {} if args.parity_tol is None else {"atol": args.parity_tol}
     from export.fuzzymask.export import is_fuzzymask_run
@@ -260,7 +260,6 @@ def _export_onnx(args: argparse.Namespace) -> Path:
         from export.clgan.export import export_bundle as export_clgan
         return export_clgan(run, out, name=args.name, opset=args.opset, **tol)
     from export.onnx_export import export_bundle
-    tol = {} if args.parity_tol is None else {"parity_tol": args.parity_tol}
     return export_bundle(run, out, name=args.name, opset=args.opset, **tol)
 
 
