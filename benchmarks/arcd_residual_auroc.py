@@ -59,10 +59,12 @@ def score_maps(runner: Runner, image: np.ndarray) -> dict[str, np.ndarray]:
                                                         np.float32))[:, :h, :w]
     probs = adapter.stitch(raw[adapter.probs_name], g, np.empty((adapter.num_classes, g.height,
                                                                  g.width), np.float32))[:, :h, :w]
+    # the reconstruction is in the network's normalised units: compare it with the normalised
+    # input tiles the engine saw, stitched back the same way
+    norm = adapter.stitch([batch], g, np.empty((adapter.channels, g.height, g.width),
+                                               np.float32))[:, :h, :w]
+    residual = np.abs(norm - recon).mean(axis=0)
     grey = adapter.to_model_channels(image)
-    # the reconstruction is in the network's normalised units: bring the input there too
-    norm = grey.astype(np.float32) * adapter._scale + adapter._offset
-    residual = np.abs(norm.transpose(2, 0, 1) - recon).mean(axis=0)
     return {"discriminator": 1.0 - probs[0],
             "reconstruction_residual": cv2.GaussianBlur(residual, (5, 5), 0),
             "local_contrast": local_contrast(grey[:, :, 0] if grey.shape[2] == 1
