@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="simulation seed (--simulate)")
     ap.add_argument("--out", type=Path, help="write the table as JSON here")
     args = ap.parse_args(argv)
+    if args.stride < 1:
+        ap.error(f"--stride must be >= 1, got {args.stride}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         res = class_auroc(args.bundle, args.data, args.format, args.split, args.stride, args.limit,

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import run_cli, write_config
 
 
@@ -95,3 +97,6 @@ def test_arcd_residual_auroc_scores_d_r_and_the_reference_per_class(tmp_path):
     assert main(["--bundle", str(ROOT / "deploy" / "models" / "unet-neu"), "--data", str(data),
                  "--split", "all"]) == 2
     assert main(["--bundle", str(tmp_path / "nope"), "--data", str(data), "--split", "all"]) == 2
+    with pytest.raises(SystemExit):  # a stride of 0 is refused by name, not a numpy error
+        main(["--bundle", str(ROOT / "deploy" / "models" / "arcd-neu"), "--data", str(data),
+              "--stride", "0"])
