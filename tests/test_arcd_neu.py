@@ -23,19 +23,20 @@ NEU = SHARED_DATA / "neu_seg"
 CLASSES = ["background", "inclusion", "patches", "scratches"]
 
 
-def neu_folder(root, n: int = 12, size: int = 64, seed: int = 0, n_classes: int = 3):
+def neu_folder(root, n: int = 12, size: int = 64, seed: int = 0, n_classes: int = 3,
+               subset: str = "training", first: int = 0):
     """A NEU-Seg-layout folder: grey 3-channel JPEGs, a dark defect band of class
-    i % n_classes + 1 in the top rows, the rest clean."""
+    i % n_classes + 1 in the top rows, the rest clean; stems first .. first + n - 1."""
     rng = np.random.default_rng(seed)
-    (root / "images" / "training").mkdir(parents=True, exist_ok=True)
-    (root / "annotations" / "training").mkdir(parents=True, exist_ok=True)
-    for i in range(n):
+    (root / "images" / subset).mkdir(parents=True, exist_ok=True)
+    (root / "annotations" / subset).mkdir(parents=True, exist_ok=True)
+    for i in range(first, first + n):
         img = rng.integers(110, 150, (size, size), dtype=np.uint8)
         mask = np.zeros((size, size), np.uint8)
         mask[4:14, 8:40] = i % n_classes + 1
         img[mask > 0] = 30
-        cv2.imwrite(str(root / "images" / "training" / f"{i:06d}.jpg"), np.repeat(img[:, :, None], 3, 2))
-        cv2.imwrite(str(root / "annotations" / "training" / f"{i:06d}.png"), mask)
+        cv2.imwrite(str(root / "images" / subset / f"{i:06d}.jpg"), np.repeat(img[:, :, None], 3, 2))
+        cv2.imwrite(str(root / "annotations" / subset / f"{i:06d}.png"), mask)
     return root
 
 
@@ -154,6 +155,35 @@ def test_folder_source_builds_both_stages(tmp_path):
     val = data.val()
     assert val and all(f.truth is not None for f in val)
     assert len(data.calib()) == 2 and data.class_names == tuple(CLASSES)
+
+
+def test_neu_seg_own_test_folder_is_the_test_split_and_never_trained_on(tmp_path):
+    """A full NEU-Seg root (training/ + test/): `--split test` scores the data set's own test
+    folder, whole; the hash splits and training read the training folder only."""
+    root = neu_folder(tmp_path / "neu", n=40)
+    neu_folder(root, n=20, subset="test", first=1000)
+    test = open_dataset("neu-seg", root, split="test")
+    assert sorted(e.stem for e in test.entries) == [f"{i:06d}" for i in range(1000, 1020)]
+    assert {e.category for e in test.entries} == {"test"} and {e.split for e in test.entries} == {"test"}
+    for split in ("train", "val"):
+        ds = open_dataset("neu-seg", root, split=split)
+        assert ds.entries and {e.category for e in ds.entries} == {"training"}
+    assert len(open_dataset("neu-seg", root, split="all")) == 60
+    # naming the subsets keeps the plain hash split, over those folders
+    hashed = open_dataset("neu-seg", root, split="test", subsets=["training"])
+    assert [e.stem for e in hashed.entries] == [f"{i:06d}" for i in range(40) if split_of(f"{i:06d}") == "test"]
+
+    pytest.importorskip("torch")
+    from export.arcd.data import FolderDataConfig, build_data
+    from export.arcd.simulation import SimulationConfig
+
+    cfg = FolderDataConfig(source="neu-seg", root=str(root), train_splits=["train", "test"],
+                           calib_images=2, normal_patch=32, train_crop=(32, 32))
+    data = build_data(cfg, tile=(32, 32), channels=1, mean=[0.0], std=[1.0],
+                      simulation=SimulationConfig(clean_prob=0.0), stage1_length=2,
+                      stage2_length=2, seed=0)
+    n_train = sum(split_of(f"{i:06d}") != "val" for i in range(40))
+    assert f"{n_train} of {n_train} images" in data.description
 
 
 # ----------------------------------------------------------------------------- networks

@@ -81,9 +81,11 @@ def test_pair_writer_checks_pairs_and_refuses_to_overwrite(tmp_path):
 
 def test_labelled_subset_is_the_one_arcd_trains_on(tmp_path):
     real = neu_folder(tmp_path / "neu", n=40)
+    neu_folder(real, n=10, subset="test", first=1000)  # NEU-Seg's own test folder: never trained on
     sub = labelled_subset(real, 0.3, seed=0)
     data = data_for(real, label_fraction=0.3)
     assert f"{len(sub)} of" in data.description
+    assert {e.category for e in sub.entries} == {"training"}
 
 
 def test_measure_cli_reports_diversity_against_real_images(tmp_path):

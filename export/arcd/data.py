@@ -505,7 +505,8 @@ class FolderDataConfig(BaseModel):
     root: str = Field(..., description="data set root (NEU-Seg: images/ + annotations/)")
     #: hash splits trained on; 'val' is held out for the reported figures. The shared NEU-Seg
     #: training folder has its real test split kept elsewhere, so its hash 'test' share is
-    #: training data by default (pass [train] to keep it out too).
+    #: training data by default (pass [train] to keep it out too). A root that also holds NEU-Seg's
+    #: own images/test/ folder is fine: training never reads that folder.
     train_splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "test"])
     val_split: Literal["train", "val", "test"] = "val"
     #: thresholds are chosen on the first ``calib_images`` validation images (by hash order);
@@ -673,6 +674,10 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
         probe = magnetic_tile(cfg.root)
         defect_cats = sorted({e.category for e in probe.entries if e.category != "MT_Free"})
         kw["categories"] = defect_cats
+    elif cfg.source == "neu-seg":
+        # a full NEU-Seg root also holds the data set's own test folder: never train or choose
+        # thresholds on it (the hash shares below are of the other subsets)
+        kw["official_test"] = False
     train_ds = _union([_open_eval_dataset(cfg.source, cfg.root, s, **kw) for s in cfg.train_splits])
     labelled_all = DatasetFrames(train_ds, channels, cfg.frame_size)
     keep = sample_labelled(len(train_ds), cfg.label_fraction, cfg.label_seed)

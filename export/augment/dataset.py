@@ -40,7 +40,8 @@ def labelled_subset(root: str | Path, fraction: float, seed: int = 0,
     """The NEU-Seg images ARCD's stage 2 trains on at ``fraction`` (same order, same subset)."""
     from export.arcd.data import sample_labelled
 
-    parts = [open_dataset("neu-seg", root, split=s, strict=True) for s in splits]
+    # as ARCD's trainer: a full NEU-Seg root's own test folder is never training data
+    parts = [open_dataset("neu-seg", root, split=s, strict=True, official_test=False) for s in splits]
     entries = [e for p in parts for e in p.entries]
     if not entries:
         raise ValueError(f"{root}: no NEU-Seg images in splits {list(splits)}")

@@ -14,7 +14,11 @@ Three layouts (``FORMATS``):
 
 Splits are deterministic and need no list file: a stem's split is fixed by the SHA-256 of the
 stem (:func:`split_of`), so every reader, machine and run agrees on which images are held out,
-and adding images to a folder never moves the old ones between splits.
+and adding images to a folder never moves the old ones between splits. One exception: a NEU-Seg
+root that has the data set's own ``test`` subset folder (``images/test/``) answers split ``test``
+with that folder, whole, and the hash splits ``train`` / ``val`` with the other subsets only
+(:data:`NEU_SEG_TEST_SUBSET`), so the official held-out images are scored as published and never
+mixed into training or threshold choice.
 
 Example::
 
@@ -246,11 +250,22 @@ def magnetic_tile(root: str | Path, split: str = "all", categories: Sequence[str
     return ds
 
 
+#: NEU-Seg's own held-out subset folder (``images/test/``, ``annotations/test/``).
+NEU_SEG_TEST_SUBSET = "test"
+
+
 def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None = None,
-            fractions: SplitFractions = DEFAULT_SPLIT, strict: bool = False) -> Dataset:
+            fractions: SplitFractions = DEFAULT_SPLIT, strict: bool = False,
+            official_test: bool = True) -> Dataset:
     """The NEU-Seg layout (``images/<subset>/*.jpg``, ``annotations/<subset>/*.png``). All
     subsets present are read unless ``subsets`` names some (e.g. ``["training"]``).
-    ``strict``: an image without its annotation is an error naming both files."""
+    ``strict``: an image without its annotation is an error naming both files.
+
+    Where the root has the data set's own ``test`` subset and ``subsets`` is not given, split
+    ``test`` is that whole folder (not a hash share of every folder, which would mix training
+    images into the score) and ``train`` / ``val`` are hash shares of the other subsets.
+    ``official_test=False`` never reads that folder (training: its hash ``test`` share of the
+    training folder is training data, the official test images are not)."""
     root = Path(root)
     _check_split(split)
     img_root, ann_root = root / "images", root / "annotations"
@@ -262,10 +277,20 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
         if unknown:
             raise FileNotFoundError(f"{img_root}: no subset folder(s) {unknown} (has {subs})")
         subs = [s for s in subs if s in set(subsets)]
+    whole_test = False
+    if subsets is None and NEU_SEG_TEST_SUBSET in subs:
+        if not official_test:
+            subs = [s for s in subs if s != NEU_SEG_TEST_SUBSET]
+        elif split == "test":
+            subs, whole_test = [NEU_SEG_TEST_SUBSET], True
+            log.info("%s: split 'test' is the data set's own %s/ folder, whole", root,
+                     img_root / NEU_SEG_TEST_SUBSET)
+        elif split != "all":
+            subs = [s for s in subs if s != NEU_SEG_TEST_SUBSET]
     entries, missing = [], 0
     for sub in subs:
         for img in _images_in(img_root / sub):
-            ok, s = _in_split(img.stem, split, fractions)
+            ok, s = (True, "test") if whole_test else _in_split(img.stem, split, fractions)
             if not ok:
                 continue
             ann = ann_root / sub / f"{img.stem}.png"
