@@ -352,6 +352,8 @@ def test_shipped_neu_bundles_segment_held_out_images(name):
     recorded = spec.provenance["metrics"]["neu-seg/val"]
     assert recorded["images"] == 699 and 0.75 < recorded["miou"] < 0.85
     val = open_dataset("neu-seg", NEU, split="val")
-    val.entries = val.entries[:24]
+    # 48: the first 24 hold inclusions only, where one stray scratch pixel makes that class's IoU
+    # 0 and halves a 3-class MIoU
+    val.entries = val.entries[:48]
     res = evaluate_bundle(path, val)
     assert res["miou"] > 0.6 and res["pixel_auroc"] > 0.95, res
