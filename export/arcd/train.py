@@ -40,6 +40,8 @@ from export.arcd.data import DataConfig, SyntheticDataConfig, TrainingData, buil
 from export.arcd.evaluate import choose_thresholds, evaluate, predict_frame
 from export.arcd.loss import DiceLoss, FocalLoss, ReconstructionLoss, defect_vs_background
 from export.arcd.simulation import SimulationConfig
+from export.arcd.backbones import (DeepLabV3PlusDiscriminator, PSPNetDiscriminator,
+                                   SegNetDiscriminator, input_multiple)
 from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, NoReconstruction,
                                      ReconstructiveSubNetwork, count_parameters,
                                      discriminator_input)
@@ -81,15 +83,31 @@ class ModelConfig(BaseModel):
     reconstruction: bool = True
     #: spec §3.1: MFLM (masked dilated conv + channel transformer) in R's bottleneck block
     mflm: bool = False
-    #: spec §3.2: CALM in place of the second conv of each D encoder block
+    #: spec §3.2: CALM in place of the second conv of each D encoder block (U-Net D only)
     calm: bool = False
+    #: spec §2.4: D's backbone. "unet" is the thesis default; "segnet" (VGG16-style, d_depth
+    #: pooled stages: 5 is SegNet), "pspnet" and "deeplabv3plus" (ResNet trunk, d_resnet_layers)
+    #: are its comparisons. d_base_channels scales every width (64 = the published sizes).
+    d_backbone: Literal["unet", "segnet", "pspnet", "deeplabv3plus"] = "unet"
+    #: bottleneck blocks per ResNet stage for pspnet / deeplabv3plus ((3, 4, 6, 3) = ResNet-50)
+    d_resnet_layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+
+    def input_multiple(self) -> int:
+        """What tile and training-crop sides must be a multiple of (both networks' strides)."""
+        r = 2 ** (self.r_depth - 1) if self.reconstruction else 1
+        return max(r, input_multiple(self.d_backbone, self.d_depth))
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
-        div = 2 ** (max(self.r_depth, self.d_depth) - 1)
+        div = self.input_multiple()
         if any(t % div for t in self.tile):
             raise ValueError(f"tile {list(self.tile)} must be a multiple of {div} "
-                             f"(2 ** (depth - 1) of the deeper network)")
+                             f"(the largest stride of R and the {self.d_backbone} D)")
+        if self.calm and self.d_backbone != "unet":
+            raise ValueError(f"calm replaces convs of the U-Net D; it does not apply to "
+                             f"d_backbone {self.d_backbone!r}")
+        if min(self.d_resnet_layers) < 1:
+            raise ValueError(f"d_resnet_layers must be counts >= 1, got {list(self.d_resnet_layers)}")
         if len(self.classes) < 2 or self.classes[0] != "background":
             raise ValueError("classes must start with 'background' and name at least one defect")
         for key in ("mean", "std"):
@@ -186,6 +204,21 @@ class TrainConfig(BaseModel):
             self.stage1.steps = 0
         return self
 
+    @model_validator(mode="after")
+    def _crops_fit_the_networks(self) -> "TrainConfig":
+        div = self.model.input_multiple()
+        # stage 1's defect-free windows only matter when there is an R (and so a stage 1)
+        keys = ("train_crop", "normal_patch") if self.model.reconstruction else ("train_crop",)
+        for key in keys:
+            size = getattr(self.data, key, None)
+            if size is None:
+                continue
+            sides = [size] if isinstance(size, int) else list(size)
+            if any(v % div for v in sides):
+                raise ValueError(f"data.{key} {size if isinstance(size, int) else sides} must be "
+                                 f"a multiple of {div}, as model.tile (the networks' largest stride)")
+        return self
+
 
 def load_config(path: Path) -> TrainConfig:
     """Read and validate a training YAML; errors name the file and the dotted key."""
@@ -197,7 +230,7 @@ def _validate(raw: dict, where: str) -> TrainConfig:
 
 
 def build_models(cfg: ModelConfig) -> tuple[ReconstructiveSubNetwork | NoReconstruction,
-                                             DiscriminativeSubNetwork]:
+                                             torch.nn.Module]:
     if not cfg.reconstruction:
         r: ReconstructiveSubNetwork | NoReconstruction = NoReconstruction(cfg.in_channels)
         d_in = cfg.in_channels
@@ -205,8 +238,15 @@ def build_models(cfg: ModelConfig) -> tuple[ReconstructiveSubNetwork | NoReconst
         r = ReconstructiveSubNetwork(cfg.in_channels, cfg.in_channels, cfg.r_base_width,
                                      cfg.r_depth, mflm=cfg.mflm)
         d_in = 2 * cfg.in_channels
-    d = DiscriminativeSubNetwork(d_in, len(cfg.classes), cfg.d_base_channels, cfg.d_depth,
-                                 calm=cfg.calm)
+    k, base = len(cfg.classes), cfg.d_base_channels
+    if cfg.d_backbone == "unet":
+        d: torch.nn.Module = DiscriminativeSubNetwork(d_in, k, base, cfg.d_depth, calm=cfg.calm)
+    elif cfg.d_backbone == "segnet":
+        d = SegNetDiscriminator(d_in, k, base, cfg.d_depth)
+    elif cfg.d_backbone == "pspnet":
+        d = PSPNetDiscriminator(d_in, k, base, cfg.d_resnet_layers)
+    else:
+        d = DeepLabV3PlusDiscriminator(d_in, k, base, cfg.d_resnet_layers)
     return r, d
 
 
