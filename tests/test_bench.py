@@ -100,3 +100,31 @@ def test_arcd_residual_auroc_scores_d_r_and_the_reference_per_class(tmp_path):
     with pytest.raises(SystemExit):  # a stride of 0 is refused by name, not a numpy error
         main(["--bundle", str(ROOT / "deploy" / "models" / "arcd-neu"), "--data", str(data),
               "--stride", "0"])
+
+
+def test_arcd_backbones_benchmark_writes_json_and_png(tmp_path):
+    """benchmarks/arcd_backbones.py at tiny widths: one row per backbone and model (ARCD, D
+    alone), each exported with parity and timed; an unknown backbone is refused by name."""
+    pytest.importorskip("torch", reason="the backbone benchmark builds the networks in torch")
+    pytest.importorskip("onnx", reason="the backbone benchmark exports to ONNX")
+    import sys
+
+    from conftest import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from arcd_backbones import main
+
+    out = tmp_path / "bb"
+    assert main(["--out", str(out), "--iters", "2", "--steps", "1", "--warmup", "2", "--batch", "2",
+                 "--crop", "64", "--tile", "64", "--d-width", "4", "--r-width", "2",
+                 "--resnet-layers", "1", "1", "1", "1", "--threads", "1"]) == 0
+    res = json.loads((out / "arcd-backbones.json").read_text())
+    assert [(r["backbone"], r["model"]) for r in res["rows"]] == [
+        (b, m) for b in ("unet", "segnet", "pspnet", "deeplabv3plus") for m in ("arcd", "plain")]
+    for row in res["rows"]:
+        assert row["parity_max_abs"] <= 1e-4 and row["onnx_mb"] > 0
+        assert row["ort_tile"]["p50_ms"] <= row["ort_tile"]["p90_ms"]
+        assert (row["r_parameters"] > 0) == (row["model"] == "arcd")
+    assert (out / "arcd-backbones.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit):
+        main(["--out", str(out), "--backbones", "unet,fcn"])
