@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -32,15 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
+from inspector.bench import _machine, _percentiles  # noqa: E402  (the runtime bench's summaries)
+
 log = logging.getLogger("benchmarks.arcd_backbones")
 
 BACKBONES = ("unet", "segnet", "pspnet", "deeplabv3plus")
-
-
-def _percentiles(samples_s: list[float]) -> dict[str, float]:
-    ms = np.asarray(samples_s) * 1e3
-    return {"p50_ms": float(np.percentile(ms, 50)), "p90_ms": float(np.percentile(ms, 90)),
-            "mean_ms": float(ms.mean())}
 
 
 def measure(backbone: str, reconstruction: bool, args: argparse.Namespace) -> dict:
@@ -83,8 +77,8 @@ def measure(backbone: str, reconstruction: bool, args: argparse.Namespace) -> di
         loss.backward()
         opt.step()
         if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    row["train_step"] = _percentiles(times)
+            times.append((time.perf_counter() - t0) * 1e3)
+    row["train_step_ms"] = _percentiles(times)
     model.eval()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -101,11 +95,11 @@ def measure(backbone: str, reconstruction: bool, args: argparse.Namespace) -> di
         for _ in range(args.iters):
             t0 = time.perf_counter()
             sess.run(None, {"image": tile})
-            times.append(time.perf_counter() - t0)
-        row["ort_tile"] = _percentiles(times)
+            times.append((time.perf_counter() - t0) * 1e3)
+        row["ort_tile_ms"] = _percentiles(times)
     log.info("%-13s %-5s D %7d params  ORT %.1f ms/tile  train step %.0f ms  parity %.1e",
-             backbone, row["model"], row["d_parameters"], row["ort_tile"]["p50_ms"],
-             row["train_step"]["p50_ms"], row["parity_max_abs"])
+             backbone, row["model"], row["d_parameters"], row["ort_tile_ms"]["p50"],
+             row["train_step_ms"]["p50"], row["parity_max_abs"])
     return row
 
 
@@ -116,12 +110,12 @@ def plot(rows: list[dict], backbones: list[str], path: Path, title: str) -> None
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in ((axes[0], "ort_tile", "ONNX Runtime, ms per tile (p50)"),
-                           (axes[1], "train_step", "stage-2 training step, ms (p50)")):
+    for ax, key, label in ((axes[0], "ort_tile_ms", "ONNX Runtime, ms per tile (p50)"),
+                           (axes[1], "train_step_ms", "stage-2 training step, ms (p50)")):
         for k, model in enumerate(("arcd", "plain")):
             sel = [r for r in rows if r["model"] == model]
             xs = np.arange(len(sel)) + (k - 0.5) * 0.38
-            ax.bar(xs, [r[key]["p50_ms"] for r in sel], 0.38,
+            ax.bar(xs, [r[key]["p50"] for r in sel], 0.38,
                    label="ARCD (R + D)" if model == "arcd" else "D alone")
         ax.set_xticks(np.arange(len(backbones)), backbones)
         ax.set_title(label)
@@ -158,14 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--backbones: unknown {', '.join(unknown)}; choose from {', '.join(BACKBONES)}")
     rows = [measure(b, rec, args) for b in chosen for rec in (True, False)]
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads"
-    result = {"machine": machine, "torch": torch.__version__,
+    machine = _machine()
+    result = {"machine": {**machine, "threads": args.threads}, "torch": torch.__version__,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "rows": rows}
     (args.out / "arcd-backbones.json").write_text(json.dumps(result, indent=2))
     plot(rows, chosen, args.out / "arcd-backbones.png",
          f"ARCD D backbones, R {args.r_width} / D {args.d_width}, tile {args.tile}, "
-         f"batch {args.batch}x{args.crop}; {machine}")
+         f"batch {args.batch}x{args.crop}; {machine['cpu']}, {args.threads} threads")
     log.info("wrote %s", args.out / "arcd-backbones.json")
     return 0
 

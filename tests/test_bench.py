@@ -123,7 +123,7 @@ def test_arcd_backbones_benchmark_writes_json_and_png(tmp_path):
         (b, m) for b in ("unet", "segnet", "pspnet", "deeplabv3plus") for m in ("arcd", "plain")]
     for row in res["rows"]:
         assert row["parity_max_abs"] <= 1e-4 and row["onnx_mb"] > 0
-        assert row["ort_tile"]["p50_ms"] <= row["ort_tile"]["p90_ms"]
+        assert row["ort_tile_ms"]["p50"] <= row["ort_tile_ms"]["p90"] and row["ort_tile_ms"]["n"] == 2
         assert (row["r_parameters"] > 0) == (row["model"] == "arcd")
     assert (out / "arcd-backbones.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
