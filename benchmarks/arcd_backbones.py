@@ -150,7 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(chosen) - set(BACKBONES))
     if unknown:
         p.error(f"--backbones: unknown {', '.join(unknown)}; choose from {', '.join(BACKBONES)}")
-    rows = [measure(b, rec, args) for b in chosen for rec in (True, False)]
+    from inspector.errors import ConfigError
+
+    try:
+        rows = [measure(b, rec, args) for b in chosen for rec in (True, False)]
+    except ConfigError as e:  # e.g. a --tile or --crop the networks' strides do not divide
+        p.error(str(e))
     args.out.mkdir(parents=True, exist_ok=True)
     machine = _machine()
     result = {"machine": {**machine, "threads": args.threads}, "torch": torch.__version__,

@@ -128,3 +128,5 @@ def test_arcd_backbones_benchmark_writes_json_and_png(tmp_path):
     assert (out / "arcd-backbones.png").stat().st_size > 10_000
     with pytest.raises(SystemExit):
         main(["--out", str(out), "--backbones", "unet,fcn"])
+    with pytest.raises(SystemExit):  # a tile the U-Net's stride (32) does not divide: usage error
+        main(["--out", str(out), "--tile", "72", "--backbones", "unet"])
