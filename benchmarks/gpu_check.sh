@@ -8,7 +8,9 @@
 #
 # Options: --out DIR (default $OUT, else ./gpu-check-out), --wheels DIR (default .whl),
 #          --budget-s S (default 420: the Python part stops starting new work after S seconds),
-#          --no-thesis (skip the untrained thesis-width ARCD), --dry-run.
+#          --no-thesis (skip the untrained thesis-width ARCD), --dry-run,
+#          --backends LIST (comma-separated, default all: torch-eager,ort-cpu,ort-cuda,ort-cuda-tf32,
+#          ort-trt,trt-fp32,trt-fp16,trt-int8).
 #
 # What it does, recording every step (and every skip, with its reason) in DIR/gpu_check.json:
 #  1. installs the wheels found in the wheels folder (pydantic, pyzmq, pycuda's dependencies, ...)
@@ -32,6 +34,7 @@ THESIS=1
 OUT_DIR="${OUT:-gpu-check-out}"
 WHEELS=".whl"
 BUDGET=420
+BACKENDS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -40,7 +43,8 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR="$2"; shift ;;
     --wheels) WHEELS="$2"; shift ;;
     --budget-s) BUDGET="$2"; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --backends) BACKENDS="$2"; shift ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -104,6 +108,7 @@ fi
 ARGS=(gpu-check --out "$OUT_DIR/gpu_check.json" --work "$WORK" --budget-s "$BUDGET" --install-log "$INSTALL_LOG")
 [ "$DRY" = 1 ] && ARGS+=(--dry-run)
 [ "$THESIS" = 1 ] && ARGS+=(--thesis)
+[ -n "$BACKENDS" ] && ARGS+=(--backends "$BACKENDS")
 SDIST=$(ls "$WHEELS"/pycuda-*.tar.gz 2>/dev/null | tail -n 1)
 [ -n "$SDIST" ] && ARGS+=(--pycuda-sdist "$SDIST")
 

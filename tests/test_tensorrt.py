@@ -430,7 +430,12 @@ def test_ort_tensorrt_provider_options():
     assert trt_name == "TensorrtExecutionProvider" and cuda_name == "CUDAExecutionProvider"
     assert trt_opts == {"device_id": 1, "trt_fp16_enable": True, "trt_max_workspace_size": 512 << 20,
                         "trt_engine_cache_enable": True, "trt_engine_cache_path": "/var/cache/ort-trt"}
-    assert cuda_opts == {"device_id": 1} and cpu == "CPUExecutionProvider"
+    # strict fp32 unless TF32 is asked for: onnxruntime's own default would turn it on
+    assert cuda_opts == {"device_id": 1, "use_tf32": 0, "cudnn_conv_algo_search": "EXHAUSTIVE"}
+    assert cpu == "CPUExecutionProvider"
+    eng.cfg = OnnxRuntimeConfig(providers=["cuda"], cuda_tf32=True, cuda_conv_algo_search="heuristic")
+    (cuda_name, cuda_opts), cpu = eng._providers(["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert cuda_opts == {"device_id": 0, "use_tf32": 1, "cudnn_conv_algo_search": "HEURISTIC"}
 
 
 def test_check_with_a_tensorrt_config_fails_clearly_without_it(tmp_path, synthetic_cfg):

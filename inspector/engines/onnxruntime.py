@@ -42,6 +42,13 @@ class OnnxRuntimeConfig(BaseModel):
     allow_spinning: bool = Field(False, description="let idle intra-op threads spin-wait; lowers "
                                  "engine latency on a PC with cores to spare, but on a small PC "
                                  "the spinning threads starve the grab and publish stages")
+    cuda_tf32: bool = Field(False, description="TF32 tensor-core math for fp32 convolutions and "
+                            "matmuls on Ampere and later GPUs (onnxruntime's own default is on): "
+                            "faster, but on an H100 it moved the shipped bundles' probabilities by "
+                            "up to 1.3e-2 against the CPU; off keeps them within 1e-3")
+    cuda_conv_algo_search: Literal["exhaustive", "heuristic", "default"] = Field(
+        "exhaustive", description="how cuDNN picks convolution algorithms: exhaustive benchmarks "
+        "them once per input shape (slow first frame, fastest after), heuristic asks cuDNN")
     trt_fp16: bool = False
     trt_engine_cache: str | None = Field(None, description="folder for TensorRT EP engine cache")
     trt_workspace_mb: int = Field(2048, ge=64)
@@ -103,7 +110,10 @@ class OnnxRuntimeEngine(Engine):
                                 trt_engine_cache_path=self.cfg.trt_engine_cache)
                 chosen.append((name, opts))
             elif key == "cuda":
-                chosen.append((name, {"device_id": self.cfg.device_id}))
+                # onnxruntime turns TF32 on unless told: fp32 here means fp32 unless asked
+                chosen.append((name, {"device_id": self.cfg.device_id,
+                                      "use_tf32": int(self.cfg.cuda_tf32),
+                                      "cudnn_conv_algo_search": self.cfg.cuda_conv_algo_search.upper()}))
             else:
                 chosen.append(name)
         if not any((c if isinstance(c, str) else c[0]) == PROVIDER_NAMES["cpu"] for c in chosen):
