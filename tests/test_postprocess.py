@@ -95,6 +95,45 @@ def test_probability_threshold_per_class_and_morphology():
     assert threshold_probabilities(p, np.array([0.5, 0.3]), open_kernel=3).sum() == 0
 
 
+def _labels_by_definition(probs, thr):
+    """A pixel's label straight from the rule: the most probable class above its threshold."""
+    above = probs[1:] >= thr[:, None, None]
+    best = np.where(above, probs[1:], -1.0).argmax(axis=0)
+    return np.where(above.any(axis=0), best + 1, 0).astype(np.uint8)
+
+
+@pytest.mark.parametrize("spread", [0.3, 1.0, 3.0])  # few, some and most pixels are candidates
+def test_probability_threshold_matches_the_rule_on_noisy_maps_and_ties(spread):
+    rng = np.random.default_rng(int(spread * 10))
+    thr = np.array([0.3, 0.25, 0.35], np.float32)
+    for rounded in (False, True):  # rounding makes exact ties between classes
+        logits = rng.normal(scale=spread, size=(4, 64, 200)).astype(np.float32)
+        p = np.exp(logits)
+        p /= p.sum(0, keepdims=True)
+        if rounded:
+            p = np.round(p, 1)
+        got = threshold_probabilities(p, thr, score_map=1.0 - p[0])
+        assert np.array_equal(got, _labels_by_definition(p, thr))
+
+
+def test_components_of_a_noisy_mask_largest_first_ties_in_label_order():
+    import cv2
+
+    lab = (np.random.default_rng(3).random((64, 256)) < 0.15).astype(np.uint8)
+    lab[40:50, 10:30] = 2                       # one big blob among thousands of specks
+    lab[0, 0] = lab[-1, -1] = 1                 # the marked box is the whole mask
+    score = np.ones(lab.shape, np.float32)
+    n, _, stats, _ = cv2.connectedComponentsWithStats((lab > 0).astype(np.uint8), connectivity=8)
+    for min_area, cap in ((0, 50), (3, 40), (0, 10**6)):
+        # the order by definition: area descending, equal areas in OpenCV's label order
+        want = sorted((i for i in range(1, n) if stats[i, 4] >= max(min_area, 1)),
+                      key=lambda i: -stats[i, 4])
+        d, total = components(lab, score, ["bg", "a", "b"], min_area_px=min_area, max_defects=cap)
+        assert total == len(want) > 100
+        assert [x["bbox"] for x in d] == [[int(v) for v in stats[i, :4]] for i in want[:cap]]
+    assert d[0]["class"] == "b" and d[0]["area_px"] >= 200
+
+
 def test_components_fields_and_geometry():
     lab = np.zeros((20, 30), np.uint8)
     lab[2:5, 3:9] = 3          # 18 px of class 3
