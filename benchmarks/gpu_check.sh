@@ -5,12 +5,18 @@
 #   bash benchmarks/gpu_check.sh --dry-run --out /tmp/gc   # anywhere: CPU only, checks the script
 #
 #   bash benchmarks/gpu_check.sh --fetch-wheels  # where a registry is reachable: fills .whl/ (7 MB)
+#   python benchmarks/pack_ort_gpu.py --version 1.31.1 --sm 90 --out .whl   # and onnxruntime-gpu
+#                                                # for an H100/H200 in two parts (40 + 30 MB)
 #
 # Options: --out DIR (default $OUT, else ./gpu-check-out), --wheels DIR (default .whl),
 #          --budget-s S (default 420: the Python part stops starting new work after S seconds),
 #          --no-thesis (skip the untrained thesis-width ARCD), --dry-run,
 #          --backends LIST (comma-separated, default all: torch-eager,ort-cpu,ort-cuda,ort-cuda-tf32,
-#          ort-trt,trt-fp32,trt-fp16,trt-int8).
+#          ort-trt,trt-fp32,trt-fp16,trt-int8),
+#          --ort-parts DIR (where onnxruntime_gpu-*-smNN.tar.xz.partNN made by
+#          benchmarks/pack_ort_gpu.py lie; default the wheels folder): joined, unpacked and put
+#          ahead of the image's CPU onnxruntime, with the image's pip CUDA libraries on
+#          LD_LIBRARY_PATH.
 #
 # What it does, recording every step (and every skip, with its reason) in DIR/gpu_check.json:
 #  1. installs the wheels found in the wheels folder (pydantic, pyzmq, pycuda's dependencies, ...)
@@ -35,6 +41,7 @@ OUT_DIR="${OUT:-gpu-check-out}"
 WHEELS=".whl"
 BUDGET=420
 BACKENDS=""
+ORT_PARTS=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
@@ -44,7 +51,8 @@ while [ $# -gt 0 ]; do
     --wheels) WHEELS="$2"; shift ;;
     --budget-s) BUDGET="$2"; shift ;;
     --backends) BACKENDS="$2"; shift ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    --ort-parts) ORT_PARTS="$2"; shift ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -103,6 +111,28 @@ EOF
 else
   echo "no wheels installed (dry run or no $WHEELS/*.whl)" >>"$INSTALL_LOG"
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# onnxruntime-gpu, carried as parts (it is too large for one transfer): see pack_ort_gpu.py
+FIRST_PART=$(ls "${ORT_PARTS:-$WHEELS}"/onnxruntime_gpu-*.tar.xz.part00 2>/dev/null | tail -n 1)
+if [ "$DRY" = 0 ] && [ -n "$FIRST_PART" ]; then
+  ORT_SITE="${ORT_GPU_SITE:-/tmp/inspector-ort-gpu}"
+  rm -rf "$ORT_SITE" && mkdir -p "$ORT_SITE"
+  if cat "${FIRST_PART%.part00}".part* | xz -d | tar -x -C "$ORT_SITE" 2>>"$INSTALL_LOG"; then
+    export PYTHONPATH="$ORT_SITE:$PYTHONPATH"
+    NVLIBS=$($PY - <<'EOF'
+import glob, os, site
+dirs = {os.path.dirname(f) for sp in site.getsitepackages()
+        for f in glob.glob(os.path.join(sp, "nvidia", "**", "lib*.so*"), recursive=True)}
+print(":".join(sorted(dirs)))
+EOF
+)
+    [ -n "$NVLIBS" ] && export LD_LIBRARY_PATH="$NVLIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    say "onnxruntime-gpu unpacked from ${FIRST_PART%.part00}.part* into $ORT_SITE"
+    echo "onnxruntime-gpu: ${FIRST_PART%.part00}.part* -> $ORT_SITE; LD_LIBRARY_PATH += $NVLIBS" >>"$INSTALL_LOG"
+  else
+    say "could not unpack ${FIRST_PART%.part00}.part* (a part missing or truncated?); going on without it"
+  fi
 fi
 
 ARGS=(gpu-check --out "$OUT_DIR/gpu_check.json" --work "$WORK" --budget-s "$BUDGET" --install-log "$INSTALL_LOG")
