@@ -163,14 +163,16 @@ def threshold_probabilities(probs: np.ndarray, thresholds: np.ndarray, open_kern
     # the full per-class comparison is only needed at those (usually few) candidate pixels.
     if score_map is None:
         score_map = 1.0 - probs[0]
-    cand = np.flatnonzero(score_map.reshape(-1) >= thr.min())
+    is_cand = score_map >= thr.min()
+    cand = np.flatnonzero(is_cand.reshape(-1))
     label = np.zeros((h, w), np.uint8)
     if cand.size > h * w // 4:
         # a map that is mostly candidates (a blinded camera, a model out of its depth): gathering
-        # them costs more than comparing every pixel, and such frames must not fall behind
+        # them costs more than comparing every pixel, and such frames must not fall behind. The
+        # candidate test stays, so a pixel's label never depends on the rest of the frame.
         best = np.full((h, w), -1.0, np.float32)
         for c in range(1, k):  # strict '>': a tie keeps the lower class, as argmax would
-            take = (probs[c] >= thr[c - 1]) & (probs[c] > best)
+            take = is_cand & (probs[c] >= thr[c - 1]) & (probs[c] > best)
             np.copyto(label, np.uint8(c), where=take)
             np.copyto(best, probs[c], where=take)
     elif cand.size:

@@ -102,16 +102,19 @@ def _labels_by_definition(probs, thr):
     return np.where(above.any(axis=0), best + 1, 0).astype(np.uint8)
 
 
-@pytest.mark.parametrize("spread", [0.3, 1.0, 3.0])  # few, some and most pixels are candidates
-def test_probability_threshold_matches_the_rule_on_noisy_maps_and_ties(spread):
-    rng = np.random.default_rng(int(spread * 10))
+@pytest.mark.parametrize("background_bias,most_are_candidates", [(6.0, False), (0.0, True)])
+def test_probability_threshold_matches_the_rule_on_noisy_maps_and_ties(background_bias, most_are_candidates):
+    rng = np.random.default_rng(int(background_bias))
     thr = np.array([0.3, 0.25, 0.35], np.float32)
-    for rounded in (False, True):  # rounding makes exact ties between classes
-        logits = rng.normal(scale=spread, size=(4, 64, 200)).astype(np.float32)
+    for rounded in (False, True):  # integer logits make exact ties between classes
+        logits = rng.normal(scale=2.0, size=(4, 64, 200)).astype(np.float32)
+        logits[0] += background_bias
+        if rounded:
+            logits = np.round(logits)
         p = np.exp(logits)
         p /= p.sum(0, keepdims=True)
-        if rounded:
-            p = np.round(p, 1)
+        # both ways through the function: gathering candidates, or every pixel once most are
+        assert (np.mean(1.0 - p[0] >= thr.min()) > 0.25) == most_are_candidates
         got = threshold_probabilities(p, thr, score_map=1.0 - p[0])
         assert np.array_equal(got, _labels_by_definition(p, thr))
 
