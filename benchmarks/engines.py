@@ -386,7 +386,7 @@ def bench_bundle(bundle_dir: Path, backends: list[str], work: Path, iters: int, 
             eng = open_backend(name, bundle, work)
             entry["open_s"] = round(time.perf_counter() - t0, 2)
             entry["backend"] = eng.backend
-            for attr in ("how", "engine_path"):
+            for attr in ("how", "engine_path", "provider_notes"):
                 if hasattr(eng, attr):
                     entry[attr] = str(getattr(eng, attr))
             adapter = make_adapter(bundle, eng, 0)

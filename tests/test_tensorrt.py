@@ -420,6 +420,17 @@ def test_ort_gpu_providers_fall_back_to_cpu_with_a_warning(toy_bundle, caplog, p
     assert f"provider {first} requested but not in this build" in msgs
 
 
+def test_the_log_names_the_gpu_provider_options_that_ran():
+    from inspector.engines.onnxruntime import describe_provider_options
+
+    reported = {"CPUExecutionProvider": {},
+                "CUDAExecutionProvider": {"device_id": "0", "use_tf32": "0", "gpu_mem_limit": "184467",
+                                          "cudnn_conv_algo_search": "EXHAUSTIVE"}}
+    assert describe_provider_options(reported) == \
+        "CUDA: device_id=0 use_tf32=0 cudnn_conv_algo_search=EXHAUSTIVE"
+    assert describe_provider_options({"CPUExecutionProvider": {}}) == ""
+
+
 def test_ort_tensorrt_provider_options():
     cfg = OnnxRuntimeConfig(providers=["tensorrt", "cuda", "cpu"], device_id=1, trt_fp16=True,
                             trt_engine_cache="/var/cache/ort-trt", trt_workspace_mb=512)

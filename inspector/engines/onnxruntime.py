@@ -54,6 +54,24 @@ class OnnxRuntimeConfig(BaseModel):
     trt_workspace_mb: int = Field(2048, ge=64)
 
 
+#: provider options worth a line in the log: the ones that change numbers or speed
+_NOTED_OPTIONS = {
+    "CUDAExecutionProvider": ("device_id", "use_tf32", "cudnn_conv_algo_search"),
+    "TensorrtExecutionProvider": ("device_id", "trt_fp16_enable", "trt_engine_cache_enable"),
+}
+
+
+def describe_provider_options(options: dict[str, dict[str, str]]) -> str:
+    """'CUDA: device_id=0 use_tf32=0 ...' from ``InferenceSession.get_provider_options()``."""
+    parts = []
+    for name, keys in _NOTED_OPTIONS.items():
+        opts = options.get(name)
+        if opts:
+            shown = " ".join(f"{k}={opts[k]}" for k in keys if k in opts)
+            parts.append(f"{name.removesuffix('ExecutionProvider')}: {shown}")
+    return "; ".join(parts)
+
+
 class OnnxRuntimeEngine(Engine):
     """One onnxruntime InferenceSession over one graph."""
 
@@ -87,7 +105,10 @@ class OnnxRuntimeEngine(Engine):
         wanted = [p if isinstance(p, str) else p[0] for p in providers]
         if ran[0] != wanted[0]:
             log.warning("asked onnxruntime for %s, it runs on %s", wanted[0], ran[0])
-        log.info("engine %s for %s", self.backend, graph.name)
+        #: the options the GPU providers actually run with, as onnxruntime reports them
+        self.provider_notes = describe_provider_options(self.session.get_provider_options())
+        log.info("engine %s for %s%s", self.backend, graph.name,
+                 f" ({self.provider_notes})" if self.provider_notes else "")
         self.inputs = [TensorSpec(i.name, tuple(i.shape), _ORT_TYPES.get(i.type, i.type))
                        for i in self.session.get_inputs()]
         self.outputs = [TensorSpec(o.name, tuple(o.shape), _ORT_TYPES.get(o.type, o.type))
