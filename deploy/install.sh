@@ -17,7 +17,9 @@
 #   UNITDIR       [/etc/systemd/system]
 #   SERVICE_USER  [inspector]
 #   PYTHON        [python3.11, else python3]
-#   EXTRAS        [plc]                  pip extras ("" for none, "plc,gpu" with TensorRT)
+#   EXTRAS        [plc]                  pip extras ("" for none, "plc,gpu" with TensorRT, pycuda
+#                                        and onnxruntime-gpu, "plc,ort-gpu" onnxruntime-gpu alone);
+#                                        with either GPU extra the CPU onnxruntime is replaced
 #   MODELS        [<script dir>/models]  bundles copied to PREFIX/models
 #   WHEELHOUSE    a folder of wheels: install offline from it (pip --no-index --find-links)
 #   PIP_ARGS      more pip arguments, e.g. "--no-deps"
@@ -79,6 +81,34 @@ say "installing $SPEC"
 # PIP_ARGS is deliberately split into words
 # shellcheck disable=SC2086
 "$VENV/bin/python" -m pip install -q "$@" $PIP_ARGS --upgrade "$SPEC"
+
+case ",$EXTRAS," in
+    *,gpu,*|*,ort-gpu,*)
+        # onnxruntime (the runtime's own requirement) and onnxruntime-gpu install the same Python
+        # package; whichever pip wrote last wins, and a CPU build left in place hides the GPU
+        # providers. Keep onnxruntime-gpu alone, at the version pip chose.
+        ORT_GPU=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))' \
+                  2>/dev/null || true)
+        say "replacing the CPU onnxruntime with onnxruntime-gpu${ORT_GPU:+ $ORT_GPU}"
+        "$VENV/bin/python" -m pip uninstall -q -y onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
+        # shellcheck disable=SC2086
+        if ! "$VENV/bin/python" -m pip install -q "$@" $PIP_ARGS --no-deps "onnxruntime-gpu${ORT_GPU:+==$ORT_GPU}"; then
+            # never leave the venv without an onnxruntime: put the CPU build back
+            # shellcheck disable=SC2086
+            if "$VENV/bin/python" -m pip install -q "$@" $PIP_ARGS --no-deps onnxruntime >/dev/null 2>&1; then
+                die "installing onnxruntime-gpu${ORT_GPU:+ $ORT_GPU} failed; the CPU onnxruntime is back in place"
+            fi
+            die "installing onnxruntime-gpu${ORT_GPU:+ $ORT_GPU} failed, and so did putting the CPU onnxruntime back: install one by hand"
+        fi
+        PROVIDERS=$("$VENV/bin/python" -c 'import onnxruntime as o; print(",".join(o.get_available_providers()))' \
+                    2>&1) || die "onnxruntime does not import after the swap: $PROVIDERS"
+        say "onnxruntime providers: $PROVIDERS"
+        case "$PROVIDERS" in
+            *CUDAExecutionProvider*) ;;
+            *) say "warning: no CUDAExecutionProvider in this onnxruntime build" ;;
+        esac
+        ;;
+esac
 
 if [ -n "$ROOT" ]; then
     # A venv is not relocatable: its scripts name their interpreter by absolute path. Make them

@@ -37,9 +37,9 @@ def run_script(script: str, env_extra: dict, fake_bin: Path, *args: str) -> subp
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory, fake_bin, toy_bundle) -> Path:
-    """One offline scratch-root install shared by the tests of this module."""
-    tmp = tmp_path_factory.mktemp("deploy")
+def inspector_wheel(tmp_path_factory) -> Path:
+    """The inspector's wheel, built offline from a copy of the tree."""
+    tmp = tmp_path_factory.mktemp("wheel")
     # Build the wheel from a copy, so the shared working tree gets no build/ or egg-info.
     src = tmp / "src"
     src.mkdir()
@@ -53,6 +53,14 @@ def installed(tmp_path_factory, fake_bin, toy_bundle) -> Path:
                        timeout=300)
     assert r.returncode == 0, r.stderr
     [wheel] = (tmp / "dist").glob("strip_inspector-*.whl")
+    return wheel
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory, fake_bin, toy_bundle, inspector_wheel) -> Path:
+    """One offline scratch-root install shared by the tests of this module."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    wheel = inspector_wheel
     models = tmp / "models"
     shutil.copytree(toy_bundle, models / "toy")
     root = tmp / "root"
@@ -153,3 +161,80 @@ def test_install_refuses_a_source_that_is_not_the_inspector(tmp_path, fake_bin):
     r = run_script("install.sh", {"DESTDIR": str(tmp_path / "root")}, fake, str(tmp_path))
     assert r.returncode == 1 and "neither a wheel nor the inspector source tree" in r.stderr
     assert not (tmp_path / "root").exists()
+
+
+def make_wheel(folder: Path, dist: str, version: str, files: dict[str, str]) -> Path:
+    """A minimal pure-Python wheel, written by hand (no build backend needed offline)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    stem = f"{dist.replace('-', '_')}-{version}"
+    info = f"{stem}.dist-info"
+    files = {**files, f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for name, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{name},sha256={digest},{len(text.encode())}")
+    record.append(f"{info}/RECORD,,")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+        z.writestr(f"{info}/RECORD", "\n".join(record) + "\n")
+    return path
+
+
+def fake_onnxruntime(build: str, providers: list[str]) -> dict[str, str]:
+    return {"onnxruntime/__init__.py": f"BUILD = {build!r}\n"
+                                       f"def get_available_providers():\n    return {providers!r}\n"}
+
+
+def test_a_gpu_extra_replaces_the_cpu_onnxruntime(tmp_path, fake_bin, inspector_wheel):
+    """Both onnxruntime builds install the package 'onnxruntime': the GPU one must be left alone.
+
+    Stand-ins for both builds, so this runs offline: a venv that already holds the CPU build (as
+    a first install or the runtime's own requirement leaves it) is upgraded with EXTRAS=ort-gpu.
+    """
+    root = tmp_path / "root"
+    venv = root / "opt/inspector/venv"
+    base_python = Path(sys.base_prefix) / "bin" / "python3"
+    subprocess.run([str(base_python), "-m", "venv", str(venv)], check=True, timeout=120)
+    cpu = make_wheel(tmp_path / "cpu", "onnxruntime", "1.31.1",
+                     fake_onnxruntime("cpu", ["CPUExecutionProvider"]))
+    subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-index", "--no-deps", str(cpu)],
+                   check=True, timeout=120)
+    house = tmp_path / "wheelhouse"
+    make_wheel(house, "onnxruntime-gpu", "1.31.1",
+               fake_onnxruntime("gpu", ["CUDAExecutionProvider", "CPUExecutionProvider"]))
+    fake, log = fake_bin
+    r = run_script("install.sh", {"DESTDIR": str(root), "PYTHON": str(base_python), "MODELS": str(tmp_path / "none"),
+                                  "EXTRAS": "plc,ort-gpu", "WHEELHOUSE": str(house), "PIP_ARGS": "--no-deps"},
+                   fake, str(inspector_wheel))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "replacing the CPU onnxruntime with onnxruntime-gpu" in r.stdout
+    assert "onnxruntime providers: CUDAExecutionProvider,CPUExecutionProvider" in r.stdout
+    q = subprocess.run([str(venv / "bin/python"), "-c",
+                        "import importlib.metadata as m, onnxruntime as o; print(o.BUILD); "
+                        "print(sorted(d.metadata['Name'] for d in m.distributions() "
+                        "if d.metadata['Name'].startswith('onnxruntime')))"],
+                       capture_output=True, text=True, timeout=60, cwd=root)
+    assert q.stdout.split("\n")[:2] == ["gpu", "['onnxruntime-gpu']"], q.stdout + q.stderr
+    # a GPU build without the CUDA provider goes in, with a warning
+    make_wheel(house, "onnxruntime-gpu", "1.31.1", fake_onnxruntime("gpu", ["CPUExecutionProvider"]))
+    env = {"DESTDIR": str(root), "PYTHON": str(base_python), "MODELS": str(tmp_path / "none"),
+           "EXTRAS": "ort-gpu", "WHEELHOUSE": str(house), "PIP_ARGS": "--no-deps"}
+    r = run_script("install.sh", env, fake, str(inspector_wheel))
+    assert r.returncode == 0 and "warning: no CUDAExecutionProvider in this onnxruntime build" in r.stdout
+    # the installed version cannot be had: the CPU build goes back, and the error says so
+    (house / "onnxruntime_gpu-1.31.1-py3-none-any.whl").unlink()
+    make_wheel(house, "onnxruntime-gpu", "1.31.2", fake_onnxruntime("gpu", ["CUDAExecutionProvider"]))
+    make_wheel(house, "onnxruntime", "1.31.1", fake_onnxruntime("cpu", ["CPUExecutionProvider"]))
+    r = run_script("install.sh", env, fake, str(inspector_wheel))
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "installing onnxruntime-gpu 1.31.1 failed; the CPU onnxruntime is back in place" in r.stderr
+    q = subprocess.run([str(venv / "bin/python"), "-c", "import onnxruntime as o; print(o.BUILD)"],
+                       capture_output=True, text=True, timeout=60, cwd=root)
+    assert q.stdout.strip() == "cpu", q.stderr
