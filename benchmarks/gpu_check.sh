@@ -133,6 +133,8 @@ EOF
   else
     say "could not unpack ${FIRST_PART%.part00}.part* (a part missing or truncated?); going on without it"
   fi
+elif [ "$DRY" = 0 ] && [ -n "$ORT_PARTS" ]; then
+  say "--ort-parts $ORT_PARTS: no onnxruntime_gpu-*.tar.xz.part00 there; going on with the installed onnxruntime"
 fi
 
 ARGS=(gpu-check --out "$OUT_DIR/gpu_check.json" --work "$WORK" --budget-s "$BUDGET" --install-log "$INSTALL_LOG")

@@ -121,6 +121,8 @@ def pack(wheel: Path, sm: int, out: Path, part_mb: float = 40.0, preset: int = 6
     out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     stats = None
+    if not zipfile.is_zipfile(wheel):
+        raise SystemExit(f"{wheel}: not a wheel (no zip archive); download it again")
     with zipfile.ZipFile(wheel) as z, tarfile.open(fileobj=buf, mode="w") as tar:
         for info in z.infolist():
             if info.is_dir():

@@ -115,6 +115,10 @@ def test_pack_refuses_a_gpu_the_wheel_has_no_code_for_and_a_wheel_without_cuda(t
         z.writestr("onnxruntime/__init__.py", "")
     with pytest.raises(SystemExit, match="not an onnxruntime-gpu wheel"):
         pk.pack(plain, 90, tmp_path / "out")
+    truncated = tmp_path / "onnxruntime_gpu-0.0-cp312-cp312-y.whl"
+    truncated.write_bytes(wheel.read_bytes()[:100])
+    with pytest.raises(SystemExit, match="not a wheel"):
+        pk.pack(truncated, 90, tmp_path / "out")
 
 
 def test_gpu_check_joins_and_unpacks_the_parts_ahead_of_the_cpu_build(tmp_path):
@@ -148,3 +152,9 @@ def test_gpu_check_joins_and_unpacks_the_parts_ahead_of_the_cpu_build(tmp_path):
                         "--backends", "ort-cpu", "--budget-s", "0"],
                        cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0 and "could not unpack" in r.stderr
+    # a folder without parts: said, not silently ignored
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--out", str(tmp_path / "gc3"), "--no-thesis",
+                        "--wheels", str(tmp_path / "no-wheels"), "--ort-parts", str(tmp_path / "gc"),
+                        "--backends", "ort-cpu", "--budget-s", "0"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0 and "no onnxruntime_gpu-*.tar.xz.part00 there" in r.stderr
