@@ -86,19 +86,25 @@ case ",$EXTRAS," in
     *,gpu,*|*,ort-gpu,*)
         # onnxruntime (the runtime's own requirement) and onnxruntime-gpu install the same Python
         # package; whichever pip wrote last wins, and a CPU build left in place hides the GPU
-        # providers. Keep onnxruntime-gpu alone, at the version pip chose.
+        # providers. Keep onnxruntime-gpu alone, at the version pip chose. A re-run that finds
+        # no CPU build leaves the GPU one as it is (no 250 MB download per upgrade).
         ORT_GPU=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("onnxruntime-gpu"))' \
                   2>/dev/null || true)
-        say "replacing the CPU onnxruntime with onnxruntime-gpu${ORT_GPU:+ $ORT_GPU}"
-        "$VENV/bin/python" -m pip uninstall -q -y onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
-        # shellcheck disable=SC2086
-        if ! "$VENV/bin/python" -m pip install -q "$@" $PIP_ARGS --no-deps "onnxruntime-gpu${ORT_GPU:+==$ORT_GPU}"; then
-            # never leave the venv without an onnxruntime: put the CPU build back
+        if ! "$VENV/bin/python" -c 'import importlib.metadata as m; m.version("onnxruntime")' 2>/dev/null \
+                && [ -n "$ORT_GPU" ]; then
+            say "onnxruntime-gpu $ORT_GPU is the only onnxruntime build: kept"
+        else
+            say "replacing the CPU onnxruntime with onnxruntime-gpu${ORT_GPU:+ $ORT_GPU}"
+            "$VENV/bin/python" -m pip uninstall -q -y onnxruntime onnxruntime-gpu >/dev/null 2>&1 || true
             # shellcheck disable=SC2086
-            if "$VENV/bin/python" -m pip install -q "$@" $PIP_ARGS --no-deps onnxruntime >/dev/null 2>&1; then
-                die "installing onnxruntime-gpu${ORT_GPU:+ $ORT_GPU} failed; the CPU onnxruntime is back in place"
+            if ! "$VENV/bin/python" -m pip install -q "$@" $PIP_ARGS --no-deps "onnxruntime-gpu${ORT_GPU:+==$ORT_GPU}"; then
+                # never leave the venv without an onnxruntime: put the CPU build back
+                # shellcheck disable=SC2086
+                if "$VENV/bin/python" -m pip install -q "$@" $PIP_ARGS --no-deps onnxruntime >/dev/null 2>&1; then
+                    die "installing onnxruntime-gpu${ORT_GPU:+ $ORT_GPU} failed; the CPU onnxruntime is back in place"
+                fi
+                die "installing onnxruntime-gpu${ORT_GPU:+ $ORT_GPU} failed, and so did putting the CPU onnxruntime back: install one by hand"
             fi
-            die "installing onnxruntime-gpu${ORT_GPU:+ $ORT_GPU} failed, and so did putting the CPU onnxruntime back: install one by hand"
         fi
         PROVIDERS=$("$VENV/bin/python" -c 'import onnxruntime as o; print(",".join(o.get_available_providers()))' \
                     2>&1) || die "onnxruntime does not import after the swap: $PROVIDERS"

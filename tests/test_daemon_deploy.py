@@ -222,16 +222,27 @@ def test_a_gpu_extra_replaces_the_cpu_onnxruntime(tmp_path, fake_bin, inspector_
                         "if d.metadata['Name'].startswith('onnxruntime')))"],
                        capture_output=True, text=True, timeout=60, cwd=root)
     assert q.stdout.split("\n")[:2] == ["gpu", "['onnxruntime-gpu']"], q.stdout + q.stderr
-    # a GPU build without the CUDA provider goes in, with a warning
-    make_wheel(house, "onnxruntime-gpu", "1.31.1", fake_onnxruntime("gpu", ["CPUExecutionProvider"]))
     env = {"DESTDIR": str(root), "PYTHON": str(base_python), "MODELS": str(tmp_path / "none"),
            "EXTRAS": "ort-gpu", "WHEELHOUSE": str(house), "PIP_ARGS": "--no-deps"}
+    # an upgrade that finds the GPU build alone keeps it: nothing downloaded again
+    r = run_script("install.sh", env, fake, str(inspector_wheel))
+    assert r.returncode == 0 and "onnxruntime-gpu 1.31.1 is the only onnxruntime build: kept" in r.stdout
+    assert "replacing" not in r.stdout
+
+    def cpu_build_back():  # as a dependency install pulling the CPU build in again leaves it
+        subprocess.run([str(venv / "bin/python"), "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                        "--force-reinstall", str(cpu)], check=True, timeout=120)
+
+    # a GPU build without the CUDA provider goes in, with a warning
+    make_wheel(house, "onnxruntime-gpu", "1.31.1", fake_onnxruntime("gpu", ["CPUExecutionProvider"]))
+    cpu_build_back()
     r = run_script("install.sh", env, fake, str(inspector_wheel))
     assert r.returncode == 0 and "warning: no CUDAExecutionProvider in this onnxruntime build" in r.stdout
     # the installed version cannot be had: the CPU build goes back, and the error says so
     (house / "onnxruntime_gpu-1.31.1-py3-none-any.whl").unlink()
     make_wheel(house, "onnxruntime-gpu", "1.31.2", fake_onnxruntime("gpu", ["CUDAExecutionProvider"]))
     make_wheel(house, "onnxruntime", "1.31.1", fake_onnxruntime("cpu", ["CPUExecutionProvider"]))
+    cpu_build_back()
     r = run_script("install.sh", env, fake, str(inspector_wheel))
     assert r.returncode == 1, r.stdout + r.stderr
     assert "installing onnxruntime-gpu 1.31.1 failed; the CPU onnxruntime is back in place" in r.stderr
