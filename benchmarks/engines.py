@@ -181,56 +181,21 @@ def calibration_folder(work: Path, frames: int = 16) -> Path:
 
 
 # -- backends ------------------------------------------------------------------------------------
-class TorchEngine:
-    """The bundle's ARCD network in torch eager, behind the runtime's engine interface."""
+def torch_engine(bundle: Any) -> Any:
+    """The bundle's ARCD network in torch eager (``export.arcd.torch_engine``), CUDA if torch sees
+    a GPU; the run's checkpoint where it is at hand, else random weights (timing only)."""
+    try:
+        import torch  # noqa: F401
 
-    async_depth = 0
+        from export.arcd.torch_engine import TorchArcdEngine
+    except Exception as e:
+        raise Skip(f"torch or the training code not importable ({type(e).__name__}: {e})") from None
+    from inspector.errors import EngineError
 
-    def __init__(self, bundle: Any):
-        try:
-            import torch
-        except Exception as e:
-            raise Skip(f"torch not importable ({type(e).__name__}: {e})") from None
-        if bundle.spec.kind != "arcd":
-            raise Skip(f"no torch network for kind {bundle.spec.kind}")
-        tc_raw = bundle.spec.provenance.get("training_config")
-        if not isinstance(tc_raw, dict):
-            raise Skip("the bundle's provenance has no training_config (architecture unknown)")
-        try:
-            from export.arcd.torch_model import ARCDInference
-            from export.arcd.train import CHECKPOINT, TrainConfig, build_models, load_checkpoint
-        except Exception as e:
-            raise Skip(f"training code not importable ({type(e).__name__}: {e})") from None
-        from inspector.engines.base import TensorSpec
-
-        tc = TrainConfig.model_validate(tc_raw)
-        r, d = build_models(tc.model)
-        self.weights = "random (timing only)"
-        run_dir = bundle.spec.provenance.get("run_dir")
-        if run_dir and (Path(run_dir) / CHECKPOINT).is_file():
-            ck = load_checkpoint(Path(run_dir) / CHECKPOINT)
-            r.load_state_dict(ck["reconstruction"])
-            d.load_state_dict(ck["discrimination"])
-            self.weights = f"checkpoint {run_dir}"
-        self.torch = torch
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = ARCDInference(r, d).eval().to(self.device)
-        spec = bundle.spec.input
-        self.input_name = spec.name
-        self.inputs = [TensorSpec(spec.name, (None, spec.channels, *spec.tile), "float32")]
-        self.outputs = [TensorSpec("reconstruction", (None,), "float32"),
-                        TensorSpec(bundle.spec.outputs["probabilities"], (None,), "float32")]
-        self.backend = f"torch-eager:{self.device.type} {torch.__version__} ({self.weights})"
-
-    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        torch = self.torch
-        with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(feeds[self.input_name])).to(self.device)
-            rec, probs = self.model(x)
-            return {self.outputs[0].name: rec.cpu().numpy(), self.outputs[1].name: probs.cpu().numpy()}
-
-    def close(self) -> None:
-        self.model = None
+    try:
+        return TorchArcdEngine(bundle, allow_random=True)
+    except EngineError as e:
+        raise Skip(str(e)) from None
 
 
 def open_backend(name: str, bundle: Any, work: Path) -> Any:
@@ -243,7 +208,7 @@ def open_backend(name: str, bundle: Any, work: Path) -> Any:
     graph = bundle.graph_path("model")
     avail = ort.get_available_providers()
     if name == "torch-eager":
-        return TorchEngine(bundle)
+        return torch_engine(bundle)
     if name == "ort-cpu":
         return OnnxRuntimeEngine(graph, OnnxRuntimeConfig(providers=["cpu"]))
     if name in ("ort-cuda", "ort-cuda-tf32", "ort-trt"):

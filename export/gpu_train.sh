@@ -14,7 +14,10 @@
 # VAL_IMAGES (validation frames scored at the end of training; default 128 / 0 = all), JOBS (the
 # ARCD/U-Net runs, below), FUZZYMASK=0 (skip the fuzzy-mask run), STAGE1_STEPS + STAGE2_STEPS
 # (fixed steps instead of the probe, to rerun a known schedule), DATA_WORKERS (loader processes
-# per job, default 2; lower it when many jobs share the machine's cores).
+# per job, default 2; lower it when many jobs share the machine's cores), EVAL_SPLIT (default val;
+# 'none' skips it: each exported NEU bundle is scored there by `inspector evaluate --engine torch`
+# on the GPU, JSON in OUT/<name>.eval.json), PACK=0 (no bundle tarballs: a thesis-width graph,
+# ~390 MB, cannot come back from the machine anyway; metrics, configs and logs still do).
 #
 # How the time box is kept: a probe trains every job for PROBE steps at once (the same four
 # processes that share the GPU later), measures steps/s from the training logs, and sizes the
@@ -64,7 +67,7 @@ import sys, yaml
 from pathlib import Path
 name, base, frac, recon, seed, s1, s2, calib, val = sys.argv[1:]
 c = yaml.safe_load(open(base))
-c.update(name=name, device="$DEVICE", data_workers=${DATA_WORKERS:-2}, threads=2, log_every=20,
+c.update(name=name, device="$DEVICE", data_workers=${DATA_WORKERS:-2}, threads=2, log_every=$LOG_EVERY,
          checkpoint_every=1000000, seed=int(seed or c.get("seed", 0)))
 c["model"].update(r_base_width=$R_WIDTH, d_base_channels=$D_WIDTH, reconstruction=recon == "1")
 c["data"].update(root="$REPO/.gpudata/" + Path(c["data"]["root"]).name, label_fraction=float(frac),
@@ -82,6 +85,8 @@ JOBS="${JOBS:-arcd-neu-gpu:$NEU:1.0:1 arcd-neu-gpu-30:$NEU:0.3:1 unet-neu-gpu:$N
 
 train_all() {  # phase s1 s2 calib val -> runs in $WORK/<phase>/<name>
   local phase=$1 s1=$2 s2=$3 calib=$4 val=$5 pids=""
+  # the probe measures rates between log lines: at least five per stage
+  LOG_EVERY=20; [ "$phase" = probe ] && [ "$s2" -lt 100 ] && LOG_EVERY=$(( s2 / 5 > 0 ? s2 / 5 : 1 ))
   mkdir -p "$WORK/$phase"
   for j in $JOBS; do
     IFS=: read -r name base frac recon seed <<<"$j"
@@ -138,6 +143,8 @@ def rate(log, stage):
             t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
             pts.append((int(m.group(3)), t))
     # skip the first interval (loader start-up) when there are enough points
+    if len(pts) < 2 or pts[-1][1] <= pts[0][1]:
+        sys.exit(f"{log}: stage {stage} logged {len(pts)} step line(s); the probe needs two or more")
     (a, ta), (b, tb) = (pts[1] if len(pts) > 2 else pts[0]), pts[-1]
     return (b - a) / (tb - ta)
 logs = sorted(probe.glob("*.log"))
@@ -165,14 +172,27 @@ say "main training done (rc $RC)"
 
 # -- export and pack --------------------------------------------------------------------------
 pack() {  # name run_dir log
-  local name=$1 run=$2 log=$3
+  local name=$1 run=$2 log=$3 split=${EVAL_SPLIT:-val}
   if [ -f "$run/metrics.json" ] && $PY -m inspector export onnx --run-dir "$run" --out "$WORK/bundles/$name" \
       >>"$log" 2>&1; then
     cp "$run/metrics.json" "$WORK/bundles/$name/train-metrics.json"
     cp "$run/config.yaml" "$WORK/bundles/$name/train-config.yaml"
     cp "$log" "$WORK/bundles/$name/train.log"
-    tar -C "$WORK/bundles" -czf "$OUT_DIR/$name.tar.gz" "$name"
-    say "packed $name ($(du -h "$OUT_DIR/$name.tar.gz" | cut -f1))"
+    local root
+    root="$($PY -c 'import sys, yaml; d = yaml.safe_load(open(sys.argv[1]))["data"]; print(d["root"] if d.get("source") == "neu-seg" else "")' "$run/config.yaml")"
+    if [ "$split" != none ] && [ -n "$root" ]; then
+      if $PY -m inspector evaluate --bundle "$WORK/bundles/$name" --data "$root" --format neu-seg \
+          --split "$split" --json --engine torch >"$OUT_DIR/$name.eval.json" 2>>"$log"; then
+        say "$name: $split $($PY -c 'import json, sys; r = json.load(open(sys.argv[1])); print("miou %.4f mpa %.4f auroc %.4f f1 %.4f" % (r["miou"], r["mpa"], r["pixel_auroc"], r["f1"]))' "$OUT_DIR/$name.eval.json")"
+        cp "$OUT_DIR/$name.eval.json" "$WORK/bundles/$name/eval-$split.json"
+      else
+        say "$name: evaluation failed"; tail -5 "$log" | tee -a "$LOG"
+      fi
+    fi
+    if [ "${PACK:-1}" = 1 ]; then
+      tar -C "$WORK/bundles" -czf "$OUT_DIR/$name.tar.gz" "$name"
+      say "packed $name ($(du -h "$OUT_DIR/$name.tar.gz" | cut -f1))"
+    fi
   else
     say "$name: no bundle"; tail -30 "$log" | tee -a "$LOG"
   fi

@@ -366,6 +366,24 @@ def _split_overrides(pairs: list[str] | None) -> tuple[dict, dict]:
     return post, kind
 
 
+def _evaluation_engine(args: argparse.Namespace):
+    """(bundle, torch engine) for ``--engine torch``; None for the runtime's ONNX Runtime."""
+    if args.engine != "torch":
+        if args.checkpoint or args.torch_device:
+            raise BundleError("--checkpoint and --torch-device apply to --engine torch only")
+        return None
+    from inspector.bundle import load_bundle
+
+    from export.arcd.torch_engine import TorchArcdEngine
+
+    bundle = load_bundle(args.bundle)
+    # one random tile through the graph too: the run folder must still hold the exported weights
+    eng = TorchArcdEngine(bundle, device=args.torch_device, checkpoint=args.checkpoint,
+                          check_against_graph=True)
+    log.info("evaluating with %s", eng.backend)
+    return bundle, eng
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -381,9 +399,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     try:
-        res = evaluate_bundle(args.bundle, ds, out_dir=Path(args.out) if args.out else None,
+        engine = _evaluation_engine(args)
+    except (BundleError, EngineError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    except ImportError as e:
+        return _fail(f"--engine torch needs the training extra (pip install -e '.[train]'): {e}",
+                     EXIT_BAD_INPUT)
+    bundle = engine[0] if engine else args.bundle
+    try:
+        res = evaluate_bundle(bundle, ds, out_dir=Path(args.out) if args.out else None,
                               overlays=args.overlays, postprocess=post, resize=size,
-                              engine=OnnxRuntimeConfig(intra_op_threads=args.threads),
+                              engine=engine[1] if engine else OnnxRuntimeConfig(intra_op_threads=args.threads),
                               overlay_pick=args.overlay_pick, kind_params=kind)
     except ValidationError as e:  # a post-processing value of --set
         err = e.errors()[0]
@@ -585,6 +611,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. k1=3.5 or local_mean_window=31 (repeatable)")
     p.add_argument("--resize", metavar="HxW", help="resize images (masks nearest) before the model")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all)")
+    p.add_argument("--engine", choices=["onnxruntime", "torch"], default="onnxruntime",
+                   help="torch: an arcd bundle's training checkpoint in torch (GPU when present; "
+                        "needs the train extra), checked against the graph on one tile first")
+    p.add_argument("--checkpoint", help="--engine torch: checkpoint.pt (default: the bundle's run_dir)")
+    p.add_argument("--torch-device", help="--engine torch: cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--record", action="store_true",
                    help="store the figures in the bundle's provenance.metrics (key: format/split)")
     p.add_argument("--record-key", help="key for --record instead of format/split")

@@ -249,7 +249,7 @@ def test_batches_shard_disjointly_across_ranks():
 
 # ----------------------------------------------------------------------------- train + evaluate
 
-def test_train_export_evaluate_on_a_tiny_neu_folder(tmp_path):
+def test_train_export_evaluate_on_a_tiny_neu_folder(tmp_path, capsys):
     """ARCD and the U-Net baseline from one config (R switched off), in process to stay quick;
     the ``inspector evaluate`` command runs once on the result."""
     pytest.importorskip("torch")
@@ -289,6 +289,37 @@ def test_train_export_evaluate_on_a_tiny_neu_folder(tmp_path):
     assert set(res["per_class_iou"]) == set(CLASSES) and 0 <= res["miou"] <= 1
     names = sorted(f.name for f in (out / "overlays").iterdir())
     assert any(n.startswith("worst_01_") for n in names) and any(n.startswith("best_01_") for n in names)
+
+    # --engine torch: the run's checkpoint in torch scores the same as the graph on ONNX Runtime
+    import torch
+
+    from inspector.cli import main as cli_main
+
+    args = ["evaluate", "--bundle", str(bundles["arcd"]), "--data", str(root), "--format", "neu-seg",
+            "--split", "all", "--json"]
+    assert cli_main(args + ["--engine", "torch", "--torch-device", "cpu"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["engine"].startswith("torch-eager:cpu:fp32") and "checkpoint" in got["engine"]
+    assert res["engine"].startswith("onnxruntime:CPUExecutionProvider")
+    for key in ("miou", "mpa", "pixel_auroc", "f1"):
+        assert got[key] == pytest.approx(res[key], abs=2e-3), key
+    # a checkpoint that is not the exported one (changed after the export) is refused, one line
+    ck = torch.load(tmp_path / "run-arcd" / "checkpoint.pt", weights_only=True)
+    ck["discrimination"]["final.bias"][1] += 5.0
+    torch.save(ck, tmp_path / "changed.pt")
+    assert cli_main(args + ["--engine", "torch", "--torch-device", "cpu",
+                            "--checkpoint", str(tmp_path / "changed.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the graph" in err and "changed.pt" in err and "Traceback" not in err
+    # another network's checkpoint (the U-Net baseline has no R) and a missing one: named
+    assert cli_main(args + ["--engine", "torch", "--torch-device", "cpu",
+                            "--checkpoint", str(tmp_path / "run-unet" / "checkpoint.pt")]) == 2
+    assert "not a checkpoint of" in capsys.readouterr().err
+    assert cli_main(args + ["--engine", "torch", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "nope.pt" in capsys.readouterr().err
+    # the torch options without --engine torch are a mistake, not ignored
+    assert cli_main(args + ["--checkpoint", str(tmp_path / "changed.pt")]) == 2
+    assert "--engine torch only" in capsys.readouterr().err
 
 
 def test_evaluate_a_probability_bundle_on_a_fixture_set(tmp_path, toy_bundle):

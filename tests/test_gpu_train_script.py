@@ -49,3 +49,15 @@ def test_probe_sizes_every_job_to_fit_the_budget(tmp_path):
     # every job ends inside the budget at the measured rates
     assert s1 / 40 + s2 / 50 <= 330 and s2 / 30 <= 330
     assert "rates it/s" in r.stderr
+
+
+def test_probe_with_too_few_log_lines_says_so(tmp_path):
+    """One step line per stage gives no rate: a clear message, not a ZeroDivisionError."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "arcd.log").write_text("\n".join(log_lines(1, 40, 20) + log_lines(2, 50, 20, 10)))
+    r = subprocess.run([sys.executable, "-c", probe_program(), str(probe), "330"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "arcd.log: stage 1 logged 1 step line(s)" in r.stderr and "ZeroDivision" not in r.stderr
+

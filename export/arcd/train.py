@@ -582,6 +582,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # same seed on every rank: DDP starts from identical weights
     dev = _init_distributed(cfg.device)
+    if dev.type == "cuda":
+        # fixed crop sizes per stage: cuDNN times its algorithms once per shape and keeps the fastest
+        torch.backends.cudnn.benchmark = True
     r, d = build_models(cfg.model)
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     r.to(dev, memory_format=fmt)

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 
 from inspector.bundle import BUNDLE_FILE, Bundle, load_bundle
+from inspector.engines.base import Engine
 from inspector.errors import BundleError
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
 from inspector.evaluation.datasets import Dataset, Sample
@@ -61,10 +62,14 @@ def register_metric(kind: str, factory: Callable[[], Metric]) -> None:
 
 
 class Runner:
-    """A bundle loaded for offline use: adapter + post-processing, one image at a time."""
+    """A bundle loaded for offline use: adapter + post-processing, one image at a time.
+
+    ``engine``: ONNX Runtime settings for the bundle's graph, or an engine already open on it
+    (``export.arcd.torch_engine.TorchArcdEngine`` on a training GPU, say); that one needs
+    ``bundle`` as a loaded :class:`Bundle`."""
 
     def __init__(self, bundle: str | Path | Bundle, postprocess: dict[str, Any] | None = None,
-                 engine: OnnxRuntimeConfig | None = None, max_batch: int = 0,
+                 engine: OnnxRuntimeConfig | Engine | None = None, max_batch: int = 0,
                  kind_params: dict[str, Any] | None = None):
         self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         if kind_params:  # a copy: the caller's bundle object keeps its own parameters
@@ -75,7 +80,8 @@ class Runner:
         merged = spec.postprocess.model_dump() | (postprocess or {})
         self.pp_config = PostprocessConfig.model_validate(merged)
         self.post = Postprocessor(self.pp_config, spec.classes)
-        self.engine = OnnxRuntimeEngine(self.bundle.graph_path("model"), engine)
+        self.engine = engine if isinstance(engine, Engine) else \
+            OnnxRuntimeEngine(self.bundle.graph_path("model"), engine)
         self.adapter: ModelAdapter = make_adapter(self.bundle, self.engine, max_batch)
         if kind_params and getattr(self.adapter, "params", None) is None:
             # a kind without parameters would ignore them: refuse, naming the first key
@@ -225,6 +231,7 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
         # the parameters that decide the anomaly map (fuzzymask: m, tau, flags), as run
         "kind_params": _kind_params(runner.adapter, spec.kind_params),
         "ms_per_image": round(float(np.mean(infer_ms)), 2),
+        "engine": runner.engine.backend,
         "seconds": round(time.perf_counter() - t0, 1),
     })
     if out_dir is not None:
