@@ -317,6 +317,11 @@ def test_train_export_evaluate_on_a_tiny_neu_folder(tmp_path, capsys):
     assert "not a checkpoint of" in capsys.readouterr().err
     assert cli_main(args + ["--engine", "torch", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
     assert "nope.pt" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # a GPU asked for where torch has none: named, no traceback
+        assert cli_main(args + ["--engine", "torch", "--torch-device", "cuda"]) == 2
+        assert "sees no CUDA GPU" in capsys.readouterr().err
+    assert cli_main(args + ["--engine", "torch", "--torch-device", "gpu0"]) == 2
+    assert "torch device 'gpu0'" in capsys.readouterr().err
     # the torch options without --engine torch are a mistake, not ignored
     assert cli_main(args + ["--checkpoint", str(tmp_path / "changed.pt")]) == 2
     assert "--engine torch only" in capsys.readouterr().err

@@ -74,7 +74,12 @@ class TorchArcdEngine(Engine):
             raise EngineError(f"{where}: training checkpoint {checkpoint or '(provenance names no run_dir)'} "
                               "not found; pass checkpoint= (inspector evaluate --checkpoint)")
         self.torch = torch
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError as e:
+            raise EngineError(f"torch device {device!r}: {e}") from None
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError(f"torch device {device!r}: this torch {torch.__version__} sees no CUDA GPU")
         if self.device.type == "cuda" and not tf32:
             # torch runs cuDNN convolutions in TF32 by default: probabilities then move by ~1e-3
             # against the fp32 graph (seen on an H200), as ONNX Runtime's CUDA default did (#8)
