@@ -9,8 +9,8 @@
 #   .gpudata/neu_seg            a copy of ../shared/data/neu_seg (images/ + annotations/)
 #   .gpudata/magnetic_tile      the MT_Free images of the 'train' hash split (fuzzy-mask training)
 #   .whl/                       wheels the machine's Python lacks (pydantic, pyzmq; see gpu_check.sh)
-# Environment: OUT (results folder, default gpu-train-out), BUDGET_S (seconds of main training,
-# default 330), DEVICE (default cuda), R_WIDTH / D_WIDTH (default 8 / 12), CALIB_IMAGES /
+# Environment: GPUDATA (the data folder above, default .gpudata), OUT (results folder, default
+# gpu-train-out), BUDGET_S (seconds of main training, default 330), DEVICE (default cuda), R_WIDTH / D_WIDTH (default 8 / 12), CALIB_IMAGES /
 # VAL_IMAGES (validation frames scored at the end of training; default 128 / 0 = all), JOBS (the
 # ARCD/U-Net runs, below), FUZZYMASK=0 (skip the fuzzy-mask run), STAGE1_STEPS + STAGE2_STEPS
 # (fixed steps instead of the probe, to rerun a known schedule), DATA_WORKERS (loader processes
@@ -38,6 +38,7 @@ R_WIDTH="${R_WIDTH:-8}"
 D_WIDTH="${D_WIDTH:-12}"
 PROBE="${PROBE_STEPS:-100}"
 WORK="${WORK:-/tmp/gpu-train}"
+GPUDATA="$(cd "${GPUDATA:-$REPO/.gpudata}" 2>/dev/null && pwd || echo "${GPUDATA:-$REPO/.gpudata}")"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 mkdir -p "$OUT_DIR" "$WORK"
@@ -58,7 +59,7 @@ print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
       "pydantic", pydantic.VERSION, "onnxruntime", onnxruntime.__version__)
 EOF
 tail -1 "$LOG" >&2
-[ -d .gpudata/neu_seg/images ] || { say "missing .gpudata/neu_seg"; exit 2; }
+[ -d "$GPUDATA/neu_seg/images" ] || { say "missing $GPUDATA/neu_seg"; exit 2; }
 
 # write one ARCD config from a base config: name, label fraction, reconstruction on/off, steps
 arcd_cfg() {  # name base frac recon seed s1 s2 calib val
@@ -70,7 +71,7 @@ c = yaml.safe_load(open(base))
 c.update(name=name, device="$DEVICE", data_workers=${DATA_WORKERS:-2}, threads=2, log_every=$LOG_EVERY,
          checkpoint_every=1000000, seed=int(seed or c.get("seed", 0)))
 c["model"].update(r_base_width=$R_WIDTH, d_base_channels=$D_WIDTH, reconstruction=recon == "1")
-c["data"].update(root="$REPO/.gpudata/" + Path(c["data"]["root"]).name, label_fraction=float(frac),
+c["data"].update(root="$GPUDATA/" + Path(c["data"]["root"]).name, label_fraction=float(frac),
                  calib_images=int(calib), val_images=int(val))
 c["stage1"]["steps"] = int(s1)
 c["stage2"]["steps"] = int(s2)
@@ -111,7 +112,7 @@ c = yaml.safe_load(open("configs/train/fuzzymask-mt-gpu.yaml"))
 c["device"] = "$DEVICE"
 c["max_minutes"] = round(($BUDGET - 20) / 60, 2)
 for s in c["data"]["sources"]:
-    s["root"] = "$REPO/.gpudata/magnetic_tile"
+    s["root"] = "$GPUDATA/magnetic_tile"
 yaml.safe_dump(c, open("$WORK/fuzzymask-mt-gpu.yaml", "w"), sort_keys=False)
 EOF
   $PY -m inspector train fuzzymask --config "$WORK/fuzzymask-mt-gpu.yaml" --run-dir "$WORK/fuzzymask-mt-gpu" \

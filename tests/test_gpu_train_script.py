@@ -1,11 +1,14 @@
-"""export/gpu_train.sh: the time-boxed GPU training script (runs on a lent GPU machine only, so
-here: its shell syntax and the probe arithmetic that sizes the runs)."""
+"""export/gpu_train.sh: the time-boxed GPU training script. Its real runs need a lent GPU
+machine; here: its shell syntax, the probe arithmetic that sizes the runs, and a CPU rehearsal
+(``--dry-run``, fixed steps) that trains, exports, scores and packs two tiny jobs."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -61,3 +64,45 @@ def test_probe_with_too_few_log_lines_says_so(tmp_path):
     assert r.returncode != 0
     assert "arcd.log: stage 1 logged 1 step line(s)" in r.stderr and "ZeroDivision" not in r.stderr
 
+
+
+def test_cpu_rehearsal_trains_exports_and_scores_each_job(tmp_path):
+    """``--dry-run`` on the CPU with fixed steps: an ARCD job and its U-Net twin are trained,
+    exported (parity-checked), scored by ``inspector evaluate --engine torch`` into
+    OUT/<name>.eval.json and packed; the run's logs come back as logs.tar.gz."""
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    import json
+    import os
+    import tarfile
+
+    from test_arcd_neu import neu_folder
+
+    data = tmp_path / "gpudata"
+    neu_folder(data / "neu_seg", n=24, size=200)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=sys.executable, GPUDATA=str(data), OUT=str(out),
+               WORK=str(tmp_path / "work"), DEVICE="cpu", STAGE1_STEPS="3", STAGE2_STEPS="3",
+               R_WIDTH="2", D_WIDTH="2", CALIB_IMAGES="2", VAL_IMAGES="2", DATA_WORKERS="0",
+               FUZZYMASK="0",
+               JOBS="arcd-t:configs/train/arcd-neu.yaml:1.0:1:0 unet-t:configs/train/arcd-neu.yaml:1.0:0:0")
+    r = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=280)
+    assert r.returncode == 0, (r.stderr[-3000:], (out / "gpu_train.log").read_text()[-3000:])
+    for name in ("arcd-t", "unet-t"):
+        res = json.loads((out / f"{name}.eval.json").read_text())
+        assert res["engine"].startswith("torch-eager:cpu:fp32") and res["data"]["split"] == "val"
+        assert 0 <= res["miou"] <= 1 and res["images"] >= 1
+        with tarfile.open(out / f"{name}.tar.gz") as t:
+            names = t.getnames()
+        assert f"{name}/model.onnx" in names and f"{name}/eval-val.json" in names
+    assert (out / "logs.tar.gz").is_file()
+    assert "main: stage1 3 steps, stage2 3 steps" in (out / "gpu_train.log").read_text()
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    env = dict(__import__("os").environ, PYTHON=sys.executable, GPUDATA=str(tmp_path / "nowhere"),
+               OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"), DEVICE="cpu")
+    r = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and f"missing {tmp_path / 'nowhere'}/neu_seg" in r.stderr
