@@ -393,3 +393,22 @@ def test_shipped_neu_bundles_segment_held_out_images(name):
     val.entries = val.entries[:48]
     res = evaluate_bundle(path, val)
     assert res["miou"] > 0.6 and res["pixel_auroc"] > 0.95, res
+
+
+def test_evaluate_engine_torch_without_torch_says_what_to_install(tmp_path, toy_bundle):
+    """A line PC has the runtime only: --engine torch there is one line naming the extra, and the
+    default engine still runs (torch made unimportable by a shadowing module)."""
+    import os
+
+    root = neu_folder(tmp_path / "neu", n=4)
+    (tmp_path / "shadow").mkdir()
+    (tmp_path / "shadow" / "torch.py").write_text("raise ImportError('No module named torch')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")]))
+    args = ("evaluate", "--bundle", str(toy_bundle), "--data", str(root), "--format", "neu-seg",
+            "--split", "all", "--json")
+    p = run_cli(*args, "--engine", "torch", env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "needs the training extra" in p.stderr and "Traceback" not in p.stderr
+    p = run_cli(*args, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["engine"].startswith("onnxruntime:")
