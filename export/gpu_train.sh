@@ -182,11 +182,14 @@ pack() {  # name run_dir log
     local root
     root="$($PY -c 'import sys, yaml; d = yaml.safe_load(open(sys.argv[1]))["data"]; print(d["root"] if d.get("source") == "neu-seg" else "")' "$run/config.yaml")"
     if [ "$split" != none ] && [ -n "$root" ]; then
+      # written aside and moved on success: a failed evaluation leaves no empty JSON behind
       if $PY -m inspector evaluate --bundle "$WORK/bundles/$name" --data "$root" --format neu-seg \
-          --split "$split" --json --engine torch >"$OUT_DIR/$name.eval.json" 2>>"$log"; then
+          --split "$split" --json --engine torch >"$WORK/$name.eval.json" 2>>"$log" \
+          && mv "$WORK/$name.eval.json" "$OUT_DIR/$name.eval.json"; then
         say "$name: $split $($PY -c 'import json, sys; r = json.load(open(sys.argv[1])); print("miou %.4f mpa %.4f auroc %.4f f1 %.4f" % (r["miou"], r["mpa"], r["pixel_auroc"], r["f1"]))' "$OUT_DIR/$name.eval.json")"
         cp "$OUT_DIR/$name.eval.json" "$WORK/bundles/$name/eval-$split.json"
       else
+        rm -f "$WORK/$name.eval.json"
         say "$name: evaluation failed"; tail -5 "$log" | tee -a "$LOG"
       fi
     fi
