@@ -15,6 +15,7 @@ help:
 	@echo "            DEMO_SECONDS=N stops after N seconds)"
 	@echo "make test   install dev extras and run the test suite"
 	@echo "make bench  latency benchmark of the demo config (bench-out/bench.json, bench.png)"
+	@echo "make lint   pyflakes checks (undefined names, unused imports) and syntax errors"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +43,10 @@ test-slow: $(VENV)/.dev
 
 bench: $(VENV)/.runtime
 	$(BIN)/inspector bench --config $(DEMO_CONFIG) --frames 200 --out bench-out
+
+# pyflakes' checks (F) and syntax errors (E9) only: they find bugs, not style
+lint: $(VENV)/.dev
+	$(BIN)/python -m flake8 --select=F,E9 inspector export calibration benchmarks deploy tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache bench-out

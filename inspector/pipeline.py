@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from inspector.bundle import BUNDLE_FILE, Bundle, load_bundle
+from inspector.bundle import Bundle, load_bundle
 from inspector.config import InspectorConfig
 from inspector.engines import make_engine
 from inspector.errors import ConfigError, FrameError, SourceError

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import yaml
 
 from conftest import ROOT, free_endpoint, write_config

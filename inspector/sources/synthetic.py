@@ -89,7 +89,7 @@ class StripRenderer:
 
     def background(self, rng: np.random.Generator) -> np.ndarray:
         """A defect-free frame as float32 grey levels (not yet clipped)."""
-        h, w = self.height, self.width
+        h = self.height
         field = self._bank[int(rng.integers(len(self._bank)))]
         r0 = int(rng.integers(0, field.shape[0] - h))
         r1 = int(rng.integers(0, self._fine.shape[0] - h))
