@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, TypeVar
+from typing import Any, Callable, Iterator, NamedTuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -31,7 +34,8 @@ from inspector.errors import ConfigError
 __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW", "validate_config",
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
-           "start_ranks", "end_ranks", "USER_ERRORS", "train_main", "run_kind", "git_commit"]
+           "start_ranks", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED", "sigterm_as_interrupt",
+           "train_main", "run_kind", "git_commit"]
 
 # The run folder's files (``inspector export onnx`` and the tests find them by these names)
 CHECKPOINT = "checkpoint.pt"
@@ -239,6 +243,38 @@ def end_ranks(net: torch.nn.Module, world: int, dev: torch.device, what: str,
 USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileExistsError, FileNotFoundError, ValueError)
 
 
+#: exit status of a training command stopped by Ctrl-C or SIGTERM after saving its checkpoint
+#: (128 + SIGINT, what a shell reports for Ctrl-C)
+EXIT_INTERRUPTED = 130
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM stops training the way Ctrl-C does.
+
+    The trainers catch ``KeyboardInterrupt``, save a checkpoint of the step reached and re-raise.
+    SIGTERM is how ``kill``, ``timeout``, systemd and batch schedulers stop a job, and a job
+    started in the background of a script ignores SIGINT, so without this a stopped run lost
+    everything since its last periodic checkpoint. The first SIGTERM puts the previous handler
+    back, so a second one ends the process at once (the checkpoint is written atomically: the
+    previous one survives). Outside the main thread signals cannot be handled; nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, previous)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[..., Path],
                log: logging.Logger, max_iters: str | None = None,
                errors: tuple[type[Exception], ...] = USER_ERRORS) -> int:
@@ -260,10 +296,14 @@ def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[.
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     extra = (a.max_iters,) if max_iters else ()
     try:
-        out = train(a.config, a.run_dir, a.resume, *extra)
+        with sigterm_as_interrupt():
+            out = train(a.config, a.run_dir, a.resume, *extra)
     except errors as e:
         log.error("%s", e)
         return 2
+    except KeyboardInterrupt as e:
+        log.error("training stopped (%s); continue with --resume", e or "Ctrl-C")
+        return EXIT_INTERRUPTED
     log.info("run folder: %s", out)
     return 0
 

@@ -210,6 +210,17 @@ def _needs_torch() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     _needs_torch()
+    from export.training import EXIT_INTERRUPTED, sigterm_as_interrupt
+
+    try:
+        with sigterm_as_interrupt():  # kill / timeout / systemd: checkpoint, then stop
+            return _train(args)
+    except KeyboardInterrupt as e:
+        return _fail(f"training stopped ({e or 'Ctrl-C'}); the trainer's last log line says "
+                     f"whether a checkpoint was saved; continue with --resume", EXIT_INTERRUPTED)
+
+
+def _train(args: argparse.Namespace) -> int:
     if args.kind == "arcd":
         from export.arcd.train import train
         run_dir = train(Path(args.config), Path(args.run_dir) if args.run_dir else None, args.resume)
@@ -287,10 +298,16 @@ def _add_augment_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_augment(args: argparse.Namespace) -> int:
     _needs_torch()
+    from export.training import EXIT_INTERRUPTED, sigterm_as_interrupt
+
     try:
-        return args.augment_fn(args)
+        with sigterm_as_interrupt():  # the generators' trainers checkpoint on it, as above
+            return args.augment_fn(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # messages name the argument/file
         return _fail(str(e), EXIT_BAD_INPUT)
+    except KeyboardInterrupt as e:
+        return _fail(f"stopped ({e or 'Ctrl-C'}); a training run's last log line says whether a "
+                     f"checkpoint was saved; continue with --resume", EXIT_INTERRUPTED)
 
 
 def _export_tensorrt(args: argparse.Namespace) -> int:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +32,26 @@ def write_config(path: Path, cfg: dict) -> Path:
 def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "inspector", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT, **kw)
+
+
+def sigterm_when(args: list[str], log: Path, pattern: str, timeout_s: float = 120.0
+                 ) -> tuple[int, str]:
+    """Run ``python -m *args`` as a background job of a script would (SIGINT ignored), send
+    SIGTERM once its stderr matches ``pattern``; returns (exit status, stderr)."""
+    with open(log, "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=err, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not re.search(pattern, log.read_text()):
+                if p.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"no {pattern!r} before exit / timeout:\n{log.read_text()[-2000:]}")
+                time.sleep(0.05)
+            p.send_signal(signal.SIGTERM)
+            return p.wait(timeout=timeout_s), log.read_text()
+        finally:
+            if p.poll() is None:
+                p.kill()
 
 
 def collect(endpoint: str, n: int, out: list, ready: threading.Event | None = None,

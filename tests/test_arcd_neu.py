@@ -9,13 +9,14 @@ a reason where it is absent.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA, run_cli
+from conftest import SHARED_DATA, run_cli, sigterm_when, write_config
 from inspector.evaluation.datasets import open_dataset, split_of
 from inspector.evaluation.metrics import ClassConfusion, FrameResult, class_scores, confusion_matrix
 
@@ -325,6 +326,43 @@ def test_train_export_evaluate_on_a_tiny_neu_folder(tmp_path, capsys):
     # the torch options without --engine torch are a mistake, not ignored
     assert cli_main(args + ["--checkpoint", str(tmp_path / "changed.pt")]) == 2
     assert "--engine torch only" in capsys.readouterr().err
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    """`kill` (SIGTERM) stops a run started in the background of a script (SIGINT ignored there)
+    the way Ctrl-C does: a checkpoint of the step reached, exit 130, and --resume goes on from
+    that step."""
+    pytest.importorskip("torch")
+    import torch
+    import yaml
+
+    root = neu_folder(tmp_path / "neu", n=8)
+    cfg = {"name": "term", "threads": 1, "log_every": 1, "checkpoint_every": 10 ** 6,
+           "model": {"in_channels": 1, "classes": CLASSES, "tile": [64, 64], "r_base_width": 2,
+                     "r_depth": 3, "d_base_channels": 2, "d_depth": 3},
+           "data": {"source": "neu-seg", "root": str(root), "calib_images": 2, "val_images": 2,
+                    "normal_patch": 32, "train_crop": [32, 32]},
+           "stage1": {"steps": 2, "batch_size": 2},
+           "stage2": {"steps": 100000, "batch_size": 2},
+           "evaluation": {"threshold_candidates": [0.5]}}
+    path = write_config(tmp_path / "term.yaml", cfg)
+    run = tmp_path / "run"
+    rc, err = sigterm_when(["inspector", "train", "arcd", "--config", str(path), "--run-dir", str(run)],
+                           tmp_path / "train.log", r"stage 2 step [3-9]/")
+    assert rc == 130, err[-2000:]
+    assert "signal SIGTERM" in err and "continue with --resume" in err and "Traceback" not in err
+    saved = re.search(r"interrupted at stage 2 step (\d+); checkpoint saved", err)
+    assert saved, err[-2000:]
+    step = int(saved.group(1))
+    ck = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert (ck["stage"], ck["step"], ck["done"]) == (2, step, False)
+    # the resumed run starts at that step and finishes the (now shorter) stage 2
+    cfg["stage2"]["steps"] = step + 2
+    write_config(path, cfg)
+    p = run_cli("train", "arcd", "--config", str(path), "--run-dir", str(run), "--resume")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"from step {step})" in p.stderr and f"stage 2 step {step + 2}/{step + 2}" in p.stderr
+    assert yaml.safe_load((run / "config.yaml").read_text())["stage2"]["steps"] == step + 2
 
 
 def test_evaluate_a_probability_bundle_on_a_fixture_set(tmp_path, toy_bundle):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, sigterm_when
 
 pytest.importorskip("torch", reason="training and export need the train extra (torch)")
 
@@ -107,6 +108,30 @@ def test_train_checkpoints_and_resumes(trained, caplog):
     lines = [json.loads(x) for x in (run / "losses.jsonl").read_text().splitlines()]
     assert [x["it"] for x in lines] == list(range(1, 11))
     assert lines[-1]["lr"] < lines[0]["lr"]  # the linear decay of the second "epoch"
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(trained, tmp_path):
+    """`kill` stops `python -m export.clgan.train` (SIGINT ignored, as in a script's background
+    job) with a checkpoint of the iteration reached and exit 130; --resume continues there."""
+    import torch
+
+    cfg = yaml.safe_load(trained["config"].read_text())
+    cfg.update(checkpoint_every=10 ** 6, optim=dict(cfg["optim"], n_epochs=2000))
+    cfg["data"]["sources"][0]["root"] = str(trained["data"])
+    path = tmp_path / "term.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    rc, err = sigterm_when(["export.clgan.train", "--config", str(path), "--run-dir", str(run)],
+                           tmp_path / "train.log", r" it [3-9]/")
+    assert rc == 130, err[-2000:]
+    saved = re.search(r"interrupted at iteration (\d+); checkpoint saved", err)
+    assert saved and "signal SIGTERM" in err and "Traceback" not in err, err[-2000:]
+    step = int(saved.group(1))
+    assert torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)["step"] == step
+    r = cli("train", "clgan", "--config", str(path), "--run-dir", str(run), "--resume",
+            "--max-iters", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((run / "metrics.json").read_text())["iterations"] == step + 2
 
 
 def test_bad_training_config_names_the_key(tmp_path):

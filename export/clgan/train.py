@@ -444,6 +444,11 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 err = _preview(G, pairs, preview_start, run_dir / PREVIEW)
                 atomic_save(checkpoint(), ck_path)
                 log.info("checkpoint at %d: preview crops |I - G(I)| %.2f grey levels", step, err)
+    except KeyboardInterrupt:
+        if main_rank:
+            atomic_save(checkpoint(), ck_path)
+            log.warning("interrupted at iteration %d; checkpoint saved, continue with --resume", step)
+        raise
     finally:
         if losses_f:
             losses_f.close()

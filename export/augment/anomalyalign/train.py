@@ -739,42 +739,47 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     epoch_sum, epoch_n = 0.0, 0
     epoch_losses: list = list(ck.get("epoch_losses", [])) if ck is not None else []
     with open(run_dir / LOSSES, "a") as losses_f:
-        while step < stop:
-            if deadline is not None and time.monotonic() >= deadline:
-                stopped_by = "max_minutes"
-                log.info("max_minutes %g reached at iteration %d of %d: stopping cleanly",
-                         cfg.max_minutes, step, total)
-                break
-            x, m, pidx, g = batch_at(data, step, cfg, prompt_idx)
-            lr = lr_at(step, o)
-            w = align_weight_at(step, total, o)
-            parts = trainer.step(x, m, pidx, g, w, lr)
-            step += 1
-            now = time.monotonic()
-            elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
-            update_ema(ema, parts)
-            epoch_sum, epoch_n = epoch_sum + parts["diff"], epoch_n + 1
-            if step % ipe == 0:
-                if epoch_n == ipe:  # a resumed run's first, partial epoch is not a mean
-                    epoch_losses.append([step, round(epoch_sum / epoch_n, 5)])
-                epoch_sum, epoch_n = 0.0, 0
-            if step % cfg.log_every == 0 or step == stop:
-                rate, eta = rate_eta(step - first, now - t_rate, stop - step)
-                if deadline is not None:
-                    eta = min(eta, max(0.0, deadline - now))
-                losses_f.write(json.dumps({"it": step, "epoch": round(step / ipe, 3), "lr": lr,
-                                           "w_align": w, "elapsed_s": round(elapsed, 1),
-                                           **{k_: round(v, 5) for k_, v in ema.items()}}) + "\n")
-                losses_f.flush()
-                history.append([step, ema["diff"], ema.get("align")])
-                log.info("it %d/%d ep %.1f L_diff %.4f%s lr %.2e %.2f it/s eta %s", step, total,
-                         step / ipe, ema["diff"],
-                         f" L_a {ema['align']:.4f} (w {w:g})" if "align" in ema and w else "",
-                         lr, rate, fmt_duration(eta))
-            if step % cfg.checkpoint_every == 0 and step != stop:
-                atomic_save(checkpoint(), ck_path)
-                _preview(*sampler_nets(), data, text_table, prompt_idx, cfg, run_dir / PREVIEW)
-                log.info("checkpoint at %d", step)
+        try:
+            while step < stop:
+                if deadline is not None and time.monotonic() >= deadline:
+                    stopped_by = "max_minutes"
+                    log.info("max_minutes %g reached at iteration %d of %d: stopping cleanly",
+                             cfg.max_minutes, step, total)
+                    break
+                x, m, pidx, g = batch_at(data, step, cfg, prompt_idx)
+                lr = lr_at(step, o)
+                w = align_weight_at(step, total, o)
+                parts = trainer.step(x, m, pidx, g, w, lr)
+                step += 1
+                now = time.monotonic()
+                elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
+                update_ema(ema, parts)
+                epoch_sum, epoch_n = epoch_sum + parts["diff"], epoch_n + 1
+                if step % ipe == 0:
+                    if epoch_n == ipe:  # a resumed run's first, partial epoch is not a mean
+                        epoch_losses.append([step, round(epoch_sum / epoch_n, 5)])
+                    epoch_sum, epoch_n = 0.0, 0
+                if step % cfg.log_every == 0 or step == stop:
+                    rate, eta = rate_eta(step - first, now - t_rate, stop - step)
+                    if deadline is not None:
+                        eta = min(eta, max(0.0, deadline - now))
+                    losses_f.write(json.dumps({"it": step, "epoch": round(step / ipe, 3), "lr": lr,
+                                               "w_align": w, "elapsed_s": round(elapsed, 1),
+                                               **{k_: round(v, 5) for k_, v in ema.items()}}) + "\n")
+                    losses_f.flush()
+                    history.append([step, ema["diff"], ema.get("align")])
+                    log.info("it %d/%d ep %.1f L_diff %.4f%s lr %.2e %.2f it/s eta %s", step, total,
+                             step / ipe, ema["diff"],
+                             f" L_a {ema['align']:.4f} (w {w:g})" if "align" in ema and w else "",
+                             lr, rate, fmt_duration(eta))
+                if step % cfg.checkpoint_every == 0 and step != stop:
+                    atomic_save(checkpoint(), ck_path)
+                    _preview(*sampler_nets(), data, text_table, prompt_idx, cfg, run_dir / PREVIEW)
+                    log.info("checkpoint at %d", step)
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under `inspector augment`
+            atomic_save(checkpoint(), ck_path)
+            log.warning("interrupted at iteration %d; checkpoint saved, continue with --resume", step)
+            raise
 
     atomic_save(checkpoint(), ck_path)
     _preview(*sampler_nets(), data, text_table, prompt_idx, cfg, run_dir / PREVIEW)
