@@ -191,7 +191,7 @@ def add(path: Path, eval_json: Path, backbone: str, model: str, labels: float, s
            "metrics": {m: round(result[m], 4) for m in METRICS}
            | {"per_class_iou": {k: None if v is None else round(v, 4)  # None: class absent
                                 for k, v in result.get("per_class_iou", {}).items()}},
-           "images": result.get("images"), "split": result.get("split"),
+           "images": result.get("images"), "split": (result.get("data") or {}).get("split"),
            "engine": result.get("engine"), "source": f"inspector evaluate --json ({eval_json.name})"}
     if train:
         run["train"] = train

@@ -84,6 +84,7 @@ def test_add_reads_evaluate_json_and_draws_table_and_plot(tmp_path, eval_json):
     assert added["metrics"]["per_class_iou"]["inclusion"] == round(
         evaluated["per_class_iou"]["inclusion"], 4)
     assert added["engine"] == evaluated["engine"] and added["train"] == "1 min"
+    assert added["split"] == "all" and added["images"] == 4
     assert "| SegNet | 30% | 1 |" in p.stdout
     assert (tmp_path / "out" / "arcd-pairs.png").stat().st_size > 1000
     assert (tmp_path / "out" / "arcd-pairs.md").read_text().strip() == p.stdout.strip()
