@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from inspector import __version__
 from inspector.errors import BundleError, ConfigError, EngineError, InspectorError, SourceError
@@ -208,16 +209,22 @@ def _needs_torch() -> None:
                              "pip install -e '.[train]'  (torch==2.13.0 for the CPU build)") from None
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    _needs_torch()
+def _stoppable(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a training-type command so that Ctrl-C and SIGTERM (kill, timeout, systemd) stop it
+    after its trainer saved a checkpoint: one line, exit 130, instead of a traceback."""
     from export.training import EXIT_INTERRUPTED, sigterm_as_interrupt
 
     try:
-        with sigterm_as_interrupt():  # kill / timeout / systemd: checkpoint, then stop
-            return _train(args)
+        with sigterm_as_interrupt():
+            return command(args)
     except KeyboardInterrupt as e:
-        return _fail(f"training stopped ({e or 'Ctrl-C'}); the trainer's last log line says "
-                     f"whether a checkpoint was saved; continue with --resume", EXIT_INTERRUPTED)
+        return _fail(f"stopped ({e or 'Ctrl-C'}); the trainer's last log line says whether a "
+                     f"checkpoint was saved; continue with --resume", EXIT_INTERRUPTED)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _needs_torch()
+    return _stoppable(_train, args)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -298,16 +305,10 @@ def _add_augment_commands(sub: argparse._SubParsersAction) -> None:
 
 def cmd_augment(args: argparse.Namespace) -> int:
     _needs_torch()
-    from export.training import EXIT_INTERRUPTED, sigterm_as_interrupt
-
     try:
-        with sigterm_as_interrupt():  # the generators' trainers checkpoint on it, as above
-            return args.augment_fn(args)
+        return _stoppable(args.augment_fn, args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # messages name the argument/file
         return _fail(str(e), EXIT_BAD_INPUT)
-    except KeyboardInterrupt as e:
-        return _fail(f"stopped ({e or 'Ctrl-C'}); a training run's last log line says whether a "
-                     f"checkpoint was saved; continue with --resume", EXIT_INTERRUPTED)
 
 
 def _export_tensorrt(args: argparse.Namespace) -> int:
