@@ -150,18 +150,23 @@ def plot(data: dict, path: Path) -> None:
     complete = pairs(data)
     thesis = data.get("thesis", {})
     rates = sorted({c.labels for c in complete}, reverse=True)
+    if not rates:
+        raise PairsError("no complete pair (ARCD and plain of one backbone, rate and seed) to plot")
     fig, axes = plt.subplots(1, len(rates), figsize=(5 * len(rates), 4), sharey=True, squeeze=False)
     for ax, labels in zip(axes[0], rates):
+        # each kind labelled once per panel, on the first thing drawn of it
+        legend = {"measured": "measured, one seed each", "thesis": "thesis (its private data)"}
         for x, backbone in enumerate(BACKBONES):
             cells = [c for c in complete if c.backbone == backbone and c.labels == labels]
             deltas = [complete[c]["arcd"]["metrics"]["miou"] - complete[c]["plain"]["metrics"]["miou"]
                       for c in cells]
-            ax.scatter([x] * len(deltas), deltas, color="tab:blue", zorder=3,
-                       label="measured, one seed each" if x == 0 else None)
+            if deltas:
+                ax.scatter([x] * len(deltas), deltas, color="tab:blue", zorder=3,
+                           label=legend.pop("measured", None))
             gain = thesis.get(backbone, {}).get(f"{round(labels * 100)}")
             if gain is not None:
                 ax.bar(x, gain, width=0.5, color="tab:orange", alpha=0.5,
-                       label="thesis (its private data)" if x == 0 else None)
+                       label=legend.pop("thesis", None))
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xticks(range(len(BACKBONES)), [LABELS[b] for b in BACKBONES])
         ax.set_title(f"{labels:.0%} labelled")

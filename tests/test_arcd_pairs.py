@@ -109,3 +109,7 @@ def test_bad_rows_are_refused_naming_them_and_the_file_is_kept(tmp_path, eval_js
     (tmp_path / "broken.json").write_text("{")
     assert arcd_pairs.main(["--pairs", str(tmp_path / "broken.json")]) == 2
     assert arcd_pairs.main(["--pairs", str(tmp_path / "absent.json")]) == 2
+    # runs without their twin: a table with no rows, and no plot rather than a crash
+    lone = _pairs_file(tmp_path / "lone.json", [_run("segnet", "arcd", 0.3, 1, 0.7)])
+    assert arcd_pairs.main(["--pairs", str(lone), "--out", str(tmp_path / "lone-out")]) == 2
+    assert not (tmp_path / "lone-out" / "arcd-pairs.png").exists()
