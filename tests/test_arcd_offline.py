@@ -132,6 +132,16 @@ def test_ssim_identical_is_one_and_rec_loss_zero():
     assert float(loss_n) == pytest.approx(0.0, abs=1e-6)
 
 
+def test_reconstruction_accuracy_is_the_thesis_eq_4_9():
+    from export.arcd.loss import reconstruction_accuracy
+
+    assert reconstruction_accuracy(0.0, 1.0) == 1.0
+    # Table 4.1's Base R (RA 0.5536) implies a combined loss of 5.91e-5 (spec §4.4)
+    assert reconstruction_accuracy(5.91e-5, 1.0) == pytest.approx(0.5536, abs=5e-4)
+    assert reconstruction_accuracy(2e-5, 1 - 3.91e-3) == pytest.approx(0.5536, abs=5e-4)
+    assert reconstruction_accuracy(1e-3, 0.9) == pytest.approx(np.exp(-20.0))
+
+
 def test_focal_loss_by_hand():
     # one image, 2 classes, 2 pixels: logits (2, 0) with truth 0 and (0, 1) with truth 0
     logits = torch.tensor([[[[2.0, 0.0]], [[0.0, 1.0]]]])
@@ -225,6 +235,9 @@ def test_training_reduces_loss_and_writes_run(tiny_run):
         assert np.mean(losses[-3:]) < np.mean(losses[:3]), (stage, losses)
     assert set(m["validation"]["iou"]) == set(CLASS_NAMES)
     assert m["stage1"]["final_loss"] is not None
+    hold = m["stage1"]["holdout"]
+    assert 0 <= hold["ra"] <= 1 and -1 <= hold["ssim"] <= 1  # a 12-step R: RA underflows to 0
+    assert hold["ra"] == pytest.approx(np.exp(-10000 * (hold["mse"] + (1 - hold["ssim"]) / 100)))
 
 
 def test_stage2_leaves_r_alone_and_resume_continues(tiny_run, tmp_path):

@@ -38,7 +38,8 @@ from inspector.sources.synthetic import CLASS_NAMES
 
 from export.arcd.data import DataConfig, SyntheticDataConfig, TrainingData, build_data, collate
 from export.arcd.evaluate import choose_thresholds, evaluate, predict_frame
-from export.arcd.loss import DiceLoss, FocalLoss, ReconstructionLoss, defect_vs_background
+from export.arcd.loss import (DiceLoss, FocalLoss, ReconstructionLoss, defect_vs_background,
+                              reconstruction_accuracy)
 from export.arcd.simulation import SimulationConfig
 from export.arcd.backbones import (DeepLabV3PlusDiscriminator, PSPNetDiscriminator,
                                    SegNetDiscriminator, input_multiple)
@@ -549,14 +550,15 @@ def _evaluate(state: _State, data: TrainingData) -> dict:
 
 
 def _stage1_holdout(state: _State, data: TrainingData, n: int = 16) -> dict:
-    """Reconstruction loss on simulated samples beyond the training range (held out)."""
+    """Reconstruction loss on simulated samples beyond the training range (held out), with the
+    thesis's RA (eq. 4-9) of their mean L2 and mean SSIM."""
     sc = state.cfg.stage1
     dev = next(state.r.parameters()).device
     crit = ReconstructionLoss(sc.ssim_weight, mean=state.cfg.model.mean, std=state.cfg.model.std).to(dev)
     # indices past the training range are draws of the same distribution never trained on
     base = sc.steps * sc.batch_size * state.world
     state.r.eval()
-    vals, mses = [], []
+    vals, mses, ssims = [], [], []
     with torch.no_grad():
         for i in range(n):
             item = data.stage1.sample(base + i)
@@ -564,7 +566,12 @@ def _stage1_holdout(state: _State, data: TrainingData, n: int = 16) -> dict:
             loss, parts = crit(state.r(x), y)
             vals.append(float(loss))
             mses.append(parts["mse"])
-    return {"loss": float(np.mean(vals)), "mse": float(np.mean(mses)), "samples": n}
+            ssims.append(parts["ssim"])
+    mse, ssim_mean = float(np.mean(mses)), float(np.mean(ssims))
+    ra = reconstruction_accuracy(mse, ssim_mean)
+    log.info("stage 1 hold-out (%d simulated samples): mse %.5f ssim %.4f RA %.3g (thesis eq. 4-9)",
+             n, mse, ssim_mean, ra)
+    return {"loss": float(np.mean(vals)), "mse": mse, "ssim": ssim_mean, "ra": ra, "samples": n}
 
 
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) -> Path:
