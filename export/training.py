@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inspector.config import read_yaml_mapping
-from inspector.errors import ConfigError
+from inspector.errors import CheckpointError, ConfigError
 
 __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW", "validate_config",
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "read_checkpoint",
@@ -124,8 +124,15 @@ def atomic_save(obj: Any, path: Path) -> None:
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint's dict, on the CPU; tensors and plain data only (``weights_only``)."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no checkpoint (train first, or pass the run folder)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+        raise CheckpointError(f"{path}: no checkpoint (train first, or pass the run folder)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, UnicodeDecodeError, EOFError...
+        raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}): the file is "
+                              "truncated, corrupt or not a torch checkpoint; restore it or retrain") from e
+    if not isinstance(ck, dict):
+        raise CheckpointError(f"{path}: holds a {type(ck).__name__}, not a training checkpoint")
+    return ck
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,3 +35,9 @@ class FrameError(InspectorError):
 
 class EngineError(InspectorError):
     """The inference engine failed to load or to run."""
+
+
+class CheckpointError(InspectorError, ValueError):
+    """A training checkpoint is missing, unreadable (truncated, corrupt, not a torch file) or of
+    another network; the message names the file. A ValueError too, so the training commands'
+    handlers of bad input report it as one line."""

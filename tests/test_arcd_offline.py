@@ -421,3 +421,35 @@ def test_export_cli_parity_failure_is_one_line_and_the_tolerance_is_recorded(tin
     assert load_bundle(tmp_path / "loose").spec.provenance["parity"]["tolerance"] == 1e-3
     with pytest.raises(SystemExit):  # argparse: a tolerance must be a positive number
         cli_main(["export", "onnx", "--run-dir", str(run), "--out", str(out), "--parity-tol", "0"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing", "not-a-dict"])
+def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_run, tmp_path, capsys, damage):
+    """Export and --resume of a run whose checkpoint.pt is cut short (a copy interrupted), random
+    bytes, absent or some other torch file: exit 2, one line naming the file, no traceback; the
+    file is left as it was."""
+    import shutil
+
+    from inspector.cli import main as cli_main
+
+    cfg, run = tiny_run
+    bad = tmp_path / "run"
+    bad.mkdir()
+    shutil.copy(run / "config.yaml", bad / "config.yaml")
+    ck = bad / "checkpoint.pt"
+    if damage == "truncated":
+        ck.write_bytes((run / "checkpoint.pt").read_bytes()[:4096])
+    elif damage == "garbage":
+        ck.write_bytes(np.random.default_rng(0).bytes(2048))
+    elif damage == "not-a-dict":
+        torch.save(torch.zeros(3), ck)
+    before = ck.read_bytes() if ck.exists() else None
+    assert cli_main(["export", "onnx", "--run-dir", str(bad), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert str(ck) in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "b" / "bundle.yaml").exists()
+    if damage != "missing":  # --resume of a missing checkpoint starts a new run (logged); not here
+        assert cli_main(["train", "arcd", "--config", str(cfg), "--run-dir", str(bad), "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert str(ck) in err and "Traceback" not in err, err
+        assert ck.read_bytes() == before

@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from inspector.errors import ConfigError
+from inspector.errors import CheckpointError, ConfigError
 from inspector.sources.synthetic import CLASS_NAMES
 
 from export.arcd.data import DataConfig, SyntheticDataConfig, TrainingData, build_data, collate
@@ -384,7 +384,7 @@ def load_checkpoint(path: Path) -> dict:
     """Load ``checkpoint.pt`` (tensors and plain data only)."""
     ck = read_checkpoint(path)
     if ck.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: checkpoint format {ck.get('format')!r}, expected {CHECKPOINT_FORMAT}")
+        raise CheckpointError(f"{path}: checkpoint format {ck.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     return ck
 
 
@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     # no --max-iters here, and a ValueError (e.g. a checkpoint of another format) keeps its
     # traceback: ARCD's command has always reported only these three as one-line errors
     return train_main(argv, kind="arcd", doc=__doc__, train=train, log=log,
-                      errors=(ConfigError, FileExistsError, FileNotFoundError))
+                      errors=(ConfigError, CheckpointError, FileExistsError, FileNotFoundError))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from inspector.errors import ConfigError
+from inspector.errors import CheckpointError, ConfigError
 from inspector.evaluation.datasets import SplitFractions
 from inspector.models.clgan import check_local_mean_window
 
@@ -313,7 +313,7 @@ class ClganTrainer:
 def load_checkpoint(path: Path) -> dict:
     ck = read_checkpoint(path)
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "clgan":
-        raise ValueError(f"{path}: not a CLGAN checkpoint of format {CHECKPOINT_FORMAT}")
+        raise CheckpointError(f"{path}: not a CLGAN checkpoint of format {CHECKPOINT_FORMAT}")
     return ck
 
 

@@ -44,7 +44,7 @@ import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import DataLoader
 
-from inspector.errors import ConfigError
+from inspector.errors import CheckpointError, ConfigError
 from inspector.evaluation.datasets import SplitFractions
 
 from export.fuzzymask.data import DataSource, NormalCrops, StepBatches, load_normal_images, worker_init
@@ -297,7 +297,7 @@ def _preview(net: FuzzyMaskNet, crops: NormalCrops, cfg: FuzzymaskTrainConfig, p
 def load_checkpoint(path: Path) -> dict:
     ck = read_checkpoint(path)
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "fuzzymask":
-        raise ValueError(f"{path}: not a fuzzymask checkpoint of format {CHECKPOINT_FORMAT}")
+        raise CheckpointError(f"{path}: not a fuzzymask checkpoint of format {CHECKPOINT_FORMAT}")
     return ck
 
 

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from inspector.errors import ConfigError
+from inspector.errors import CheckpointError, ConfigError
 
 from export.augment.anomalyalign.nets import (SegUNet, build_controlnet, build_unet,
                                               count_parameters, denoise, mask_to_cond)
@@ -536,7 +536,7 @@ def build_diffusion(cfg: AnomalyAlignConfig, num_classes: int):
 def load_checkpoint(path: Path) -> dict:
     ck = read_checkpoint(Path(path))
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "anomalyalign":
-        raise ValueError(f"{path}: not an AnomalyAlign checkpoint of format {CHECKPOINT_FORMAT}")
+        raise CheckpointError(f"{path}: not an AnomalyAlign checkpoint of format {CHECKPOINT_FORMAT}")
     return ck
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from inspector.errors import ConfigError
+from inspector.errors import CheckpointError, ConfigError
 
 from export.augment.defectgan.data import CropSampler, from_tensor_range, load_subset
 from export.augment.defectgan.model import (DefectDiscriminator, DefectGenerator,
@@ -263,7 +263,7 @@ class DefectGanTrainer:
 def load_checkpoint(path: Path) -> dict:
     ck = read_checkpoint(Path(path))
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != KIND:
-        raise ValueError(f"{path}: not a Defect-GAN checkpoint of format {CHECKPOINT_FORMAT}")
+        raise CheckpointError(f"{path}: not a Defect-GAN checkpoint of format {CHECKPOINT_FORMAT}")
     return ck
 
 
