@@ -247,3 +247,6 @@ def test_local_encoder_checkpoint(tmp_path):
     assert torch.allclose(grey.encoder.conv1.weight, src.encoder.conv1.weight.sum(1, keepdim=True))
     with pytest.raises(ValueError, match="does not fit"):
         FuzzyMaskNet(3, 16).load_encoder(tmp_path / "enc.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "enc.pt").read_bytes()[:1000])
+    with pytest.raises(ValueError, match="cut.pt: unreadable checkpoint"):  # a copy cut short
+        FuzzyMaskNet(3, 8).load_encoder(tmp_path / "cut.pt")

@@ -182,7 +182,9 @@ class FuzzyMaskNet(nn.Module):
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"{p}: pretrained_encoder checkpoint not found")
-        sd = torch.load(p, map_location="cpu", weights_only=True)
+        from export.training import read_checkpoint  # a damaged file: one line naming it
+
+        sd = read_checkpoint(p)
         for key in ("encoder", "state_dict", "model"):
             if isinstance(sd, dict) and isinstance(sd.get(key), dict):
                 sd = sd[key]
