@@ -37,7 +37,7 @@ from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
 from inspector.evaluation.datasets import Dataset, Sample
 from inspector.evaluation.metrics import (ClassConfusion, Counts, DefectPixelMetrics,
                                           DynamicInferenceStats, FalseAlarm, FrameResult, Metric,
-                                          PixelAUROC, scores)
+                                          PixelAUROC, confusion_matrix, scores)
 from inspector.models import ModelAdapter, make_adapter
 from inspector.postprocess import PostprocessConfig, Postprocessor
 
@@ -184,6 +184,11 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
                        "defects": len(res.defects), "score_max": round(float(res.score_map.max()), 3)}
                 if res.stats:  # fuzzymask: engine rounds, converged tiles of this image
                     row["model_stats"] = res.stats
+                if res.probs is not None:
+                    # class-index kinds: this image's K x K pixel confusion (rows truth), so two
+                    # bundles can be compared image by image (benchmarks/compare_bundles.py)
+                    k = max(len(spec.classes), int(truth.max()) + 1)
+                    row["confusion"] = confusion_matrix(res.label, truth, k).tolist()
                 per_image_f.write(json.dumps(row) + "\n")
             if out_dir is not None and i in pick:
                 name = f"{sample.entry.category}_{sample.entry.stem}.png".replace("/", "_")
