@@ -672,8 +672,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    # no --max-iters here, and a ValueError (e.g. a checkpoint of another format) keeps its
-    # traceback: ARCD's command has always reported only these three as one-line errors
+    # no --max-iters here; a damaged or foreign checkpoint is one line (CheckpointError), while
+    # any other ValueError keeps its traceback (a bug in the trainer, not the user's input)
     return train_main(argv, kind="arcd", doc=__doc__, train=train, log=log,
                       errors=(ConfigError, CheckpointError, FileExistsError, FileNotFoundError))
 
