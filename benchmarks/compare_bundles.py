@@ -72,9 +72,13 @@ def read_confusions(path: Path) -> tuple[list[str], np.ndarray]:
     k = max(len(m) for m in mats)
     out = np.zeros((len(mats), k, k), np.int64)
     for i, m in enumerate(mats):
-        a = np.asarray(m, np.int64)
-        if a.ndim != 2 or a.shape[0] != a.shape[1]:
-            raise CompareError(f"{path}: image {names[i]}: confusion is not a square matrix")
+        try:
+            a = np.asarray(m, np.int64)
+        except (TypeError, ValueError):  # ragged rows, text, null
+            a = np.zeros(0)
+        if a.ndim != 2 or a.shape[0] != a.shape[1] or (a < 0).any():
+            raise CompareError(f"{path}: image {names[i]}: confusion is not a square matrix of "
+                               "pixel counts")
         out[i, :len(a), :len(a)] = a
     return names, out
 

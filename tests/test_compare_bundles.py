@@ -80,6 +80,8 @@ def test_hand_made_pair_bootstrap_by_hand(tmp_path):
     ("other-images", "differ at image 2: x/2 vs x/3"),
     ("fewer-images", "has 2 images"),
     ("other-truth", "image x/1 has different ground truth"),
+    ("ragged", "image x/1: confusion is not a square matrix"),
+    ("text", "image x/1: confusion is not a square matrix"),
 ])
 def test_bad_inputs_are_one_line_naming_the_file(tmp_path, caplog, case, message):
     c = [[90, 0], [4, 6]]
@@ -95,6 +97,10 @@ def test_bad_inputs_are_one_line_naming_the_file(tmp_path, caplog, case, message
         _jsonl(pb, [("x/1", c)])
     elif case == "other-truth":
         _jsonl(pb, [("x/1", [[80, 0], [4, 6]]), ("x/2", c)])
+    elif case == "ragged":
+        _jsonl(pb, [("x/1", [[90, 0], [4]]), ("x/2", c)])
+    elif case == "text":
+        _jsonl(pb, [("x/1", [["a", 0], [4, 6]]), ("x/2", c)])
     assert compare_bundles.main([str(pa), str(pb)]) == 2
     (rec,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert message in rec.getMessage() and rec.exc_info is None
