@@ -53,7 +53,7 @@ def read_confusions(path: Path) -> tuple[list[str], np.ndarray]:
     if not path.is_file():
         raise CompareError(f"{path}: no such file (inspector evaluate --out DIR writes DIR/per_image.jsonl)")
     names: list[str] = []
-    mats: list[list[list[int]]] = []
+    mats: list[np.ndarray] = []
     with path.open() as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -62,32 +62,30 @@ def read_confusions(path: Path) -> tuple[list[str], np.ndarray]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise CompareError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if "confusion" not in row:
+            if not isinstance(row, dict) or "confusion" not in row:
                 raise CompareError(f"{path}:{n}: no 'confusion' (written for class-probability "
                                    "bundles, e.g. arcd, by this version of inspector evaluate)")
             names.append(str(row.get("image")))
-            mats.append(row["confusion"])
+            try:
+                a = np.asarray(row["confusion"], np.int64)
+            except (TypeError, ValueError):  # ragged rows, text, null
+                a = np.zeros(0)
+            if a.ndim != 2 or a.shape[0] != a.shape[1] or (a < 0).any():
+                raise CompareError(f"{path}:{n}: image {names[-1]}: confusion is not a square "
+                                   "matrix of pixel counts")
+            mats.append(a)
     if not mats:
         raise CompareError(f"{path}: no images")
-    k = max(len(m) for m in mats)
-    out = np.zeros((len(mats), k, k), np.int64)
-    for i, m in enumerate(mats):
-        try:
-            a = np.asarray(m, np.int64)
-        except (TypeError, ValueError):  # ragged rows, text, null
-            a = np.zeros(0)
-        if a.ndim != 2 or a.shape[0] != a.shape[1] or (a < 0).any():
-            raise CompareError(f"{path}: image {names[i]}: confusion is not a square matrix of "
-                               "pixel counts")
-        out[i, :len(a), :len(a)] = a
-    return names, out
+    k = max(len(a) for a in mats)
+    return names, np.stack([_pad(a, k) for a in mats])
 
 
 def _pad(a: np.ndarray, k: int) -> np.ndarray:
-    if a.shape[1] == k:
+    """A K' x K' matrix (or a stack of them) grown to K x K with zero counts."""
+    if a.shape[-1] == k:
         return a
-    out = np.zeros((a.shape[0], k, k), a.dtype)
-    out[:, :a.shape[1], :a.shape[1]] = a
+    out = np.zeros(a.shape[:-2] + (k, k), a.dtype)
+    out[..., :a.shape[-1], :a.shape[-1]] = a
     return out
 
 

@@ -82,6 +82,8 @@ def test_hand_made_pair_bootstrap_by_hand(tmp_path):
     ("other-truth", "image x/1 has different ground truth"),
     ("ragged", "image x/1: confusion is not a square matrix"),
     ("text", "image x/1: confusion is not a square matrix"),
+    ("null", "b.jsonl:1: image x/1: confusion is not a square matrix"),
+    ("not-a-row", "b.jsonl:1: no 'confusion'"),
 ])
 def test_bad_inputs_are_one_line_naming_the_file(tmp_path, caplog, case, message):
     c = [[90, 0], [4, 6]]
@@ -101,6 +103,10 @@ def test_bad_inputs_are_one_line_naming_the_file(tmp_path, caplog, case, message
         _jsonl(pb, [("x/1", [[90, 0], [4]]), ("x/2", c)])
     elif case == "text":
         _jsonl(pb, [("x/1", [["a", 0], [4, 6]]), ("x/2", c)])
+    elif case == "null":
+        _jsonl(pb, [("x/1", None), ("x/2", c)])
+    elif case == "not-a-row":
+        pb.write_text("[1, 2]\n")
     assert compare_bundles.main([str(pa), str(pb)]) == 2
     (rec,) = [r for r in caplog.records if r.levelname == "ERROR"]
     assert message in rec.getMessage() and rec.exc_info is None
