@@ -79,8 +79,10 @@ yaml.safe_dump(c, open("$WORK/" + name + ".yaml", "w"), sort_keys=False)
 EOF
 }
 
-# name:base config:label fraction:reconstruction (1 = ARCD, 0 = the plain U-Net baseline)[:seed]
-# (the seed changes initial weights and sample order; the labelled subset stays data.label_seed's)
+# name:base config:label fraction:reconstruction (1 = ARCD, 0 = the plain U-Net baseline)[:seed
+# [:stage-1 steps]] (the seed changes initial weights and sample order; the labelled subset stays
+# data.label_seed's; a job's own stage-1 steps replace the schedule's in the main phase only, so
+# the probe does not size them: use it with STAGE1_STEPS/STAGE2_STEPS, to train one R longer)
 NEU=configs/train/arcd-neu.yaml
 JOBS="${JOBS:-arcd-neu-gpu:$NEU:1.0:1 arcd-neu-gpu-30:$NEU:0.3:1 unet-neu-gpu:$NEU:1.0:0 unet-neu-gpu-30:$NEU:0.3:0}"
 
@@ -90,8 +92,9 @@ train_all() {  # phase s1 s2 calib val -> runs in $WORK/<phase>/<name>
   LOG_EVERY=20; [ "$phase" = probe ] && [ "$s2" -lt 100 ] && LOG_EVERY=$(( s2 / 5 > 0 ? s2 / 5 : 1 ))
   mkdir -p "$WORK/$phase"
   for j in $JOBS; do
-    IFS=: read -r name base frac recon seed <<<"$j"
-    arcd_cfg "$name" "$base" "$frac" "$recon" "${seed:-}" "$s1" "$s2" "$calib" "$val" || return 1
+    IFS=: read -r name base frac recon seed own_s1 <<<"$j"
+    [ "$phase" = main ] && [ -n "${own_s1:-}" ] || own_s1=$s1
+    arcd_cfg "$name" "$base" "$frac" "$recon" "${seed:-}" "$own_s1" "$s2" "$calib" "$val" || return 1
     $PY -m inspector train arcd --config "$WORK/$name.yaml" --run-dir "$WORK/$phase/$name" \
       >"$WORK/$phase/$name.log" 2>&1 &
     pids="$pids $!"
@@ -203,7 +206,7 @@ pack() {  # name run_dir log
 }
 mkdir -p "$WORK/bundles"
 for j in $JOBS; do
-  IFS=: read -r name _ _ _ _ <<<"$j"
+  IFS=: read -r name _ <<<"$j"
   pack "$name" "$WORK/main/$name" "$WORK/main/$name.log" &
 done
 [ -n "$FZ_PID" ] && pack fuzzymask-mt-gpu "$WORK/fuzzymask-mt-gpu" "$WORK/fuzzymask-mt-gpu.log" &

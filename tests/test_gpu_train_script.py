@@ -85,7 +85,7 @@ def test_cpu_rehearsal_trains_exports_and_scores_each_job(tmp_path):
                WORK=str(tmp_path / "work"), DEVICE="cpu", STAGE1_STEPS="3", STAGE2_STEPS="3",
                R_WIDTH="2", D_WIDTH="2", CALIB_IMAGES="2", VAL_IMAGES="2", DATA_WORKERS="0",
                FUZZYMASK="0",
-               JOBS="arcd-t:configs/train/arcd-neu.yaml:1.0:1:0 unet-t:configs/train/arcd-neu.yaml:1.0:0:0")
+               JOBS="arcd-t:configs/train/arcd-neu.yaml:1.0:1:0:5 unet-t:configs/train/arcd-neu.yaml:1.0:0:0")
     r = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=280)
     assert r.returncode == 0, (r.stderr[-3000:], (out / "gpu_train.log").read_text()[-3000:])
@@ -98,6 +98,12 @@ def test_cpu_rehearsal_trains_exports_and_scores_each_job(tmp_path):
         assert f"{name}/model.onnx" in names and f"{name}/eval-val.json" in names
     assert (out / "logs.tar.gz").is_file()
     assert "main: stage1 3 steps, stage2 3 steps" in (out / "gpu_train.log").read_text()
+    # the ARCD job's own stage-1 steps (its sixth field) replace the schedule's 3
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "work" / "main" / "arcd-t" / "config.yaml").read_text())
+    assert cfg["stage1"]["steps"] == 5 and cfg["stage2"]["steps"] == 3
+    assert json.loads((tmp_path / "work" / "main" / "arcd-t" / "metrics.json").read_text())
 
 
 def test_missing_data_folder_is_named(tmp_path):
