@@ -86,6 +86,20 @@ EOF
 NEU=configs/train/arcd-neu.yaml
 JOBS="${JOBS:-arcd-neu-gpu:$NEU:1.0:1 arcd-neu-gpu-30:$NEU:0.3:1 unet-neu-gpu:$NEU:1.0:0 unet-neu-gpu-30:$NEU:0.3:0}"
 
+# a malformed entry is named before any GPU time is spent on the others
+for j in $JOBS; do
+  IFS=: read -r name base frac recon seed own_s1 extra <<<"$j"
+  why=""
+  if [ -z "$name" ] || [ -z "${recon:-}" ] || [ -n "${extra:-}" ]; then why="expected name:base:fraction:recon[:seed[:stage-1 steps]]"
+  elif [ ! -f "$base" ]; then why="base config '$base' not found"
+  elif ! [[ "$frac" =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]]; then why="fraction '$frac' is not in (0, 1]"
+  elif ! [[ "$recon" =~ ^[01]$ ]]; then why="reconstruction '$recon' is not 1 (ARCD) or 0 (plain)"
+  elif ! [[ "${seed:-0}" =~ ^[0-9]+$ ]]; then why="seed '$seed' is not a whole number"
+  elif ! [[ "${own_s1:-1}" =~ ^[1-9][0-9]*$ ]]; then why="stage-1 steps '$own_s1' is not a positive whole number"
+  fi
+  [ -z "$why" ] || { say "JOBS entry '$j': $why"; exit 2; }
+done
+
 train_all() {  # phase s1 s2 calib val -> runs in $WORK/<phase>/<name>
   local phase=$1 s1=$2 s2=$3 calib=$4 val=$5 pids=""
   # the probe measures rates between log lines: at least five per stage

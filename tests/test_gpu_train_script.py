@@ -112,3 +112,32 @@ def test_missing_data_folder_is_named(tmp_path):
     r = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and f"missing {tmp_path / 'nowhere'}/neu_seg" in r.stderr
+
+
+@pytest.mark.parametrize("entry, why", [
+    ("a:configs/train/arcd-neu.yaml:0.3", "expected name:base:fraction:recon"),
+    ("a:configs/train/nope.yaml:0.3:1", "base config 'configs/train/nope.yaml' not found"),
+    ("a:configs/train/arcd-neu.yaml:30:1", "fraction '30' is not in (0, 1]"),
+    ("a:configs/train/arcd-neu.yaml:0:1", "fraction '0' is not in (0, 1]"),
+    ("a:configs/train/arcd-neu.yaml:0.3:yes", "reconstruction 'yes' is not 1 (ARCD) or 0 (plain)"),
+    ("a:configs/train/arcd-neu.yaml:0.3:1:x", "seed 'x' is not a whole number"),
+    ("a:configs/train/arcd-neu.yaml:0.3:1:0:3.5e3", "stage-1 steps '3.5e3' is not a positive"),
+    ("a:configs/train/arcd-neu.yaml:0.3:1:0:100:7", "expected name:base:fraction:recon"),
+])
+def test_malformed_jobs_entry_is_named_before_training(tmp_path, entry, why):
+    """A typo in one JOBS entry stops the script with exit 2 and one line naming the entry,
+    before the probe or any training starts (on a lent GPU every minute counts)."""
+    import os
+
+    from test_arcd_neu import neu_folder
+
+    data = tmp_path / "gpudata"
+    neu_folder(data / "neu_seg", n=2, size=200)
+    good = "b:configs/train/arcd-neu.yaml:1.0:0"
+    env = dict(os.environ, PYTHON=sys.executable, GPUDATA=str(data), OUT=str(tmp_path / "out"),
+               WORK=str(tmp_path / "work"), DEVICE="cpu", JOBS=f"{good} {entry}")
+    r = subprocess.run(["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"JOBS entry '{entry}': {why}" in r.stderr
+    assert not (tmp_path / "work" / "probe").exists()
