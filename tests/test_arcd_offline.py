@@ -238,6 +238,97 @@ def test_training_reduces_loss_and_writes_run(tiny_run):
     hold = m["stage1"]["holdout"]
     assert 0 <= hold["ra"] <= 1 and -1 <= hold["ssim"] <= 1  # a 12-step R: RA underflows to 0
     assert hold["ra"] == pytest.approx(np.exp(-10000 * (hold["mse"] + (1 - hold["ssim"]) / 100)))
+    # the same hold-out told apart: clean windows, simulated anomalies, and copying the input
+    count = {k: (hold[k] or {}).get("samples", 0) for k in ("clean", "anomalous", "copy_input")}
+    assert hold["samples"] == 64 and count["clean"] + count["anomalous"] == 64
+    assert count["anomalous"] > 0 and count["copy_input"] == count["anomalous"]
+    assert hold["beats_copy"] == (hold["anomalous"]["loss"] < hold["copy_input"]["loss"])
+
+
+
+def test_r_holdout_script_scores_a_run_and_names_bad_inputs(tiny_run, tmp_path, caplog):
+    """benchmarks/arcd_r_holdout.py: the trainer's hold-out on more windows, as JSON; a missing
+    or damaged checkpoint, a plain baseline run and a data root for synthetic frames are one
+    line each, exit 2."""
+    import shutil
+
+    from benchmarks.arcd_r_holdout import main
+
+    _, run = tiny_run
+    out = tmp_path / "r.json"
+    assert main([str(run), "--samples", "12", "--threads", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["samples"] == 12 and res["stage1_steps"] == 12
+    assert (res["clean"] or {}).get("samples", 0) + res["anomalous"]["samples"] == 12
+    assert res["beats_copy"] == (res["anomalous"]["loss"] < res["copy_input"]["loss"])
+    assert res["ra"] == pytest.approx(np.exp(-10000 * (res["mse"] + (1 - res["ssim"]) / 100)))
+
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    plain = tmp_path / "plain"
+    shutil.copytree(run, plain)
+    cfg = yaml.safe_load((plain / "config.yaml").read_text())
+    cfg["model"]["reconstruction"] = False
+    (plain / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cases = [
+        ([str(tmp_path / "nowhere")], "config.yaml"),
+        ([str(broken)], "unreadable checkpoint"),
+        ([str(plain)], "has no R to score"),
+        ([str(run), "--data-root", str(tmp_path)], "which have no data folder"),
+    ]
+    for argv, why in cases:
+        caplog.clear()
+        assert main(argv + ["--samples", "2", "--threads", "1"]) == 2, argv
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and why in errors[0], (argv, errors)
+
+def _holdout_items(anomalous: int, clean: int) -> list[dict]:
+    """Flat 0.3 windows; the anomalous ones carry a 0.9 square the target does not have."""
+    items = []
+    for i in range(anomalous + clean):
+        target = torch.full((1, 32, 32), 0.3)
+        image, mask = target.clone(), torch.zeros(1, 32, 32)
+        if i < anomalous:
+            image[:, 8:16, 8:16], mask[:, 8:16, 8:16] = 0.9, 1.0
+        items.append({"image": image, "target": target, "anomaly_mask": mask})
+    return items
+
+
+class _Clamp(torch.nn.Module):
+    """A perfect R for :func:`_holdout_items`: it removes everything brighter than the surface."""
+
+    def forward(self, x):
+        return torch.clamp(x, max=0.3)
+
+
+def test_reconstruction_holdout_tells_clean_from_anomalous_and_compares_with_copying():
+    from export.arcd.loss import ReconstructionLoss
+    from export.arcd.train import reconstruction_holdout
+
+    crit = ReconstructionLoss(0.01)
+    # copying the input: perfect on clean windows (RA 1), no better than itself on anomalies
+    copy = reconstruction_holdout(torch.nn.Identity(), _holdout_items(3, 2), crit)
+    assert copy["clean"]["samples"] == 2 and copy["clean"]["mse"] == 0 and copy["clean"]["ra"] == pytest.approx(1)
+    assert copy["anomalous"]["samples"] == 3 and copy["anomalous"]["loss"] == pytest.approx(copy["copy_input"]["loss"])
+    assert copy["anomalous"]["mse"] == pytest.approx((0.6 ** 2) * 64 / 1024)
+    assert copy["beats_copy"] is False
+    assert copy["samples"] == 5 and copy["mse"] == pytest.approx(3 / 5 * copy["anomalous"]["mse"])
+    # an R that repairs the anomaly beats copying, and scores RA 1 everywhere
+    fixed = reconstruction_holdout(_Clamp(), _holdout_items(3, 2), crit)
+    assert fixed["beats_copy"] is True and fixed["anomalous"]["mse"] == 0 and fixed["ra"] == pytest.approx(1)
+    # an R that returns black loses to copying
+    dark = reconstruction_holdout(_Dark(), _holdout_items(3, 2), crit)
+    assert dark["beats_copy"] is False and dark["clean"]["ra"] < 1e-3
+    # only clean samples: nothing to compare with
+    only_clean = reconstruction_holdout(torch.nn.Identity(), _holdout_items(0, 4), crit)
+    assert only_clean["anomalous"] is None and only_clean["copy_input"] is None
+    assert only_clean["beats_copy"] is None and only_clean["clean"]["samples"] == 4
+
+
+class _Dark(torch.nn.Module):
+    def forward(self, x):
+        return torch.zeros_like(x)
 
 
 def test_stage2_leaves_r_alone_and_resume_continues(tiny_run, tmp_path):
