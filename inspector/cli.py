@@ -40,6 +40,26 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
 def _fail(msg: str, code: int) -> int:
     print(f"inspector: error: {msg}", file=sys.stderr)
     return code
@@ -144,21 +164,35 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
     from inspector.publish import Subscriber
 
-    sub = Subscriber(args.endpoint, args.topic)
     save = Path(args.save_masks) if args.save_masks else None
     if save:
-        save.mkdir(parents=True, exist_ok=True)
+        try:
+            save.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return _fail(f"--save-masks {save}: cannot create the folder ({e.strerror or e})", EXIT_BAD_INPUT)
+    try:
+        sub = Subscriber(args.endpoint, args.topic)
+    except ValueError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
     n = 0
     try:
         while args.count is None or n < args.count:
-            msg = sub.recv(timeout_s=args.timeout)
+            try:
+                msg = sub.recv(timeout_s=args.timeout)
+                if msg is not None:
+                    h = msg.header
+                    mask = msg.mask() if save else None
+            except (ValueError, KeyError) as e:  # not an inspector.defects/1 publisher
+                return _fail(f"{args.endpoint}: message {n + 1} is not an inspector defect message "
+                             f"({e}); {n} received", EXIT_FAIL)
             if msg is None:
                 return _fail(f"no message from {args.endpoint} within {args.timeout}s "
                              f"({n} received)", EXIT_FAIL)
             n += 1
-            h = msg.header
             if save:
-                cv2.imwrite(str(save / f"{h['camera_id']}_{h['frame_id']:08d}.png"), msg.mask())
+                name = save / f"{h['camera_id']}_{h['frame_id']:08d}.png"
+                if not cv2.imwrite(str(name), mask):
+                    return _fail(f"--save-masks: could not write {name}; {n} received", EXIT_FAIL)
             if args.json:
                 print(json.dumps(h), flush=True)
             else:
@@ -529,8 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the pipeline of one camera")
     p.add_argument("--config", required=True, help="camera config YAML")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--frames", type=int, help="grab this many frames, drain, exit")
-    g.add_argument("--seconds", type=float, help="run this long, drain, exit")
+    g.add_argument("--frames", type=_positive_int, help="grab this many frames, drain, exit")
+    g.add_argument("--seconds", type=_positive_float, help="run this long, drain, exit")
     p.add_argument("--quiet", action="store_true", help="no status line")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(fn=cmd_run)
@@ -543,17 +577,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("subscribe", help="print (and save) the defect stream")
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5556")
     p.add_argument("--topic", default="", help="topic prefix, e.g. defects.cam1")
-    p.add_argument("--count", type=int, help="exit after this many messages")
-    p.add_argument("--timeout", type=float, help="fail if no message arrives within this many seconds")
+    p.add_argument("--count", type=_positive_int, help="exit after this many messages")
+    p.add_argument("--timeout", type=_positive_float, help="fail if no message arrives within this many seconds")
     p.add_argument("--json", action="store_true", help="one header JSON per line")
     p.add_argument("--save-masks", metavar="DIR", help="write each mask as PNG into DIR")
     p.set_defaults(fn=cmd_subscribe)
 
     p = sub.add_parser("bench", help="latency and throughput benchmark (JSON + PNG)")
     p.add_argument("--config", required=True)
-    p.add_argument("--frames", type=int, default=200, help="frames in the latency phase")
-    p.add_argument("--throughput-frames", type=int, default=100, help="frames in the throughput phase")
-    p.add_argument("--fps", type=float, help="pace of the latency phase (default: 70%% of throughput)")
+    p.add_argument("--frames", type=_positive_int, default=200, help="frames in the latency phase")
+    p.add_argument("--throughput-frames", type=_positive_int, default=100, help="frames in the throughput phase")
+    p.add_argument("--fps", type=_positive_float, help="pace of the latency phase (default: 70%% of throughput)")
     p.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     p.set_defaults(fn=cmd_bench)
 
@@ -570,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     asub = p.add_subparsers(dest="action", required=True)
     q = asub.add_parser("test", help="set and clear each alarm once on every configured PLC (commissioning)")
     q.add_argument("--config", required=True, help="camera config YAML")
-    q.add_argument("--hold", type=float, default=1.0, help="seconds each alarm stays set")
+    q.add_argument("--hold", type=_non_negative_float, default=1.0, help="seconds each alarm stays set")
     q.set_defaults(fn=cmd_alarms)
 
     p = sub.add_parser("train", help="train a model (needs the train extra)")

@@ -176,7 +176,12 @@ class Subscriber:
         self.sock.setsockopt(zmq.RCVHWM, rcvhwm)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-        self.sock.connect(endpoint)
+        try:
+            self.sock.connect(endpoint)
+        except zmq.ZMQError as e:
+            self.sock.close()
+            raise ValueError(f"{endpoint!r}: not a ZeroMQ endpoint to connect to ({e.strerror}); "
+                             "expected e.g. tcp://127.0.0.1:5556 or ipc:///run/inspector/cam1") from None
 
     def recv(self, timeout_s: float | None = None) -> Message | None:
         if timeout_s is not None and not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
@@ -185,8 +190,9 @@ class Subscriber:
         if len(parts) != 3:
             raise ValueError(f"expected 3 message parts [topic, header, mask], got {len(parts)}")
         header = json.loads(parts[1])
-        if header.get("schema") != SCHEMA:
-            raise ValueError(f"unknown schema {header.get('schema')!r}, this client reads {SCHEMA}")
+        if not isinstance(header, dict) or header.get("schema") != SCHEMA:
+            found = header.get("schema") if isinstance(header, dict) else type(header).__name__
+            raise ValueError(f"unknown schema {found!r}, this client reads {SCHEMA}")
         return Message(parts[0].decode(), header, parts[2])
 
     def close(self) -> None:

@@ -1,0 +1,78 @@
+"""`inspector subscribe` and the run/bench counts: bad input is one line and the right exit code,
+never a traceback (a line engineer types these by hand)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import zmq
+
+from conftest import run_cli
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_bad_endpoint_is_named():
+    r = run_cli("subscribe", "--endpoint", "nonsense", "--count", "1", timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "Traceback" not in r.stderr
+    assert "'nonsense': not a ZeroMQ endpoint" in r.stderr
+
+
+@pytest.mark.parametrize("args, why", [
+    (["run", "--config", "configs/demo.yaml", "--frames", "0"], "--frames: must be >= 1, got 0"),
+    (["run", "--config", "configs/demo.yaml", "--seconds", "-2"], "--seconds: must be > 0, got -2"),
+    (["subscribe", "--count", "-1"], "--count: must be >= 1, got -1"),
+    (["subscribe", "--timeout", "0"], "--timeout: must be > 0, got 0"),
+    (["bench", "--config", "configs/demo.yaml", "--frames", "x"], "--frames: not a whole number: 'x'"),
+    (["bench", "--config", "configs/demo.yaml", "--fps", "0"], "--fps: must be > 0, got 0"),
+    (["alarms", "test", "--config", "configs/demo.yaml", "--hold", "-1"], "--hold: must be >= 0, got -1"),
+])
+def test_counts_and_durations_must_make_sense(args, why):
+    """`--frames -3` used to run zero frames and exit 0 as if it had worked."""
+    r = run_cli(*args, timeout=60)
+    assert r.returncode == 2 and why in r.stderr, r.stderr
+
+
+def test_unwritable_mask_folder_is_named(tmp_path):
+    blocker = tmp_path / "masks"
+    blocker.write_text("a file where the folder should be")
+    r = run_cli("subscribe", "--endpoint", f"tcp://127.0.0.1:{_free_port()}", "--count", "1",
+                "--save-masks", str(blocker), timeout=60)
+    assert r.returncode == 2 and f"--save-masks {blocker}: cannot create the folder" in r.stderr, r.stderr
+
+
+def test_foreign_publisher_is_one_line_not_a_traceback():
+    """Pointed at a ZeroMQ publisher that is not an inspector (wrong port, another system)."""
+    port = _free_port()
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    pub.setsockopt(zmq.LINGER, 0)
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    stop = threading.Event()
+
+    def publish() -> None:  # until the subscriber has joined and read one
+        while not stop.is_set():
+            pub.send_multipart([b"plc", b'{"tag": "speed", "value": 3.2}', b"\x00"])
+            stop.wait(0.05)
+
+    t = threading.Thread(target=publish, daemon=True)
+    t.start()
+    try:
+        r = run_cli("subscribe", "--endpoint", f"tcp://127.0.0.1:{port}", "--count", "3",
+                    "--timeout", "30", timeout=60)
+    finally:
+        stop.set()
+        t.join(5)
+        pub.close()
+        ctx.term()
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    assert f"tcp://127.0.0.1:{port}: message 1 is not an inspector defect message" in r.stderr
+    assert "unknown schema None" in r.stderr and "0 received" in r.stderr
