@@ -87,6 +87,8 @@ def _check_frame_sources(args: argparse.Namespace) -> None:
         raise CalibrationInputError("--format: required with --defects (magnetic-tile or neu-seg)")
     if args.normal and not Path(args.normal).is_dir():
         raise CalibrationInputError(f"--normal {args.normal}: folder not found")
+    if args.threads < 0:
+        raise CalibrationInputError(f"--threads: must be >= 0 (0 = all cores), got {args.threads}")
 
 
 # -- thresholds -----------------------------------------------------------------------------------

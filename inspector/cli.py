@@ -50,6 +50,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return v
+
+
 def _non_negative_float(text: str) -> float:
     try:
         v = float(text)
@@ -612,7 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="training config YAML")
     p.add_argument("--run-dir", help="run folder (default: runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--max-iters", type=int, help="clgan, fuzzymask: stop after this many iterations "
+    p.add_argument("--max-iters", type=_positive_int, help="clgan, fuzzymask: stop after this many iterations "
                                                  "(smoke runs)")
     p.set_defaults(fn=cmd_train)
 
@@ -626,8 +636,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DIR", help="tensorrt int8: folder of calibration frames")
     p.add_argument("--shapes", default="1:8:8", help="tensorrt: tile batch profiles MIN:OPT:MAX[,...] "
                                                      "(a 256x1600 frame in 256-px tiles is 7 tiles)")
-    p.add_argument("--workspace-mb", type=int, default=1024, help="tensorrt: builder workspace")
-    p.add_argument("--device", type=int, default=0, help="tensorrt: CUDA device")
+    p.add_argument("--workspace-mb", type=_positive_int, default=1024, help="tensorrt: builder workspace")
+    p.add_argument("--device", type=_non_negative_int, default=0, help="tensorrt: CUDA device")
     p.add_argument("--cache-dir", help="tensorrt: engine cache (default <bundle>/engines)")
     p.add_argument("--parity-tol", type=_positive_float, default=None, metavar="TOL",
                    help="onnx: max |torch - ONNX Runtime| allowed (default: the kind's own, "
@@ -635,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="tensorrt: build exactly what this camera config's engine loads")
     p.add_argument("--json", action="store_true", help="tensorrt: print the result as JSON")
     p.add_argument("--name", help="bundle name (default: the folder name)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=_positive_int, default=17)
     p.set_defaults(fn=cmd_export)
 
     _add_augment_commands(sub)
@@ -655,14 +665,14 @@ def build_parser() -> argparse.ArgumentParser:
                                         "AUROC, false alarms (JSON, overlays)")
     data_opts(p, "all")
     p.add_argument("--out", help="folder for metrics.json, per_image.jsonl and overlays/")
-    p.add_argument("--overlays", type=int, default=0, help="overlay PNGs to write into --out")
+    p.add_argument("--overlays", type=_non_negative_int, default=0, help="overlay PNGs to write into --out")
     p.add_argument("--overlay-pick", choices=["spread", "worst-best"], default=None,
                    help="which images get overlays (default: worst-best for arcd, else spread)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a post-processing or kind_params key of the bundle for this run, "
                         "e.g. k1=3.5 or local_mean_window=31 (repeatable)")
     p.add_argument("--resize", metavar="HxW", help="resize images (masks nearest) before the model")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all)")
+    p.add_argument("--threads", type=_non_negative_int, default=0, help="onnxruntime intra-op threads (0 = all)")
     p.add_argument("--engine", choices=["onnxruntime", "torch"], default="onnxruntime",
                    help="torch: an arcd bundle's training checkpoint in torch (GPU when present; "
                         "needs the train extra), checked against the graph on one tile first")
@@ -692,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--objective", choices=["class_mean_auroc", "pixel_auroc", "f1", "iou"],
                    default="class_mean_auroc", help="what picks the window (default: pixel AUROC per "
                                                     "defect class, averaged over the classes)")
-    q.add_argument("--stride", type=int, default=2, help="AUROC on every n-th pixel (memory)")
+    q.add_argument("--stride", type=_positive_int, default=2, help="AUROC on every n-th pixel (memory)")
     q.add_argument("--out", default="calib-out", help="folder for sweep_local_mean_window.json and .png")
     q.add_argument("--write", action="store_true", help="store the best window in the bundle (resets "
                                                         "an absolute floor calibrated on the old residual)")

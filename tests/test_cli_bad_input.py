@@ -1,5 +1,6 @@
-"""`inspector subscribe` and the run/bench counts: bad input is one line and the right exit code,
-never a traceback (a line engineer types these by hand)."""
+"""Command-line input a line engineer types by hand: `inspector subscribe` pointed at the wrong
+place, and counts or durations that cannot be meant (zero, negative). One line naming the option
+and the right exit code, never a traceback or a run that silently does nothing."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def test_bad_endpoint_is_named():
     (["bench", "--config", "configs/demo.yaml", "--frames", "x"], "--frames: not a whole number: 'x'"),
     (["bench", "--config", "configs/demo.yaml", "--fps", "0"], "--fps: must be > 0, got 0"),
     (["alarms", "test", "--config", "configs/demo.yaml", "--hold", "-1"], "--hold: must be >= 0, got -1"),
+    (["evaluate", "--bundle", "deploy/models/demo-arcd", "--data", ".", "--format", "folder",
+      "--overlays", "-2"], "--overlays: must be >= 0, got -2"),
+    (["train", "clgan", "--config", "configs/train/clgan-mt.yaml", "--max-iters", "0"],
+     "--max-iters: must be >= 1, got 0"),
+    (["calibrate", "thresholds", "--config", "configs/demo.yaml", "--frames", "20", "--target-fpr",
+      "0.02", "--threads", "-1", "--dry-run"], "--threads: must be >= 0 (0 = all cores), got -1"),
 ])
 def test_counts_and_durations_must_make_sense(args, why):
     """`--frames -3` used to run zero frames and exit 0 as if it had worked."""
