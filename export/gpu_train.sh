@@ -87,10 +87,13 @@ NEU=configs/train/arcd-neu.yaml
 JOBS="${JOBS:-arcd-neu-gpu:$NEU:1.0:1 arcd-neu-gpu-30:$NEU:0.3:1 unet-neu-gpu:$NEU:1.0:0 unet-neu-gpu-30:$NEU:0.3:0}"
 
 # a malformed entry is named before any GPU time is spent on the others
+seen=" "
 for j in $JOBS; do
   IFS=: read -r name base frac recon seed own_s1 extra <<<"$j"
   why=""
   if [ -z "$name" ] || [ -z "${recon:-}" ] || [ -n "${extra:-}" ]; then why="expected name:base:fraction:recon[:seed[:stage-1 steps]]"
+  elif ! [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]]; then why="name '$name': use letters, digits, '.', '_' and '-' only (it names files)"
+  elif [[ "$seen" == *" $name "* ]]; then why="name '$name' is used twice (the runs would overwrite each other)"
   elif [ ! -f "$base" ]; then why="base config '$base' not found"
   elif ! [[ "$frac" =~ ^(0?\.[0-9]*[1-9][0-9]*|1(\.0*)?)$ ]]; then why="fraction '$frac' is not in (0, 1]"
   elif ! [[ "$recon" =~ ^[01]$ ]]; then why="reconstruction '$recon' is not 1 (ARCD) or 0 (plain)"
@@ -98,6 +101,7 @@ for j in $JOBS; do
   elif ! [[ "${own_s1:-1}" =~ ^[1-9][0-9]*$ ]]; then why="stage-1 steps '$own_s1' is not a positive whole number"
   fi
   [ -z "$why" ] || { say "JOBS entry '$j': $why"; exit 2; }
+  seen="$seen$name "
 done
 
 train_all() {  # phase s1 s2 calib val -> runs in $WORK/<phase>/<name>

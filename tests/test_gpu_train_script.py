@@ -123,6 +123,8 @@ def test_missing_data_folder_is_named(tmp_path):
     ("a:configs/train/arcd-neu.yaml:0.3:1:x", "seed 'x' is not a whole number"),
     ("a:configs/train/arcd-neu.yaml:0.3:1:0:3.5e3", "stage-1 steps '3.5e3' is not a positive"),
     ("a:configs/train/arcd-neu.yaml:0.3:1:0:100:7", "expected name:base:fraction:recon"),
+    ("a/b:configs/train/arcd-neu.yaml:0.3:1", "name 'a/b': use letters, digits"),
+    ("b:configs/train/arcd-neu.yaml:0.3:1", "name 'b' is used twice"),
 ])
 def test_malformed_jobs_entry_is_named_before_training(tmp_path, entry, why):
     """A typo in one JOBS entry stops the script with exit 2 and one line naming the entry,
