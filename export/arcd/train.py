@@ -605,8 +605,8 @@ def _stage1_holdout(state: _State, data: TrainingData, n: int = 64) -> dict:
     if res["beats_copy"] is False:
         log.warning("R reconstructs the simulated anomalies worse than copying its input would "
                     "(loss %.5f against %.5f): its residual carries the surface's texture as well "
-                    "as defects; a longer stage 1 or a wider R may help",
-                    res["anomalous"]["loss"], res["copy_input"]["loss"])
+                    "as defects, and D may gain little from it over a plain D (README: 'R in the "
+                    "thesis's own terms')", res["anomalous"]["loss"], res["copy_input"]["loss"])
     return res
 
 
