@@ -635,7 +635,11 @@ def test_bench_reports_engine_calls_and_the_cost_against_one_plain_pass(toy, tmp
     assert r.returncode == 0, r.stderr
     data = json.loads((out / "bench.json").read_text())
     di = data["dynamic_inference"]
-    assert di["frames"] == 20 and 1 <= di["engine_calls_per_frame"]["mean"] <= 11
+    # every grabbed frame is published or counted as dropped (a loaded machine may drop a few at
+    # the paced rate); the engine-call figures cover exactly the published ones
+    c = data["latency"]["counters"]
+    assert c["grabbed"] == 20 and c["published"] + sum(c["dropped"].values()) == 20
+    assert di["frames"] == c["published"] >= 10 and 1 <= di["engine_calls_per_frame"]["mean"] <= 11
     assert di["plain_pass_engine_ms"]["p50"] > 0 and di["ratio_p50"] > 0 and di["target_ratio"] == 4.0
     assert data["summary"]["engine_calls_per_frame"] == di["engine_calls_per_frame"]["mean"]
     assert (out / "bench.png").stat().st_size > 10_000
