@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from inspector.argtypes import non_negative_int
+
 log = logging.getLogger("inspector.calibrate")
 
 __all__ = ["add_calibrate_commands", "comma_floats", "comma_ints"]
@@ -87,8 +89,6 @@ def _check_frame_sources(args: argparse.Namespace) -> None:
         raise CalibrationInputError("--format: required with --defects (magnetic-tile or neu-seg)")
     if args.normal and not Path(args.normal).is_dir():
         raise CalibrationInputError(f"--normal {args.normal}: folder not found")
-    if args.threads < 0:
-        raise CalibrationInputError(f"--threads: must be >= 0 (0 = all cores), got {args.threads}")
 
 
 # -- thresholds -----------------------------------------------------------------------------------
@@ -479,7 +479,7 @@ def add_calibrate_commands(csub: argparse._SubParsersAction) -> None:
                    help="probability models: lowest class threshold calibration may set")
     q.add_argument("--flat-field", metavar="NPZ", help="with --normal: apply these flat-field maps "
                                                        "(--config uses its preprocess.flat_field)")
-    q.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all)")
+    q.add_argument("--threads", type=non_negative_int, default=0, help="onnxruntime intra-op threads (0 = all)")
     q.add_argument("--out", default="calib-out/thresholds", help="report folder (thresholds.json, PNGs)")
     q.add_argument("--dry-run", action="store_true", help="report only; do not write the bundle")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -501,7 +501,7 @@ def add_calibrate_commands(csub: argparse._SubParsersAction) -> None:
     q.add_argument("--check-fraction", type=float, default=0.3, help="share of frames held back (hash of the stem)")
     q.add_argument("--calib-fraction", type=float, help="share used to calibrate (default: the rest)")
     q.add_argument("--flat-field", metavar="NPZ", help="with --normal: apply these flat-field maps")
-    q.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0 = all)")
+    q.add_argument("--threads", type=non_negative_int, default=0, help="onnxruntime intra-op threads (0 = all)")
     q.add_argument("--out", default="calib-out/convergence", help="report folder (convergence.json, .png)")
     q.add_argument("--dry-run", action="store_true", help="report only; do not write the bundle")
     q.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from inspector import __version__
+from inspector.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from inspector.errors import BundleError, ConfigError, EngineError, InspectorError, SourceError
 
 log = logging.getLogger("inspector")
@@ -28,46 +29,6 @@ EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return v
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return v
 
 
 def _fail(msg: str, code: int) -> int:
@@ -573,8 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the pipeline of one camera")
     p.add_argument("--config", required=True, help="camera config YAML")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--frames", type=_positive_int, help="grab this many frames, drain, exit")
-    g.add_argument("--seconds", type=_positive_float, help="run this long, drain, exit")
+    g.add_argument("--frames", type=positive_int, help="grab this many frames, drain, exit")
+    g.add_argument("--seconds", type=positive_float, help="run this long, drain, exit")
     p.add_argument("--quiet", action="store_true", help="no status line")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     p.set_defaults(fn=cmd_run)
@@ -587,17 +548,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("subscribe", help="print (and save) the defect stream")
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5556")
     p.add_argument("--topic", default="", help="topic prefix, e.g. defects.cam1")
-    p.add_argument("--count", type=_positive_int, help="exit after this many messages")
-    p.add_argument("--timeout", type=_positive_float, help="fail if no message arrives within this many seconds")
+    p.add_argument("--count", type=positive_int, help="exit after this many messages")
+    p.add_argument("--timeout", type=positive_float, help="fail if no message arrives within this many seconds")
     p.add_argument("--json", action="store_true", help="one header JSON per line")
     p.add_argument("--save-masks", metavar="DIR", help="write each mask as PNG into DIR")
     p.set_defaults(fn=cmd_subscribe)
 
     p = sub.add_parser("bench", help="latency and throughput benchmark (JSON + PNG)")
     p.add_argument("--config", required=True)
-    p.add_argument("--frames", type=_positive_int, default=200, help="frames in the latency phase")
-    p.add_argument("--throughput-frames", type=_positive_int, default=100, help="frames in the throughput phase")
-    p.add_argument("--fps", type=_positive_float, help="pace of the latency phase (default: 70%% of throughput)")
+    p.add_argument("--frames", type=positive_int, default=200, help="frames in the latency phase")
+    p.add_argument("--throughput-frames", type=positive_int, default=100, help="frames in the throughput phase")
+    p.add_argument("--fps", type=positive_float, help="pace of the latency phase (default: 70%% of throughput)")
     p.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     p.set_defaults(fn=cmd_bench)
 
@@ -614,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     asub = p.add_subparsers(dest="action", required=True)
     q = asub.add_parser("test", help="set and clear each alarm once on every configured PLC (commissioning)")
     q.add_argument("--config", required=True, help="camera config YAML")
-    q.add_argument("--hold", type=_non_negative_float, default=1.0, help="seconds each alarm stays set")
+    q.add_argument("--hold", type=non_negative_float, default=1.0, help="seconds each alarm stays set")
     q.set_defaults(fn=cmd_alarms)
 
     p = sub.add_parser("train", help="train a model (needs the train extra)")
@@ -622,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="training config YAML")
     p.add_argument("--run-dir", help="run folder (default: runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    p.add_argument("--max-iters", type=_positive_int, help="clgan, fuzzymask: stop after this many iterations "
+    p.add_argument("--max-iters", type=positive_int, help="clgan, fuzzymask: stop after this many iterations "
                                                  "(smoke runs)")
     p.set_defaults(fn=cmd_train)
 
@@ -636,16 +597,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="DIR", help="tensorrt int8: folder of calibration frames")
     p.add_argument("--shapes", default="1:8:8", help="tensorrt: tile batch profiles MIN:OPT:MAX[,...] "
                                                      "(a 256x1600 frame in 256-px tiles is 7 tiles)")
-    p.add_argument("--workspace-mb", type=_positive_int, default=1024, help="tensorrt: builder workspace")
-    p.add_argument("--device", type=_non_negative_int, default=0, help="tensorrt: CUDA device")
+    p.add_argument("--workspace-mb", type=positive_int, default=1024, help="tensorrt: builder workspace")
+    p.add_argument("--device", type=non_negative_int, default=0, help="tensorrt: CUDA device")
     p.add_argument("--cache-dir", help="tensorrt: engine cache (default <bundle>/engines)")
-    p.add_argument("--parity-tol", type=_positive_float, default=None, metavar="TOL",
+    p.add_argument("--parity-tol", type=positive_float, default=None, metavar="TOL",
                    help="onnx: max |torch - ONNX Runtime| allowed (default: the kind's own, "
                         "1e-4 for arcd); the value used is recorded in the bundle")
     p.add_argument("--config", help="tensorrt: build exactly what this camera config's engine loads")
     p.add_argument("--json", action="store_true", help="tensorrt: print the result as JSON")
     p.add_argument("--name", help="bundle name (default: the folder name)")
-    p.add_argument("--opset", type=_positive_int, default=17)
+    p.add_argument("--opset", type=positive_int, default=17)
     p.set_defaults(fn=cmd_export)
 
     _add_augment_commands(sub)
@@ -665,14 +626,14 @@ def build_parser() -> argparse.ArgumentParser:
                                         "AUROC, false alarms (JSON, overlays)")
     data_opts(p, "all")
     p.add_argument("--out", help="folder for metrics.json, per_image.jsonl and overlays/")
-    p.add_argument("--overlays", type=_non_negative_int, default=0, help="overlay PNGs to write into --out")
+    p.add_argument("--overlays", type=non_negative_int, default=0, help="overlay PNGs to write into --out")
     p.add_argument("--overlay-pick", choices=["spread", "worst-best"], default=None,
                    help="which images get overlays (default: worst-best for arcd, else spread)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a post-processing or kind_params key of the bundle for this run, "
                         "e.g. k1=3.5 or local_mean_window=31 (repeatable)")
     p.add_argument("--resize", metavar="HxW", help="resize images (masks nearest) before the model")
-    p.add_argument("--threads", type=_non_negative_int, default=0, help="onnxruntime intra-op threads (0 = all)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="onnxruntime intra-op threads (0 = all)")
     p.add_argument("--engine", choices=["onnxruntime", "torch"], default="onnxruntime",
                    help="torch: an arcd bundle's training checkpoint in torch (GPU when present; "
                         "needs the train extra), checked against the graph on one tile first")
@@ -702,7 +663,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--objective", choices=["class_mean_auroc", "pixel_auroc", "f1", "iou"],
                    default="class_mean_auroc", help="what picks the window (default: pixel AUROC per "
                                                     "defect class, averaged over the classes)")
-    q.add_argument("--stride", type=_positive_int, default=2, help="AUROC on every n-th pixel (memory)")
+    q.add_argument("--stride", type=positive_int, default=2, help="AUROC on every n-th pixel (memory)")
     q.add_argument("--out", default="calib-out", help="folder for sweep_local_mean_window.json and .png")
     q.add_argument("--write", action="store_true", help="store the best window in the bundle (resets "
                                                         "an absolute floor calibrated on the old residual)")

@@ -7,18 +7,9 @@ import argparse
 import importlib
 from pathlib import Path
 
-__all__ = ["positive", "add_train_command"]
+from inspector.argtypes import positive_int
 
-
-def positive(text: str) -> int:
-    """argparse type: a whole number >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
+__all__ = ["add_train_command"]
 
 
 def add_train_command(sub: argparse._SubParsersAction, kind: str, iterations: str) -> None:
@@ -38,5 +29,5 @@ def add_train_command(sub: argparse._SubParsersAction, kind: str, iterations: st
     q.add_argument("--config", required=True, help=f"training YAML (kind: {kind})")
     q.add_argument("--run-dir", help="run folder (default: runs/<name>-<time>)")
     q.add_argument("--resume", action="store_true", help="continue from the run folder's checkpoint")
-    q.add_argument("--max-iters", type=positive, help=f"stop after this many {iterations}")
+    q.add_argument("--max-iters", type=positive_int, help=f"stop after this many {iterations}")
     q.set_defaults(augment_fn=cmd_train)

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from export.augment.cli_common import add_train_command, positive
+from export.augment.cli_common import add_train_command
+from inspector.argtypes import positive_int
 
 __all__ = ["add_commands"]
 
@@ -39,12 +40,12 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
                                       "prompts; write NEU-Seg pairs + manifest")
     q.add_argument("--run-dir", required=True, help="trained run folder (checkpoint.pt)")
     q.add_argument("--out", required=True, help="output folder (must not hold a manifest yet)")
-    q.add_argument("--n", type=positive, required=True, help="pairs to write")
+    q.add_argument("--n", type=positive_int, required=True, help="pairs to write")
     q.add_argument("--seed", type=int, default=0, help="everything random derives from it")
-    q.add_argument("--steps", type=positive, help="DDIM steps (default: the run's sample.steps)")
+    q.add_argument("--steps", type=positive_int, help="DDIM steps (default: the run's sample.steps)")
     q.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the "
                                                   "run's sample.guidance_scale; 1 = off)")
-    q.add_argument("--batch-size", type=positive, help="images per DDIM batch")
-    q.add_argument("--threads", type=positive, help="torch threads (default: the run's threads)")
+    q.add_argument("--batch-size", type=positive_int, help="images per DDIM batch")
+    q.add_argument("--threads", type=positive_int, help="torch threads (default: the run's threads)")
     q.add_argument("--grid", help="also write a PNG grid of the first 16 pairs with their masks")
     q.set_defaults(augment_fn=cmd_sample)

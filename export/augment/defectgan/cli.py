@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from export.augment.cli_common import add_train_command, positive
+from export.augment.cli_common import add_train_command
+from inspector.argtypes import positive_int
 
 __all__ = ["add_commands"]
 
@@ -39,15 +40,15 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
                                       "NEU-Seg pairs + manifest")
     q.add_argument("--run-dir", required=True, help="trained run folder (checkpoint.pt)")
     q.add_argument("--out", required=True, help="output folder (must not hold a manifest yet)")
-    q.add_argument("--n", type=positive, required=True, help="pairs to write")
+    q.add_argument("--n", type=positive_int, required=True, help="pairs to write")
     q.add_argument("--seed", type=int, default=0, help="everything random derives from it")
     q.add_argument("--classes", help="comma list of defect classes to synthesise, taken in turn "
                                      "(default: all, e.g. inclusion,patches,scratches)")
     q.add_argument("--threshold", type=float, help="distribution map -> mask (default: the run's "
                                                    "sample.threshold, 0.5)")
-    q.add_argument("--min-defect-px", type=positive, help="smallest synthetic mask that is pasted "
+    q.add_argument("--min-defect-px", type=positive_int, help="smallest synthetic mask that is pasted "
                                                            "(default: the run's sample.min_defect_px, 20)")
-    q.add_argument("--defects-per-image", type=positive, default=1, help="synthetic defects per image")
-    q.add_argument("--threads", type=positive, default=1, help="torch threads (fixed for repeatability)")
+    q.add_argument("--defects-per-image", type=positive_int, default=1, help="synthetic defects per image")
+    q.add_argument("--threads", type=positive_int, default=1, help="torch threads (fixed for repeatability)")
     q.add_argument("--grid", help="also write a PNG grid of the first 16 pairs with their masks")
     q.set_defaults(augment_fn=cmd_sample)
