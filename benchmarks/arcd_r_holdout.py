@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from inspector.argtypes import positive_int  # noqa: E402
 from inspector.errors import InspectorError  # noqa: E402
 
 log = logging.getLogger("arcd_r_holdout")
@@ -33,9 +34,7 @@ def r_holdout(run_dir: Path, samples: int, data_root: Path | None = None, thread
     """Score ``run_dir``'s R on ``samples`` held-out stage-1 windows (see the module text)."""
     import torch
 
-    from export.arcd.data import build_data
-    from export.arcd.loss import ReconstructionLoss
-    from export.arcd.train import build_models, load_checkpoint, load_config, reconstruction_holdout
+    from export.arcd.train import build_models, load_checkpoint, load_config, stage1_holdout, training_data
 
     cfg = load_config(run_dir / "config.yaml")
     if not cfg.model.reconstruction:
@@ -48,15 +47,8 @@ def r_holdout(run_dir: Path, samples: int, data_root: Path | None = None, thread
     torch.set_num_threads(threads)
     r, _ = build_models(cfg.model)
     r.load_state_dict(load_checkpoint(run_dir / "checkpoint.pt")["reconstruction"])
-    data = build_data(cfg.data, tile=tuple(cfg.data.train_crop or cfg.model.tile),
-                      channels=cfg.model.in_channels, mean=cfg.model.mean, std=cfg.model.std,
-                      simulation=cfg.simulation,
-                      stage1_length=cfg.stage1.steps * cfg.stage1.batch_size,
-                      stage2_length=cfg.stage2.steps * cfg.stage2.batch_size, seed=cfg.seed)
-    crit = ReconstructionLoss(cfg.stage1.ssim_weight, mean=cfg.model.mean, std=cfg.model.std)
-    # past every index stage 1 trained on, as the trainer's own hold-out (single process)
-    base = cfg.stage1.steps * cfg.stage1.batch_size
-    res = reconstruction_holdout(r, (data.stage1.sample(base + i) for i in range(samples)), crit)
+    # the same windows the trainer's own hold-out starts with (single process)
+    res = stage1_holdout(cfg, r, training_data(cfg), samples)
     return {"run": str(run_dir), "stage1_steps": cfg.stage1.steps, "r_base_width": cfg.model.r_base_width,
             "data": str(getattr(cfg.data, "root", cfg.data.source)), **res}
 
@@ -64,13 +56,11 @@ def r_holdout(run_dir: Path, samples: int, data_root: Path | None = None, thread
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir", type=Path, help="an ARCD run folder (config.yaml + checkpoint.pt)")
-    ap.add_argument("--samples", type=int, default=400, help="held-out windows to score")
+    ap.add_argument("--samples", type=positive_int, default=400, help="held-out windows to score")
     ap.add_argument("--data-root", type=Path, help="the data folder, where the run's config names another")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=positive_int, default=2, help="torch threads")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
-    if args.samples < 1:
-        ap.error(f"--samples must be >= 1, got {args.samples}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         res = r_holdout(args.run_dir, args.samples, args.data_root, args.threads)

@@ -277,6 +277,10 @@ def test_r_holdout_script_scores_a_run_and_names_bad_inputs(tiny_run, tmp_path, 
         ([str(plain)], "has no R to score"),
         ([str(run), "--data-root", str(tmp_path)], "which have no data folder"),
     ]
+    for bad in (["--threads", "0"], ["--samples", "0"]):  # torch.set_num_threads(0) raised before
+        with pytest.raises(SystemExit) as e:
+            main([str(run), *bad])
+        assert e.value.code == 2
     for argv, why in cases:
         caplog.clear()
         assert main(argv + ["--samples", "2", "--threads", "1"]) == 2, argv

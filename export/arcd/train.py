@@ -588,13 +588,29 @@ def reconstruction_holdout(r: torch.nn.Module, items, crit: ReconstructionLoss) 
     return out
 
 
-def _stage1_holdout(state: _State, data: TrainingData, n: int = 64) -> dict:
-    """:func:`reconstruction_holdout` on ``n`` simulated samples past the training range."""
-    sc = state.cfg.stage1
-    crit = ReconstructionLoss(sc.ssim_weight, mean=state.cfg.model.mean, std=state.cfg.model.std)
+def training_data(cfg: TrainConfig, world: int = 1) -> TrainingData:
+    """The two stages' data of ``cfg``, indexed as training draws them."""
+    return build_data(cfg.data, tile=tuple(cfg.data.train_crop or cfg.model.tile), channels=cfg.model.in_channels,
+                      mean=cfg.model.mean, std=cfg.model.std, simulation=cfg.simulation,
+                      # under torchrun every rank draws its own batch of each step
+                      stage1_length=cfg.stage1.steps * cfg.stage1.batch_size * world,
+                      stage2_length=cfg.stage2.steps * cfg.stage2.batch_size * world,
+                      seed=cfg.seed)
+
+
+def stage1_holdout(cfg: TrainConfig, r: torch.nn.Module, data: TrainingData, n: int,
+                   world: int = 1) -> dict:
+    """:func:`reconstruction_holdout` on ``n`` simulated samples past stage 1's training range."""
+    sc = cfg.stage1
+    crit = ReconstructionLoss(sc.ssim_weight, mean=cfg.model.mean, std=cfg.model.std)
     # indices past the training range are draws of the same distribution never trained on
-    base = sc.steps * sc.batch_size * state.world
-    res = reconstruction_holdout(state.r, (data.stage1.sample(base + i) for i in range(n)), crit)
+    base = sc.steps * sc.batch_size * world
+    return reconstruction_holdout(r, (data.stage1.sample(base + i) for i in range(n)), crit)
+
+
+def _stage1_holdout(state: _State, data: TrainingData, n: int = 64) -> dict:
+    """The trainer's hold-out at the end of stage 1: :func:`stage1_holdout`, logged."""
+    res = stage1_holdout(state.cfg, state.r, data, n, state.world)
 
     def line(part: dict | None) -> str:
         return "-" if part is None else f"mse {part['mse']:.5f} ssim {part['ssim']:.4f} RA {part['ra']:.3g}"
@@ -658,12 +674,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
              count_parameters(r) / 1e6, count_parameters(d) / 1e6, list(cfg.model.tile),
              cfg.model.in_channels)
 
-    data = build_data(cfg.data, tile=tuple(cfg.data.train_crop or cfg.model.tile), channels=cfg.model.in_channels,
-                      mean=cfg.model.mean, std=cfg.model.std, simulation=cfg.simulation,
-                      # under torchrun every rank draws its own batch of each step
-                      stage1_length=cfg.stage1.steps * cfg.stage1.batch_size * state.world,
-                      stage2_length=cfg.stage2.steps * cfg.stage2.batch_size * state.world,
-                      seed=cfg.seed)
+    data = training_data(cfg, state.world)
     log.info("data: %s", data.description)
     if not state.done:
         if state.stage == 1:
