@@ -34,7 +34,7 @@ from inspector.errors import CheckpointError, ConfigError
 __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW", "validate_config",
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
-           "start_ranks", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED", "sigterm_as_interrupt",
+           "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED", "sigterm_as_interrupt",
            "train_main", "run_kind", "git_commit"]
 
 # The run folder's files (``inspector export onnx`` and the tests find them by these names)
@@ -196,6 +196,31 @@ def init_distributed(nccl: bool) -> Ranks:
     return Ranks(world, dist.get_rank(), local_rank)
 
 
+def check_device(spec: str, config: str | Path) -> None:
+    """Refuse a config's ``device`` this machine cannot train on, naming the file and key.
+
+    Without this, ``device: cuda`` on a CPU-only torch fails at the first ``.to()`` with
+    torch's "not compiled with CUDA" traceback, after the run folder was made.
+    """
+    if spec == "auto":
+        return
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(str(config), "device", f"'{spec}' is not a device; use auto, cpu, "
+                          "cuda or cuda:N") from None
+    if dev.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"CUDA {torch.version.cuda}"
+        raise ConfigError(str(config), "device", f"'{spec}', but torch {torch.__version__} "
+                          f"({build}) sees no CUDA GPU; set device: cpu or auto")
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        raise ConfigError(str(config), "device", f"'{spec}', but torch sees {n} GPU(s) "
+                          f"(cuda:0..cuda:{n - 1})")
+
+
 def pick_device(spec: str, local_rank: int) -> torch.device:
     """``auto``: GPU ``local_rank`` when CUDA is present, else the CPU; ``cuda``: GPU
     ``local_rank`` (one GPU per torchrun process); anything else as written."""
@@ -206,12 +231,15 @@ def pick_device(spec: str, local_rank: int) -> torch.device:
     return torch.device(spec)
 
 
-def start_ranks(device: str, threads: int, seed: int) -> tuple[Ranks, torch.device]:
+def start_ranks(device: str, threads: int, seed: int,
+                config: str | Path = "<config>") -> tuple[Ranks, torch.device]:
     """Process group, device (:func:`pick_device`), CPU threads and seed for a training run.
 
     NCCL whenever CUDA is present and the config does not ask for the CPU. The seed is the same
-    on every rank, so all networks start from the same weights.
+    on every rank, so all networks start from the same weights. A device this machine lacks is a
+    :class:`ConfigError` naming ``config`` (:func:`check_device`).
     """
+    check_device(device, config)
     ranks = init_distributed(nccl=torch.cuda.is_available() and device != "cpu")
     dev = pick_device(device, ranks.local_rank)
     if dev.type == "cuda":

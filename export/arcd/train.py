@@ -48,9 +48,10 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
                                      discriminator_input)
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
-from export.training import (atomic_save, end_ranks, fmt_duration, init_distributed,
-                             prepare_run_dir, rate_eta, read_checkpoint, read_config, train_main,
-                             validate_config, write_run_config)
+from export.training import (atomic_save, check_device, end_ranks, fmt_duration,
+                             init_distributed, pick_device, prepare_run_dir, rate_eta,
+                             read_checkpoint, read_config, train_main, validate_config,
+                             write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class TrainConfig(BaseModel):
     name: str = "arcd"
     seed: int = 0
     threads: int = Field(2, ge=1, description="torch CPU threads")
-    device: str = "cpu"
+    device: str = Field("cpu", description="cpu | cuda | cuda:N | auto (cuda when present)")
     data_workers: int = Field(0, ge=0, description="DataLoader worker processes (0 = inline)")
     #: NHWC tensors; about 2x faster for the narrow networks on CPU (oneDNN), same results
     channels_last: bool = True
@@ -301,10 +302,10 @@ def _init_distributed(cfg_device: str) -> torch.device:
     (NCCL), or the CPU (gloo) when the config's device is the CPU. A single process (plain
     ``inspector train``) returns the config's device unchanged.
     """
-    cuda = cfg_device.startswith("cuda") and torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and (cfg_device == "auto" or cfg_device.startswith("cuda"))
     ranks = init_distributed(nccl=cuda)
     if ranks.world <= 1:
-        return torch.device(cfg_device)
+        return pick_device(cfg_device, 0)
     if cuda:
         torch.cuda.set_device(ranks.local_rank)
         return torch.device("cuda", ranks.local_rank)
@@ -636,6 +637,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     """
     config_path = Path(config_path)
     cfg = load_config(config_path)
+    check_device(cfg.device, config_path)
     run_dir = prepare_run_dir(run_dir, cfg.name, resume, resume_flag="resume=True (--resume)")
     ck_path = run_dir / CHECKPOINT
     torch.set_num_threads(cfg.threads)

@@ -357,7 +357,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     """
     config_path = Path(config_path)
     cfg = load_config(config_path)
-    ranks, dev = start_ranks(cfg.device, cfg.threads, cfg.seed)
+    ranks, dev = start_ranks(cfg.device, cfg.threads, cfg.seed, config_path)
     world, rank, main_rank = ranks.world, ranks.rank, ranks.main
     run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=main_rank)
     ck_path = run_dir / CHECKPOINT

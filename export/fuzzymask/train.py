@@ -320,7 +320,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     t_start = time.monotonic()
     config_path = Path(config_path)
     cfg = load_config(config_path)
-    ranks, dev = start_ranks(cfg.device, cfg.threads, cfg.seed)
+    ranks, dev = start_ranks(cfg.device, cfg.threads, cfg.seed, config_path)
     world, rank, main_rank = ranks.world, ranks.rank, ranks.main
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convs

@@ -59,9 +59,9 @@ from export.augment.anomalyalign.prompts import (CATEGORIES, SYNONYMS, TEMPLATES
                                                  TinyClip, build_library, select_prompts,
                                                  train_tinyclip)
 from export.training import (CHECKPOINT, LOSSES, METRICS, PREVIEW, RunSettings, atomic_save,
-                             fmt_duration,
-                             pick_device, prepare_run_dir, rate_eta, read_checkpoint, read_config,
-                             train_main, update_ema, write_run_config)
+                             check_device, fmt_duration, pick_device, prepare_run_dir, rate_eta,
+                             read_checkpoint, read_config, train_main, update_ema,
+                             write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -636,6 +636,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     cfg = load_config(config_path)
     t_start = time.monotonic()
     deadline = t_start + cfg.max_minutes * 60 if cfg.max_minutes else None
+    check_device(cfg.device, config_path)
     dev = pick_device(cfg.device, 0)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)

@@ -307,7 +307,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     config_path = Path(config_path)
     t_start = time.monotonic()
     cfg = load_config(config_path)
-    _, dev = start_ranks(cfg.device, cfg.threads, cfg.seed)
+    _, dev = start_ranks(cfg.device, cfg.threads, cfg.seed, config_path)
     run_dir = prepare_run_dir(run_dir, cfg.name, resume)
     ck_path = run_dir / CHECKPOINT
     d = cfg.data
