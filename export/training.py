@@ -34,8 +34,8 @@ from inspector.errors import CheckpointError, ConfigError
 __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW", "validate_config",
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
-           "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED", "sigterm_as_interrupt",
-           "train_main", "run_kind", "git_commit"]
+           "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED",
+           "sigterm_as_interrupt", "train_main", "run_kind", "git_commit"]
 
 # The run folder's files (``inspector export onnx`` and the tests find them by these names)
 CHECKPOINT = "checkpoint.pt"
@@ -232,7 +232,7 @@ def pick_device(spec: str, local_rank: int) -> torch.device:
 
 
 def start_ranks(device: str, threads: int, seed: int,
-                config: str | Path = "<config>") -> tuple[Ranks, torch.device]:
+                config: str | Path) -> tuple[Ranks, torch.device]:
     """Process group, device (:func:`pick_device`), CPU threads and seed for a training run.
 
     NCCL whenever CUDA is present and the config does not ask for the CPU. The seed is the same

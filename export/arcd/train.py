@@ -300,7 +300,7 @@ def _init_distributed(cfg_device: str) -> torch.device:
 
     torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; each process then drives GPU ``LOCAL_RANK``
     (NCCL), or the CPU (gloo) when the config's device is the CPU. A single process (plain
-    ``inspector train``) returns the config's device unchanged.
+    ``inspector train``) gets the config's device, ``auto`` resolved (:func:`pick_device`).
     """
     cuda = torch.cuda.is_available() and (cfg_device == "auto" or cfg_device.startswith("cuda"))
     ranks = init_distributed(nccl=cuda)
