@@ -70,8 +70,16 @@ def test_train_refuses_cuda_on_a_cpu_only_machine_before_making_the_run(kind, sr
 
 
 def test_arcd_accepts_auto(tmp_path):
-    """`auto` (the other trainers' default) is a valid ARCD device too: the CPU here."""
-    from export.arcd.train import _init_distributed, load_config
+    """`auto` (the other trainers' default) is a valid ARCD device too: the CPU here. ARCD now
+    takes its device from the shared start_ranks, so a whole (tiny) run is trained with it."""
+    from export.arcd.train import train
+    from export.training import start_ranks
+    from test_arcd_offline import TINY
 
-    cfg = load_config(_with_device("configs/train/arcd-demo.yaml", "auto", tmp_path))
-    assert _init_distributed(cfg.device).type == ("cpu" if NO_GPU else "cuda")
+    _, dev = start_ranks("auto", torch.get_num_threads(), 0, "c.yaml")
+    assert dev.type == ("cpu" if NO_GPU else "cuda")
+    cfg = tmp_path / "tiny-auto.yaml"
+    cfg.write_text(yaml.safe_dump(dict(TINY, device="auto")))
+    run = train(cfg, tmp_path / "run")
+    assert (run / "metrics.json").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["device"] == "auto"

@@ -48,10 +48,9 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
                                      discriminator_input)
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
-from export.training import (atomic_save, check_device, end_ranks, fmt_duration,
-                             init_distributed, pick_device, prepare_run_dir, rate_eta,
-                             read_checkpoint, read_config, train_main, validate_config,
-                             write_run_config)
+from export.training import (atomic_save, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+                             read_checkpoint, read_config, start_ranks, train_main,
+                             validate_config, write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -293,23 +292,6 @@ def _dist_rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
-
-
-def _init_distributed(cfg_device: str) -> torch.device:
-    """Join the process group when started by ``torchrun`` with more than one process.
-
-    torchrun sets WORLD_SIZE / RANK / LOCAL_RANK; each process then drives GPU ``LOCAL_RANK``
-    (NCCL), or the CPU (gloo) when the config's device is the CPU. A single process (plain
-    ``inspector train``) gets the config's device, ``auto`` resolved (:func:`pick_device`).
-    """
-    cuda = torch.cuda.is_available() and (cfg_device == "auto" or cfg_device.startswith("cuda"))
-    ranks = init_distributed(nccl=cuda)
-    if ranks.world <= 1:
-        return pick_device(cfg_device, 0)
-    if cuda:
-        torch.cuda.set_device(ranks.local_rank)
-        return torch.device("cuda", ranks.local_rank)
-    return torch.device("cpu")
 
 
 class _State:
@@ -637,12 +619,12 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     """
     config_path = Path(config_path)
     cfg = load_config(config_path)
-    check_device(cfg.device, config_path)
+    # before the run folder exists: a device this machine lacks is refused by name; under torchrun
+    # each process joins the group and drives GPU LOCAL_RANK; one seed on every rank, so DDP
+    # starts from identical weights
+    _, dev = start_ranks(cfg.device, cfg.threads, cfg.seed, config_path)
     run_dir = prepare_run_dir(run_dir, cfg.name, resume, resume_flag="resume=True (--resume)")
     ck_path = run_dir / CHECKPOINT
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)  # same seed on every rank: DDP starts from identical weights
-    dev = _init_distributed(cfg.device)
     if dev.type == "cuda":
         # fixed crop sizes per stage: cuDNN times its algorithms once per shape and keeps the fastest
         torch.backends.cudnn.benchmark = True
