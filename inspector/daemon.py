@@ -201,6 +201,9 @@ class Daemon:
             if self.stop_requested:
                 log.info("stop requested: draining the queues (at most %gs)", cfg.daemon.stop_timeout_s)
                 n.send("STOPPING=1", "STATUS=stopping: draining the queues")
+            elif p.error is not None:  # e.g. the camera was lost and pipeline.reopen_source is off
+                n.send("STOPPING=1", f"STATUS=failed ({str(p.error).splitlines()[0][:200]}): "
+                       "draining the queues")
             else:
                 n.send("STOPPING=1", "STATUS=source finished: draining the queues")
             p.stop()

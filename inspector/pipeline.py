@@ -1,9 +1,11 @@
 """The hot path: grab -> infer -> post-process and publish, as three threads.
 
 Stages are joined by bounded queues, so throughput is set by the slowest stage. Frames are only
-ever dropped at the entrance (queue full) or where a stage fails on one frame; every grabbed
-frame ends either published or counted as dropped with a reason, so at every stop
-``grabbed == published + sum(dropped.values())``.
+ever dropped at the entrance (queue full), where a stage fails on one frame, or, when a stage
+itself dies, as the frames it can no longer carry (``stage_failed``); every grabbed frame ends
+either published or counted as dropped with a reason, so at every stop
+``grabbed == published + sum(dropped.values())``, including after a camera that is not to be
+reopened is lost: the frames already grabbed are still published.
 
 Example::
 
@@ -38,7 +40,7 @@ from inspector.sources import Source, make_source
 log = logging.getLogger(__name__)
 
 DROP_REASONS = ("queue_full", "incomplete_frame", "bad_frame", "engine_error", "postprocess_error",
-                "subscriber_slow")
+                "subscriber_slow", "stage_failed")
 _END = object()
 
 
@@ -235,25 +237,32 @@ class Pipeline:
         if self.publisher is None:
             self.open()
         self._frame_limit = frames
-        self._threads = [threading.Thread(target=self._guard, args=(fn,), name=name, daemon=True)
+        self._threads = [threading.Thread(target=self._guard, args=(fn, name), name=name, daemon=True)
                          for fn, name in ((self._grab_loop, "grab"), (self._infer_loop, "infer"),
                                           (self._post_loop, "publish"))]
         for t in self._threads:
             t.start()
 
-    def _guard(self, fn: Callable[[], None]) -> None:
+    def _guard(self, fn: Callable[[], None], stage: str) -> None:
         try:
             fn()
-        except BaseException as e:  # a stage that dies must not leave the others waiting forever
-            log.exception("stage %s failed", threading.current_thread().name)
+        except BaseException as e:
+            log.exception("stage %s failed", stage)
             self.error = self.error or e
             self._stop.set()
-            for q in (self._q_infer, self._q_post):
-                try:
-                    q.put_nowait(_END)
-                except queue.Full:
-                    pass
-            self._done.set()
+            # The grab stage passed the end marker on as it stopped, so the frames it grabbed are
+            # still published. A dead infer or publish stage must still take in what reaches it
+            # (count it, pass the end on), or the stages before it would wait forever.
+            if stage == "infer":
+                self._drain(self._q_infer)
+                self._q_post.put(_END)
+            elif stage == "publish":
+                self._drain(self._q_post)
+                self._done.set()
+
+    def _drain(self, q: queue.Queue) -> None:
+        while q.get() is not _END:
+            self.counters.drop("stage_failed")
 
     # -- stages -----------------------------------------------------------------------------------
     def _check_frame(self, frame: Frame) -> None:
@@ -340,8 +349,8 @@ class Pipeline:
                             self._q_infer.put(job, timeout=0.1)
                             break
                         except queue.Full:
-                            if self.error is not None:
-                                self.counters.drop("queue_full")
+                            if self.error is not None:  # a later stage died: nothing takes it
+                                self.counters.drop("stage_failed")
                                 break
                 else:
                     try:
@@ -359,16 +368,20 @@ class Pipeline:
             if job is _END:
                 self._q_post.put(_END)
                 return
-            job.t_queued = time.perf_counter() - job.t_queued
-            # Read per frame: swap_model() may replace it; the job carries it on to post-processing.
-            job.model = model = self.model
             try:
-                job.out = model.adapter.infer(job.frame.image)
-            except Exception as e:
-                self.counters.drop("engine_error")
-                fail(job.frame.frame_id, e)
-                continue
-            job.t_infer_done = time.perf_counter()
+                job.t_queued = time.perf_counter() - job.t_queued
+                # Read per frame: swap_model() may replace it; the job carries it on.
+                job.model = model = self.model
+                try:
+                    job.out = model.adapter.infer(job.frame.image)
+                except Exception as e:
+                    self.counters.drop("engine_error")
+                    fail(job.frame.frame_id, e)
+                    continue
+                job.t_infer_done = time.perf_counter()
+            except BaseException:
+                self.counters.drop("stage_failed")  # the frame in hand dies with the stage
+                raise
             self._q_post.put(job)
 
     def _post_loop(self) -> None:
@@ -381,57 +394,66 @@ class Pipeline:
             if job is _END:
                 self._done.set()
                 return
-            if job.model is not model:  # first frame, or the first after swap_model()
-                model = job.model
-                spec = model.bundle.spec
-                model_info = {"name": spec.name, "kind": spec.kind,
-                              "sha256": spec.graphs["model"].sha256[:16], "backend": model.backend}
-            f, out = job.frame, job.out
+            counted = False  # published or dropped: from here on the counters hold it
             try:
-                t0 = time.perf_counter()
-                label = model.post.mask(out.probs, out.residual, out.score_map)
-                g = self._geometry
-                f.strip_pos_mm = g.frame_pos_mm(f.frame_id, label.shape[0], f.meta, f.strip_pos_mm)
-                geo = Geometry(f.meta.get("mm_per_px_across", g.mm_per_px_across),
-                               f.meta.get("mm_per_px_along", g.mm_per_px_along))
-                defects, total = model.post.defects(label, out.score_map, geo, f.strip_pos_mm)
-                t1 = time.perf_counter()
-                mask_bytes = encode_mask(label, enc)
-                t2 = time.perf_counter()
-            except Exception as e:
-                self.counters.drop("postprocess_error")
-                fail(f.frame_id, e)
+                if job.model is not model:  # first frame, or the first after swap_model()
+                    model = job.model
+                    spec = model.bundle.spec
+                    model_info = {"name": spec.name, "kind": spec.kind,
+                                  "sha256": spec.graphs["model"].sha256[:16], "backend": model.backend}
+                f, out = job.frame, job.out
+                try:
+                    t0 = time.perf_counter()
+                    label = model.post.mask(out.probs, out.residual, out.score_map)
+                    g = self._geometry
+                    f.strip_pos_mm = g.frame_pos_mm(f.frame_id, label.shape[0], f.meta, f.strip_pos_mm)
+                    geo = Geometry(f.meta.get("mm_per_px_across", g.mm_per_px_across),
+                                   f.meta.get("mm_per_px_along", g.mm_per_px_along))
+                    defects, total = model.post.defects(label, out.score_map, geo, f.strip_pos_mm)
+                    t1 = time.perf_counter()
+                    mask_bytes = encode_mask(label, enc)
+                    t2 = time.perf_counter()
+                except Exception as e:
+                    self.counters.drop("postprocess_error")
+                    counted = True
+                    fail(f.frame_id, e)
+                    if out.release:
+                        out.release()
+                    continue
                 if out.release:
                     out.release()
-                continue
-            if out.release:
-                out.release()
-            timings = {"queue": job.t_queued * 1e3, **out.timings_ms,
-                       "postprocess": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3}
-            timings["pipeline"] = (time.perf_counter() - job.t_grab) * 1e3
-            t_pub = time.time_ns()
-            timings["e2e"] = (t_pub - f.t_capture_ns) / 1e6
-            header = {
-                "schema": SCHEMA, "camera_id": f.camera_id, "frame_id": f.frame_id,
-                "t_capture_ns": f.t_capture_ns, "t_publish_ns": t_pub,
-                "strip_pos_mm": round(f.strip_pos_mm, 2), "shape": list(label.shape),
-                "mask_encoding": enc, "classes": spec.classes, "model": model_info,
-                "defects": defects, "defects_total": total,
-                "timings_ms": {k: round(v, 3) for k, v in timings.items()},
-                "counters": self.counters.snapshot(), "camera_state": self.camera_state,
-            }
-            if self.publisher.send(header, mask_bytes):
-                self.counters.publish()
-            else:
-                self.counters.drop("subscriber_slow")
-                slow(f.frame_id, RuntimeError(f"send queue full ({self.cfg.publish.sndhwm} messages)"))
-            self.stats.add(time.monotonic(), timings["pipeline"], len(defects))
-            if self.on_report is not None:
-                if out.stats:
-                    # local consumers (the benchmark) see the model kind's per-frame figures;
-                    # the message already went out without them (schema unchanged)
-                    header["model_stats"] = out.stats
-                self.on_report(header)
+                timings = {"queue": job.t_queued * 1e3, **out.timings_ms,
+                           "postprocess": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3}
+                timings["pipeline"] = (time.perf_counter() - job.t_grab) * 1e3
+                t_pub = time.time_ns()
+                timings["e2e"] = (t_pub - f.t_capture_ns) / 1e6
+                header = {
+                    "schema": SCHEMA, "camera_id": f.camera_id, "frame_id": f.frame_id,
+                    "t_capture_ns": f.t_capture_ns, "t_publish_ns": t_pub,
+                    "strip_pos_mm": round(f.strip_pos_mm, 2), "shape": list(label.shape),
+                    "mask_encoding": enc, "classes": spec.classes, "model": model_info,
+                    "defects": defects, "defects_total": total,
+                    "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+                    "counters": self.counters.snapshot(), "camera_state": self.camera_state,
+                }
+                sent = self.publisher.send(header, mask_bytes)
+                counted = True
+                if sent:
+                    self.counters.publish()
+                else:
+                    self.counters.drop("subscriber_slow")
+                    slow(f.frame_id, RuntimeError(f"send queue full ({self.cfg.publish.sndhwm} messages)"))
+                self.stats.add(time.monotonic(), timings["pipeline"], len(defects))
+                if self.on_report is not None:
+                    if out.stats:
+                        # local consumers (the benchmark) see the model kind's per-frame figures;
+                        # the message already went out without them (schema unchanged)
+                        header["model_stats"] = out.stats
+                    self.on_report(header)
+            except BaseException:
+                if not counted:  # the frame in hand dies with the stage
+                    self.counters.drop("stage_failed")
+                raise
 
     # -- control ----------------------------------------------------------------------------------
     def swap_model(self, model: LoadedModel, geometry: Geometry | None = None) -> float:

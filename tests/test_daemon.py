@@ -229,6 +229,40 @@ def test_watchdog_pings_stop_while_the_source_stalls_and_resume_after(tmp_path, 
     assert notify.count("STOPPING=1") == 1
 
 
+
+class LostCamera(SyntheticSource):
+    """A camera whose cable is pulled after ``good`` frames, for good."""
+
+    def __init__(self, good: int):
+        super().__init__(SyntheticConfig(width=512, height=128, fps=50), "lost")
+        self.good = good
+        self.reads = 0
+
+    def read(self):
+        from inspector.errors import SourceError
+        self.reads += 1
+        if self.reads > self.good:
+            raise SourceError("GenTL: device lost (cable pulled)")
+        return super().read()
+
+
+def test_camera_lost_without_reopen_exits_1_with_every_grabbed_frame_published(tmp_path, notify,
+                                                                              synthetic_cfg):
+    # pipeline.reopen_source off: the unit ends and systemd's Restart= takes over. The frames the
+    # camera delivered before it went are published, and STATUS says why the daemon stops.
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(pipeline={"reopen_source": False}))
+    d = Daemon(cfg, source=LostCamera(good=25), notifier=Notifier(notify.address))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(rc=d.run()), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the daemon did not end after losing its camera"
+    c = d.pipeline.counters.snapshot()
+    assert result.get("rc") == 1
+    assert c["grabbed"] == 25 and c["published"] == 25 and d.pipeline.counters.balanced, c
+    _, stopping = notify.wait(lambda m: "STOPPING=1" in m.split("\n"), what="STOPPING=1")
+    assert "STATUS=failed (GenTL: device lost (cable pulled))" in stopping
+
 def _collect(endpoint: str, out: list, stop: threading.Event, ready: threading.Event):
     sub = Subscriber(endpoint)
     ready.set()

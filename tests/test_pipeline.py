@@ -194,3 +194,69 @@ def test_pipeline_on_the_viky_genicam_camera(synthetic_cfg):
     assert all(h["shape"] == [160, 320] for h in got)
     ids = [h["frame_id"] for h in got]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+class DeadSource(DyingSource):
+    """A camera that dies for good after a few frames: no reopen asked for."""
+
+    def read(self):
+        from inspector.errors import SourceError
+        self.reads += 1
+        if self.reads > 12:
+            raise SourceError("camera dying: cable pulled")
+        return SyntheticSource.read(self)
+
+
+@pytest.mark.parametrize("backpressure", [True, False])
+def test_camera_lost_without_reopen_still_publishes_or_counts_every_grabbed_frame(
+        synthetic_cfg, backpressure):
+    cfg = parse_config(synthetic_cfg(pipeline={"reopen_source": False, "queue_size": 8,
+                                               "backpressure": backpressure}), "t.yaml")
+    with Pipeline(cfg, source=DeadSource()) as p:
+        real = p.model.adapter.infer
+
+        def slow(img):  # frames still queued when the camera dies
+            time.sleep(0.03)
+            return real(img)
+        p.model.adapter.infer = slow
+        with pytest.raises(Exception, match="cable pulled"):
+            p.run(frames=100)
+        c = p.counters.snapshot()
+    assert c["grabbed"] == 12 and p.counters.balanced, c
+    assert c["published"] + sum(c["dropped"].values()) == 12
+
+
+class StageDeath(BaseException):
+    """Not an Exception: escapes the per-frame handlers and kills the stage thread."""
+
+
+@pytest.mark.parametrize("stage", ["infer", "publish"])
+def test_a_dying_stage_ends_the_run_and_counts_every_frame_it_could_not_carry(
+        synthetic_cfg, stage):
+    cfg = parse_config(synthetic_cfg(pipeline={"queue_size": 8, "backpressure": True}), "t.yaml")
+    with Pipeline(cfg) as p:
+        calls = {"n": 0}
+        if stage == "infer":
+            real = p.model.adapter.infer
+
+            def infer(img):
+                calls["n"] += 1
+                if calls["n"] == 6:
+                    raise StageDeath("engine thread killed")
+                time.sleep(0.01)
+                return real(img)
+            p.model.adapter.infer = infer
+        else:
+            real_send = p.publisher.send
+
+            def send(header, mask):
+                calls["n"] += 1
+                if calls["n"] == 6:
+                    raise zmq.ZMQError(zmq.ENOTSOCK, "publisher socket gone")
+                return real_send(header, mask)
+            p.publisher.send = send
+        with pytest.raises((StageDeath, zmq.ZMQError)):
+            p.run(frames=200)  # returns (does not hang) once the stage has died
+        c = p.counters.snapshot()
+    assert c["published"] == 5 and c["dropped"]["stage_failed"] >= 1, c
+    assert p.counters.balanced, c

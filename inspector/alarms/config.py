@@ -30,7 +30,7 @@ MAX_CLASSES = 48
 # Kept equal to inspector.pipeline.DROP_REASONS by a test; importing the pipeline here would make
 # the config module import the whole hot path.
 DropReason = Literal["queue_full", "incomplete_frame", "bad_frame", "engine_error",
-                     "postprocess_error", "subscriber_slow"]
+                     "postprocess_error", "subscriber_slow", "stage_failed"]
 
 # Alarm names become OPC UA node names and appear in PLC documentation: keep them plain.
 _NAME = r"^[A-Za-z][A-Za-z0-9_]{0,31}$"
