@@ -250,7 +250,9 @@ def test_camera_lost_without_reopen_exits_1_with_every_grabbed_frame_published(t
                                                                               synthetic_cfg):
     # pipeline.reopen_source off: the unit ends and systemd's Restart= takes over. The frames the
     # camera delivered before it went are published, and STATUS says why the daemon stops.
-    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(pipeline={"reopen_source": False}))
+    # (backpressure: a loaded test machine must not turn a slow engine into queue_full drops)
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(pipeline={"reopen_source": False,
+                                                                      "backpressure": True}))
     d = Daemon(cfg, source=LostCamera(good=25), notifier=Notifier(notify.address))
     result = {}
     t = threading.Thread(target=lambda: result.update(rc=d.run()), daemon=True)
