@@ -368,20 +368,19 @@ class Pipeline:
             if job is _END:
                 self._q_post.put(_END)
                 return
+            job.t_queued = time.perf_counter() - job.t_queued
+            # Read per frame: swap_model() may replace it; the job carries it on to post-processing.
+            job.model = model = self.model
             try:
-                job.t_queued = time.perf_counter() - job.t_queued
-                # Read per frame: swap_model() may replace it; the job carries it on.
-                job.model = model = self.model
-                try:
-                    job.out = model.adapter.infer(job.frame.image)
-                except Exception as e:
-                    self.counters.drop("engine_error")
-                    fail(job.frame.frame_id, e)
-                    continue
-                job.t_infer_done = time.perf_counter()
+                job.out = model.adapter.infer(job.frame.image)
+            except Exception as e:
+                self.counters.drop("engine_error")
+                fail(job.frame.frame_id, e)
+                continue
             except BaseException:
                 self.counters.drop("stage_failed")  # the frame in hand dies with the stage
                 raise
+            job.t_infer_done = time.perf_counter()
             self._q_post.put(job)
 
     def _post_loop(self) -> None:
@@ -394,66 +393,65 @@ class Pipeline:
             if job is _END:
                 self._done.set()
                 return
-            counted = False  # published or dropped: from here on the counters hold it
+            if job.model is not model:  # first frame, or the first after swap_model()
+                model = job.model
+                spec = model.bundle.spec
+                model_info = {"name": spec.name, "kind": spec.kind,
+                              "sha256": spec.graphs["model"].sha256[:16], "backend": model.backend}
+            f, out = job.frame, job.out
             try:
-                if job.model is not model:  # first frame, or the first after swap_model()
-                    model = job.model
-                    spec = model.bundle.spec
-                    model_info = {"name": spec.name, "kind": spec.kind,
-                                  "sha256": spec.graphs["model"].sha256[:16], "backend": model.backend}
-                f, out = job.frame, job.out
-                try:
-                    t0 = time.perf_counter()
-                    label = model.post.mask(out.probs, out.residual, out.score_map)
-                    g = self._geometry
-                    f.strip_pos_mm = g.frame_pos_mm(f.frame_id, label.shape[0], f.meta, f.strip_pos_mm)
-                    geo = Geometry(f.meta.get("mm_per_px_across", g.mm_per_px_across),
-                                   f.meta.get("mm_per_px_along", g.mm_per_px_along))
-                    defects, total = model.post.defects(label, out.score_map, geo, f.strip_pos_mm)
-                    t1 = time.perf_counter()
-                    mask_bytes = encode_mask(label, enc)
-                    t2 = time.perf_counter()
-                except Exception as e:
-                    self.counters.drop("postprocess_error")
-                    counted = True
-                    fail(f.frame_id, e)
-                    if out.release:
-                        out.release()
-                    continue
+                t0 = time.perf_counter()
+                label = model.post.mask(out.probs, out.residual, out.score_map)
+                g = self._geometry
+                f.strip_pos_mm = g.frame_pos_mm(f.frame_id, label.shape[0], f.meta, f.strip_pos_mm)
+                geo = Geometry(f.meta.get("mm_per_px_across", g.mm_per_px_across),
+                               f.meta.get("mm_per_px_along", g.mm_per_px_along))
+                defects, total = model.post.defects(label, out.score_map, geo, f.strip_pos_mm)
+                t1 = time.perf_counter()
+                mask_bytes = encode_mask(label, enc)
+                t2 = time.perf_counter()
+            except Exception as e:
+                self.counters.drop("postprocess_error")
+                fail(f.frame_id, e)
                 if out.release:
                     out.release()
-                timings = {"queue": job.t_queued * 1e3, **out.timings_ms,
-                           "postprocess": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3}
-                timings["pipeline"] = (time.perf_counter() - job.t_grab) * 1e3
-                t_pub = time.time_ns()
-                timings["e2e"] = (t_pub - f.t_capture_ns) / 1e6
-                header = {
-                    "schema": SCHEMA, "camera_id": f.camera_id, "frame_id": f.frame_id,
-                    "t_capture_ns": f.t_capture_ns, "t_publish_ns": t_pub,
-                    "strip_pos_mm": round(f.strip_pos_mm, 2), "shape": list(label.shape),
-                    "mask_encoding": enc, "classes": spec.classes, "model": model_info,
-                    "defects": defects, "defects_total": total,
-                    "timings_ms": {k: round(v, 3) for k, v in timings.items()},
-                    "counters": self.counters.snapshot(), "camera_state": self.camera_state,
-                }
-                sent = self.publisher.send(header, mask_bytes)
-                counted = True
-                if sent:
-                    self.counters.publish()
-                else:
-                    self.counters.drop("subscriber_slow")
-                    slow(f.frame_id, RuntimeError(f"send queue full ({self.cfg.publish.sndhwm} messages)"))
-                self.stats.add(time.monotonic(), timings["pipeline"], len(defects))
-                if self.on_report is not None:
-                    if out.stats:
-                        # local consumers (the benchmark) see the model kind's per-frame figures;
-                        # the message already went out without them (schema unchanged)
-                        header["model_stats"] = out.stats
-                    self.on_report(header)
+                continue
             except BaseException:
-                if not counted:  # the frame in hand dies with the stage
-                    self.counters.drop("stage_failed")
+                self.counters.drop("stage_failed")  # the frame in hand dies with the stage
                 raise
+            if out.release:
+                out.release()
+            timings = {"queue": job.t_queued * 1e3, **out.timings_ms,
+                       "postprocess": (t1 - t0) * 1e3, "encode": (t2 - t1) * 1e3}
+            timings["pipeline"] = (time.perf_counter() - job.t_grab) * 1e3
+            t_pub = time.time_ns()
+            timings["e2e"] = (t_pub - f.t_capture_ns) / 1e6
+            header = {
+                "schema": SCHEMA, "camera_id": f.camera_id, "frame_id": f.frame_id,
+                "t_capture_ns": f.t_capture_ns, "t_publish_ns": t_pub,
+                "strip_pos_mm": round(f.strip_pos_mm, 2), "shape": list(label.shape),
+                "mask_encoding": enc, "classes": spec.classes, "model": model_info,
+                "defects": defects, "defects_total": total,
+                "timings_ms": {k: round(v, 3) for k, v in timings.items()},
+                "counters": self.counters.snapshot(), "camera_state": self.camera_state,
+            }
+            try:
+                sent = self.publisher.send(header, mask_bytes)
+            except BaseException:  # socket closed under it, unserialisable header: the stage dies
+                self.counters.drop("stage_failed")
+                raise
+            if sent:
+                self.counters.publish()
+            else:
+                self.counters.drop("subscriber_slow")
+                slow(f.frame_id, RuntimeError(f"send queue full ({self.cfg.publish.sndhwm} messages)"))
+            self.stats.add(time.monotonic(), timings["pipeline"], len(defects))
+            if self.on_report is not None:
+                if out.stats:
+                    # local consumers (the benchmark) see the model kind's per-frame figures;
+                    # the message already went out without them (schema unchanged)
+                    header["model_stats"] = out.stats
+                self.on_report(header)
 
     # -- control ----------------------------------------------------------------------------------
     def swap_model(self, model: LoadedModel, geometry: Geometry | None = None) -> float:
