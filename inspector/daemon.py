@@ -32,7 +32,7 @@ from typing import Callable
 
 from inspector.alarms import AlarmEngine, DriverWorker, make_drivers
 from inspector.config import InspectorConfig, load_config
-from inspector.errors import InspectorError
+from inspector.errors import InspectorError, first_line
 from inspector.metrics import Metrics
 from inspector.pipeline import BurstLog, LoadedModel, Pipeline, load_model
 from inspector.postprocess import Geometry
@@ -202,7 +202,7 @@ class Daemon:
                 log.info("stop requested: draining the queues (at most %gs)", cfg.daemon.stop_timeout_s)
                 n.send("STOPPING=1", "STATUS=stopping: draining the queues")
             elif p.error is not None:  # e.g. the camera was lost and pipeline.reopen_source is off
-                n.send("STOPPING=1", f"STATUS=failed ({str(p.error).splitlines()[0][:200]}): "
+                n.send("STOPPING=1", f"STATUS=failed ({first_line(p.error)[:200]}): "
                        "draining the queues")
             else:
                 n.send("STOPPING=1", "STATUS=source finished: draining the queues")
@@ -320,7 +320,7 @@ class Daemon:
         except Exception as e:
             self.reloads["failed"] += 1
             log.error("reload failed, the running model and rules stay: %s", e)
-            n.send("READY=1", f"STATUS=reload failed ({str(e).splitlines()[0][:200]}); running on")
+            n.send("READY=1", f"STATUS=reload failed ({first_line(e)[:200]}); running on")
             return False
         logging.getLogger().setLevel(new.log_level)
         # Sections that need a restart keep their running values, so the next reload compares

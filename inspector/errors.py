@@ -41,3 +41,10 @@ class CheckpointError(InspectorError, ValueError):
     """A training checkpoint is missing, unreadable (truncated, corrupt, not a torch file) or of
     another network; the message names the file. A ValueError too, so the training commands'
     handlers of bad input report it as one line."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an error's message, or its type's name when the message is empty: for
+    one-line logs and status texts (``str(e).splitlines()[0]`` fails on an empty message)."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]

@@ -233,27 +233,32 @@ def test_watchdog_pings_stop_while_the_source_stalls_and_resume_after(tmp_path, 
 class LostCamera(SyntheticSource):
     """A camera whose cable is pulled after ``good`` frames, for good."""
 
-    def __init__(self, good: int):
+    def __init__(self, good: int, message: str = "GenTL: device lost (cable pulled)"):
         super().__init__(SyntheticConfig(width=512, height=128, fps=50), "lost")
         self.good = good
+        self.message = message
         self.reads = 0
 
     def read(self):
         from inspector.errors import SourceError
         self.reads += 1
         if self.reads > self.good:
-            raise SourceError("GenTL: device lost (cable pulled)")
+            raise SourceError(self.message)
         return super().read()
 
 
+@pytest.mark.parametrize("message, shown", [("GenTL: device lost (cable pulled)",
+                                             "GenTL: device lost (cable pulled)"),
+                                            ("", "SourceError")])  # an error without a message
 def test_camera_lost_without_reopen_exits_1_with_every_grabbed_frame_published(tmp_path, notify,
-                                                                              synthetic_cfg):
+                                                                              synthetic_cfg,
+                                                                              message, shown):
     # pipeline.reopen_source off: the unit ends and systemd's Restart= takes over. The frames the
     # camera delivered before it went are published, and STATUS says why the daemon stops.
     # (backpressure: a loaded test machine must not turn a slow engine into queue_full drops)
     cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(pipeline={"reopen_source": False,
                                                                       "backpressure": True}))
-    d = Daemon(cfg, source=LostCamera(good=25), notifier=Notifier(notify.address))
+    d = Daemon(cfg, source=LostCamera(good=25, message=message), notifier=Notifier(notify.address))
     result = {}
     t = threading.Thread(target=lambda: result.update(rc=d.run()), daemon=True)
     t.start()
@@ -263,7 +268,7 @@ def test_camera_lost_without_reopen_exits_1_with_every_grabbed_frame_published(t
     assert result.get("rc") == 1
     assert c["grabbed"] == 25 and c["published"] == 25 and d.pipeline.counters.balanced, c
     _, stopping = notify.wait(lambda m: "STOPPING=1" in m.split("\n"), what="STOPPING=1")
-    assert "STATUS=failed (GenTL: device lost (cable pulled))" in stopping
+    assert f"STATUS=failed ({shown})" in stopping
 
 def _collect(endpoint: str, out: list, stop: threading.Event, ready: threading.Event):
     sub = Subscriber(endpoint)

@@ -15,7 +15,7 @@ from inspector.alarms import make_link
 from inspector.alarms.config import ModbusDriverConfig, OpcUaDriverConfig, S7DriverConfig
 from inspector.alarms.layout import ALARMS, PlcState
 from inspector.bundle import load_bundle
-from inspector.errors import ConfigError
+from inspector.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def run_alarm_test(cfg, hold_s: float = 1.0, out: Callable[[str], None] = print)
         try:
             link.connect()
         except Exception as e:
-            out(f"FAIL {where}: cannot connect: {_first_line(e)}")
+            out(f"FAIL {where}: cannot connect: {first_line(e)}")
             failed += 1
             _close(link)
             continue
@@ -75,7 +75,7 @@ def run_alarm_test(cfg, hold_s: float = 1.0, out: Callable[[str], None] = print)
                 time.sleep(hold_s / 2)
             out(f"{where}: ok")
         except Exception as e:
-            out(f"FAIL {where}: write failed: {_first_line(e)}")
+            out(f"FAIL {where}: write failed: {first_line(e)}")
             failed += 1
         finally:
             _close(link)
@@ -87,8 +87,3 @@ def _close(link) -> None:
         link.close()
     except Exception as e:  # a link that never connected may have nothing to close
         log.debug("close: %s", e)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

@@ -19,6 +19,7 @@ from collections import deque
 from typing import Callable, Protocol
 
 from inspector.alarms.layout import PlcState
+from inspector.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ class DriverWorker:
                     self.errors += 1
                     if not down_since_logged:
                         log.error("%s: PLC not reachable: %s; retrying with backoff up to %gs",
-                                  self.label, _first_line(e), longest)
+                                  self.label, first_line(e), longest)
                         down_since_logged = True
                     self._close_link()
                     self._wait(backoff, for_states=False)
@@ -151,7 +152,7 @@ class DriverWorker:
                 except Exception as e:
                     self.errors += 1
                     self.connected = False
-                    log.error("%s: write failed: %s; reconnecting", self.label, _first_line(e))
+                    log.error("%s: write failed: %s; reconnecting", self.label, first_line(e))
                     down_since_logged = True
                     self._close_link()
                     continue
@@ -165,8 +166,3 @@ class DriverWorker:
             self.link.close()
         except Exception as e:  # already broken: nothing left to release
             log.debug("%s: close: %s", self.label, e)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from inspector.errors import FrameError, SourceError
+from inspector.errors import FrameError, SourceError, first_line
 from inspector.frame import Frame
 from inspector.sources.base import Source
 
@@ -211,7 +211,7 @@ class GenicamSource(Source):
             self._harvester.update()
         except Exception as e:
             raise SourceError(f"GenTL producer {cti} (source.cti) failed to list devices: "
-                              f"{_first_line(e)}") from e
+                              f"{first_line(e)}") from e
 
     def _pick_device(self, cti: Path) -> int:
         """Index of the configured device in the producer's list; the error lists what exists."""
@@ -240,13 +240,13 @@ class GenicamSource(Source):
         try:
             return self._harvester.create(index)
         except Exception as e:  # in use by another process, access denied, ...
-            raise SourceError(f"cannot open {self._label}: {_first_line(e)}") from e
+            raise SourceError(f"cannot open {self._label}: {first_line(e)}") from e
 
     def _start(self) -> None:
         try:
             self._ia.start()
         except Exception as e:
-            raise SourceError(f"{self._label} did not start acquisition: {_first_line(e)}") from e
+            raise SourceError(f"{self._label} did not start acquisition: {first_line(e)}") from e
 
     def _configure(self, node_map: Any, node_error: type[BaseException]) -> None:
         """Write the configured nodes, in the order their limits depend on each other.
@@ -285,7 +285,7 @@ class GenicamSource(Source):
             feature.value = value
         except node_error as e:
             raise SourceError(f"{self._label} rejected {node}={value!r} (source.{key}){_limits(feature)}: "
-                              f"{_first_line(e)}") from e
+                              f"{first_line(e)}") from e
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -315,7 +315,7 @@ class GenicamSource(Source):
                     t_capture = self._device_timestamp(buffer)
             except self._gentl_excs as e:
                 raise SourceError(f"{self._label}: buffer of frame {frame_id} became invalid, device "
-                                  f"lost? {_first_line(e)}") from e
+                                  f"lost? {first_line(e)}") from e
         if t_capture is not None:
             meta["device_timestamp_ns"] = t_capture
         if t_capture is None or self.cfg.timestamp == "host":
@@ -336,7 +336,7 @@ class GenicamSource(Source):
             raise SourceError(f"camera {self._label} timed out after {timeout:g}s without a frame "
                               "(source.fetch_timeout_s); check trigger, cable and frame rate") from e
         except self._lost_excs as e:
-            raise SourceError(f"{self._label}: fetch failed, device lost? {_first_line(e)}") from e
+            raise SourceError(f"{self._label}: fetch failed, device lost? {first_line(e)}") from e
 
     def _copy_image(self, buffer: Any, frame_id: int) -> np.ndarray:
         """The buffer's image as an owned array, or FrameError naming camera and frame."""
@@ -387,12 +387,12 @@ class GenicamSource(Source):
                     step()
                 except Exception as e:  # device already gone: nothing left to release
                     log.warning("%s: %s during close failed: %s", self._label, step.__name__,
-                                _first_line(e))
+                                first_line(e))
         if harvester is not None:
             try:
                 harvester.reset()
             except Exception as e:
-                log.warning("%s: resetting harvester failed: %s", self._label, _first_line(e))
+                log.warning("%s: resetting harvester failed: %s", self._label, first_line(e))
 
     def describe(self) -> str:
         """Device, format, size and rate; the live node values once open, the config before."""
@@ -466,8 +466,3 @@ def _limits(feature: Any) -> str:
         step = f" step {inc}" if isinstance(inc, int) and inc > 1 else ""
         return f" (allowed: {lo}..{hi}{step})"
     return ""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
