@@ -53,9 +53,10 @@ class _Loop:
 class ModbusPlc:
     kind = "modbus"
 
-    def __init__(self, n_classes: int = 3):
+    def __init__(self, n_classes: int = 3, n_registers: int = 256):
         self.port = free_port()
         self.n_classes = n_classes
+        self.n_registers = n_registers   # fewer than 16 + classes: every state write is refused
         self._loop = _Loop()
         self.server = None
         self.writes: list[tuple[int, int, list]] = []   # (function code, address, values)
@@ -73,7 +74,7 @@ class ModbusPlc:
             dev = SimDevice(id=1, action=record, simdata=(
                 [SimData(0, count=256, values=False, datatype=DataType.BITS)],
                 [SimData(0, count=16, values=False, datatype=DataType.BITS)],
-                [SimData(0, count=256, values=0, datatype=DataType.REGISTERS)],
+                [SimData(0, count=self.n_registers, values=0, datatype=DataType.REGISTERS)],
                 [SimData(0, count=16, values=0, datatype=DataType.REGISTERS)]))
             self.server = ModbusTcpServer(dev, address=("127.0.0.1", self.port))
             await self.server.serve_forever(background=True)

@@ -149,6 +149,63 @@ def test_plc_down_from_the_start_is_retried_and_never_blocks(synthetic_cfg):
     w.stop()
 
 
+
+def test_a_plc_that_refuses_writes_is_retried_with_backoff_and_logged_once(caplog):
+    # The PLC takes the connection but its register area is too small for the map (a wrong
+    # register_base, a small gateway): every write is refused. The driver used to reconnect at
+    # once, thousands of times a second, logging each time.
+    from inspector.alarms import make_link
+    from inspector.alarms.config import AlarmsConfig
+    from inspector.alarms.driver import DriverWorker
+    from inspector.alarms.layout import PlcState
+
+    caplog.set_level("INFO", logger="inspector.alarms.driver")
+    plc = ModbusPlc(n_classes=2, n_registers=10).start()
+    try:
+        drv = AlarmsConfig.model_validate({"rules": [{"name": "a"}], "drivers": [
+            plc.driver_cfg(heartbeat_s=0.1, retry_backoff_s=[0.2, 0.4], timeout_s=1.0)]}).drivers[0]
+        w = DriverWorker(make_link(drv, "cam"), drv, name="modbus0")
+        w.submit(PlcState(alarm_names=("a",), alarms=(True,), classes=("x", "y"), counts=(0, 0)))
+        w.start()
+        time.sleep(2.0)
+        # backoff 0.2, 0.4, 0.4, ...: about six attempts in 2 s, not thousands
+        assert 2 <= w.connects <= 8 and w.writes == 0, (w.connects, w.writes)
+        ours = [r.getMessage() for r in caplog.records if r.name == "inspector.alarms.driver"]
+        assert sum("write failed" in m for m in ours) == 1, ours
+        assert "refused by the PLC" in caplog.text and "holding registers" in caplog.text
+
+        plc.stop()
+        plc.n_registers = 256  # the PLC program fixed: the next attempt gets through
+        plc.start()
+        wait_for(lambda: w.writes > 0 and plc.read(1)["alarm_bits"] == 1, what="the state on the fixed PLC")
+        assert sum("PLC back after" in r.getMessage() for r in caplog.records) == 1
+        w.stop()
+    finally:
+        plc.stop()
+
+
+@pytest.mark.parametrize("kind", ["modbus", "opcua"])
+def test_a_rule_removed_by_a_reload_switches_its_alarm_off(kind, synthetic_cfg):
+    # Modbus: the coil; OPC UA: the Alarms.<name> node. S7 carries alarms only in the alarm
+    # words, which are always written whole.
+    from inspector.alarms.config import AlarmsConfig
+
+    plc = (ModbusPlc(n_classes=len(CLASSES)) if kind == "modbus" else OpcUaPlc("test", ["a", "b"], CLASSES)).start()
+    try:
+        rules = [{"name": "a", "latch": True}, {"name": "b", "latch": True}]
+        cfg = parse_config(synthetic_cfg(alarms={"rules": rules, "drivers": [plc.driver_cfg(**FAST)]}), "t.yaml")
+        engine, [w] = alarm_setup(cfg)
+        w.start()
+        defect = {"class": "scratches", "class_id": 3, "score": 0.9, "area_px": 50}
+        engine.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect]})
+        wait_for(lambda: plc.read(2)["coils"] == [True, True], what="both alarms on the PLC")
+        engine.set_rules(AlarmsConfig.model_validate({"rules": [rules[0]]}))
+        wait_for(lambda: (lambda r: r["coils"] == [True, False] and r["alarm_bits"] == 1)(plc.read(2)),
+                 what="the removed rule's alarm to go off")
+        w.stop()
+    finally:
+        plc.stop()
+
 def test_opcua_server_mode_hosts_nodes_and_the_acknowledge_method(synthetic_cfg):
     from asyncua import Client, ua
 

@@ -73,6 +73,30 @@ def test_count_per_strip_metre():
     assert not e.active()["inclusions"]
 
 
+
+def test_per_metre_window_starts_again_when_the_strip_position_goes_back(caplog):
+    # A new coil or an encoder reset: the previous strip's defects must not count on the new one.
+    caplog.set_level("INFO", logger="inspector.alarms.rules")
+    e = engine([{"name": "inclusions", "classes": ["inclusion"], "count": 3, "per_m": 10, "off_delay_s": 0}])
+    e.on_frame(frame(d("inclusion", pos=500_000), d("inclusion", pos=500_100), pos=500_000))
+    e.on_frame(frame(pos=0.0))  # position reset
+    for pos in (50_000, 100_000, 150_000, 200_000):  # one defect every 50 m: never 3 within 10 m
+        e.on_frame(frame(d("inclusion", pos=pos), pos=pos))
+        assert not e.active()["inclusions"], pos
+    assert "went back from 500000 to 0 mm" in caplog.text
+
+
+def test_per_metre_rule_without_positions_cannot_fire_and_keeps_no_history(caplog):
+    # No pixel size: defects carry no strip position. Counting them "per frame position" kept
+    # every defect since start in the window and the alarm stuck on for good.
+    e = engine([{"name": "inclusions", "classes": ["inclusion"], "count": 3, "per_m": 10, "off_delay_s": 0}])
+    for fid in range(40):
+        e.on_frame(frame(d("inclusion", pos=None), pos=0.0, fid=fid))
+        assert not e.active()["inclusions"]
+    assert len(e._alarms[0].window) == 0
+    warnings = [r for r in caplog.records if "alarms.rules.0.per_m" in r.getMessage()]
+    assert len(warnings) == 1 and "geometry.mm_per_px_along" in caplog.text
+
 def test_count_per_time_window_expires_on_tick():
     clk = Clock()
     e = engine([{"name": "burst", "count": 2, "window_s": 5, "off_delay_s": 0}], clk)
@@ -174,6 +198,53 @@ def test_reload_keeps_state_of_unchanged_rules():
     assert e.active() == {"c": False, "a": True}
     assert e.state().alarms == (False, True)
 
+
+
+def test_reload_that_changes_a_rule_drops_what_its_window_counted():
+    # per_m -> window_s under the same name: positions in mm must not be read as timestamps.
+    clk = Clock()
+    e = engine([{"name": "a", "count": 3, "per_m": 10, "off_delay_s": 0}], clk)
+    e.on_frame(frame(d(pos=2_000_000), d(pos=2_000_000), pos=2_000_000))
+    e.set_rules(AlarmsConfig.model_validate({"rules": [{"name": "a", "count": 3, "window_s": 5,
+                                                         "off_delay_s": 0}]}))
+    clk.t += 600
+    e.on_frame(frame(d()))
+    e.tick("ok")
+    assert not e.active()["a"]  # one defect in the last 5 s, not three
+
+
+def test_states_reach_listeners_in_order_from_two_threads():
+    # on_frame (publish thread) and tick (daemon loop) both hand states to the drivers, which
+    # keep the last one they get: an older snapshot must never arrive after a newer one.
+    import threading
+    import time
+    e = engine([{"name": "a"}])
+    got: list[tuple[int, bool]] = []
+    stop = threading.Event()
+
+    def listener(st):
+        if threading.current_thread() is t:
+            time.sleep(0.001)  # the daemon loop is slow to hand its state over
+        got.append((st.frames, st.camera_ok))
+    e.subscribe(listener)
+
+    def ticker():
+        ok = True
+        while not stop.is_set():
+            ok = not ok
+            e.tick("ok" if ok else "lost")
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    try:
+        for fid in range(300):
+            e.on_frame(frame(fid=fid))
+    finally:
+        stop.set()
+        t.join()
+    frames = [f for f, _ in got]
+    assert frames == sorted(frames)
+    assert got[-1][0] == 300
 
 def test_word_map_encoding():
     s = PlcState(alarm_names=("a", "b"), alarms=(False, True), classes=("x", "y"), counts=(70000, 3),

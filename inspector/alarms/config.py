@@ -78,7 +78,7 @@ class CameraDownRule(_Rule):
 
 
 class OverloadRule(_Rule):
-    """Raised when more than ``drop_fraction`` of the frames grabbed in ``window_s`` were dropped
+    """Raised when at least ``drop_fraction`` of the frames grabbed in ``window_s`` were dropped
     for one of ``reasons`` (by default: the engine cannot keep up with the camera)."""
 
     type: Literal["overload"]

@@ -7,8 +7,10 @@ thread behind a bounded queue:
 * :meth:`DriverWorker.submit` never blocks: when the queue is full the oldest state is dropped
   (each state is complete, so only the newest matters: latest state wins);
 * the worker writes the newest state, and again every ``heartbeat_s`` (the heartbeat counter);
-* a failed connect or write closes the link and retries with exponential backoff; after every
-  (re)connect the current state is written first.
+* a failed connect or write closes the link and retries with exponential backoff (reset only
+  once a state reached the PLC, so a PLC that accepts connections but refuses writes is not
+  hammered); after every (re)connect the current state is written first; an outage is logged
+  once when it starts and once when a state gets through again.
 """
 
 from __future__ import annotations
@@ -108,7 +110,10 @@ class DriverWorker:
     def _run(self) -> None:
         first, longest = self.cfg.retry_backoff_s
         backoff = first
-        down_since_logged = False
+        # True from the first failure of an outage until a state reaches the PLC again: the
+        # outage is logged once, and "back" once, however many attempts it takes.
+        outage = False
+        outage_failures = 0
         while True:
             with self._cv:
                 stopping = self._stopping
@@ -119,20 +124,19 @@ class DriverWorker:
                     self.link.connect()
                 except Exception as e:
                     self.errors += 1
-                    if not down_since_logged:
+                    outage_failures += 1
+                    if not outage:
                         log.error("%s: PLC not reachable: %s; retrying with backoff up to %gs",
                                   self.label, first_line(e), longest)
-                        down_since_logged = True
+                        outage = True
                     self._close_link()
                     self._wait(backoff, for_states=False)
                     backoff = min(longest, backoff * 2)
                     continue
                 self.connected = True
                 self.connects += 1
-                backoff = first
-                down_since_logged = False
-                log.info("%s: connected%s", self.label,
-                         "; writing the current alarm state" if self.connects > 1 else "")
+                if self.connects == 1:
+                    log.info("%s: connected", self.label)
             else:
                 if not stopping:
                     self._wait(self.cfg.heartbeat_s, for_states=True)
@@ -150,12 +154,27 @@ class DriverWorker:
                         if acks:
                             self.on_ack(acks, self.label)
                 except Exception as e:
+                    # A PLC that takes the connection but refuses the write (register area too
+                    # small, wrong unit id, a node missing) must not be hammered: the same
+                    # backoff as a refused connection, and one log line per outage.
                     self.errors += 1
+                    outage_failures += 1
                     self.connected = False
-                    log.error("%s: write failed: %s; reconnecting", self.label, first_line(e))
-                    down_since_logged = True
+                    if not outage:
+                        log.error("%s: write failed: %s; reconnecting with backoff up to %gs",
+                                  self.label, first_line(e), longest)
+                        outage = True
                     self._close_link()
+                    if not stopping:
+                        self._wait(backoff, for_states=False)
+                        backoff = min(longest, backoff * 2)
                     continue
+            if outage and self.connected:
+                log.info("%s: PLC back after %d failed attempt(s)%s", self.label, outage_failures,
+                         "; current alarm state written" if self._latest is not None else "")
+                outage = False
+                outage_failures = 0
+            backoff = first
             if stopping:
                 break
         self._close_link()

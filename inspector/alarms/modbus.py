@@ -1,7 +1,7 @@
 """Modbus TCP link (pymodbus): alarm coils plus the holding-register map of
 :mod:`inspector.alarms.layout`.
 
-* coil ``coil_base + i`` = alarm i (rule order);
+* coil ``coil_base + i`` = alarm i (rule order); all 32 coils are written, unused ones 0;
 * holding registers from ``register_base``: the word table in :mod:`inspector.alarms.layout`
   (heartbeat, alarm words, status, counters, last defect, acknowledge words, counts per class).
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 
-from inspector.alarms.config import ModbusDriverConfig
+from inspector.alarms.config import MAX_ALARMS, ModbusDriverConfig
 from inspector.alarms.layout import ACK, COUNTS, LAST_SCORE, PlcState, ack_indices, encode_words
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,11 @@ class ModbusLink:
         if cl is None:
             raise ConnectionError("not connected")
         words = encode_words(state, heartbeat)
-        if state.alarms:
-            self._check(cl.write_coils(c.coil_base, list(state.alarms), **self._unit_kw),
-                        f"write coils {c.coil_base}..{c.coil_base + len(state.alarms) - 1}")
+        # All 32 alarm coils, like the alarm words: a rule removed by a reload or a restart must
+        # not leave its coil on with nobody to switch it off.
+        coils = list(state.alarms) + [False] * (MAX_ALARMS - len(state.alarms))
+        self._check(cl.write_coils(c.coil_base, coils, **self._unit_kw),
+                    f"write coils {c.coil_base}..{c.coil_base + MAX_ALARMS - 1}")
         # Two blocks around the acknowledge words, which belong to the PLC. Counts first, the
         # heartbeat/frames block last: a PLC that sees a new heartbeat also sees its counts.
         if len(words) > COUNTS:

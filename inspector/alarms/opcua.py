@@ -183,6 +183,8 @@ class OpcUaLink:
         if layout == self._layout:
             return
         ua = self._ua
+        if self._layout is not None:
+            await self._clear_removed_alarms(set(self._layout[0]) - set(state.alarm_names))
         names = node_names(*layout)
         acks = [f"Ack.{a}" for a in state.alarm_names]
         if self._server is not None:
@@ -203,6 +205,23 @@ class OpcUaLink:
                                   f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                                   "(see README, PLC maps: OPC UA)")
         self._layout = layout
+
+    async def _clear_removed_alarms(self, removed: set[str]) -> None:
+        """A rule dropped by a reload leaves its ``Alarms.<name>`` node behind; switch it off so a
+        PLC or HMI still reading it does not see an alarm nobody raises any more."""
+        ua = self._ua
+        for name in sorted(removed):
+            node = (self._server or self._client).get_node(self._nid(f"Alarms.{name}"))
+            off = ua.Variant(False, ua.VariantType.Boolean)
+            try:
+                if self._client is not None:
+                    await self._client.write_values([node], [off])
+                else:
+                    await self._server.write_attribute_value(node.nodeid, ua.DataValue(off))
+            except ua.UaStatusCodeError as e:  # the PLC program removed the node as well
+                log.debug("%s: clearing removed alarm %s: %s", self.label, name, e)
+            else:
+                log.info("%s: alarm %s is no longer configured; its node is set to False", self.label, name)
 
     async def _add_server_nodes(self, names: list[tuple[str, str]], acks: list[str]) -> None:
         ua = self._ua

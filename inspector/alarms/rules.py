@@ -47,6 +47,7 @@ class _Alarm:
         self.active = False
         self.raised = 0             # times it went on
         self.window: deque = deque()
+        self.window_end = 0.0       # ``per_m``: strip position of the last frame counted
         self.detail = ""
         self.warned: set[str] = set()
 
@@ -119,6 +120,10 @@ class AlarmEngine:
                 if a is None or type(a.rule) is not type(rule):
                     a = _Alarm(i, rule, now)
                 else:
+                    if a.rule != rule:
+                        # What the window holds (positions or times, of which classes) was
+                        # counted under the old rule; the active / latched output carries over.
+                        a.window.clear()
                     a.index, a.rule = i, rule
                 alarms.append(a)
             self._alarms = alarms
@@ -252,14 +257,21 @@ class AlarmEngine:
         r: DefectRule = a.rule
         hits = [d for d in defects if self._matches(a, d)]
         if r.per_m is not None:
-            for d in hits:
-                pos = d.get("strip_pos_mm")
-                if pos is None:
-                    self._warn_once(a, "per_m", "defects carry no strip position (set "
-                                    "geometry.mm_per_px_along); counting per frame position")
-                    pos = header.get("strip_pos_mm", 0.0)
-                a.window.append(pos)
-            end = header.get("strip_pos_mm", 0.0)
+            end = header.get("strip_pos_mm") or 0.0
+            if end < a.window_end:
+                # New coil, encoder reset or wrap: the old positions are another strip's.
+                log.info("alarm %s: strip position went back from %.0f to %.0f mm; its %g m "
+                         "window starts again", r.name, a.window_end, end, r.per_m)
+                a.window.clear()
+            a.window_end = end
+            placed = [d["strip_pos_mm"] for d in hits if d.get("strip_pos_mm") is not None]
+            if len(placed) < len(hits):
+                # Without positions every defect since start would stay in the window and the
+                # alarm would stick on; like min_area_mm2, the rule cannot fire then.
+                self._warn_once(a, "per_m", "defects carry no strip position (the source gives no "
+                                "pixel size: set geometry.mm_per_px_along); those defects are not "
+                                "counted and the rule cannot fire on them")
+            a.window.extend(placed)
             while a.window and a.window[0] < end - r.per_m * 1000.0:
                 a.window.popleft()
             n = len(a.window)
@@ -341,9 +353,13 @@ class AlarmEngine:
     def _notify(self) -> None:
         if not self._listeners:
             return
-        s = self.state()
-        for fn in self._listeners:
-            try:
-                fn(s)
-            except Exception:  # a broken listener must not stop the frame that fed us
-                log.exception("alarm state listener failed")
+        # Snapshot and hand-over under the lock: on_frame (publish thread) and tick (daemon
+        # loop) both notify, and a driver keeps the state it got last, so an older snapshot
+        # must never arrive after a newer one. Listeners never block (drivers queue).
+        with self._lock:
+            s = self.state()
+            for fn in self._listeners:
+                try:
+                    fn(s)
+                except Exception:  # a broken listener must not stop the frame that fed us
+                    log.exception("alarm state listener failed")
