@@ -88,11 +88,13 @@ class BurstLog:
         self._last = 0.0
         self._quiet = 0
 
-    def __call__(self, frame_id: int, err: BaseException) -> None:
+    def __call__(self, frame_id: int | None, err: BaseException) -> None:
         now = time.monotonic()
         if now - self._last >= self.every_s:
             more = f" (+{self._quiet} more since last report)" if self._quiet else ""
-            log.error("%s: frame %d: %s%s", self.what, frame_id, err, more)
+            # None: the source failed before it had a frame id; its message names the frame
+            where = f"frame {frame_id}: " if frame_id is not None else ""
+            log.error("%s: %s%s%s", self.what, where, err, more)
             self._last = now
             self._quiet = 0
         else:
@@ -230,6 +232,13 @@ class Pipeline:
             ch = getattr(src, "channels", 1)
             return (h, w) if ch == 1 else (h, w, 3)
         th, tw = self.model.bundle.spec.input.tile
+        ff = self.model.adapter.flat_field
+        if ff is not None:
+            # A source that does not say its frame size (replay, GenICam without width/height):
+            # the flat-field maps were computed at the camera's size, so warm up there rather
+            # than at one tile, which the maps would refuse as a frame of the wrong size.
+            mh, mw = ff.shape
+            return (mh if mh > 1 else th, mw)
         return (th, tw)
 
     def start(self, frames: int | None = None) -> None:
@@ -327,7 +336,7 @@ class Pipeline:
                     self.counters.grab()
                     n += 1
                     self.counters.drop("incomplete_frame")
-                    bad(-1, e)
+                    bad(None, e)
                     continue
                 if frame is None:
                     break

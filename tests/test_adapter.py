@@ -50,3 +50,42 @@ def test_rgb_frame_on_grey_model_and_buffer_reuse(toy_bundle):
     o1.release()
     o2 = a.infer(img)
     assert o2.score_map is o1.score_map  # the pooled buffer came back
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("tile", [224, 224], r"input\.tile: \[224, 224\], but model\.onnx takes 256x256 \(HxW\) tiles"),
+    ("channels", 3, r"input\.channels: 3, but model\.onnx takes 1 channel"),
+])
+def test_bundle_input_that_disagrees_with_the_graph_names_the_key(tmp_path, demo_bundle, key, value, message):
+    # Used to load fine and fail on the first frame with onnxruntime's "invalid dimensions",
+    # an engine error (exit 1, restarted by systemd for ever) naming neither file nor key.
+    import shutil
+
+    import yaml
+
+    from inspector.errors import BundleError
+    b = tmp_path / "b"
+    shutil.copytree(demo_bundle, b)
+    meta = yaml.safe_load((b / "bundle.yaml").read_text())
+    meta["input"][key] = value
+    (b / "bundle.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    bundle = load_bundle(b)
+    with pytest.raises(BundleError, match=str(b / "bundle.yaml").replace(".", r"\.") + ": " + message):
+        make_adapter(bundle, OnnxRuntimeEngine(bundle.graph_path()))
+
+
+def test_buffers_of_many_frame_sizes_are_not_all_kept(toy_bundle):
+    # Offline evaluation over images that all differ in size (magnetic tile) used to keep every
+    # size's tile batch, grid and output buffers: ~7 MB more per new size, gigabytes per data set.
+    b = load_bundle(toy_bundle)
+    a = make_adapter(b, OnnxRuntimeEngine(b.graph_path()))
+    rng = np.random.default_rng(1)
+    first = rng.integers(0, 256, (130, 150), dtype=np.uint8)
+    want = a.infer(first).score_map.copy()
+    for k in range(12):
+        out = a.infer(rng.integers(0, 256, (140 + k, 160 + 3 * k), dtype=np.uint8))
+        if out.release:
+            out.release()
+    caches = {"grids": a._grids, "batches": a._batches, "pools": a._pools}
+    assert all(len(c) <= 4 for c in caches.values()), {k: len(c) for k, c in caches.items()}
+    np.testing.assert_array_equal(a.infer(first).score_map, want)  # an evicted size comes back right

@@ -260,3 +260,20 @@ def test_a_dying_stage_ends_the_run_and_counts_every_frame_it_could_not_carry(
         c = p.counters.snapshot()
     assert c["published"] == 5 and c["dropped"]["stage_failed"] >= 1, c
     assert p.counters.balanced, c
+
+
+def test_synthetic_source_keeps_its_cadence_after_a_stall():
+    # After a late read the next frame is due one period later, not at once: the demo's own
+    # source must not burst frames into the queue after the consumer hiccups.
+    src = SyntheticSource(SyntheticConfig(fps=20.0, height=64, width=64), camera_id="cam")
+    src.open()
+    try:
+        src.read()
+        time.sleep(0.3)  # consumer stalls for 6 frame periods
+        src.read()  # late: delivered at once
+        t0 = time.monotonic()
+        src.read()
+        src.read()
+        assert time.monotonic() - t0 >= 0.08  # two periods, not a burst
+    finally:
+        src.close()

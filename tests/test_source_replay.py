@@ -154,3 +154,28 @@ def test_video_file(tmp_path: Path):
     assert all(abs(g - 40 * (i + 1)) <= 6 for i, g in enumerate(got)), got  # JPEG is lossy
     with replay(path, color="rgb") as src:
         assert src.read().image.shape == (48, 64, 3)
+
+
+def test_replay_with_a_camera_sized_flat_field_starts_and_publishes(tmp_path: Path):
+    # A replay source does not say its frame size, so warm-up used one model tile, which the
+    # flat-field maps (computed at the camera's 800x256) refused: `inspector run` exited 2
+    # blaming the maps while `inspector check` passed.
+    from conftest import ROOT
+    from inspector.config import parse_config
+    from inspector.flatfield import FlatField
+    from inspector.pipeline import Pipeline
+    from plc_servers import free_port
+
+    rec = tmp_path / "rec"
+    rec.mkdir()
+    for i in range(3):
+        assert cv2.imwrite(str(rec / f"f{i}.png"), np.full((256, 800), 120, np.uint8))
+    FlatField(np.ones((256, 800), np.float32), np.zeros((256, 800), np.float32)).save(tmp_path / "ff.npz")
+    raw = {"camera_id": "ff", "source": {"type": "replay", "path": "rec", "fps": 0},
+           "model": {"bundle": str(ROOT / "deploy/models/demo-arcd")},
+           "preprocess": {"flat_field": "ff.npz"},
+           "publish": {"endpoint": f"tcp://127.0.0.1:{free_port()}"}}
+    cfg = parse_config(raw, str(tmp_path / "cam.yaml"), base_dir=tmp_path)
+    with Pipeline(cfg) as p:
+        c = p.run(frames=3)
+    assert c["grabbed"] == 3 and c["published"] == 3

@@ -12,7 +12,7 @@ import numpy as np
 from inspector.bundle import BUNDLE_FILE, Bundle
 from inspector.engines.base import Engine
 from inspector.errors import BundleError
-from inspector.models.base import BufferPool, ModelAdapter, ModelOutput
+from inspector.models.base import BufferPool, ModelAdapter, ModelOutput, ShapeCache
 from inspector.models.tiling import TileGrid
 
 
@@ -23,7 +23,7 @@ class ArcdAdapter(ModelAdapter):
         super().__init__(bundle, engine, max_batch)
         self.probs_name = self.output_name("probabilities", "the graph output holding class probabilities")
         self.num_classes = len(bundle.spec.classes)
-        self._pools: dict[tuple[int, int], BufferPool] = {}
+        self._pools: ShapeCache = ShapeCache()
 
     def decode(self, raw: dict[str, list[np.ndarray]], g: TileGrid, image: np.ndarray) -> ModelOutput:
         chunks = raw[self.probs_name]

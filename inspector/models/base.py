@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import abc
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +36,31 @@ class ModelOutput:
     stats: dict[str, float] = field(default_factory=dict)
     #: hands the output buffers back to the adapter's pool once the frame is published
     release: Callable[[], None] | None = None
+
+
+class ShapeCache(OrderedDict):
+    """Buffers per frame shape, keeping the ``limit`` most recently used shapes.
+
+    A camera delivers one shape, so on the line nothing is ever evicted; offline evaluation and
+    calibration over data sets whose images all differ in size (magnetic tile: 845 sizes in 898
+    images) would otherwise keep every shape's buffers, megabytes each, until the run ends.
+    """
+
+    def __init__(self, limit: int = 4):
+        super().__init__()
+        self.limit = limit
+
+    def get(self, key, default=None):
+        if key in self:
+            self.move_to_end(key)
+            return self[key]
+        return default
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
 
 
 class BufferPool:
@@ -92,13 +117,35 @@ class ModelAdapter(abc.ABC):
         if self.input_name not in names:
             raise BundleError(f"{bundle.path / BUNDLE_FILE}: input.name: the graph has no input "
                               f"'{self.input_name}' (it has {names})")
-        self._grids: dict[tuple[int, int], TileGrid] = {}
-        self._batches: dict[tuple[int, int], np.ndarray] = {}
+        self._check_input_shape(next(t for t in engine.inputs if t.name == self.input_name))
+        self._grids: ShapeCache = ShapeCache()          # (h, w) -> TileGrid
+        self._batches: ShapeCache = ShapeCache()        # (h, w) -> input batch
         #: per batch size, the outputs of an overlapped run (engines with ``async_depth`` > 1)
-        self._overlap_out: dict[int, dict[str, np.ndarray]] = {}
+        self._overlap_out: ShapeCache = ShapeCache()
         #: optional flat-field correction (config ``preprocess.flat_field``, set by load_model);
         #: applied to the frame before everything else, so decode() sees the corrected frame too
         self.flat_field: FlatField | None = None
+
+    def _check_input_shape(self, graph_input) -> None:
+        """A bundle whose ``input`` section disagrees with the graph's fixed input dimensions
+        would fail on the first frame with the engine's own message, naming neither the bundle
+        nor the key, and as an engine error (exit 1: systemd restarts it for ever). Fail at load
+        with the key instead; dynamic (symbolic) dimensions accept anything."""
+        shape = graph_input.shape
+        if len(shape) != 4:
+            return
+        meta = self.bundle.path / BUNDLE_FILE
+        graph = self.bundle.path / self.bundle.spec.graphs["model"].file
+        n, c, h, w = (d if isinstance(d, int) and d > 0 else None for d in shape)
+        if c is not None and c != self.channels:
+            raise BundleError(f"{meta}: input.channels: {self.channels}, but {graph.name} takes "
+                              f"{c} channel(s)")
+        if (h is not None and h != self.tile_h) or (w is not None and w != self.tile_w):
+            raise BundleError(f"{meta}: input.tile: [{self.tile_h}, {self.tile_w}], but {graph.name} "
+                              f"takes {h or '?'}x{w or '?'} (HxW) tiles")
+        if n is not None and n != self.batch:
+            raise BundleError(f"{meta}: input.batch: {self.bundle.spec.input.batch}, but {graph.name} "
+                              f"takes a fixed batch of {n}; set input.batch: {n}")
 
     def output_name(self, key: str, what: str) -> str:
         """The graph output the bundle names under ``outputs.<key>``, checked against the graph."""

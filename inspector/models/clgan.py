@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from inspector.bundle import BUNDLE_FILE, Bundle
 from inspector.engines.base import Engine
 from inspector.errors import BundleError
-from inspector.models.base import BufferPool, ModelAdapter, ModelOutput
+from inspector.models.base import BufferPool, ModelAdapter, ModelOutput, ShapeCache
 from inspector.models.tiling import TileGrid
 from inspector.postprocess import GREY_WEIGHTS_RGB
 
@@ -167,7 +167,7 @@ class ClganAdapter(ModelAdapter):
             err = e.errors()[0]
             key = ".".join(str(p) for p in err["loc"])
             raise BundleError(f"{meta}: kind_params.{key}: {err['msg']}") from None
-        self._pools: dict[tuple[int, int], BufferPool] = {}
+        self._pools: ShapeCache = ShapeCache()
 
     def _shape(self, h: int, w: int) -> tuple[int, ...]:
         return (h, w) if self.channels == 1 else (h, w, self.channels)

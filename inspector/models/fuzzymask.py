@@ -48,7 +48,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from inspector.bundle import BUNDLE_FILE, Bundle
 from inspector.engines.base import Engine
 from inspector.errors import BundleError
-from inspector.models.base import BufferPool, ModelAdapter, ModelOutput
+from inspector.models.base import BufferPool, ModelAdapter, ModelOutput, ShapeCache
 from inspector.models.tiling import TileGrid
 
 log = logging.getLogger(__name__)
@@ -364,10 +364,10 @@ class FuzzymaskAdapter(ModelAdapter):
         self._cy = np.arange(0, self.tile_h, p.cell)
         self._cx = np.arange(0, self.tile_w, p.cell)
         self._fill = self._fuzzy_fill() if p.inference_fill == "fuzzy" else None
-        self._work: dict[tuple[int, int], _FrameWork] = {}
+        self._work: ShapeCache = ShapeCache()
         #: per-tile record of the last frame (converged, iterations, masked cells), for tests and logs
         self.last_frame: dict[str, np.ndarray] = {}
-        self._pools: dict[tuple[int, int], BufferPool] = {}
+        self._pools: ShapeCache = ShapeCache()
 
     # -- helpers ----------------------------------------------------------------------------------
     def _fuzzy_fill(self) -> tuple[np.ndarray, np.ndarray]:

@@ -194,7 +194,7 @@ class SyntheticSource(Source):
             now = time.monotonic()
             if self._t_next > now:
                 time.sleep(self._t_next - now)
-            self._t_next = max(self._t_next + 1.0 / self.cfg.fps, time.monotonic() - 1.0 / self.cfg.fps)
+            self._t_next = max(self._t_next, now) + 1.0 / self.cfg.fps
         img, truth = self._renderer.render(self._rng, self.cfg.defect_rate)
         if self.cfg.channels == 3:
             img = np.repeat(img[:, :, None], 3, axis=2)
