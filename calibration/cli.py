@@ -156,7 +156,7 @@ def _print_thresholds(r: dict[str, Any], files: dict[str, Path]) -> None:
     if not r["feasible"]:
         print(f"  not feasible: {r['reason']}")
         return
-    c = r["chosen"]
+    c = r.get("effective") or r["chosen"]  # what this camera runs with (overrides included)
     if r["recipe"] == "dual_threshold":
         print(f"  min_residual {c['min_residual']}  (k1 {c['k1']}, k2 {c['k2']}, kernel_size "
               f"{c['kernel_size']}, min_area_px {c['min_area_px']})")
@@ -182,12 +182,25 @@ def _print_thresholds(r: dict[str, Any], files: dict[str, Path]) -> None:
 
 
 # -- flat-field -----------------------------------------------------------------------------------
+def _read_frame(it, arg: str):
+    """The image of a frame-set item; an unreadable file is bad input (exit 2 naming it), not a
+    crash. Skipping it would be wrong here: the maps and the INT8 set describe the files given."""
+    from calibration.frames import CalibrationInputError
+
+    try:
+        return it.load()[0]
+    except CalibrationInputError:
+        raise
+    except ValueError as e:  # read_image names the file and what is wrong with it
+        raise CalibrationInputError(f"{arg} {e}") from None
+
+
 def _folder_frames(folder: str, arg: str):
     from calibration.frames import Split, normal_folder
 
     fs = normal_folder(folder, Split(), arg)
     for it in fs.items:
-        yield it.name, it.load()[0]
+        yield it.name, _read_frame(it, arg)
 
 
 def cmd_flat_field(args: argparse.Namespace) -> int:
@@ -195,6 +208,7 @@ def cmd_flat_field(args: argparse.Namespace) -> int:
 
     from calibration.flat_field import FlatFieldSettings, compute_flat_field, flatness, stack_frames
     from calibration.frames import CalibrationInputError, Split, live_frames
+    from inspector.fileio import atomic_path
 
     modes = [m for m in ("bright", "normal", "config") if getattr(args, m)]
     if len(modes) != 1:
@@ -236,10 +250,12 @@ def cmd_flat_field(args: argparse.Namespace) -> int:
     settings = FlatFieldSettings(profile=args.profile, smooth_px=smooth, target=args.target_level,
                                  max_gain=args.max_gain)
     ff = compute_flat_field(bright, dark, settings, meta)
-    out = ff.save(args.out)
     figs = flatness(ff, frames)
     ff.meta.update(figs)
-    ff.save(out)  # with the flatness figures in its metadata
+    out = Path(args.out)
+    # a camera config may already name this file: it is replaced whole or not at all
+    with atomic_path(out) as tmp:
+        ff.save(tmp)
     png = _plot_flat_field(ff, frames.mean(axis=0), Path(str(out)[:-4] + ".png"))
     result = {"file": str(out), "plot": str(png), "shape": list(ff.shape), **ff.meta,
               "config": {"preprocess": {"flat_field": str(out)}}}
@@ -284,6 +300,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
     from calibration.geometry import (GeometryResult, across_from_strip, across_from_target,
                                       along_from_encoder, along_from_speed, snippet)
     from inspector.evaluation.datasets import read_image
+    from inspector.fileio import atomic_write_text
 
     image = None
     if args.image:
@@ -340,8 +357,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
                                     "and/or --line-speed-m-min, --encoder-mm-per-count (along)")
     text = snippet(res)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
     if args.json:
         print(json.dumps({"geometry": res.section(), "how": res.how, "measured": res.measured,
                           "file": args.out}, indent=2))
@@ -364,7 +380,7 @@ def cmd_int8_set(args: argparse.Namespace) -> int:
     transform = None
     if args.source:
         fs = normal_folder(args.source, Split(), "--source")
-        pool = [(it.name, (lambda it=it: it.load()[0]), it.path) for it in fs.items]
+        pool = [(it.name, (lambda it=it: _read_frame(it, "--source")), it.path) for it in fs.items]
         source = str(args.source)
         ff_path = args.flat_field
     else:
@@ -466,8 +482,9 @@ def add_calibrate_commands(csub: argparse._SubParsersAction) -> None:
     q.add_argument("--categories", help="comma list of --defects folders (magnetic-tile: default all "
                                         "but MT_Free) or neu-seg subsets")
     q.add_argument("--check-fraction", type=float, default=0.3,
-                   help="share of frames held back to check the FPR (by a hash of the file stem; "
-                        "0.3 = the shared 'test' split)")
+                   help="share of frames held back to check the FPR (by a hash of the path below "
+                        "--normal without extension, as --format folder splits; 0.3 = the shared "
+                        "'test' split)")
     q.add_argument("--calib-fraction", type=float,
                    help="share used to calibrate (default: all not held back; 0.2 = the shared 'val' "
                         "split, leaving out the 'train' split a model was trained on)")
@@ -498,7 +515,8 @@ def add_calibrate_commands(csub: argparse._SubParsersAction) -> None:
     q.add_argument("--passes", type=int, help="passes to measure (default --within; more shows the tail)")
     q.add_argument("--defects", metavar="DIR", help="labelled defect images: report how their tiles converge")
     q.add_argument("--format", choices=["magnetic-tile", "neu-seg"], help="layout of --defects")
-    q.add_argument("--check-fraction", type=float, default=0.3, help="share of frames held back (hash of the stem)")
+    q.add_argument("--check-fraction", type=float, default=0.3,
+                   help="share of frames held back (hash of the path below --normal, as thresholds)")
     q.add_argument("--calib-fraction", type=float, help="share used to calibrate (default: the rest)")
     q.add_argument("--flat-field", metavar="NPZ", help="with --normal: apply these flat-field maps")
     q.add_argument("--threads", type=non_negative_int, default=0, help="onnxruntime intra-op threads (0 = all)")

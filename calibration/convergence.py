@@ -35,6 +35,7 @@ import numpy as np
 
 from calibration.frames import CalibrationInputError, FrameSet, iterate
 from inspector.bundle import BundleSpec, load_bundle, write_bundle
+from inspector.fileio import atomic_write_text
 from inspector.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ def save_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     files = {"report": out_dir / "convergence.json", "plot": out_dir / "convergence.png"}
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     public["files"] = {k: str(v) for k, v in files.items()}
-    files["report"].write_text(json.dumps(public, indent=2))
+    atomic_write_text(files["report"], json.dumps(public, indent=2))
     import matplotlib
 
     matplotlib.use("Agg")

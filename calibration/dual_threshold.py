@@ -3,12 +3,19 @@
 The CLGAN paper sweeps the first threshold's k over 2.0-3.0 and finds F1 and IoU still rising at
 3.0, the edge of its range (spec §3.5), so the default sweep here runs 2.0-4.0. The bundle runs
 once per image (adapter and engine as at run time); the residuals are kept and only the
-thresholding is repeated for each k, so a sweep costs one evaluation plus cheap numpy work.
+post-processing is repeated for each k, so a sweep costs one evaluation plus cheap numpy work.
+Each k goes through the runtime's own :class:`~inspector.postprocess.Postprocessor` with the
+bundle's section and only k replaced: its ``min_residual`` floor, ``min_area_px`` and
+connectivity apply as in ``inspector evaluate``, whose figures the row of the bundle's own k
+repeats.
 
 For each k: the per-image P, R, F1, IoU, ACC averaged over defective images (the paper's
 figures) and the false-alarm figures on defect-free images, from the same accumulators as
 ``inspector evaluate``. The best k by the chosen objective is reported; ``write_k`` stores it in
-the bundle's ``postprocess`` and keeps the previous section in ``postprocess_history``.
+the bundle's ``postprocess`` and keeps the previous section in ``postprocess_history``. A
+``min_residual`` floor was calibrated on the components of the old k (``inspector calibrate
+thresholds``), so a change of k resets it to 0, as ``calibrate residual-window`` does; calibrate
+the floor again afterwards.
 
 Calibrate on a split the final evaluation does not use (``--split val``), or the reported
 figures are tuned on their own test data.
@@ -33,7 +40,8 @@ from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
 from inspector.evaluation.evaluate import Runner
 from inspector.evaluation.metrics import DefectPixelMetrics, FalseAlarm, FrameResult
-from inspector.postprocess import dual_threshold
+from inspector.fileio import atomic_write_text
+from inspector.postprocess import Postprocessor
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +70,8 @@ def parse_range(text: str) -> list[float]:
 
 def sweep(bundle: str | Path, dataset: Dataset, values: Sequence[float],
           param: Literal["k1", "k2"] = "k1", objective: Literal["f1", "iou"] = "f1") -> dict[str, Any]:
-    """Metrics of the dual-threshold mask for each value of ``param`` (the other stays as the
-    bundle has it)."""
+    """Metrics of the bundle's post-processing for each value of ``param`` (everything else,
+    the ``min_residual`` floor and ``min_area_px`` included, stays as the bundle has it)."""
     if param not in ("k1", "k2"):
         raise ValueError(f"param must be k1 or k2, got {param!r}")
     runner = Runner(bundle)
@@ -74,12 +82,14 @@ def sweep(bundle: str | Path, dataset: Dataset, values: Sequence[float],
     if len(dataset) == 0:
         raise ValueError(f"{dataset.root}: no images in split '{dataset.split}'")
     t0 = time.perf_counter()
-    cache: list[tuple[str, np.ndarray, np.ndarray]] = []
+    cache: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]] = []
     for i in range(len(dataset)):
         s = dataset.load(i)
         out = runner.adapter.infer(s.image)
         try:
-            cache.append((s.name, np.array(out.residual, copy=True), s.mask))
+            # the score map too: the floor gates components by it, as at run time
+            cache.append((s.name, np.array(out.residual, copy=True), np.array(out.score_map, copy=True),
+                          s.mask))
         finally:
             if out.release:
                 out.release()
@@ -88,12 +98,12 @@ def sweep(bundle: str | Path, dataset: Dataset, values: Sequence[float],
     t_infer = time.perf_counter() - t0
     rows = []
     for v in values:
-        k1 = v if param == "k1" else pp.k1
-        k2 = v if param == "k2" else pp.k2
+        post = Postprocessor(pp.model_copy(update={param: float(v)}), runner.bundle.spec.classes)
         dm, fa = DefectPixelMetrics(), FalseAlarm()
-        for name, residual, truth in cache:
-            label = dual_threshold(residual, k1, k2, pp.kernel_size)
-            fr = FrameResult(label=label, score_map=residual)  # score unused by these two metrics
+        for name, residual, score, truth in cache:
+            label = post.mask(None, residual, score)
+            defects, _ = post.defects(label, score)
+            fr = FrameResult(label=label, score_map=score, defects=defects)
             dm.update(truth, fr, name)
             fa.update(truth, fr, name)
         r = dm.result()
@@ -103,7 +113,8 @@ def sweep(bundle: str | Path, dataset: Dataset, values: Sequence[float],
     best = max(scored, key=lambda r: r[objective]) if scored else None
     return {
         "bundle": str(runner.bundle.path), "param": param, "objective": objective,
-        "fixed": {"k1": pp.k1, "k2": pp.k2, "kernel_size": pp.kernel_size},
+        "fixed": {"k1": pp.k1, "k2": pp.k2, "kernel_size": pp.kernel_size, "min_residual": pp.min_residual,
+                  "min_area_px": pp.min_area_px, "connectivity": pp.connectivity},
         "data": dataset.summary(), "rows": rows,
         "best": best, "best_value": best[param] if best else None,
         "at_edge": bool(best and best[param] in (min(values), max(values))),
@@ -160,14 +171,24 @@ def finish_sweep_plot(fig, ax, result: dict[str, Any], what: str, path: Path) ->
 
 def write_k(bundle: str | Path, param: Literal["k1", "k2"], value: float, note: dict[str, Any]) -> Path:
     """Set ``postprocess.<param>`` of the bundle; the previous section goes to
-    ``postprocess_history`` with the calibration's provenance."""
+    ``postprocess_history`` with the calibration's provenance. A ``min_residual`` floor is reset
+    to 0 when the value changes (see module doc)."""
     b = load_bundle(bundle)
     spec = b.spec
     old = spec.postprocess.model_dump(mode="json")
+    update: dict[str, Any] = {param: float(value)}
+    floor_reset = bool(spec.postprocess.min_residual) and float(value) != float(old[param])
+    if floor_reset:
+        update["min_residual"] = 0.0
+        log.warning("%s: min_residual %.4g reset to 0 (it was calibrated with %s %g); run `inspector "
+                    "calibrate thresholds` again", b.path / BUNDLE_FILE, spec.postprocess.min_residual,
+                    param, old[param])
     history = list(spec.postprocess_history) + [{
         **old, "replaced": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "replaced_by": f"calibrate dual-threshold {param}={value}", "calibration": note}]
-    new_pp = spec.postprocess.model_copy(update={param: float(value)})
+        "replaced_by": f"calibrate dual-threshold {param}={value}"
+                       + (" (min_residual reset to 0: calibrated on the old components)" if floor_reset else ""),
+        "calibration": note}]
+    new_pp = spec.postprocess.model_copy(update=update)
     new = BundleSpec.model_validate({**spec.model_dump(mode="json"),
                                      "postprocess": new_pp.model_dump(mode="json"),
                                      "postprocess_history": history})
@@ -177,7 +198,7 @@ def write_k(bundle: str | Path, param: Literal["k1", "k2"], value: float, note: 
 def save_result(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     j = out_dir / f"sweep_{result['param']}.json"
-    j.write_text(json.dumps(result, indent=2))
+    atomic_write_text(j, json.dumps(result, indent=2))
     png = plot_sweep(result, out_dir / f"sweep_{result['param']}.png")
     return {"json": j, "png": png}
 

@@ -1,9 +1,13 @@
 """Frame sets for calibration: normal frames from a folder or a live source, labelled defects,
 and the deterministic split into a calibration part and a held-back check part.
 
-The split is a fixed function of each image's stem (:func:`inspector.evaluation.datasets.
+The split is a fixed function of each image's key (:func:`inspector.evaluation.datasets.
 hash_fraction`, the hash the evaluation and training code split by), so every run and machine
-holds back the same frames, and adding frames never moves old ones between the parts:
+holds back the same frames, and adding frames never moves old ones between the parts. The key
+of a normal frame from a folder is the one ``--format folder`` (:func:`inspector.evaluation.
+datasets.image_folder`) splits by: its path below the folder, without the extension
+(``coil_a/f0001``); for the files directly in the folder that is the bare stem, as in the
+magnetic-tile and NEU readers, so ``--normal MT_Free/Imgs`` splits like ``magnetic-tile``:
 
 * hash < ``check_fraction``                         -> ``check`` (held back, only measured)
 * hash < ``check_fraction + calib_fraction``        -> ``calibration`` (thresholds chosen here)
@@ -42,7 +46,7 @@ class CalibrationInputError(InspectorError, ValueError):
 
 @dataclass(frozen=True)
 class Split:
-    """Which part an image stem falls in (see module doc)."""
+    """Which part an image key falls in (see module doc)."""
 
     check_fraction: float = 0.3
     calib_fraction: float | None = None
@@ -55,8 +59,8 @@ class Split:
             raise CalibrationInputError(f"--calib-fraction: must be > 0 and leave check + calibration "
                                         f"<= 1, got {self.calib_fraction}")
 
-    def part(self, stem: str) -> Part:
-        h = hash_fraction(stem)
+    def part(self, key: str) -> Part:
+        h = hash_fraction(key)
         if h < self.check_fraction:
             return "check"
         if self.calib_fraction is None or h < self.check_fraction + self.calib_fraction:
@@ -65,8 +69,10 @@ class Split:
 
     def describe(self) -> dict:
         return {"check_fraction": self.check_fraction, "calib_fraction": self.calib_fraction,
-                "rule": "sha256(stem) -> [0,1): < check_fraction held back for the check, the next "
-                        "calib_fraction (default: the rest) calibrates"}
+                "rule": "sha256(key) -> [0,1): < check_fraction held back for the check, the next "
+                        "calib_fraction (default: the rest) calibrates; key: the image's path below "
+                        "the folder without extension (the file stem for files directly in it), "
+                        "the file stem for labelled data sets, camera/frame for live frames"}
 
 
 @dataclass
@@ -127,9 +133,10 @@ def normal_folder(root: str | Path, split: Split, arg: str = "--normal") -> Fram
     entries, dropped = _drop_mask_siblings(ds.entries)
     if not entries:
         raise CalibrationInputError(f"{arg} {root}: no images in it (expected .png/.jpg/.bmp/.tif files)")
-    # The split hashes the bare file stem, as the data-set readers do, so that pointing at a
-    # parent folder (MT_Free/ rather than MT_Free/Imgs/) does not move images between parts.
-    items = [FrameItem(e.stem, split.part(e.image.stem), _loader(e.image), e.image) for e in entries]
+    # The key image_folder splits by (path below root): the same folder evaluated or trained on
+    # with `format: folder` gives the same parts, and equal names in two sub-folders split
+    # independently. Files directly in root keep the bare stem as their key.
+    items = [FrameItem(e.stem, split.part(e.stem), _loader(e.image), e.image) for e in entries]
     fs = FrameSet("normal", str(root), items)
     if dropped:
         fs.notes.append(f"{dropped} .png file(s) beside a same-name image taken as masks and skipped")

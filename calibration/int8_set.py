@@ -35,6 +35,7 @@ import numpy as np
 
 from calibration.flat_field import grey
 from calibration.frames import CalibrationInputError
+from inspector.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +70,11 @@ def standardise(feats: np.ndarray) -> np.ndarray:
 
 
 def k_center_greedy(z: np.ndarray, k: int) -> tuple[list[int], float]:
-    """Indices of ``k`` rows of ``z`` by k-center greedy from the row nearest the median, and the
-    coverage radius (largest distance of any row to its nearest pick)."""
+    """Indices of up to ``k`` distinct rows of ``z`` by k-center greedy from the row nearest the
+    median, and the coverage radius (largest distance of any row to its nearest pick).
+
+    Fewer than ``k`` when every row left equals a picked one (a pool of repeated frames, e.g. a
+    stopped line): another copy adds nothing to the set, and no row is ever picked twice."""
     n = len(z)
     k = min(k, n)
     first = int(np.argmin(np.linalg.norm(z - np.median(z, axis=0), axis=1)))
@@ -78,6 +82,8 @@ def k_center_greedy(z: np.ndarray, k: int) -> tuple[list[int], float]:
     dist = np.linalg.norm(z - z[first], axis=1)
     while len(picks) < k:
         nxt = int(np.argmax(dist))  # ties: lowest index, so the result is deterministic
+        if dist[nxt] <= 0:  # picked rows sit at 0 too: taking one now would repeat it
+            break
         picks.append(nxt)
         dist = np.minimum(dist, np.linalg.norm(z - z[nxt], axis=1))
     return picks, float(dist.max())
@@ -87,13 +93,16 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "frame"
 
 
-def prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_out(out: Path, overwrite: bool, clear: bool = True) -> None:
+    """Check ``out`` can take the set; with ``clear``, remove the images already there."""
     if out.exists() and not out.is_dir():
         raise CalibrationInputError(f"--out {out}: exists and is not a folder")
     old = [p for p in out.rglob("*") if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES] if out.is_dir() else []
     if old and not overwrite:
         raise CalibrationInputError(f"--out {out}: already holds {len(old)} image(s), which the INT8 "
                                     f"calibrator would read too; use an empty folder or --overwrite")
+    if not clear:
+        return
     for p in old:
         p.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -111,18 +120,24 @@ def select_int8_set(pool: list[tuple[str, Callable[[], np.ndarray], Path | None]
         raise CalibrationInputError(f"--count: must be >= 1, got {count}")
     if not pool:
         raise CalibrationInputError(f"{source}: no frames to choose from")
-    prepare_out(out, overwrite)
+    prepare_out(out, overwrite, clear=False)  # a refused --out before the pool is read
     feats = []
     for i, (name, load, _) in enumerate(pool):
         img = load()
         feats.append(frame_features(transform(img) if transform else img))
         if (i + 1) % 200 == 0:
             log.info("features of %d/%d frames", i + 1, len(pool))
+    # only now: a pool frame that cannot be read must not cost the previous set
+    prepare_out(out, overwrite)
     f = np.stack(feats)
     z = standardise(f)
     picks, radius = k_center_greedy(z, count)
     if count > len(pool):
         log.warning("--count %d is more than the %d frames available: all are taken", count, len(pool))
+    if len(picks) < min(count, len(pool)):
+        log.warning("%s: only %d distinct frames (by their features) among %d: the set holds %d, not "
+                    "%d; the others repeat a frame already in it", source, len(picks), len(pool),
+                    len(picks), count)
     written = []
     for rank, i in enumerate(picks):
         name, load, path = pool[i]
@@ -161,5 +176,5 @@ def select_int8_set(pool: list[tuple[str, Callable[[], np.ndarray], Path | None]
         "flat_field": bool(transform),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (out / "selection.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "selection.json", json.dumps(report, indent=2))
     return report

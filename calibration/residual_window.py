@@ -44,6 +44,7 @@ from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
 from inspector.evaluation.evaluate import Runner
 from inspector.evaluation.metrics import DefectPixelMetrics, FalseAlarm, FrameResult, auroc
+from inspector.fileio import atomic_write_text
 from inspector.models.clgan import ClganAdapter, check_local_mean_window, clgan_residual, residual_score
 from inspector.postprocess import dual_threshold
 
@@ -207,6 +208,6 @@ def save_result(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     j = out_dir / "sweep_local_mean_window.json"
-    j.write_text(json.dumps(result, indent=2))
+    atomic_write_text(j, json.dumps(result, indent=2))
     png = plot_sweep(result, out_dir / "sweep_local_mean_window.png")
     return {"json": j, "png": png}

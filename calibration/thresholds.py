@@ -76,6 +76,7 @@ import numpy as np
 
 from inspector.bundle import BUNDLE_FILE, Bundle, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.metrics import Counts, DefectPixelMetrics, FalseAlarm, FrameResult, scores
+from inspector.fileio import atomic_write_text
 from inspector.models import ModelAdapter
 from inspector.postprocess import PostprocessConfig, Postprocessor, dual_threshold
 
@@ -103,10 +104,32 @@ def _step(v: float) -> float:
     return 10.0 ** (math.floor(math.log10(abs(v))) - 3) if v != 0 else 1e-4
 
 
+def _f32_above(t: float, v: float) -> float:
+    """``t``, or if float32 rounds it down onto or below ``v``, the smallest float32 above ``v``.
+
+    The runtime compares float32 scores with ``np.float32(threshold)``
+    (:func:`inspector.postprocess.keep_components_reaching`, :func:`~inspector.postprocess.
+    threshold_score`, the class thresholds), so a threshold "just above" a float32 peak in
+    float64 (118.7 above 118.69999695) can become that very peak at run time and let the frame
+    that calibration silenced alarm. Readable values are kept where float32 keeps them above.
+    """
+    t32, v32 = np.float32(t), np.float32(v)
+    if t32 > v32:
+        return t
+    while t32 <= v32:
+        t32 = np.nextafter(t32, np.float32(np.inf))
+    return float(t32)
+
+
+def _reaches(score: np.ndarray, threshold: float | np.ndarray) -> np.ndarray:
+    """``score >= threshold`` as the runtime decides it: both in float32."""
+    return np.asarray(score, np.float32) >= np.asarray(threshold, np.float32)
+
+
 def _passes(score: np.ndarray, floor: float) -> np.ndarray:
     """Which image scores alarm at ``floor`` (0 = no floor: any component alarms)."""
     s = np.asarray(score, np.float64)
-    return np.isfinite(s) & ((floor <= 0) | (s >= floor))
+    return np.isfinite(s) & ((floor <= 0) | _reaches(s, floor))
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:
@@ -170,6 +193,7 @@ def floor_for(scores_: Sequence[float], target: float, confidence: float | None 
     t = _above(v, _step(v)) if v > 0 else _above(v, 1e-4)
     if t <= 0:  # all scores negative (signed residuals): any positive floor removes them all
         t = 1e-4
+    t = _f32_above(t, v)
     return t, int(_passes(s, t).sum())
 
 
@@ -377,7 +401,9 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
                          defects: FrameSet | None = None, grid: SearchGrid | None = None,
                          min_threshold: float = 0.5, confidence: float | None = None) -> dict[str, Any]:
     """Choose the post-processing for ``target_fpr`` (see module doc); returns the report dict
-    (``chosen`` is the new post-processing section, ``None`` when the target cannot be met).
+    (``chosen`` is the new post-processing section of the bundle: its own section with the
+    calibrated keys replaced, ``None`` when the target cannot be met; ``effective`` is that
+    under the camera's ``model.postprocess`` overrides, what this camera runs with).
     ``confidence`` (e.g. 0.9) asks for the true FPR to be at most the target with that
     probability (:func:`allowed_alarms`) instead of the empirical rule."""
     if not 0 < target_fpr < 1:
@@ -385,6 +411,13 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
     if confidence is not None and not 0 < confidence < 1:
         raise CalibrationInputError(f"--confidence: must be in (0, 1), got {confidence}")
     grid = grid or SearchGrid()
+    own = model.bundle.spec.postprocess
+    if model.pp.type != own.type:
+        # the calibrated keys of one recipe mean nothing in a section of another
+        raise CalibrationInputError(f"model.postprocess.type: the camera config overrides the recipe "
+                                    f"{own.type} of {model.bundle.path / BUNDLE_FILE} with "
+                                    f"{model.pp.type}; calibration writes the bundle's own section: "
+                                    f"remove the override or calibrate a bundle of that recipe")
     t0 = time.perf_counter()
     calib_n, check_n = normals.part("calibration"), normals.part("check")
     if not calib_n:
@@ -431,6 +464,7 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
         "fpr_definition": "share of normal frames whose defect list is not empty (after min_area_px)",
         "normal": normals.summary(), "defects": defects.summary() if defects else None,
         "base_postprocess": model.pp.model_dump(mode="json"),
+        "bundle_postprocess": own.model_dump(mode="json"),
         "camera_overrides": model.overrides or None,
         "search": res.search_report(),
     }
@@ -439,6 +473,12 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
         report.update(chosen=None, feasible=False, reason=res.infeasible_reason,
                       seconds=round(time.perf_counter() - t0, 1))
         return report
+    # The bundle is shared by every camera: it gets only the calibrated keys, on top of its own
+    # section, never this camera's model.postprocess overrides. `chosen` (overrides included) is
+    # what this camera runs with, so the check below uses it.
+    to_write = PostprocessConfig.model_validate(
+        own.model_dump(mode="json") | {k: v for k, v in chosen.model_dump(mode="json").items()
+                                       if k in res.KEYS})
     post = Postprocessor(chosen, model.classes)
     # phase 2: held-back part -> the runtime's own post-processing at the chosen setting
     fa, dm = FalseAlarm(), DefectPixelMetrics()
@@ -470,9 +510,10 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
     pix = dm.result()
     report.update({
         "feasible": True,
-        "chosen": chosen.model_dump(mode="json"),
-        "changed": {k: v for k, v in chosen.model_dump(mode="json").items()
-                    if model.pp.model_dump(mode="json").get(k) != v},
+        "chosen": to_write.model_dump(mode="json"),
+        "effective": chosen.model_dump(mode="json"),
+        "changed": {k: v for k, v in to_write.model_dump(mode="json").items()
+                    if own.model_dump(mode="json").get(k) != v},
         "calibration": calib_fig,
         "check": {
             "normal_images": n_chk, "alarmed": k_chk,
@@ -552,6 +593,9 @@ class _Calibration:
 
 class _ResidualCalibration(_Calibration):
     """Statistics and choice for dual-threshold (residual) models."""
+
+    #: the keys the choice sets (all of them: the floor holds only with the shape it was set for)
+    KEYS = ("k1", "k2", "kernel_size", "min_area_px", "min_residual")
 
     def __init__(self, model: CalibModel, target: float, grid: SearchGrid, confidence: float | None):
         super().__init__(model, target, confidence)  # tables: (name, {shape: CompTable})
@@ -700,12 +744,14 @@ def score_floor(scores_: Sequence[float], target: float, confidence: float | Non
     s, v, reporting = _first_refused(scores_, target, confidence)
     if v is None or math.isinf(v):
         return v, reporting
-    t = _above(v, _step(v))
-    return t, int((np.isfinite(s) & (s >= t)).sum())
+    t = _f32_above(_above(v, _step(v)), v)
+    return t, int((np.isfinite(s) & _reaches(s, t)).sum())
 
 
 class _ScoreCalibration(_Calibration):
     """Statistics and choice for score-threshold models (fuzzymask): one threshold on the score."""
+
+    KEYS = ("score_threshold", "min_area_px")
 
     def __init__(self, model: CalibModel, target: float, grid: SearchGrid, confidence: float | None):
         super().__init__(model, target, confidence)  # tables: (name, {area: (alarm, detect score)})
@@ -729,7 +775,7 @@ class _ScoreCalibration(_Calibration):
 
     @staticmethod
     def _passes(s: np.ndarray, t: float) -> np.ndarray:
-        return np.isfinite(s) & (s >= t)
+        return np.isfinite(s) & _reaches(s, t)
 
     def choose(self) -> PostprocessConfig | None:
         for area in self.areas:
@@ -783,6 +829,8 @@ class _ScoreCalibration(_Calibration):
 class _ProbabilityCalibration:
     """Statistics and choice for class-probability models (one threshold per defect class)."""
 
+    KEYS = ("threshold", "class_thresholds")
+
     def __init__(self, model: CalibModel, target: float, min_threshold: float, confidence: float | None):
         if not 0 < min_threshold <= 1:
             raise CalibrationInputError(f"--min-threshold: must be in (0, 1], got {min_threshold}")
@@ -824,12 +872,16 @@ class _ProbabilityCalibration:
         srt = -np.sort(-m, axis=0)
         out = np.empty(len(self.names))
         for c in range(len(self.names)):
-            out[c] = self.lo if k >= len(srt) else max(self.lo, _above(float(srt[k, c]), 1e-4))
+            if k >= len(srt):
+                out[c] = self.lo
+            else:
+                v = float(srt[k, c])
+                out[c] = _f32_above(max(self.lo, _above(v, 1e-4)), v)
         return out
 
     @staticmethod
     def _alarms(m: np.ndarray, thr: np.ndarray) -> np.ndarray:
-        return (m >= thr[None, :]).any(axis=1) if len(m) else np.zeros(0, bool)
+        return _reaches(m, thr[None, :]).any(axis=1) if len(m) else np.zeros(0, bool)
 
     def choose(self) -> PostprocessConfig | None:
         m = self._matrix("calibration", "normal")
@@ -1064,7 +1116,7 @@ def save_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     public["image_scores"] = report.get("_scores")
     public["files"] = {k: str(v) for k, v in files.items()} | {"report": str(out_dir / "thresholds.json")}
     files["report"] = out_dir / "thresholds.json"
-    files["report"].write_text(json.dumps(public, indent=2, default=_json_default))
+    atomic_write_text(files["report"], json.dumps(public, indent=2, default=_json_default))
     return files
 
 

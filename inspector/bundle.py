@@ -35,6 +35,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inspector.errors import BundleError
+from inspector.fileio import atomic_write_text
 from inspector.postprocess import PostprocessConfig
 
 BUNDLE_FILE = "bundle.yaml"
@@ -150,11 +151,13 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
 
 
 def write_bundle(path: str | Path, spec: BundleSpec) -> Path:
-    """Write ``bundle.yaml`` (graphs must already be in the folder; their sha256 is recomputed)."""
+    """Write ``bundle.yaml`` (graphs must already be in the folder; their sha256 is recomputed).
+
+    The file is replaced atomically: a write that fails part-way (disk full) leaves the previous
+    ``bundle.yaml`` in place rather than a truncated one that may still parse with keys lost."""
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
     graphs = {k: GraphRef(file=g.file, sha256=sha256_file(root / g.file)) for k, g in spec.graphs.items()}
     spec = spec.model_copy(update={"graphs": graphs})
     data = spec.model_dump(mode="json")
-    (root / BUNDLE_FILE).write_text(yaml.safe_dump(data, sort_keys=False))
-    return root / BUNDLE_FILE
+    return atomic_write_text(root / BUNDLE_FILE, yaml.safe_dump(data, sort_keys=False))

@@ -1,4 +1,5 @@
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -40,3 +41,47 @@ def test_bad_key_in_bundle_yaml_is_named(toy_bundle, tmp_path):
     (b / "bundle.yaml").write_text(yaml.safe_dump(meta))
     with pytest.raises(BundleError, match="input.channels"):
         load_bundle(b)
+
+
+def test_write_bundle_cut_short_by_a_full_disk_keeps_the_old_file(toy_bundle, tmp_path):
+    """A write that fails part-way (here a file-size limit standing in for a full disk) must leave
+    the previous bundle.yaml, not a truncated one that still parses with keys missing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    b = copy(toy_bundle, tmp_path / "b")
+    before = (b / "bundle.yaml").read_bytes()
+    limit = len(before) + 512  # the old file fits, the new one (long provenance) does not
+    child = textwrap.dedent(f"""
+        import resource, signal, sys
+        from inspector.bundle import load_bundle, write_bundle
+        spec = load_bundle({str(b)!r}).spec
+        spec = spec.model_copy(update={{"provenance": {{**spec.provenance, "note": "x" * 20000}},
+                                        "kind_params": {{"kept": 1}}}})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.RLIM_INFINITY))
+        try:
+            write_bundle({str(b)!r}, spec)
+        except OSError as e:
+            print("failed:", e)
+            sys.exit(3)
+    """)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[1])
+    assert r.returncode == 3, (r.stdout, r.stderr)
+    assert (b / "bundle.yaml").read_bytes() == before
+    assert load_bundle(b).spec.provenance == yaml.safe_load(before).get("provenance", {})
+    assert sorted(p.name for p in b.iterdir() if p.name.endswith(".tmp")) == []
+
+
+def test_write_bundle_replaces_the_file_and_keeps_its_mode(toy_bundle, tmp_path):
+    from inspector.bundle import write_bundle
+
+    b = copy(toy_bundle, tmp_path / "b")
+    (b / "bundle.yaml").chmod(0o644)
+    spec = load_bundle(b).spec
+    write_bundle(b, spec.model_copy(update={"kind_params": {"m": 0.5}}))
+    assert load_bundle(b).spec.kind_params == {"m": 0.5}
+    assert (b / "bundle.yaml").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in b.iterdir() if p.name.startswith(".")] == []

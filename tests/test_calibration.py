@@ -110,6 +110,48 @@ def test_floor_for_keeps_at_most_the_allowed_share():
                 assert nxt < floor <= nxt * 1.001 + 1e-4
 
 
+def test_thresholds_stay_above_the_peak_in_float32_as_the_runtime_compares():
+    """A threshold "just above" a float32 peak in float64 (118.7 > 118.69999695) must not round
+    back onto that peak in float32, or the frame calibration silenced alarms at run time."""
+    from calibration.thresholds import floor_for, score_floor
+    from inspector.postprocess import keep_components_reaching, threshold_score
+
+    peak = np.float32(118.7)
+    floor, alarmed = floor_for([float(peak)] + [1.0] * 9, 0.05)
+    assert alarmed == 0 and np.float32(floor) > peak
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 2:4] = 1
+    score = np.zeros((8, 8), np.float32)
+    score[2, 2] = peak
+    assert not keep_components_reaching(mask, score, floor).any()
+    # a readable value stays readable where float32 keeps it above the peak
+    assert floor_for([5.0, 1.0, 2.0, 9.0], 0.25) == (5.001, 1)
+
+    for v in (0.7, -0.31):
+        p32 = np.float32(v)
+        t, alarmed = score_floor([float(p32)] + [-2.0] * 9, 0.05)
+        assert alarmed == 0 and np.float32(t) > p32
+        assert not threshold_score(np.full((2, 2), p32), t).any()
+
+
+def test_class_thresholds_stay_above_the_peak_in_float32(toy_bundle):
+    from calibration.thresholds import PeakRow, _ProbabilityCalibration
+    from inspector.postprocess import PostprocessConfig, Postprocessor
+
+    model = _model(toy_bundle)
+    cal = _ProbabilityCalibration(model, 0.05, 0.5, None)
+    p = np.float32(0.7)
+    cal.rows["calibration"]["normal"] = [("hot", PeakRow(np.array([p, 0.1, 0.1], np.float32), None))] + [
+        (f"n{i}", PeakRow(np.array([0.1, 0.1, 0.1], np.float32), None)) for i in range(9)]
+    chosen = cal.choose()
+    assert cal.figures_at_choice()["alarmed"] == 0
+    probs = np.zeros((4, 4, 4), np.float32)
+    probs[0] = 1 - p
+    probs[1] = p  # the frame calibration counted as silent, through the runtime's thresholds
+    post = Postprocessor(PostprocessConfig.model_validate(chosen.model_dump()), model.classes)
+    assert not post.mask(probs, None, 1 - probs[0]).any()
+
+
 def test_allowed_alarms_empirical_and_with_confidence():
     from calibration.thresholds import allowed_alarms, binom_cdf
 
@@ -276,6 +318,51 @@ def test_normals_from_a_live_source(toy_bundle, tmp_path):
     assert rep["calibration"]["fpr"] <= 0.1
 
 
+def test_camera_overrides_are_not_baked_into_the_shared_bundle(toy_bundle, tmp_path):
+    """--config: the camera's model.postprocess overrides hold for that camera only; the bundle
+    gets its own section with just the calibrated keys replaced, and `changed` is measured
+    against the bundle's own section."""
+    import shutil
+
+    from conftest import write_config
+
+    bundle = tmp_path / "toy"
+    shutil.copytree(toy_bundle, bundle)
+    before = load_bundle(bundle).spec.postprocess
+    overrides = {"min_area_px": 5, "connectivity": 4, "max_defects": 3}
+    assert all(getattr(before, k) != v for k, v in overrides.items())
+    cfg = write_config(tmp_path / "cam.yaml", {
+        "camera_id": "cal", "model": {"bundle": str(bundle), "postprocess": overrides},
+        "source": {"type": "synthetic", "width": 256, "height": 64, "fps": 0, "defect_rate": 0.0, "seed": 1}})
+    r = run_cli("calibrate", "thresholds", "--config", str(cfg), "--frames", "40", "--target-fpr", "0.1",
+                "--json", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    after = load_bundle(bundle).spec.postprocess
+    for k in overrides:
+        assert getattr(after, k) == getattr(before, k), k
+        assert rep["chosen"][k] == getattr(before, k) and rep["effective"][k] == overrides[k]
+    assert after.class_thresholds == rep["chosen"]["class_thresholds"] != {}
+    assert set(rep["changed"]) <= {"threshold", "class_thresholds"}
+    assert len(load_bundle(bundle).spec.postprocess_history) == len(
+        yaml.safe_load((toy_bundle / "bundle.yaml").read_text()).get("postprocess_history", [])) + 1
+
+
+def test_a_camera_override_of_the_recipe_type_is_refused(toy_bundle, tmp_path):
+    from calibration.frames import CalibrationInputError, FrameItem, FrameSet, Split
+    from calibration.thresholds import CalibModel, calibrate_thresholds
+    from inspector.postprocess import PostprocessConfig
+
+    m = _model(toy_bundle)
+    pp = PostprocessConfig.model_validate(m.pp.model_dump() | {"type": "dual_threshold"})
+    img = np.full((64, 64), 128, np.uint8)
+    sp = Split(0.3)
+    fs = FrameSet("normal", "mem", [FrameItem(f"f{i}", sp.part(f"f{i}"), lambda: (img, None))
+                                    for i in range(20)])
+    with pytest.raises(CalibrationInputError, match="model.postprocess.type"):
+        calibrate_thresholds(CalibModel(m.bundle, m.adapter, pp, {"type": "dual_threshold"}), fs, 0.1)
+
+
 CLGAN_MT = Path(__file__).resolve().parents[1] / "deploy" / "models" / "clgan-mt"
 
 
@@ -304,3 +391,39 @@ def test_acceptance_clgan_mt_on_held_out_magnetic_tiles(tmp_path):
     assert rep["calibration"]["fpr"] <= 0.02
     assert rep["check"]["fpr"] <= 0.04
     assert rep["check"]["recall"] is not None
+
+
+def test_dual_threshold_sweep_applies_the_bundle_floor_and_write_resets_it(tmp_path):
+    """`calibrate dual-threshold` scores each k through the runtime's post-processing (the
+    bundle's min_residual floor and min_area_px included): at the bundle's own k it repeats
+    `inspector evaluate`; writing another k resets the floor calibrated for the old one."""
+    from calibration.dual_threshold import sweep, write_k
+    from inspector.bundle import write_bundle
+    from inspector.evaluation.datasets import open_dataset
+    from inspector.evaluation.evaluate import evaluate_bundle
+
+    bundle = local_mean_clgan_bundle(tmp_path / "b")
+    spec = load_bundle(bundle).spec
+    write_bundle(bundle, spec.model_copy(update={"postprocess": spec.postprocess.model_copy(
+        update={"min_residual": 20.0, "min_area_px": 4})}))
+    normal, mt = make_sets(tmp_path / "d", normals=16, defects=12, seed=4)
+    free = mt / "MT_Free" / "Imgs"
+    free.mkdir(parents=True)
+    for p in sorted(normal.glob("*.png")):
+        cv2.imwrite(str(free / f"{p.stem}.jpg"), cv2.imread(str(p), cv2.IMREAD_GRAYSCALE),
+                    [cv2.IMWRITE_JPEG_QUALITY, 98])
+    ds = open_dataset("magnetic-tile", mt)
+    res = sweep(bundle, ds, [2.5, 3.0])
+    row = next(r for r in res["rows"] if r["k1"] == 3.0)
+    ev = evaluate_bundle(bundle, ds)
+    for k in ("false_alarm_rate", "false_alarm_rate_reported", "precision", "recall", "f1", "iou"):
+        assert row[k] == pytest.approx(ev[k]), k
+    assert row["false_alarm_rate"] < 0.5  # without the floor every normal tile marks something
+    assert res["fixed"]["min_residual"] == 20.0
+
+    write_k(bundle, "k1", 3.0, {"test": 1})  # same k: the floor still holds
+    assert load_bundle(bundle).spec.postprocess.min_residual == 20.0
+    write_k(bundle, "k1", 2.5, {"test": 2})
+    b = load_bundle(bundle).spec
+    assert b.postprocess.k1 == 2.5 and b.postprocess.min_residual == 0.0
+    assert b.postprocess_history[-1]["min_residual"] == 20.0

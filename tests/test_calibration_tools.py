@@ -274,6 +274,9 @@ def test_int8_set_covers_brightness_and_texture(tmp_path):
     (["flat-field", "--bright", "NORMAL", "--out", "OUT/x.txt"], ["--out"]),
     (["int8-set", "--source", "EMPTY", "--count", "3", "--out", "OUT/i8"], ["--source", "EMPTY"]),
     (["int8-set", "--source", "NORMAL", "--count", "0", "--out", "OUT/i8"], ["--count"]),
+    (["flat-field", "--normal", "BROKEN", "--out", "OUT/x.npz"], ["--normal", "BROKEN", "broken.png"]),
+    (["flat-field", "--bright", "BROKEN", "--out", "OUT/x.npz"], ["--bright", "broken.png"]),
+    (["int8-set", "--source", "BROKEN", "--count", "2", "--out", "OUT/i8"], ["--source", "broken.png"]),
     (["geometry", "--strip-width-mm", "-3", "--strip-width-px", "100"], ["--strip-width-mm"]),
     (["geometry"], ["nothing to calibrate"]),
 ])
@@ -285,7 +288,10 @@ def test_bad_input_exits_2_naming_the_argument_or_file(args, names, tmp_path):
     (tmp_path / "empty").mkdir()
     normal = tmp_path / "normal"
     _write(normal, [np.full((64, 64), 128, np.uint8)] * 3)
+    broken = _write(tmp_path / "broken", [np.full((64, 64), v, np.uint8) for v in (90, 128, 160)])
+    (broken / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     subst = {"B": str(tmp_path / "b"), "EMPTY": str(tmp_path / "empty"), "NORMAL": str(normal),
+             "BROKEN": str(broken),
              "NOPE": str(tmp_path / "nope"), "OUT/x.npz": str(tmp_path / "x.npz"),
              "OUT/x.txt": str(tmp_path / "x.txt"), "OUT/i8": str(tmp_path / "i8")}
     if "B" in args:
@@ -296,6 +302,17 @@ def test_bad_input_exits_2_naming_the_argument_or_file(args, names, tmp_path):
     assert err.startswith("inspector: error: ")
     for n in names:
         assert subst.get(n, n) in err, err
+
+
+def test_int8_set_with_an_unreadable_pool_frame_keeps_the_previous_set(tmp_path):
+    src = _write(tmp_path / "src", [np.full((32, 32), v, np.uint8) for v in (10, 100, 200)])
+    out = tmp_path / "out"
+    assert run_cli("calibrate", "int8-set", "--source", str(src), "--count", "2", "--out", str(out)).returncode == 0
+    before = sorted(p.name for p in out.iterdir())
+    (src / "zz_broken.png").write_bytes(b"not an image")
+    r = run_cli("calibrate", "int8-set", "--source", str(src), "--count", "2", "--out", str(out), "--overwrite")
+    assert r.returncode == 2 and "zz_broken.png" in r.stderr.strip().splitlines()[-1], r.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_int8_out_folder_with_images_is_refused(tmp_path):
@@ -311,7 +328,7 @@ def test_shared_magnetic_tile_normals_split_like_the_training_data():
     """MT_Free/Imgs holds .jpg images and .png masks: the masks are not frames, and the check /
     calibration parts at 0.3 / 0.2 are exactly the shared test / val splits."""
     from calibration.frames import Split, normal_folder
-    from inspector.evaluation.datasets import magnetic_tile
+    from inspector.evaluation.datasets import image_folder, magnetic_tile
 
     root = SHARED_DATA / "magnetic_tile"
     fs = normal_folder(root / "MT_Free" / "Imgs", Split(0.3, 0.2))
@@ -319,6 +336,56 @@ def test_shared_magnetic_tile_normals_split_like_the_training_data():
     for part, split in (("check", "test"), ("calibration", "val"), ("unused", "train")):
         ds = magnetic_tile(root, split=split, categories=["MT_Free"])
         assert sorted(it.path.stem for it in fs.part(part)) == sorted(e.stem for e in ds.entries)
-    # pointing at the parent folder does not move images between the parts
+    # the parent folder splits as `--format folder` does on it (by the path below it), and the
+    # masks are still skipped
     fs2 = normal_folder(root / "MT_Free", Split(0.3, 0.2))
-    assert fs2.counts() == fs.counts()
+    assert sum(fs2.counts().values()) == len(fs.items)
+    for part, split in (("check", "test"), ("calibration", "val"), ("unused", "train")):
+        ds = image_folder(root / "MT_Free", split=split)
+        assert {it.path for it in fs2.part(part)} == {e.image for e in ds.entries if e.image.suffix == ".jpg"}
+
+
+def test_normal_folder_splits_like_the_folder_data_set(tmp_path):
+    """Calibration parts are the `--format folder` splits of the same folder (0.3/0.2 = test/val):
+    with sub-folders the key is the path below the folder, so equal names split independently;
+    for files directly in the folder it is the bare stem, as before."""
+    from calibration.frames import Split, normal_folder
+    from inspector.evaluation.datasets import image_folder
+
+    for sub in ("coil_a", "coil_b"):
+        _write(tmp_path / "nested" / sub, [np.zeros((8, 8), np.uint8)] * 60)
+    flat = _write(tmp_path / "flat", [np.zeros((8, 8), np.uint8)] * 60)
+    for root in (tmp_path / "nested", flat):
+        fs = normal_folder(root, Split(0.3, 0.2))
+        for part, split in (("check", "test"), ("calibration", "val"), ("unused", "train")):
+            assert {it.path for it in fs.part(part)} == {e.image for e in image_folder(root, split=split).entries}
+    # flat folder: the same parts as hashing the file stem
+    fs = normal_folder(flat, Split(0.3, 0.2))
+    assert all(it.part == Split(0.3, 0.2).part(it.path.stem) for it in fs.items)
+    assert len(fs.part("check")) > 0
+    # nested: f0000 of coil_a and coil_b are two frames with keys of their own
+    nested = normal_folder(tmp_path / "nested", Split(0.3, 0.2))
+    parts = {it.name: it.part for it in nested.items}
+    assert any(parts[f"coil_a/f{i:03d}"] != parts[f"coil_b/f{i:03d}"] for i in range(60))
+
+
+def test_int8_set_never_repeats_a_frame_of_a_pool_of_copies(tmp_path):
+    """A pool of repeated frames (a stopped line): k-center greedy stops once every frame left
+    is a copy of a picked one, instead of picking the same frame again."""
+    from calibration.int8_set import k_center_greedy
+
+    z = np.array([[0.0, 0.0]] * 5 + [[1.0, 1.0]] * 5)
+    picks, radius = k_center_greedy(z, 4)
+    assert len(set(picks)) == len(picks) == 2 and radius == 0.0
+    assert len({tuple(z[i]) for i in picks}) == 2
+    distinct = np.arange(12, dtype=float).reshape(6, 2) ** 1.5
+    assert sorted(k_center_greedy(distinct, 6)[0]) == list(range(6))
+
+    src = _write(tmp_path / "src", [np.full((32, 32), v, np.uint8) for v in (40, 200) for _ in range(5)])
+    out = tmp_path / "i8"
+    r = run_cli("calibrate", "int8-set", "--source", str(src), "--count", "4", "--out", str(out), "--json")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["count"] == 2 and len({s["source"] for s in rep["selected"]}) == 2
+    assert len([p for p in out.iterdir() if p.suffix == ".png"]) == 2
+    assert "only 2 distinct frames" in r.stderr
