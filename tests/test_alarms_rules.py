@@ -246,6 +246,16 @@ def test_states_reach_listeners_in_order_from_two_threads():
     assert frames == sorted(frames)
     assert got[-1][0] == 300
 
+
+def test_defects_total_counts_regions_beyond_the_listed_cap():
+    # A frame lists at most max_defects regions; the PLC's "defects found" must count all of them.
+    e = engine([{"name": "a"}])
+    h = frame(d(), d())
+    h["defects_total"] = 300
+    e.on_frame(h)
+    e.on_frame(frame(d()))  # a header without the field (older recordings): the list's length
+    assert e.state().defects_total == 301
+
 def test_word_map_encoding():
     s = PlcState(alarm_names=("a", "b"), alarms=(False, True), classes=("x", "y"), counts=(70000, 3),
                  frames=0x12345, defects_total=7, running=True, camera_ok=False, last_class=2,

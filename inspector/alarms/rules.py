@@ -153,7 +153,8 @@ class AlarmEngine:
         changed: list[_Alarm] = []
         with self._lock:
             self.frames += 1
-            self.defects_total += len(defects)
+            # the header's total counts regions beyond the max_defects cap of the list
+            self.defects_total += max(int(header.get("defects_total") or 0), len(defects))
             for d in defects:
                 k = d.get("class_id", 0) - 1
                 if 0 <= k < len(self.counts):
