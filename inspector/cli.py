@@ -19,7 +19,7 @@ from typing import Callable
 
 from inspector import __version__
 from inspector.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
-from inspector.errors import BundleError, ConfigError, EngineError, InspectorError, SourceError
+from inspector.errors import BindError, BundleError, ConfigError, EngineError, InspectorError, SourceError
 
 log = logging.getLogger("inspector")
 
@@ -680,6 +680,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (ConfigError, BundleError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
+    except BindError as e:
+        # the endpoint is a config key: name the file (exit 1 all the same: an address that is
+        # busy or an interface not up yet may be there on the next start)
+        cfg_file = getattr(args, "config", None)
+        return _fail(f"{cfg_file}: {e}" if cfg_file else str(e), EXIT_FAIL)
     except (SourceError, EngineError, OSError) as e:
         return _fail(str(e), EXIT_FAIL)
     except InspectorError as e:

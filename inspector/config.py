@@ -79,6 +79,13 @@ class PipelineConfig(BaseModel):
     reopen_source: bool = Field(True, description="reopen a camera that stops delivering")
     reopen_backoff_s: tuple[float, float] = Field((0.5, 10.0), description="first and longest wait")
 
+    @field_validator("reopen_backoff_s")
+    @classmethod
+    def _backoff_order(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"must be [first, longest] with 0 < first <= longest, got {list(v)}")
+        return v
+
 
 class GeometryConfig(BaseModel):
     """Pixel size on the strip; a source that knows better (frame metadata) wins.
@@ -208,14 +215,41 @@ def _check_paths(cfg: InspectorConfig) -> None:
             raise ConfigError(f, "source.path", f"{p} not found (expected a folder of images or a video)")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping: plain YAML keeps the last one,
+    so a second ``publish:`` section would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: let SafeLoader report it as usual
+                continue
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     """A YAML file's top-level mapping ({} when empty); errors name the file and the line."""
     p = Path(path)
     file = str(path)
-    if not p.is_file():
-        raise ConfigError(file, None, f"{what} not found")
     try:
-        raw = yaml.safe_load(p.read_text())
+        text = p.read_text()
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise ConfigError(file, None, f"{what} not found") from None
+    except PermissionError:
+        # exit 2, not 1: a file the service user cannot read is the install's fault, and
+        # systemd should not restart the unit every few seconds for ever
+        raise ConfigError(file, None, f"cannot read the {what}: permission denied (the service runs "
+                          "as its own user: make the file readable to it)") from None
+    except OSError as e:
+        raise ConfigError(file, None, f"cannot read the {what}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

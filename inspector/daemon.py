@@ -4,8 +4,9 @@
 
 * ``READY=1`` once the engine is warmed up and the camera is open (not before: a unit that
   depends on this one starts only when frames can flow);
-* ``WATCHDOG=1`` every half ``WATCHDOG_USEC``, but only while frames were published within
-  ``daemon.watchdog_stall_s`` (or, with ``daemon.watchdog_while_reopening``, while a lost camera
+* ``WATCHDOG=1`` every half ``WATCHDOG_USEC``, but only while frames came through the pipeline
+  (published, or refused by a full subscriber queue) within ``daemon.watchdog_stall_s`` (or,
+  with ``daemon.watchdog_while_reopening``, while a lost camera
   is being reopened), so a stuck pipeline stops pinging and systemd restarts it;
 * ``STATUS=`` fps, latency, drops, camera and alarms, every ``status.interval_s``;
 * ``STOPPING=1`` on SIGTERM/SIGINT, then the queues drain and the process exits 0;
@@ -251,8 +252,11 @@ class Daemon:
                 return
             now = self.clock()
             c = p.counters.snapshot()
-            mark = (c["published"],) + ((c["source_errors"], c["reopens"])
-                                        if cfg.daemon.watchdog_while_reopening else (0, 0))
+            # Progress is a frame through the whole pipeline: one a stuck subscriber refused
+            # (subscriber_slow) made it too. Counting only published frames let one frozen
+            # viewer stop the pings, and systemd then restarted a healthy daemon over and over.
+            mark = (c["published"] + c["dropped"].get("subscriber_slow", 0),) + (
+                (c["source_errors"], c["reopens"]) if cfg.daemon.watchdog_while_reopening else (0, 0))
             if mark != seen:
                 seen, progress_at = mark, now
             if self.engine is not None:
@@ -268,8 +272,8 @@ class Daemon:
             if healthy == stalled:
                 stalled = not healthy
                 if stalled:
-                    log.error("no frame published for %gs (daemon.watchdog_stall_s): watchdog pings "
-                              "stop", cfg.daemon.watchdog_stall_s)
+                    log.error("no frame through the pipeline for %gs (daemon.watchdog_stall_s): "
+                              "watchdog pings stop", cfg.daemon.watchdog_stall_s)
                 else:
                     log.warning("frames flow again: watchdog pings resume")
             if wd is not None and healthy and now - last_ping >= wd:

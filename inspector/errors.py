@@ -48,3 +48,11 @@ def first_line(e: BaseException) -> str:
     one-line logs and status texts (``str(e).splitlines()[0]`` fails on an empty message)."""
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0]
+
+
+class BindError(OSError):
+    """The publisher could not bind ``publish.endpoint`` (address in use, no such interface);
+    ``strerror`` is the message, ``errno`` ZeroMQ's."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -12,6 +12,14 @@ The publisher binds an XPUB socket. It sees subscriptions, so a subscriber that 
 the stream started is known before the first frame (no slow-joiner loss), and with
 ``ZMQ_XPUB_NODROP`` a subscriber that cannot keep up makes the send fail instead of losing the
 message silently: the pipeline counts that frame as dropped (``subscriber_slow``) and goes on.
+
+Under NODROP one subscriber whose queue is full holds back every subscriber (ZeroMQ refuses the
+whole message). A subscriber that is merely slow costs a few frames now and then; one that has
+stopped reading (a viewer paused in a debugger, a hung recorder, a laptop asleep) would cost every
+frame for as long as it stays connected. So when every send has failed for
+``publish.stuck_subscriber_s`` the publisher closes and re-binds its socket: all subscribers are
+disconnected, the healthy ones reconnect and resubscribe by themselves within a fraction of a
+second, and the stuck one's queue is discarded.
 """
 
 from __future__ import annotations
@@ -20,12 +28,15 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+import re
 from typing import Any, Literal
 
 import cv2
 import numpy as np
 import zmq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from inspector.errors import BindError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +60,19 @@ class PublishConfig(BaseModel):
     connect_grace_s: float = Field(0.3, ge=0, description="time given to already-running subscribers "
                                                           "to (re)connect before the first frame")
     linger_ms: int = Field(2000, ge=0, description="how long a clean stop waits to deliver queued messages")
+    stuck_subscriber_s: float = Field(10.0, ge=0, description="with nodrop: when every send has failed "
+                                      "this long, disconnect all subscribers (they reconnect) so one that "
+                                      "stopped reading no longer holds back the others; 0 = never")
+
+    @field_validator("endpoint")
+    @classmethod
+    def _tcp_port(cls, v: str) -> str:
+        # ZeroMQ binds an out-of-range port to a random one without a word: subscribers would
+        # never find the stream
+        m = re.match(r"^tcp://.*:(\d+)$", v)
+        if m and not 1 <= int(m.group(1)) <= 65535:
+            raise ValueError(f"port {m.group(1)} is out of range 1-65535")
+        return v
 
 
 def encode_mask(mask: np.ndarray, encoding: str) -> bytes:
@@ -93,19 +117,50 @@ class Publisher:
         self.cfg = cfg
         self.topic = (cfg.topic or f"defects.{camera_id}").encode()
         self._ctx = context or zmq.Context.instance()
-        self.sock = self._ctx.socket(zmq.XPUB)
-        self.sock.setsockopt(zmq.SNDHWM, cfg.sndhwm)
-        self.sock.setsockopt(zmq.LINGER, cfg.linger_ms)
-        if cfg.nodrop:
-            self.sock.setsockopt(zmq.XPUB_NODROP, 1)
-        try:
-            self.sock.bind(cfg.endpoint)
-        except zmq.ZMQError as e:
-            self.sock.close(0)
-            raise OSError(f"publish.endpoint: cannot bind {cfg.endpoint}: {e}") from e
+        self.sock = self._bind(cfg.endpoint)
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.subscribers = 0
+        self.resets = 0                          # times stuck subscribers were disconnected
+        self._failing_since: float | None = None  # first failed send of the current run of failures
         log.info("publishing on %s, topic %s", self.endpoint, self.topic.decode())
+
+    def _bind(self, endpoint: str) -> zmq.Socket:
+        cfg = self.cfg
+        sock = self._ctx.socket(zmq.XPUB)
+        sock.setsockopt(zmq.SNDHWM, cfg.sndhwm)
+        sock.setsockopt(zmq.LINGER, cfg.linger_ms)
+        # every (un)subscription passes up, duplicates included: without these, two subscribers
+        # of the same topic count as one and a leaving one goes unnoticed
+        sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+        if cfg.nodrop:
+            sock.setsockopt(zmq.XPUB_NODROP, 1)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as e:
+            sock.close(0)
+            raise BindError(e.errno, f"publish.endpoint: cannot bind {endpoint}: {e.strerror}") from e
+        return sock
+
+    def _drop_stuck_subscribers(self, failing_s: float) -> None:
+        """Close and re-bind at the same address (see module doc)."""
+        log.error("no subscriber could take a frame for %.0f s (publish.stuck_subscriber_s): one has "
+                  "stopped reading and, with publish.nodrop, holds back all %d; disconnecting them all "
+                  "(they reconnect by themselves; the stuck one's queued frames are discarded)",
+                  failing_s, self.subscribers)
+        self.sock.close(0)
+        deadline = time.monotonic() + 2.0
+        while True:
+            try:
+                self.sock = self._bind(self.endpoint)
+                break
+            except BindError:
+                # the old listener closes in ZeroMQ's I/O thread, a moment after close() returns
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+        self.subscribers = 0
+        self.resets += 1
 
     def poll_subscriptions(self, timeout_s: float = 0.0) -> int:
         """Read pending (un)subscribe notices; returns the current subscription count."""
@@ -141,9 +196,16 @@ class Publisher:
         try:
             self.sock.send_multipart([self.topic, json.dumps(header, separators=(",", ":")).encode(),
                                       mask_bytes], flags=zmq.NOBLOCK, copy=False)
-            return True
         except zmq.Again:
+            now = time.monotonic()
+            if self._failing_since is None:
+                self._failing_since = now
+            elif self.cfg.stuck_subscriber_s and now - self._failing_since >= self.cfg.stuck_subscriber_s:
+                self._drop_stuck_subscribers(now - self._failing_since)
+                self._failing_since = None
             return False
+        self._failing_since = None
+        return True
 
     def close(self) -> None:
         self.sock.close()

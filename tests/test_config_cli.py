@@ -20,6 +20,10 @@ def check(path):
     (lambda c: c["model"].update(postprocess={"k3": 1.0}), "model.postprocess"),
     (lambda c: c["model"].update(postprocess={"threshold": 3.0}), "model.postprocess.threshold"),
     (lambda c: c["publish"].update(endpoint="localhost:5556"), "publish.endpoint"),
+    # ZeroMQ would bind a random port instead, where no subscriber looks
+    (lambda c: c["publish"].update(endpoint="tcp://127.0.0.1:99999"), "publish.endpoint: port 99999 is out of range"),
+    (lambda c: c.update(pipeline={"reopen_backoff_s": [30, 1]}), "pipeline.reopen_backoff_s"),
+    (lambda c: c.update(pipeline={"reopen_backoff_s": [-1, -1]}), "pipeline.reopen_backoff_s"),
     (lambda c: c.update(source={"type": "genicam", "cti": "missing/producer.cti"}), "source.cti"),
     (lambda c: c.pop("camera_id"), "camera_id: required key is missing"),
 ])
@@ -40,6 +44,45 @@ def test_unparsable_yaml_and_missing_file(tmp_path):
     assert r.returncode == 2 and "not valid YAML at line" in r.stderr
     r = check(tmp_path / "absent.yaml")
     assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_a_key_given_twice_is_an_error_not_the_last_one_winning(tmp_path):
+    # plain YAML keeps the last of two `publish:` sections without a word
+    p = tmp_path / "cam.yaml"
+    p.write_text("camera_id: a\npublish: {endpoint: 'tcp://127.0.0.1:6001'}\nsource: {type: synthetic}\n"
+                 "publish:\n  endpoint: tcp://127.0.0.1:5556\n")
+    r = check(p)
+    assert r.returncode == 2, r.stderr
+    assert f"{p}: not valid YAML at line 4, column 1: duplicate key 'publish' (first at line 2)" in r.stderr
+
+
+def test_a_config_the_service_user_cannot_read_exits_2_naming_it(tmp_path, synthetic_cfg):
+    # exit 1 made systemd restart the unit every few seconds for ever
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    from conftest import ROOT
+    d = Path(tempfile.mkdtemp(prefix="unreadable-"))
+    try:
+        os.chmod(d, 0o755)
+        p = write_config(d / "cam.yaml", synthetic_cfg())
+        os.chmod(p, 0o600)
+        if os.geteuid() == 0:  # root reads anything: run as nobody, as a service user would be
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv: cannot drop to an unprivileged user")
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        else:
+            os.chmod(p, 0)
+            cmd = []
+        r = subprocess.run(cmd + [sys.executable, "-m", "inspector", "check", "--config", str(p)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2, r.stderr
+        assert f"{p}: cannot read the config file: permission denied" in r.stderr
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def test_corrupt_model_exits_2_naming_the_file(tmp_path, synthetic_cfg, toy_bundle):
@@ -101,3 +144,12 @@ def test_shipped_training_configs_validate(path):
     assert prefix in TRAINERS, f"{path.name}: no trainer for prefix '{prefix}'"
     cfg = importlib.import_module(TRAINERS[prefix]).load_config(path)
     assert cfg is not None
+
+
+def test_an_endpoint_that_cannot_be_bound_names_the_file(tmp_path, synthetic_cfg):
+    # exit 1 (the interface may come up, the port may be freed), but the line names the file
+    p = write_config(tmp_path / "cam.yaml", synthetic_cfg(publish={"endpoint": "tcp://nosuchif0:5556"}))
+    r = run_cli("run", "--config", str(p), "--frames", "1", timeout=60)
+    assert r.returncode == 1, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"{p}: publish.endpoint: cannot bind tcp://nosuchif0:5556: No such device" in last, last

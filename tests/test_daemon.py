@@ -230,6 +230,61 @@ def test_watchdog_pings_stop_while_the_source_stalls_and_resume_after(tmp_path, 
 
 
 
+def test_a_subscriber_that_stops_reading_neither_starves_the_others_nor_stops_the_watchdog(
+        tmp_path, notify, synthetic_cfg, monkeypatch, caplog):
+    # With publish.nodrop a full queue refuses the message for every subscriber: one frozen
+    # viewer used to cost the healthy subscribers every frame, and since only published frames
+    # counted as progress the pings stopped and systemd restarted a healthy daemon, repeatedly.
+    import zmq
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    # 256 KB raw masks fill the stuck subscriber's socket buffers within a second or two;
+    # backpressure: a loaded test machine's slow engine must not drop the frames instead
+    cfg_dict = synthetic_cfg(source={"width": 512, "height": 512, "fps": 10},
+                             pipeline={"backpressure": True},
+                             publish={"mask_encoding": "raw", "sndhwm": 2, "stuck_subscriber_s": 1.0},
+                             daemon={"watchdog_stall_s": 1.0})
+    cfg = write_config(tmp_path / "cam.yaml", cfg_dict)
+    endpoint = cfg_dict["publish"]["endpoint"]
+    stuck = zmq.Context.instance().socket(zmq.SUB)  # subscribes, then never reads
+    stuck.setsockopt(zmq.RCVHWM, 1)
+    stuck.setsockopt(zmq.RCVBUF, 4096)
+    stuck.setsockopt(zmq.LINGER, 0)
+    stuck.setsockopt(zmq.SUBSCRIBE, b"")
+    stuck.connect(endpoint)
+    healthy, got, stop = Subscriber(endpoint), [], threading.Event()
+
+    def read():
+        while not stop.is_set():
+            m = healthy.recv(timeout_s=0.1)
+            if m is not None:
+                got.append(time.monotonic())
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    d = Daemon(cfg, notifier=Notifier(notify.address))
+    result = {}
+    t = threading.Thread(target=lambda: result.update(rc=d.run()), daemon=True)
+    caplog.set_level("ERROR", logger="inspector.publish")
+    t.start()
+    try:
+        t0, _ = notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        time.sleep(8.0)
+        late = t0 + 3.0  # after the stuck subscriber's queue first filled
+        c = d.pipeline.counters.snapshot()
+        assert d.pipeline.publisher.resets >= 1, c
+        assert "stopped reading" in caplog.text
+        assert notify.count("WATCHDOG=1", since=late) >= 5, "pings stopped over one frozen subscriber"
+        assert sum(1 for x in got if x > late) >= 15, (len(got), c)
+    finally:
+        stop.set()
+        d.request_stop()
+        t.join(60)
+        reader.join(5)
+        healthy.close()
+        stuck.close(0)
+    assert result.get("rc") == 0
+
+
 class LostCamera(SyntheticSource):
     """A camera whose cable is pulled after ``good`` frames, for good."""
 

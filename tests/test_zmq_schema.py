@@ -21,3 +21,28 @@ def test_doc_snippet_reads_a_live_stream(synthetic_cfg):
         p.run(frames=10)
     t.join(timeout=30)
     assert result and result[0][2] == (128, 512)
+
+
+def test_two_subscribers_of_one_topic_count_as_two_and_leaving_is_seen():
+    # Without XPUB_VERBOSE ZeroMQ passes a duplicate subscription up once: wait_for_subscribers: 2
+    # waited its whole timeout with both connected, and a leaving subscriber went unnoticed.
+    import time
+
+    from conftest import free_endpoint
+    from inspector.publish import PublishConfig, Publisher, Subscriber
+    ep = free_endpoint()
+    pub = Publisher(PublishConfig(endpoint=ep, wait_for_subscribers=2, wait_timeout_s=10,
+                                  connect_grace_s=0.1), "cam")
+    subs = [Subscriber(ep, topic="defects.") for _ in range(2)]
+    try:
+        t0 = time.monotonic()
+        assert pub.wait_ready() == 2
+        assert time.monotonic() - t0 < 5
+        subs.pop().close()
+        deadline = time.monotonic() + 5
+        while pub.poll_subscriptions(0.1) != 1:
+            assert time.monotonic() < deadline, pub.subscribers
+    finally:
+        for s in subs:
+            s.close()
+        pub.close()
