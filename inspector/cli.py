@@ -193,8 +193,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     journal = {"auto": None, "journal": True, "text": False}[args.log_format]
     setup_logging(args.log_level or "INFO", journal)
     daemon = Daemon(args.config)
-    if not args.log_level:
-        logging.getLogger().setLevel(daemon.cfg.log_level)
+    daemon.log_level_override = args.log_level
+    logging.getLogger().setLevel(args.log_level or daemon.cfg.log_level)
     return daemon.run()
 
 
@@ -566,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "SIGHUP reload, PLC alarms, metrics")
     p.add_argument("--config", required=True, help="camera config YAML")
     p.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-                   help="default: the config's log_level")
+                   help="wins over the config's log_level, also after a reload (default: the config's)")
     p.add_argument("--log-format", choices=["auto", "journal", "text"], default="auto",
                    help="journal: syslog priority prefixes for journald; auto: journal under systemd")
     p.set_defaults(fn=cmd_daemon)

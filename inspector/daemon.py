@@ -138,6 +138,9 @@ class Daemon:
         self._report_fail = BurstLog("report consumer failed")
         self._consumers: list[Callable[[dict], None]] = []  # fed every published header
         self.reloads = {"ok": 0, "failed": 0}
+        #: a level given on the command line (``--log-level``) wins over the config's, at start
+        #: and after every reload
+        self.log_level_override: str | None = None
 
     # -- requests (signal handlers, tests) --------------------------------------------------------
     # Signal handlers only set flags: the main loop does the work, outside the handler.
@@ -326,7 +329,7 @@ class Daemon:
             log.error("reload failed, the running model and rules stay: %s", e)
             n.send("READY=1", f"STATUS=reload failed ({first_line(e)[:200]}); running on")
             return False
-        logging.getLogger().setLevel(new.log_level)
+        logging.getLogger().setLevel(self.log_level_override or new.log_level)
         # Sections that need a restart keep their running values, so the next reload compares
         # against what actually runs.
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in RESTART_ONLY}

@@ -445,3 +445,28 @@ def test_startup_fails_fast_naming_file_and_key(tmp_path, synthetic_cfg):
         cfg = write_config(tmp_path / "cam2.yaml", synthetic_cfg(metrics={"enabled": True, "port": port}))
         r = run_cli("daemon", "--config", str(cfg), timeout=60)
     assert r.returncode == 1 and f"metrics.port: cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_a_log_level_given_on_the_command_line_survives_a_reload(tmp_path, notify, synthetic_cfg):
+    # `inspector daemon --log-level DEBUG` used to fall back to the config's level at the first
+    # SIGHUP, in the middle of the investigation it was given for
+    root = logging.getLogger()
+    saved = root.level
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(source={"fps": 20}, log_level="WARNING"))
+    d = Daemon(cfg, notifier=Notifier(notify.address))
+    d.log_level_override = "DEBUG"
+    root.setLevel("DEBUG")
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        d.request_reload()
+        deadline = time.monotonic() + 60
+        while d.reloads["ok"] < 1:
+            assert time.monotonic() < deadline and d.reloads["failed"] == 0, d.reloads
+            time.sleep(0.05)
+        assert root.level == logging.DEBUG
+    finally:
+        d.request_stop()
+        t.join(60)
+        root.setLevel(saved)
