@@ -449,14 +449,17 @@ def cmd_convergence(args: argparse.Namespace) -> int:
         print(files["report"].read_text())
     else:
         chk = report["check"]
+        # with apply_line18 the runtime tests only the first pass, whatever --within asked
+        within = report.get("within_runtime", args.within)
+        passes = f"within {within} pass{'es' if within != 1 else ''}"
         print(f"m = {report['m']:.4g} (was {report['previous_m']:.4g}): "
               f"{report['calibration']['converged_within']:.1%} of {report['calibration']['tiles']} "
-              f"calibration tiles converge within {args.within} passes; held-back check: "
+              f"calibration tiles converge {passes}; held-back check: "
               f"{_pct(chk.get('converged_within'))} of {chk['tiles']} tiles")
         if "defect_tiles" in report:
             d = report["defect_tiles"]
             print(f"tiles holding a defect (check part): {_pct(d.get('converged_within'))} of "
-                  f"{d['tiles']} converge within {args.within} passes")
+                  f"{d['tiles']} converge {passes}")
         print(f"report: {files['report']}  plot: {files['plot']}"
               + ("" if report["written"] else "  (dry run: bundle not changed)"))
     return 0

@@ -1,23 +1,30 @@
 """``inspector calibrate convergence``: the fuzzy-mask inpainter's convergence threshold ``m``.
 
 Dynamic inference (``../shared/seeds/001_spec.md`` §4.4) iterates ``R[i] = Model(R[i-1])`` until
-the MSE of two consecutive reconstructions is at most ``m``; a tile that converges takes the
-iterative-generation branch, one that does not takes the precise-repair branch after up to
-``max_iterations`` passes. The paper gives no value for ``m`` (the spec's default 1e-4 is a
+the MSE (or, with ``conv_metric: D_mean``, the mean of D) of two consecutive reconstructions is
+at most ``m``; a tile that converges takes the iterative-generation branch, one that does not
+takes the precise-repair branch after up to ``max_iterations`` passes. The paper gives no value for ``m`` (the spec's default 1e-4 is a
 guess at "40 dB between iterations") and allows one per category, chosen without test labels.
 How fast a network's iteration settles depends on the network and the surface, so a fixed
 ``m`` either sends every tile to the repair branch after all ``N`` passes (the cost of a
 frame then is N engine rounds) or none.
 
 This tool measures it instead: on defect-free frames it iterates every tile ``within`` times
-and records the smallest consecutive-reconstruction MSE each tile reaches (from the iteration
-``first_check_from`` on, as the runtime checks), then sets ``m`` to the ``quantile`` of those
-values over the calibration tiles. With the defaults (``within`` 2, ``quantile`` 0.95) 95 % of
-normal tiles converge by the second pass, so a normal frame costs two engine rounds, while a
-tile whose reconstruction keeps moving (the paper's case for the repair branch) does not
-converge. The held-back ``check`` part reports the share that converge and the engine passes
-they need; labelled defect images, when given, report the same for the tiles of their held-back
-part that hold a defect.
+and records the smallest consecutive-reconstruction value each tile reaches at the iterations the
+runtime tests, then sets ``m`` to the ``quantile`` of those values over the calibration tiles.
+The tiles are iterated by the runtime adapter's own code
+(:meth:`~inspector.models.fuzzymask.FuzzymaskAdapter.convergence_values`), so they see what
+``infer()`` sees: the adapter's flat field (``--flat-field`` or the camera config's
+``preprocess.flat_field``), the bundle's normalisation and ``kind_params.conv_metric`` (the MSE,
+or the mean of D), from ``first_check_from`` on. With the defaults (``within`` 2, ``quantile``
+0.95) 95 % of normal tiles converge by the second pass, so a normal frame costs two engine
+rounds, while a tile whose reconstruction keeps moving (the paper's case for the repair branch)
+does not converge. With ``kind_params.apply_line18`` the runtime computes ``R1`` only and tests
+convergence once (tile against ``R1``): only that test is measured and counted, whatever
+``within`` (the report's ``within_runtime`` is then 1), and ``m`` then changes only the
+converged-tile statistics, not the score or the cost. The held-back ``check`` part reports the
+share that converge and the engine passes they need; labelled defect images, when given, report
+the same for the tiles of their held-back part that hold a defect.
 
 The chosen value is written to the bundle's ``kind_params.m``; the previous value and the
 figures go to ``provenance.convergence_calibration``.
@@ -40,53 +47,38 @@ from inspector.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["mse_sequences", "choose_m", "passes_to_converge", "calibrate_convergence",
+__all__ = ["conv_sequences", "mse_sequences", "choose_m", "passes_to_converge", "calibrate_convergence",
            "write_m", "save_report"]
 
 
-def mse_sequences(adapter: ModelAdapter, image: np.ndarray, passes: int,
-                  truth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Iterate the bundle's network ``passes`` times on every tile of ``image``.
+def conv_sequences(adapter: ModelAdapter, image: np.ndarray, passes: int,
+                   truth: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Iterate the bundle's network ``passes`` times on every tile of ``image``, the way the
+    runtime does (the adapter's own code: flat field, tiling, engine chunks and the bundle's
+    ``conv_metric``; :meth:`~inspector.models.fuzzymask.FuzzymaskAdapter.convergence_values`).
 
-    Returns ``(seq, has_defect)``: ``seq[t, i]`` is the MSE between ``R[i]`` and ``R[i+1]`` of
-    tile ``t`` (``R[0]`` the tile itself), i.e. the value the runtime compares with ``m`` at
-    iteration ``i + 1``; ``has_defect[t]`` tells whether ``truth`` (HxW, > 0 = defect) marks a
-    pixel inside the tile's kept region.
+    Returns ``(seq, has_defect)``: ``seq[t, i]`` is the value the runtime compares with ``m``
+    at iteration ``i + 1`` of tile ``t`` (MSE, or the mean of D, between ``R[i]`` and
+    ``R[i+1]``, ``R[0]`` the tile itself); ``has_defect[t]`` tells whether ``truth`` (HxW,
+    > 0 = defect) marks a pixel inside the tile's kept region.
     """
     if passes < 1:
         raise ValueError(f"passes must be >= 1, got {passes}")
-    batch, g = adapter.fill_batch(image)
-    n = g.count
-    spec = adapter.bundle.spec
-    c = adapter.channels
-    mean = np.broadcast_to(np.asarray(spec.input.mean, np.float32), (c,)).reshape(1, c, 1, 1)
-    std = np.broadcast_to(np.asarray(spec.input.std, np.float32), (c,)).reshape(1, c, 1, 1)
-    rec_name = spec.outputs["reconstruction"]
-    step = adapter.batch if adapter.batch > 0 else n
-    prev = batch[:n] * std + mean           # tiles in [0, 1]
-    seq = np.empty((n, passes), np.float64)
-    for i in range(passes):
-        feed = ((prev - mean) / std).astype(np.float32)
-        out = np.empty_like(prev)
-        for s in range(0, n, step):
-            chunk = feed[s:s + step]
-            if adapter.fixed_batch and len(chunk) < adapter.batch:
-                chunk = np.concatenate([chunk, np.zeros((adapter.batch - len(chunk),) + chunk.shape[1:],
-                                                        np.float32)])
-            res = adapter.engine.run({adapter.input_name: chunk})[rec_name]
-            out[s:s + step] = res[:min(step, n - s)]
-        seq[:, i] = np.mean((out - prev) ** 2, axis=(1, 2, 3), dtype=np.float64)
-        prev = out
-    has_defect = np.zeros(n, bool)
+    seq, g = adapter.convergence_values(image, passes)
+    has_defect = np.zeros(g.count, bool)
     if truth is not None:
         for t, _, _, (ky0, ky1), (kx0, kx1) in g.tiles():
             has_defect[t] = bool((truth[ky0:ky1, kx0:kx1] > 0).any())
     return seq, has_defect
 
 
+#: the former name (it measured the MSE only; it now measures the bundle's ``conv_metric``)
+mse_sequences = conv_sequences
+
+
 def choose_m(seqs: np.ndarray, quantile: float, within: int, first_check_from: int = 1) -> float:
-    """``m`` such that a share ``quantile`` of the tiles (rows of ``seqs``) reach an MSE <= m at
-    some iteration from ``first_check_from`` to ``within``."""
+    """``m`` such that a share ``quantile`` of the tiles (rows of ``seqs``) reach a value (MSE or
+    mean of D) <= m at some iteration from ``first_check_from`` to ``within``."""
     if not 0 < quantile <= 1:
         raise ValueError(f"quantile must be in (0, 1], got {quantile}")
     if not 1 <= first_check_from <= within <= seqs.shape[1]:
@@ -116,7 +108,11 @@ def _summary(seqs: np.ndarray, m: float, first_check_from: int, within: int) -> 
             "converged_within": float(np.mean(it <= within)),
             "converged_within_measured": float(np.mean(it <= passes)),
             "mean_iterations_capped": float(np.mean(np.minimum(it, passes))),
-            "best_mse_median": float(np.median(seqs[:, first_check_from - 1:within].min(axis=1)))}
+            "best_value_median": float(np.median(seqs[:, first_check_from - 1:within].min(axis=1)))}
+
+
+#: how the report names each ``kind_params.conv_metric``
+_METRIC = {"mse": "MSE", "D_mean": "mean of D"}
 
 
 def calibrate_convergence(adapter: ModelAdapter, normals: FrameSet, quantile: float = 0.95,
@@ -127,19 +123,35 @@ def calibrate_convergence(adapter: ModelAdapter, normals: FrameSet, quantile: fl
     if adapter.kind != "fuzzymask" or p is None:
         raise CalibrationInputError(f"--bundle {adapter.bundle.path}: kind {adapter.kind}; convergence "
                                     f"calibration is for fuzzymask bundles")
-    first = p.first_check_from
-    passes = max(within, passes or within)
     if within > p.max_iterations:
         raise CalibrationInputError(f"--within: {within} is more than the bundle's "
                                     f"kind_params.max_iterations ({p.max_iterations})")
+    # the iterations the runtime tests: first_check_from..max_iterations, only 1 with apply_line18
+    checks = adapter.checked_iterations()
+    first = p.first_check_from
+    if not checks:
+        raise CalibrationInputError(
+            f"--bundle {adapter.bundle.path}: kind_params.apply_line18 is true, so the runtime "
+            f"computes only R1 and tests convergence only at iteration 1, but "
+            f"kind_params.first_check_from is {first}: no tile is ever tested and m has no effect")
     if first > within:
         raise CalibrationInputError(f"--within: {within} is below the bundle's "
                                     f"kind_params.first_check_from ({first})")
+    # no pass the runtime never runs is measured or counted
+    within_rt = min(within, checks[-1])
+    passes = min(max(within, passes or within), checks[-1])
+    note = None
+    if p.apply_line18:
+        note = ("kind_params.apply_line18 is true: the runtime computes R1 only and tests convergence "
+                "once, between the tile and R1 (every tile scores S_rep, so m changes neither the score "
+                "nor the cost, only the converged-tile statistics); m is chosen from that test alone "
+                f"and 'converged within {within} passes' means converged at that first test")
+        log.warning("%s", note)
     parts: dict[str, list[np.ndarray]] = {"calibration": [], "check": []}
     for part in parts:
         for it, image, _ in iterate(normals.part(part), f"{part} normals"):
             try:
-                seq, _ = mse_sequences(adapter, image, passes)
+                seq, _ = conv_sequences(adapter, image, passes)
             except Exception as e:  # a frame the model cannot take is named, not fatal
                 log.warning("%s: skipped: %s", it.name, e)
                 continue
@@ -149,25 +161,28 @@ def calibrate_convergence(adapter: ModelAdapter, normals: FrameSet, quantile: fl
         raise CalibrationInputError(f"--normal {normals.source}: no calibration frames (the split "
                                     f"left none; lower --check-fraction)")
     chk = np.concatenate(parts["check"]) if parts["check"] else np.zeros((0, passes))
-    m = choose_m(cal, quantile, within, first)
+    m = choose_m(cal, quantile, within_rt, first)
+    metric = _METRIC[p.conv_metric]
     report: dict[str, Any] = {
         "bundle": str(adapter.bundle.path), "kind": "fuzzymask",
-        "rule": f"m = the {quantile} quantile over calibration tiles of the smallest MSE between "
-                f"consecutive reconstructions at iterations {first}..{within}",
-        "quantile": quantile, "within": within, "passes_measured": passes,
+        "rule": f"m = the {quantile} quantile over calibration tiles of the smallest {metric} between "
+                f"consecutive reconstructions at the iterations the runtime tests, {first}..{within_rt}",
+        "conv_metric": p.conv_metric, "apply_line18": p.apply_line18,
+        "checked_iterations": [first, checks[-1]], "note": note,
+        "quantile": quantile, "within": within, "within_runtime": within_rt, "passes_measured": passes,
         "previous_m": p.m, "m": m, "normal": normals.summary(),
-        "calibration": _summary(cal, m, first, within),
-        "check": _summary(chk, m, first, within),
-        "previous_m_check": _summary(chk, p.m, first, within) if len(chk) else None,
+        "calibration": _summary(cal, m, first, within_rt),
+        "check": _summary(chk, m, first, within_rt),
+        "previous_m_check": _summary(chk, p.m, first, within_rt) if len(chk) else None,
         "_cal": cal, "_chk": chk,
     }
     if defects is not None:
         dseqs = []
         for it, image, truth in iterate(defects.part("check"), "check defect images"):
-            seq, has = mse_sequences(adapter, image, passes, truth)
+            seq, has = conv_sequences(adapter, image, passes, truth)
             dseqs.append(seq[has])
         d = np.concatenate(dseqs) if dseqs else np.zeros((0, passes))
-        report["defect_tiles"] = _summary(d, m, first, within)
+        report["defect_tiles"] = _summary(d, m, first, within_rt)
         report["_def"] = d
     return report
 
@@ -207,9 +222,9 @@ def save_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = 1
+    first = report["checked_iterations"][0]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    w = report["within"]
+    w = report["within_runtime"]
     for key, label in (("_cal", "normal tiles (calibration)"), ("_chk", "normal tiles (check)"),
                        ("_def", "tiles holding a defect")):
         s = report.get(key)
@@ -220,7 +235,8 @@ def save_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     ax.axvline(report["m"], color="k", ls="--", label=f"chosen m = {report['m']:.3g}")
     ax.axvline(report["previous_m"], color="grey", ls=":", label=f"previous m = {report['previous_m']:.3g}")
     ax.set_xscale("log")
-    ax.set_xlabel(f"smallest MSE of consecutive reconstructions within {w} passes")
+    ax.set_xlabel(f"smallest {_METRIC[report['conv_metric']]} of consecutive reconstructions "
+                  f"at iterations {first}..{w}")
     ax.set_ylabel("share of tiles converged")
     ax.set_title(Path(report["bundle"]).name + ": convergence calibration")
     ax.grid(alpha=0.3)

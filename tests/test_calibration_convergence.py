@@ -11,10 +11,14 @@ import pytest
 from conftest import run_cli
 from toy_models import fuzzymask_toy_bundle
 
-from calibration.convergence import choose_m, mse_sequences, passes_to_converge
+from calibration.convergence import (calibrate_convergence, choose_m, conv_sequences, passes_to_converge,
+                                     save_report)
+from calibration.frames import CalibrationInputError, FrameItem, FrameSet
 from inspector.bundle import load_bundle
 from inspector.engines.onnxruntime import OnnxRuntimeConfig
 from inspector.evaluation.evaluate import Runner
+from inspector.flatfield import FlatField
+from inspector.models.fuzzymask import dissimilarity_map
 
 TILE = 64
 
@@ -52,7 +56,7 @@ def test_mse_sequences_match_iterating_the_graph_by_hand(tmp_path):
     bundle = fuzzymask_toy_bundle(tmp_path / "toy", tile=TILE)
     runner = Runner(bundle, engine=OnnxRuntimeConfig(intra_op_threads=1))
     img = texture(np.random.default_rng(0), TILE, TILE, 8.0)
-    seq, has = mse_sequences(runner.adapter, img, 3, truth=np.zeros_like(img))
+    seq, has = conv_sequences(runner.adapter, img, 3, truth=np.zeros_like(img))
     assert seq.shape == (1, 3) and not has.any()
     x = img.astype(np.float32)[None, None] / 255.0
     rec = runner.adapter.engine
@@ -63,6 +67,96 @@ def test_mse_sequences_match_iterating_the_graph_by_hand(tmp_path):
         prev = out
     # the toy graph is a partial repair: iterating it settles geometrically
     assert seq[0, 2] < seq[0, 0]
+
+
+# -- the tool measures what the runtime does ------------------------------------------------------
+def normal_frames(n: int = 12, seed: int = 7) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [texture(rng, TILE, 2 * TILE, rng.uniform(3, 12)) for _ in range(n)]
+
+
+def frame_set(images: list[np.ndarray]) -> FrameSet:
+    return FrameSet("normal", "memory", [FrameItem(f"n{i}", "calibration", (lambda im=im: (im, None)))
+                                         for i, im in enumerate(images)])
+
+
+def runner_for(bundle: Path, flat_field: FlatField | None = None, **kind_params) -> Runner:
+    r = Runner(bundle, engine=OnnxRuntimeConfig(intra_op_threads=1), kind_params=kind_params or None)
+    r.adapter.flat_field = flat_field
+    return r
+
+
+def runtime_converged(runner: Runner, images: list[np.ndarray], within: int) -> np.ndarray:
+    """Per tile of ``images``: did the runtime's infer() converge by iteration ``within``?"""
+    per_tile = []
+    for img in images:
+        out = runner.adapter.infer(img)
+        if out.release:
+            out.release()
+        last = runner.adapter.last_frame
+        per_tile.append(last["converged"] & (last["iterations"] <= within))
+    return np.concatenate(per_tile)
+
+
+def check_runtime_agrees(bundle: Path, images: list[np.ndarray], quantile: float, within: int,
+                         flat_field: FlatField | None = None, **kind_params) -> dict:
+    """Calibrate m on ``images``, then run the runtime at that m: tile by tile it converges by
+    ``within`` exactly where the report says, so at least ``quantile`` of the tiles do."""
+    rep = calibrate_convergence(runner_for(bundle, flat_field, **kind_params).adapter, frame_set(images),
+                                quantile, within, passes=4)
+    first = rep["checked_iterations"][0]
+    predicted = passes_to_converge(rep["_cal"], rep["m"], first) <= rep["within_runtime"]
+    got = runtime_converged(runner_for(bundle, flat_field, **kind_params, m=rep["m"]), images, within)
+    assert np.array_equal(got, predicted)
+    assert got.mean() >= quantile and rep["calibration"]["converged_within"] == got.mean()
+    return rep
+
+
+def test_the_adapters_flat_field_is_applied_as_at_run_time(tmp_path):
+    bundle = fuzzymask_toy_bundle(tmp_path / "toy", tile=TILE)
+    images = normal_frames()
+    h, w = images[0].shape
+    # doubles the contrast: the runtime's consecutive-reconstruction MSEs are four times larger
+    ff = FlatField(np.full((h, w), 2.0, np.float32), np.full((h, w), 96.0, np.float32))
+    plain = runner_for(bundle).adapter
+    with_ff = runner_for(bundle, ff).adapter
+    seq_ff, _ = conv_sequences(with_ff, images[0], 2)
+    seq_corrected, _ = conv_sequences(plain, np.array(ff.apply(images[0]), copy=True), 2)
+    assert np.array_equal(seq_ff, seq_corrected)
+    assert not np.allclose(seq_ff, conv_sequences(plain, images[0], 2)[0])
+    check_runtime_agrees(bundle, images, 0.9, 2, ff)
+
+
+def test_conv_metric_d_mean_is_measured_as_the_runtime_tests_it(tmp_path):
+    bundle = fuzzymask_toy_bundle(tmp_path / "toy", tile=TILE, conv_metric="D_mean")
+    images = normal_frames()
+    runner = runner_for(bundle)
+    seq, _ = conv_sequences(runner.adapter, images[0][:, :TILE], 2)
+    # by hand: mean of D between consecutive reconstructions, not their MSE
+    x = images[0][:, :TILE].astype(np.float32)[None, None] / 255.0
+    r1 = runner.adapter.engine.run({"image": x})["reconstruction"]
+    r2 = runner.adapter.engine.run({"image": r1})["reconstruction"]
+    p = runner.adapter.params
+    assert seq[0, 0] == pytest.approx(float(dissimilarity_map(x[0], r1[0], p).mean()), rel=1e-5)
+    assert seq[0, 1] == pytest.approx(float(dissimilarity_map(r1[0], r2[0], p).mean()), rel=1e-5)
+    assert seq[0, 0] > 2 * float(np.mean((r1 - x) ** 2))
+    rep = check_runtime_agrees(bundle, images, 0.9, 2)
+    assert rep["conv_metric"] == "D_mean" and "mean of D" in rep["rule"]
+
+
+def test_apply_line18_counts_only_the_first_test_as_the_runtime_does(tmp_path):
+    bundle = fuzzymask_toy_bundle(tmp_path / "toy", tile=TILE, apply_line18=True)
+    images = normal_frames()
+    rep = check_runtime_agrees(bundle, images, 0.9, 2)
+    # the runtime computes R1 only: no later pass is measured or counted, whatever --within
+    assert rep["within"] == 2 and rep["within_runtime"] == 1 and rep["passes_measured"] == 1
+    assert rep["checked_iterations"] == [1, 1] and "apply_line18" in rep["note"]
+    assert rep["m"] == choose_m(rep["_cal"], 0.9, within=1)
+    save_report(rep, tmp_path / "out")  # the plot copes with a single measured pass
+    # nothing is ever tested when the first test is skipped as well: refused, naming the keys
+    with pytest.raises(CalibrationInputError, match="kind_params.apply_line18.*first_check_from"):
+        calibrate_convergence(runner_for(bundle, first_check_from=2).adapter, frame_set(images[:1]),
+                              0.9, 2)
 
 
 def test_cli_writes_m_so_that_the_asked_share_of_normal_tiles_converge(tmp_path):

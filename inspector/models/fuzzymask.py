@@ -471,13 +471,11 @@ class FuzzymaskAdapter(ModelAdapter):
         self.dissim(wk.gx[:k], bb, out=wk.dtmp[:k])
         out[rows] = wk.dtmp[:k]
 
-    def _mse(self, a: np.ndarray, b: np.ndarray, wk: _FrameWork) -> float:
-        np.subtract(a, b, out=wk.tmp)
-        return float(np.vdot(wk.tmp, wk.tmp)) / wk.tmp.size
-
     # -- the call ---------------------------------------------------------------------------------
-    def infer(self, image: np.ndarray) -> ModelOutput:
-        t0 = time.perf_counter()
+    def _prepare(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, TileGrid, np.ndarray, _FrameWork]:
+        """The frame as dynamic inference sees it: flat-field corrected (when the adapter has one),
+        tiled into the graph-input batch, and the tiles ``x`` in [0, 1]. Returns
+        ``(image, batch, grid, x, work buffers)``."""
         if self.flat_field is not None:
             image = self.flat_field.apply(image)
         batch, g = self.fill_batch(image)
@@ -490,6 +488,13 @@ class FuzzymaskAdapter(ModelAdapter):
             np.multiply(batch[:n], self._std, out=wk.x)
             wk.x += self._mean
             x = wk.x
+        return image, batch, g, x, wk
+
+    def infer(self, image: np.ndarray) -> ModelOutput:
+        t0 = time.perf_counter()
+        image, batch, g, x, wk = self._prepare(image)
+        n = g.count
+        h, w = image.shape[:2]
         t1 = time.perf_counter()
         st = {"engine_ms": 0.0, "engine_calls": 0, "engine_runs": 0, "tile_passes": 0}
         score_tiles, info = self._dynamic(batch, x, n, wk, st)
@@ -543,7 +548,7 @@ class FuzzymaskAdapter(ModelAdapter):
         ridx = np.flatnonzero(need_y)
         # with the literal line 18 every tile scores S_rep = D(x, Y): the iterations decide
         # nothing, so they are not run (a frame costs the first pass plus at most the repairs)
-        iterate = N >= 2 and not p.apply_line18
+        iterate = self._iterates()
         active = np.flatnonzero(~converged) if iterate else np.zeros(0, np.intp)
         prev, cur = wk.r1, wk.ping
         i = 1
@@ -598,12 +603,64 @@ class FuzzymaskAdapter(ModelAdapter):
 
     def _converged(self, a: np.ndarray, b: np.ndarray, d: np.ndarray | None, wk: _FrameWork) -> bool:
         """The convergence test between consecutive reconstructions of one tile (spec §4.1)."""
-        p = self.params
-        if p.conv_metric == "mse":
-            return self._mse(a, b, wk) <= p.m
+        return self.conv_value(a, b, d, wk.tmp) <= self.params.m
+
+    def conv_value(self, a: np.ndarray, b: np.ndarray, d: np.ndarray | None = None,
+                   tmp: np.ndarray | None = None) -> float:
+        """The value the convergence test compares with ``m`` for two consecutive reconstructions
+        ``a``, ``b`` of one tile (C x th x tw, in [0, 1]): their MSE, or with ``conv_metric:
+        D_mean`` the mean of ``D(a, b)`` (``d`` when already computed). ``tmp``: a C x th x tw
+        float32 scratch buffer (the MSE allocates one without it)."""
+        if self.params.conv_metric == "mse":
+            if tmp is None:
+                tmp = np.empty(a.shape, np.float32)
+            np.subtract(a, b, out=tmp)
+            return float(np.vdot(tmp, tmp)) / tmp.size
         if d is None:
             d = self.dissim(a, b)
-        return float(d.mean()) <= p.m
+        return float(d.mean())
+
+    def _iterates(self) -> bool:
+        """Whether dynamic inference iterates past R1: not with ``max_iterations`` 1, nor with
+        ``apply_line18`` (every tile then scores ``S_rep``, so the iterations decide nothing)."""
+        return self.params.max_iterations >= 2 and not self.params.apply_line18
+
+    def checked_iterations(self) -> range:
+        """The iterations ``i`` at which infer() tests ``R[i-1]`` against ``R[i]``: from
+        ``first_check_from`` to ``max_iterations``, or only ``i = 1`` (``x`` against ``R1``)
+        when it does not iterate (``apply_line18``); empty when nothing is ever tested."""
+        last = self.params.max_iterations if self._iterates() else 1
+        return range(self.params.first_check_from, last + 1)
+
+    # -- for inspector calibrate convergence ------------------------------------------------------
+    def convergence_values(self, image: np.ndarray, passes: int) -> tuple[np.ndarray, TileGrid]:
+        """Iterate every tile of ``image`` ``passes`` times, without stopping at ``m``, and return
+        ``(v, grid)``: ``v[t, i - 1]`` is the value the convergence test of infer() compares with
+        ``m`` at iteration ``i`` of tile ``t`` (:meth:`conv_value` of ``R[i-1]`` and ``R[i]``,
+        ``R0`` the tile). The frame takes infer()'s path (flat field, tiling, graph input, engine
+        chunks, metric); which iterations infer() actually tests is :meth:`checked_iterations`.
+        """
+        if passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes}")
+        _, batch, g, x, wk = self._prepare(image)
+        n = g.count
+        st = {"engine_ms": 0.0, "engine_calls": 0, "engine_runs": 0, "tile_passes": 0}
+        v = np.empty((n, passes), np.float64)
+        # iteration 1: R1 = Model(x) from the batch itself, D(R1, x) computed as infer() does
+        self._run_rows(batch, n, wk.r1, st)
+        d1 = self.dissim(wk.r1, x, out=wk.d_r1x) if self.params.conv_metric == "D_mean" else None
+        for t in range(n):
+            v[t, 0] = self.conv_value(x[t], wk.r1[t], None if d1 is None else d1[t], wk.tmp)
+        prev, cur = x, wk.r1
+        for i in range(2, passes + 1):
+            for t in range(n):
+                self._to_input(cur[t], wk.inbuf[t])
+            nxt = wk.pong if cur is wk.ping else wk.ping
+            self._run_rows(wk.inbuf, n, nxt, st)
+            prev, cur = cur, nxt
+            for t in range(n):
+                v[t, i - 1] = self.conv_value(prev[t], cur[t], None, wk.tmp)
+        return v, g
 
     # -- for the benchmark ------------------------------------------------------------------------
     def plain_engine_ms(self, image: np.ndarray) -> float:
