@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,6 +39,9 @@ from inspector.fileio import atomic_write_text
 from inspector.postprocess import PostprocessConfig
 
 BUNDLE_FILE = "bundle.yaml"
+
+#: a tile side in pixels (``input.tile``); 0 or less would make no tiles or a tile grid of nonsense
+TileSide = Annotated[int, Field(ge=1)]
 
 
 class GraphRef(BaseModel):
@@ -50,7 +53,7 @@ class GraphRef(BaseModel):
 class InputSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "image"
-    tile: tuple[int, int] = (256, 256)
+    tile: tuple[TileSide, TileSide] = (256, 256)
     channels: Literal[1, 3] = 1
     layout: Literal["NCHW"] = "NCHW"
     dtype: Literal["float32"] = "float32"
@@ -90,6 +93,23 @@ class BundleSpec(BaseModel):
     provenance: dict[str, Any] = Field(default_factory=dict)
     #: free-form parameters of the model kind (e.g. fuzzymask iterations)
     kind_params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _overlap_inside_tile(self) -> "BundleSpec":
+        # The tile stride is tile - overlap, floored at 1 by the tiler: an overlap of a whole tile
+        # or more tiles a 256x1600 frame into 1345 tiles at stride 1 (353 MB of input per frame)
+        # instead of 7, so it is refused, naming the key, rather than run that slowly.
+        smallest = min(self.input.tile)
+        if self.tiling.overlap < smallest:
+            return self
+        if "overlap" not in self.tiling.model_fields_set:
+            # The default (32) was chosen for the 224/256-pixel tiles; a spec with smaller tiles that
+            # never set it gets the largest overlap its tiles allow, which cuts frames exactly as
+            # the default did (stride 1) rather than refusing a bundle nobody misconfigured.
+            self.tiling = TilingSpec(overlap=smallest - 1)
+            return self
+        raise ValueError(f"tiling.overlap={self.tiling.overlap} must be smaller than the tile "
+                         f"(input.tile {list(self.input.tile)}): tiles advance by tile - overlap pixels")
 
 
 class Bundle:
@@ -136,7 +156,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        raise BundleError(f"{meta}: {key}: {err['msg']}") from e
+        # a check across sections (BundleSpec's own validators) has no location: its message
+        # names the keys itself
+        raise BundleError(f"{meta}: {key}: {err['msg']}" if key else f"{meta}: {err['msg']}") from e
     bundle = Bundle(root, spec)
     for key, ref in spec.graphs.items():
         gp = root / ref.file

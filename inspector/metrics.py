@@ -17,6 +17,8 @@ inspector_defects_total                    counter camera, class
 inspector_camera_up                        gauge   camera (1 = delivering, 0 = down/reopening)
 inspector_camera_source_errors_total       counter camera
 inspector_camera_reopens_total             counter camera
+inspector_camera_skipped_frames_total      counter camera (frames the camera lost before the
+                                                   grab: device frame id gaps; not in grabbed)
 inspector_alarm_active                     gauge   camera, alarm
 inspector_alarm_raised_total               counter camera, alarm
 inspector_plc_connected                    gauge   camera, driver
@@ -144,7 +146,10 @@ class _Collector:
                                      ("inspector_frames_published", c["published"], "frames published"),
                                      ("inspector_camera_source_errors", c["source_errors"],
                                       "failed reads (lost or timed-out camera)"),
-                                     ("inspector_camera_reopens", c["reopens"], "successful camera reopens")):
+                                     ("inspector_camera_reopens", c["reopens"], "successful camera reopens"),
+                                     ("inspector_camera_skipped_frames", c["camera_skipped"],
+                                      "frames the camera or its producer lost before the grab "
+                                      "(device frame id gaps); not in grabbed")):
                 f = CounterMetricFamily(name, doc, labels=["camera"])
                 f.add_metric([cam], value)
                 yield f

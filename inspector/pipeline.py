@@ -7,6 +7,12 @@ either published or counted as dropped with a reason, so at every stop
 ``grabbed == published + sum(dropped.values())``, including after a camera that is not to be
 reopened is lost: the frames already grabbed are still published.
 
+Frames the camera or its producer lost before the grab stage fetched them (a GenICam device frame
+id that jumps) were never grabbed, so they are not a drop reason: counting them as grabbed and
+dropped would make ``grabbed`` disagree with the frame ids and the frames the source delivered.
+They are ``camera_skipped``, a counter of their own beside ``source_errors``, in every header's
+counters and in Prometheus, and each burst of them is logged.
+
 Example::
 
     cfg = load_config("configs/demo.yaml")
@@ -54,10 +60,15 @@ class Counters:
         self.dropped = {r: 0 for r in DROP_REASONS}
         self.source_errors = 0
         self.reopens = 0
+        self.camera_skipped = 0  # lost before the source fetched them; not in grabbed (module docs)
 
     def grab(self) -> None:
         with self._lock:
             self.grabbed += 1
+
+    def camera_skip(self, n: int) -> None:
+        with self._lock:
+            self.camera_skipped += n
 
     def publish(self) -> None:
         with self._lock:
@@ -71,7 +82,7 @@ class Counters:
         with self._lock:
             return {"grabbed": self.grabbed, "published": self.published,
                     "dropped": dict(self.dropped), "source_errors": self.source_errors,
-                    "reopens": self.reopens}
+                    "reopens": self.reopens, "camera_skipped": self.camera_skipped}
 
     @property
     def balanced(self) -> bool:
@@ -212,15 +223,16 @@ class Pipeline:
             self.model = load_model(cfg)
         if self.source is None:
             self.source = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
-        # Warm up before the camera streams: frames it captured meanwhile would arrive as a burst
-        # and overflow the queue.
+        # Warm up and wait for subscribers (connect grace, wait_for_subscribers) before the camera
+        # streams: frames it captured meanwhile would arrive as a stale burst and overflow the
+        # queue, or, beyond the producer's buffers, be lost in the camera.
         shape = self._warmup_shape()
         self.warmup_ms = self.model.adapter.warmup(shape)
         log.info("model %s (%s) on %s, warm-up %.0f ms at %s", self.model.bundle.spec.name,
                  self.model.bundle.spec.kind, self.model.backend, self.warmup_ms, shape)
+        n = self.publisher.wait_ready()
         self.source.open()
         self.camera_state = "ok"
-        n = self.publisher.wait_ready()
         log.info("source %s; %d subscriber(s) at start", self.source.describe(), n)
 
     def _warmup_shape(self) -> tuple[int, ...]:
@@ -325,6 +337,7 @@ class Pipeline:
     def _grab_loop(self) -> None:
         bad = BurstLog("frame dropped")
         full = BurstLog("queue full, frame dropped")
+        lost = BurstLog("frames lost in the camera")
         n = 0
         try:
             while not self._stop.is_set():
@@ -343,6 +356,13 @@ class Pipeline:
                 t_grab = time.perf_counter()
                 self.counters.grab()
                 n += 1
+                skipped = frame.meta.get("camera_skipped", 0)
+                if skipped:
+                    self.counters.camera_skip(skipped)
+                    lost(frame.frame_id, RuntimeError(
+                        f"{skipped} frame(s) before it never reached the source (device frame id "
+                        "jumped; the camera or its producer ran out of buffers); counted as "
+                        "camera_skipped, strip positions account for them"))
                 try:
                     self._check_frame(frame)
                 except FrameError as e:

@@ -220,14 +220,17 @@ class Geometry:
 
         An encoder count in the metadata wins (it follows speed changes and slip-free stops);
         a source that knows its pixel size (``mm_per_px_along`` in the metadata) has placed the
-        frame itself; otherwise frames are taken as contiguous: frame number x rows x pixel size.
+        frame itself; otherwise frames are taken as contiguous: frame number x rows x pixel size,
+        where the frame number is ``meta["strip_frame_index"]`` when the source gives one (a
+        GenICam camera's own frame count, which also counts the frames it dropped before the
+        source fetched them: our frame id does not, and would place every later frame short).
         """
         count = meta.get(self.encoder_key) if self.mm_per_encoder_count else None
         if count is not None:
             return float(count) * self.mm_per_encoder_count
         if meta.get("mm_per_px_along") or not self.mm_per_px_along:
             return source_pos_mm
-        return frame_id * rows * self.mm_per_px_along
+        return meta.get("strip_frame_index", frame_id) * rows * self.mm_per_px_along
 
 
 def components(label: np.ndarray, score_map: np.ndarray, class_names: list[str],

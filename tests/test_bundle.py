@@ -85,3 +85,41 @@ def test_write_bundle_replaces_the_file_and_keeps_its_mode(toy_bundle, tmp_path)
     assert load_bundle(b).spec.kind_params == {"m": 0.5}
     assert (b / "bundle.yaml").stat().st_mode & 0o777 == 0o644
     assert [p.name for p in b.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("section, key, value, error", [
+    ("tiling", "overlap", 128, r"bundle.yaml: .*tiling.overlap=128 must be smaller than the tile \(input.tile \[128, 128\]\)"),
+    ("tiling", "overlap", 5000, r"bundle.yaml: .*tiling.overlap=5000 must be smaller"),
+    ("tiling", "overlap", -1, r"bundle.yaml: tiling.overlap: .*greater than or equal to 0"),
+    ("input", "tile", [0, -5], r"bundle.yaml: input.tile.0: .*greater than or equal to 1"),
+    ("input", "tile", [128, 0], r"bundle.yaml: input.tile.1: .*greater than or equal to 1"),
+])
+def test_tiling_that_cannot_cut_frames_is_refused_naming_the_key(toy_bundle, tmp_path, section, key, value, error):
+    # overlap >= tile used to load and then cut a 256x1600 frame into 1345 tiles at stride 1
+    b = copy(toy_bundle, tmp_path / "b")
+    meta = yaml.safe_load((b / "bundle.yaml").read_text())
+    meta.setdefault(section, {})[key] = value
+    (b / "bundle.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(BundleError, match=error):
+        load_bundle(b)
+
+
+def test_largest_overlap_loads_and_a_defaulted_overlap_fits_small_tiles(toy_bundle, tmp_path):
+    from inspector.bundle import BundleSpec, InputSpec, TilingSpec
+
+    b = copy(toy_bundle, tmp_path / "b")
+    meta = yaml.safe_load((b / "bundle.yaml").read_text())
+    meta["tiling"] = {"overlap": 127}  # the toy bundle's tiles are 128
+    (b / "bundle.yaml").write_text(yaml.safe_dump(meta))
+    assert load_bundle(b).spec.tiling.overlap == 127
+    # a spec that never set the overlap keeps the default (32) where it fits, and otherwise gets
+    # the largest its tiles allow; one that set it explicitly is held to it
+    spec = load_bundle(b).spec.model_dump()
+    del spec["tiling"]
+    assert BundleSpec.model_validate(spec).tiling.overlap == 32
+    spec["input"]["tile"] = [16, 24]
+    assert BundleSpec.model_validate(spec).tiling.overlap == 15
+    with pytest.raises(ValueError, match=r"tiling.overlap=32 must be smaller"):
+        BundleSpec.model_validate({**spec, "tiling": TilingSpec(overlap=32)})
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        InputSpec(tile=(0, -5))

@@ -1,5 +1,6 @@
 """The pipeline end to end on the synthetic strip with real ZeroMQ sockets."""
 
+import logging
 import threading
 import time
 
@@ -277,3 +278,106 @@ def test_synthetic_source_keeps_its_cadence_after_a_stall():
         assert time.monotonic() - t0 >= 0.08  # two periods, not a burst
     finally:
         src.close()
+
+
+class OpenTimedSource(ScriptedSource):
+    """Notes when it is opened and first read, to see what the pipeline does in between."""
+
+    def __init__(self, images):
+        super().__init__(images)
+        self.t_open: float | None = None
+        self.t_first_read: float | None = None
+
+    def open(self):
+        self.t_open = time.monotonic()
+
+    def read(self):
+        if self.t_first_read is None:
+            self.t_first_read = time.monotonic()
+        return super().read()
+
+
+def test_camera_opens_after_the_subscriber_grace_so_no_stale_frames_pile_up(synthetic_cfg):
+    # A streaming camera buffers (or, past its buffers, loses) what it captures between open()
+    # and the first read; the publisher's connect grace used to sit right there.
+    cfg = parse_config(synthetic_cfg(publish={"connect_grace_s": 1.0}), "t.yaml")
+    src = OpenTimedSource([np.full((128, 512), 120, np.uint8)] * 3)
+    t0 = time.monotonic()
+    with Pipeline(cfg, source=src) as p:
+        c = p.run()
+    assert c["published"] == 3
+    assert src.t_open - t0 >= 1.0  # the grace was given, before the camera opened
+    assert src.t_first_read - src.t_open < 0.5, src.t_first_read - src.t_open
+
+
+def _viky_cfg(synthetic_cfg, **pipeline):
+    from inspector.sources.genicam import default_viky_cti
+    if default_viky_cti() is None:
+        pytest.skip("viky.cti not found in the installed genicam package")
+    raw = synthetic_cfg(pipeline={"queue_size": 16, **pipeline},
+                        geometry={"mm_per_px_across": 1.0, "mm_per_px_along": 0.5})
+    raw["source"] = {"type": "genicam", "cti": "builtin:viky", "serial": "1", "pixel_format": "Mono8",
+                     "width": 256, "height": 128, "fps": 20}
+    return parse_config(raw, "t.yaml")
+
+
+def _wait_for(p: Pipeline, pred, what: str, timeout: float = 15.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred(p.counters.snapshot()):
+        assert p.error is None, f"pipeline died waiting for {what}: {p.error!r}"
+        assert time.monotonic() < end, f"timed out waiting for {what}: {p.counters.snapshot()}"
+        time.sleep(0.02)
+
+
+def test_frames_the_camera_lost_are_counted_and_placed_on_the_strip(synthetic_cfg, caplog):
+    # The grab stage stalls for 1 s (20 frame periods) at 20 fps: viky's buffers fill and the
+    # producer drops the rest. Those frames were never grabbed, so they are camera_skipped, not a
+    # drop reason, and the positions (from geometry.mm_per_px_along) leave room for them.
+    from inspector.metrics import Metrics, MetricsConfig
+
+    cfg = _viky_cfg(synthetic_cfg)
+    got: list = []
+    with caplog.at_level(logging.ERROR, logger="inspector.pipeline"):
+        with Pipeline(cfg, on_report=got.append) as p:
+            p.start(frames=30)
+            _wait_for(p, lambda c: c["published"] >= 4, "first frames")
+            with p.source._lock:  # what a long GC pause or a blocked grab thread does
+                time.sleep(1.0)
+            assert p.wait(20)
+            c = p.counters.snapshot()
+            metrics = Metrics(MetricsConfig(), "test")
+            metrics.bind(pipeline=p)
+            text = metrics.text()
+    assert p.error is None and c["grabbed"] == 30 and p.counters.balanced, c
+    assert c["camera_skipped"] >= 10, c
+    assert got[-1]["counters"]["camera_skipped"] == c["camera_skipped"]
+    assert f'inspector_camera_skipped_frames_total{{camera="test"}} {float(c["camera_skipped"])}' in text
+    assert "frames lost in the camera" in caplog.text
+    # every frame id step and every frame the camera lost is one frame length (128 rows x 0.5 mm)
+    first, last = got[0], got[-1]
+    span = (last["strip_pos_mm"] - first["strip_pos_mm"]) / 64.0
+    assert span == last["frame_id"] - first["frame_id"] + c["camera_skipped"], [h["strip_pos_mm"] for h in got]
+
+
+def test_reopen_that_fails_while_configuring_the_camera_is_retried(synthetic_cfg):
+    # A reopen whose node write fails with something other than a GenApi error (here a TypeError
+    # from the bindings) used to escape the reopen loop, which only catches SourceError, and kill
+    # the grab stage for good.
+    cfg = _viky_cfg(synthetic_cfg, reopen_backoff_s=[0.05, 0.1])
+    with Pipeline(cfg) as p:
+        p.start()
+        _wait_for(p, lambda c: c["published"] >= 3, "first frames")
+        src = p.source
+        good = src.cfg
+        with src._lock:  # between two fetches: the safe way to pull the device away
+            src.cfg = good.model_copy(update={"width": 256.5})
+            src._ia.stop()
+            src._ia.destroy()
+        _wait_for(p, lambda c: c["source_errors"] >= 3, "failed reopens")
+        assert all(t.is_alive() for t in p._threads) and p.camera_state == "down"
+        src.cfg = good
+        before = p.counters.snapshot()["published"]
+        _wait_for(p, lambda c: c["reopens"] >= 1 and c["published"] >= before + 3, "frames after the reopen")
+        p.stop()
+        assert p.wait(10)
+    assert p.error is None and p.counters.balanced

@@ -53,7 +53,8 @@ class GenicamConfig(BaseModel):
     """Settings of a GenICam camera (``source.type: genicam``).
 
     ``width``/``height``/``fps`` left at ``None`` keep whatever the camera currently has; the
-    offsets are only written when the camera has ``OffsetX``/``OffsetY`` or when they are non-zero.
+    offsets are only written when the camera has ``OffsetX``/``OffsetY`` or when they are non-zero
+    (and, where the camera has them, set to 0 before the size is written: see ``_configure``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -136,8 +137,19 @@ class GenicamSource(Source):
 
     Frame ids are this source's own counter: they start at 0 and keep rising across a close and
     reopen, so a subscriber never sees one id twice from one daemon. Every fetched buffer takes an
-    id, broken ones included, so that ``strip_pos_mm`` stays right after a dropped frame. The
-    camera's own frame id goes into ``frame.meta["device_frame_id"]``.
+    id, broken ones included. The camera's own frame id goes into
+    ``frame.meta["device_frame_id"]``.
+
+    The strip position follows the camera's frame id, not ours: frames the camera or its producer
+    dropped before we fetched them (the consumer stalled, the producer's buffers ran out) make its
+    id jump, and the strip moved on under them. ``frame.meta["strip_frame_index"]`` is the frame's
+    place along the strip in frame lengths, ``strip_pos_mm`` that times rows x
+    ``mm_per_px_along``, and ``frame.meta["camera_skipped"]`` the frames lost right before this
+    one (the pipeline counts them). Each open starts a new baseline, since a camera may restart
+    its counter: the first frame after a reopen is placed right after the last one before it
+    (how far the strip moved during the outage is unknown without an encoder). Where the device
+    id is missing or does not increase, that frame advances one frame length, as if none was
+    lost, and a warning says so once.
     """
 
     def __init__(self, cfg: GenicamConfig, camera_id: str, base_dir: Path | None = None):
@@ -147,6 +159,10 @@ class GenicamSource(Source):
         self._harvester: Any = None
         self._ia: Any = None
         self._next_id = 0
+        self._strip_index = -1  # strip_frame_index of the last fetched buffer
+        self._last_device_id: int | None = None  # baseline for the next delta; None right after open
+        self._skipped_pending = 0  # lost before a broken buffer: reported with the next frame
+        self._warned_device_id = False
         # Held while a buffer is out of the producer, so that close() from another thread (daemon
         # shutdown) never destroys the acquirer under a fetch: with viky that race leaves the
         # producer unusable for the rest of the process (no devices listed on the next open).
@@ -176,6 +192,8 @@ class GenicamSource(Source):
         """
         if self._ia is not None:
             return
+        # A reopened (or power-cycled) camera may count from scratch: no delta across an open.
+        self._last_device_id = None
         cti = self.cti_path()
         if not cti.is_file():
             raise SourceError(f"GenTL producer not found: {cti} (source.cti); install the camera "
@@ -195,7 +213,7 @@ class GenicamSource(Source):
             index = self._pick_device(cti)
             self._label = f"{_device_label(self._harvester.device_info_list[index])} ({self.camera_id})"
             self._ia = self._create_acquirer(index)
-            self._configure(self._ia.remote_device.node_map, genapi.GenericException)
+            self._configure(self._node_map(), genapi.GenericException)
             self._start()
         except BaseException:
             self.close()
@@ -242,6 +260,13 @@ class GenicamSource(Source):
         except Exception as e:  # in use by another process, access denied, ...
             raise SourceError(f"cannot open {self._label}: {first_line(e)}") from e
 
+    def _node_map(self) -> Any:
+        try:
+            return self._ia.remote_device.node_map
+        except Exception as e:  # gentl errors, or AttributeError from harvesters on a vanished device
+            raise SourceError(f"cannot read the node map of {self._label}: {type(e).__name__}: "
+                              f"{first_line(e)}") from e
+
     def _start(self) -> None:
         try:
             self._ia.start()
@@ -251,12 +276,18 @@ class GenicamSource(Source):
     def _configure(self, node_map: Any, node_error: type[BaseException]) -> None:
         """Write the configured nodes, in the order their limits depend on each other.
 
-        PixelFormat changes the payload, Width/Height bound the offsets; frame rate last because
-        some cameras cap it by the image size.
+        PixelFormat changes the payload. The camera keeps the offsets of its last configuration and
+        bounds Width by WidthMax - OffsetX (Height likewise), so a wider ROI than the last one
+        would be refused while the old offset stands: offsets go to 0 first, then the size, then
+        the configured offsets. Frame rate last because some cameras cap it by the image size.
+        Every failure is a SourceError naming the camera, node and key, so that the pipeline's
+        reopen loop (which only catches SourceError) keeps trying after a bad reopen.
         """
         c = self.cfg
         self._set_node(node_map, "PixelFormat", c.pixel_format, "pixel_format",
                        required=c.pixel_format != "Mono8", node_error=node_error)
+        for node in ("OffsetX", "OffsetY"):
+            self._zero_offset(node_map, node)
         for node, key, value, default in (("Width", "width", c.width, None),
                                           ("Height", "height", c.height, None),
                                           ("OffsetX", "offset_x", c.offset_x, 0),
@@ -271,21 +302,46 @@ class GenicamSource(Source):
             self._set_node(node_map, "AcquisitionFrameRate", float(c.fps), "fps",
                            required=True, node_error=node_error)
 
+    def _zero_offset(self, node_map: Any, node: str) -> None:
+        """Put an offset node that exists, is writable and is not 0 back to 0 (see _configure).
+
+        Only a step towards the configured ROI, so a failure here is not the error to report:
+        the writes of the configured size and offsets that follow name the node and key if the
+        ROI really cannot be set.
+        """
+        try:
+            if not node_map.has_node(node):
+                return  # viky, and cameras without ROI offsets
+            feature = getattr(node_map, node)
+            if _is_writable(feature) and feature.value != 0:
+                feature.value = 0
+        except Exception as e:
+            log.debug("%s: setting %s to 0 before the ROI size failed: %s", self._label, node,
+                      first_line(e))
+
     def _set_node(self, node_map: Any, node: str, value: Any, key: str, *, required: bool,
                   node_error: type[BaseException]) -> None:
         """Write one node; a missing node is an error only when the config asked for a value."""
-        if not node_map.has_node(node):
-            if required:
-                raise SourceError(f"{self._label} has no {node} node, but source.{key}={value!r} "
-                                  "asks for it; remove the key or pick another camera")
-            log.debug("%s has no %s node; leaving source.%s at its default", self._label, node, key)
-            return
-        feature = getattr(node_map, node)
+        feature = None
         try:
+            if not node_map.has_node(node):
+                if required:
+                    raise SourceError(f"{self._label} has no {node} node, but source.{key}={value!r} "
+                                      "asks for it; remove the key or pick another camera")
+                log.debug("%s has no %s node; leaving source.%s at its default", self._label, node, key)
+                return
+            feature = getattr(node_map, node)
             feature.value = value
+        except SourceError:
+            raise
         except node_error as e:
             raise SourceError(f"{self._label} rejected {node}={value!r} (source.{key}){_limits(feature)}: "
                               f"{first_line(e)}") from e
+        except Exception as e:
+            # gentl errors (the device went away mid-write), TypeError from the bindings (the node
+            # has another type than this key expects), harvesters' own AttributeError/IndexError
+            raise SourceError(f"{self._label}: writing {node}={value!r} (source.{key}) failed: "
+                              f"{type(e).__name__}: {first_line(e)}") from e
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -307,11 +363,17 @@ class GenicamSource(Source):
             frame_id = self._next_id
             self._next_id += 1
             if buffer is None:
+                # No device id to go by: it took one frame length, and the next buffer rebases.
+                self._strip_index += 1
+                self._last_device_id = None
                 raise FrameError(f"{self._label}: frame {frame_id} arrived without image information")
             try:
                 with buffer:  # requeues the buffer on exit, also when the copy fails
+                    # Placed before the copy: a broken buffer still took its place on the strip.
+                    device_frame_id = _device_frame_id(buffer)
+                    strip_index = self._advance_strip(device_frame_id, frame_id)
                     image = self._copy_image(buffer, frame_id)
-                    meta = self._meta(buffer)
+                    meta = self._meta(device_frame_id, strip_index)
                     t_capture = self._device_timestamp(buffer)
             except self._gentl_excs as e:
                 raise SourceError(f"{self._label}: buffer of frame {frame_id} became invalid, device "
@@ -321,9 +383,38 @@ class GenicamSource(Source):
         if t_capture is None or self.cfg.timestamp == "host":
             t_capture = t_host
         along = self.cfg.mm_per_px_along
-        strip_pos = frame_id * image.shape[0] * along if along else 0.0
+        strip_pos = strip_index * image.shape[0] * along if along else 0.0
         return Frame(camera_id=self.camera_id, frame_id=frame_id, t_capture_ns=t_capture,
                      image=image, strip_pos_mm=strip_pos, meta=meta)
+
+    def _advance_strip(self, device_frame_id: int | None, frame_id: int) -> int:
+        """Strip index of the buffer just fetched, from the device frame id delta (see class docs).
+
+        Frames the device id skipped are added to ``_skipped_pending`` for the next frame's meta.
+        """
+        last, self._last_device_id = self._last_device_id, device_frame_id
+        step = 1
+        if device_frame_id is not None and last is not None:
+            if device_frame_id > last:
+                step = device_frame_id - last
+                self._skipped_pending += step - 1
+            else:
+                self._warn_device_id(f"went from {last} to {device_frame_id} at frame {frame_id} "
+                                     "(not increasing: reset or wrap-around)")
+        elif device_frame_id is None:
+            self._warn_device_id(f"is missing at frame {frame_id}")
+        # 0 is taken as a value: GenTL counters may start there; a producer that always reports 0
+        # shows up as "not increasing" on the next frame.
+        self._strip_index += step
+        return self._strip_index
+
+    def _warn_device_id(self, what: str) -> None:
+        if self._warned_device_id:
+            return
+        self._warned_device_id = True
+        log.warning("%s: device frame id %s; such frames are placed one frame length after the "
+                    "previous one and frames the camera lost there are not counted (said once)",
+                    self._label, what)
 
     def _fetch(self) -> Any:
         ia = self._ia
@@ -349,11 +440,12 @@ class GenicamSource(Source):
         except ValueError as e:
             raise FrameError(f"{self._label}: frame {frame_id}: {e}") from e
 
-    def _meta(self, buffer: Any) -> dict:
-        meta: dict[str, Any] = {}
-        device_frame_id = _safe_attr(buffer.module, "frame_id")
+    def _meta(self, device_frame_id: int | None, strip_index: int) -> dict:
+        meta: dict[str, Any] = {"strip_frame_index": strip_index}
         if device_frame_id is not None:
-            meta["device_frame_id"] = int(device_frame_id)
+            meta["device_frame_id"] = device_frame_id
+        if self._skipped_pending:
+            meta["camera_skipped"], self._skipped_pending = self._skipped_pending, 0
         if self.cfg.mm_per_px_across:
             meta["mm_per_px_across"] = self.cfg.mm_per_px_across
         if self.cfg.mm_per_px_along:
@@ -445,6 +537,24 @@ def image_from_buffer(pixel_format: str, width: int, height: int,
     out = np.empty((height, width, 3), np.uint8)
     cv2.cvtColor(rows.reshape(height, width, bpp), conversion, dst=out)
     return out
+
+
+def _device_frame_id(buffer: Any) -> int | None:
+    """The GenTL buffer's frame id (BUFFER_INFO_FRAMEID), or None where the producer has none."""
+    value = _safe_attr(buffer.module, "frame_id")
+    try:
+        return int(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _is_writable(feature: Any) -> bool:
+    """GenApi's access check; a node it cannot judge is taken as writable (the write will tell)."""
+    try:
+        from genicam.genapi import is_writable
+        return bool(is_writable(feature))
+    except Exception:
+        return True
 
 
 def _is_complete(buffer: Any) -> bool:
