@@ -117,6 +117,11 @@ def status_text(p: Pipeline, engine: AlarmEngine | None) -> str:
     return text
 
 
+#: how long a stop may take after the drain (``daemon.stop_timeout_s``): the PLC drivers' last
+#: write and the stage threads, all together
+STOP_TAIL_S = 5.0
+
+
 class Daemon:
     """Runs one camera (see module docs). ``source`` replaces the configured one (tests)."""
 
@@ -216,11 +221,18 @@ class Daemon:
                 log.error("queues not drained within daemon.stop_timeout_s=%gs; exiting anyway",
                           cfg.daemon.stop_timeout_s)
         finally:
+            # One deadline for the whole stop: the drain above, then at most STOP_TAIL_S for the
+            # PLC drivers' last write and the stage threads together, so the process is gone
+            # within stop_timeout_s + STOP_TAIL_S, inside the unit's TimeoutStopSec (30 s) with
+            # the default 20 s; each part waiting its own timeout could take 35 s and be killed.
+            tail_end = time.monotonic() + STOP_TAIL_S
             if self.engine is not None:
                 self.engine.set_running(False)
             for w in self.workers:
-                w.stop()
-            p.close()
+                w.stop(timeout=max(0.2, min(2 * w.cfg.timeout_s + 2, tail_end - time.monotonic() - 1.0)))
+            p.close(join_timeout_s=max(0.2, tail_end - time.monotonic()))
+            if not drained:
+                p.count_abandoned()
             if self.metrics is not None:
                 self.metrics.stop()
         c = p.counters.snapshot()

@@ -14,7 +14,8 @@ class DaemonConfig(BaseModel):
 
     watchdog_stall_s: float = Field(
         20.0, gt=0,
-        description="WATCHDOG=1 pings stop once no frame was published for this long, so systemd "
+        description="WATCHDOG=1 pings stop once no frame came through the pipeline (published, or "
+                    "refused by a full subscriber queue) for this long, so systemd "
                     "restarts a stuck pipeline (WatchdogSec= in the unit is the grace after that)")
     watchdog_while_reopening: bool = Field(
         True,
@@ -22,5 +23,6 @@ class DaemonConfig(BaseModel):
                     "a restart would not bring a missing camera back, the reopen loop will")
     stop_timeout_s: float = Field(
         20.0, gt=0,
-        description="on SIGTERM, longest wait for queued frames to be published; keep it below the "
-                    "unit's TimeoutStopSec")
+        description="on SIGTERM, longest wait for queued frames to be published; the PLC drivers' "
+                    "last write and the threads then get at most 5 s more: keep it at least 5 s "
+                    "below the unit's TimeoutStopSec (30 s)")

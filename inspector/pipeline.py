@@ -39,7 +39,7 @@ from inspector.errors import ConfigError, FrameError, SourceError
 from inspector.flatfield import FlatField
 from inspector.frame import Frame
 from inspector.models import ModelAdapter, ModelOutput, make_adapter
-from inspector.postprocess import Geometry, PostprocessConfig, Postprocessor
+from inspector.postprocess import RECIPE_KEYS, Geometry, PostprocessConfig, Postprocessor, keys_unused_by
 from inspector.publish import SCHEMA, Publisher, encode_mask
 from inspector.sources import Source, make_source
 
@@ -134,6 +134,14 @@ def load_model(cfg: InspectorConfig) -> LoadedModel:
             key = "model.postprocess." + ".".join(str(p) for p in err["loc"])
             raise ConfigError(cfg.source_file, key, err["msg"]) from None
         raise ConfigError(cfg.source_file, "model.postprocess", str(e)) from None
+    unused = keys_unused_by(pp.type, cfg.model.postprocess)
+    if unused:
+        # e.g. `threshold: 0.95` against a residual model: accepted, it would change nothing, and
+        # the engineer raising it to stop false alarms would see nothing happen
+        raise ConfigError(cfg.source_file, f"model.postprocess.{unused[0]}",
+                          f"the {pp.type} post-processing of {bundle.path.name} does not read it; "
+                          f"it reads {', '.join(RECIPE_KEYS[pp.type])} and min_area_px, "
+                          "connectivity, max_defects")
     engine = make_engine(cfg.model.engine, bundle.graph_path("model"))
     adapter = make_adapter(bundle, engine, cfg.model.max_batch)
     if cfg.preprocess.flat_field:
@@ -162,7 +170,9 @@ class Stats:
             if len(self._t) > 2 * self.window:
                 del self._t[:-self.window], self._lat[:-self.window], self._def[:-self.window]
 
-    def summary(self) -> dict:
+    def summary(self, now: float | None = None) -> dict:
+        """``now``: time.monotonic() by default (the clock ``add`` is fed with)."""
+        now = time.monotonic() if now is None else now
         with self._lock:
             t = self._t[-self.window:]
             lat = self._lat[-self.window:]
@@ -170,7 +180,16 @@ class Stats:
         if len(t) < 2:
             return {"fps": 0.0, "p50_ms": None, "p99_ms": None, "defects_per_frame": None}
         span = t[-1] - t[0]
-        return {"fps": (len(t) - 1) / span if span > 0 else 0.0,
+        fps = (len(t) - 1) / span if span > 0 else 0.0
+        # The rate of the last frames alone froze at its last value when frames stopped (status
+        # line and inspector_fps read "20 fps" with the camera down): count the silence since.
+        gap = now - t[-1]
+        interval = span / (len(t) - 1)
+        if gap > max(5 * interval, 5.0):
+            fps = 0.0
+        elif gap > 2 * interval:
+            fps = (len(t) - 1) / (now - t[0])
+        return {"fps": fps,
                 "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                 "defects_per_frame": float(np.mean(d))}
 
@@ -527,10 +546,13 @@ class Pipeline:
             raise self.error
         return self.counters.snapshot()
 
-    def close(self) -> None:
+    def close(self, join_timeout_s: float = 5.0) -> None:
+        """Stop, wait at most ``join_timeout_s`` in all for the stage threads, release the source,
+        publisher and engine."""
         self.stop()
+        deadline = time.monotonic() + join_timeout_s
         for t in self._threads:
-            t.join(timeout=5)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         if self.source is not None:
             try:
                 self.source.close()
@@ -543,6 +565,18 @@ class Pipeline:
             # a model handed in (bench phases, reload tests) belongs to the caller
             self.model.adapter.engine.close()
         self.camera_state = "closed"
+
+    def count_abandoned(self) -> int:
+        """At a forced exit (the queues did not drain in time): count the frames still inside the
+        pipeline, queued or held by a hung stage, as ``stage_failed``, so the last counters still
+        balance instead of leaving them counted nowhere. Returns how many."""
+        c = self.counters.snapshot()
+        n = c["grabbed"] - c["published"] - sum(c["dropped"].values())
+        if n > 0:
+            for _ in range(n):
+                self.counters.drop("stage_failed")
+            log.error("%d frame(s) still in the pipeline at exit, not published: counted as stage_failed", n)
+        return max(n, 0)
 
     def __enter__(self) -> "Pipeline":
         self.open()

@@ -63,6 +63,20 @@ class PostprocessConfig(BaseModel):
     max_defects: int = Field(256, ge=1, description="most defects listed per frame (largest first)")
 
 
+#: the keys each recipe reads, besides type, min_area_px, connectivity and max_defects
+RECIPE_KEYS: dict[str, tuple[str, ...]] = {
+    "probability": ("threshold", "class_thresholds", "open_kernel", "close_kernel"),
+    "dual_threshold": ("k1", "k2", "kernel_size", "min_residual"),
+    "score_threshold": ("score_threshold", "open_kernel", "close_kernel"),
+}
+COMMON_KEYS = ("type", "min_area_px", "connectivity", "max_defects")
+
+
+def keys_unused_by(recipe: str, keys) -> list[str]:
+    """Which of ``keys`` a ``recipe`` post-processing never reads."""
+    return [k for k in keys if k not in COMMON_KEYS and k not in RECIPE_KEYS[recipe]]
+
+
 def _square(size: int) -> np.ndarray:
     return np.ones((size, size), np.uint8)
 

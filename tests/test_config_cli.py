@@ -19,6 +19,9 @@ def check(path):
     (lambda c: c["model"].update(bundle="no/such/bundle"), "model.bundle"),
     (lambda c: c["model"].update(postprocess={"k3": 1.0}), "model.postprocess"),
     (lambda c: c["model"].update(postprocess={"threshold": 3.0}), "model.postprocess.threshold"),
+    # the toy bundle's recipe is probability: a residual key would change nothing, silently
+    (lambda c: c["model"].update(postprocess={"k1": 2.5}),
+     "model.postprocess.k1: the probability post-processing of toy does not read it"),
     (lambda c: c["publish"].update(endpoint="localhost:5556"), "publish.endpoint"),
     # ZeroMQ would bind a random port instead, where no subscriber looks
     (lambda c: c["publish"].update(endpoint="tcp://127.0.0.1:99999"), "publish.endpoint: port 99999 is out of range"),

@@ -470,3 +470,37 @@ def test_a_log_level_given_on_the_command_line_survives_a_reload(tmp_path, notif
         d.request_stop()
         t.join(60)
         root.setLevel(saved)
+
+
+def test_a_stop_with_a_hung_engine_ends_in_time_and_accounts_for_every_frame(tmp_path, notify, synthetic_cfg):
+    # The drain, the PLC drivers' stop and each stage thread's join used to wait their own
+    # timeouts one after the other (35 s with the defaults: past TimeoutStopSec=30, SIGKILL),
+    # and the frames left inside were counted nowhere.
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(source={"fps": 20}, daemon={"stop_timeout_s": 1.0}))
+    d = Daemon(cfg, notifier=Notifier(notify.address))
+    out = {}
+    t = threading.Thread(target=lambda: out.update(rc=d.run()), daemon=True)
+    t.start()
+    hang = threading.Event()
+    try:
+        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        while d.pipeline.counters.snapshot()["published"] < 5:
+            time.sleep(0.05)
+        real = d.pipeline.model.adapter.infer
+
+        def stuck(img):  # a GPU hang, a stuck driver
+            hang.wait(120)
+            return real(img)
+        d.pipeline.model.adapter.infer = stuck
+        time.sleep(0.5)  # frames queue up behind the hung call
+        t0 = time.monotonic()
+        d.request_stop()
+        t.join(60)
+        took = time.monotonic() - t0
+    finally:
+        hang.set()
+    assert out.get("rc") == 1
+    assert took < 1.0 + 5.0 + 1.5, took  # stop_timeout_s + the 5 s tail + a margin
+    c = d.pipeline.counters.snapshot()
+    assert c["grabbed"] == c["published"] + sum(c["dropped"].values()), c
+    assert c["dropped"]["stage_failed"] >= 1, c

@@ -381,3 +381,16 @@ def test_reopen_that_fails_while_configuring_the_camera_is_retried(synthetic_cfg
         p.stop()
         assert p.wait(10)
     assert p.error is None and p.counters.balanced
+
+
+def test_fps_falls_to_zero_when_frames_stop():
+    # The rate of the last frames alone stayed at 20 fps for ever after the camera went down:
+    # the status line and inspector_fps must show the stream has stopped.
+    from inspector.pipeline import Stats
+    st = Stats(window=20)
+    for i in range(20):
+        st.add(100.0 + i * 0.05, 10.0, 0)  # 20 fps, last frame at t = 100.95
+    assert st.summary(now=100.96)["fps"] == pytest.approx(20.0)
+    assert 0 < st.summary(now=101.5)["fps"] < 20.0   # a few intervals late: falling
+    assert st.summary(now=108.0)["fps"] == 0.0       # seconds without a frame: stopped
+    assert st.summary(now=108.0)["p50_ms"] == 10.0   # the last frames' latency stays readable
