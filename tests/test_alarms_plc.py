@@ -269,3 +269,32 @@ def test_opcua_client_names_missing_nodes(synthetic_cfg):
         link.close()
     finally:
         srv.stop()
+
+
+def test_a_modbus_acknowledge_set_while_another_is_taken_is_not_lost():
+    # The inspector read the acknowledge words, then wrote them back to 0 whole: a bit the PLC
+    # set between the two (another operator's button) was wiped unseen. Mask Write Register
+    # clears only the bits taken. The interleaving is forced at the read, on a real server.
+    from inspector.alarms import make_link
+    from inspector.alarms.config import AlarmsConfig
+
+    plc = ModbusPlc(n_classes=1).start()
+    try:
+        drv = AlarmsConfig.model_validate({"drivers": [plc.driver_cfg()]}).drivers[0]
+        link = make_link(drv, "cam")
+        link.connect()
+        plc.request_ack(0)
+        read = link._client.read_holding_registers
+
+        def read_then_the_plc_acknowledges_alarm_1(*a, **kw):
+            rr = read(*a, **kw)
+            plc.request_ack(1)
+            return rr
+        link._client.read_holding_registers = read_then_the_plc_acknowledges_alarm_1
+        assert link.read_acks() == [0]
+        link._client.read_holding_registers = read
+        assert link.read_acks() == [1]
+        assert plc.read(2)["ack"] == 0
+        link.close()
+    finally:
+        plc.stop()

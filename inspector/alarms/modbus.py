@@ -30,6 +30,7 @@ class ModbusLink:
         params = inspect.signature(ModbusTcpClient.write_registers).parameters
         self._unit_kw = {"device_id" if "device_id" in params else "slave": cfg.unit_id}
         self._client = None
+        self._mask_write = True   # FC22 until the PLC says it has none
 
     def connect(self) -> None:
         c = self.cfg
@@ -65,11 +66,35 @@ class ModbusLink:
         c, cl = self.cfg, self._client
         rr = self._check(cl.read_holding_registers(c.register_base + ACK, count=2, **self._unit_kw),
                          f"read holding registers {c.register_base + ACK}..{c.register_base + ACK + 1}")
-        idx = ack_indices(list(rr.registers))
+        words = list(rr.registers)
+        idx = ack_indices(words)
         if idx:
-            self._check(cl.write_registers(c.register_base + ACK, [0, 0], **self._unit_kw),
-                        "clear acknowledge registers")
+            self._clear_acks(words)
         return idx
+
+    def _clear_acks(self, seen: list[int]) -> None:
+        """Clear the acknowledge bits taken, and only those: with Mask Write Register (FC22) a
+        bit the PLC sets between our read and this write survives for the next read. A PLC
+        without FC22 gets the words written back to 0 whole (a request set in that moment is
+        then lost), as before."""
+        c, cl = self.cfg, self._client
+        if self._mask_write:
+            for k, w in enumerate(seen):
+                if not w:
+                    continue
+                rr = cl.mask_write_register(address=c.register_base + ACK + k, and_mask=~w & 0xFFFF,
+                                            or_mask=0, **self._unit_kw)
+                if rr is None or rr.isError():
+                    if getattr(rr, "exception_code", None) == 1:  # illegal function: no FC22
+                        log.info("%s: the PLC has no Mask Write Register (FC22); acknowledge words "
+                                 "are cleared whole", self.label)
+                        self._mask_write = False
+                        break
+                    self._check(rr, f"clear acknowledge bits in holding register {c.register_base + ACK + k}")
+            else:
+                return
+        self._check(cl.write_registers(c.register_base + ACK, [0, 0], **self._unit_kw),
+                    "clear acknowledge registers")
 
     def close(self) -> None:
         cl, self._client = self._client, None
