@@ -183,6 +183,19 @@ def test_overload_by_drop_fraction():
     assert not e.active()["ovl"]
 
 
+
+def test_overload_on_frames_the_camera_lost():
+    # camera_skipped: frames the camera delivered no buffer for (the host fetched too late);
+    # never grabbed, so they count in the denominator too: 100 grabbed + 25 lost = 20 % lost
+    clk = Clock()
+    e = engine([{"name": "lost", "type": "overload", "drop_fraction": 0.1, "window_s": 10, "min_frames": 20,
+                 "reasons": ["queue_full", "camera_skipped"], "off_delay_s": 0}], clk)
+    e.tick("ok", {"grabbed": 0, "dropped": {"queue_full": 0}, "camera_skipped": 0})
+    clk.t += 5
+    e.tick("ok", {"grabbed": 100, "dropped": {"queue_full": 0}, "camera_skipped": 25})
+    assert e.active()["lost"]
+    assert "25 of 125 frames dropped (queue_full/camera_skipped)" in e._alarms[0].detail
+
 def test_drop_reasons_match_the_pipeline():
     from typing import get_args
 

@@ -79,13 +79,17 @@ class CameraDownRule(_Rule):
 
 class OverloadRule(_Rule):
     """Raised when at least ``drop_fraction`` of the frames grabbed in ``window_s`` were dropped
-    for one of ``reasons`` (by default: the engine cannot keep up with the camera)."""
+    for one of ``reasons`` (by default: the engine cannot keep up with the camera).
+
+    ``camera_skipped`` is a reason too: frames the camera or its producer lost before the grab
+    (the host did not fetch them in time); they count in the denominator as well, since they
+    were never grabbed."""
 
     type: Literal["overload"]
     drop_fraction: float = Field(0.05, gt=0, le=1)
     window_s: float = Field(10.0, gt=0)
     min_frames: int = Field(10, ge=1, description="judge only windows with at least this many frames")
-    reasons: list[DropReason] = Field(default_factory=lambda: ["queue_full"])
+    reasons: list[Literal[DropReason, "camera_skipped"]] = Field(default_factory=lambda: ["queue_full"])
     on_delay_s: float = Field(0.0, ge=0)
 
 

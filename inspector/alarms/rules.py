@@ -183,7 +183,8 @@ class AlarmEngine:
             status_changed = camera_ok != self.camera_ok
             self.camera_ok = camera_ok
             if counters is not None:
-                self._overload_hist.append((now, counters["grabbed"], counters["dropped"]))
+                lost = {**counters["dropped"], "camera_skipped": counters.get("camera_skipped", 0)}
+                self._overload_hist.append((now, counters["grabbed"], lost))
                 longest = max((a.rule.window_s for a in self._alarms if isinstance(a.rule, OverloadRule)),
                               default=0.0)
                 while len(self._overload_hist) > 2 and now - self._overload_hist[1][0] >= longest:
@@ -309,6 +310,8 @@ class AlarmEngine:
             base = s
         _, g0, d0 = base
         grabbed = g1 - g0
+        if "camera_skipped" in r.reasons:  # never grabbed: frames the camera delivered or lost
+            grabbed += d1.get("camera_skipped", 0) - d0.get("camera_skipped", 0)
         dropped = sum(d1.get(k, 0) - d0.get(k, 0) for k in r.reasons)
         if grabbed < r.min_frames:
             return a.cause if grabbed > 0 else False
