@@ -89,3 +89,14 @@ def test_buffers_of_many_frame_sizes_are_not_all_kept(toy_bundle):
     caches = {"grids": a._grids, "batches": a._batches, "pools": a._pools}
     assert all(len(c) <= 4 for c in caches.values()), {k: len(c) for k, c in caches.items()}
     np.testing.assert_array_equal(a.infer(first).score_map, want)  # an evicted size comes back right
+
+
+def test_a_grey_content_rgb_frame_is_inferred_as_its_grey_levels(toy_bundle):
+    # NEU-Seg's JPEGs and many colour-coded mono cameras carry grey content in three channels.
+    # The luma used to be truncated, turning grey level x into x - 1 for 65 of the 256 levels.
+    b = load_bundle(toy_bundle)
+    a = make_adapter(b, OnnxRuntimeEngine(b.graph_path()))
+    grey = np.tile(np.arange(256, dtype=np.uint8), (130, 1))
+    rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    np.testing.assert_array_equal(a.to_model_channels(rgb)[:, :, 0], grey)
+    np.testing.assert_array_equal(a.infer(rgb).score_map, a.infer(grey).score_map)

@@ -16,6 +16,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from inspector.bundle import BUNDLE_FILE, Bundle
@@ -175,9 +176,11 @@ class ModelAdapter(abc.ABC):
         if image.shape[2] == self.channels:
             return image
         if self.channels == 1:
-            # ITU-R BT.601 luma, the weights the rest of the product uses
-            grey = image[:, :, 0] * 0.299 + image[:, :, 1] * 0.587 + image[:, :, 2] * 0.114
-            return grey.astype(np.uint8)[:, :, None]
+            # ITU-R BT.601 luma, the weights the rest of the product uses, rounded: truncating
+            # the float sum turned a grey level x of a grey-content RGB frame (NEU's JPEGs) into
+            # x - 1 for 65 of the 256 levels, which training (float luma) never saw
+            grey = cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_RGB2GRAY)
+            return grey[:, :, None]
         return image[:, :, :3]
 
     def fill_batch(self, image: np.ndarray) -> tuple[np.ndarray, TileGrid]:
