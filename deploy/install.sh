@@ -13,9 +13,15 @@
 #                 copied to / (venv scripts already point at PREFIX, not DESTDIR/PREFIX)
 #   PREFIX        [/opt/inspector]       venv in PREFIX/venv, model bundles in PREFIX/models
 #   CONFDIR       [/etc/inspector]       camera configs: CONFDIR/cameras/<instance>.yaml
-#   STATEDIR      [/var/lib/inspector]   engine cache and recordings (writable by the service)
+#   STATEDIR      [/var/lib/inspector]   engine cache and recordings (writable by the service;
+#                                        under /var/lib the unit's StateDirectory=, elsewhere its
+#                                        ReadWritePaths=; not under /home, /root, /tmp: the unit
+#                                        hides those)
 #   UNITDIR       [/etc/systemd/system]
 #   SERVICE_USER  [inspector]
+#   SUPPLEMENTARY_GROUPS  [video render]  device groups of the service; only those that exist
+#                 (getent group; with DESTDIR, DESTDIR/etc/group where there is one) go into the
+#                 unit, since a missing group fails its start (216/GROUP)
 #   PYTHON        [python3.11, else python3]
 #   EXTRAS        [plc]                  pip extras ("" for none, "plc,gpu" with TensorRT, pycuda
 #                                        and onnxruntime-gpu, "plc,ort-gpu" onnxruntime-gpu alone);
@@ -39,6 +45,7 @@ CONFDIR=${CONFDIR:-/etc/inspector}
 STATEDIR=${STATEDIR:-/var/lib/inspector}
 UNITDIR=${UNITDIR:-/etc/systemd/system}
 SERVICE_USER=${SERVICE_USER:-inspector}
+SUPPLEMENTARY_GROUPS=${SUPPLEMENTARY_GROUPS-video render}
 EXTRAS=${EXTRAS-plc}
 MODELS=${MODELS:-$HERE/models}
 WHEELHOUSE=${WHEELHOUSE:-}
@@ -59,6 +66,65 @@ case "$SOURCE" in
 esac
 case "$PREFIX$CONFDIR$STATEDIR$UNITDIR" in
     *" "*) die "paths with spaces are not supported" ;;
+    # sed replacement and systemd specifier characters
+    *[\\\|\&%]*) die "paths with \\, |, & or % are not supported" ;;
+esac
+
+# The lexical form of an absolute path: no trailing or doubled slashes, no . or .. (nothing has
+# to exist, symbolic links are not followed: with DESTDIR they would be the wrong system's).
+normpath() (
+    set -f
+    IFS=/
+    out=
+    for c in $1; do
+        case "$c" in
+            ''|.) ;;
+            ..) out=${out%/*} ;;
+            *) out=$out/$c ;;
+        esac
+    done
+    printf '%s\n' "${out:-/}"
+)
+# "/", a top-level folder or a system one, as a typo in PREFIX and friends makes it. install.sh
+# would chown -R STATEDIR, uninstall.sh rm -rf them: both refuse the same list (keep in step).
+system_dir() {
+    case "$1" in
+        /*/*) ;;
+        *) return 0 ;;  # "/" and the top level: /opt, /etc, /usr, /var, /srv, /home, ...
+    esac
+    case "$1" in
+        /usr/*/*|/var/*/*|/home/*/*|/run/*/*) ;;
+        /usr/*|/var/*|/home/*|/run/*) return 0 ;;  # /usr/local, /var/lib, a home, /run/user, ...
+    esac
+    case "$1" in
+        /etc/systemd|/etc/systemd/system|/etc/default|/etc/opt|/etc/ssl|/etc/ssh|/etc/pam.d \
+        |/etc/security|/etc/profile.d|/etc/sudoers.d|/etc/cron.d|/etc/apt|/etc/X11|/etc/alternatives \
+        |/usr/local/bin|/usr/local/etc|/usr/local/include|/usr/local/lib|/usr/local/lib64 \
+        |/usr/local/libexec|/usr/local/sbin|/usr/local/share|/usr/local/src \
+        |/usr/lib/systemd|/usr/lib/sysusers.d|/usr/lib/tmpfiles.d|/usr/share/doc \
+        |/var/lib/systemd|/var/lib/dpkg|/var/lib/apt|/var/lib/rpm|/var/lib/private) return 0 ;;
+    esac
+    return 1
+}
+for v in "PREFIX=$PREFIX" "CONFDIR=$CONFDIR" "STATEDIR=$STATEDIR" "UNITDIR=$UNITDIR"; do
+    case "${v#*=}" in
+        /*) ;;
+        *) die "$v is not an absolute path" ;;
+    esac
+done
+PREFIX=$(normpath "$PREFIX")
+CONFDIR=$(normpath "$CONFDIR")
+STATEDIR=$(normpath "$STATEDIR")
+UNITDIR=$(normpath "$UNITDIR")
+for v in "PREFIX=$PREFIX" "CONFDIR=$CONFDIR" "STATEDIR=$STATEDIR"; do
+    ! system_dir "${v#*=}" || die "$v is a system folder: name one of its own (e.g. ${v#*=}/inspector)"
+done
+case "$STATEDIR/" in
+    /home/*|/root/*|/run/user/*|/tmp/*|/var/tmp/*)
+        die "STATEDIR=$STATEDIR: the unit cannot write there (ProtectHome=yes, PrivateTmp=yes)" ;;
+esac
+case "$SUPPLEMENTARY_GROUPS" in
+    *[!A-Za-z0-9._\ -]*) die "SUPPLEMENTARY_GROUPS=$SUPPLEMENTARY_GROUPS: not a list of group names" ;;
 esac
 ROOT=${DESTDIR%/}
 if [ -n "$ROOT" ]; then
@@ -147,11 +213,39 @@ printf 'u %s - "Strip inspection daemon" %s\n' "$SERVICE_USER" "$STATEDIR" \
 printf 'd %s 0750 %s %s -\nd %s/engines 0750 %s %s -\nd %s/recordings 0750 %s %s -\n' \
     "$STATEDIR" "$SERVICE_USER" "$SERVICE_USER" "$STATEDIR" "$SERVICE_USER" "$SERVICE_USER" \
     "$STATEDIR" "$SERVICE_USER" "$SERVICE_USER" > "$ROOT/usr/lib/tmpfiles.d/inspector.conf"
+# StateDirectory= is relative to /var/lib (an absolute one is ignored, with a warning): elsewhere
+# STATEDIR is made writable through ProtectSystem=strict by ReadWritePaths= instead
+case "$STATEDIR" in
+    /var/lib/*) STATE_LINE="StateDirectory=${STATEDIR#/var/lib/}" ;;
+    *) STATE_LINE="ReadWritePaths=$STATEDIR" ;;
+esac
+# a supplementary group missing on the machine fails the unit's start (216/GROUP): list only those
+# that exist (with DESTDIR, in its etc/group where it has one, else on this machine)
+has_group() {
+    if [ -n "$ROOT" ] && [ -f "$ROOT/etc/group" ]; then
+        grep -q "^$1:" "$ROOT/etc/group"
+    else
+        getent group "$1" >/dev/null 2>&1
+    fi
+}
+GROUPS_FOUND=
+for g in $SUPPLEMENTARY_GROUPS; do
+    if has_group "$g"; then
+        GROUPS_FOUND="${GROUPS_FOUND:+$GROUPS_FOUND }$g"
+    else
+        say "no group $g on this machine: left out of the unit's SupplementaryGroups"
+    fi
+done
+if [ -n "$GROUPS_FOUND" ]; then
+    GROUPS_SED="s|^SupplementaryGroups=.*$|SupplementaryGroups=$GROUPS_FOUND|"
+else
+    GROUPS_SED="/^SupplementaryGroups=/d"
+fi
 mkdir -p "$ROOT$UNITDIR"
 sed -e "s|/opt/inspector|$PREFIX|g" -e "s|/etc/inspector|$CONFDIR|g" \
     -e "s|/var/lib/inspector|$STATEDIR|g" -e "s|^User=inspector$|User=$SERVICE_USER|" \
     -e "s|^Group=inspector$|Group=$SERVICE_USER|" \
-    -e "s|^StateDirectory=inspector$|StateDirectory=${STATEDIR#/var/lib/}|" \
+    -e "s|^StateDirectory=inspector$|$STATE_LINE|" -e "$GROUPS_SED" \
     "$HERE/inspector@.service" > "$ROOT$UNITDIR/inspector@.service"
 chmod 0644 "$ROOT$UNITDIR/inspector@.service"
 say "unit $UNITDIR/inspector@.service"
@@ -168,12 +262,12 @@ if command -v systemd-sysusers >/dev/null 2>&1; then
 elif ! id "$SERVICE_USER" >/dev/null 2>&1; then
     useradd --system --home-dir "$STATEDIR" --shell /usr/sbin/nologin "$SERVICE_USER"
 fi
-for g in video render; do
-    getent group "$g" >/dev/null 2>&1 || continue
+for g in $GROUPS_FOUND; do
     usermod -a -G "$g" "$SERVICE_USER" 2>/dev/null || true
 done
+# the service's own: StateDirectory= would chown it at start, ReadWritePaths= does not
 chown -R "$SERVICE_USER:$SERVICE_USER" "$STATEDIR"
-chmod 0750 "$STATEDIR"
+chmod 0750 "$STATEDIR" "$STATEDIR/engines" "$STATEDIR/recordings"
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
 fi

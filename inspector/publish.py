@@ -243,7 +243,7 @@ class Subscriber:
         except zmq.ZMQError as e:
             self.sock.close()
             raise ValueError(f"{endpoint!r}: not a ZeroMQ endpoint to connect to ({e.strerror}); "
-                             "expected e.g. tcp://127.0.0.1:5556 or ipc:///run/inspector/cam1") from None
+                             "expected e.g. tcp://127.0.0.1:5556 or ipc:///run/inspector/cam1/defects") from None
 
     def recv(self, timeout_s: float | None = None) -> Message | None:
         if timeout_s is not None and not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):

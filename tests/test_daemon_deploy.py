@@ -20,7 +20,11 @@ SYSTEM_COMMANDS = ("systemctl", "useradd", "userdel", "usermod", "groupadd", "sy
 
 @pytest.fixture(scope="module")
 def fake_bin(tmp_path_factory) -> tuple[Path, Path]:
-    d = tmp_path_factory.mktemp("fakebin")
+    return recorders(tmp_path_factory.mktemp("fakebin"))
+
+
+def recorders(d: Path) -> tuple[Path, Path]:
+    d.mkdir(exist_ok=True)
     log = d / "calls.log"
     for name in SYSTEM_COMMANDS:
         f = d / name
@@ -29,10 +33,14 @@ def fake_bin(tmp_path_factory) -> tuple[Path, Path]:
     return d, log
 
 
-def run_script(script: str, env_extra: dict, fake_bin: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **env_extra, "PATH": f"{fake_bin}:{os.environ['PATH']}"}
+def run_script(script: str, env_extra: dict, fake_bin: Path, *args: str, path_first: Path | None = None,
+               wrapper: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    path = f"{fake_bin}:{os.environ['PATH']}"
+    if path_first is not None:
+        path = f"{path_first}:{path}"
+    env = {**os.environ, **env_extra, "PATH": path}
     env.pop("VIRTUAL_ENV", None)
-    return subprocess.run(["sh", str(ROOT / "deploy" / script), *args], capture_output=True, text=True,
+    return subprocess.run([*wrapper, "sh", str(ROOT / "deploy" / script), *args], capture_output=True, text=True,
                           env=env, timeout=300, cwd="/")
 
 
@@ -249,3 +257,232 @@ def test_a_gpu_extra_replaces_the_cpu_onnxruntime(tmp_path, fake_bin, inspector_
     q = subprocess.run([str(venv / "bin/python"), "-c", "import onnxruntime as o; print(o.BUILD)"],
                        capture_output=True, text=True, timeout=60, cwd=root)
     assert q.stdout.strip() == "cpu", q.stderr
+
+
+# -- unit rewriting (STATEDIR, groups, runtime directory) ------------------------------------------
+
+@pytest.fixture
+def reinstall(installed, fake_bin, inspector_wheel, tmp_path):
+    """install.sh run again, with more settings, over a copy of the shared scratch root (the venv is
+    there already: no venv to create, nothing for pip to do)."""
+    def run(env_extra: dict, *, etc_group: str | None = None, path_first: Path | None = None):
+        root = tmp_path / "root"
+        if not root.exists():
+            shutil.copytree(installed, root, symlinks=True)
+        if etc_group is not None:
+            (root / "etc/group").write_text(etc_group)
+        base_python = Path(sys.base_prefix) / "bin" / "python3"
+        fake, _ = fake_bin
+        r = run_script("install.sh", {"DESTDIR": str(root), "PYTHON": str(base_python),
+                                      "MODELS": str(tmp_path / "none"), "PIP_ARGS": "--no-index --no-deps",
+                                      **env_extra}, fake, str(inspector_wheel), path_first=path_first)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return root, (root / "etc/systemd/system/inspector@.service").read_text().splitlines(), r
+    return run
+
+
+def verify_installed_unit(root: Path, unit: list[str], tmp_path: Path) -> None:
+    exe = shutil.which("systemd-analyze")
+    if exe is None:
+        return
+    units = tmp_path / "units"
+    units.mkdir(exist_ok=True)
+    text = "\n".join(unit).replace("/opt/inspector/", f"{root}/opt/inspector/")
+    (units / "inspector@.service").write_text(text + "\n")
+    assert verify_clean(exe, units / "inspector@cam1.service")
+
+
+def test_default_unit_keeps_its_state_directory_and_names_the_engine_cache(installed):
+    unit = (installed / "etc/systemd/system/inspector@.service").read_text().splitlines()
+    assert "StateDirectory=inspector" in unit and "WorkingDirectory=/var/lib/inspector" in unit
+    # inspector/engines/tensorrt.py reads it for read-only bundles
+    assert "Environment=INSPECTOR_ENGINE_CACHE=/var/lib/inspector/engines" in unit
+
+
+def test_statedir_outside_var_lib_is_made_writable_not_a_state_directory(reinstall, fake_bin, tmp_path):
+    # StateDirectory= must be relative to /var/lib: "StateDirectory=/srv/inspector" is ignored by
+    # systemd, and ProtectSystem=strict then leaves /srv/inspector read-only
+    root, unit, _ = reinstall({"STATEDIR": "/srv/inspector/"})
+    assert not [line for line in unit if line.startswith("StateDirectory=")], unit
+    assert "ReadWritePaths=/srv/inspector" in unit
+    assert "WorkingDirectory=/srv/inspector" in unit
+    assert "Environment=INSPECTOR_ENGINE_CACHE=/srv/inspector/engines" in unit
+    assert not any("/var/lib/inspector" in line for line in unit if not line.startswith("#"))
+    assert (root / "srv/inspector/engines").is_dir() and (root / "srv/inspector/recordings").is_dir()
+    assert "d /srv/inspector 0750 inspector inspector -" in (root / "usr/lib/tmpfiles.d/inspector.conf").read_text()
+    verify_installed_unit(root, unit, tmp_path)
+    # under /var/lib, however spelt: the part relative to it
+    root, unit, _ = reinstall({"STATEDIR": "/var/lib//acme/./inspector/"})
+    assert "StateDirectory=acme/inspector" in unit and "ReadWritePaths=/var/lib/acme/inspector" not in unit
+    assert "Environment=INSPECTOR_ENGINE_CACHE=/var/lib/acme/inspector/engines" in unit
+    verify_installed_unit(root, unit, tmp_path)
+    _, log = fake_bin
+    assert not log.exists() or log.read_text() == "", log.read_text()
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"STATEDIR": "/var/lib/"}, "STATEDIR=/var/lib is a system folder"),
+    ({"STATEDIR": "/srv/inspector/../.."}, "STATEDIR=/ is a system folder"),
+    ({"PREFIX": "/opt/"}, "PREFIX=/opt is a system folder"),
+    ({"CONFDIR": "//etc"}, "CONFDIR=/etc is a system folder"),
+    ({"PREFIX": "opt/inspector"}, "PREFIX=opt/inspector is not an absolute path"),
+    ({"STATEDIR": "/home/ops/inspector"}, "the unit cannot write there"),
+    ({"SUPPLEMENTARY_GROUPS": "video *"}, "not a list of group names"),
+])
+def test_install_refuses_system_folders_and_paths_the_unit_cannot_use(tmp_path, fake_bin, env, message):
+    # refused before anything is written (install.sh would chown -R STATEDIR, uninstall.sh rm -rf it)
+    fake, _ = fake_bin
+    base_python = Path(sys.base_prefix) / "bin" / "python3"
+    r = run_script("install.sh", {"DESTDIR": str(tmp_path / "root"), "PYTHON": str(base_python),
+                                  "PIP_ARGS": "--no-index --no-deps", **env}, fake, str(ROOT))
+    assert r.returncode == 1 and message in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_unit_lists_only_the_supplementary_groups_that_exist(reinstall, tmp_path):
+    # a group missing on the machine fails the start with 216/GROUP
+    _, unit, r = reinstall({}, etc_group="root:x:0:\nvideo:x:44:\n")
+    assert "SupplementaryGroups=video" in unit, unit
+    assert "no group render on this machine: left out of the unit's SupplementaryGroups" in r.stdout
+    _, unit, _ = reinstall({}, etc_group="video:x:44:\nrender:x:105:\n")
+    assert "SupplementaryGroups=video render" in unit
+    # without DESTDIR/etc/group the machine's own groups count (getent): here none at all
+    (tmp_path / "root/etc/group").unlink()
+    no_groups = tmp_path / "nogroups"
+    no_groups.mkdir()
+    (no_groups / "getent").write_text("#!/bin/sh\nexit 2\n")
+    (no_groups / "getent").chmod(0o755)
+    root, unit, _ = reinstall({}, path_first=no_groups)
+    assert not [line for line in unit if line.startswith("SupplementaryGroups=")], unit
+    verify_installed_unit(root, unit, tmp_path)
+
+
+def test_each_instance_gets_a_runtime_directory_for_ipc_endpoints(installed):
+    # ProtectSystem=strict: /run is read-only but for RuntimeDirectory=, where
+    # publish.endpoint: ipc:///run/inspector/<camera>/defects can bind. One folder per instance, so
+    # stopping one (systemd removes its folder) leaves the sockets of the others alone.
+    unit = (installed / "etc/systemd/system/inspector@.service").read_text().splitlines()
+    assert "ProtectSystem=strict" in unit
+    assert "RuntimeDirectory=inspector/%i" in unit
+    assert "ipc:///run/inspector/<camera>/defects" in (ROOT / "README.md").read_text()
+
+
+# -- uninstall guard --------------------------------------------------------------------------------
+
+def scratch_system(root: Path) -> Path:
+    """A scratch root with what a line PC has beside the inspector."""
+    for f in ("opt/vendor-camera-sdk/mvGenTLProducer.cti", "etc/passwd", "var/lib/dpkg/status",
+              "usr/local/bin/tool", "srv/data/keep", "opt/inspector/venv/keep", "etc/inspector/cameras/a.yaml",
+              "var/lib/inspector/engines/keep"):
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("keep\n")
+    return root
+
+
+@pytest.mark.parametrize("env", [
+    {"PREFIX": "/opt/"}, {"PREFIX": "//opt"}, {"PREFIX": "/opt/inspector/.."}, {"PREFIX": "/opt/./"},
+    {"PREFIX": "/usr/local/"}, {"PREFIX": "/srv/"}, {"PREFIX": "/"}, {"PREFIX": "///"}, {"PREFIX": "opt/inspector"},
+    {"CONFDIR": "/etc/"}, {"CONFDIR": "/etc/inspector/../"}, {"STATEDIR": "/var/lib/"}, {"STATEDIR": "/var/"},
+    {"STATEDIR": "/var/lib/dpkg/"},
+])
+def test_uninstall_refuses_system_folders_however_spelt(tmp_path, fake_bin, env):
+    # PREFIX=/opt was refused, PREFIX=/opt/ removed all of /opt (and CONFDIR=/etc/ --purge /etc)
+    root = scratch_system(tmp_path / "root")
+    fake, log = fake_bin
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    r = run_script("uninstall.sh", {"DESTDIR": str(root), **env}, fake, "--purge")
+    assert r.returncode == 2 and "refusing to remove" in r.stderr, r.stdout + r.stderr
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # nothing removed
+    assert not log.exists() or log.read_text() == "", log.read_text()
+
+
+def test_uninstall_normalises_what_it_removes(tmp_path, fake_bin):
+    root = scratch_system(tmp_path / "root")
+    fake, _ = fake_bin
+    r = run_script("uninstall.sh", {"DESTDIR": str(root), "PREFIX": "/opt//inspector/",
+                                    "CONFDIR": "/etc/./inspector/", "STATEDIR": "/var/lib/x/../inspector"},
+                   fake, "--purge")
+    assert r.returncode == 0, r.stderr
+    assert "removed /etc/systemd/system/inspector@.service and /opt/inspector" in r.stdout
+    assert not (root / "opt/inspector").exists() and not (root / "etc/inspector").exists()
+    assert not (root / "var/lib/inspector").exists()
+    for f in ("opt/vendor-camera-sdk/mvGenTLProducer.cti", "etc/passwd", "var/lib/dpkg/status"):
+        assert (root / f).is_file(), f
+
+
+# -- the real-system branches, in a mount namespace ---------------------------------------------------
+
+SCRATCH_MOUNTS = ("/run", "/etc/systemd/system", "/usr/lib/tmpfiles.d", "/usr/lib/sysusers.d", "/srv")
+
+
+def scratch_namespace() -> tuple[str, ...]:
+    """A wrapper command that runs the script without DESTDIR, as on a line PC, but in a private
+    mount namespace where every system folder it writes is an empty tmpfs (and /run/systemd/system
+    exists, so it believes systemd runs). The recorders on PATH stand in for systemctl & co."""
+    exe = shutil.which("unshare")
+    if exe is None or not all(os.path.isdir(d) for d in SCRATCH_MOUNTS):
+        pytest.skip("no unshare, or a folder to mount over is missing")
+    probe = subprocess.run([exe, "-rm", "sh", "-ec", "mount -t tmpfs none /run"], capture_output=True, timeout=30)
+    if probe.returncode != 0:
+        pytest.skip(f"no user/mount namespace here: {probe.stderr.decode().strip()}")
+    mounts = "; ".join(f"mount -t tmpfs none {d}" for d in SCRATCH_MOUNTS)
+    return (exe, "-rm", "--propagation", "private", "sh", "-ec",
+            f'{mounts}; mkdir -p /run/systemd/system; echo NAMESPACE-READY; exec "$@"', "ns")
+
+
+def test_uninstall_purge_resets_failed_instances_and_leaves_drop_ins(tmp_path):
+    wrapper = scratch_namespace()
+    fake, log = recorders(tmp_path / "fakebin")  # calls expected: not the shared recorders
+    prefix, conf, state = tmp_path / "opt/inspector", tmp_path / "etc/inspector", tmp_path / "state/inspector"
+    for d in (prefix, conf, state):
+        d.mkdir(parents=True)
+    # the user's own drop-in, made inside the namespace: install.sh writes none, uninstall keeps it
+    keep_drop_in = ("mkdir -p /etc/systemd/system/inspector@.service.d && echo '[Service]' > "
+                    "/etc/systemd/system/inspector@.service.d/override.conf && ")
+    check = "&& test -f /etc/systemd/system/inspector@.service.d/override.conf && echo DROP-IN-KEPT"
+    env = {"PREFIX": str(prefix), "CONFDIR": str(conf), "STATEDIR": str(state), "SERVICE_USER": "no-such-user-x"}
+    outputs = []
+    for args, resets in (((), False), (("--purge",), True)):
+        log.unlink(missing_ok=True)
+        # "$@": the "sh deploy/uninstall.sh ARGS" run_script appends
+        r = run_script("uninstall.sh", env, fake, *args,
+                       wrapper=(*wrapper, "sh", "-ec", f'{keep_drop_in} "$@" {check}', "uninstall"))
+        assert "NAMESPACE-READY" in r.stdout, r.stderr
+        assert r.returncode == 0 and "DROP-IN-KEPT" in r.stdout, r.stdout + r.stderr
+        calls = log.read_text().splitlines()
+        assert "systemctl daemon-reload" in calls
+        assert ("systemctl reset-failed inspector@*" in calls) == resets, calls
+        outputs.append(r.stdout)
+    assert all("its drop-ins are not install.sh's" in out for out in outputs), outputs
+    assert not prefix.exists() and not conf.exists() and not state.exists()
+
+
+def test_install_on_the_system_owns_a_statedir_outside_var_lib(installed, tmp_path, inspector_wheel):
+    """install.sh without DESTDIR, STATEDIR=/srv/inspector: created, given to the service user (no
+    StateDirectory= does it at start), made writable in the unit; only existing groups are added."""
+    wrapper = scratch_namespace()
+    fake, log = recorders(tmp_path / "fakebin")  # calls expected: not the shared recorders
+    prefix = tmp_path / "opt/inspector"
+    shutil.copytree(installed / "opt/inspector", prefix, symlinks=True)  # the venv is there already
+    only_video = tmp_path / "groups"
+    only_video.mkdir()
+    (only_video / "getent").write_text('#!/bin/sh\n[ "$1 $2" = "group video" ]\n')
+    (only_video / "getent").chmod(0o755)
+    show = ("cat /etc/systemd/system/inspector@.service; stat -c 'MODE %a %n' /srv/inspector "
+            "/srv/inspector/engines /srv/inspector/recordings")
+    r = run_script("install.sh", {"PREFIX": str(prefix), "CONFDIR": str(tmp_path / "etc/inspector"),
+                                  "STATEDIR": "/srv/inspector", "PYTHON": str(Path(sys.base_prefix) / "bin/python3"),
+                                  "MODELS": str(tmp_path / "none"), "PIP_ARGS": "--no-index --no-deps"},
+                   fake, str(inspector_wheel), path_first=only_video,
+                   wrapper=(*wrapper, "sh", "-ec", f'"$@"; {show}', "install"))
+    assert "NAMESPACE-READY" in r.stdout, r.stderr
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = r.stdout.splitlines()
+    assert "ReadWritePaths=/srv/inspector" in out and "SupplementaryGroups=video" in out
+    assert not [line for line in out if line.startswith("StateDirectory=")]
+    assert [line for line in out if line.startswith("MODE ")] == [
+        "MODE 750 /srv/inspector", "MODE 750 /srv/inspector/engines", "MODE 750 /srv/inspector/recordings"]
+    calls = log.read_text().splitlines()
+    assert "chown -R inspector:inspector /srv/inspector" in calls
+    assert "usermod -a -G video inspector" in calls and not any("render" in c for c in calls), calls
+    assert "systemctl daemon-reload" in calls
