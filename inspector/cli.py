@@ -680,6 +680,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (ConfigError, BundleError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
+    except FileNotFoundError as e:
+        # a file or folder the user named (a data root, a run folder): bad input, not a fault
+        # a restart could cure
+        return _fail(str(e), EXIT_BAD_INPUT)
     except BindError as e:
         # the endpoint is a config key: name the file (exit 1 all the same: an address that is
         # busy or an interface not up yet may be there on the next start)

@@ -101,3 +101,36 @@ def test_argtypes_bounds_and_messages():
                              (non_negative_float, "soon", "not a number: 'soon'")]:
         with pytest.raises(argparse.ArgumentTypeError, match=why.replace(".", r"\.")):
             parse(text)
+
+
+def test_evaluating_a_class_model_on_data_of_other_classes_is_refused(tmp_path):
+    # arcd-neu on magnetic-tile data exited 0 and scored Blowhole pixels as NEU's "inclusion"
+    # (MIoU 0.143); with --record those figures would have gone into the bundle.
+    import cv2
+    import numpy as np
+    for cat, defect in (("Free", False), ("Blowhole", True)):
+        d = tmp_path / f"MT_{cat}" / "Imgs"
+        d.mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(d / f"{cat}{i}.jpg"), np.full((40, 50), 120, np.uint8))
+            m = np.zeros((40, 50), np.uint8)
+            if defect:
+                m[5:10, 5:10] = 255
+            cv2.imwrite(str(d / f"{cat}{i}.png"), m)
+    r = run_cli("evaluate", "--bundle", "deploy/models/arcd-neu", "--data", str(tmp_path),
+                "--format", "magnetic-tile", "--split", "all", "--json", timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "data set's classes ['background', 'Blowhole'" in r.stderr
+    assert "are not the bundle's ['background', 'inclusion', 'patches', 'scratches']" in r.stderr
+
+
+def test_training_on_a_missing_data_root_exits_2(tmp_path):
+    # FileNotFoundError is an OSError, which the CLI counted as a runtime fault (exit 1)
+    from conftest import ROOT
+    text = (ROOT / "configs/train/arcd-neu.yaml").read_text()
+    cfg = tmp_path / "arcd.yaml"
+    cfg.write_text("\n".join(("  root: " + str(tmp_path / "no_such_data")) if line.strip().startswith("root:")
+                             else line for line in text.splitlines()) + "\n")
+    r = run_cli("train", "arcd", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert f"{tmp_path / 'no_such_data'}: expected images/ and annotations/" in r.stderr.strip().splitlines()[-1]

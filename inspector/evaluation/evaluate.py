@@ -151,6 +151,13 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
     metrics = [f() if f is not PixelAUROC else PixelAUROC(auroc_stride) for f in factories]
     if len(dataset) == 0:
         raise ValueError(f"{dataset.root}: no images in split '{dataset.split}' ({dataset.format} layout)")
+    if spec.kind == "arcd" and list(dataset.classes) != list(spec.classes):
+        # Class-index masks are compared index by index: a magnetic-tile Blowhole would be
+        # scored as NEU's "inclusion", and the figures (with --record, stored in the bundle)
+        # would mean nothing. Residual kinds only tell defect from background: any masks do.
+        raise ValueError(f"{dataset.root}: the {dataset.format} data set's classes {list(dataset.classes)} "
+                         f"are not the bundle's {list(spec.classes)} ({runner.bundle.path}); "
+                         "evaluate a class-probability model on data labelled with its own classes")
     if overlay_pick is None:
         overlay_pick = "worst-best" if spec.kind == "arcd" else "spread"
     if overlay_pick not in ("spread", "worst-best"):
