@@ -222,6 +222,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: merged keys may be overridden by explicit ones, by design
             key = self.construct_object(key_node, deep=True)
             try:
                 if key in seen:

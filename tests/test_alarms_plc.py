@@ -298,3 +298,48 @@ def test_a_modbus_acknowledge_set_while_another_is_taken_is_not_lost():
         link.close()
     finally:
         plc.stop()
+
+
+
+def test_a_camera_writes_only_its_own_coils_on_a_shared_plc():
+    # Two daemons on one PLC: cam1 at coil_base 0 (2 rules), cam2 at coil_base 4. Writing a
+    # fixed 32-coil block made every cam1 heartbeat clear cam2's alarms.
+    from inspector.alarms import make_link
+    from inspector.alarms.config import AlarmsConfig
+    from inspector.alarms.layout import PlcState
+
+    plc = ModbusPlc(n_classes=1).start()
+    try:
+        c = plc._client()
+        c.write_coils(4, [True, True], device_id=1)  # cam2's alarms are on
+        c.close()
+        drv = AlarmsConfig.model_validate({"drivers": [plc.driver_cfg(coil_base=0)]}).drivers[0]
+        link = make_link(drv, "cam1")
+        link.connect()
+        link.write(PlcState(alarm_names=("a", "b"), alarms=(True, False), classes=("x",), counts=(0,)), 1)
+        link.close()
+        assert plc.read(6)["coils"] == [True, False, False, False, True, True]
+    finally:
+        plc.stop()
+
+
+def test_opcua_clears_a_removed_rule_also_when_the_link_reconnected_in_between():
+    from inspector.alarms.config import OpcUaDriverConfig
+    from inspector.alarms.layout import PlcState
+    from inspector.alarms.opcua import OpcUaLink
+
+    plc = OpcUaPlc("cam1", ["a", "b"], ["c"]).start()
+    try:
+        def state(names, alarms):
+            return PlcState(alarm_names=names, alarms=alarms, classes=("c",), counts=(0,))
+        link = OpcUaLink(OpcUaDriverConfig(**plc.driver_cfg()), "cam1")
+        link.connect()
+        link.write(state(("a", "b"), (False, True)), 1)
+        assert plc.read(2)["coils"] == [False, True]
+        link.close()  # the PLC blinked; the reload removing b comes while it is away
+        link.connect()
+        link.write(state(("a",), (False,)), 2)
+        assert plc.read(2)["coils"] == [False, False]
+        link.close()
+    finally:
+        plc.stop()

@@ -59,6 +59,14 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_winning(tmp_path):
     assert f"{p}: not valid YAML at line 4, column 1: duplicate key 'publish' (first at line 2)" in r.stderr
 
 
+def test_yaml_anchors_and_merge_keys_still_load(tmp_path):
+    # the duplicate-key check must not refuse `<<: *base`, nor a merged key overridden on purpose
+    from inspector.config import read_yaml_mapping
+    p = tmp_path / "m.yaml"
+    p.write_text("base: &b {a: 1, b: 2}\nx:\n  <<: *b\n  b: 3\ny:\n  <<: [*b]\n  c: 4\n")
+    assert read_yaml_mapping(p) == {"base": {"a": 1, "b": 2}, "x": {"a": 1, "b": 3}, "y": {"a": 1, "b": 2, "c": 4}}
+
+
 def test_a_config_the_service_user_cannot_read_exits_2_naming_it(tmp_path, synthetic_cfg):
     # exit 1 made systemd restart the unit every few seconds for ever
     import os

@@ -1,7 +1,7 @@
 """Modbus TCP link (pymodbus): alarm coils plus the holding-register map of
 :mod:`inspector.alarms.layout`.
 
-* coil ``coil_base + i`` = alarm i (rule order); all 32 coils are written, unused ones 0;
+* coil ``coil_base + i`` = alarm i (rule order); a rule removed by a reload gets its coil cleared;
 * holding registers from ``register_base``: the word table in :mod:`inspector.alarms.layout`
   (heartbeat, alarm words, status, counters, last defect, acknowledge words, counts per class).
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import logging
 
-from inspector.alarms.config import MAX_ALARMS, ModbusDriverConfig
+from inspector.alarms.config import ModbusDriverConfig
 from inspector.alarms.layout import ACK, COUNTS, LAST_SCORE, PlcState, ack_indices, encode_words
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,7 @@ class ModbusLink:
         self._unit_kw = {"device_id" if "device_id" in params else "slave": cfg.unit_id}
         self._client = None
         self._mask_write = True   # FC22 until the PLC says it has none
+        self._coils_written = 0   # widest coil block written so far (kept across reconnects)
 
     def connect(self) -> None:
         c = self.cfg
@@ -49,11 +50,16 @@ class ModbusLink:
         if cl is None:
             raise ConnectionError("not connected")
         words = encode_words(state, heartbeat)
-        # All 32 alarm coils, like the alarm words: a rule removed by a reload or a restart must
-        # not leave its coil on with nobody to switch it off.
-        coils = list(state.alarms) + [False] * (MAX_ALARMS - len(state.alarms))
-        self._check(cl.write_coils(c.coil_base, coils, **self._unit_kw),
-                    f"write coils {c.coil_base}..{c.coil_base + MAX_ALARMS - 1}")
+        # The coils of this camera's rules, and of rules written earlier in this process: a rule
+        # removed by a reload must not leave its coil on with nobody to switch it off. Never
+        # more: the coils beyond may belong to another camera's daemon on the same PLC, or lie
+        # past the end of the PLC's coil area.
+        n = max(len(state.alarms), self._coils_written)
+        if n:
+            coils = list(state.alarms) + [False] * (n - len(state.alarms))
+            self._check(cl.write_coils(c.coil_base, coils, **self._unit_kw),
+                        f"write coils {c.coil_base}..{c.coil_base + n - 1}")
+            self._coils_written = n
         # Two blocks around the acknowledge words, which belong to the PLC. Counts first, the
         # heartbeat/frames block last: a PLC that sees a new heartbeat also sees its counts.
         if len(words) > COUNTS:

@@ -101,6 +101,7 @@ class OpcUaLink:
         self._server = None
         self._idx = 0
         self._layout: tuple | None = None      # (alarm names, classes) the nodes were made for
+        self._alarms_written: set[str] = set()  # alarm nodes written by this link, across reconnects
         self._nodes: list = []
         self._types: list = []
         self._ack_nodes: list = []
@@ -183,8 +184,11 @@ class OpcUaLink:
         if layout == self._layout:
             return
         ua = self._ua
-        if self._layout is not None:
-            await self._clear_removed_alarms(set(self._layout[0]) - set(state.alarm_names))
+        # against the alarms written before, kept across reconnects: a rule removed by a reload
+        # while the PLC was down is cleared on the first write after it is back
+        removed = self._alarms_written - set(state.alarm_names)
+        if removed:
+            await self._clear_removed_alarms(removed)
         names = node_names(*layout)
         acks = [f"Ack.{a}" for a in state.alarm_names]
         if self._server is not None:
@@ -205,6 +209,7 @@ class OpcUaLink:
                                   f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                                   "(see README, PLC maps: OPC UA)")
         self._layout = layout
+        self._alarms_written = set(state.alarm_names)
 
     async def _clear_removed_alarms(self, removed: set[str]) -> None:
         """A rule dropped by a reload leaves its ``Alarms.<name>`` node behind; switch it off so a
