@@ -230,9 +230,11 @@ class Daemon:
                 self.engine.set_running(False)
             for w in self.workers:
                 w.stop(timeout=max(0.2, min(2 * w.cfg.timeout_s + 2, tail_end - time.monotonic() - 1.0)))
-            p.close(join_timeout_s=max(0.2, tail_end - time.monotonic()))
             if not drained:
+                # before close() releases the publisher and engine under the hung stage: from
+                # here its frames are counted, and what it trips over later is not reported
                 p.count_abandoned()
+            p.close(join_timeout_s=max(0.2, tail_end - time.monotonic()))
             if self.metrics is not None:
                 self.metrics.stop()
         c = p.counters.snapshot()

@@ -61,10 +61,12 @@ class Counters:
         self.source_errors = 0
         self.reopens = 0
         self.camera_skipped = 0  # lost before the source fetched them; not in grabbed (module docs)
+        self.frozen = False      # set at a forced exit: the figures are final (Pipeline.count_abandoned)
 
     def grab(self) -> None:
         with self._lock:
-            self.grabbed += 1
+            if not self.frozen:
+                self.grabbed += 1
 
     def camera_skip(self, n: int) -> None:
         with self._lock:
@@ -72,11 +74,24 @@ class Counters:
 
     def publish(self) -> None:
         with self._lock:
-            self.published += 1
+            if not self.frozen:
+                self.published += 1
 
     def drop(self, reason: str) -> None:
         with self._lock:
-            self.dropped[reason] += 1
+            if not self.frozen:
+                self.dropped[reason] += 1
+
+    def abandon(self) -> int:
+        """Count what is still inside the pipeline as ``stage_failed`` and freeze the counters, so
+        a stage thread that finishes its frame later cannot count it a second time. Returns how
+        many frames were still inside."""
+        with self._lock:
+            n = self.grabbed - self.published - sum(self.dropped.values())
+            if n > 0:
+                self.dropped["stage_failed"] += n
+            self.frozen = True
+            return max(n, 0)
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -287,6 +302,11 @@ class Pipeline:
         try:
             fn()
         except BaseException as e:
+            if self.counters.frozen:
+                # abandoned at a forced exit: its frames are counted and the publisher and engine
+                # released under it; what it trips over now is no failure of its own
+                log.debug("stage %s ended after the pipeline was abandoned: %r", stage, e)
+                return
             log.exception("stage %s failed", stage)
             self.error = self.error or e
             self._stop.set()
@@ -570,13 +590,10 @@ class Pipeline:
         """At a forced exit (the queues did not drain in time): count the frames still inside the
         pipeline, queued or held by a hung stage, as ``stage_failed``, so the last counters still
         balance instead of leaving them counted nowhere. Returns how many."""
-        c = self.counters.snapshot()
-        n = c["grabbed"] - c["published"] - sum(c["dropped"].values())
-        if n > 0:
-            for _ in range(n):
-                self.counters.drop("stage_failed")
+        n = self.counters.abandon()
+        if n:
             log.error("%d frame(s) still in the pipeline at exit, not published: counted as stage_failed", n)
-        return max(n, 0)
+        return n
 
     def __enter__(self) -> "Pipeline":
         self.open()

@@ -117,11 +117,14 @@ class Publisher:
         self.cfg = cfg
         self.topic = (cfg.topic or f"defects.{camera_id}").encode()
         self._ctx = context or zmq.Context.instance()
-        self.sock = self._bind(cfg.endpoint)
+        self.sock: zmq.Socket | None = self._bind(cfg.endpoint)
         self.endpoint = self.sock.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.subscribers = 0
         self.resets = 0                          # times stuck subscribers were disconnected
         self._failing_since: float | None = None  # first failed send of the current run of failures
+        self._last_fail = 0.0
+        self._rebind_at = 0.0                     # earliest retry of a failed re-bind
+        self._inproc_warned = False
         log.info("publishing on %s, topic %s", self.endpoint, self.topic.decode())
 
     def _bind(self, endpoint: str) -> zmq.Socket:
@@ -144,26 +147,42 @@ class Publisher:
 
     def _drop_stuck_subscribers(self, failing_s: float) -> None:
         """Close and re-bind at the same address (see module doc)."""
-        log.error("no subscriber could take a frame for %.0f s (publish.stuck_subscriber_s): one has "
+        before = self.subscribers
+        log.error("no subscriber could take a frame for %.1f s (publish.stuck_subscriber_s): one has "
                   "stopped reading and, with publish.nodrop, holds back all %d; disconnecting them all "
                   "(they reconnect by themselves; the stuck one's queued frames are discarded)",
-                  failing_s, self.subscribers)
-        self.sock.close(0)
-        deadline = time.monotonic() + 2.0
-        while True:
-            try:
-                self.sock = self._bind(self.endpoint)
-                break
-            except BindError:
-                # the old listener closes in ZeroMQ's I/O thread, a moment after close() returns
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+                  failing_s, before)
+        # a short linger: what is queued for the healthy subscribers still goes out (it was
+        # counted as published); the stuck one's queue is dropped when it runs out
+        self.sock.close(linger=min(self.cfg.linger_ms, 500))
+        self.sock = None
         self.subscribers = 0
         self.resets += 1
+        deadline = time.monotonic() + 2.0
+        while not self._rebind():
+            if time.monotonic() > deadline:
+                log.error("cannot re-bind %s after disconnecting the subscribers; frames count as "
+                          "subscriber_slow until it can, retried every second", self.endpoint)
+                self._rebind_at = time.monotonic() + 1.0
+                return
+            time.sleep(0.02)  # the old listener closes in ZeroMQ's I/O thread, a moment after close()
+        # Until the subscribers are back (ZeroMQ reconnects after 0.1 s) a send would reach no
+        # one yet count as published: wait for them, briefly, once per reset.
+        deadline = time.monotonic() + max(1.0, self.cfg.connect_grace_s)
+        while self.subscribers < before and time.monotonic() < deadline:
+            self.poll_subscriptions(0.05)
+
+    def _rebind(self) -> bool:
+        try:
+            self.sock = self._bind(self.endpoint)
+            return True
+        except BindError:
+            return False
 
     def poll_subscriptions(self, timeout_s: float = 0.0) -> int:
         """Read pending (un)subscribe notices; returns the current subscription count."""
+        if self.sock is None:
+            return self.subscribers
         deadline = time.monotonic() + timeout_s
         while True:
             left = max(0.0, deadline - time.monotonic())
@@ -191,24 +210,43 @@ class Publisher:
 
     def send(self, header: dict[str, Any], mask_bytes: bytes) -> bool:
         """Send one report; False when a subscriber's queue is full (the frame is not delivered)."""
+        if self.sock is None:  # a re-bind after a reset failed: try again, at most once a second
+            if time.monotonic() < self._rebind_at or not self._rebind():
+                self._rebind_at = max(self._rebind_at, time.monotonic() + 1.0)
+                return False
+            log.warning("re-bound %s", self.endpoint)
         if self.sock.poll(0, zmq.POLLIN):
             self.poll_subscriptions(0.0)
         try:
             self.sock.send_multipart([self.topic, json.dumps(header, separators=(",", ":")).encode(),
                                       mask_bytes], flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
-            now = time.monotonic()
-            if self._failing_since is None:
-                self._failing_since = now
-            elif self.cfg.stuck_subscriber_s and now - self._failing_since >= self.cfg.stuck_subscriber_s:
-                self._drop_stuck_subscribers(now - self._failing_since)
-                self._failing_since = None
+            self._failed_send(time.monotonic())
             return False
         self._failing_since = None
         return True
 
+    def _failed_send(self, now: float) -> None:
+        stuck_s = self.cfg.stuck_subscriber_s
+        # A run of failures is "every send failing": two failures with a long pause between
+        # (the camera was down) are not one.
+        if self._failing_since is None or now - self._last_fail > max(1.0, stuck_s / 2):
+            self._failing_since = now
+        self._last_fail = now
+        if not stuck_s or now - self._failing_since < stuck_s:
+            return
+        if self.endpoint.startswith("inproc://"):
+            if not self._inproc_warned:  # inproc peers do not reconnect: a reset would lose them
+                log.error("no subscriber could take a frame for %.1f s; an inproc:// endpoint "
+                          "cannot disconnect a stuck subscriber", now - self._failing_since)
+                self._inproc_warned = True
+            return
+        self._drop_stuck_subscribers(now - self._failing_since)
+        self._failing_since = None
+
     def close(self) -> None:
-        self.sock.close()
+        if self.sock is not None:
+            self.sock.close()
 
 
 @dataclass

@@ -296,9 +296,9 @@ class GenicamSource(Source):
                 continue
             self._set_node(node_map, node, value, key, required=value != default, node_error=node_error)
         if c.fps is not None:
-            if node_map.has_node("AcquisitionFrameRateEnable"):
-                self._set_node(node_map, "AcquisitionFrameRateEnable", True, "fps",
-                               required=False, node_error=node_error)
+            # not required: many cameras have no enable node (a device lost here is a SourceError)
+            self._set_node(node_map, "AcquisitionFrameRateEnable", True, "fps",
+                           required=False, node_error=node_error)
             self._set_node(node_map, "AcquisitionFrameRate", float(c.fps), "fps",
                            required=True, node_error=node_error)
 
