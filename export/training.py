@@ -12,6 +12,7 @@ lines and error messages.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -21,8 +22,9 @@ import threading
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, TypeVar
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, TypeVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -31,11 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from inspector.config import read_yaml_mapping
 from inspector.errors import CheckpointError, ConfigError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW", "validate_config",
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
            "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED",
-           "sigterm_as_interrupt", "train_main", "run_kind", "git_commit"]
+           "sigterm_as_interrupt", "train_main", "step_generator", "check_resume_keys",
+           "run_kind", "git_commit", "metrics_for_checkpoint", "split_provenance"]
 
 # The run folder's files (``inspector export onnx`` and the tests find them by these names)
 CHECKPOINT = "checkpoint.pt"
@@ -133,6 +138,49 @@ def read_checkpoint(path: Path) -> dict:
     if not isinstance(ck, dict):
         raise CheckpointError(f"{path}: holds a {type(ck).__name__}, not a training checkpoint")
     return ck
+
+
+def step_generator(seed: int, step: int, stream: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator for the random draws of training step ``step`` (patch locations, noise,
+    gradient-penalty mixing), a pure function of (seed, stream, step).
+
+    The global torch RNG is seeded once at start and is not in the checkpoint, so draws from it
+    after ``--resume`` differ from an uninterrupted run's; a generator per step makes a resumed
+    run bit-exact (CPU) with no RNG state to save, and the same on every rank.
+    """
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream), int(step)]).generate_state(2)
+    return torch.Generator(device=device).manual_seed((int(state[0]) << 31) ^ int(state[1]))
+
+
+def check_resume_keys(saved: dict, current: dict, keys: Iterable[str], config: str | Path,
+                      ck_path: Path) -> None:
+    """Refuse a resume whose config changed one of ``keys`` (dotted; a section means every key
+    in it), naming the first differing dotted key: the checkpoint's tensors have the saved
+    network's shapes, and ``load_state_dict`` would fail with a traceback (or, for a key that
+    changes no shape, silently train another network)."""
+    def walk(a: Any, b: Any, key: str) -> str | None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in list(b) + [k for k in a if k not in b]:
+                bad = walk(a.get(k), b.get(k), f"{key}.{k}")
+                if bad:
+                    return bad
+            return None
+        # YAML lists and JSON tuples compare as lists
+        norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+        return None if norm(a) == norm(b) else key
+
+    def get(d: dict, dotted: str) -> Any:
+        for part in dotted.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+
+    for key in keys:
+        bad = walk(get(saved, key), get(current, key), key)
+        if bad:
+            raise ConfigError(str(config), bad, f"{get(current, bad)!r}, but the checkpoint {ck_path} "
+                              f"was trained with {get(saved, bad)!r}; a resumed run keeps its network "
+                              "(put the old value back, or train into a new --run-dir)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,17 +395,118 @@ def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[.
 # For the exporters
 # ---------------------------------------------------------------------------------------------
 
-def run_kind(run_dir: Path) -> object:
-    """The ``kind`` that ``run_dir/config.yaml`` names (how ``inspector export onnx`` picks the
-    exporter); None without a readable mapping there."""
+#: checkpoint kinds ``inspector export onnx`` has an exporter for (ARCD's checkpoints carry no
+#: ``kind``: they are recognised by their networks)
+EXPORT_KINDS = ("arcd", "clgan", "fuzzymask")
+
+
+def _config_kind(run_dir: Path) -> tuple[bool, object]:
+    """(config.yaml is a readable mapping, its ``kind``)."""
     p = Path(run_dir) / CONFIG
     if not p.is_file():
-        return None
+        return False, None
     try:
         raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError:
-        return None
-    return raw.get("kind") if isinstance(raw, dict) else None
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return False, None
+    return (True, raw.get("kind")) if isinstance(raw, dict) else (False, None)
+
+
+def _checkpoint_kind(run_dir: Path) -> tuple[bool, object]:
+    """(checkpoint.pt is a readable dict, the kind it names: its ``kind``, or ``arcd`` for ARCD's
+    networks). Memory-mapped: only the small pickle is read, not the weights."""
+    p = Path(run_dir) / CHECKPOINT
+    if not p.is_file():
+        return False, None
+    try:
+        ck = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: the exporter's own load reports it, naming the file
+        return False, None
+    if not isinstance(ck, dict):
+        return False, None
+    if ck.get("kind") is not None:
+        return True, ck["kind"]
+    if "reconstruction" in ck and "discrimination" in ck:
+        return True, "arcd"
+    return True, None
+
+
+def run_kind(run_dir: Path) -> object:
+    """Which trainer wrote ``run_dir`` (how ``inspector export onnx`` picks the exporter): the
+    checkpoint's ``kind``, else ``config.yaml``'s; None for an ARCD run (its config has no
+    ``kind``), which the command exports with the ARCD exporter.
+
+    The checkpoint is what gets exported, so it wins: a run folder without config.yaml (copied
+    without it) or with one from another run would otherwise go to the wrong exporter and fail
+    with a validation traceback. A folder where neither names a kind raises
+    :class:`CheckpointError` naming the folder (one line from the command, exit 2).
+    """
+    run_dir = Path(run_dir)
+    has_cfg, cfg_kind = _config_kind(run_dir)
+    has_ck, ck_kind = _checkpoint_kind(run_dir)
+    if ck_kind is not None:
+        if has_cfg and (cfg_kind or "arcd") != ck_kind:
+            log.warning("%s says kind %s but %s is a checkpoint of kind %s: exporting it as %s",
+                        run_dir / CONFIG, cfg_kind or "arcd (no kind)", run_dir / CHECKPOINT,
+                        ck_kind, ck_kind)
+        if ck_kind not in EXPORT_KINDS:
+            raise CheckpointError(f"{run_dir / CHECKPOINT}: a checkpoint of kind {ck_kind}; inspector "
+                                  f"export onnx exports {', '.join(EXPORT_KINDS)} runs")
+        return None if ck_kind == "arcd" else ck_kind
+    if has_cfg:  # as before: config.yaml decides (no kind: ARCD), the exporter checks the checkpoint
+        return cfg_kind
+    if has_ck:
+        raise CheckpointError(f"{run_dir}: neither {CONFIG} (missing or unreadable) nor "
+                              f"{CHECKPOINT} (no 'kind') says which trainer wrote this run; "
+                              "restore the run's config.yaml")
+    return None  # nothing readable: the ARCD exporter reports the missing checkpoint, as before
+
+
+def metrics_for_checkpoint(run_dir: Path, ck: dict) -> tuple[dict, bool | None]:
+    """``run_dir/metrics.json`` and whether it describes the checkpoint ``ck`` being exported.
+
+    The trainers write metrics.json once, at the end of a run, with ``checkpoint_step``; a run
+    stopped later (Ctrl-C, SIGTERM, a crash) after a ``--resume`` leaves the metrics of the
+    earlier run beside a newer checkpoint. Returns (metrics, True) when the steps agree,
+    (metrics, False) when they differ (the caller must not use its figures as the checkpoint's),
+    (metrics, None) for a metrics.json of an older trainer without the step (unchecked: logged)
+    or none at all ({}).
+    """
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return {}, None
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); delete it (the exporter then works "
+                              "from the checkpoint) or restore it") from e
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{path}: holds a {type(metrics).__name__}, not the run's metrics")
+    if "checkpoint_step" not in metrics:
+        log.warning("%s has no checkpoint_step (written by an older trainer): its figures are "
+                    "taken as the checkpoint's without a check", path)
+        return metrics, None
+    return metrics, int(metrics["checkpoint_step"]) == int(ck.get("step", -1))
+
+
+def split_provenance(split_test: float, split_val: float, where: str) -> dict[str, float]:
+    """The hash-split fractions a run trained with, for the bundle's ``provenance.split_fractions``;
+    logs a warning when they are not the evaluation commands' defaults.
+
+    ``inspector evaluate`` / ``calibrate`` split with the default fractions; a run trained with
+    others (say test 0.1) has trained on images those commands then call test or val, and its
+    figures would be measured partly on training images.
+    """
+    from inspector.evaluation.datasets import DEFAULT_SPLIT
+
+    if (split_test, split_val) != (DEFAULT_SPLIT.test, DEFAULT_SPLIT.val):
+        log.warning("%s: trained with split_test %g / split_val %g, not the default %g / %g: "
+                    "`inspector evaluate` and `calibrate` split with the defaults, so some of "
+                    "their test/val images were TRAINED ON and their figures are optimistic. "
+                    "The fractions are in the bundle's provenance.split_fractions; evaluate on "
+                    "images outside the training folder, or retrain with the defaults",
+                    where, split_test, split_val, DEFAULT_SPLIT.test, DEFAULT_SPLIT.val)
+    return {"test": float(split_test), "val": float(split_val)}
 
 
 def git_commit(start: Path) -> tuple[str | None, bool | None]:

@@ -332,3 +332,202 @@ def test_torchrun_two_ranks_on_cpu_keep_one_generator(trained, tmp_path):
     line = next(x for x in r.stderr.splitlines() if "checksum per rank" in x)
     a, b = line.rsplit(":", 1)[1].split(",")
     assert float(a) == float(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume, stale metrics, split fractions, the exporter's choice
+# ---------------------------------------------------------------------------------------------
+
+def _tiny_cfg(base: Path, data: Path, **data_over) -> dict:
+    return {
+        "kind": "clgan", "name": "tiny", "seed": 0, "threads": 1, "device": "cpu",
+        "log_every": 1, "checkpoint_every": 2,
+        "data": {"sources": [{"format": "magnetic-tile", "root": str(data), "split": "all"}],
+                 "crop": 32, "channels": 1, "flip": True, **data_over},
+        "generator": {"ngf": 4, "n_resblocks": 1},
+        "discriminator": {"ndf": 4},
+        "nce": {"nce_layers": ["input", "E2", "E3", "R1"], "num_patches": 16, "mlp_dim": 8},
+        "optim": {"n_epochs": 1, "n_epochs_decay": 1, "iters_per_epoch": 5},
+        "detection": {"tile": [32, 32], "overlap": 8},
+    }
+
+
+def _write(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _train_quietly(*args, **kw):
+    import torch
+
+    from export.clgan.train import train
+    threads = torch.get_num_threads()
+    try:
+        return train(*args, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _preempted_at(config: Path, run: Path, at: int, monkeypatch) -> None:
+    """Resume ``run`` and stop it (as SIGTERM would) right after the checkpoint of ``at``:
+    metrics.json is not rewritten, so it still describes the earlier invocation."""
+    import export.clgan.train as T
+
+    real = T.atomic_save
+
+    def save_then_stop(obj, path):
+        real(obj, path)
+        if obj["step"] == at:
+            raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(T, "atomic_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _train_quietly(config, run, resume=True)
+    monkeypatch.setattr(T, "atomic_save", real)
+
+
+@pytest.fixture(scope="module")
+def stale_run(trained, tmp_path_factory) -> dict:
+    """A run with split_test 0.1: 2 iterations with metrics.json, then resumed and preempted at
+    4 (checkpoint at 4, metrics.json still of 2)."""
+    base = tmp_path_factory.mktemp("clgan-stale")
+    config = _write(base / "split.yaml", _tiny_cfg(base, trained["data"], split_test=0.1))
+    run = base / "run"
+    _train_quietly(config, run, max_iters=2)
+    mp = pytest.MonkeyPatch()
+    try:
+        _preempted_at(config, run, 4, mp)
+    finally:
+        mp.undo()
+    return {"base": base, "config": config, "run": run}
+
+
+def test_metrics_json_records_the_checkpoint_step(stale_run):
+    m = json.loads((stale_run["run"] / "metrics.json").read_text())
+    assert m["checkpoint_step"] == 2 == m["iterations"] and m["stopped_by"] == "max_iters"
+    import torch
+    assert torch.load(stale_run["run"] / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_export_leaves_out_stale_metrics_and_records_the_split(stale_run, tmp_path, caplog):
+    """metrics.json of iteration 2 beside a checkpoint of 4: the bundle says 4 and not complete,
+    without the stale figures; the non-default split is warned about and recorded."""
+    from export.clgan.export import export_bundle
+    from inspector.bundle import load_bundle
+
+    with caplog.at_level(logging.WARNING):
+        export_bundle(stale_run["run"], tmp_path / "b")
+    p = load_bundle(tmp_path / "b").spec.provenance
+    tr = p["training"]
+    assert tr["iterations"] == 4 == tr["checkpoint_step"] and tr["planned_iterations"] == 10
+    assert tr["metrics_json"] == "stale: left out" and tr["final_losses_ema"] is None
+    assert p["training_complete"] is False
+    assert p["split_fractions"] == {"test": 0.1, "val": 0.2}
+    assert "describes iteration 2" in caplog.text and "at iteration 4" in caplog.text
+    assert "split_test 0.1" in caplog.text and "TRAINED ON" in caplog.text
+
+    # a metrics.json of an older trainer (no checkpoint_step): one warning, used as before
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in ("checkpoint.pt", "config.yaml"):
+        (old / f).write_bytes((stale_run["run"] / f).read_bytes())
+    m = json.loads((stale_run["run"] / "metrics.json").read_text())
+    m.pop("checkpoint_step")
+    (old / "metrics.json").write_text(json.dumps(m))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        export_bundle(old, tmp_path / "b2")
+    assert caplog.text.count("no checkpoint_step") == 1
+    tr = load_bundle(tmp_path / "b2").spec.provenance["training"]
+    assert tr["final_losses_ema"] == m["final_losses_ema"] and tr["metrics_json"].startswith("unchecked")
+
+
+def test_default_split_is_recorded_without_warning(trained):
+    if not (trained["bundle"] / "bundle.yaml").is_file():
+        pytest.skip("needs the bundle of test_export_parity_and_bundle")
+    from inspector.bundle import load_bundle
+    p = load_bundle(trained["bundle"]).spec.provenance
+    assert p["split_fractions"] == {"test": 0.3, "val": 0.2}
+    assert p["training_complete"] is True and p["training"]["metrics_json"] == "current"
+
+
+def test_resume_is_bit_exact(trained, tmp_path):
+    """2 iterations + --resume for the remaining 8 ends with the very weights of one run of 10
+    (crops and PatchNCE locations are functions of the iteration, not of the global RNG)."""
+    import torch
+
+    config = _write(tmp_path / "t.yaml", _tiny_cfg(tmp_path, trained["data"]))
+    whole = _train_quietly(config, tmp_path / "whole")
+    _train_quietly(config, tmp_path / "split", max_iters=2)
+    torch.manual_seed(123)  # whatever the process drew meanwhile must not matter
+    torch.rand(7)
+    parts = _train_quietly(config, tmp_path / "split", resume=True)
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(parts / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 10
+    for net in ("G", "D", "H"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)
+
+
+@pytest.mark.parametrize("section, key, value", [("discriminator", "ndf", 8),
+                                                 ("nce", "mlp_dim", 16),
+                                                 ("generator", "ngf", 8)])
+def test_resume_with_another_architecture_names_the_key(trained, tmp_path, section, key, value):
+    """A resume whose config changed a network width: exit 2, one line naming the dotted key,
+    no load_state_dict traceback; the checkpoint is left as it was."""
+    from export.clgan.train import main
+
+    cfg = _tiny_cfg(tmp_path, trained["data"])
+    config = _write(tmp_path / "t.yaml", cfg)
+    run = tmp_path / "run"
+    _train_quietly(config, run, max_iters=1)
+    before = (run / "checkpoint.pt").read_bytes()
+    cfg[section][key] = value
+    changed = _write(tmp_path / "changed.yaml", cfg)
+    import torch
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--config", str(changed), "--run-dir", str(run), "--resume"]) == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert (run / "checkpoint.pt").read_bytes() == before
+    from inspector.errors import ConfigError
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: {value}, but the checkpoint"):
+        _train_quietly(changed, run, resume=True)
+    # a key that shapes nothing may change
+    cfg = _tiny_cfg(tmp_path, trained["data"])
+    cfg["nce"]["num_patches"] = 8
+    _train_quietly(_write(tmp_path / "ok.yaml", cfg), run, resume=True, max_iters=1)
+
+
+def test_export_takes_the_kind_from_the_checkpoint(stale_run, tmp_path, capsys):
+    """A CLGAN run folder without config.yaml (or with another run's) still goes to the CLGAN
+    exporter; a folder where neither file names a kind is one line naming it, exit 2."""
+    import shutil
+
+    import torch
+
+    from export.clgan.export import is_clgan_run
+    from export.fuzzymask.export import is_fuzzymask_run
+    from inspector.cli import main as cli_main
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(stale_run["run"] / "checkpoint.pt", bare / "checkpoint.pt")
+    assert is_clgan_run(bare) and not is_fuzzymask_run(bare)
+    assert cli_main(["export", "onnx", "--run-dir", str(bare), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "b" / "bundle.yaml").is_file()
+    (bare / "config.yaml").write_text("kind: fuzzymask\n")  # another run's config
+    assert is_clgan_run(bare) and not is_fuzzymask_run(bare)
+    capsys.readouterr()
+
+    anon = tmp_path / "anon"
+    anon.mkdir()
+    ck = torch.load(stale_run["run"] / "checkpoint.pt", weights_only=True)
+    ck.pop("kind")
+    torch.save(ck, anon / "checkpoint.pt")
+    assert cli_main(["export", "onnx", "--run-dir", str(anon), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert str(anon) in err and "config.yaml" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err

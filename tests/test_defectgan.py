@@ -230,6 +230,28 @@ def test_sampled_label_is_the_thresholded_map_as_the_chosen_class(tiny_run, tmp_
         assert np.abs(s.image[outside].astype(int) - real_img[outside]).mean() < 3
 
 
+def test_resume_is_bit_exact(tiny_run, tmp_path):
+    """3 iterations + --resume for 4 more end with the very weights of one run of 7: the noise
+    and gradient-penalty draws are functions of the iteration, not of the global torch RNG
+    (which a resume re-seeds). n_critic 2, so G steps (with noise) fall on both sides."""
+    cfg = tiny_config(tmp_path, data={"root": str(tiny_run.parent / "neu")},
+                      optim={"iterations": 7, "n_critic": 2})
+    whole = train(cfg, tmp_path / "whole")
+    train(cfg, tmp_path / "parts", max_iters=3)
+    torch.rand(5)  # whatever the process drew meanwhile must not matter
+    parts = train(cfg, tmp_path / "parts", resume=True)
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(parts / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] == 7
+    for net in ("G", "D"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), (net, k)
+    # the noise is in play: the injection weights moved off their zero start
+    G, _ = build_networks(load_config(cfg), 3)
+    noise = [f"{n}.weight" for n, m in G.named_modules() if isinstance(m, NoiseInjection)]
+    assert noise and any(float(a["G"][k].abs()) > 0 for k in noise)
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------

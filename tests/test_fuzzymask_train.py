@@ -124,6 +124,7 @@ def test_cli_train_writes_the_run_folder(trained):
     assert cfg["kind"] == "fuzzymask" and cfg["optim"]["lr"] == 2e-4 and cfg["loss"]["lambda_inpaint"] == 0.1
     m = trained["metrics"]
     assert m["iterations"] == 4 and m["stopped_by"] == "max_iters" and m["tau"] > 0
+    assert m["checkpoint_step"] == 4  # what the export checks its tau against
     assert m["tau_stats"]["images"] == 12
     assert (run / "checkpoint.pt").is_file() and (run / "preview.png").is_file()
     lines = (run / "losses.jsonl").read_text().splitlines()
@@ -160,6 +161,82 @@ def test_bundle_follows_the_contract(trained):
     except ImportError:
         return
     FuzzymaskParams.model_validate(kp)
+
+
+def test_bundle_records_the_checkpoint_and_the_default_split(trained):
+    from inspector.bundle import load_bundle
+
+    p = load_bundle(trained["bundle"]).spec.provenance
+    assert p["split_fractions"] == {"test": 0.3, "val": 0.2}
+    assert p["training"]["checkpoint_step"] == 4 and p["training"]["metrics_json"] == "current"
+    assert p["training_complete"] is False  # 4 of 6 planned steps
+    assert "TRAINED ON" not in trained["export"].stderr
+
+
+def test_stale_metrics_tau_is_recomputed_or_refused(tmp_path, monkeypatch, caplog, capsys):
+    """metrics.json of a 1-step run beside the checkpoint of step 3 (resumed, then preempted
+    before writing metrics): the bundle gets the tau of the step-3 network, not the stale one;
+    without the training images the export is refused in one line naming metrics.json, both
+    steps and --resume. The run's non-default split is warned about and recorded."""
+    import shutil
+
+    import export.fuzzymask.train as T
+    from export.fuzzymask.export import export_bundle, is_fuzzymask_run
+    from inspector.bundle import load_bundle
+    from inspector.cli import main as cli_main
+    from inspector.errors import CheckpointError
+    from inspector.evaluation.datasets import SplitFractions
+
+    make_folder(tmp_path / "imgs", n=4)
+    config = tiny_config(tmp_path, checkpoint_every=1, data={"split_test": 0.1}, optim={"epochs": 10})
+    run = tmp_path / "run"
+    T.train(config, run, max_iters=1)
+    stale = json.loads((run / "metrics.json").read_text())
+    real = T.atomic_save
+
+    def save_then_stop(obj, path):
+        real(obj, path)
+        if obj["step"] == 3:
+            raise KeyboardInterrupt("SIGTERM")
+
+    monkeypatch.setattr(T, "atomic_save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(config, run, resume=True)
+    monkeypatch.setattr(T, "atomic_save", real)
+    ck = T.load_checkpoint(run / "checkpoint.pt")
+    assert ck["step"] == 3 and stale["checkpoint_step"] == 1
+
+    with caplog.at_level("WARNING"):
+        export_bundle(run, tmp_path / "b")
+    s = load_bundle(tmp_path / "b").spec
+    cfg = T.load_config(config)
+    net = T.build_model(cfg, load_pretrained=False)
+    net.load_state_dict(ck["model"])
+    images, _ = load_normal_images(cfg.data.sources, Path(cfg.base_dir), 1, cfg.data.crop,
+                                   SplitFractions(cfg.data.split_test, cfg.data.split_val))
+    want = T.compute_tau(net, NormalCrops(images, cfg.tile(), 1, cfg.seed, 0, True, False), cfg,
+                         torch.device("cpu"))["tau"]
+    assert s.kind_params["tau"] == want == s.postprocess.score_threshold != stale["tau"]
+    p = s.provenance
+    assert p["tau"]["stats"]["computed_by"] == "export" and p["training_complete"] is False
+    assert p["training"]["iterations"] == 3 and p["training"]["metrics_json"] == "stale: left out"
+    assert p["split_fractions"] == {"test": 0.1, "val": 0.2}
+    assert "tau of step 1" in caplog.text and "at step 3" in caplog.text
+    assert "split_test 0.1" in caplog.text and "TRAINED ON" in caplog.text
+
+    # without the training images there is no tau for step 3: refused, one line, exit 2
+    shutil.move(tmp_path / "imgs", tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match="step 1 .* step 3"):
+        export_bundle(run, tmp_path / "c")
+    capsys.readouterr()
+    assert cli_main(["export", "onnx", "--run-dir", str(run), "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert str(run / "metrics.json") in err and "--resume" in err and "Traceback" not in err
+    assert not (tmp_path / "c" / "bundle.yaml").exists()
+
+    # the exporter is chosen by the checkpoint when config.yaml is gone
+    (run / "config.yaml").unlink()
+    assert is_fuzzymask_run(run)
 
 
 def test_onnx_matches_torch_with_a_dynamic_batch(trained):

@@ -10,6 +10,11 @@ Parity: onnxruntime and torch must agree on random tiles and on near-flat, gradi
 tiles to ``atol`` (default 1e-3 on the [-1, 1] output, i.e. 0.13 grey levels); the measured
 maximum is recorded in the bundle's provenance.
 
+The training figures come from the run's ``metrics.json`` only when its ``checkpoint_step`` is
+the exported checkpoint's step; otherwise (a run stopped after a later ``--resume``) they are
+dropped with a warning and the provenance keeps what the checkpoint itself says (iterations,
+train time, ``training_complete``). ``provenance.split_fractions`` records the run's hash split.
+
 Example::
 
     inspector export onnx --run-dir runs/clgan-mt --out deploy/models/clgan-mt
@@ -17,7 +22,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import tempfile
 import warnings
@@ -34,7 +38,7 @@ from inspector.postprocess import PostprocessConfig
 from export.clgan.torch_model import ResnetGenerator
 from export.clgan.train import CHECKPOINT, METRICS, ClganTrainConfig, build_networks, load_checkpoint
 from export.onnx_export import ExportParityError
-from export.training import git_commit, run_kind
+from export.training import git_commit, metrics_for_checkpoint, run_kind, split_provenance
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +48,8 @@ GRAPH = "model.onnx"
 
 
 def is_clgan_run(run_dir: Path) -> bool:
-    """True when ``run_dir/config.yaml`` says ``kind: clgan`` (how the CLI picks the exporter)."""
+    """True when the run's checkpoint (else its config.yaml) says ``kind: clgan`` (how the CLI
+    picks the exporter; :func:`export.training.run_kind`)."""
     return run_kind(run_dir) == "clgan"
 
 
@@ -103,6 +108,13 @@ def detection_kind_params(cfg: ClganTrainConfig) -> dict[str, Any]:
             "output_range": [-1.0, 1.0]}
 
 
+def _metrics_status(metrics: dict, fresh: bool | None) -> str:
+    """How the bundle's training figures relate to the checkpoint, for the provenance."""
+    if fresh is None:
+        return "unchecked (no checkpoint_step)" if metrics else "missing"
+    return "current" if fresh else "stale: left out"
+
+
 def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int = 17,
                   atol: float = 1e-3, tile: tuple[int, int] | None = None) -> Path:
     """Export the run's generator into the bundle folder ``out`` (created or overwritten)."""
@@ -119,9 +131,24 @@ def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int 
         parity = parity_check(G, staged, tile, atol)
         staged.replace(out / GRAPH)
     log.info("parity torch vs onnxruntime: max |diff| %.2e (atol %g)", parity["max_abs_diff"], atol)
-    metrics = {}
-    if (run_dir / METRICS).is_file():
-        metrics = json.loads((run_dir / METRICS).read_text())
+    step, total = int(ck["step"]), int(ck["total"])
+    metrics, fresh = metrics_for_checkpoint(run_dir, ck)
+    if fresh is False:
+        log.warning("%s describes iteration %s but %s is at iteration %d (the run went on after "
+                    "its metrics were written and stopped before writing new ones): its figures "
+                    "are left out of the bundle; finish the run with --resume for fresh ones",
+                    run_dir / METRICS, metrics.get("checkpoint_step"), run_dir / CHECKPOINT, step)
+        metrics = {}
+    training = {k: metrics.get(k) for k in ("iterations", "train_seconds", "device", "threads",
+                                            "params", "final_losses_ema", "preview_abs_error_grey")}
+    # what the checkpoint itself knows: right even when metrics.json is stale or missing
+    training.update(iterations=step, planned_iterations=total, checkpoint_step=step,
+                    metrics_json=_metrics_status(metrics, fresh))
+    if training["train_seconds"] is None:
+        training["train_seconds"] = round(float(ck.get("elapsed_s", 0.0)), 1)
+    if step < total:
+        log.warning("%s: training has not finished (iteration %d of %d); exporting it anyway",
+                    run_dir / CHECKPOINT, step, total)
     d = cfg.detection
     n = cfg.data.channels
     spec = BundleSpec(
@@ -138,9 +165,10 @@ def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int 
                       "trained on defect-free images only",
             "data": metrics.get("data") or [s.model_dump(mode="json") for s in cfg.data.sources],
             "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
-            "training": {k: metrics.get(k) for k in ("iterations", "train_seconds", "device", "threads",
-                                                     "params", "final_losses_ema",
-                                                     "preview_abs_error_grey")},
+            "training": training,
+            "training_complete": step >= total,
+            "split_fractions": split_provenance(cfg.data.split_test, cfg.data.split_val,
+                                                str(run_dir / CHECKPOINT)),
             "commit": git_commit(Path(__file__).resolve().parents[2])[0],
             "parity": parity,
             "opset": opset,

@@ -8,9 +8,12 @@ and H; constant learning rate for ``n_epochs`` then linear decay to 0 over ``n_e
 The run folder holds ``config.yaml`` (the resolved config, ``kind: clgan``, which is how
 ``inspector export onnx`` recognises a CLGAN run), ``checkpoint.pt`` (G, D, H, optimisers,
 iteration, elapsed time; written every ``checkpoint_every`` iterations and at the end),
-``metrics.json``, ``losses.jsonl`` and ``preview.png`` (fixed crops, their reconstructions and
-residuals, refreshed at each checkpoint). ``--resume`` continues a run; pair ``i`` is a pure
-function of (seed, rank, i), so a resumed run sees the data an uninterrupted one would.
+``metrics.json`` (with ``checkpoint_step``: the export checks that the figures are those of the
+checkpoint it exports), ``losses.jsonl`` and ``preview.png`` (fixed crops, their reconstructions
+and residuals, refreshed at each checkpoint). ``--resume`` continues a run; pair ``i`` is a pure
+function of (seed, rank, i) and the PatchNCE locations of iteration ``i`` of (seed, i), so a
+resumed run computes what an uninterrupted one would (bit for bit on the CPU). A resume that
+changes an architecture key (:data:`ARCHITECTURE_KEYS`) is refused naming the key.
 
 Multi-GPU: ``torchrun --nproc_per_node=N -m export.clgan.train --config ...``; each rank draws its
 own crops (batch_size per rank), gradients are averaged across ranks after every backward pass
@@ -35,7 +38,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inspector.errors import CheckpointError, ConfigError
 from inspector.evaluation.datasets import SplitFractions
@@ -47,13 +50,19 @@ from export.clgan.torch_model import (DEFAULT_NCE_LAYERS, PatchGANDiscriminator,
                                       ResnetGenerator, count_parameters)
 # the run folder's file names stay importable from here (export.clgan.export takes them so)
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
-from export.training import (atomic_save, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
-                             read_checkpoint, read_config, start_ranks, train_main, update_ema,
-                             write_run_config)
+from export.training import (atomic_save, check_resume_keys, end_ranks, fmt_duration,
+                             prepare_run_dir, rate_eta, read_checkpoint, read_config, start_ranks,
+                             step_generator, train_main, update_ema, write_run_config)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
+#: config keys that shape G, D or H: a resume must keep them (the checkpoint's tensors have
+#: their shapes); num_patches, nce_T, the losses and the optimiser may change
+ARCHITECTURE_KEYS = ("data.channels", "generator", "discriminator", "nce.nce_layers",
+                     "nce.mlp_layers", "nce.mlp_dim", "nce.mlp_last_relu")
+#: stream of :func:`export.training.step_generator` for the PatchNCE locations
+NCE_STREAM = 1
 
 __all__ = ["ClganTrainConfig", "load_config", "build_networks", "ClganTrainer", "train", "main"]
 
@@ -254,7 +263,11 @@ class ClganTrainer:
         q, _ = self.H(feat_q, n, patch_ids=ids)
         return self.nce(q, k, src.shape[0])
 
-    def step(self, real_a: torch.Tensor, real_b: torch.Tensor) -> dict[str, float]:
+    def step(self, real_a: torch.Tensor, real_b: torch.Tensor,
+             generator: torch.Generator | None = None) -> dict[str, float]:
+        """One D and one G+H update; ``generator`` draws the PatchNCE locations (the training
+        loop passes the iteration's own, so a resumed run draws what an uninterrupted one did;
+        None: the global torch RNG)."""
         lc = self.cfg.loss
         bs = real_a.shape[0]
         use_idt = lc.lambda_Y > 0
@@ -283,11 +296,11 @@ class ClganTrainer:
             total = total + lc.lambda_GAN * g_gan
             out["G_GAN"] = float(g_gan.detach())
         if lc.lambda_X > 0:
-            nce_x = self.nce_loss(real_a, fake_b)
+            nce_x = self.nce_loss(real_a, fake_b, generator)
             total = total + lc.lambda_X * nce_x
             out["NCE_X"] = float(nce_x.detach())
         if use_idt:
-            nce_y = self.nce_loss(real_b, idt_b)
+            nce_y = self.nce_loss(real_b, idt_b, generator)
             total = total + lc.lambda_Y * nce_y
             out["NCE_Y"] = float(nce_y.detach())
         if lc.lambda_l1 > 0:
@@ -315,6 +328,15 @@ def load_checkpoint(path: Path) -> dict:
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "clgan":
         raise CheckpointError(f"{path}: not a CLGAN checkpoint of format {CHECKPOINT_FORMAT}")
     return ck
+
+
+def _saved_config(ck: dict) -> dict:
+    """The checkpoint's config with today's defaults filled in (a key added since it was written
+    compares equal when the resume leaves it at its default)."""
+    try:
+        return ClganTrainConfig.model_validate(ck["config"]).model_dump(mode="json")
+    except (ValidationError, KeyError, TypeError):  # one this version cannot read: as saved
+        return dict(ck["config"])
 
 
 def lr_at(it: int, cfg: OptimConfig, iters_per_epoch: int) -> float:
@@ -382,10 +404,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     step, elapsed, history = 0, 0.0, []
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        if ck["config"]["generator"] != cfg.generator.model_dump(mode="json") or \
-                ck["config"]["data"]["channels"] != cfg.data.channels:
-            raise ConfigError(str(config_path), "generator",
-                              f"differs from the checkpoint in {ck_path}; a resumed run keeps its network")
+        check_resume_keys(_saved_config(ck), cfg.model_dump(mode="json"), ARCHITECTURE_KEYS,
+                          config_path, ck_path)
         G.load_state_dict(ck["G"])
         D.load_state_dict(ck["D"])
         H.load_state_dict(ck["H"])
@@ -425,7 +445,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             lr = lr_at(step, o, ipe)
             trainer.set_lr(lr)
             a, b = pairs.batch(step, o.batch_size)
-            parts = trainer.step(a.to(dev), b.to(dev))
+            parts = trainer.step(a.to(dev), b.to(dev), step_generator(cfg.seed, step, NCE_STREAM))
             step += 1
             now = time.monotonic()
             elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
@@ -457,7 +477,10 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         err = _preview(G, pairs, preview_start, run_dir / PREVIEW, n=8)
         final = {k: round(v, 4) for k, v in ema.items()}
         metrics = {
-            "name": cfg.name, "iterations": step, "planned_iterations": total,
+            # checkpoint_step: the export compares it with the checkpoint's step (a run stopped
+            # after a later --resume leaves these figures beside a newer checkpoint)
+            "name": cfg.name, "kind": "clgan", "iterations": step, "checkpoint_step": step,
+            "planned_iterations": total, "stopped_by": "completed" if step >= total else "max_iters",
             "iters_per_epoch": ipe, "world_size": world, "final_losses_ema": final,
             "preview_abs_error_grey": round(err, 3),
             "params": {"G": count_parameters(G), "D": count_parameters(D), "H": count_parameters(H)},

@@ -13,8 +13,12 @@ training data when it is on this machine; otherwise the export fails and no bund
 
 ``kind_params`` follow :class:`inspector.models.fuzzymask.FuzzymaskParams` (validated with it):
 the run's cell size, SSIM weights, the inference flags of the training config and tau
-(``train_envelope``: from the run's metrics.json, recomputed here if missing). Post-processing is
-``score_threshold`` at tau, a first value that ``inspector calibrate thresholds`` refines.
+(``train_envelope``: from the run's metrics.json when its ``checkpoint_step`` is the exported
+checkpoint's; recomputed here from the training crops when it is missing or belongs to another
+step, which needs the training data on this machine: without it the export is refused, naming
+metrics.json and both steps). Post-processing is ``score_threshold`` at tau, a first value that
+``inspector calibrate thresholds`` refines. ``provenance.split_fractions`` records the run's hash
+split (warned about when it is not the evaluation commands' default).
 
 Example::
 
@@ -24,7 +28,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import tempfile
 import warnings
@@ -37,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, load_bundle, write_bundle
+from inspector.errors import CheckpointError
 from inspector.evaluation.datasets import SplitFractions
 from inspector.postprocess import PostprocessConfig
 
@@ -45,7 +49,7 @@ from export.fuzzymask.torch_model import FuzzyMaskNet
 from export.fuzzymask.train import (CHECKPOINT, METRICS, FuzzymaskTrainConfig, build_model, compute_tau,
                                     load_checkpoint, ssim_weights)
 from export.onnx_export import ExportParityError as OnnxExportParityError
-from export.training import git_commit, run_kind
+from export.training import git_commit, metrics_for_checkpoint, run_kind, split_provenance
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,9 @@ class ExportParityError(OnnxExportParityError):
 
 
 def is_fuzzymask_run(run_dir: Path) -> bool:
-    """True when ``run_dir/config.yaml`` says ``kind: fuzzymask`` (how the CLI picks the exporter)."""
+    """True when the run's checkpoint (else its config.yaml) says ``kind: fuzzymask`` (how the CLI
+    picks the exporter; :func:`export.training.run_kind`, which raises a one-line
+    CheckpointError for a folder that names no kind)."""
     return run_kind(run_dir) == "fuzzymask"
 
 
@@ -192,22 +198,45 @@ def kind_params(cfg: FuzzymaskTrainConfig, tau: float | None) -> dict[str, Any]:
     return FuzzymaskParams.model_validate(params).model_dump(mode="json")
 
 
-def _tau(run_dir: Path, cfg: FuzzymaskTrainConfig, net: FuzzyMaskNet,
-         metrics: dict) -> tuple[float | None, dict | None]:
+def _tau(run_dir: Path, cfg: FuzzymaskTrainConfig, net: FuzzyMaskNet, metrics: dict,
+         fresh: bool | None, step: int) -> tuple[float | None, dict | None]:
+    """(tau, its statistics) for the exported network ``net`` at checkpoint step ``step``.
+
+    ``train_envelope`` takes metrics.json's tau unless ``fresh`` is False (it was computed for
+    another step's network). Otherwise it is computed here as training does (same crops, same
+    percentile), which needs the training images; without them a stale tau is refused rather
+    than shipped: a threshold of another network flags or misses whole frames.
+    """
     ic = cfg.inference
     if ic.tau_mode == "fixed":
         return ic.tau, None
     if ic.tau_mode == "per_image_sigma":
         return None, None
-    if metrics.get("tau") is not None:
+    if fresh is not False and metrics.get("tau") is not None:
         return float(metrics["tau"]), metrics.get("tau_stats")
-    log.warning("%s has no tau (training did not finish?): computing it now from the training crops",
-                run_dir / METRICS)
+    if fresh is False:
+        why = (f"{run_dir / METRICS} holds the tau of step {metrics.get('checkpoint_step')} but "
+               f"{run_dir / CHECKPOINT} is at step {step} (the run went on after its metrics were "
+               "written and stopped before writing new ones)")
+        log.warning("%s: recomputing tau for the checkpoint from the training crops", why)
+    else:
+        why = f"{run_dir / METRICS} has no tau for step {step} (training did not finish?)"
+        log.warning("%s: computing it now from the training crops", why)
     d = cfg.data
-    images, _ = load_normal_images(d.sources, Path(cfg.base_dir), d.channels, cfg.tile(),
-                                   SplitFractions(d.split_test, d.split_val))
+    try:
+        # as train() loads them for its tau: windows of the training crop, tau crops of the tile
+        images, _ = load_normal_images(d.sources, Path(cfg.base_dir), d.channels, d.crop,
+                                       SplitFractions(d.split_test, d.split_val))
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"{why}, and tau cannot be computed here: the training images are not readable "
+            f"({e}). Finish the run with --resume (it writes metrics.json with the tau of its final "
+            f"checkpoint), or export on the machine that has the training data") from e
     crops = NormalCrops(images, cfg.tile(), d.channels, cfg.seed, 0, d.flip, d.vflip)
     stats = compute_tau(net, crops, cfg, torch.device("cpu"))
+    stats["computed_by"] = "export"
+    log.info("tau for step %d: %.5f (P%g over %d crops)", step, stats["tau"], ic.tau_percentile,
+             stats["images"])
     return stats["tau"], stats
 
 
@@ -220,10 +249,24 @@ def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int 
     net = build_model(cfg, load_pretrained=False)  # the checkpoint holds every weight
     net.load_state_dict(ck["model"])
     net.eval()
-    metrics: dict = {}
-    if (run_dir / METRICS).is_file():
-        metrics = json.loads((run_dir / METRICS).read_text())
-    tau, tau_stats = _tau(run_dir, cfg, net, metrics)
+    step, total = int(ck["step"]), int(ck["total"])
+    metrics, fresh = metrics_for_checkpoint(run_dir, ck)
+    tau, tau_stats = _tau(run_dir, cfg, net, metrics, fresh, step)
+    if fresh is False:
+        log.warning("%s describes step %s, not the checkpoint's %d: its training figures are left "
+                    "out of the bundle", run_dir / METRICS, metrics.get("checkpoint_step"), step)
+        metrics = {}
+    training = {k: metrics.get(k) for k in (
+        "iterations", "planned_iterations", "epochs_done", "stopped_by", "train_seconds",
+        "device", "world_size", "params", "final_losses_ema", "last_epoch_loss",
+        "preview_abs_error_grey")}
+    # what the checkpoint itself knows: right even when metrics.json is stale or missing
+    training.update(iterations=step, planned_iterations=total, checkpoint_step=step,
+                    metrics_json=("unchecked (no checkpoint_step)" if metrics else "missing")
+                    if fresh is None else ("current" if fresh else "stale: left out"))
+    if training["train_seconds"] is None:
+        training["train_seconds"] = round(float(ck.get("elapsed_s", 0.0)), 1)
+    split = split_provenance(cfg.data.split_test, cfg.data.split_val, str(run_dir / CHECKPOINT))
     params = kind_params(cfg, tau)
     ic, n, tile = cfg.inference, cfg.data.channels, cfg.tile()
     pp = PostprocessConfig.model_validate({
@@ -263,12 +306,11 @@ def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int 
                       "(../shared/seeds/001_spec.md), trained on defect-free images only",
             "data": metrics.get("data") or [s.model_dump(mode="json") for s in cfg.data.sources],
             "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
-            "training": {k: metrics.get(k) for k in (
-                "iterations", "planned_iterations", "epochs_done", "stopped_by", "train_seconds",
-                "device", "world_size", "params", "final_losses_ema", "last_epoch_loss",
-                "preview_abs_error_grey")},
+            "training": training,
             "tau": {"value": tau, "mode": ic.tau_mode, "stats": tau_stats},
-            "training_complete": metrics.get("stopped_by") == "completed",
+            # from the checkpoint: a stale metrics.json must not call a preempted run complete
+            "training_complete": step >= total,
+            "split_fractions": split,
             "run_dir": str(run_dir),
             "commit": commit, "commit_dirty": dirty,
             "parity": parity,

@@ -8,7 +8,8 @@ Per step (spec §3.4): ``batch_size`` native-scale normal crops x, their fuzzy-m
 
 After training, tau for the runtime's suspicious cells (spec §4.5, ``train_envelope``): the 99th
 percentile over ``tau_images`` training crops of max_{h,w} D(Model(x), x), stored in
-``metrics.json`` and written into the bundle by the export.
+``metrics.json`` with the step of the checkpoint it belongs to (``checkpoint_step``) and written
+into the bundle by the export, which recomputes it when the checkpoint has moved on.
 
 The run folder holds ``config.yaml`` (the resolved config with ``kind: fuzzymask``, which is how
 ``inspector export onnx`` recognises the run), ``checkpoint.pt`` (network, optimiser, step,
@@ -454,7 +455,10 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         log.info("tau (train_envelope, P%g of per-crop max D over %d crops): %.5f  [%.1f s]",
                  cfg.inference.tau_percentile, tau["images"], tau["tau"], time.monotonic() - t_tau)
         metrics = {
-            "name": cfg.name, "kind": "fuzzymask", "iterations": step, "planned_iterations": total,
+            # checkpoint_step: the export compares it with the checkpoint's step (a run stopped
+            # after a later --resume leaves this tau beside a newer network)
+            "name": cfg.name, "kind": "fuzzymask", "iterations": step, "checkpoint_step": step,
+            "planned_iterations": total,
             "epochs_done": round(step / ipe, 3), "iters_per_epoch": ipe, "world_size": world,
             "stopped_by": stopped_by, "final_losses_ema": {k: round(v, 6) for k, v in ema.items()},
             "last_epoch_loss": None if last_epoch_loss is None else round(last_epoch_loss, 6),

@@ -15,8 +15,11 @@ Adam (0.5, 0.999) for both; learning rate constant, then linear to ``lr_end`` fr
 
 The run folder holds ``config.yaml`` (``kind: defectgan``), ``checkpoint.pt`` (G, D, optimisers,
 iteration, elapsed time), ``metrics.json``, ``losses.jsonl`` and ``preview.png`` (rows: normal |
-defaced per class | its map; defect | restored | map). ``--resume`` continues a run;
-``max_minutes`` ends it cleanly with a usable checkpoint.
+defaced per class | its map; defect | restored | map). ``--resume`` continues a run: batch ``s``
+is a pure function of (seed, s) and so are its noise and gradient-penalty draws (per-iteration
+generators, not the global torch RNG, whose state no checkpoint holds), so a resumed run
+computes what an uninterrupted one would (bit for bit on the CPU). ``max_minutes`` ends it
+cleanly with a usable checkpoint.
 
 Example::
 
@@ -47,12 +50,16 @@ from export.augment.defectgan.model import (DefectDiscriminator, DefectGenerator
                                             count_parameters, gradient_penalty)
 from export.training import RunSettings, CHECKPOINT, LOSSES, METRICS, PREVIEW
 from export.training import (atomic_save, fmt_duration, prepare_run_dir, rate_eta, read_checkpoint,
-                             read_config, start_ranks, train_main, update_ema, write_run_config)
+                             read_config, start_ranks, step_generator, train_main, update_ema,
+                             write_run_config)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 KIND = "defectgan"
+#: streams of :func:`export.training.step_generator`: G's noise (on the training device) and the
+#: gradient penalty's mixing weights (on the CPU, where gradient_penalty draws them)
+NOISE_STREAM, GP_STREAM = 1, 2
 
 __all__ = ["DefectGanConfig", "load_config", "build_networks", "DefectGanTrainer", "train",
            "load_checkpoint", "lr_at", "main"]
@@ -202,19 +209,22 @@ class DefectGanTrainer:
                 g["lr"] = lr
 
     def d_step(self, n: torch.Tensor, d: torch.Tensor, c_real: torch.Tensor,
-               c_tgt: torch.Tensor) -> dict[str, float]:
+               c_tgt: torch.Tensor, noise: torch.Generator | None = None,
+               gp_gen: torch.Generator | None = None) -> dict[str, float]:
+        """One critic update; ``noise`` draws G's noise (a generator on G's device), ``gp_gen`` the
+        penalty's mixing weights (a CPU generator); None: the global torch RNG."""
         lc = self.cfg.loss
         zeros = torch.zeros_like(c_real)
         with torch.no_grad():
-            d_fake = self.G(n, c_tgt)[0]
-            n_fake = self.G(d, zeros)[0]
+            d_fake = self.G(n, c_tgt, noise)[0]
+            n_fake = self.G(d, zeros, noise)[0]
         real, fake = torch.cat([n, d]), torch.cat([d_fake, n_fake])
         _requires_grad(self.D, True)
         self.opt_D.zero_grad(set_to_none=True)
         src_r, cls_r = self.D(real)
         src_f, _ = self.D(fake)
         w_dist = src_r.mean() - src_f.mean()
-        gp = gradient_penalty(self.D, real, fake)
+        gp = gradient_penalty(self.D, real, fake, gp_gen)
         # normals carry the all-zero label (spec: normal = the zero vector)
         cls = F.binary_cross_entropy_with_logits(cls_r, torch.cat([zeros, c_real]),
                                                  reduction="sum") / real.shape[0]
@@ -225,14 +235,16 @@ class DefectGanTrainer:
                 "D_gp": float(gp.detach()), "D_cls": float(cls.detach())}
 
     def g_losses(self, n: torch.Tensor, d: torch.Tensor, c_real: torch.Tensor,
-                 c_tgt: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """G's total loss and its parts (both cycles); the critic is only evaluated."""
+                 c_tgt: torch.Tensor, noise: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """G's total loss and its parts (both cycles); the critic is only evaluated. ``noise``
+        as in :meth:`d_step`."""
         lc = self.cfg.loss
         zeros = torch.zeros_like(c_real)
-        d_fake, _, m_d = self.G(n, c_tgt)          # cycle 1: deface
-        n_hat, _, m_nh = self.G(d_fake, zeros)     # restore
-        n_fake, _, m_n = self.G(d, zeros)          # cycle 2: restore
-        d_hat, _, m_dh = self.G(n_fake, c_real)    # re-deface with the real label
+        d_fake, _, m_d = self.G(n, c_tgt, noise)          # cycle 1: deface
+        n_hat, _, m_nh = self.G(d_fake, zeros, noise)     # restore
+        n_fake, _, m_n = self.G(d, zeros, noise)          # cycle 2: restore
+        d_hat, _, m_dh = self.G(n_fake, c_real, noise)    # re-deface with the real label
         src_f, cls_f = self.D(torch.cat([d_fake, n_fake]))
         adv = -src_f.mean()
         cls = F.binary_cross_entropy_with_logits(cls_f, torch.cat([c_tgt, zeros]),
@@ -246,10 +258,10 @@ class DefectGanTrainer:
                        "G_sd_con": sd_con, "m_deface": m_d.mean()}
 
     def g_step(self, n: torch.Tensor, d: torch.Tensor, c_real: torch.Tensor,
-               c_tgt: torch.Tensor) -> dict[str, float]:
+               c_tgt: torch.Tensor, noise: torch.Generator | None = None) -> dict[str, float]:
         _requires_grad(self.D, False)  # the critic's weight gradients are not needed here
         self.opt_G.zero_grad(set_to_none=True)
-        total, parts = self.g_losses(n, d, c_real, c_tgt)
+        total, parts = self.g_losses(n, d, c_real, c_tgt, noise)
         total.backward()
         self.opt_G.step()
         _requires_grad(self.D, True)
@@ -275,6 +287,8 @@ def _preview(G: DefectGenerator, sampler: CropSampler, path: Path, n: int = 4) -
     dev = next(G.parameters()).device
     nb, db, _ = sampler.batch(10 ** 9, n)  # a step far beyond training: crops not drawn in order
     C = sampler.n_classes
+    # its own noise: the same picture at every checkpoint, and no draw from the global RNG
+    gen = torch.Generator().manual_seed(0)
     G.eval()
     rows, ms = [], []
     with torch.no_grad():
@@ -284,11 +298,11 @@ def _preview(G: DefectGenerator, sampler: CropSampler, path: Path, n: int = 4) -
         for c in range(C):
             lab = torch.zeros((n, C), device=dev)
             lab[:, c] = 1
-            y, _, m = G(x_n, lab)
+            y, _, m = G(x_n, lab, gen)
             outs.append(y.cpu().numpy())
             maps.append(m.cpu().numpy() * 2 - 1)
             ms.append(float(m.mean()))
-        r, _, mr = G(x_d, torch.zeros((n, C), device=dev))
+        r, _, mr = G(x_d, torch.zeros((n, C), device=dev), gen)
     G.train()
     for i in range(n):
         row = [nb[i, 0]] + [o[i, 0] for o in outs] + [m[i, 0] for m in maps]
@@ -368,9 +382,12 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             tgt = sampler.target_labels(step, o.batch_size)
             n, x_d = torch.from_numpy(nb).to(dev), torch.from_numpy(db).to(dev)
             c_real, c_tgt = torch.from_numpy(lab).to(dev), torch.from_numpy(tgt).to(dev)
-            parts = trainer.d_step(n, x_d, c_real, c_tgt)
+            # this iteration's own random draws (see the module doc: resumes are exact)
+            noise = step_generator(cfg.seed, step, NOISE_STREAM, dev)
+            parts = trainer.d_step(n, x_d, c_real, c_tgt, noise,
+                                   step_generator(cfg.seed, step, GP_STREAM))
             if (step + 1) % o.n_critic == 0:
-                g_parts = trainer.g_step(n, x_d, c_real, c_tgt)
+                g_parts = trainer.g_step(n, x_d, c_real, c_tgt, noise)
                 if first_g is None:
                     first_g = g_parts
                 parts.update(g_parts)
