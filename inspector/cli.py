@@ -356,14 +356,39 @@ def _export_tensorrt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bundle_split(bundle_dir: str | Path):
+    """The hash-split fractions the bundle's model was trained with (``provenance.
+    split_fractions``, or the clgan / fuzzymask training config of bundles exported before that
+    key); the defaults for every other bundle. Splitting with other fractions than training did
+    would score images the model was trained on."""
+    from inspector.bundle import load_bundle
+    from inspector.evaluation.datasets import DEFAULT_SPLIT, SplitFractions
+
+    prov = load_bundle(bundle_dir, verify=False).spec.provenance or {}
+    sf = prov.get("split_fractions")
+    if sf is None:
+        data = (prov.get("training_config") or {}).get("data") or {}
+        if isinstance(data, dict) and "split_test" in data:
+            sf = {"test": data["split_test"], "val": data.get("split_val", DEFAULT_SPLIT.val)}
+    if not sf:
+        return DEFAULT_SPLIT
+    fr = SplitFractions(float(sf["test"]), float(sf["val"]))
+    if fr != DEFAULT_SPLIT:
+        log.warning("splitting --data with the fractions %s was trained with: test %g, val %g",
+                    bundle_dir, fr.test, fr.val)
+    return fr
+
+
 def _data_args(args: argparse.Namespace):
-    """The data set named by --data/--format/--split (and --categories) of evaluate/calibrate."""
-    from inspector.evaluation.datasets import open_dataset
+    """The data set named by --data/--format/--split (and --categories) of evaluate/calibrate,
+    split with the fractions the bundle's model was trained with."""
+    from inspector.evaluation.datasets import DEFAULT_SPLIT, open_dataset
 
     kw = {}
     if args.categories:
         kw["categories" if args.format == "magnetic-tile" else "subsets"] = args.categories.split(",")
-    return open_dataset(args.format, Path(args.data), split=args.split, **kw)
+    fractions = _bundle_split(args.bundle) if args.split != "all" else DEFAULT_SPLIT
+    return open_dataset(args.format, Path(args.data), split=args.split, fractions=fractions, **kw)
 
 
 def _overrides(pairs: list[str] | None) -> dict:

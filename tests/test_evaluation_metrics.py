@@ -203,3 +203,33 @@ def test_calibration_range_and_write(tmp_path):
     for bad in ("3:2:0.5", "2:3:0", "x", ""):
         with pytest.raises(ValueError):
             parse_range(bad)
+
+
+def test_evaluate_splits_with_the_fractions_the_bundle_was_trained_with(tmp_path):
+    # A clgan / fuzzymask run trained with split_test 0.1 has trained on images the default
+    # 0.3 split calls test: evaluate must split as training did.
+    import json
+    import shutil
+
+    import yaml
+
+    from conftest import ROOT, run_cli
+    from inspector.evaluation.datasets import SplitFractions, split_of
+    data = tmp_path / "frames"
+    data.mkdir()
+    stems = [f"f{i:03d}" for i in range(60)]
+    for s in stems:
+        cv2.imwrite(str(data / f"{s}.png"), np.full((64, 64), 120, np.uint8))
+    b = tmp_path / "bundle"
+    shutil.copytree(ROOT / "deploy/models/clgan-mt", b)
+    meta = yaml.safe_load((b / "bundle.yaml").read_text())
+    meta.setdefault("provenance", {})["split_fractions"] = {"test": 0.1, "val": 0.1}
+    (b / "bundle.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    r = run_cli("evaluate", "--bundle", str(b), "--data", str(data), "--format", "folder",
+                "--split", "test", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    want = sum(split_of(s, SplitFractions(0.1, 0.1)) == "test" for s in stems)
+    default = sum(split_of(s) == "test" for s in stems)
+    assert want != default  # the test means something with these stems
+    assert json.loads(r.stdout)["images"] == want
+    assert "trained with: test 0.1, val 0.1" in r.stderr
