@@ -6,7 +6,10 @@ axis is dynamic) and returns ``reconstruction`` and ``probs``. Before the bundle
 graph is run in ONNX Runtime's CPU provider and compared with torch on random inputs and on
 rendered synthetic strip tiles; a difference above the tolerance raises
 :class:`ExportParityError` and leaves no bundle behind. Thresholds for the bundle's
-post-processing come from the run's ``metrics.json`` (chosen on calibration frames).
+post-processing come from the run's ``metrics.json`` (chosen on calibration frames), but only
+when it was written for the checkpoint being exported (its ``checkpoint`` entry: stage, step
+and a digest of the weights); otherwise :class:`StaleMetricsError`, unless
+``--allow-stale-metrics`` exports with default thresholds and no metrics.
 
 Example::
 
@@ -32,13 +35,15 @@ import torch
 from torch import nn
 
 from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, load_bundle, write_bundle
+from inspector.errors import InspectorError
 from inspector.postprocess import PostprocessConfig
 from inspector.sources.synthetic import CLASS_NAMES, StripRenderer
 
 from export.arcd.data import to_float01, to_tensor
 from export.arcd.evaluate import tile_frame
 from export.arcd.torch_model import ARCDInference
-from export.arcd.train import CHECKPOINT, METRICS, TrainConfig, build_models, load_checkpoint
+from export.arcd.train import (CHECKPOINT, METRICS, TrainConfig, build_models, checkpoint_ref,
+                               load_checkpoint)
 from export.training import git_commit
 
 log = logging.getLogger(__name__)
@@ -48,11 +53,17 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("reconstruction", "probs")
 PARITY_TOL = 1e-4
 
-__all__ = ["ExportParityError", "fold_batchnorm", "export_onnx", "check_parity", "export_bundle", "ort_latency", "main"]
+__all__ = ["ExportParityError", "StaleMetricsError", "fold_batchnorm", "export_onnx", "check_parity", "export_bundle", "ort_latency", "main"]
 
 
 class ExportParityError(RuntimeError):
     """ONNX Runtime's output differs from torch's by more than the tolerance."""
+
+
+class StaleMetricsError(InspectorError, ValueError):
+    """The run's metrics.json was written for another checkpoint than the one exported (the
+    message names both and what to do). An InspectorError and a ValueError, so that both
+    ``inspector export onnx`` and ``python -m export.onnx_export`` report it as one line, exit 2."""
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -187,12 +198,61 @@ def _thresholds(metrics: dict | None, cfg: TrainConfig) -> tuple[float, dict[str
     return round(float(g), 4), {k: round(float(v), 4) for k, v in per.items()}
 
 
+def _metrics_for(run_dir: Path, ck: dict, allow_stale: bool) -> tuple[dict | None, str]:
+    """The run's metrics.json if it belongs to checkpoint ``ck``, and what was found (recorded
+    in the bundle's provenance as ``metrics_check``).
+
+    A metrics.json of another checkpoint (a finished run resumed longer and stopped before it
+    wrote new metrics) would put the old network's thresholds and scores into the bundle: refused
+    (:class:`StaleMetricsError`), or with ``allow_stale`` dropped, so the bundle gets default
+    thresholds and no metrics as when metrics.json is missing. A metrics.json written before the
+    trainer recorded its checkpoint is used as before, with a warning: it cannot be checked.
+    """
+    path, ck_path = run_dir / METRICS, run_dir / CHECKPOINT
+    if not path.is_file():
+        log.warning("%s: missing; the bundle gets default thresholds and no metrics", path)
+        return None, "missing"
+    try:
+        metrics = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StaleMetricsError(f"{path}: not JSON ({e}); restore it, or finish the run again "
+                                f"(--resume) to rewrite it") from e
+    written = metrics.get("checkpoint") if isinstance(metrics, dict) else None
+    if not isinstance(written, dict):
+        log.warning("%s records no checkpoint step (written by an older trainer): cannot check "
+                    "that its thresholds and metrics are those of %s (stage %s step %s); using "
+                    "them as before", path, ck_path, ck.get("stage"), ck.get("step"))
+        return metrics, "unchecked (metrics.json records no checkpoint)"
+    here = checkpoint_ref(ck)
+
+    def at(ref: dict) -> str:
+        return f"stage {ref.get('stage')} step {ref.get('step')}{'' if ref.get('done') else ' (unfinished)'}"
+
+    if (written.get("stage"), written.get("step")) != (here["stage"], here["step"]):
+        why = f"{path} was written at {at(written)}, but {ck_path} is at {at(here)}"
+    elif written.get("weights_sha256") != here["weights_sha256"]:
+        why = (f"{path} was written for other weights than those of {ck_path} (both at "
+               f"{at(here)}: the run was trained again after metrics.json was written)")
+    else:
+        return metrics, "matches the checkpoint"
+    if not allow_stale:
+        raise StaleMetricsError(
+            f"{why}: its thresholds and metrics are not this network's. Finish the run "
+            f"(inspector train arcd --config <its config> --run-dir {run_dir} --resume writes "
+            f"metrics.json for the final checkpoint), or export without them (default "
+            f"thresholds, no metrics): inspector export onnx ... --allow-stale-metrics")
+    log.warning("%s; --allow-stale-metrics: the bundle gets default thresholds and no metrics", why)
+    return None, f"stale, dropped: {why}"
+
+
 def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: int = 17,
-                  atol: float = PARITY_TOL) -> Path:
+                  atol: float = PARITY_TOL, allow_stale_metrics: bool = False) -> Path:
     """Export ``run_dir``'s checkpoint to a bundle in ``out_dir``; returns ``out_dir``.
 
     The parity check runs on a temporary copy of the graph; only a graph that passed is moved
-    into ``out_dir`` and described by ``bundle.yaml``.
+    into ``out_dir`` and described by ``bundle.yaml``. A metrics.json written for another
+    checkpoint is refused (:class:`StaleMetricsError`) unless ``allow_stale_metrics``, which
+    exports with default thresholds and no metrics instead.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     ck = load_checkpoint(run_dir / CHECKPOINT)
@@ -205,11 +265,8 @@ def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: 
     r.load_state_dict(ck["reconstruction"])
     d.load_state_dict(ck["discrimination"])
     model = ARCDInference(r, d).eval()
-    metrics = None
-    if (run_dir / METRICS).is_file():
-        metrics = json.loads((run_dir / METRICS).read_text())
-    else:
-        log.warning("%s: missing; the bundle gets default thresholds and no metrics", run_dir / METRICS)
+    # before anything is written: a refused export leaves no bundle folder behind
+    metrics, metrics_check = _metrics_for(run_dir, ck, allow_stale_metrics)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
@@ -244,6 +301,7 @@ def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: 
         "commit": commit,
         "commit_dirty": dirty,
         "metrics": metrics,
+        "metrics_check": metrics_check,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
         "training_complete": bool(ck.get("done")),
@@ -285,11 +343,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="after export, time ORT CPU on N synthetic tiles (logged, not stored)")
     p.add_argument("--parity-tol", type=float, default=PARITY_TOL,
                    help="max |torch - ONNX Runtime| allowed (recorded in the bundle)")
+    p.add_argument("--allow-stale-metrics", action="store_true",
+                   help="export even when metrics.json was written for another checkpoint (a "
+                        "resumed run stopped early): default thresholds, no metrics")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        out = export_bundle(a.run_dir, a.out, a.name, a.opset, a.parity_tol)
+        out = export_bundle(a.run_dir, a.out, a.name, a.opset, a.parity_tol,
+                            allow_stale_metrics=a.allow_stale_metrics)
     except (FileNotFoundError, ExportParityError, ValueError) as e:
         log.error("%s", e)
         return 2

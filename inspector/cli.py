@@ -270,7 +270,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _export_onnx(args: argparse.Namespace) -> Path:
-    """The run's kind (its config.yaml) picks the exporter; --parity-tol, when given, replaces
+    """The run's kind (its checkpoint, else config.yaml) picks the exporter; --parity-tol, when given, replaces
     that exporter's own tolerance (``atol`` of every kind's export_bundle)."""
     run, out = Path(args.run_dir), Path(args.out)
     tol = {} if args.parity_tol is None else {"atol": args.parity_tol}
@@ -283,7 +283,8 @@ def _export_onnx(args: argparse.Namespace) -> Path:
         from export.clgan.export import export_bundle as export_clgan
         return export_clgan(run, out, name=args.name, opset=args.opset, **tol)
     from export.onnx_export import export_bundle
-    return export_bundle(run, out, name=args.name, opset=args.opset, **tol)
+    return export_bundle(run, out, name=args.name, opset=args.opset,
+                         allow_stale_metrics=args.allow_stale_metrics, **tol)
 
 
 #: modules that register ``inspector augment <generator> ...`` (argparse only at import; each
@@ -630,6 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "1e-4 for arcd); the value used is recorded in the bundle")
     p.add_argument("--config", help="tensorrt: build exactly what this camera config's engine loads")
     p.add_argument("--json", action="store_true", help="tensorrt: print the result as JSON")
+    p.add_argument("--allow-stale-metrics", action="store_true",
+                   help="onnx, arcd: export although metrics.json belongs to another checkpoint "
+                        "(default thresholds, no metrics in the bundle)")
     p.add_argument("--name", help="bundle name (default: the folder name)")
     p.add_argument("--opset", type=positive_int, default=17)
     p.set_defaults(fn=cmd_export)

@@ -548,3 +548,110 @@ def test_a_damaged_checkpoint_is_one_line_naming_it(tiny_run, tmp_path, capsys, 
         err = capsys.readouterr().err
         assert str(ck) in err and "Traceback" not in err, err
         assert ck.read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- metrics of which checkpoint
+
+def _copy_run(run, dst):
+    import shutil
+
+    shutil.copytree(run, dst)
+    return dst
+
+
+def test_metrics_record_their_checkpoint_and_a_stale_metrics_json_is_refused(tiny_run, tmp_path,
+                                                                             capsys, caplog):
+    """A finished run resumed with a longer stage 2 and stopped (SIGTERM) before it wrote new
+    metrics: its metrics.json is the old network's. The exporter refuses it (exit 2, one line
+    naming metrics.json, both steps and what to do; no bundle); --allow-stale-metrics exports
+    with default thresholds and no metrics; a metrics.json of an older trainer (no checkpoint
+    recorded) is used as before, with a warning."""
+    import export.arcd.train as T
+    from export.onnx_export import StaleMetricsError, export_bundle
+    from export.onnx_export import main as export_main
+    from inspector.cli import main as cli_main
+
+    cfg_path, run = tiny_run
+    m = json.loads((run / "metrics.json").read_text())
+    ck = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert m["checkpoint"] == T.checkpoint_ref(ck)
+    assert (m["checkpoint"]["stage"], m["checkpoint"]["step"], m["checkpoint"]["done"]) == (2, 12, True)
+
+    stale = _copy_run(run, tmp_path / "run")
+    longer = tmp_path / "longer.yaml"
+    longer.write_text(yaml.safe_dump(dict(TINY, stage2=dict(TINY["stage2"], steps=20))))
+    orig = T.atomic_save
+
+    def stop_at_16(obj, path):  # what SIGTERM does at step 16: checkpoint saved, run stopped
+        orig(obj, path)
+        if (obj["stage"], obj["step"], obj["done"]) == (2, 16, False):
+            T.atomic_save = orig
+            raise KeyboardInterrupt("signal SIGTERM")
+
+    T.atomic_save = stop_at_16
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            T.train(longer, stale, resume=True)
+    finally:
+        T.atomic_save = orig
+    assert torch.load(stale / "checkpoint.pt", weights_only=True)["step"] == 16
+    assert (stale / "metrics.json").read_text() == (run / "metrics.json").read_text()
+
+    out = tmp_path / "b"
+    with pytest.raises(StaleMetricsError, match="allow-stale-metrics") as e:
+        export_bundle(stale, out)
+    msg = str(e.value)
+    assert str(stale / "metrics.json") in msg and "stage 2 step 12" in msg and "stage 2 step 16" in msg
+    assert "--resume" in msg and not out.exists()
+    capsys.readouterr()
+    assert cli_main(["export", "onnx", "--run-dir", str(stale), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.json" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert export_main(["--run-dir", str(stale), "--out", str(out)]) == 2 and not out.exists()
+
+    assert export_main(["--run-dir", str(stale), "--out", str(out), "--allow-stale-metrics"]) == 0
+    spec = load_bundle(out).spec
+    assert spec.provenance["metrics"] is None and spec.provenance["metrics_check"].startswith("stale")
+    assert spec.postprocess.threshold == TINY.get("evaluation", {}).get("default_threshold", 0.5)
+
+    # the same step, other weights (trained again from a copied checkpoint): also refused
+    other = _copy_run(run, tmp_path / "other")
+    ck["discrimination"]["final.bias"][1] += 1.0
+    torch.save(ck, other / "checkpoint.pt")
+    with pytest.raises(StaleMetricsError, match="other weights"):
+        export_bundle(other, tmp_path / "b2")
+
+    # an older trainer's metrics.json: no checkpoint recorded; warned once, used as before
+    old = _copy_run(run, tmp_path / "old")
+    m_old = {k: v for k, v in m.items() if k != "checkpoint"}
+    (old / "metrics.json").write_text(json.dumps(m_old))
+    caplog.clear()
+    spec = load_bundle(export_bundle(old, tmp_path / "b3")).spec
+    warned = [r for r in caplog.records if "records no checkpoint step" in r.getMessage()]
+    assert len(warned) == 1
+    assert spec.provenance["metrics"] == m_old
+    assert spec.postprocess.threshold == pytest.approx(m["validation"]["global_threshold"])
+
+
+def test_resume_with_more_stage1_steps_after_stage1_warns_and_records_the_steps_run(
+        tiny_run, tmp_path, caplog, monkeypatch):
+    """Stage 1 is over once stage 2 has begun: a larger stage1.steps on --resume is not acted on;
+    the log says so, and metrics.json records the stage-1 steps run, not the config's."""
+    import export.arcd.train as T
+    from export.arcd.train import train
+
+    # R's hold-out (64 single-tile forwards) is most of this test's time and not its subject
+    monkeypatch.setattr(T, "_stage1_holdout", lambda state, data, n=64: None)
+    _, run = tiny_run
+    run2 = _copy_run(run, tmp_path / "run")
+    cfg = tmp_path / "s1x2.yaml"
+    cfg.write_text(yaml.safe_dump(dict(TINY, stage1=dict(TINY["stage1"], steps=24))))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="export.arcd.train"):
+        train(cfg, run2, resume=True)
+    assert any("stage 1 is not extended" in r.getMessage() for r in caplog.records)
+    m = json.loads((run2 / "metrics.json").read_text())
+    ck = torch.load(run2 / "checkpoint.pt", weights_only=True)
+    assert len(ck["history"]["stage1"]) == 12
+    assert m["stage1"]["steps"] == 12 and m["stage1"]["config_steps"] == 24
+    assert m["stage2"]["steps"] == 12 and "config_steps" not in m["stage2"]

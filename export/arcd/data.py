@@ -25,7 +25,8 @@ Example::
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Literal, Protocol, Sequence, Union
 
@@ -36,6 +37,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch.utils.data import Dataset
 
+from inspector.errors import InspectorError
 from inspector.sources.synthetic import CLASS_NAMES, StripRenderer
 
 from export.arcd.simulation import AnomalySimulator, SimulationConfig
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "TrainingDataError",
     "LabeledFrame",
     "FrameProvider",
     "SyntheticStripFrames",
@@ -65,6 +68,20 @@ __all__ = [
     "to_float01",
     "collate",
 ]
+
+
+class TrainingDataError(InspectorError, ValueError):
+    """Training data that cannot be used: an unreadable image, a mask of another size, an empty
+    split, no defect-free window. The message names the file or folder; ``key`` is the dotted
+    config key to change, where one is to blame (the trainer puts it beside the config file).
+
+    An :class:`InspectorError` so that ``inspector train`` reports it as one line (exit 2), and a
+    ValueError so that callers which caught the readers' ValueError still catch it.
+    """
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -444,6 +461,12 @@ class TrainingData:
     val: Callable[[], list[LabeledFrame]]
     class_names: tuple[str, ...]
     description: str
+    #: what stage 1 learns from, for metrics.json and the bundle's provenance (which normal
+    #: source, and for defect-free windows: whose masks place them and how many images that is)
+    stage1_info: dict = field(default_factory=dict)
+    #: reads every file training will read, once, and returns figures for ``stage1_info``;
+    #: raises :class:`TrainingDataError` on the first bad one. None: nothing to read (synthetic)
+    check: Callable[[], dict] | None = None
 
 
 def _build_synthetic(cfg: SyntheticDataConfig, *, tile: tuple[int, int], channels: int,
@@ -473,7 +496,8 @@ def _build_synthetic(cfg: SyntheticDataConfig, *, tile: tuple[int, int], channel
             f"{cfg.val_renderer_seeds}, contrast {cfg.eval_contrast:g}, defect rate "
             f"{cfg.eval_defect_rate:g}")
     return TrainingData(stage1, stage2, held_out(cfg.calib_renderer_seeds, cfg.calib_frames, 7),
-                        held_out(cfg.val_renderer_seeds, cfg.val_frames, 11), CLASS_NAMES, desc)
+                        held_out(cfg.val_renderer_seeds, cfg.val_frames, 11), CLASS_NAMES, desc,
+                        {"normal_source": "synthetic strip, defect rate 0", "mask_images": 0})
 
 
 DATA_SOURCES: dict[str, Callable[..., TrainingData]] = {"synthetic": _build_synthetic}
@@ -525,6 +549,12 @@ class FolderDataConfig(BaseModel):
     #: ('mt-free'), or every image under ``normal_root`` ('folder')
     normal_source: Literal["defect-free-regions", "mt-free", "folder"] = "defect-free-regions"
     normal_root: str | None = None
+    #: with 'defect-free-regions': whose masks place stage 1's windows. 'all' (what every
+    #: shipped result used): every training image's, whatever label_fraction says; the masks only
+    #: keep the windows clear of defects, a stand-in for the defect-free strip a mill has in
+    #: plenty, never a target. 'labelled': only the images stage 2 may use (label_fraction), for
+    #: a protocol in which no mask outside the labelled subset is read at all.
+    stage1_windows: Literal["all", "labelled"] = "all"
     #: side of the defect-free windows (stage 1 trains on crops of this size; the nets are fully
     #: convolutional). 200x200 NEU images rarely have a clean 128 window, but most have a 64 one.
     normal_patch: int = Field(64, ge=16)
@@ -549,6 +579,10 @@ class FolderDataConfig(BaseModel):
             raise ValueError("normal_source 'folder' needs normal_root")
         if self.normal_source == "mt-free" and self.source != "magnetic-tile":
             raise ValueError("normal_source 'mt-free' is for source 'magnetic-tile'")
+        if self.stage1_windows != "all" and self.normal_source != "defect-free-regions":
+            # mt-free / folder images have no masks: nothing would be restricted
+            raise ValueError(f"stage1_windows '{self.stage1_windows}' is for normal_source "
+                             f"'defect-free-regions' (stage 1 reads no masks of '{self.normal_source}')")
         if self.synthetic_root and self.source != "neu-seg":
             raise ValueError("synthetic_root is for source 'neu-seg' (the generators write that layout)")
         return self
@@ -587,21 +621,26 @@ class DatasetFrames:
     def __init__(self, dataset: "EvalDataset", channels: int = 1,
                  frame_size: tuple[int, int] | None = None, indices: Sequence[int] | None = None):
         if len(dataset) == 0:
-            raise ValueError(f"{dataset.root}: no images in split '{dataset.split}' "
-                             f"({dataset.format} layout)")
+            raise TrainingDataError(f"{dataset.root}: no images in split '{dataset.split}' "
+                                    f"({dataset.format} layout)")
         self.dataset = dataset
         self.channels = channels
         self.frame_size = tuple(frame_size) if frame_size else None
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
         if not self.indices:
-            raise ValueError(f"{dataset.root}: no images selected")
+            raise TrainingDataError(f"{dataset.root}: no images selected")
         self.class_names = tuple(dataset.classes)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def frame(self, j: int) -> LabeledFrame:
-        s = self.dataset.load(self.indices[j])
+        try:
+            s = self.dataset.load(self.indices[j])
+        except TrainingDataError:
+            raise
+        except ValueError as e:  # the readers' messages name the file: unreadable, mis-sized mask
+            raise TrainingDataError(str(e), "data.root") from e
         img, mask = _resized(s.image, s.mask, self.frame_size)
         return LabeledFrame(image=img, truth=mask)
 
@@ -637,8 +676,9 @@ class DefectFreePatches:
             if len(win):
                 y, x = (int(v) for v in win[int(rng.integers(len(win)))])
                 return np.ascontiguousarray(f.image[y:y + self.patch, x:x + self.patch])
-        raise ValueError(f"{self.frames.describe()}: no defect-free {self.patch}x{self.patch} "
-                         f"window in {self.tries} images drawn; lower data.normal_patch")
+        raise TrainingDataError(f"{self.frames.describe()}: no defect-free {self.patch}x{self.patch} "
+                                f"window in {self.tries} images drawn; lower data.normal_patch",
+                                "data.normal_patch")
 
     def sample(self, rng: np.random.Generator) -> LabeledFrame:
         return LabeledFrame(image=self.normal(rng))
@@ -679,6 +719,9 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
         # thresholds on it (the hash shares below are of the other subsets)
         kw["official_test"] = False
     train_ds = _union([_open_eval_dataset(cfg.source, cfg.root, s, **kw) for s in cfg.train_splits])
+    if len(train_ds) == 0:
+        raise TrainingDataError(f"{cfg.root}: no images in split(s) {list(cfg.train_splits)} "
+                                f"({cfg.source} layout)", "data.train_splits")
     labelled_all = DatasetFrames(train_ds, channels, cfg.frame_size)
     keep = sample_labelled(len(train_ds), cfg.label_fraction, cfg.label_seed)
     labelled = DatasetFrames(train_ds, channels, cfg.frame_size, keep)
@@ -687,27 +730,45 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
 
     # spec §8 #14: the sampling rate applies to labelled images; normal data stays whole
     normal: FrameProvider
+    window_frames: DatasetFrames | None = None  # the images whose masks place stage 1's windows
+    normal_frames: DatasetFrames | None = None  # mt-free / folder: whole images, no masks read
     if cfg.normal_source == "defect-free-regions":
-        normal = DefectFreePatches(labelled_all, cfg.normal_patch)
+        # 'all' is what every shipped result used (README "ARCD on NEU-Seg"); 'labelled' reads
+        # no mask outside the labelled subset
+        window_frames = labelled_all if cfg.stage1_windows == "all" else labelled
+        normal = DefectFreePatches(window_frames, cfg.normal_patch)
         s1_tile = (cfg.normal_patch, cfg.normal_patch)
+        stage1_info: dict = {"normal_source": cfg.normal_source, "windows": cfg.stage1_windows,
+                             "mask_images": len(window_frames), "labelled_images": len(keep),
+                             "train_images": len(train_ds)}
+        log.info("stage 1: defect-free %dx%d windows placed by the masks of %d images "
+                 "(data.stage1_windows %s; %d labelled for stage 2)", cfg.normal_patch,
+                 cfg.normal_patch, len(window_frames), cfg.stage1_windows, len(keep))
     else:
         if cfg.normal_source == "mt-free":
             nds = _union([_open_eval_dataset("magnetic-tile", cfg.root, s, categories=["MT_Free"])
                           for s in cfg.train_splits])
         else:
             nds = _open_eval_dataset("folder", str(cfg.normal_root), "all")
-        normal = DatasetFrames(nds, channels, cfg.frame_size)
+        normal_frames = DatasetFrames(nds, channels, cfg.frame_size)
+        normal = normal_frames
         s1_tile = tuple(tile)
+        stage1_info = {"normal_source": cfg.normal_source, "images": len(normal_frames),
+                       "mask_images": 0}
     stage1 = SimulatedAnomalyDataset(normal, s1_tile, AnomalySimulator(simulation), stage1_length,
                                      seed, mean, std, cfg.hflip, cfg.vflip, cfg.edge_prob)
     stage2_frames: FrameProvider = labelled
+    synthetic: DatasetFrames | None = None
     if cfg.synthetic_root:
-        stage2_frames = MixedFrames(labelled, _synthetic_frames(cfg, train_ds.classes, channels),
-                                    cfg.synthetic_ratio)
+        synthetic = _synthetic_frames(cfg, train_ds.classes, channels)
+        stage2_frames = MixedFrames(labelled, synthetic, cfg.synthetic_ratio)
     stage2 = SegmentationTileDataset(stage2_frames, tile, stage2_length, seed, mean, std,
                                      cfg.focus_prob, cfg.hflip, cfg.vflip,
                                      crops_per_frame=cfg.crops_per_frame, edge_prob=cfg.edge_prob)
     val_ds = _open_eval_dataset(cfg.source, cfg.root, cfg.val_split, **kw)
+    if len(val_ds) == 0:
+        raise TrainingDataError(f"{cfg.root}: no images in split '{cfg.val_split}' "
+                                f"({cfg.source} layout)", "data.val_split")
     n_val = len(val_ds) if not cfg.val_images else min(cfg.val_images, len(val_ds))
     val_frames = DatasetFrames(val_ds, channels, cfg.frame_size, list(range(n_val)))
     n_cal = min(cfg.calib_images, len(val_ds))
@@ -719,10 +780,42 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
     def val() -> list[LabeledFrame]:
         return [val_frames.frame(j) for j in range(len(val_frames))]
 
+    def check() -> dict:
+        """Read every image and mask training will read, once, before it starts: a corrupt
+        validation image found only after hours of training cost the run its metrics."""
+        from inspector.evaluation.datasets import defect_free_windows
+
+        t0 = time.monotonic()
+        pool = set(window_frames.indices) if window_frames is not None else set()
+        # only the training images either stage reads: with stage1_windows 'labelled' no mask
+        # outside the labelled subset is opened, not even here
+        used = DatasetFrames(train_ds, channels, cfg.frame_size, sorted(pool | set(keep)))
+        with_window = 0
+        for j, i in enumerate(used.indices):
+            f = used.frame(j)
+            if i in pool and f.truth is not None and len(defect_free_windows(f.truth, cfg.normal_patch)):
+                with_window += 1
+        scored = DatasetFrames(val_ds, channels, cfg.frame_size, list(range(max(n_val, n_cal))))
+        extra = [fr for fr in (normal_frames, synthetic, scored) if fr is not None]
+        for fr in extra:
+            for j in range(len(fr)):
+                fr.frame(j)
+        n = len(used) + sum(len(fr) for fr in extra)
+        # a run without stage 1 (the U-Net baseline: no R) never draws a window
+        if window_frames is not None and not with_window and stage1_length > 0:
+            raise TrainingDataError(
+                f"{window_frames.describe()}: no image has a defect-free {cfg.normal_patch}x"
+                f"{cfg.normal_patch} window for stage 1; lower data.normal_patch", "data.normal_patch")
+        log.info("data check: %d images and their masks read in %.1f s", n, time.monotonic() - t0)
+        out = {"images_checked": n}
+        if window_frames is not None:
+            out["mask_images_with_window"] = with_window
+        return out
+
     desc = (f"stage 2: {stage2_frames.describe()} (label rate {cfg.label_fraction:g}); stage 1: "
             f"{normal.describe()} plus simulated anomalies; thresholds from {n_cal} and scores on "
             f"{n_val} images of split '{cfg.val_split}'")
-    return TrainingData(stage1, stage2, calib, val, tuple(train_ds.classes), desc)
+    return TrainingData(stage1, stage2, calib, val, tuple(train_ds.classes), desc, stage1_info, check)
 
 
 def _synthetic_frames(cfg: FolderDataConfig, classes: Sequence[str], channels: int) -> "DatasetFrames":
@@ -733,17 +826,17 @@ def _synthetic_frames(cfg: FolderDataConfig, classes: Sequence[str], channels: i
     try:
         ds = open_dataset("neu-seg", root, split="all", strict=True)
     except FileNotFoundError as e:
-        raise ValueError(f"data.synthetic_root: {e}") from None
+        raise TrainingDataError(f"data.synthetic_root: {e}") from None
     if len(ds) == 0:
-        raise ValueError(f"data.synthetic_root: {root}: no generated pairs (NEU-Seg layout)")
+        raise TrainingDataError(f"data.synthetic_root: {root}: no generated pairs (NEU-Seg layout)")
     manifest = root / "manifest.json"
     if manifest.is_file():
         import json
 
         got = json.loads(manifest.read_text()).get("classes")
         if got is not None and list(got) != list(classes):
-            raise ValueError(f"data.synthetic_root: {manifest}: classes {got} differ from the data "
-                             f"set's {list(classes)}")
+            raise TrainingDataError(f"data.synthetic_root: {manifest}: classes {got} differ from "
+                                    f"the data set's {list(classes)}")
     n = len(ds) if not cfg.synthetic_limit else min(cfg.synthetic_limit, len(ds))
     return DatasetFrames(ds, channels, cfg.frame_size, list(range(n)))
 

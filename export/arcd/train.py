@@ -19,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -36,7 +37,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from inspector.errors import CheckpointError, ConfigError
 from inspector.sources.synthetic import CLASS_NAMES
 
-from export.arcd.data import DataConfig, SyntheticDataConfig, TrainingData, build_data, collate
+from export.arcd.data import (DataConfig, SyntheticDataConfig, TrainingData, TrainingDataError,
+                              build_data, collate)
 from export.arcd.evaluate import choose_thresholds, evaluate, predict_frame
 from export.arcd.loss import (DiceLoss, FocalLoss, ReconstructionLoss, defect_vs_background,
                               reconstruction_accuracy)
@@ -58,7 +60,7 @@ STAGE1_CHECKPOINT = "checkpoint-stage1.pt"
 CHECKPOINT_FORMAT = 1
 
 __all__ = ["ModelConfig", "Stage1Config", "Stage2Config", "EvalConfig", "TrainConfig",
-           "load_config", "build_models", "train", "main"]
+           "load_config", "build_models", "weights_digest", "checkpoint_ref", "train", "main"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +307,10 @@ class _State:
         self.done = False
         self.history: dict[str, list[list[float]]] = {"stage1": [], "stage2": []}
         self.elapsed_s = 0.0
+        #: what stage 1 learnt from (TrainingData.stage1_info), kept with the weights: a run that
+        #: starts from a copied stage-1 checkpoint reports the data that trained its R, not what
+        #: its own config would have used. None: a checkpoint older than this record
+        self.stage1_data: dict | None = None
         # the baseline's pass-through R has no parameters; Adam refuses an empty list, and a
         # stand-in keeps checkpoints of both variants in one format
         r_params = list(r.parameters()) or [torch.nn.Parameter(torch.zeros(1))]
@@ -348,6 +354,7 @@ class _State:
             "scheduler": {"stage1": self.sched1.state_dict(), "stage2": self.sched2.state_dict()},
             "config": self.cfg.model_dump(mode="json"),
             "history": self.history, "elapsed_s": self.elapsed_s,
+            "stage1_data": self.stage1_data,
             "torch": str(torch.__version__),
         }
 
@@ -361,6 +368,32 @@ class _State:
         self.stage, self.step, self.done = int(ck["stage"]), int(ck["step"]), bool(ck["done"])
         self.history = ck.get("history", self.history)
         self.elapsed_s = float(ck.get("elapsed_s", 0.0))
+        self.stage1_data = ck.get("stage1_data")
+
+
+def weights_digest(reconstruction: dict, discrimination: dict) -> str:
+    """SHA-256 of both networks' state dicts (names, dtypes, shapes, values in logical order).
+
+    metrics.json records it beside the stage and step it was measured at, so the exporter can
+    tell a metrics.json of this checkpoint from one of an earlier network of the same run folder
+    (a finished smoke run resumed longer and stopped): the step alone misses a rerun that
+    stopped at the step the old metrics were taken at.
+    """
+    h = hashlib.sha256()
+    for prefix, sd in (("r.", reconstruction), ("d.", discrimination)):
+        for k in sorted(sd):
+            t = sd[k].detach().cpu().contiguous()
+            h.update(f"{prefix}{k}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    return h.hexdigest()
+
+
+def checkpoint_ref(ck: dict) -> dict[str, Any]:
+    """What metrics.json records of the checkpoint its figures belong to (see
+    :func:`weights_digest`); ``ck`` is a checkpoint dict (:meth:`_State.state_dict`)."""
+    return {"file": CHECKPOINT, "stage": int(ck["stage"]), "step": int(ck["step"]),
+            "done": bool(ck["done"]),
+            "weights_sha256": weights_digest(ck["reconstruction"], ck["discrimination"])}
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -581,6 +614,61 @@ def training_data(cfg: TrainConfig, world: int = 1) -> TrainingData:
                       seed=cfg.seed)
 
 
+def open_training_data(cfg: TrainConfig, config_path: Path, world: int = 1) -> TrainingData:
+    """:func:`training_data`, every file it will read checked once, and its classes compared
+    with ``model.classes``; what is wrong is a :class:`ConfigError` naming ``config_path`` and
+    the key to change (``data.root`` for a missing root or a bad file in it)."""
+    where = str(config_path)
+    try:
+        data = training_data(cfg, world)
+        if data.check is not None:
+            data.stage1_info = {**data.stage1_info, **data.check()}
+    except TrainingDataError as e:
+        raise ConfigError(where, e.key, str(e)) from e
+    except FileNotFoundError as e:  # the readers: no root, no images/ folder, a missing mask
+        raise ConfigError(where, "data.root", str(e)) from e
+    # D has one output channel per class of model.classes and the masks hold the data's class
+    # indices: fewer classes failed hours later in stage 2 (index out of bounds), the same ones
+    # in another order trained fine and put the wrong names into the bundle
+    got = list(data.class_names)
+    if list(cfg.model.classes) != got:
+        source = cfg.data.source + (f" {root}" if (root := getattr(cfg.data, "root", None)) else "")
+        raise ConfigError(where, "model.classes",
+                          f"{list(cfg.model.classes)}, but the {source} data has classes {got} "
+                          f"(mask index i is class i, D's output i); set model.classes to {got}")
+    return data
+
+
+def _settle_stage1_data(state: _State, data: TrainingData) -> None:
+    """Record what stage 1 learns from in ``state`` (so in checkpoints and metrics.json), or,
+    resuming after stage-1 steps were run, keep the checkpoint's record and warn where this
+    config's data for stage 1 differs from it."""
+    now = dict(data.stage1_info)
+    if state.stage == 1 and state.step == 0:
+        state.stage1_data = now
+        return
+    if state.stage1_data is None:  # a checkpoint written before this record
+        state.stage1_data = {**now, "note": "as this config gives it; the checkpoint holds no "
+                                            "record of the data its stage 1 used"}
+        return
+    keys = ("normal_source", "windows", "mask_images")
+    if any(state.stage1_data.get(k) != now.get(k) for k in keys):
+        log.warning("stage 1 of this checkpoint learnt from %s, this config's stage 1 would use "
+                    "%s; %s", {k: state.stage1_data.get(k) for k in keys},
+                    {k: now.get(k) for k in keys},
+                    "its remaining steps use this config's (metrics.json keeps the checkpoint's "
+                    "record)" if state.stage == 1 else "R is not retrained (metrics.json records "
+                                                       "the checkpoint's)")
+
+
+def _stage1_steps_run(state: _State) -> int:
+    """Stage-1 steps this run has trained (not the config's count: see train's resume)."""
+    if state.stage == 1:
+        return state.step
+    hist = state.history["stage1"]
+    return int(hist[-1][0]) if hist else 0
+
+
 def stage1_holdout(cfg: TrainConfig, r: torch.nn.Module, data: TrainingData, n: int,
                    world: int = 1) -> dict:
     """:func:`reconstruction_holdout` on ``n`` simulated samples past stage 1's training range."""
@@ -622,7 +710,13 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     # before the run folder exists: a device this machine lacks is refused by name; under torchrun
     # each process joins the group and drives GPU LOCAL_RANK; one seed on every rank, so DDP
     # starts from identical weights
-    _, dev = start_ranks(cfg.device, cfg.threads, cfg.seed, config_path)
+    ranks, dev = start_ranks(cfg.device, cfg.threads, cfg.seed, config_path)
+    # the data before the run folder: a missing root, an unreadable image or mask, an empty split
+    # or classes other than the model's are refused with nothing written (they used to fail
+    # after the folder existed, some only after training, when the validation images were read)
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=False,  # refuses an existing
+                              resume_flag="resume=True (--resume)")  # run before reading data
+    data = open_training_data(cfg, config_path, ranks.world)
     run_dir = prepare_run_dir(run_dir, cfg.name, resume, resume_flag="resume=True (--resume)")
     ck_path = run_dir / CHECKPOINT
     if dev.type == "cuda":
@@ -649,6 +743,20 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         if state.done and state.step < prev:
             state.done = False  # the config asks for more steps than were run
         log.info("resuming %s at stage %d step %d", run_dir, state.stage, state.step)
+        ran1 = _stage1_steps_run(state)
+        if state.stage == 2 and cfg.stage1.steps != ran1:
+            # stage 2 trains D on this R: going back to stage 1 would invalidate what D learnt,
+            # so a changed stage1.steps is not acted on (it used to be reported as if it were)
+            log.warning("stage1.steps is %d, but stage 1 of this checkpoint ended after %d steps "
+                        "and stage 2 has begun: stage 1 is not %s; metrics.json records the %d "
+                        "steps run. To train R for %d steps, start a new run folder.",
+                        cfg.stage1.steps, ran1,
+                        "extended" if cfg.stage1.steps > ran1 else "shortened", ran1,
+                        cfg.stage1.steps)
+        if state.stage == 2 and state.done and state.step > cfg.stage2.steps:
+            log.warning("stage2.steps is %d, but this checkpoint already ran %d stage-2 steps: "
+                        "nothing is undone; metrics.json records the %d steps run",
+                        cfg.stage2.steps, state.step, state.step)
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
     write_run_config(run_dir, cfg)
@@ -658,8 +766,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
              count_parameters(r) / 1e6, count_parameters(d) / 1e6, list(cfg.model.tile),
              cfg.model.in_channels)
 
-    data = training_data(cfg, state.world)
     log.info("data: %s", data.description)
+    _settle_stage1_data(state, data)
     if not state.done:
         if state.stage == 1:
             _run_stage(state, 1, data, run_dir, dev)
@@ -684,12 +792,18 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         # rank 0 alone evaluates and writes metrics; the others are done
         return run_dir
 
+    # the steps actually run (a resumed run's config may ask for other counts; see above)
+    ran1, ran2 = _stage1_steps_run(state), state.step
     metrics: dict[str, Any] = {
         "name": cfg.name,
-        "stage1": {"steps": cfg.stage1.steps, "final_loss": _final(state.history["stage1"]),
+        # which network these figures are of: the exporter refuses a metrics.json whose
+        # checkpoint is not the one it exports (export.onnx_export)
+        "checkpoint": checkpoint_ref(state.state_dict()),
+        "stage1": {"steps": ran1, "final_loss": _final(state.history["stage1"]),
                    "first_loss": state.history["stage1"][0][1] if state.history["stage1"] else None,
-                   "holdout": _stage1_holdout(state, data) if cfg.stage1.steps else None},
-        "stage2": {"steps": cfg.stage2.steps, "final_loss": _final(state.history["stage2"]),
+                   "holdout": _stage1_holdout(state, data) if ran1 else None,
+                   "data": state.stage1_data},
+        "stage2": {"steps": ran2, "final_loss": _final(state.history["stage2"]),
                    "first_loss": state.history["stage2"][0][1] if state.history["stage2"] else None},
         "validation": _evaluate(state, data),
         "params": {"reconstruction": count_parameters(r), "discrimination": count_parameters(d)},
@@ -697,16 +811,22 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         "data": data.description,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    for key, ran in (("stage1", ran1), ("stage2", ran2)):
+        if getattr(cfg, key).steps != ran:
+            metrics[key]["config_steps"] = getattr(cfg, key).steps
     (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
     log.info("done: %s (train time %s)", run_dir / METRICS, fmt_duration(state.elapsed_s))
     return run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
-    # no --max-iters here; a damaged or foreign checkpoint is one line (CheckpointError), while
-    # any other ValueError keeps its traceback (a bug in the trainer, not the user's input)
+    # no --max-iters here; a damaged or foreign checkpoint is one line (CheckpointError), and so
+    # is a data file that goes bad during training (TrainingDataError: the up-front check read
+    # it fine), while any other ValueError keeps its traceback (a bug in the trainer, not the
+    # user's input)
     return train_main(argv, kind="arcd", doc=__doc__, train=train, log=log,
-                      errors=(ConfigError, CheckpointError, FileExistsError, FileNotFoundError))
+                      errors=(ConfigError, CheckpointError, TrainingDataError, FileExistsError,
+                              FileNotFoundError))
 
 
 if __name__ == "__main__":
