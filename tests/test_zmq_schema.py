@@ -82,7 +82,9 @@ def test_after_a_stuck_subscriber_reset_every_frame_counted_as_sent_reaches_the_
                 got.add(int(good.recv_multipart()[1][5:-1]))
         assert pub.resets >= 1
         assert [i for i in sent if i not in got] == []
-        assert len(sent) > 100  # the healthy subscriber was not starved
+        # the healthy subscriber was not starved: sends went through again after the first stall
+        first_fail = next(i for i in range(150) if i not in sent)
+        assert sum(1 for i in sent if i > first_fail) >= 20, (first_fail, len(sent))
     finally:
         stuck.close(0)
         good.close(0)
