@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import sys
 import tempfile
@@ -44,7 +43,7 @@ from export.arcd.evaluate import tile_frame
 from export.arcd.torch_model import ARCDInference
 from export.arcd.train import (CHECKPOINT, METRICS, TrainConfig, build_models, checkpoint_ref,
                                load_checkpoint)
-from export.training import git_commit
+from export.training import git_commit, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -209,15 +208,11 @@ def _metrics_for(run_dir: Path, ck: dict, allow_stale: bool) -> tuple[dict | Non
     trainer recorded its checkpoint is used as before, with a warning: it cannot be checked.
     """
     path, ck_path = run_dir / METRICS, run_dir / CHECKPOINT
-    if not path.is_file():
+    metrics = read_metrics(run_dir)
+    if metrics is None:
         log.warning("%s: missing; the bundle gets default thresholds and no metrics", path)
         return None, "missing"
-    try:
-        metrics = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise StaleMetricsError(f"{path}: not JSON ({e}); restore it, or finish the run again "
-                                f"(--resume) to rewrite it") from e
-    written = metrics.get("checkpoint") if isinstance(metrics, dict) else None
+    written = metrics.get("checkpoint")
     if not isinstance(written, dict):
         log.warning("%s records no checkpoint step (written by an older trainer): cannot check "
                     "that its thresholds and metrics are those of %s (stage %s step %s); using "

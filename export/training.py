@@ -32,15 +32,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inspector.config import read_yaml_mapping
 from inspector.errors import CheckpointError, ConfigError
+from inspector.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW", "validate_config",
-           "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "read_checkpoint",
+           "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "write_metrics", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
            "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED",
            "sigterm_as_interrupt", "train_main", "step_generator", "check_resume_keys",
-           "run_kind", "git_commit", "metrics_for_checkpoint", "split_provenance"]
+           "run_kind", "git_commit", "read_metrics", "metrics_for_checkpoint", "split_provenance"]
 
 # The run folder's files (``inspector export onnx`` and the tests find them by these names)
 CHECKPOINT = "checkpoint.pt"
@@ -119,11 +120,16 @@ def write_run_config(run_dir: Path, cfg: BaseModel) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a run killed mid-write keeps its previous
-    checkpoint instead of a truncated one."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` to a temporary file, then rename (:func:`inspector.fileio.atomic_path`): a
+    run killed mid-write keeps its previous checkpoint instead of a truncated one."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_metrics(run_dir: Path, metrics: dict, **json_kw: Any) -> None:
+    """``metrics.json``, replaced whole: the exporters decide from it whether the run's figures
+    belong to the checkpoint, so a torn file must not be left behind."""
+    atomic_write_text(Path(run_dir) / METRICS, json.dumps(metrics, indent=2, **json_kw))
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -462,6 +468,22 @@ def run_kind(run_dir: Path) -> object:
     return None  # nothing readable: the ARCD exporter reports the missing checkpoint, as before
 
 
+def read_metrics(run_dir: Path) -> dict | None:
+    """``run_dir/metrics.json`` as a dict, None when there is none; a damaged one is a one-line
+    :class:`CheckpointError` naming it."""
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e}); delete it (the exporter then works "
+                              "from the checkpoint) or restore it") from e
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"{path}: holds a {type(metrics).__name__}, not the run's metrics")
+    return metrics
+
+
 def metrics_for_checkpoint(run_dir: Path, ck: dict) -> tuple[dict, bool | None]:
     """``run_dir/metrics.json`` and whether it describes the checkpoint ``ck`` being exported.
 
@@ -473,15 +495,9 @@ def metrics_for_checkpoint(run_dir: Path, ck: dict) -> tuple[dict, bool | None]:
     or none at all ({}).
     """
     path = Path(run_dir) / METRICS
-    if not path.is_file():
+    metrics = read_metrics(run_dir)
+    if metrics is None:
         return {}, None
-    try:
-        metrics = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); delete it (the exporter then works "
-                              "from the checkpoint) or restore it") from e
-    if not isinstance(metrics, dict):
-        raise CheckpointError(f"{path}: holds a {type(metrics).__name__}, not the run's metrics")
     if "checkpoint_step" not in metrics:
         log.warning("%s has no checkpoint_step (written by an older trainer): its figures are "
                     "taken as the checkpoint's without a check", path)
@@ -490,22 +506,20 @@ def metrics_for_checkpoint(run_dir: Path, ck: dict) -> tuple[dict, bool | None]:
 
 
 def split_provenance(split_test: float, split_val: float, where: str) -> dict[str, float]:
-    """The hash-split fractions a run trained with, for the bundle's ``provenance.split_fractions``;
-    logs a warning when they are not the evaluation commands' defaults.
-
-    ``inspector evaluate`` / ``calibrate`` split with the default fractions; a run trained with
-    others (say test 0.1) has trained on images those commands then call test or val, and its
-    figures would be measured partly on training images.
+    """The hash-split fractions a run trained with, for the bundle's ``provenance.split_fractions``
+    (``inspector evaluate`` and ``calibrate dual-threshold`` / ``residual-window`` split with
+    them); logs a warning when they are not the defaults, since ``calibrate thresholds`` and
+    ``calibrate convergence`` take theirs from ``--check-fraction`` / ``--calib-fraction``.
     """
     from inspector.evaluation.datasets import DEFAULT_SPLIT
 
     if (split_test, split_val) != (DEFAULT_SPLIT.test, DEFAULT_SPLIT.val):
         log.warning("%s: trained with split_test %g / split_val %g, not the default %g / %g: "
-                    "`inspector evaluate` and `calibrate` split with the defaults, so some of "
-                    "their test/val images were TRAINED ON and their figures are optimistic. "
-                    "The fractions are in the bundle's provenance.split_fractions; evaluate on "
-                    "images outside the training folder, or retrain with the defaults",
-                    where, split_test, split_val, DEFAULT_SPLIT.test, DEFAULT_SPLIT.val)
+                    "evaluate splits with them (provenance.split_fractions); for `calibrate "
+                    "thresholds` and `convergence` pass --check-fraction %g --calib-fraction %g, "
+                    "or they calibrate on images this model was trained on",
+                    where, split_test, split_val, DEFAULT_SPLIT.test, DEFAULT_SPLIT.val,
+                    split_test, split_val)
     return {"test": float(split_test), "val": float(split_val)}
 
 

@@ -229,7 +229,10 @@ def _stoppable(command: Callable[[argparse.Namespace], int], args: argparse.Name
 
 def cmd_train(args: argparse.Namespace) -> int:
     _needs_torch()
-    return _stoppable(_train, args)
+    try:
+        return _stoppable(_train, args)
+    except FileNotFoundError as e:  # a data root or run folder the user named: bad input
+        return _fail(str(e), EXIT_BAD_INPUT)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -265,6 +268,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             print(_export_onnx(args))
         except ExportParityError as e:  # the message names the graph, the output and the tolerance
             return _fail(f"{e} (--parity-tol loosens the check, recorded in the bundle)", EXIT_BAD_INPUT)
+        except FileNotFoundError as e:  # the run folder or its checkpoint
+            return _fail(str(e), EXIT_BAD_INPUT)
         return EXIT_OK
     return _fail(f"unknown export format {args.format}", EXIT_BAD_INPUT)
 
@@ -274,12 +279,12 @@ def _export_onnx(args: argparse.Namespace) -> Path:
     that exporter's own tolerance (``atol`` of every kind's export_bundle)."""
     run, out = Path(args.run_dir), Path(args.out)
     tol = {} if args.parity_tol is None else {"atol": args.parity_tol}
-    from export.fuzzymask.export import is_fuzzymask_run
-    if is_fuzzymask_run(run):  # config.yaml says kind: fuzzymask
+    from export.training import run_kind
+    kind = run_kind(run)
+    if kind == "fuzzymask":
         from export.fuzzymask.export import export_bundle as export_fuzzymask
         return export_fuzzymask(run, out, name=args.name, opset=args.opset, **tol)
-    from export.clgan.export import is_clgan_run
-    if is_clgan_run(run):  # config.yaml says kind: clgan
+    if kind == "clgan":
         from export.clgan.export import export_bundle as export_clgan
         return export_clgan(run, out, name=args.name, opset=args.opset, **tol)
     from export.onnx_export import export_bundle
@@ -708,10 +713,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except (ConfigError, BundleError) as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
-    except FileNotFoundError as e:
-        # a file or folder the user named (a data root, a run folder): bad input, not a fault
-        # a restart could cure
         return _fail(str(e), EXIT_BAD_INPUT)
     except BindError as e:
         # the endpoint is a config key: name the file (exit 1 all the same: an address that is

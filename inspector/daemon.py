@@ -228,8 +228,10 @@ class Daemon:
             tail_end = time.monotonic() + STOP_TAIL_S
             if self.engine is not None:
                 self.engine.set_running(False)
+            for w in self.workers:  # all at once: a slow PLC must not eat the others' time
+                w.request_stop()
             for w in self.workers:
-                w.stop(timeout=max(0.2, min(2 * w.cfg.timeout_s + 2, tail_end - time.monotonic() - 1.0)))
+                w.stop(timeout=max(0.2, tail_end - time.monotonic() - 1.0))
             if not drained:
                 # before close() releases the publisher and engine under the hung stage: from
                 # here its frames are counted, and what it trips over later is not reported

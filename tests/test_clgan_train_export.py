@@ -424,7 +424,7 @@ def test_export_leaves_out_stale_metrics_and_records_the_split(stale_run, tmp_pa
     assert p["training_complete"] is False
     assert p["split_fractions"] == {"test": 0.1, "val": 0.2}
     assert "describes iteration 2" in caplog.text and "at iteration 4" in caplog.text
-    assert "split_test 0.1" in caplog.text and "TRAINED ON" in caplog.text
+    assert "split_test 0.1" in caplog.text and "calibrate on images this model was trained on" in caplog.text
 
     # a metrics.json of an older trainer (no checkpoint_step): one warning, used as before
     old = tmp_path / "old"

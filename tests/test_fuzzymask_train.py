@@ -170,7 +170,7 @@ def test_bundle_records_the_checkpoint_and_the_default_split(trained):
     assert p["split_fractions"] == {"test": 0.3, "val": 0.2}
     assert p["training"]["checkpoint_step"] == 4 and p["training"]["metrics_json"] == "current"
     assert p["training_complete"] is False  # 4 of 6 planned steps
-    assert "TRAINED ON" not in trained["export"].stderr
+    assert "not the default" not in trained["export"].stderr
 
 
 def test_stale_metrics_tau_is_recomputed_or_refused(tmp_path, monkeypatch, caplog, capsys):
@@ -222,7 +222,7 @@ def test_stale_metrics_tau_is_recomputed_or_refused(tmp_path, monkeypatch, caplo
     assert p["training"]["iterations"] == 3 and p["training"]["metrics_json"] == "stale: left out"
     assert p["split_fractions"] == {"test": 0.1, "val": 0.2}
     assert "tau of step 1" in caplog.text and "at step 3" in caplog.text
-    assert "split_test 0.1" in caplog.text and "TRAINED ON" in caplog.text
+    assert "split_test 0.1" in caplog.text and "calibrate on images this model was trained on" in caplog.text
 
     # without the training images there is no tau for step 3: refused, one line, exit 2
     shutil.move(tmp_path / "imgs", tmp_path / "elsewhere")

@@ -248,6 +248,11 @@ def test_device_frame_id_missing_or_not_increasing_falls_back_to_one_frame_and_w
         assert caplog.records == []  # a counter that starts at 0 is fine
         assert [zero._advance_strip(d, i) for i, d in enumerate([0, 0], 3)] == [3, 4]
     assert "went from 2 to 0 at frame 3" in caplog.text and zero._skipped_pending == 0
+    # a producer that reports a timestamp (ns) as the frame id: no billions of lost frames
+    stamp = GenicamSource(viky_cfg(), camera_id="cam1")
+    t0 = 1_700_000_000_000_000_000
+    assert [stamp._advance_strip(d, i) for i, d in enumerate([t0, t0 + 50_000_000, t0 + 100_000_000])] == [0, 1, 2]
+    assert stamp._skipped_pending == 0
 
 
 class _RoiNode:

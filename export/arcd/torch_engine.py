@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from inspector.engines.base import Engine, TensorSpec
-from inspector.errors import EngineError
+from inspector.errors import EngineError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,8 @@ class TorchArcdEngine(Engine):
                 r.load_state_dict(ck["reconstruction"])
                 d.load_state_dict(ck["discrimination"])
             except (RuntimeError, KeyError, ValueError, OSError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise EngineError(f"{checkpoint}: not a checkpoint of {where}'s networks "
-                                  f"({first})") from None
+                                  f"({first_line(e)})") from None
             self.weights = f"checkpoint {checkpoint}"
         elif allow_random:
             self.weights = "random (timing only)"

@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import sys
@@ -50,7 +49,7 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
                                      discriminator_input)
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
-from export.training import (atomic_save, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+from export.training import (atomic_save, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main,
                              validate_config, write_run_config)
 
@@ -814,7 +813,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     for key, ran in (("stage1", ran1), ("stage2", ran2)):
         if getattr(cfg, key).steps != ran:
             metrics[key]["config_steps"] = getattr(cfg, key).steps
-    (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+    write_metrics(run_dir, metrics)
     log.info("done: %s (train time %s)", run_dir / METRICS, fmt_duration(state.elapsed_s))
     return run_dir
 

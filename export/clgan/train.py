@@ -50,7 +50,7 @@ from export.clgan.torch_model import (DEFAULT_NCE_LAYERS, PatchGANDiscriminator,
                                       ResnetGenerator, count_parameters)
 # the run folder's file names stay importable from here (export.clgan.export takes them so)
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
-from export.training import (atomic_save, check_resume_keys, end_ranks, fmt_duration,
+from export.training import (atomic_save, write_metrics, check_resume_keys, end_ranks, fmt_duration,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, start_ranks,
                              step_generator, train_main, update_ema, write_run_config)
 
@@ -487,7 +487,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             "train_seconds": round(elapsed, 1), "device": str(dev), "threads": cfg.threads,
             "data": desc, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        write_metrics(run_dir, metrics)
         log.info("done: %d iterations in %s; %s", step, fmt_duration(elapsed), run_dir / METRICS)
     if world > 1:
         end_ranks(G, world, dev, "generator", log)

@@ -54,7 +54,7 @@ from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
 from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
 # the run folder's file names stay importable from here (export.fuzzymask.export takes them so)
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
-from export.training import (atomic_save, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+from export.training import (atomic_save, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main, update_ema,
                              write_run_config)
 
@@ -469,7 +469,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             "data_workers": cfg.data_workers, "data": desc,
             "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        write_metrics(run_dir, metrics)
         log.info("done: %d steps (%s) in %s; %s", step, stopped_by, fmt_duration(elapsed), run_dir / METRICS)
     if world > 1:  # DDP applied the same averaged gradients to the same start
         end_ranks(net, world, dev, "network")

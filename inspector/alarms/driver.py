@@ -83,11 +83,16 @@ class DriverWorker:
         self._thread = threading.Thread(target=self._run, name=f"plc-{self.name}", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float | None = None) -> None:
-        """Write the last submitted state if connected, close the link, end the thread."""
+    def request_stop(self) -> None:
+        """Ask the thread to write the last submitted state (if connected), close and end; does
+        not wait (several drivers stop side by side, :meth:`stop` waits)."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Write the last submitted state if connected, close the link, end the thread."""
+        self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout if timeout is not None else 2 * self.cfg.timeout_s + 2)
             if self._thread.is_alive():

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import numpy as np
 
 from inspector.engines.base import Engine, TensorSpec
 from inspector.errors import EngineError
+from inspector.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -270,19 +270,6 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 class EngineCache:
     """Serialized engines in one folder, each beside a JSON record of its key.
 
@@ -405,8 +392,8 @@ class EngineCache:
                       "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **(info or {})}
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
-                _write_atomic(eng, blob)
-                _write_atomic(rec_path, (json.dumps(record, indent=2) + "\n").encode())
+                atomic_write_bytes(eng, blob)
+                atomic_write_bytes(rec_path, (json.dumps(record, indent=2) + "\n").encode())
                 log.info("cached TensorRT engine %s (%.1f MB, built in %.1f s)", eng,
                          len(blob) / 1e6, build_s)
             except OSError as e:
@@ -559,7 +546,7 @@ def make_entropy_calibrator(trt: Any, cuda: Any, batches: Iterator[np.ndarray], 
                 return
             try:
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
-                _write_atomic(cache_file, bytes(cache))
+                atomic_write_bytes(cache_file, bytes(cache))
             except OSError as e:
                 log.warning("could not write the INT8 calibration table %s: %s", cache_file, e)
 
@@ -630,7 +617,7 @@ def build_serialized_engine(graph: Path, spec: EngineSpec, workspace_mb: int = 1
     if timing_cache is not None and cache is not None:
         try:
             timing_cache.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(timing_cache, bytes(config.get_timing_cache().serialize()))
+            atomic_write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
         except OSError as e:
             log.warning("could not write the timing cache %s: %s", timing_cache, e)
     return bytes(serialized)

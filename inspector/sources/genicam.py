@@ -36,6 +36,10 @@ from inspector.sources.base import Source
 
 log = logging.getLogger(__name__)
 
+#: a device frame id that jumps further between two buffers is no frame count (83 min of frames at
+#: 200 fps; a stall that long ends in a reopen, which starts a new baseline)
+MAX_DEVICE_ID_JUMP = 1_000_000
+
 # PixelFormat -> (bytes per pixel in the buffer, OpenCV conversion to RGB or None for a plain copy).
 # cvtColor writes straight into the frame's array and is ~50x faster than numpy's strided copy
 # for dropping alpha or swapping channels (0.06 ms vs 4 ms at 800x800).
@@ -395,7 +399,10 @@ class GenicamSource(Source):
         last, self._last_device_id = self._last_device_id, device_frame_id
         step = 1
         if device_frame_id is not None and last is not None:
-            if device_frame_id > last:
+            if device_frame_id - last > MAX_DEVICE_ID_JUMP:
+                # not a frame count (a timestamp, garbage): it must not move every later position
+                self._warn_device_id(f"jumped from {last} to {device_frame_id} at frame {frame_id}")
+            elif device_frame_id > last:
                 step = device_frame_id - last
                 self._skipped_pending += step - 1
             else:

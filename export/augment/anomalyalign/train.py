@@ -58,7 +58,7 @@ from export.augment.anomalyalign.nets import (SegUNet, build_controlnet, build_u
 from export.augment.anomalyalign.prompts import (CATEGORIES, SYNONYMS, TEMPLATES, PromptLibrary,
                                                  TinyClip, build_library, select_prompts,
                                                  train_tinyclip)
-from export.training import (CHECKPOINT, LOSSES, METRICS, PREVIEW, RunSettings, atomic_save,
+from export.training import (CHECKPOINT, LOSSES, METRICS, PREVIEW, RunSettings, atomic_save, write_metrics,
                              check_device, fmt_duration, pick_device, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, train_main, update_ema,
                              write_run_config)
@@ -796,7 +796,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         "train_seconds": round(elapsed, 1), "device": str(dev), "threads": cfg.threads,
         "data": data.source, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (run_dir / METRICS).write_text(json.dumps(metrics, indent=2, default=float))
+    write_metrics(run_dir, metrics, default=float)
     log.info("done: %d iterations in %s (%s); %s", step, fmt_duration(elapsed), stopped_by,
              run_dir / METRICS)
     return run_dir

@@ -49,7 +49,7 @@ from export.augment.defectgan.data import CropSampler, from_tensor_range, load_s
 from export.augment.defectgan.model import (DefectDiscriminator, DefectGenerator,
                                             count_parameters, gradient_penalty)
 from export.training import RunSettings, CHECKPOINT, LOSSES, METRICS, PREVIEW
-from export.training import (atomic_save, fmt_duration, prepare_run_dir, rate_eta, read_checkpoint,
+from export.training import (atomic_save, write_metrics, fmt_duration, prepare_run_dir, rate_eta, read_checkpoint,
                              read_config, start_ranks, step_generator, train_main, update_ema,
                              write_run_config)
 
@@ -438,7 +438,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         "data": [data.describe(), sampler.describe()],
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+    write_metrics(run_dir, metrics)
     log.info("done: %d iterations in %s (%s); %s", step, fmt_duration(elapsed), stopped_by,
              run_dir / METRICS)
     return run_dir
