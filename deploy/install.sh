@@ -70,21 +70,9 @@ case "$PREFIX$CONFDIR$STATEDIR$UNITDIR" in
     *[\\\|\&%]*) die "paths with \\, |, & or % are not supported" ;;
 esac
 
-# normpath, system_dir
+# normpath, system_dir, check_install_dirs
 . "$(dirname "$0")/paths.sh"
-for v in "PREFIX=$PREFIX" "CONFDIR=$CONFDIR" "STATEDIR=$STATEDIR" "UNITDIR=$UNITDIR"; do
-    case "${v#*=}" in
-        /*) ;;
-        *) die "$v is not an absolute path" ;;
-    esac
-done
-PREFIX=$(normpath "$PREFIX")
-CONFDIR=$(normpath "$CONFDIR")
-STATEDIR=$(normpath "$STATEDIR")
-UNITDIR=$(normpath "$UNITDIR")
-for v in "PREFIX=$PREFIX" "CONFDIR=$CONFDIR" "STATEDIR=$STATEDIR"; do
-    ! system_dir "${v#*=}" || die "$v is a system folder: name one of its own (e.g. ${v#*=}/inspector)"
-done
+check_install_dirs die
 case "$STATEDIR/" in
     /home/*|/root/*|/run/user/*|/tmp/*|/var/tmp/*)
         die "STATEDIR=$STATEDIR: the unit cannot write there (ProtectHome=yes, PrivateTmp=yes)" ;;

@@ -38,3 +38,21 @@ system_dir() {
     esac
     return 1
 }
+
+# PREFIX, CONFDIR, STATEDIR, UNITDIR: absolute, normalised, and (but UNITDIR) no system folder.
+# $1 reports an error and exits: install.sh's die, uninstall.sh's refuse.
+check_install_dirs() {
+    for v in "PREFIX=$PREFIX" "CONFDIR=$CONFDIR" "STATEDIR=$STATEDIR" "UNITDIR=$UNITDIR"; do
+        case "${v#*=}" in
+            /*) ;;
+            *) "$1" "$v is not an absolute path" ;;
+        esac
+    done
+    PREFIX=$(normpath "$PREFIX")
+    CONFDIR=$(normpath "$CONFDIR")
+    STATEDIR=$(normpath "$STATEDIR")
+    UNITDIR=$(normpath "$UNITDIR")
+    for v in "PREFIX=$PREFIX" "CONFDIR=$CONFDIR" "STATEDIR=$STATEDIR"; do
+        ! system_dir "${v#*=}" || "$1" "$v is a system folder: name one of its own (e.g. ${v#*=}/inspector)"
+    done
+}

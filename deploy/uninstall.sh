@@ -31,23 +31,11 @@ ROOT=${DESTDIR%/}
 say() { printf 'uninstall: %s\n' "$*"; }
 refuse() { printf 'uninstall: error: refusing to remove %s\n' "$*" >&2; exit 2; }
 
-# normpath, system_dir
+# normpath, system_dir, check_install_dirs
 . "$(dirname "$0")/paths.sh"
 # Refuse to remove "/" or a system folder by a typo in PREFIX and friends: PREFIX=/opt/ or
 # CONFDIR=/etc/inspector/.. must not pass for anything else than /opt and /etc.
-for v in "PREFIX=$PREFIX" "CONFDIR=$CONFDIR" "STATEDIR=$STATEDIR" "UNITDIR=$UNITDIR"; do
-    case "${v#*=}" in
-        /*) ;;
-        *) refuse "$v: not an absolute path" ;;
-    esac
-done
-PREFIX=$(normpath "$PREFIX")
-CONFDIR=$(normpath "$CONFDIR")
-STATEDIR=$(normpath "$STATEDIR")
-UNITDIR=$(normpath "$UNITDIR")
-for v in "PREFIX=$PREFIX" "CONFDIR=$CONFDIR" "STATEDIR=$STATEDIR"; do
-    ! system_dir "${v#*=}" || refuse "$v: a top-level or system folder"
-done
+check_install_dirs refuse
 
 if [ -z "$ROOT" ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     for unit in $(systemctl list-units --all --plain --no-legend 'inspector@*' | awk '{print $1}'); do
