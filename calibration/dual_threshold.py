@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
+from calibration.postprocess_history import replace_postprocess, reset_floor
 from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
 from inspector.evaluation.evaluate import Runner
@@ -176,22 +177,16 @@ def write_k(bundle: str | Path, param: Literal["k1", "k2"], value: float, note: 
     b = load_bundle(bundle)
     spec = b.spec
     old = spec.postprocess.model_dump(mode="json")
-    update: dict[str, Any] = {param: float(value)}
-    floor_reset = bool(spec.postprocess.min_residual) and float(value) != float(old[param])
-    if floor_reset:
-        update["min_residual"] = 0.0
-        log.warning("%s: min_residual %.4g reset to 0 (it was calibrated with %s %g); run `inspector "
-                    "calibrate thresholds` again", b.path / BUNDLE_FILE, spec.postprocess.min_residual,
-                    param, old[param])
-    history = list(spec.postprocess_history) + [{
-        **old, "replaced": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "replaced_by": f"calibrate dual-threshold {param}={value}"
-                       + (" (min_residual reset to 0: calibrated on the old components)" if floor_reset else ""),
-        "calibration": note}]
-    new_pp = spec.postprocess.model_copy(update=update)
-    new = BundleSpec.model_validate({**spec.model_dump(mode="json"),
-                                     "postprocess": new_pp.model_dump(mode="json"),
-                                     "postprocess_history": history})
+    pp = None
+    if float(value) != float(old[param]):
+        pp = reset_floor(spec, b.path / BUNDLE_FILE, f"it was calibrated with {param} {old[param]:g}")
+    floor_reset = pp is not None
+    pp = {**(pp or old), param: float(value)}
+    update = replace_postprocess(
+        spec, pp, f"calibrate dual-threshold {param}={value}"
+        + (" (min_residual reset to 0: calibrated on the old components)" if floor_reset else ""),
+        datetime.now(timezone.utc).isoformat(timespec="seconds"), calibration=note)
+    new = BundleSpec.model_validate({**spec.model_dump(mode="json"), **update})
     return write_bundle(b.path, new)
 
 

@@ -40,6 +40,7 @@ import numpy as np
 
 from calibration.cli import comma_ints
 from calibration.dual_threshold import finish_sweep_plot
+from calibration.postprocess_history import replace_postprocess, reset_floor
 from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
 from inspector.evaluation.evaluate import Runner
@@ -158,16 +159,13 @@ def write_window(bundle: str | Path, value: int, note: dict[str, Any]) -> dict[s
     if hist:
         prov["residual_window_calibration_history"] = hist
     update: dict[str, Any] = {"kind_params": kp, "provenance": prov}
-    floor_reset = bool(spec.postprocess.min_residual) and int(value) != old
+    pp = reset_floor(spec, b.path / BUNDLE_FILE, f"it was calibrated on the residual with window {old}") \
+        if int(value) != old else None
+    floor_reset = pp is not None
     if floor_reset:
-        pp = spec.postprocess.model_dump(mode="json")
-        update["postprocess_history"] = list(spec.postprocess_history) + [{
-            **pp, "replaced": ts, "replaced_by": f"calibrate residual-window {old} -> {value}: the "
-                                                 f"floor was calibrated on the old residual"}]
-        update["postprocess"] = {**pp, "min_residual": 0.0}
-        log.warning("%s: min_residual %.4g reset to 0 (it was calibrated on the residual with window "
-                    "%d); run `inspector calibrate thresholds` again", b.path / BUNDLE_FILE,
-                    spec.postprocess.min_residual, old)
+        update |= replace_postprocess(spec.model_copy(update={"provenance": prov}), pp,
+                                      f"calibrate residual-window {old} -> {value}: the floor was "
+                                      "calibrated on the old residual", ts)
     new = BundleSpec.model_validate({**spec.model_dump(mode="json"), **update})
     path = write_bundle(b.path, new)
     load_bundle(b.path)  # what was written loads and verifies

@@ -74,6 +74,7 @@ from typing import Any, Callable, Sequence
 import cv2
 import numpy as np
 
+from calibration.postprocess_history import replace_postprocess
 from inspector.bundle import BUNDLE_FILE, Bundle, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.metrics import Counts, DefectPixelMetrics, FalseAlarm, FrameResult, scores
 from inspector.fileio import atomic_write_text
@@ -974,15 +975,10 @@ def write_postprocess_section(bundle: str | Path, new_pp: PostprocessConfig, not
     ts = datetime.now(timezone.utc).isoformat(timespec="seconds")
     old_version = len(spec.postprocess_history) + 1
     new_version = old_version + 1
-    history = list(spec.postprocess_history) + [{
-        **spec.postprocess.model_dump(mode="json"), "version": old_version, "replaced": ts,
-        "replaced_by": f"inspector calibrate thresholds (version {new_version})"}]
-    prov = dict(spec.provenance)
-    prov["postprocess_version"] = new_version
-    prov["calibration"] = {"version": new_version, "created": ts, **note}
-    new = BundleSpec.model_validate({**spec.model_dump(mode="json"),
-                                     "postprocess": new_pp.model_dump(mode="json"),
-                                     "postprocess_history": history, "provenance": prov})
+    update = replace_postprocess(spec, new_pp.model_dump(mode="json"),
+                                 f"inspector calibrate thresholds (version {new_version})", ts)
+    update["provenance"]["calibration"] = {"version": new_version, "created": ts, **note}
+    new = BundleSpec.model_validate({**spec.model_dump(mode="json"), **update})
     path = write_bundle(b.path, new)
     load_bundle(b.path)  # what was written loads and verifies
     return {"bundle_yaml": str(path), "version": new_version, "previous_version": old_version,
