@@ -222,8 +222,17 @@ done
 # the service's own: StateDirectory= would chown it at start, ReadWritePaths= does not
 chown -R "$SERVICE_USER:$SERVICE_USER" "$STATEDIR"
 chmod 0750 "$STATEDIR" "$STATEDIR/engines" "$STATEDIR/recordings"
+RUNNING=
 if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl daemon-reload
+    RUNNING=$(systemctl list-units --plain --no-legend --state=active 'inspector@*.service' 2>/dev/null \
+              | awk '{printf "%s ", $1}')
+fi
+if [ -n "$RUNNING" ]; then
+    # not restarted here: that stops inspection, which the line must allow. Until then they run
+    # the version they started with, and refuse a reload (it would mix the two versions' code).
+    say "running instances keep the version they started with; restart them when the line allows:"
+    say "  systemctl restart $RUNNING"
 fi
 say "done. Put a camera config in $CONFDIR/cameras/<name>.yaml (see example.yaml.sample), then:"
 say "  $PREFIX/venv/bin/inspector check --config $CONFDIR/cameras/<name>.yaml"

@@ -20,6 +20,7 @@ from typing import Callable
 from inspector import __version__
 from inspector.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from inspector.errors import BindError, BundleError, ConfigError, EngineError, InspectorError, SourceError
+from inspector.reload_state import request_reload, runtime_dir_from_env
 
 log = logging.getLogger("inspector")
 
@@ -192,10 +193,24 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
     journal = {"auto": None, "journal": True, "text": False}[args.log_format]
     setup_logging(args.log_level or "INFO", journal)
-    daemon = Daemon(args.config)
+    daemon = Daemon(args.config, runtime_dir=args.runtime_dir)
     daemon.log_level_override = args.log_level
     logging.getLogger().setLevel(args.log_level or daemon.cfg.log_level)
     return daemon.run()
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    if args.runtime_dir is None:
+        return _fail("--runtime-dir is needed outside systemd (under the unit, RUNTIME_DIRECTORY "
+                     "names it)", EXIT_BAD_INPUT)
+    try:
+        record = request_reload(args.pid, args.runtime_dir, args.timeout)
+    except InspectorError as e:
+        return _fail(str(e), EXIT_FAIL)
+    if not record.ok:
+        return _fail(record.message, EXIT_FAIL)
+    print(record.message, flush=True)
+    return EXIT_OK
 
 
 def cmd_alarms(args: argparse.Namespace) -> int:
@@ -600,7 +615,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wins over the config's log_level, also after a reload (default: the config's)")
     p.add_argument("--log-format", choices=["auto", "journal", "text"], default="auto",
                    help="journal: syslog priority prefixes for journald; auto: journal under systemd")
+    p.add_argument("--runtime-dir", type=Path, default=runtime_dir_from_env(), metavar="DIR",
+                   help="where to keep reload.json, which `inspector reload` waits on "
+                        "(default: RUNTIME_DIRECTORY, set by systemd; none: no record)")
     p.set_defaults(fn=cmd_daemon)
+
+    p = sub.add_parser("reload", help="reload a running daemon and wait for the outcome: exit 0 when "
+                                      "the new config and model run, 1 when the daemon refused them "
+                                      "(ExecReload= of the unit)")
+    p.add_argument("--pid", type=positive_int, required=True, help="the daemon's PID ($MAINPID)")
+    p.add_argument("--runtime-dir", type=Path, default=runtime_dir_from_env(), metavar="DIR",
+                   help="the daemon's --runtime-dir (default: RUNTIME_DIRECTORY, set by systemd)")
+    p.add_argument("--timeout", type=positive_float, default=590.0,
+                   help="seconds to wait (the unit's TimeoutStartSec, 600 s, also bounds a reload)")
+    p.set_defaults(fn=cmd_reload)
 
     p = sub.add_parser("alarms", help="PLC alarm tools")
     asub = p.add_subparsers(dest="action", required=True)

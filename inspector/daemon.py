@@ -21,6 +21,7 @@ in a terminal.
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import signal
@@ -31,12 +32,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from inspector import __version__
 from inspector.alarms import AlarmEngine, DriverWorker, make_drivers
 from inspector.config import InspectorConfig, load_config
 from inspector.errors import InspectorError, first_line
 from inspector.metrics import Metrics
 from inspector.pipeline import BurstLog, LoadedModel, Pipeline, load_model
 from inspector.postprocess import Geometry
+from inspector.reload_state import ReloadLog
 from inspector.sources import Source
 
 log = logging.getLogger(__name__)
@@ -126,7 +129,8 @@ class Daemon:
     """Runs one camera (see module docs). ``source`` replaces the configured one (tests)."""
 
     def __init__(self, config_path: str | Path, source: Source | None = None,
-                 notifier: Notifier | None = None, clock: Callable[[], float] = time.monotonic):
+                 notifier: Notifier | None = None, clock: Callable[[], float] = time.monotonic,
+                 runtime_dir: Path | None = None):
         self.path = Path(config_path)
         self.cfg: InspectorConfig = load_config(self.path)
         self.notifier = notifier or Notifier.from_env()
@@ -143,6 +147,8 @@ class Daemon:
         self._report_fail = BurstLog("report consumer failed")
         self._consumers: list[Callable[[dict], None]] = []  # fed every published header
         self.reloads = {"ok": 0, "failed": 0}
+        #: reload.json in the runtime folder, which `inspector reload` (ExecReload=) waits on
+        self.reload_log = ReloadLog(runtime_dir)
         #: a level given on the command line (``--log-level``) wins over the config's, at start
         #: and after every reload
         self.log_level_override: str | None = None
@@ -179,6 +185,13 @@ class Daemon:
         cfg = self.cfg
         n = self.notifier
         self._install_signals()
+        self.reload_log.ready()
+        try:
+            return self._run(cfg, n)
+        finally:
+            self.reload_log.remove()
+
+    def _run(self, cfg: InspectorConfig, n: Notifier) -> int:
         n.send("STATUS=loading model")
         model = load_model(cfg)
         classes = model.bundle.spec.classes
@@ -317,11 +330,13 @@ class Daemon:
         On any error the running model and rules stay and the error is logged."""
         p = self.pipeline
         n = self.notifier
+        self.reload_log.begin()
         n.send("RELOADING=1", f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}",
                "STATUS=reloading")
         log.info("reload: reading %s", self.path)
         old = self.cfg
         try:
+            check_installed_version()
             new = load_config(self.path)
             later = [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]
             if new.alarms.drivers != old.alarms.drivers:
@@ -344,6 +359,7 @@ class Daemon:
             self.reloads["failed"] += 1
             log.error("reload failed, the running model and rules stay: %s", e)
             n.send("READY=1", f"STATUS=reload failed ({first_line(e)[:200]}); running on")
+            self.reload_log.end(False, f"reload failed, the running model and rules stay: {e}")
             return False
         logging.getLogger().setLevel(self.log_level_override or new.log_level)
         # Sections that need a restart keep their running values, so the next reload compares
@@ -351,11 +367,33 @@ class Daemon:
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in RESTART_ONLY}
                                   | {"alarms": new.alarms.model_copy(update={"drivers": old.alarms.drivers})})
         self.reloads["ok"] += 1
+        done = f"reload done: model {model.bundle.spec.name} warmed up in {warm:.0f} ms and swapped in"
+        log.info("%s", done)
         if later:
             log.warning("reload: %s changed; that takes effect after a restart", ", ".join(later))
-        log.info("reload done: model %s warmed up in %.0f ms and swapped in", model.bundle.spec.name, warm)
+            done += f"; {', '.join(later)} changed: that takes effect after a restart"
         n.send("READY=1", f"STATUS=reloaded: model {model.bundle.spec.name}, warm-up {warm:.0f} ms")
+        self.reload_log.end(True, done)
         return True
+
+
+def installed_version() -> str | None:
+    """The inspector's version as installed on disk now (None when run from a source tree that
+    was never installed)."""
+    try:
+        return importlib.metadata.version("strip-inspector")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_installed_version() -> None:
+    """A reload imports modules the daemon has not loaded yet (another engine, a model kind):
+    after an upgrade under a running daemon they would come from the new version and meet the
+    old one's in memory. Refuse, and say that a restart runs the new version."""
+    on_disk = installed_version()
+    if on_disk is not None and on_disk != __version__:
+        raise InspectorError(f"the inspector on disk is version {on_disk}, this daemon runs {__version__} "
+                             "(upgraded under it): restart the service to run the new version")
 
 
 class JournalFormatter(logging.Formatter):

@@ -99,7 +99,8 @@ def test_install_into_destdir_builds_the_tree_offline_without_touching_the_syste
     assert r.stdout.splitlines()[0].startswith(str(venv)) and "inspector 0.1.0" in r.stdout
     unit = (root / "etc/systemd/system/inspector@.service").read_text()
     for line in ("Type=notify", "ExecStart=/opt/inspector/venv/bin/inspector daemon --config "
-                 "/etc/inspector/cameras/%i.yaml", "Restart=on-failure", "WatchdogSec=30", "User=inspector",
+                 "/etc/inspector/cameras/%i.yaml", "ExecReload=/opt/inspector/venv/bin/inspector reload --pid $MAINPID",
+                 "Restart=on-failure", "WatchdogSec=30", "User=inspector",
                  "NoNewPrivileges=yes", "ProtectSystem=strict",
                  "ReadWritePaths=-/var/lib/inspector/engines -/var/lib/inspector/recordings",
                  "DeviceAllow=char-nvidia-frontend rw", "RestartPreventExitStatus=2"):
