@@ -330,6 +330,23 @@ def test_reconstruction_holdout_tells_clean_from_anomalous_and_compares_with_cop
     assert only_clean["beats_copy"] is None and only_clean["clean"]["samples"] == 4
 
 
+def test_resume_with_another_network_names_the_key(tiny_run, tmp_path):
+    import shutil
+
+    from export.arcd.train import train
+    from inspector.errors import ConfigError
+
+    _, run = tiny_run
+    run2 = tmp_path / "run"
+    shutil.copytree(run, run2)
+    cfg = tmp_path / "wider.yaml"
+    cfg.write_text(yaml.safe_dump(dict(TINY, model=dict(TINY["model"], d_base_channels=8))))
+    with pytest.raises(ConfigError) as e:
+        train(cfg, run2, resume=True)
+    assert str(e.value).startswith(f"{cfg}: model.d_base_channels: 8, but the checkpoint "
+                                   f"{run2 / 'checkpoint.pt'} was trained with 4")
+
+
 class _Dark(torch.nn.Module):
     def forward(self, x):
         return torch.zeros_like(x)

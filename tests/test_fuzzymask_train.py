@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,6 +141,18 @@ def test_cli_refuses_to_overwrite_and_resumes(trained):
             "--resume", "--max-iters", "1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads((trained["run"] / "metrics.json").read_text())["iterations"] == 5
+
+
+def test_resume_with_another_network_names_the_key(trained, tmp_path):
+    # the checkpoint holds the saved network's tensors: say which key changed, before any tensor
+    # is loaded (it used to say only "model: differs")
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    (tmp_path / "imgs").symlink_to(trained["config"].parent / "imgs")
+    wider = tiny_config(tmp_path, model={"width": 8})
+    r = cli("train", "fuzzymask", "--config", str(wider), "--run-dir", str(run), "--resume", "--max-iters", "1")
+    assert r.returncode == 2
+    assert f"{wider}: model.width: 8, but the checkpoint {run / 'checkpoint.pt'} was trained with 4" in r.stderr
 
 
 def test_bundle_follows_the_contract(trained):
