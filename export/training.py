@@ -40,7 +40,7 @@ __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW"
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "write_metrics", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
            "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED",
-           "sigterm_as_interrupt", "train_main", "step_generator", "check_resume_keys",
+           "sigterm_as_interrupt", "whole_step", "train_main", "step_generator", "check_resume_keys",
            "run_kind", "git_commit", "read_metrics", "metrics_for_checkpoint", "split_provenance"]
 
 # The run folder's files (``inspector export onnx`` and the tests find them by these names)
@@ -362,6 +362,47 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def whole_step() -> Iterator[None]:
+    """Ctrl-C or SIGTERM arriving inside the block takes effect when the block ends.
+
+    Wrap one training step in it: the optimiser update(s) and the step counter. A
+    ``KeyboardInterrupt`` raised in the middle (after the critic's update, before the
+    generator's; after ``opt.step()``, before the counter moved on) made the trainer save weights
+    one update ahead of its step count, so ``--resume`` repeated that update and was no longer
+    the run an uninterrupted one would have been. Here the first signal is held and raised as
+    ``KeyboardInterrupt`` once the step is complete; a second one during the same step gives up
+    waiting and ends the process at once by the signal's default action (nothing is saved: the
+    last checkpoint, written atomically, survives). Outside the main thread nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    # a handler installed from C reads as None: put the default back for it
+    previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def hold(signum: int, frame: object) -> None:
+        if held:
+            for s, h in previous.items():
+                signal.signal(s, h)
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        held.append(signum)
+        log.warning("%s: stopping after this step", signal.Signals(signum).name)
+
+    for s in previous:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if held:
+        raise KeyboardInterrupt(f"signal {signal.Signals(held[0]).name}")
 
 
 def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[..., Path],
