@@ -132,3 +132,28 @@ def test_arcd_backbones_benchmark_writes_json_and_png(tmp_path):
         main(["--out", str(out), "--backbones", "unet,fcn"])
     with pytest.raises(SystemExit):  # a tile the U-Net's stride (32) does not divide: usage error
         main(["--out", str(out), "--tile", "72", "--backbones", "unet"])
+
+
+def test_bench_on_a_camera_runs_at_the_pace_asked_and_says_what_ran(tmp_path):
+    # --fps was ignored for a GenICam source (the camera kept its own rate) but written into the
+    # JSON as the pace of the latency figures
+    from inspector.sources.genicam import default_viky_cti
+
+    if default_viky_cti() is None:
+        pytest.skip("viky.cti not found in the installed genicam package")
+    import yaml
+
+    from conftest import ROOT
+
+    raw = yaml.safe_load((ROOT / "configs/viky.yaml").read_text())
+    raw["source"].update(width=320, height=256, fps=20)
+    raw["model"]["bundle"] = str(ROOT / "deploy/models/demo-arcd")
+    p = write_config(tmp_path / "cam.yaml", raw)
+    out = tmp_path / "bench"
+    r = run_cli("bench", "--config", str(p), "--frames", "12", "--fps", "4", "--out", str(out), timeout=180)
+    assert r.returncode == 0, r.stderr
+    lat = json.loads((out / "bench.json").read_text())["latency"]
+    assert lat["paced_fps"] == 4 and lat["frames_requested"] == 12
+    assert lat["frames"] == lat["counters"]["published"]
+    # the camera framed at 4/s, not its configured 20/s (12 frames: about 3 s, not 0.6 s)
+    assert 2.0 <= lat["grabbed_fps"] <= 6.0, lat
