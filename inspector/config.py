@@ -186,6 +186,12 @@ def parse_config(raw: Any, file: str = "<memory>", base_dir: Path | None = None,
         raise validation_error(file, e) from None
     cfg.base_dir = base_dir or Path.cwd()
     cfg.source_file = file
+    if isinstance(cfg.source, GenicamConfig) and cfg.pipeline.backpressure:
+        # the grab stage would block on a camera that goes on framing: frames are then lost
+        # inside the camera (camera_skipped) instead of counted as queue_full
+        raise ConfigError(file, "pipeline.backpressure", "true, but a camera cannot wait for the "
+                          "engine (recorded or synthetic sources only); leave it false: frames that "
+                          "find the queue full are dropped and counted as queue_full")
     if check_paths:
         _check_paths(cfg)
     return cfg
@@ -213,6 +219,12 @@ def _check_paths(cfg: InspectorConfig) -> None:
         p = cfg.resolve(src.path)
         if not p.exists():
             raise ConfigError(f, "source.path", f"{p} not found (expected a folder of images or a video)")
+        if p.is_dir():
+            from inspector.sources.replay import has_images
+            if not has_images(p, src.pattern):
+                # exit 2 at start, not 1: under systemd an exit 1 is restarted every 5 s for ever
+                raise ConfigError(f, "source.pattern", f"no images matching {src.pattern!r} in {p} "
+                                  "(source.path)")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

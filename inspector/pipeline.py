@@ -39,7 +39,8 @@ from inspector.errors import ConfigError, FrameError, SourceError
 from inspector.flatfield import FlatField
 from inspector.frame import Frame
 from inspector.models import ModelAdapter, ModelOutput, make_adapter
-from inspector.postprocess import RECIPE_KEYS, Geometry, PostprocessConfig, Postprocessor, keys_unused_by
+from inspector.postprocess import (RECIPE_KEYS, Geometry, PostprocessConfig, Postprocessor, keys_unused_by,
+                                   recipe_misfit)
 from inspector.publish import SCHEMA, Publisher, encode_mask
 from inspector.sources import Source, make_source
 
@@ -159,6 +160,11 @@ def load_model(cfg: InspectorConfig) -> LoadedModel:
                           "connectivity, max_defects")
     engine = make_engine(cfg.model.engine, bundle.graph_path("model"))
     adapter = make_adapter(bundle, engine, cfg.model.max_batch)
+    misfit = recipe_misfit(pp.type, adapter.outputs)
+    if misfit:
+        # found at load, not as a post-processing error on every frame of a run that exits 0
+        where = "model.postprocess.type" if "type" in cfg.model.postprocess else "model.bundle"
+        raise ConfigError(cfg.source_file, where, f"{misfit} ({bundle.path.name}, kind {bundle.spec.kind})")
     if cfg.preprocess.flat_field:
         try:
             adapter.flat_field = FlatField.load(cfg.resolve(cfg.preprocess.flat_field))

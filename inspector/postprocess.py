@@ -70,6 +70,19 @@ RECIPE_KEYS: dict[str, tuple[str, ...]] = {
     "score_threshold": ("score_threshold", "open_kernel", "close_kernel"),
 }
 COMMON_KEYS = ("type", "min_area_px", "connectivity", "max_defects")
+#: the model output each recipe reads (every kind produces a score map)
+RECIPE_NEEDS: dict[str, str | None] = {"probability": "probs", "dual_threshold": "residual",
+                                       "score_threshold": None}
+
+
+def recipe_misfit(recipe: str, outputs: frozenset[str]) -> str | None:
+    """Why a ``recipe`` cannot run on a model kind producing ``outputs`` (None: it can)."""
+    need = RECIPE_NEEDS[recipe]
+    if need is None or need in outputs:
+        return None
+    what = {"probs": "class probabilities", "residual": "a residual"}
+    has = " and ".join(what[o] for o in sorted(outputs)) or "only a score map"
+    return f"{recipe} needs a model that outputs {what[need]}; this one outputs {has}"
 
 
 def keys_unused_by(recipe: str, keys) -> list[str]:

@@ -39,7 +39,7 @@ from inspector.evaluation.metrics import (ClassConfusion, Counts, DefectPixelMet
                                           DynamicInferenceStats, FalseAlarm, FrameResult, Metric,
                                           PixelAUROC, confusion_matrix, scores)
 from inspector.models import ModelAdapter, make_adapter
-from inspector.postprocess import PostprocessConfig, Postprocessor
+from inspector.postprocess import RECIPE_KEYS, PostprocessConfig, Postprocessor, keys_unused_by, recipe_misfit
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,22 @@ class Runner:
         spec = self.bundle.spec
         merged = spec.postprocess.model_dump() | (postprocess or {})
         self.pp_config = PostprocessConfig.model_validate(merged)
+        unused = keys_unused_by(self.pp_config.type, postprocess or {})
+        if unused:
+            # a camera config refuses the same key: here it changed nothing and scored as if it had
+            raise BundleError(f"{unused[0]} (override): the {self.pp_config.type} post-processing of "
+                              f"{self.bundle.path.name} does not read it; it reads "
+                              f"{', '.join(RECIPE_KEYS[self.pp_config.type])} and min_area_px, "
+                              "connectivity, max_defects")
         self.post = Postprocessor(self.pp_config, spec.classes)
         self.engine = engine if isinstance(engine, Engine) else \
             OnnxRuntimeEngine(self.bundle.graph_path("model"), engine)
         self.adapter: ModelAdapter = make_adapter(self.bundle, self.engine, max_batch)
+        misfit = recipe_misfit(self.pp_config.type, self.adapter.outputs)
+        if misfit:
+            where = "--set type" if "type" in (postprocess or {}) else \
+                f"{self.bundle.path / BUNDLE_FILE}: postprocess.type"
+            raise BundleError(f"{where}: {misfit}")
         if kind_params and getattr(self.adapter, "params", None) is None:
             # a kind without parameters would ignore them: refuse, naming the first key
             key = sorted(kind_params)[0]

@@ -18,6 +18,7 @@ from inspector.models.tiling import TileGrid
 
 class ArcdAdapter(ModelAdapter):
     kind = "arcd"
+    outputs = frozenset({"probs"})
 
     def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
         super().__init__(bundle, engine, max_batch)

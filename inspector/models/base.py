@@ -95,6 +95,9 @@ class ModelAdapter(abc.ABC):
     """
 
     kind: str = ""
+    #: the maps besides the score map that :meth:`infer` fills ("probs", "residual"): which
+    #: post-processing recipes can run on this kind
+    outputs: frozenset[str] = frozenset()
 
     def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
         self.bundle = bundle

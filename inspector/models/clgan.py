@@ -153,6 +153,7 @@ def residual_score(residual: np.ndarray, out: np.ndarray | None = None) -> np.nd
 
 class ClganAdapter(ModelAdapter):
     kind = "clgan"
+    outputs = frozenset({"residual"})
 
     def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
         super().__init__(bundle, engine, max_batch)

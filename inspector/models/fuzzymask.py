@@ -336,6 +336,7 @@ class FuzzymaskAdapter(ModelAdapter):
     """Dynamic inference of the fuzzy-mask inpainter through the engine interface (module doc)."""
 
     kind = "fuzzymask"
+    outputs = frozenset({"residual"})
 
     def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
         super().__init__(bundle, engine, max_batch)

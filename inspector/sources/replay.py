@@ -57,6 +57,11 @@ def _natural_key(path: Path) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.as_posix())]
 
 
+def has_images(folder: Path, pattern: str = "*") -> bool:
+    """Whether ``folder`` holds an image file matching ``pattern`` (stops at the first)."""
+    return any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in folder.glob(pattern))
+
+
 def list_images(folder: Path, pattern: str = "*") -> list[Path]:
     """Image files in ``folder`` matching ``pattern``, in natural name order."""
     found = [p for p in folder.glob(pattern) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]

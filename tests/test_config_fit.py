@@ -1,0 +1,65 @@
+"""Settings that cannot apply to the model or source they are given for are refused at load,
+with one line naming the file and the key (a new user's walkthrough found each accepted)."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from conftest import ROOT, run_cli, write_config
+
+
+def one_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln.startswith("inspector: error:")]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+def test_a_postprocess_type_the_model_cannot_feed_is_refused_at_load(tmp_path, synthetic_cfg):
+    # the toy model outputs class probabilities: dual_threshold reads a residual. `check` ended in
+    # a traceback and `run` dropped every frame as postprocess_error, then exited 0
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(model={"postprocess": {"type": "dual_threshold"}}))
+    for cmd in (["check"], ["run", "--frames", "2"]):
+        r = run_cli(*cmd, "--config", str(cfg), timeout=120)
+        assert r.returncode == 2, (cmd, r.stderr)
+        assert one_line(r.stderr).endswith(
+            f"{cfg}: model.postprocess.type: dual_threshold needs a model that outputs a residual; "
+            f"this one outputs class probabilities (toy, kind arcd)")
+
+
+def test_evaluate_refuses_overrides_the_bundle_does_not_read(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    cv2.imwrite(str(data / "a.png"), np.full((64, 64), 120, np.uint8))
+    base = ["evaluate", "--bundle", str(ROOT / "deploy/models/demo-arcd"), "--data", str(data), "--format", "folder"]
+    r = run_cli(*base, "--set", "k1=3.5", timeout=120)
+    assert r.returncode == 2
+    assert "k1 (override): the probability post-processing of demo-arcd does not read it" in one_line(r.stderr)
+    r = run_cli(*base, "--set", "type=dual_threshold", timeout=120)
+    assert r.returncode == 2
+    assert one_line(r.stderr).endswith("--set type: dual_threshold needs a model that outputs a residual; "
+                                       "this one outputs class probabilities")
+
+
+def test_backpressure_on_a_camera_is_refused(tmp_path):
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "configs/viky.yaml").read_text())
+    raw["model"]["bundle"] = str(ROOT / "deploy/models/demo-arcd")
+    raw["pipeline"] = {"backpressure": True}
+    cfg = write_config(tmp_path / "cam.yaml", raw)
+    r = run_cli("check", "--config", str(cfg), timeout=120)
+    assert r.returncode == 2
+    assert f"{cfg}: pipeline.backpressure: true, but a camera cannot wait" in one_line(r.stderr)
+
+
+def test_an_empty_replay_folder_is_bad_input_naming_the_file(tmp_path, synthetic_cfg):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    raw = synthetic_cfg()
+    raw["source"] = {"type": "replay", "path": str(empty)}
+    cfg = write_config(tmp_path / "cam.yaml", raw)
+    r = run_cli("run", "--config", str(cfg), "--frames", "1", timeout=120)
+    assert r.returncode == 2  # was 1: a systemd unit restarted it every 5 s for ever
+    assert f"{cfg}: source.pattern: no images matching '*' in {empty} (source.path)" in one_line(r.stderr)
