@@ -96,6 +96,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     model = load_model(cfg)
     spec = model.bundle.spec
+    _check_alarms(cfg, spec.classes)  # what `inspector daemon` refuses at start, exit 2
+    warnings = _check_endpoint(cfg)
     src = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
     with src:
         frame, problem = None, "the source ended before its first frame"
@@ -115,20 +117,54 @@ def cmd_check(args: argparse.Namespace) -> int:
         defects, total = model.post.defects(label, out.score_map)
         if out.release:
             out.release()
+        described = src.describe()  # while open: a camera reports what it runs at
     summary = {
         "config": cfg.source_file, "camera_id": cfg.camera_id,
-        "source": src.describe(), "frame_shape": list(frame.image.shape),
+        "source": described, "frame_shape": list(frame.image.shape),
         "bundle": str(model.bundle.path), "model": f"{spec.name} ({spec.kind})",
         "classes": spec.classes, "engine": model.backend,
         "infer_ms": round(infer_ms, 1), "defects_in_frame": total,
-        "publish": cfg.publish.endpoint, "result": "ok",
+        "publish": cfg.publish.endpoint,
+        "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)",
+        "warnings": warnings, "result": "ok",
     }
     if args.json:
         print(json.dumps(summary))
     else:
         for k, v in summary.items():
-            print(f"{k:>16}: {v}")
+            for line in (v if k == "warnings" else [v]):
+                print(f"{'warning' if k == 'warnings' else k:>16}: {line}")
     return EXIT_OK
+
+
+def _check_alarms(cfg, classes: list[str]) -> None:
+    """Alarm rules against the model's classes and each PLC driver's package: the daemon's own
+    start-up checks (without connecting), so `check` cannot pass a config the unit refuses."""
+    from inspector.alarms import AlarmEngine, make_link
+
+    if cfg.alarms.rules or cfg.alarms.drivers:
+        AlarmEngine(cfg.alarms, classes, cfg.source_file)
+    for i, d in enumerate(cfg.alarms.drivers):
+        make_link(d, cfg.camera_id, cfg.source_file, i)
+
+
+def _check_endpoint(cfg) -> list[str]:
+    """A tcp publish endpoint another process holds (a warning: it may be this camera's own
+    daemon, running while its config is checked)."""
+    import zmq
+
+    if not cfg.publish.endpoint.startswith("tcp://"):
+        return []
+    sock = zmq.Context.instance().socket(zmq.XPUB)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.bind(cfg.publish.endpoint)
+    except zmq.ZMQError as e:
+        return [f"publish.endpoint {cfg.publish.endpoint}: cannot bind now ({e}): another process "
+                "holds it (this camera's daemon, already running?); `run` and `daemon` would exit 1"]
+    finally:
+        sock.close()
+    return []
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:

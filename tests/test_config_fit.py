@@ -63,3 +63,26 @@ def test_an_empty_replay_folder_is_bad_input_naming_the_file(tmp_path, synthetic
     r = run_cli("run", "--config", str(cfg), "--frames", "1", timeout=120)
     assert r.returncode == 2  # was 1: a systemd unit restarted it every 5 s for ever
     assert f"{cfg}: source.pattern: no images matching '*' in {empty} (source.path)" in one_line(r.stderr)
+
+
+def test_check_refuses_what_the_daemon_refuses_and_warns_of_a_held_port(tmp_path, synthetic_cfg):
+    # README: `inspector check` before `systemctl enable`; it said "result: ok" for configs the
+    # unit then refused with exit 2 (not restarted: RestartPreventExitStatus=2)
+    import json
+    import socket
+
+    bad_rule = synthetic_cfg(alarms={"rules": [{"name": "r", "classes": ["rust"]}]})
+    cfg = write_config(tmp_path / "rule.yaml", bad_rule)
+    r = run_cli("check", "--config", str(cfg), timeout=120)
+    assert r.returncode == 2 and f"{cfg}: alarms.rules.0.classes: unknown class(es) ['rust']" in one_line(r.stderr)
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path / "port.yaml", synthetic_cfg(publish={"endpoint": f"tcp://127.0.0.1:{port}"}))
+        r = run_cli("check", "--config", str(cfg), "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["result"] == "ok" and len(summary["warnings"]) == 1
+    assert f"publish.endpoint tcp://127.0.0.1:{port}: cannot bind now" in summary["warnings"][0]
