@@ -37,6 +37,19 @@ def _fail(msg: str, code: int) -> int:
     return code
 
 
+def _out_folder(path: str | None, option: str = "--out") -> Path | None:
+    """Create an output folder before any work is done: one line naming the option, exit 2, when
+    it cannot be (it was a bare errno, exit 1, after the whole run)."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InspectorError(f"{option} {p}: cannot create the folder ({e.strerror or e})") from None
+    return p
+
+
 def _load(path: str):
     from inspector.config import load_config
     return load_config(path)
@@ -218,7 +231,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from inspector.bench import run_bench
 
     cfg = _load(args.config)
-    result = run_bench(cfg, frames=args.frames, out_dir=Path(args.out), fps=args.fps,
+    out = _out_folder(args.out)
+    assert out is not None
+    result = run_bench(cfg, frames=args.frames, out_dir=out, fps=args.fps,
                        throughput_frames=args.throughput_frames)
     print(json.dumps(result["summary"], indent=2))
     return EXIT_OK
@@ -495,6 +510,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from inspector.engines.onnxruntime import OnnxRuntimeConfig
     from inspector.evaluation.evaluate import evaluate_bundle
 
+    out = _out_folder(args.out)
     try:
         ds = _data_args(args)
         post, kind = _split_overrides(args.set)
@@ -512,7 +528,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                      EXIT_BAD_INPUT)
     bundle = engine[0] if engine else args.bundle
     try:
-        res = evaluate_bundle(bundle, ds, out_dir=Path(args.out) if args.out else None,
+        res = evaluate_bundle(bundle, ds, out_dir=out,
                               overlays=args.overlays, postprocess=post, resize=size,
                               engine=engine[1] if engine else OnnxRuntimeConfig(intra_op_threads=args.threads),
                               overlay_pick=args.overlay_pick, kind_params=kind)
@@ -550,6 +566,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_calibrate_window(args: argparse.Namespace) -> int:
     from calibration.residual_window import parse_windows, save_result, sweep_window, write_window
 
+    _out_folder(args.out)
     try:
         ds = _data_args(args)
         windows = parse_windows(args.windows)
@@ -570,7 +587,7 @@ def cmd_calibrate_window(args: argparse.Namespace) -> int:
         au = lambda v: "    -" if v is None else f"{v:.3f}"  # noqa: E731
         for r in res["rows"]:
             print(f"window {r['local_mean_window']:3d}  AUROC class mean {au(r['class_mean_auroc'])} "
-                  f"pooled {au(r['pixel_auroc'])}  F1 {pct(r['f1'])}  IoU {pct(r['iou'])}"
+                  f"pooled {au(r['pixel_auroc'])}  F1 {pct(r['f1'])} %  IoU {pct(r['iou'])} %"
                   f"  false alarms {pct(r['false_alarm_rate'])} % of normals")
         print(f"best local_mean_window = {res['best_value']} by {args.objective}"
               + (" (at the edge of the list: extend it)" if res["at_edge"] else "")
@@ -581,6 +598,7 @@ def cmd_calibrate_window(args: argparse.Namespace) -> int:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration.dual_threshold import parse_range, save_result, sweep, write_k
 
+    _out_folder(args.out)
     try:
         ds = _data_args(args)
         values = parse_range(args.range)
@@ -601,7 +619,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             f1 = "-" if r["f1"] is None else f"{r['f1'] * 100:6.2f}"
             iou = "-" if r["iou"] is None else f"{r['iou'] * 100:6.2f}"
             fa = "-" if r["false_alarm_px_per_mpx"] is None else f"{r['false_alarm_px_per_mpx']:9.0f}"
-            print(f"{args.param} {r[args.param]:5.2f}  F1 {f1}  IoU {iou}  normals: px/Mpx {fa}")
+            print(f"{args.param} {r[args.param]:5.2f}  F1 {f1} %  IoU {iou} %  normals: px/Mpx {fa}")
         print(f"best {args.param} = {res['best_value']} by {args.objective}"
               + (" (at the edge of the range: extend it)" if res["at_edge"] else "")
               + f"; curve {files['png']}" + (f"; written to {args.bundle}" if "written" in res else ""))

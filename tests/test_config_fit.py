@@ -86,3 +86,17 @@ def test_check_refuses_what_the_daemon_refuses_and_warns_of_a_held_port(tmp_path
     summary = json.loads(r.stdout)
     assert summary["result"] == "ok" and len(summary["warnings"]) == 1
     assert f"publish.endpoint tcp://127.0.0.1:{port}: cannot bind now" in summary["warnings"][0]
+
+
+def test_an_output_folder_that_cannot_be_made_is_named_before_any_work(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("a file, not a folder")
+    bad = afile / "out"
+    data = tmp_path / "data"
+    data.mkdir()
+    cv2.imwrite(str(data / "a.png"), np.full((64, 64), 120, np.uint8))
+    for cmd in (["bench", "--config", "configs/demo.yaml", "--frames", "5"],
+                ["evaluate", "--bundle", "deploy/models/demo-arcd", "--data", str(data), "--format", "folder"]):
+        r = run_cli(*cmd, "--out", str(bad), timeout=120)
+        assert r.returncode == 2, (cmd, r.stderr)  # was 1, a bare "[Errno 20] Not a directory", after the run
+        assert one_line(r.stderr) == f"inspector: error: --out {bad}: cannot create the folder (Not a directory)"
