@@ -460,7 +460,28 @@ def _data_args(args: argparse.Namespace):
     if args.categories:
         kw["categories" if args.format == "magnetic-tile" else "subsets"] = args.categories.split(",")
     fractions = _bundle_split(args.bundle) if args.split != "all" else DEFAULT_SPLIT
-    return open_dataset(args.format, Path(args.data), split=args.split, fractions=fractions, **kw)
+    ds = open_dataset(args.format, Path(args.data), split=args.split, fractions=fractions, **kw)
+    note = _trained_on_note(args.bundle, args.split, ds.split_by)
+    if note:
+        log.warning("%s", note)
+        ds.notes.append(note)
+    return ds
+
+
+def _trained_on_note(bundle_dir: str | Path, split: str, split_by: str) -> str | None:
+    """A warning where the split asked for is one the bundle's model was trained on (ARCD trains
+    on the hash ``train`` + ``test`` shares; ``test`` is meant to be the data set's own test
+    folder): on a root without that folder, ``--split test`` scored training images, silently."""
+    from inspector.bundle import load_bundle
+
+    prov = load_bundle(bundle_dir, verify=False).spec.provenance or {}
+    data = (prov.get("training_config") or {}).get("data") or {}
+    trained = data.get("train_splits") if isinstance(data, dict) else None
+    if not trained or split_by != "hash" or (split != "all" and split not in trained):
+        return None
+    return (f"split {split!r} {'holds' if split == 'all' else 'is'} the hash share(s) {list(trained)} this model "
+            f"was trained on (provenance.training_config.data.train_splits) if --data is its training data "
+            f"({data.get('root')}): those figures are on training images, not held-out ones")
 
 
 def _overrides(pairs: list[str] | None) -> dict:

@@ -100,3 +100,45 @@ def test_an_output_folder_that_cannot_be_made_is_named_before_any_work(tmp_path)
         r = run_cli(*cmd, "--out", str(bad), timeout=120)
         assert r.returncode == 2, (cmd, r.stderr)  # was 1, a bare "[Errno 20] Not a directory", after the run
         assert one_line(r.stderr) == f"inspector: error: --out {bad}: cannot create the folder (Not a directory)"
+
+
+def neu_root(root, n: int = 12, test_folder: bool = False):
+    for sub in ["training"] + (["test"] if test_folder else []):
+        (root / "images" / sub).mkdir(parents=True)
+        (root / "annotations" / sub).mkdir(parents=True)
+        for i in range(n):
+            img = np.full((64, 64), 100 + i, np.uint8)
+            mask = np.zeros((64, 64), np.uint8)
+            mask[10:20, 10:30] = 1 + i % 3
+            cv2.imwrite(str(root / "images" / sub / f"{sub}_{i:03d}.jpg"), img)
+            cv2.imwrite(str(root / "annotations" / sub / f"{sub}_{i:03d}.png"), mask)
+    return root
+
+
+def test_evaluate_flags_a_split_the_model_was_trained_on(tmp_path):
+    # ARCD trains on the hash train + test shares (test is meant to be NEU-Seg's own test folder):
+    # on a root without that folder `--split test` scored training images without a word
+    import json
+    import shutil
+
+    import yaml
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ROOT / "deploy/models/demo-arcd", bundle)
+    meta = yaml.safe_load((bundle / "bundle.yaml").read_text())
+    meta["provenance"]["training_config"]["data"] = {"source": "neu-seg", "root": "../data/neu_seg",
+                                                     "train_splits": ["train", "test"], "val_split": "val"}
+    (bundle / "bundle.yaml").write_text(yaml.safe_dump(meta))
+
+    def notes(root, split):
+        r = run_cli("evaluate", "--bundle", str(bundle), "--data", str(root), "--format", "neu-seg",
+                    "--split", split, "--json", timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["data"]["notes"], r.stderr
+
+    hashed = neu_root(tmp_path / "hashed")
+    got, err = notes(hashed, "test")
+    assert len(got) == 1 and "split 'test' is the hash share(s) ['train', 'test'] this model was trained on" in got[0]
+    assert "not held-out ones" in err  # and a warning on the terminal
+    assert notes(hashed, "val")[0] == []
+    assert notes(neu_root(tmp_path / "official", test_folder=True), "test")[0] == []  # its own test/ folder

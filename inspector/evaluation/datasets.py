@@ -143,6 +143,9 @@ class Dataset:
     split: str = "all"
     color: Literal["keep", "gray", "rgb"] = "keep"
     notes: list[str] = field(default_factory=list)
+    #: how ``split`` was taken: a hash share of the file stems, or a folder of its own (NEU-Seg's
+    #: ``images/test/``), which no training run with the hash splits has read
+    split_by: Literal["hash", "folder"] = "hash"
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -175,7 +178,7 @@ class Dataset:
 
     def filter(self, keep: Callable[[Entry], bool]) -> "Dataset":
         return Dataset(self.format, self.root, self.classes, [e for e in self.entries if keep(e)],
-                       self.split, self.color, list(self.notes))
+                       self.split, self.color, list(self.notes), self.split_by)
 
     def summary(self) -> dict:
         cats: dict[str, int] = {}
@@ -300,7 +303,8 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
                 missing += 1
                 continue
             entries.append(Entry(img, ann, img.stem, sub, s, binary_class=None))
-    ds = Dataset("neu-seg", root, list(NEU_SEG_CLASSES), entries, split)
+    ds = Dataset("neu-seg", root, list(NEU_SEG_CLASSES), entries, split,
+                 split_by="folder" if whole_test else "hash")
     if missing:
         ds.notes.append(f"{missing} image(s) without annotation skipped")
         log.warning("%s: %d image(s) without an annotation skipped", root, missing)
