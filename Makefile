@@ -1,6 +1,6 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   - creates .venv, installs the runtime, runs the daemon on the embedded default
-#   make test   - installs the runtime with the dev and train extras, runs the test suite
+#   make test   - installs the runtime with the dev, train, augment and plc extras, runs the test suite
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make demo   run the daemon on the synthetic strip with the shipped demo model (Ctrl-C stops;"
 	@echo "            DEMO_SECONDS=N stops after N seconds)"
-	@echo "make test   install dev extras and run the test suite"
+	@echo "make test   install the dev, train, augment and plc extras and run the test suite"
 	@echo "make bench  latency benchmark of the demo config (bench-out/bench.json, bench.png)"
 	@echo "make lint   pyflakes checks (undefined names, unused imports) and syntax errors"
 
