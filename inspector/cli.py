@@ -19,7 +19,8 @@ from typing import Callable
 
 from inspector import __version__
 from inspector.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
-from inspector.errors import BindError, BundleError, ConfigError, EngineError, InspectorError, SourceError
+from inspector.errors import (BindError, BundleError, ConfigError, EngineError, InspectorError, MissingPackageError,
+                              SourceError)
 from inspector.reload_state import request_reload, runtime_dir_from_env
 
 log = logging.getLogger("inspector")
@@ -822,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
         # busy or an interface not up yet may be there on the next start)
         cfg_file = getattr(args, "config", None)
         return _fail(f"{cfg_file}: {e}" if cfg_file else str(e), EXIT_FAIL)
+    except MissingPackageError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
     except (SourceError, EngineError, OSError) as e:
         return _fail(str(e), EXIT_FAIL)
     except InspectorError as e:

@@ -37,6 +37,12 @@ class EngineError(InspectorError):
     """The inference engine failed to load or to run."""
 
 
+class MissingPackageError(EngineError):
+    """An engine's optional package (an extra: TensorRT, pycuda) is not installed. Bad input for
+    this machine, exit 2: a restart cannot install it (a daemon exiting 1 was restarted every
+    5 s for ever)."""
+
+
 class CheckpointError(InspectorError, ValueError):
     """A training checkpoint is missing, unreadable (truncated, corrupt, not a torch file) or of
     another network; the message names the file. A ValueError too, so the training commands'

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from inspector.engines.base import Engine, TensorSpec
-from inspector.errors import EngineError
+from inspector.errors import EngineError, MissingPackageError
 from inspector.fileio import atomic_write_bytes
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,10 @@ def import_tensorrt() -> Any:
     """``tensorrt`` (10 or later), or an EngineError naming the gpu extra."""
     try:
         import tensorrt as trt
-    except Exception as e:  # ImportError, or OSError from a missing libnvinfer
+    except ImportError as e:
+        raise MissingPackageError(f"TensorRT is not importable ({type(e).__name__}: {e}); the tensorrt "
+                                  f"engine needs {GPU_EXTRA}") from None
+    except Exception as e:  # OSError from a missing libnvinfer
         raise EngineError(f"TensorRT is not importable ({type(e).__name__}: {e}); the tensorrt "
                           f"engine needs {GPU_EXTRA}") from None
     major = int(str(trt.__version__).split(".")[0])
@@ -64,7 +67,10 @@ def import_pycuda() -> Any:
     """``pycuda.driver``, or an EngineError naming the gpu extra."""
     try:
         import pycuda.driver as cuda
-    except Exception as e:  # ImportError, or OSError from a missing libcuda
+    except ImportError as e:
+        raise MissingPackageError(f"pycuda is not importable ({type(e).__name__}: {e}); the tensorrt "
+                                  f"engine needs {GPU_EXTRA}") from None
+    except Exception as e:  # OSError from a missing libcuda
         raise EngineError(f"pycuda is not importable ({type(e).__name__}: {e}); the tensorrt "
                           f"engine needs {GPU_EXTRA}") from None
     return cuda
