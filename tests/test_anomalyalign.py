@@ -255,3 +255,311 @@ def test_labelled_subset_is_arcd_10_percent():
     assert float(data.images.min()) >= -1 and float(data.images.max()) <= 1
     assert set(data.labels) == {"inclusion", "patches", "scratches"}
     assert int(data.masks.max()) <= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume: interrupts, crashes, changed data (review of export/augment, entries 1, 4, 5, 10)
+# ---------------------------------------------------------------------------------------------
+
+def write_tiny(path: Path, **over) -> Path:
+    """TINY with sections updated from ``over`` (log every iteration), as a YAML file."""
+    import yaml
+
+    cfg = json.loads(json.dumps(TINY))
+    cfg["log_every"] = 1
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def load_ck(run: Path) -> dict:
+    return torch.load(run / "checkpoint.pt", weights_only=True)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit-equal networks, weight EMA and optimiser state, and the same logged losses."""
+    ca, cb = load_ck(a), load_ck(b)
+    assert ca["step"] == cb["step"]
+    for part in ("unet", "controlnet"):
+        for k, v in ca[part].items():
+            assert torch.equal(v, cb[part][k]), (part, k)
+        for k, v in ca["ema"][part].items():
+            assert torch.equal(v, cb["ema"][part][k]), ("ema", part, k)
+    sa, sb = ca["optimizer"]["state"], cb["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), ("optimizer", i, k)
+    rows = lambda run: [{k: v for k, v in json.loads(line).items() if k != "elapsed_s"}  # noqa: E731
+                        for line in (run / "losses.jsonl").read_text().splitlines()]
+    assert rows(a) == rows(b)
+    ma, mb = (json.loads((r / "metrics.json").read_text()) for r in (a, b))
+    for k in ("iterations", "final_losses_ema", "epoch_mean_diff_loss", "first_logged_diff_loss"):
+        assert ma[k] == mb[k], k
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, Path]:
+    """(config, run of 8 iterations in one go): what every split run below must equal."""
+    base = tmp_path_factory.mktemp("aa-whole")
+    cfg = write_tiny(base / "tiny.yaml", checkpoint_every=3)
+    return cfg, train(cfg, base / "whole", max_iters=8, data=synthetic_data())
+
+
+def test_sigterm_inside_a_step_saves_the_whole_step_and_resume_is_bit_exact(uninterrupted, tmp_path):
+    """SIGTERM arriving right after opt.step() (inside the weight-EMA update) used to save the
+    weights one update ahead of the step count: --resume then repeated that update. Now the
+    signal takes effect after the step: checkpoint at 5, resume to 8 equals the 8 in one go."""
+    import os
+    import subprocess
+    import sys
+
+    cfg, whole = uninterrupted
+    run = tmp_path / "run"
+    driver = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import torch
+torch.set_num_threads(1)
+from test_anomalyalign import synthetic_data
+from export.augment.anomalyalign import train as T
+T.load_train_data = lambda cfg: synthetic_data()
+orig, calls = T.DiffusionTrainer._update_ema, [0]
+def ema(self):  # called right after opt.step()
+    calls[0] += 1
+    if calls[0] == 5:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return orig(self)
+T.DiffusionTrainer._update_ema = ema
+sys.exit(T.main(["--config", {str(cfg)!r}, "--run-dir", {str(run)!r}, "--max-iters", "8"]))
+"""
+    p = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[1],
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 130, p.stderr[-3000:]
+    ck = load_ck(run)
+    # the step the signal arrived in was finished (weights, EMA, count), no update beyond the count
+    assert (ck["step"], ck["optimizer"]["state"][0]["step"].item()) == (5, 5)
+    assert "stopping after this step" in p.stderr
+    train(cfg, run, resume=True, max_iters=3, data=synthetic_data())
+    assert_same_run(whole, run)
+
+
+def test_resume_keeps_the_running_loss_averages(uninterrupted, tmp_path):
+    """--resume started the loss averages from scratch: losses.jsonl's rows after the resume and
+    metrics.json's final_losses_ema described the resumed part only."""
+    cfg, whole = uninterrupted
+    train(cfg, tmp_path / "run", max_iters=4, data=synthetic_data())
+    train(cfg, tmp_path / "run", resume=True, max_iters=4, data=synthetic_data())
+    assert_same_run(whole, tmp_path / "run")
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert "align" in m["final_losses_ema"]  # L_a ran in the first part only, and is still reported
+
+
+def test_resume_after_a_crash_drops_the_losses_rows_past_the_checkpoint(uninterrupted, tmp_path,
+                                                                        monkeypatch):
+    """A run that died (not by Ctrl-C) after its periodic checkpoint at 6 had logged 7; the
+    resumed run logged 7 again: losses.jsonl repeated iterations."""
+    from export.augment.anomalyalign import train as T
+
+    cfg, whole = uninterrupted
+    orig, calls = T.DiffusionTrainer.step, [0]
+
+    def step(self, *a, **kw):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise RuntimeError("killed")
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(T.DiffusionTrainer, "step", step)
+    with pytest.raises(RuntimeError, match="killed"):
+        train(cfg, tmp_path / "run", max_iters=8, data=synthetic_data())
+    monkeypatch.setattr(T.DiffusionTrainer, "step", orig)
+    assert load_ck(tmp_path / "run")["step"] == 6
+    train(cfg, tmp_path / "run", resume=True, max_iters=2, data=synthetic_data())
+    its = [json.loads(line)["it"] for line in (tmp_path / "run" / "losses.jsonl").read_text().splitlines()]
+    assert its == list(range(1, 9))
+    assert_same_run(whole, tmp_path / "run")
+
+    # a torn last line (a kill in the middle of writing it) goes too
+    from export.augment.anomalyalign.train import trim_losses
+
+    path = tmp_path / "losses.jsonl"
+    path.write_text('{"it": 1, "diff": 1.0}\n{"it": 2, "diff": 0.9}\n{"it": 3, "di')
+    trim_losses(path, 2)
+    assert path.read_text() == '{"it": 1, "diff": 1.0}\n{"it": 2, "diff": 0.9}\n'
+
+
+def test_resume_with_other_training_images_or_subset_keys_is_a_config_error(tmp_path):
+    """The checkpoint's per-image prompts were reused for another image list: an IndexError
+    traceback for more images, silently wrong prompts for fewer. Now a ConfigError naming the
+    key, and the run folder's config.yaml is left as it was."""
+    from inspector.errors import ConfigError
+
+    from export.augment.anomalyalign.train import TrainData
+
+    cfg = write_tiny(tmp_path / "tiny.yaml")
+    run = train(cfg, tmp_path / "run", max_iters=2, data=synthetic_data())
+    saved_cfg = (run / "config.yaml").read_text()
+    data = synthetic_data()
+
+    def subset(keep: list[int]) -> TrainData:
+        return TrainData(data.images[keep], data.masks[keep], [data.labels[i] for i in keep],
+                         [data.stems[i] for i in keep], data.classes, "synthetic subset")
+
+    images, masks = synthetic_arrays(16)
+    more = from_arrays(images, masks, list(NEU_SEG_CLASSES), [f"s{i:02d}" for i in range(16)], 16,
+                       "synthetic, 16 images")
+    for other in (subset(list(range(8))), more, subset(list(range(11, -1, -1)))):
+        with pytest.raises(ConfigError, match="data.root") as e:
+            train(cfg, run, resume=True, max_iters=1, data=other)
+        assert str(run / "checkpoint.pt") in str(e.value)
+    cfg2 = write_tiny(tmp_path / "tiny2.yaml", data={"resolution": 16, "label_fraction": 0.3})
+    with pytest.raises(ConfigError, match="data.label_fraction"):
+        train(cfg2, run, resume=True, max_iters=1, data=data)
+    assert (run / "config.yaml").read_text() == saved_cfg and load_ck(run)["step"] == 2
+    train(cfg, run, resume=True, max_iters=1, data=data)  # the same images: resumes
+    assert load_ck(run)["step"] == 3
+
+
+def test_resume_of_a_run_without_weight_ema_starts_the_ema_from_its_weights(tmp_path):
+    """A checkpoint of a run with optim.ema_decay 0 resumed with ema_decay > 0: the EMA (copied
+    from the random initial weights at build) was averaged on from there, and sampled from."""
+    cfg0 = write_tiny(tmp_path / "no-ema.yaml", optim={"ema_decay": 0.0})
+    run = train(cfg0, tmp_path / "run", max_iters=3, data=synthetic_data())
+    before = load_ck(run)
+    assert before["ema"] is None
+    cfg = write_tiny(tmp_path / "ema.yaml", optim={"ema_decay": 0.9})
+    train(cfg, run, resume=True, max_iters=1, data=synthetic_data())
+    after = load_ck(run)
+    for part in ("unet", "controlnet"):
+        for k, v in after["ema"][part].items():
+            if v.is_floating_point():
+                want = 0.9 * before[part][k] + 0.1 * after[part][k]
+                assert torch.allclose(v, want, atol=1e-6), (part, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling (review entries 2, 3, 8, 9)
+# ---------------------------------------------------------------------------------------------
+
+def run_with(tiny_run: Path, folder: Path, **sample_cfg) -> Path:
+    """A copy of the tiny run whose checkpoint's config has ``sample`` keys changed."""
+    folder.mkdir()
+    ck = load_ck(tiny_run)
+    ck["config"]["sample"].update(sample_cfg)
+    torch.save(ck, folder / "checkpoint.pt")
+    return folder
+
+
+def pair_files(root: Path) -> list[tuple[str, bytes]]:
+    return [(str(p.relative_to(root)), p.read_bytes()) for p in sorted(root.rglob("*.*"))
+            if p.name != "manifest.json"]
+
+
+def test_sampling_with_eta_depends_on_the_pair_and_seed_not_the_batch(tiny_run, tmp_path):
+    """With sample.eta > 0 the DDIM variance noise came from one generator seeded 0 for the
+    whole batch: pair i depended on its place in the batch, and not on --seed."""
+    run = run_with(tiny_run, tmp_path / "eta1", eta=1.0)
+    src = tiny_sources()
+    sample(run, tmp_path / "b4", 4, seed=3, sources=src, batch_size=4)
+    sample(run, tmp_path / "b1", 4, seed=3, sources=src, batch_size=1)
+    sample(run, tmp_path / "b3", 4, seed=3, sources=src, batch_size=3)
+    assert pair_files(tmp_path / "b4") == pair_files(tmp_path / "b1") == pair_files(tmp_path / "b3")
+    sample(run, tmp_path / "s4", 4, seed=4, sources=src, batch_size=4)
+    assert pair_files(tmp_path / "s4") != pair_files(tmp_path / "b4")
+    # eta does draw noise here: the same pairs with eta 0 differ
+    sample(run_with(tiny_run, tmp_path / "eta0", eta=0.0), tmp_path / "e0", 4, seed=3, sources=src)
+    assert [f for f in pair_files(tmp_path / "e0") if f[0].startswith("images")] != \
+        [f for f in pair_files(tmp_path / "b4") if f[0].startswith("images")]
+
+
+def test_manifest_records_the_shift_applied_to_the_mask(tiny_run, tmp_path):
+    """A planned shift that would push more than half of the defect off the image is dropped;
+    the manifest used to record the planned one anyway."""
+    masks = []
+    for i in range(4):  # a defect in the top-left corner: shifts up or left drop most of it
+        m = np.zeros((40, 40), np.uint8)
+        m[0:5, 0:5] = 1 + i % 3
+        masks.append(m)
+    src = SourceMasks(masks, [f"c{i}" for i in range(4)], [0, 1, 2, 3], (40, 40))
+
+    def shifted(m: np.ndarray, dy: int, dx: int) -> np.ndarray:
+        out = np.zeros_like(m)
+        h, w = m.shape
+        out[max(0, dy):h + min(0, dy), max(0, dx):w + min(0, dx)] = \
+            m[max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)]
+        return out
+
+    n, seed = 12, 0
+    man = json.loads(sample(tiny_run, tmp_path / "out", n, seed=seed, sources=src).read_text())
+    dropped = 0
+    for i, item in enumerate(man["items"]):
+        plan = plan_pair(src, seed, i, 0.1)
+        m = src.masks[plan["source"]]
+        m = m[:, ::-1] if plan["hflip"] else m
+        m = m[::-1, :] if plan["vflip"] else m
+        applied = transform_mask(src.masks[plan["source"]], plan)
+        assert np.array_equal(shifted(np.ascontiguousarray(m), *item["shift"]), applied), (i, item)
+        dropped += item["shift"] != [plan["dy"], plan["dx"]]
+    assert dropped  # the case under test occurred
+    from export.augment.anomalyalign.sample import place_mask
+
+    m = np.zeros((10, 10), np.uint8)
+    m[0:2, 0:2] = 1
+    assert place_mask(m, {"hflip": False, "vflip": False, "dy": -1, "dx": 0})[1] == [-1, 0]  # half kept
+    assert place_mask(m, {"hflip": False, "vflip": False, "dy": -2, "dx": 0})[1] == [0, 0]
+    assert place_mask(m, {"hflip": False, "vflip": False, "dy": 2, "dx": 1})[1] == [2, 1]
+
+
+def test_guidance_below_one_is_refused(tiny_run, tmp_path, capsys):
+    """--guidance 0.5 (or 0) sampled as 1 (CFG only runs above 1) and was recorded as given."""
+    from inspector.cli import main as inspector_main
+
+    for bad in ("0.5", "0", "-1", "nan"):
+        with pytest.raises(SystemExit) as e:
+            inspector_main(["augment", "anomalyalign", "sample", "--run-dir", str(tiny_run),
+                            "--out", str(tmp_path / "o"), "--n", "1", "--guidance", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert "--guidance" in err and ">= 1" in err, err
+    with pytest.raises(ValueError, match="--guidance"):
+        sample(tiny_run, tmp_path / "o", 1, sources=tiny_sources(), guidance=0.5)
+    assert not (tmp_path / "o").exists()
+    man = json.loads(sample(tiny_run, tmp_path / "g", 1, sources=tiny_sources(), guidance=2.0).read_text())
+    assert man["sampling"]["guidance_scale"] == 2.0
+
+
+def test_a_failed_sample_leaves_no_output_and_out_must_be_new(tiny_run, tmp_path, monkeypatch):
+    """An interrupted sample left pairs without a manifest (read by ARCD's synthetic_root); a
+    re-run into it with a smaller --n kept the stale pairs; a data set's root was written into."""
+    from export.augment import dataset as D
+
+    src = tiny_sources()
+    orig = D.PairWriter.add
+
+    def add(self, *a, **kw):
+        if len(self.pairs) == 2:
+            raise KeyboardInterrupt
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(D.PairWriter, "add", add)
+    with pytest.raises(KeyboardInterrupt):
+        sample(tiny_run, tmp_path / "out", 6, seed=0, sources=src)
+    monkeypatch.setattr(D.PairWriter, "add", orig)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary folder
+    sample(tiny_run, tmp_path / "out", 3, seed=0, sources=src)
+    assert len(open_dataset("neu-seg", tmp_path / "out", split="all")) == 3
+    with pytest.raises(FileExistsError, match="manifest"):
+        sample(tiny_run, tmp_path / "out", 2, seed=0, sources=src)
+    # a real data set's root (images, no manifest) is refused, not written into
+    real = tmp_path / "neu"
+    (real / "images" / "training").mkdir(parents=True)
+    (real / "images" / "training" / "000001.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="data set"):
+        sample(tiny_run, real, 2, seed=0, sources=src)
+    assert [p.name for p in real.rglob("*") if p.is_file()] == ["000001.jpg"]
+    (tmp_path / "empty").mkdir()  # an empty folder is fine
+    sample(tiny_run, tmp_path / "empty", 2, seed=0, sources=src)
+    assert len(open_dataset("neu-seg", tmp_path / "empty", split="all")) == 2

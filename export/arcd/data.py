@@ -819,24 +819,23 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
 
 
 def _synthetic_frames(cfg: FolderDataConfig, classes: Sequence[str], channels: int) -> "DatasetFrames":
-    """The generated pairs of ``cfg.synthetic_root`` (checked against the data set's classes)."""
-    from inspector.evaluation.datasets import open_dataset
+    """The generated pairs of ``cfg.synthetic_root``: only those its ``manifest.json`` lists, in
+    its order (checked against the data set's classes). A folder without the manifest (a
+    ``sample`` that failed or was stopped, or not a generator's output) is refused: its pairs may
+    be half written or left over from another run."""
+    from export.augment.dataset import open_pairs
 
     root = Path(cfg.synthetic_root)
     try:
-        ds = open_dataset("neu-seg", root, split="all", strict=True)
-    except FileNotFoundError as e:
+        ds, man = open_pairs(root)
+    except (FileNotFoundError, ValueError) as e:
         raise TrainingDataError(f"data.synthetic_root: {e}") from None
     if len(ds) == 0:
         raise TrainingDataError(f"data.synthetic_root: {root}: no generated pairs (NEU-Seg layout)")
-    manifest = root / "manifest.json"
-    if manifest.is_file():
-        import json
-
-        got = json.loads(manifest.read_text()).get("classes")
-        if got is not None and list(got) != list(classes):
-            raise TrainingDataError(f"data.synthetic_root: {manifest}: classes {got} differ from "
-                                    f"the data set's {list(classes)}")
+    got = man.get("classes")
+    if got is not None and list(got) != list(classes):
+        raise TrainingDataError(f"data.synthetic_root: {root / 'manifest.json'}: classes {got} "
+                                f"differ from the data set's {list(classes)}")
     n = len(ds) if not cfg.synthetic_limit else min(cfg.synthetic_limit, len(ds))
     return DatasetFrames(ds, channels, cfg.frame_size, list(range(n)))
 

@@ -11,10 +11,23 @@ from pathlib import Path
 __all__ = ["add_commands"]
 
 
+def image_cap(text: str) -> int:
+    """``--max-images``: a whole number >= 2 (diversity compares pairs of images)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2 (diversity compares pairs of images), got {text}")
+    return value
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
     from export.augment.measure import diversity
     from inspector.evaluation.datasets import open_dataset
 
+    if args.max_images < 2:  # the command line refuses it; a caller building args may not
+        raise ValueError(f"--max-images: must be >= 2, got {args.max_images}")
     out: dict = {}
     for key, root, fmt, split in (("generated", args.pairs, "neu-seg", "all"),
                                   ("reference", args.reference, args.reference_format,
@@ -49,6 +62,7 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
     p.add_argument("--reference", help="real images to compare with, e.g. ../shared/data/neu_seg")
     p.add_argument("--reference-format", default="neu-seg", choices=["neu-seg", "magnetic-tile", "folder"])
     p.add_argument("--reference-split", default="val", choices=["train", "val", "test", "all"])
-    p.add_argument("--max-images", type=int, default=300, help="images per set (the first N)")
+    p.add_argument("--max-images", type=image_cap, default=300,
+                   help="images per set (the first N; at least 2)")
     p.add_argument("--out", help="also write the JSON here")
     p.set_defaults(augment_fn=cmd_measure)

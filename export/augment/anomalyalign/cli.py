@@ -17,6 +17,18 @@ from inspector.argtypes import positive_int
 __all__ = ["add_commands"]
 
 
+def guidance_scale(text: str) -> float:
+    """``--guidance``: a number >= 1 (1 = no classifier-free guidance). Below 1 it would sample
+    as 1 while the manifest recorded the value given."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 1:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be >= 1 (1 = no classifier-free guidance), got {text}")
+    return value
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from export.augment.anomalyalign.sample import sample, write_grid
 
@@ -39,12 +51,12 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("sample", help="DDIM from the subset's real masks (flipped/shifted) and their "
                                       "prompts; write NEU-Seg pairs + manifest")
     q.add_argument("--run-dir", required=True, help="trained run folder (checkpoint.pt)")
-    q.add_argument("--out", required=True, help="output folder (must not hold a manifest yet)")
+    q.add_argument("--out", required=True, help="output folder (new, or empty; written whole at the end)")
     q.add_argument("--n", type=positive_int, required=True, help="pairs to write")
     q.add_argument("--seed", type=int, default=0, help="everything random derives from it")
     q.add_argument("--steps", type=positive_int, help="DDIM steps (default: the run's sample.steps)")
-    q.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the "
-                                                  "run's sample.guidance_scale; 1 = off)")
+    q.add_argument("--guidance", type=guidance_scale, help="classifier-free guidance scale, >= 1 "
+                                                           "(default: the run's sample.guidance_scale; 1 = off)")
     q.add_argument("--batch-size", type=positive_int, help="images per DDIM batch")
     q.add_argument("--threads", type=positive_int, help="torch threads (default: the run's threads)")
     q.add_argument("--grid", help="also write a PNG grid of the first 16 pairs with their masks")

@@ -8,8 +8,12 @@ image's ``j*`` prompt of that defect type). The mask is brought to the model's r
 bicubic, the mask nearest, so the written label is exactly the mask the model was conditioned on.
 
 Pair ``i`` depends only on (``--seed``, ``i``) and the checkpoint: its mask transform, its
-source and its initial noise are drawn from a generator seeded with both, so the output is
-deterministic under ``--seed`` whatever the batch size.
+source and its noise seed are drawn from a generator seeded with both, and that noise seed drives
+the pair's own generator for its initial noise and (``sample.eta`` > 0) the DDIM variance noise
+of every step, so the output is deterministic under ``--seed`` whatever the batch size.
+
+The manifest's ``shift`` of a pair is the one applied to its mask: ``[0, 0]`` where the planned
+shift would have pushed more than half of the defect off the image and was dropped.
 
 Example::
 
@@ -37,8 +41,8 @@ from export.training import CHECKPOINT, fmt_duration
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SourceMasks", "load_sources", "plan_pair", "transform_mask", "load_model",
-           "AlignmentMeter", "sample", "write_grid"]
+__all__ = ["SourceMasks", "load_sources", "plan_pair", "transform_mask", "place_mask", "load_model",
+           "AlignmentMeter", "sample", "write_grid", "check_guidance"]
 
 
 @dataclass
@@ -82,6 +86,12 @@ def plan_pair(src: SourceMasks, seed: int, i: int, max_shift: float) -> dict:
 def transform_mask(mask: np.ndarray, plan: dict) -> np.ndarray:
     """Flip, then shift with background fill; a shift that would drop more than half of the
     defect pixels off the edge is not applied (an almost empty label teaches nothing)."""
+    return place_mask(mask, plan)[0]
+
+
+def place_mask(mask: np.ndarray, plan: dict) -> tuple[np.ndarray, list[int]]:
+    """:func:`transform_mask`, and the shift ``[dy, dx]`` it applied (``[0, 0]`` when the
+    planned one was dropped): what the manifest records."""
     m = mask
     if plan["hflip"]:
         m = m[:, ::-1]
@@ -94,8 +104,8 @@ def transform_mask(mask: np.ndarray, plan: dict) -> np.ndarray:
     xs, xd = (slice(0, w - dx), slice(dx, w)) if dx >= 0 else (slice(-dx, w), slice(0, w + dx))
     out[yd, xd] = m[ys, xs]
     if (out > 0).sum() * 2 < (m > 0).sum():
-        return np.ascontiguousarray(m)
-    return out
+        return np.ascontiguousarray(m), [0, 0]
+    return out, [int(dy), int(dx)]
 
 
 def load_model(ck: dict, cfg: AnomalyAlignConfig, dev: torch.device):
@@ -135,16 +145,27 @@ def generate(unet, controlnet, cfg: AnomalyAlignConfig, text_table: torch.Tensor
              masks_lr: list[np.ndarray], prompt_idx: list[int], noise_seeds: list[int],
              steps: int | None = None, guidance: float | None = None,
              meter: AlignmentMeter | None = None) -> np.ndarray:
-    """Images [B, R, R] uint8 for low-resolution masks, prompts and per-pair noise seeds."""
+    """Images [B, R, R] uint8 for low-resolution masks, prompts and per-pair noise seeds. Each
+    pair's generator, seeded with its noise seed, draws its initial noise and then its DDIM
+    variance noise (eta > 0), so a pair does not depend on the batch it is in."""
     r = cfg.data.resolution
-    noise = torch.stack([torch.randn((1, r, r), generator=torch.Generator().manual_seed(s))
-                         for s in noise_seeds])
+    gens = [torch.Generator().manual_seed(int(s)) for s in noise_seeds]
+    noise = torch.stack([torch.randn((1, r, r), generator=g) for g in gens])
     text = text_table[torch.tensor(prompt_idx)][:, None, :]
     x = ddim_sample(unet, controlnet, torch.from_numpy(np.stack(masks_lr)).long(), text, noise, cfg,
-                    steps=steps, guidance=guidance)
+                    steps=steps, guidance=guidance, generators=gens)
     if meter is not None:
         meter.add(x, np.stack(masks_lr))
     return np.clip((x.cpu().numpy()[:, 0] + 1) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+
+
+def check_guidance(guidance: float) -> float:
+    """``--guidance`` as given, refused below 1 (or NaN): classifier-free guidance is off at 1
+    and applied above it (spec 000 §2.4: scale 7.5-9); a value under 1 would sample as 1 while
+    the manifest recorded the value given."""
+    if not guidance >= 1:
+        raise ValueError(f"--guidance: must be >= 1 (1 = no classifier-free guidance), got {guidance:g}")
+    return float(guidance)
 
 
 def sample(run_dir: Path, out: Path, n: int, seed: int = 0, steps: int | None = None,
@@ -164,7 +185,7 @@ def sample(run_dir: Path, out: Path, n: int, seed: int = 0, steps: int | None = 
     unet, controlnet = load_model(ck, cfg, dev)
     text_table = ck["text_emb"].float()
     steps = steps or cfg.sample.steps
-    guidance = cfg.sample.guidance_scale if guidance is None else guidance
+    guidance = cfg.sample.guidance_scale if guidance is None else check_guidance(guidance)
     bs = batch_size or cfg.sample.batch_size
     r = cfg.data.resolution
     h, w = src.size
@@ -174,34 +195,36 @@ def sample(run_dir: Path, out: Path, n: int, seed: int = 0, steps: int | None = 
     seg_path = run_dir / SEGMENTER
     meter = (AlignmentMeter(load_segmenter(seg_path, len(ck["classes"])), list(ck["classes"]))
              if seg_path.is_file() else None)
-    writer = PairWriter(out, "anomalyalign", config=ck["config"])
     log.info("sampling %d pairs from %s (iteration %d) at %d px -> %dx%d, DDIM %d steps, guidance %g",
              n, ck_path, ck["step"], r, w, h, steps, guidance)
     t0 = time.monotonic()
-    for start in range(0, n, bs):
-        plans = [plan_pair(src, seed, i, cfg.sample.max_shift) for i in range(start, min(n, start + bs))]
-        full = [transform_mask(src.masks[p["source"]], p) for p in plans]
-        low = [cv2.resize(m, (r, r), interpolation=cv2.INTER_NEAREST) for m in full]
-        pidx = [src.prompt_idx[p["source"]] for p in plans]
-        imgs = generate(unet, controlnet, cfg, text_table, low, pidx, [p["noise_seed"] for p in plans],
-                        steps, guidance, meter)
-        for p, img, m_lr, j in zip(plans, imgs, low, pidx):
-            big = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC)
-            mask = cv2.resize(m_lr, (w, h), interpolation=cv2.INTER_NEAREST)
-            writer.add(big, mask, prompt=lib.prompts[j], source_mask=src.stems[p["source"]],
-                       hflip=p["hflip"], vflip=p["vflip"], shift=[p["dy"], p["dx"]],
-                       noise_seed=p["noise_seed"])
-        done = min(n, start + bs)
-        el = time.monotonic() - t0
-        log.info("%d/%d pairs, %s, eta %s", done, n, fmt_duration(el), fmt_duration(el / done * (n - done)))
-    alignment = meter.result() if meter else None
-    if alignment:
-        log.info("mask alignment (IoU of the run's segmenter on the generated images vs their "
-                 "masks, at %d px): %s", r, alignment)
-    return writer.close(checkpoint=str(ck_path), checkpoint_step=int(ck["step"]),
-                        subset=ck.get("data_source"), sampling=settings,
-                        mask_alignment_iou=alignment,
-                        segmenter_train_iou=ck["segmenter"].get("info", {}).get("train_iou"))
+    # the pairs go to a temporary folder that close() renames to `out`: an error or Ctrl-C before
+    # that leaves no `out` (the writer's exit removes the folder)
+    with PairWriter(out, "anomalyalign", config=ck["config"]) as writer:
+        for start in range(0, n, bs):
+            plans = [plan_pair(src, seed, i, cfg.sample.max_shift) for i in range(start, min(n, start + bs))]
+            placed = [place_mask(src.masks[p["source"]], p) for p in plans]
+            low = [cv2.resize(m, (r, r), interpolation=cv2.INTER_NEAREST) for m, _ in placed]
+            pidx = [src.prompt_idx[p["source"]] for p in plans]
+            imgs = generate(unet, controlnet, cfg, text_table, low, pidx, [p["noise_seed"] for p in plans],
+                            steps, guidance, meter)
+            for p, (_, shift), img, m_lr, j in zip(plans, placed, imgs, low, pidx):
+                big = cv2.resize(img, (w, h), interpolation=cv2.INTER_CUBIC)
+                mask = cv2.resize(m_lr, (w, h), interpolation=cv2.INTER_NEAREST)
+                writer.add(big, mask, prompt=lib.prompts[j], source_mask=src.stems[p["source"]],
+                           hflip=p["hflip"], vflip=p["vflip"], shift=shift,
+                           noise_seed=p["noise_seed"])
+            done = min(n, start + bs)
+            el = time.monotonic() - t0
+            log.info("%d/%d pairs, %s, eta %s", done, n, fmt_duration(el), fmt_duration(el / done * (n - done)))
+        alignment = meter.result() if meter else None
+        if alignment:
+            log.info("mask alignment (IoU of the run's segmenter on the generated images vs their "
+                     "masks, at %d px): %s", r, alignment)
+        return writer.close(checkpoint=str(ck_path), checkpoint_step=int(ck["step"]),
+                            subset=ck.get("data_source"), sampling=settings,
+                            mask_alignment_iou=alignment,
+                            segmenter_train_iou=ck["segmenter"].get("info", {}).get("train_iou"))
 
 
 def write_grid(out: Path, path: Path, n: int = 16, cols: int = 4, side: int = 100) -> Path:

@@ -15,7 +15,11 @@ written from the diffusion stage on):
 Data: only :func:`export.augment.dataset.labelled_subset` (the images ARCD sees at
 ``data.label_fraction``), resized to ``data.resolution``, random flips / 90° turns applied to
 image and mask alike. Batch ``i`` and its noise are a pure function of (seed, i), so a resumed
-run sees what an uninterrupted one would.
+run sees what an uninterrupted one would. Ctrl-C / SIGTERM takes effect between iterations
+(:func:`export.training.whole_step`), the checkpoint carries the running loss averages, and
+``--resume`` refuses another network or another image list (:func:`check_resume`): a resumed run
+ends with the weights, optimiser state and ``losses.jsonl`` rows of an uninterrupted one (bit for
+bit on the CPU; rows a dead run wrote past its last checkpoint are dropped on resume).
 
 From scratch the base UNet is trained together with the ControlNet (``model.train_unet``): the
 paper locks a *pretrained* SD UNet, but a locked random UNet has no prior to keep. With
@@ -59,9 +63,10 @@ from export.augment.anomalyalign.prompts import (CATEGORIES, SYNONYMS, TEMPLATES
                                                  TinyClip, build_library, select_prompts,
                                                  train_tinyclip)
 from export.training import (CHECKPOINT, LOSSES, METRICS, PREVIEW, RunSettings, atomic_save, write_metrics,
-                             check_device, fmt_duration, pick_device, prepare_run_dir, rate_eta,
-                             read_checkpoint, read_config, train_main, update_ema,
-                             write_run_config)
+                             check_device, check_resume_keys, fmt_duration, pick_device,
+                             prepare_run_dir, rate_eta, read_checkpoint, read_config, train_main,
+                             update_ema, whole_step, write_run_config)
+from inspector.fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -565,21 +570,28 @@ def batch_at(data: TrainData, step: int, cfg: AnomalyAlignConfig, prompt_idx: to
 @torch.no_grad()
 def ddim_sample(unet, controlnet, masks: torch.Tensor, text: torch.Tensor, noise: torch.Tensor,
                 cfg: AnomalyAlignConfig, steps: int | None = None, guidance: float | None = None,
-                eta: float | None = None) -> torch.Tensor:
+                eta: float | None = None, generators: list[torch.Generator] | None = None
+                ) -> torch.Tensor:
     """DDIM from ``noise`` [B, 1, R, R] under ``masks`` [B, R, R] and ``text`` [B, 1, dim];
     returns images in [-1, 1]. Classifier-free guidance with the null (zero) text when
-    ``guidance`` > 1."""
+    ``guidance`` > 1.
+
+    With ``eta`` > 0 each step adds variance noise, sample ``i``'s drawn from ``generators[i]``
+    (one CPU generator per sample, needed then), so a sample does not depend on the others in
+    the batch; eta = 0 draws nothing."""
     s = cfg.sample
     steps = steps or s.steps
     guidance = s.guidance_scale if guidance is None else guidance
     eta = s.eta if eta is None else eta
     dev = next(unet.parameters()).device
+    if eta > 0 and (generators is None or len(generators) != noise.shape[0]):
+        raise ValueError(f"DDIM with eta {eta:g} needs one generator per sample "
+                         f"({noise.shape[0]}), got {None if generators is None else len(generators)}")
     sched = make_scheduler(cfg.diffusion, "ddim")
     sched.set_timesteps(steps)
     cond = mask_to_cond(masks.to(dev), int(controlnet.config.conditioning_channels))
     x = noise.to(dev)
     text = text.to(dev)
-    g = torch.Generator().manual_seed(0)  # eta > 0 only; eta = 0 draws nothing
     for t in sched.timesteps:
         tt = torch.full((x.shape[0],), int(t), device=dev, dtype=torch.long)
         if guidance > 1:
@@ -590,7 +602,9 @@ def ddim_sample(unet, controlnet, masks: torch.Tensor, text: torch.Tensor, noise
             eps = e_u + guidance * (e_c - e_u)
         else:
             eps = denoise(unet, controlnet, x, tt, text, cond, s.control_scale)
-        x = sched.step(eps, t, x, eta=eta, generator=g).prev_sample
+        var = (torch.cat([torch.randn((1, *x.shape[1:]), generator=g) for g in generators]).to(dev)
+               if eta > 0 else None)
+        x = sched.step(eps, t, x, eta=eta, variance_noise=var).prev_sample
     return x.clamp(-1, 1)
 
 
@@ -615,8 +629,9 @@ def _preview(unet, controlnet, data: TrainData, text_table: torch.Tensor, prompt
     idx = torch.arange(min(n, len(data)))
     noise = torch.randn((len(idx), 1, cfg.data.resolution, cfg.data.resolution),
                         generator=torch.Generator().manual_seed(cfg.seed))
+    gens = [torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1 + i) for i in range(len(idx))]
     x = ddim_sample(unet, controlnet, data.masks[idx], text_table[prompt_idx[idx]][:, None, :], noise,
-                    cfg, steps=min(cfg.sample.steps, 10), guidance=1.0)
+                    cfg, steps=min(cfg.sample.steps, 10), guidance=1.0, generators=gens)
     to8 = lambda a: np.clip((a.cpu().numpy()[:, 0] + 1) * 127.5, 0, 255).astype(np.uint8)  # noqa: E731
     cv2.imwrite(str(path), grid_image(to8(x), data.masks[idx].numpy().astype(np.uint8)))
 
@@ -624,6 +639,52 @@ def _preview(unet, controlnet, data: TrainData, text_table: torch.Tensor, prompt
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+
+#: the config keys a resumed run must share with its checkpoint: the networks' shapes, and what
+#: picks the training images (the checkpoint's prompts are per image, in its order)
+RESUME_KEYS = ("model", "data.resolution", "data.label_fraction", "data.label_seed")
+
+
+def check_resume(ck: dict, cfg: AnomalyAlignConfig, data: TrainData, config_path: Path,
+                 ck_path: Path) -> None:
+    """Refuse to resume ``ck`` with a config or training images other than its own: a
+    :class:`ConfigError` naming the key (:data:`RESUME_KEYS`; ``data.root`` when the same
+    keys select other images). The checkpoint's per-image prompt choice would otherwise index
+    another image list (an IndexError, or images trained with other images' prompts)."""
+    check_resume_keys(ck["config"], cfg.model_dump(mode="json"), RESUME_KEYS, config_path, ck_path)
+    saved = list(ck.get("train_stems") or [])
+    if saved != list(data.stems):
+        n_new, n_gone = len(set(data.stems) - set(saved)), len(set(saved) - set(data.stems))
+        raise ConfigError(str(config_path), "data.root",
+                          f"{data.source}: {len(data)} training images, but the checkpoint {ck_path} "
+                          f"was trained on {len(saved)} ({n_new} new, {n_gone} missing"
+                          f"{', other order' if not n_new and not n_gone else ''}); a resumed run "
+                          "keeps its images and their prompts (restore the data, or train into a "
+                          "new --run-dir)")
+
+
+def trim_losses(path: Path, step: int) -> None:
+    """Keep the rows of ``losses.jsonl`` up to iteration ``step`` (the checkpoint resumed from,
+    0 for a run that starts afresh): a run that died after its last periodic checkpoint logged
+    iterations the resumed run logs again. Replaced atomically, only when something is dropped;
+    a torn last line (a kill mid-write) is dropped too."""
+    if not path.is_file():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            ok = isinstance(row, dict) and int(row["it"]) <= step
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if ok:
+            keep.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+        log.info("%s: %d row(s) after iteration %d (the checkpoint) dropped", path, dropped, step)
+
 
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
           max_iters: int | None = None, data: TrainData | None = None) -> Path:
@@ -651,10 +712,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     ck = None
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        if ck["config"]["model"] != cfg.model.model_dump(mode="json") or \
-                ck["config"]["data"]["resolution"] != cfg.data.resolution:
-            raise ConfigError(str(config_path), "model",
-                              f"differs from the checkpoint in {ck_path}; a resumed run keeps its network")
+        check_resume(ck, cfg, data, config_path, ck_path)
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
     write_run_config(run_dir, cfg)
@@ -702,9 +760,15 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         unet.load_state_dict(ck["unet"])
         controlnet.load_state_dict(ck["controlnet"])
         trainer.opt.load_state_dict(ck["optimizer"])
-        if trainer.ema and ck.get("ema"):
-            trainer.ema["unet"].load_state_dict(ck["ema"]["unet"])
-            trainer.ema["controlnet"].load_state_dict(ck["ema"]["controlnet"])
+        if trainer.ema:
+            # a checkpoint of a run without the weight EMA (optim.ema_decay 0): the EMA starts
+            # from the weights reached, not from the random ones it was copied from at build
+            src = ck.get("ema") or {"unet": ck["unet"], "controlnet": ck["controlnet"]}
+            trainer.ema["unet"].load_state_dict(src["unet"])
+            trainer.ema["controlnet"].load_state_dict(src["controlnet"])
+            if not ck.get("ema"):
+                log.warning("%s holds no weight EMA (trained with optim.ema_decay 0): the EMA "
+                            "starts from its weights at iteration %d", ck_path, int(ck["step"]))
         step, elapsed, history = int(ck["step"]), float(ck["elapsed_s"]), list(ck.get("history", []))
         log.info("resuming %s at iteration %d of %d", run_dir, step, total)
     else:
@@ -727,7 +791,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 "text_emb": text_table, "prompt_info": prompt_info, "train_stems": data.stems,
                 "train_labels": data.labels, "classes": data.classes, "data_source": data.source,
                 "config": cfg.model_dump(mode="json"), "history": history,
-                "epoch_losses": epoch_losses, "torch": str(torch.__version__)}
+                "epoch_losses": epoch_losses, "loss_ema": dict(ema),
+                "epoch_acc": [epoch_sum, epoch_n], "torch": str(torch.__version__)}
 
     def sampler_nets():
         return (trainer.ema["unet"], trainer.ema["controlnet"]) if trainer.ema else (unet, controlnet)
@@ -735,10 +800,17 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     stop = total if max_iters is None else min(total, step + max_iters)
     stopped_by = "completed" if stop == total else "max_iters"
     unet.train(), controlnet.train()
-    t_rate, first, ema = time.monotonic(), step, {}
+    t_rate, first = time.monotonic(), step
     t_prev = t_rate
-    epoch_sum, epoch_n = 0.0, 0
+    # the running loss averages and the current epoch's sum carry over a resume, so losses.jsonl
+    # and metrics.json read as an uninterrupted run's (checkpoints of older trainers lack them)
+    ema: dict[str, float] = dict(ck.get("loss_ema") or {}) if ck is not None else {}
+    epoch_sum, epoch_n = (float(ck["epoch_acc"][0]), int(ck["epoch_acc"][1])) \
+        if ck is not None and ck.get("epoch_acc") else (0.0, 0)
     epoch_losses: list = list(ck.get("epoch_losses", [])) if ck is not None else []
+    # rows past the step training goes on from (0 without a checkpoint): a run that died after
+    # its last checkpoint, or before its first, logged iterations this one logs again
+    trim_losses(run_dir / LOSSES, step)
     with open(run_dir / LOSSES, "a") as losses_f:
         try:
             while step < stop:
@@ -750,29 +822,32 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 x, m, pidx, g = batch_at(data, step, cfg, prompt_idx)
                 lr = lr_at(step, o)
                 w = align_weight_at(step, total, o)
-                parts = trainer.step(x, m, pidx, g, w, lr)
-                step += 1
-                now = time.monotonic()
-                elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
-                update_ema(ema, parts)
-                epoch_sum, epoch_n = epoch_sum + parts["diff"], epoch_n + 1
-                if step % ipe == 0:
-                    if epoch_n == ipe:  # a resumed run's first, partial epoch is not a mean
-                        epoch_losses.append([step, round(epoch_sum / epoch_n, 5)])
-                    epoch_sum, epoch_n = 0.0, 0
-                if step % cfg.log_every == 0 or step == stop:
-                    rate, eta = rate_eta(step - first, now - t_rate, stop - step)
-                    if deadline is not None:
-                        eta = min(eta, max(0.0, deadline - now))
-                    losses_f.write(json.dumps({"it": step, "epoch": round(step / ipe, 3), "lr": lr,
-                                               "w_align": w, "elapsed_s": round(elapsed, 1),
-                                               **{k_: round(v, 5) for k_, v in ema.items()}}) + "\n")
-                    losses_f.flush()
-                    history.append([step, ema["diff"], ema.get("align")])
-                    log.info("it %d/%d ep %.1f L_diff %.4f%s lr %.2e %.2f it/s eta %s", step, total,
-                             step / ipe, ema["diff"],
-                             f" L_a {ema['align']:.4f} (w {w:g})" if "align" in ema and w else "",
-                             lr, rate, fmt_duration(eta))
+                # Ctrl-C / SIGTERM inside takes effect at its end: the checkpoint the interrupt
+                # saves is never one update ahead of its step count (or of its losses)
+                with whole_step():
+                    parts = trainer.step(x, m, pidx, g, w, lr)
+                    step += 1
+                    now = time.monotonic()
+                    elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
+                    update_ema(ema, parts)
+                    epoch_sum, epoch_n = epoch_sum + parts["diff"], epoch_n + 1
+                    if step % ipe == 0:
+                        if epoch_n == ipe:  # a partial epoch (resume of an older checkpoint): no mean
+                            epoch_losses.append([step, round(epoch_sum / epoch_n, 5)])
+                        epoch_sum, epoch_n = 0.0, 0
+                    if step % cfg.log_every == 0 or step == stop:
+                        rate, eta = rate_eta(step - first, now - t_rate, stop - step)
+                        if deadline is not None:
+                            eta = min(eta, max(0.0, deadline - now))
+                        losses_f.write(json.dumps({"it": step, "epoch": round(step / ipe, 3), "lr": lr,
+                                                   "w_align": w, "elapsed_s": round(elapsed, 1),
+                                                   **{k_: round(v, 5) for k_, v in ema.items()}}) + "\n")
+                        losses_f.flush()
+                        history.append([step, ema["diff"], ema.get("align")])
+                        log.info("it %d/%d ep %.1f L_diff %.4f%s lr %.2e %.2f it/s eta %s", step, total,
+                                 step / ipe, ema["diff"],
+                                 f" L_a {ema['align']:.4f} (w {w:g})" if "align" in ema and w else "",
+                                 lr, rate, fmt_duration(eta))
                 if step % cfg.checkpoint_every == 0 and step != stop:
                     atomic_save(checkpoint(), ck_path)
                     _preview(*sampler_nets(), data, text_table, prompt_idx, cfg, run_dir / PREVIEW)

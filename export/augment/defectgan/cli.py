@@ -39,7 +39,7 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
     q = sub.add_parser("sample", help="paste synthetic defects onto real subset images; write "
                                       "NEU-Seg pairs + manifest")
     q.add_argument("--run-dir", required=True, help="trained run folder (checkpoint.pt)")
-    q.add_argument("--out", required=True, help="output folder (must not hold a manifest yet)")
+    q.add_argument("--out", required=True, help="output folder (new, or empty; written whole at the end)")
     q.add_argument("--n", type=positive_int, required=True, help="pairs to write")
     q.add_argument("--seed", type=int, default=0, help="everything random derives from it")
     q.add_argument("--classes", help="comma list of defect classes to synthesise, taken in turn "

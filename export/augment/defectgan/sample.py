@@ -125,63 +125,65 @@ def sample(run_dir: Path, out: Path, n: int, seed: int, classes: str | None = No
     rng = np.random.default_rng([seed, 101])
     gen = torch.Generator().manual_seed(int(seed))
     win = painter.window
-    writer = PairWriter(Path(out), KIND, config={
+    # the pairs go to a temporary folder, renamed to `out` by close(): an error or Ctrl-C
+    # before that leaves no `out` (PairWriter's exit removes the folder)
+    with PairWriter(Path(out), KIND, config={
         "train_config": cfg.model_dump(mode="json"), "seed": seed, "threshold": thr,
         "classes": [painter.classes[c] for c in want], "defects_per_image": defects_per_image,
         "place_stride": place_stride, "window": win, "n": n,
         "min_defect_px": cfg.sample.min_defect_px if min_defect_px is None else min_defect_px},
-        classes=painter.classes)
-    min_px = cfg.sample.min_defect_px if min_defect_px is None else min_defect_px
-    order = rng.permutation(len(data.images))
-    visits, attempts, rejected = 0, 0, 0
-    max_visits = 20 * n + 2 * len(order)  # bounds a generator that draws nothing at this threshold
-    while len(writer.pairs) < n:
-        if visits >= max_visits:
-            raise ValueError(f"--threshold {thr:g}: only {len(writer.pairs)} of {n} pairs after "
-                             f"{visits} images; the generator's maps rarely exceed it over "
-                             f"{min_px} px (lower --threshold or train longer)")
-        i = int(order[visits % len(order)])
-        visits += 1
-        img, mask = data.images[i].copy(), data.masks[i].copy()
-        placed: list[dict[str, Any]] = []
-        for _ in range(defects_per_image):
-            # classes in turn per attempt: a class the generator fails on does not stall the others
-            cls = want[attempts % len(want)]
-            attempts += 1
-            best = None
-            for t in range(cfg.sample.tries):
-                cand = defect_free_windows(mask, win, place_stride)
-                if len(cand) == 0:
-                    break
-                y, x = (int(v) for v in cand[rng.integers(len(cand))])
-                painted, m = painter.paint(img[y:y + win, x:x + win], cls, gen)
-                px = int((m > thr).sum())
-                if px >= min_px:
-                    best = (px, y, x, painted, m, t + 1)
-                    break
-            if best is None:
-                # nothing (or too little) over the threshold: pasting it would put a faint
-                # defect under a background label, so nothing is pasted
-                rejected += 1
-                continue
-            px, y, x, painted, m, tries = best
-            img[y:y + win, x:x + win] = painted
-            region = mask[y:y + win, x:x + win]
-            region[(m > thr) & (region == 0)] = cls
-            placed.append({"class": painter.classes[cls], "y": y, "x": x, "size": win,
-                           "defect_px": px, "map_mean": round(float(m.mean()), 4), "tries": tries})
-        if placed:
-            writer.add(img, mask, source=data.names[i], defects=placed)
-    per_class = {painter.classes[c]: sum(d["class"] == painter.classes[c] for it in writer.pairs
-                                         for d in it["defects"]) for c in want}
-    if rejected:
-        log.warning("%d of %d defect attempts drew under %d px over threshold %g in %d tries and "
-                    "were not pasted; written per class: %s", rejected, attempts, min_px, thr,
-                    cfg.sample.tries, per_class)
-    path = writer.close(rejected_attempts=rejected, attempts=attempts, per_class=per_class,
-                        checkpoint=str(painter.ck_path), checkpoint_step=painter.step,
-                        subset={"root": str(data.dataset.root), "split": data.dataset.split,
-                                "images": len(data.images)})
+        classes=painter.classes) as writer:
+        min_px = cfg.sample.min_defect_px if min_defect_px is None else min_defect_px
+        order = rng.permutation(len(data.images))
+        visits, attempts, rejected = 0, 0, 0
+        max_visits = 20 * n + 2 * len(order)  # bounds a generator that draws nothing at this threshold
+        while len(writer.pairs) < n:
+            if visits >= max_visits:
+                raise ValueError(f"--threshold {thr:g}: only {len(writer.pairs)} of {n} pairs after "
+                                 f"{visits} images; the generator's maps rarely exceed it over "
+                                 f"{min_px} px (lower --threshold or train longer)")
+            i = int(order[visits % len(order)])
+            visits += 1
+            img, mask = data.images[i].copy(), data.masks[i].copy()
+            placed: list[dict[str, Any]] = []
+            for _ in range(defects_per_image):
+                # classes in turn per attempt: a class the generator fails on does not stall the others
+                cls = want[attempts % len(want)]
+                attempts += 1
+                best = None
+                for t in range(cfg.sample.tries):
+                    cand = defect_free_windows(mask, win, place_stride)
+                    if len(cand) == 0:
+                        break
+                    y, x = (int(v) for v in cand[rng.integers(len(cand))])
+                    painted, m = painter.paint(img[y:y + win, x:x + win], cls, gen)
+                    px = int((m > thr).sum())
+                    if px >= min_px:
+                        best = (px, y, x, painted, m, t + 1)
+                        break
+                if best is None:
+                    # nothing (or too little) over the threshold: pasting it would put a faint
+                    # defect under a background label, so nothing is pasted
+                    rejected += 1
+                    continue
+                px, y, x, painted, m, tries = best
+                img[y:y + win, x:x + win] = painted
+                region = mask[y:y + win, x:x + win]
+                region[(m > thr) & (region == 0)] = cls
+                placed.append({"class": painter.classes[cls], "y": y, "x": x, "size": win,
+                               "defect_px": px, "map_mean": round(float(m.mean()), 4), "tries": tries})
+            if placed:
+                writer.add(img, mask, source=data.names[i], defects=placed)
+        per_class = {painter.classes[c]: sum(d["class"] == painter.classes[c] for it in writer.pairs
+                                             for d in it["defects"]) for c in want}
+        if rejected:
+            log.warning("%d of %d defect attempts drew under %d px over threshold %g in %d tries and "
+                        "were not pasted; written per class: %s", rejected, attempts, min_px, thr,
+                        cfg.sample.tries, per_class)
+        path = writer.close(rejected_attempts=rejected, attempts=attempts, per_class=per_class,
+                            checkpoint=str(painter.ck_path), checkpoint_step=painter.step,
+                            subset={"root": str(data.dataset.root), "split": data.dataset.split,
+                                    "images": len(data.images)})
     if grid is not None:
         write_grid(Path(out), Path(grid))
     return path
