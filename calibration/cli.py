@@ -64,7 +64,8 @@ def _model(args: argparse.Namespace):
         from inspector.pipeline import load_model
         cfg = _load_config(args.config, args.bundle)
         lm = load_model(cfg)
-        return CalibModel(lm.bundle, lm.adapter, lm.post.cfg, dict(cfg.model.postprocess)), cfg
+        return (CalibModel(lm.bundle, lm.adapter, lm.post.cfg, dict(cfg.model.postprocess),
+                           cfg.source_file), cfg)
     from inspector.engines.onnxruntime import OnnxRuntimeConfig
     from inspector.evaluation.evaluate import Runner
     from inspector.flatfield import FlatField
@@ -94,7 +95,8 @@ def _check_frame_sources(args: argparse.Namespace) -> None:
 # -- thresholds -----------------------------------------------------------------------------------
 def cmd_thresholds(args: argparse.Namespace) -> int:
     from calibration.frames import CalibrationInputError, Split, defect_set, live_frames, normal_folder
-    from calibration.thresholds import (SearchGrid, calibrate_thresholds, save_report,
+    from calibration.outputs import check_out_dir, make_out_dir
+    from calibration.thresholds import (SearchGrid, calibrate_thresholds, check_recipe, save_report,
                                         write_postprocess_section)
 
     # cheap checks first: a typo should not cost a model load
@@ -103,10 +105,13 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     if args.confidence is not None and not 0 < args.confidence < 1:
         raise CalibrationInputError(f"--confidence: must be in (0, 1), got {args.confidence}")
     _check_frame_sources(args)
+    # the report must be writable before anything is computed or the bundle is touched
+    out = check_out_dir(args.out)
     split = Split(args.check_fraction, args.calib_fraction)
     grid = SearchGrid(comma_floats(args.k1, "--k1"), comma_floats(args.k2, "--k2"),
                       comma_ints(args.kernel_size, "--kernel-size"), comma_ints(args.min_area_px, "--min-area-px"))
     model, cfg = _model(args)
+    check_recipe(model)  # before frames are grabbed
     normals = normal_folder(args.normal, split) if args.normal else live_frames(cfg, args.frames, split)
     defects = None
     if args.defects:
@@ -115,8 +120,8 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     log.info("normal frames %s; defects %s", normals.counts(), defects.counts() if defects else None)
     report = calibrate_thresholds(model, normals, args.target_fpr, defects, grid, args.min_threshold,
                                   args.confidence)
-    out = Path(args.out)
     if report["feasible"] and not args.dry_run:
+        make_out_dir(out)  # the folder the note points to exists before the bundle names it
         chk, cal = report["check"], report["calibration"]
         from inspector.postprocess import PostprocessConfig
         note = {"tool": "inspector calibrate thresholds", "target_fpr": args.target_fpr,
@@ -208,6 +213,7 @@ def cmd_flat_field(args: argparse.Namespace) -> int:
 
     from calibration.flat_field import FlatFieldSettings, compute_flat_field, flatness, stack_frames
     from calibration.frames import CalibrationInputError, Split, live_frames
+    from calibration.outputs import check_out_file
     from inspector.fileio import atomic_path
 
     modes = [m for m in ("bright", "normal", "config") if getattr(args, m)]
@@ -216,6 +222,7 @@ def cmd_flat_field(args: argparse.Namespace) -> int:
                                     "--normal DIR or --config F --frames N (median of normal frames)")
     if not str(args.out).endswith(".npz"):
         raise CalibrationInputError(f"--out {args.out}: expected a file name ending in .npz")
+    check_out_file(args.out)  # before the frames are read (the .png goes beside it)
     dark = None
     meta: dict[str, Any] = {}
     if args.dark:
@@ -299,9 +306,12 @@ def cmd_geometry(args: argparse.Namespace) -> int:
     from calibration.frames import CalibrationInputError
     from calibration.geometry import (GeometryResult, across_from_strip, across_from_target,
                                       along_from_encoder, along_from_speed, snippet)
+    from calibration.outputs import check_out_file
     from inspector.evaluation.datasets import read_image
     from inspector.fileio import atomic_write_text
 
+    if args.out:
+        check_out_file(args.out)
     image = None
     if args.image:
         try:
@@ -373,10 +383,12 @@ def cmd_int8_set(args: argparse.Namespace) -> int:
 
     from calibration.frames import CalibrationInputError, Split, live_frames, normal_folder
     from calibration.int8_set import select_int8_set
+    from calibration.outputs import check_out_dir
     from inspector.flatfield import FlatField
 
     if args.count < 1:
         raise CalibrationInputError(f"--count: must be >= 1, got {args.count}")
+    check_out_dir(args.out)  # before a pool is grabbed (select_int8_set checks what it holds)
     transform = None
     if args.source:
         fs = normal_folder(args.source, Split(), "--source")
@@ -425,21 +437,24 @@ def _decode(buf):
 def cmd_convergence(args: argparse.Namespace) -> int:
     from calibration.convergence import calibrate_convergence, save_report, write_m
     from calibration.frames import CalibrationInputError, Split, defect_set, live_frames, normal_folder
+    from calibration.outputs import check_out_dir, make_out_dir
 
     if not 0 < args.quantile <= 1:
         raise CalibrationInputError(f"--quantile: must be in (0, 1], got {args.quantile}")
     if args.within < 1:
         raise CalibrationInputError(f"--within: must be >= 1, got {args.within}")
     _check_frame_sources(args)
+    # the report must be writable before anything is computed or the bundle is touched
+    out = check_out_dir(args.out)
     split = Split(args.check_fraction, args.calib_fraction)
     model, cfg = _model(args)
     normals = normal_folder(args.normal, split) if args.normal else live_frames(cfg, args.frames, split)
     defects = defect_set(args.defects, args.format, split) if args.defects else None
     report = calibrate_convergence(model.adapter, normals, args.quantile, args.within, defects,
                                    args.passes)
-    out = Path(args.out)
     report["written"] = None
     if not args.dry_run:
+        make_out_dir(out)  # the folder the note points to exists before the bundle names it
         note = {"tool": "inspector calibrate convergence", "quantile": args.quantile,
                 "within": args.within, "normal": normals.source, "split": split.describe(),
                 "check": report["check"], "report": str((out / "convergence.json").resolve())}

@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from calibration.frames import CalibrationInputError, FrameSet, iterate
+from calibration.outputs import make_out_dir
 from inspector.bundle import BundleSpec, load_bundle, write_bundle
 from inspector.fileio import atomic_write_text
 from inspector.models.base import ModelAdapter
@@ -212,7 +213,7 @@ def write_m(bundle: str | Path, m: float, note: dict[str, Any]) -> dict[str, Any
 
 def save_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """``convergence.json`` and ``convergence.png`` (share of tiles converged against m)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)  # a folder that cannot be made: one line naming --out, exit 2
     files = {"report": out_dir / "convergence.json", "plot": out_dir / "convergence.png"}
     public = {k: v for k, v in report.items() if not k.startswith("_")}
     public["files"] = {k: str(v) for k, v in files.items()}

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
+from calibration.outputs import make_out_dir
 from calibration.postprocess_history import replace_postprocess, reset_floor
 from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
@@ -53,20 +54,29 @@ DEFAULT_RANGE = "2.0:4.0:0.1"
 
 def parse_range(text: str) -> list[float]:
     """``start:stop:step`` (inclusive stop) or a comma list, e.g. ``2:4:0.25`` or ``2.5,3,3.5``."""
-    try:
-        if ":" in text:
+    if ":" in text:
+        try:
             start, stop, step = (float(t) for t in text.split(":"))
-            if step <= 0 or stop < start:
-                raise ValueError
-            n = int(np.floor((stop - start) / step + 1e-9)) + 1
-            return [round(start + i * step, 6) for i in range(n)]
+        except ValueError:
+            raise ValueError(f"range {text!r}: expected start:stop:step (three numbers) or a comma "
+                             f"list of numbers") from None
+        if not all(np.isfinite((start, stop, step))):
+            raise ValueError(f"range {text!r}: start, stop and step must be finite numbers")
+        if not step > 0:
+            raise ValueError(f"range {text!r}: step {step:g} must be > 0")
+        if stop < start:
+            raise ValueError(f"range {text!r}: start {start:g} is above stop {stop:g} "
+                             f"(start:stop:step counts up from start to stop)")
+        n = int(np.floor((stop - start) / step + 1e-9)) + 1
+        return [round(start + i * step, 6) for i in range(n)]
+    try:
         vals = [float(t) for t in text.split(",") if t.strip()]
-        if not vals:
-            raise ValueError
-        return vals
     except ValueError:
+        vals = []
+    if not vals:
         raise ValueError(f"range {text!r}: expected start:stop:step with step > 0 or a comma list "
-                         f"of numbers") from None
+                         f"of numbers")
+    return vals
 
 
 def sweep(bundle: str | Path, dataset: Dataset, values: Sequence[float],
@@ -191,7 +201,7 @@ def write_k(bundle: str | Path, param: Literal["k1", "k2"], value: float, note: 
 
 
 def save_result(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)  # a folder that cannot be made: one line naming --out, exit 2
     j = out_dir / f"sweep_{result['param']}.json"
     atomic_write_text(j, json.dumps(result, indent=2))
     png = plot_sweep(result, out_dir / f"sweep_{result['param']}.png")

@@ -40,6 +40,7 @@ import numpy as np
 
 from calibration.cli import comma_ints
 from calibration.dual_threshold import finish_sweep_plot
+from calibration.outputs import make_out_dir
 from calibration.postprocess_history import replace_postprocess, reset_floor
 from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
@@ -204,7 +205,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> Path:
 
 def save_result(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)  # a folder that cannot be made: one line naming --out, exit 2
     j = out_dir / "sweep_local_mean_window.json"
     atomic_write_text(j, json.dumps(result, indent=2))
     png = plot_sweep(result, out_dir / "sweep_local_mean_window.png")

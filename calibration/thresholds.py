@@ -82,6 +82,7 @@ from inspector.models import ModelAdapter
 from inspector.postprocess import PostprocessConfig, Postprocessor, dual_threshold
 
 from calibration.frames import CalibrationInputError, FrameItem, FrameSet, iterate
+from calibration.outputs import make_out_dir
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,7 @@ class CalibModel:
     adapter: ModelAdapter
     pp: PostprocessConfig
     overrides: dict[str, Any] = field(default_factory=dict)  # camera-config overrides in force
+    config_file: str | None = None  # the camera config the overrides come from
 
     @property
     def recipe(self) -> str:
@@ -398,6 +400,18 @@ def _rate(flags: Sequence[bool]) -> float | None:
     return round(float(np.mean(flags)), 4) if len(flags) else None
 
 
+def check_recipe(model: CalibModel) -> None:
+    """Refuse a camera config whose ``model.postprocess.type`` overrides the bundle's recipe: the
+    calibrated keys of one recipe mean nothing in a section of another. Names the config file."""
+    own = model.bundle.spec.postprocess
+    if model.pp.type != own.type:
+        where = f"{model.config_file}: " if model.config_file else ""
+        raise CalibrationInputError(f"{where}model.postprocess.type: the camera config overrides the "
+                                    f"recipe {own.type} of {model.bundle.path / BUNDLE_FILE} with "
+                                    f"{model.pp.type}; calibration writes the bundle's own section: "
+                                    f"remove the override or calibrate a bundle of that recipe")
+
+
 def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float,
                          defects: FrameSet | None = None, grid: SearchGrid | None = None,
                          min_threshold: float = 0.5, confidence: float | None = None) -> dict[str, Any]:
@@ -412,13 +426,8 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
     if confidence is not None and not 0 < confidence < 1:
         raise CalibrationInputError(f"--confidence: must be in (0, 1), got {confidence}")
     grid = grid or SearchGrid()
+    check_recipe(model)
     own = model.bundle.spec.postprocess
-    if model.pp.type != own.type:
-        # the calibrated keys of one recipe mean nothing in a section of another
-        raise CalibrationInputError(f"model.postprocess.type: the camera config overrides the recipe "
-                                    f"{own.type} of {model.bundle.path / BUNDLE_FILE} with "
-                                    f"{model.pp.type}; calibration writes the bundle's own section: "
-                                    f"remove the override or calibrate a bundle of that recipe")
     t0 = time.perf_counter()
     calib_n, check_n = normals.part("calibration"), normals.part("check")
     if not calib_n:
@@ -1104,7 +1113,7 @@ def plot_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
 
 
 def save_report(report: dict[str, Any], out_dir: Path) -> dict[str, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_out_dir(out_dir)  # a folder that cannot be made: one line naming --out, exit 2
     files: dict[str, Path] = {}
     if report.get("feasible"):
         files.update(plot_report(report, out_dir))

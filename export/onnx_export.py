@@ -19,15 +19,17 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import logging
+import shutil
 import sys
 import tempfile
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -240,6 +242,29 @@ def _metrics_for(run_dir: Path, ck: dict, allow_stale: bool) -> tuple[dict | Non
     return None, f"stale, dropped: {why}"
 
 
+@contextlib.contextmanager
+def removed_on_failure(out_dir: Path) -> Iterator[Path]:
+    """When the block fails, remove ``out_dir`` and its parents if the block created them, so a
+    refused export leaves no empty or half-written bundle folder that a later ``model.bundle``
+    would find. A folder that existed before the block is never removed."""
+    out_dir = Path(out_dir)
+    new: list[Path] = []  # missing now; deepest first
+    p = out_dir
+    while not p.exists() and p != p.parent:
+        new.append(p)
+        p = p.parent
+    try:
+        yield out_dir
+    except BaseException:
+        for d in new:
+            if d == out_dir:
+                shutil.rmtree(d, ignore_errors=True)  # made by the block: all it holds is its own
+            else:
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # a parent made by the block, if nothing else was put in it
+        raise
+
+
 def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: int = 17,
                   atol: float = PARITY_TOL, allow_stale_metrics: bool = False) -> Path:
     """Export ``run_dir``'s checkpoint to a bundle in ``out_dir``; returns ``out_dir``.
@@ -247,9 +272,15 @@ def export_bundle(run_dir: Path, out_dir: Path, name: str | None = None, opset: 
     The parity check runs on a temporary copy of the graph; only a graph that passed is moved
     into ``out_dir`` and described by ``bundle.yaml``. A metrics.json written for another
     checkpoint is refused (:class:`StaleMetricsError`) unless ``allow_stale_metrics``, which
-    exports with default thresholds and no metrics instead.
+    exports with default thresholds and no metrics instead. An export that fails (a parity
+    miss, interrupted) removes ``out_dir`` again if it created it (:func:`removed_on_failure`).
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    with removed_on_failure(Path(out_dir)):
+        return _export_bundle(Path(run_dir), Path(out_dir), name, opset, atol, allow_stale_metrics)
+
+
+def _export_bundle(run_dir: Path, out_dir: Path, name: str | None, opset: int, atol: float,
+                   allow_stale_metrics: bool) -> Path:
     ck = load_checkpoint(run_dir / CHECKPOINT)
     cfg = TrainConfig.model_validate(ck["config"])
     mc = cfg.model

@@ -147,8 +147,14 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{meta}: missing (a bundle folder holds bundle.yaml and its graphs)")
     try:
         raw = yaml.safe_load(meta.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise BundleError(f"{meta}: not valid YAML: {e}") from e
+    except yaml.YAMLError as e:
+        # one line, as inspector.config.read_yaml_mapping reports a camera config's syntax error
+        # (PyYAML's own text spans several lines with the offending line and a caret)
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BundleError(f"{meta}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError:
+        raise BundleError(f"{meta}: not valid YAML: not a text file") from None
     if not isinstance(raw, dict):
         raise BundleError(f"{meta}: expected a mapping at the top level")
     try:
@@ -156,9 +162,12 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if msg.startswith("Value error, "):  # pydantic's prefix for a validator's ValueError
+            msg = msg[len("Value error, "):]
         # a check across sections (BundleSpec's own validators) has no location: its message
         # names the keys itself
-        raise BundleError(f"{meta}: {key}: {err['msg']}" if key else f"{meta}: {err['msg']}") from e
+        raise BundleError(f"{meta}: {key}: {msg}" if key else f"{meta}: {msg}") from e
     bundle = Bundle(root, spec)
     for key, ref in spec.graphs.items():
         gp = root / ref.file

@@ -605,12 +605,12 @@ def cmd_calibrate_window(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        pct = lambda v: "     -" if v is None else f"{v * 100:6.2f}"  # noqa: E731
+        pct = lambda v: "     -" if v is None else f"{v * 100:6.2f} %"  # noqa: E731
         au = lambda v: "    -" if v is None else f"{v:.3f}"  # noqa: E731
         for r in res["rows"]:
             print(f"window {r['local_mean_window']:3d}  AUROC class mean {au(r['class_mean_auroc'])} "
-                  f"pooled {au(r['pixel_auroc'])}  F1 {pct(r['f1'])} %  IoU {pct(r['iou'])} %"
-                  f"  false alarms {pct(r['false_alarm_rate'])} % of normals")
+                  f"pooled {au(r['pixel_auroc'])}  F1 {pct(r['f1'])}  IoU {pct(r['iou'])}"
+                  f"  false alarms {pct(r['false_alarm_rate'])} of normals")
         print(f"best local_mean_window = {res['best_value']} by {args.objective}"
               + (" (at the edge of the list: extend it)" if res["at_edge"] else "")
               + f"; plot {files['png']}" + (f"; written to {args.bundle}" if "written" in res else ""))
@@ -638,10 +638,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(json.dumps(res, indent=2))
     else:
         for r in res["rows"]:
-            f1 = "-" if r["f1"] is None else f"{r['f1'] * 100:6.2f}"
-            iou = "-" if r["iou"] is None else f"{r['iou'] * 100:6.2f}"
+            f1 = "-" if r["f1"] is None else f"{r['f1'] * 100:6.2f} %"
+            iou = "-" if r["iou"] is None else f"{r['iou'] * 100:6.2f} %"
             fa = "-" if r["false_alarm_px_per_mpx"] is None else f"{r['false_alarm_px_per_mpx']:9.0f}"
-            print(f"{args.param} {r[args.param]:5.2f}  F1 {f1} %  IoU {iou} %  normals: px/Mpx {fa}")
+            print(f"{args.param} {r[args.param]:5.2f}  F1 {f1}  IoU {iou}  normals: px/Mpx {fa}")
         print(f"best {args.param} = {res['best_value']} by {args.objective}"
               + (" (at the edge of the range: extend it)" if res["at_edge"] else "")
               + f"; curve {files['png']}" + (f"; written to {args.bundle}" if "written" in res else ""))

@@ -123,3 +123,35 @@ def test_largest_overlap_loads_and_a_defaulted_overlap_fits_small_tiles(toy_bund
         BundleSpec.model_validate({**spec, "tiling": TilingSpec(overlap=32)})
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         InputSpec(tile=(0, -5))
+
+
+def test_a_cross_section_error_is_one_clean_line_without_pydantics_prefix(toy_bundle, tmp_path):
+    b = copy(toy_bundle, tmp_path / "b")
+    meta = yaml.safe_load((b / "bundle.yaml").read_text())
+    meta["tiling"] = {"overlap": 256}  # the toy bundle's tiles are 128
+    (b / "bundle.yaml").write_text(yaml.safe_dump(meta))
+    with pytest.raises(BundleError) as ei:
+        load_bundle(b)
+    msg = str(ei.value)
+    assert "Value error" not in msg
+    assert msg.startswith(f"{b / 'bundle.yaml'}: tiling.overlap=256 must be smaller")
+    assert "\n" not in msg
+
+
+def test_a_yaml_syntax_error_in_bundle_yaml_is_one_line_with_line_and_column(toy_bundle, tmp_path):
+    b = copy(toy_bundle, tmp_path / "b")
+    text = (b / "bundle.yaml").read_text().splitlines()
+    text.insert(2, "broken: [1, 2")  # an unclosed flow sequence on line 3
+    (b / "bundle.yaml").write_text("\n".join(text) + "\n")
+    with pytest.raises(BundleError) as ei:
+        load_bundle(b)
+    msg = str(ei.value)
+    assert "\n" not in msg, msg
+    assert msg.startswith(f"{b / 'bundle.yaml'}: not valid YAML at line ")
+    assert "<unicode string>" not in msg and "^" not in msg
+    # the CLI prints it as the one line of an exit-2 error
+    from conftest import run_cli
+    r = run_cli("evaluate", "--bundle", str(b), "--format", "folder", "--data", str(tmp_path))
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines == [f"inspector: error: {msg}"], r.stderr

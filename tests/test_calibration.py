@@ -427,3 +427,53 @@ def test_dual_threshold_sweep_applies_the_bundle_floor_and_write_resets_it(tmp_p
     b = load_bundle(bundle).spec
     assert b.postprocess.k1 == 2.5 and b.postprocess.min_residual == 0.0
     assert b.postprocess_history[-1]["min_residual"] == 20.0
+
+
+@pytest.mark.parametrize("bundle_dir", sorted(p.parent for p in CLGAN_MT.parent.glob("*/bundle.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_bundles_number_every_postprocess_history_entry(bundle_dir):
+    """Each replaced section keeps its version (1, 2, ...), as the calibration writers record
+    it (calibration.postprocess_history), and provenance.postprocess_version is the next one."""
+    raw = yaml.safe_load((bundle_dir / "bundle.yaml").read_text())
+    hist = raw.get("postprocess_history") or []
+    assert [h.get("version") for h in hist] == list(range(1, len(hist) + 1))
+    if hist:
+        assert raw["provenance"]["postprocess_version"] == len(hist) + 1
+
+
+def test_a_recipe_override_in_the_camera_config_is_refused_naming_the_file(toy_bundle, tmp_path):
+    """calibrate thresholds --config F whose model.postprocess.type overrides the bundle's recipe:
+    exit 2, one line naming F and the key; the bundle is not touched."""
+    import shutil
+
+    from conftest import write_config
+
+    bundle = tmp_path / "toy"
+    shutil.copytree(toy_bundle, bundle)
+    before = (bundle / "bundle.yaml").read_text()
+    cfg = write_config(tmp_path / "cam.yaml", {
+        "camera_id": "cal", "model": {"bundle": str(bundle), "postprocess": {"type": "score_threshold"}},
+        "source": {"type": "synthetic", "width": 256, "height": 64, "fps": 0, "defect_rate": 0.0, "seed": 1}})
+    r = run_cli("calibrate", "thresholds", "--config", str(cfg), "--frames", "20", "--target-fpr", "0.1",
+                "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"inspector: error: {cfg}: model.postprocess.type: "), err
+    assert (bundle / "bundle.yaml").read_text() == before
+
+
+@pytest.mark.parametrize("text, says", [
+    ("4:2:0.1", "start 4 is above stop 2"),
+    ("2:4:0", "step 0 must be > 0"),
+    ("2:4:-0.5", "step -0.5 must be > 0"),
+    ("2:inf:1", "finite"),
+    ("2:4", "three numbers"),
+])
+def test_a_bad_dual_threshold_range_says_what_is_wrong(text, says):
+    from calibration.dual_threshold import parse_range
+
+    with pytest.raises(ValueError) as ei:
+        parse_range(text)
+    assert says in str(ei.value)
+    if text == "4:2:0.1":
+        assert "step > 0" not in str(ei.value)

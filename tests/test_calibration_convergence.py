@@ -220,3 +220,23 @@ def test_shipped_bundle_records_its_convergence_calibration():
     spec = load_bundle(Path(__file__).resolve().parents[1] / "deploy/models/fuzzymask-mt").spec
     cal = spec.provenance.get("convergence_calibration")
     assert cal is not None and cal["m"] == spec.kind_params["m"]
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_bundle_is_touched(tmp_path):
+    """--out below a regular file: exit 2 naming --out, and kind_params.m not rewritten (it used
+    to be written first, then the report failed with a bare [Errno 20], exit 1)."""
+    bundle = fuzzymask_toy_bundle(tmp_path / "toy", tile=TILE, m=1e-12)
+    before = (bundle / "bundle.yaml").read_text()
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        cv2.imwrite(str(normal / f"n{i:03d}.png"), texture(rng, TILE, 2 * TILE, rng.uniform(3, 12)))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = run_cli("calibrate", "convergence", "--bundle", str(bundle), "--normal", str(normal),
+                "--threads", "1", "--out", str(afile / "cv"))
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip().splitlines()[-1]
+    assert err.startswith(f"inspector: error: --out {afile / 'cv'}: ") and "Errno" not in err, err
+    assert (bundle / "bundle.yaml").read_text() == before

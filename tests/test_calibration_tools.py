@@ -389,3 +389,61 @@ def test_int8_set_never_repeats_a_frame_of_a_pool_of_copies(tmp_path):
     assert rep["count"] == 2 and len({s["source"] for s in rep["selected"]}) == 2
     assert len([p for p in out.iterdir() if p.suffix == ".png"]) == 2
     assert "only 2 distinct frames" in r.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["thresholds", "--bundle", "B", "--normal", "NORMAL", "--target-fpr", "0.5", "--threads", "1",
+     "--out", "AFILE/rep"],
+    ["flat-field", "--normal", "NORMAL", "--out", "AFILE/x.npz"],
+    ["geometry", "--strip-width-mm", "1600", "--strip-width-px", "800", "--out", "AFILE/geo.yaml"],
+    ["int8-set", "--source", "NORMAL", "--count", "2", "--out", "AFILE/i8"],
+    ["dual-threshold", "--bundle", "B", "--data", "NORMAL", "--format", "folder", "--split", "all",
+     "--range", "3,4", "--out", "AFILE/sweep"],
+    ["residual-window", "--bundle", "B", "--data", "NORMAL", "--format", "folder", "--split", "all",
+     "--windows", "0,15", "--out", "AFILE/sweep"],
+    ["thresholds", "--bundle", "B", "--normal", "NORMAL", "--target-fpr", "0.5", "--out", "AFILE"],
+    ["flat-field", "--normal", "NORMAL", "--out", "ADIR.npz"],
+], ids=["thresholds", "flat-field", "geometry", "int8-set", "dual-threshold", "residual-window",
+        "thresholds-out-is-a-file", "flat-field-out-is-a-folder"])
+def test_an_out_that_cannot_be_written_exits_2_naming_out_and_leaves_the_bundle(args, tmp_path):
+    """--out below a regular file (or a file where a folder goes, and the reverse): one line naming
+    --out, exit 2, and the bundle not rewritten (thresholds used to write it first)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_calibration import local_mean_clgan_bundle
+
+    rng = np.random.default_rng(0)
+    normal = _write(tmp_path / "normal", [np.clip(128 + rng.normal(0, 6, (64, 64)), 0, 255).astype(np.uint8)
+                                          for _ in range(12)])
+    bundle = local_mean_clgan_bundle(tmp_path / "b")
+    before = (bundle / "bundle.yaml").read_text()
+    afile = tmp_path / "afile"
+    afile.write_text("a regular file")
+    (tmp_path / "adir.npz").mkdir()
+    subst = {"B": str(bundle), "NORMAL": str(normal), "AFILE": str(afile),
+             "ADIR.npz": str(tmp_path / "adir.npz")}
+    args = [subst.get(a, a.replace("AFILE", str(afile))) for a in args]
+    r = run_cli("calibrate", *args)
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("inspector: error: ")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    out = args[args.index("--out") + 1]
+    assert lines[0].startswith(f"inspector: error: --out {out}: "), lines[0]
+    assert "Errno" not in lines[0]
+    assert (bundle / "bundle.yaml").read_text() == before
+    assert afile.read_text() == "a regular file"
+
+
+def test_out_checks_look_without_creating(tmp_path):
+    from calibration.frames import CalibrationInputError
+    from calibration.outputs import check_out_dir, check_out_file, make_out_dir
+
+    assert check_out_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert check_out_file(tmp_path / "c" / "x.npz") == tmp_path / "c" / "x.npz"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # nothing created by a check
+    (tmp_path / "f").write_text("x")
+    for fn, arg in ((check_out_dir, tmp_path / "f" / "o"), (check_out_file, tmp_path / "f" / "o.npz"),
+                    (check_out_dir, tmp_path / "f"), (make_out_dir, tmp_path / "f" / "o")):
+        with pytest.raises(CalibrationInputError, match=r"^--out "):
+            fn(arg)
+    assert make_out_dir(tmp_path / "m" / "n").is_dir()
