@@ -41,7 +41,8 @@ __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW"
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
            "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED",
            "sigterm_as_interrupt", "whole_step", "train_main", "step_generator", "check_resume_keys",
-           "run_kind", "git_commit", "read_metrics", "metrics_for_checkpoint", "split_provenance"]
+           "run_kind", "git_commit", "read_metrics", "metrics_for_checkpoint", "split_provenance",
+           "trim_losses", "RESUME_NEEDS_RUN_DIR"]
 
 # The run folder's files (``inspector export onnx`` and the tests find them by these names)
 CHECKPOINT = "checkpoint.pt"
@@ -187,6 +188,45 @@ def check_resume_keys(saved: dict, current: dict, keys: Iterable[str], config: s
             raise ConfigError(str(config), bad, f"{get(current, bad)!r}, but the checkpoint {ck_path} "
                               f"was trained with {get(saved, bad)!r}; a resumed run keeps its network "
                               "(put the old value back, or train into a new --run-dir)")
+
+
+def trim_losses(path: Path, step: int, key: str = "it") -> int:
+    """Cut ``losses.jsonl`` back to the rows of steps ``<= step``, the step training goes on from;
+    returns how many rows were dropped.
+
+    The file is appended to as training runs, a checkpoint only every ``checkpoint_every``
+    steps: a run that died without saving (a crash, an OOM kill, a power loss) left rows past its
+    last checkpoint, and the resumed run writes those steps again, so readers saw repeated and
+    out-of-order steps. A line that is not a JSON object with an integer ``key`` (the torn last
+    line of a run killed mid-write) goes too. The file is replaced atomically, and only when that
+    changes it (a missing file stays missing). Call it on rank 0 before training starts, with the
+    checkpoint's step (0 for a run that starts afresh in a folder a dead run left rows in).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    keep: list[str] = []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get(key), int) and row[key] <= step:
+            keep.append(line)
+    dropped = len(lines) - len(keep)
+    if dropped or (text and not text.endswith("\n")):  # no next row glued to an unended line
+        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
+    if dropped:
+        log.info("%s: dropped %d row(s) past step %d (written after the checkpoint this run "
+                 "goes on from)", path, dropped, step)
+    return dropped
+
+
+#: the one-line usage error of a training command given ``--resume`` without ``--run-dir`` (it
+#: used to start a new run in ``runs/<name>-<time>`` and exit 0)
+RESUME_NEEDS_RUN_DIR = "--resume needs --run-dir"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,6 +462,9 @@ def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[.
         p.add_argument("--max-iters", type=int, default=None, help=f"stop after this many {max_iters}")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
+    if a.resume and a.run_dir is None:
+        print(f"{p.prog}: error: {RESUME_NEEDS_RUN_DIR}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     extra = (a.max_iters,) if max_iters else ()

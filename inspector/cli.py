@@ -295,6 +295,11 @@ def _stoppable(command: Callable[[argparse.Namespace], int], args: argparse.Name
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume and not args.run_dir:  # it used to train a new run in runs/<name>-<time>
+        return _fail("--resume needs --run-dir", EXIT_BAD_INPUT)
+    if args.kind == "arcd" and args.max_iters:  # it was ignored: the whole schedule ran
+        return _fail("--max-iters: clgan and fuzzymask only; ARCD's steps are the config's "
+                     "stage1.steps and stage2.steps", EXIT_BAD_INPUT)
     _needs_torch()
     try:
         return _stoppable(_train, args)

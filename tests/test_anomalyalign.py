@@ -383,7 +383,7 @@ def test_resume_after_a_crash_drops_the_losses_rows_past_the_checkpoint(uninterr
     assert_same_run(whole, tmp_path / "run")
 
     # a torn last line (a kill in the middle of writing it) goes too
-    from export.augment.anomalyalign.train import trim_losses
+    from export.training import trim_losses
 
     path = tmp_path / "losses.jsonl"
     path.write_text('{"it": 1, "diff": 1.0}\n{"it": 2, "diff": 0.9}\n{"it": 3, "di')

@@ -110,6 +110,14 @@ def test_train_checkpoints_and_resumes(trained, caplog):
     assert lines[-1]["lr"] < lines[0]["lr"]  # the linear decay of the second "epoch"
 
 
+def test_a_refused_export_leaves_no_bundle_folder(trained, tmp_path):
+    # the folder was made before the parity check: a later model.bundle found it, without bundle.yaml
+    out = tmp_path / "new" / "bundle"
+    r = cli("export", "onnx", "--run-dir", str(trained["run"]), "--out", str(out), "--parity-tol", "1e-15")
+    assert r.returncode == 2 and "parity" in r.stderr.lower(), r.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+
+
 def test_sigterm_saves_a_checkpoint_that_resumes(trained, tmp_path):
     """`kill` stops `python -m export.clgan.train` (SIGINT ignored, as in a script's background
     job) with a checkpoint of the iteration reached and exit 130; --resume continues there."""

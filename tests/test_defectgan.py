@@ -6,6 +6,7 @@ the NEU-Seg reader opens, and the CLI's errors. The check on the real labelled s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import cv2
@@ -252,6 +253,45 @@ def test_resume_is_bit_exact(tiny_run, tmp_path):
     assert noise and any(float(a["G"][k].abs()) > 0 for k in noise)
 
 
+def test_resume_refuses_other_data_or_schedule_naming_the_key(tmp_path, capsys):
+    """A resume used to compare only the network and data.size with the checkpoint: a changed
+    label fraction, label seed, splits, window or planned iterations (the learning-rate decay)
+    went on silently with other data or another schedule. Each is refused naming the dotted key,
+    and the checkpoint is left as it was; the learning rate may change."""
+    from inspector.errors import ConfigError
+
+    make_neu(tmp_path / "neu")
+    base = tiny_config(tmp_path, optim={"iterations": 6})
+    run = train(base, tmp_path / "run", max_iters=1)
+    before = (run / "checkpoint.pt").read_bytes()
+    raw = yaml.safe_load(base.read_text())
+    for section, key, value in [("data", "label_fraction", 0.5), ("data", "label_seed", 3),
+                                ("data", "splits", ["train"]), ("data", "window", 48),
+                                ("optim", "iterations", 9), ("model", "ngf", 8)]:
+        changed = tmp_path / f"{key}.yaml"
+        changed.write_text(yaml.safe_dump({**raw, section: {**raw[section], key: value}}))
+        with pytest.raises(ConfigError, match="^" + re.escape(
+                f"{changed}: {section}.{key}: {value!r}, but the checkpoint "
+                f"{run / 'checkpoint.pt'} was trained with")):
+            train(changed, run, resume=True)
+    assert inspector_main(["augment", "defectgan", "train", "--config", str(tmp_path / "iterations.yaml"),
+                           "--run-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "optim.iterations: 9, but the checkpoint" in err and "Traceback" not in err
+    # the same keys on another folder's images: data.root is named
+    make_neu(tmp_path / "other", n=8)
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**raw, "data": {**raw["data"], "root": "other"}}))
+    with pytest.raises(ConfigError, match=r"data\.root: .*other than the 9 the checkpoint"):
+        train(other, run, resume=True)
+    assert (run / "checkpoint.pt").read_bytes() == before
+    # a lower learning rate (what the NaN message advises) resumes
+    lower = tmp_path / "lr.yaml"
+    lower.write_text(yaml.safe_dump({**raw, "optim": {**raw["optim"], "lr": 1e-4}}))
+    assert torch.load(train(lower, run, resume=True, max_iters=1) / "checkpoint.pt",
+                      weights_only=True)["step"] == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -318,3 +358,28 @@ def test_augment_without_torch_says_what_to_install():
                         "--run-dir", "r", "--out", "o", "--n", "1"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 2 and "pip install" in r.stderr, r.stderr
+
+
+def test_a_failed_sample_leaves_no_output_folder(tiny_run, tmp_path, monkeypatch):
+    """Sampling that raised (no pair reaches --threshold often enough) or was stopped after
+    writing some pairs left them without a manifest; ARCD's data.synthetic_root read them, and
+    a later run into the same --out with a smaller --n kept the stale ones beside its own."""
+    from export.augment import dataset as D
+
+    with pytest.raises(ValueError, match="--threshold"):
+        sample(tiny_run, tmp_path / "out", 1, seed=0, threshold=0.99)
+    assert list(tmp_path.iterdir()) == []
+    orig = D.PairWriter.add
+
+    def add(self, *a, **kw):
+        if len(self.pairs) == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle
+        return orig(self, *a, **kw)
+
+    monkeypatch.setattr(D.PairWriter, "add", add)
+    with pytest.raises(KeyboardInterrupt):
+        sample(tiny_run, tmp_path / "out", 5, seed=0, threshold=0.05, min_defect_px=1)
+    monkeypatch.setattr(D.PairWriter, "add", orig)
+    assert list(tmp_path.iterdir()) == []
+    sample(tiny_run, tmp_path / "out", 2, seed=0, threshold=0.05, min_defect_px=1)
+    assert len(open_dataset("neu-seg", tmp_path / "out", split="all")) == 2

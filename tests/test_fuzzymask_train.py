@@ -143,6 +143,13 @@ def test_cli_refuses_to_overwrite_and_resumes(trained):
     assert json.loads((trained["run"] / "metrics.json").read_text())["iterations"] == 5
 
 
+def test_a_refused_export_leaves_no_bundle_folder(trained, tmp_path):
+    out = tmp_path / "new" / "bundle"
+    r = cli("export", "onnx", "--run-dir", str(trained["run"]), "--out", str(out), "--parity-tol", "1e-15")
+    assert r.returncode == 2 and "parity" in r.stderr.lower(), r.stderr[-2000:]
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_with_another_network_names_the_key(trained, tmp_path):
     # the checkpoint holds the saved network's tensors: say which key changed, before any tensor
     # is loaded (it used to say only "model: differs")

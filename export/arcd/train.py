@@ -51,7 +51,7 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
 from export.training import (atomic_save, check_resume_keys, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main,
-                             validate_config, write_run_config)
+                             validate_config, whole_step, write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -482,45 +482,50 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
     r_fwd, d_fwd = state.trained_r, state.trained_d
     for batch in _batches(ds, sc.batch_size, state.step, sc.steps, cfg.data_workers,
                           state.rank, state.world):
-        x = batch["image"].to(dev, memory_format=fmt)
-        if stage == 1:
-            rec = r_fwd(x)
-            loss, parts = crit(rec, batch["target"].to(dev))
-            if agnostic is not None:
-                logits = d_fwd(discriminator_input(state.r, rec.detach(), x))
-                target = (batch["anomaly_mask"][:, 0] > 0.5).long().to(dev)
-                dl = agnostic(defect_vs_background(logits), target)
-                parts = {**parts, "d_focal": float(dl.detach())}
-                loss = loss + dl
-        else:
-            with torch.no_grad():
-                rec = state.r(x)
-            logits = d_fwd(discriminator_input(state.r, rec, x))
-            mask = batch["mask"].to(dev)
-            loss = crit(logits, mask)
-            parts = {}
-            if dice is not None:
-                dl = dice(logits, mask)
-                parts = {"focal": float(loss.detach()), "dice": float(dl.detach())}
-                loss = loss + cfg.stage2.dice_weight * dl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        state.step += 1
-        lv = float(loss.detach())
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"stage {stage} step {state.step}: loss is {lv}; lower the "
-                                     f"learning rate (stage{stage}.lr = {sc.lr})")
-        hist.append([state.step, lv])
-        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
-        state.elapsed_s = t_base + time.monotonic() - t0
-        if state.rank == 0 and (state.step % cfg.log_every == 0 or state.step == sc.steps):
-            rate, eta = rate_eta(state.step - first, time.monotonic() - t0, sc.steps - state.step)
-            extra = "".join(f" {k} {v:.4f}" for k, v in parts.items())
-            log.info("stage %d step %d/%d loss %.5f (avg %.5f)%s lr %.2e %.2f it/s eta %s",
-                     stage, state.step, sc.steps, lv, ema, extra, opt.param_groups[0]["lr"], rate,
-                     fmt_duration(eta))
+        # a Ctrl-C or SIGTERM in here stops after the step (the forward pass, whose BatchNorm
+        # statistics the checkpoint holds, the update, the schedule, the counter, the history):
+        # the checkpoint _run_stage then saves is one of a whole step, and --resume does not
+        # repeat the update
+        with whole_step():
+            x = batch["image"].to(dev, memory_format=fmt)
+            if stage == 1:
+                rec = r_fwd(x)
+                loss, parts = crit(rec, batch["target"].to(dev))
+                if agnostic is not None:
+                    logits = d_fwd(discriminator_input(state.r, rec.detach(), x))
+                    target = (batch["anomaly_mask"][:, 0] > 0.5).long().to(dev)
+                    dl = agnostic(defect_vs_background(logits), target)
+                    parts = {**parts, "d_focal": float(dl.detach())}
+                    loss = loss + dl
+            else:
+                with torch.no_grad():
+                    rec = state.r(x)
+                logits = d_fwd(discriminator_input(state.r, rec, x))
+                mask = batch["mask"].to(dev)
+                loss = crit(logits, mask)
+                parts = {}
+                if dice is not None:
+                    dl = dice(logits, mask)
+                    parts = {"focal": float(loss.detach()), "dice": float(dl.detach())}
+                    loss = loss + cfg.stage2.dice_weight * dl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            state.step += 1
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"stage {stage} step {state.step}: loss is {lv}; lower the "
+                                         f"learning rate (stage{stage}.lr = {sc.lr})")
+            hist.append([state.step, lv])
+            ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+            state.elapsed_s = t_base + time.monotonic() - t0
+            if state.rank == 0 and (state.step % cfg.log_every == 0 or state.step == sc.steps):
+                rate, eta = rate_eta(state.step - first, time.monotonic() - t0, sc.steps - state.step)
+                extra = "".join(f" {k} {v:.4f}" for k, v in parts.items())
+                log.info("stage %d step %d/%d loss %.5f (avg %.5f)%s lr %.2e %.2f it/s eta %s",
+                         stage, state.step, sc.steps, lv, ema, extra, opt.param_groups[0]["lr"], rate,
+                         fmt_duration(eta))
         if state.rank == 0 and state.step % cfg.checkpoint_every == 0 and state.step < sc.steps:
             atomic_save(state.state_dict(), run_dir / CHECKPOINT)
 

@@ -37,7 +37,7 @@ from inspector.postprocess import PostprocessConfig
 
 from export.clgan.torch_model import ResnetGenerator
 from export.clgan.train import CHECKPOINT, METRICS, ClganTrainConfig, build_networks, load_checkpoint
-from export.onnx_export import ExportParityError
+from export.onnx_export import ExportParityError, removed_on_failure
 from export.training import git_commit, metrics_for_checkpoint, run_kind, split_provenance
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,14 @@ def _metrics_status(metrics: dict, fresh: bool | None) -> str:
 
 def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int = 17,
                   atol: float = 1e-3, tile: tuple[int, int] | None = None) -> Path:
-    """Export the run's generator into the bundle folder ``out`` (created or overwritten)."""
+    """Export the run's generator into the bundle folder ``out`` (created or overwritten); a
+    refused export (parity miss) removes the folders it created."""
+    with removed_on_failure(Path(out)):
+        return _export_bundle(run_dir, out, name, opset, atol, tile)
+
+
+def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol: float,
+                   tile: tuple[int, int] | None) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     ck = load_checkpoint(run_dir / CHECKPOINT)
     cfg = ClganTrainConfig.model_validate(ck["config"])

@@ -52,7 +52,8 @@ from export.clgan.torch_model import (DEFAULT_NCE_LAYERS, PatchGANDiscriminator,
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
 from export.training import (atomic_save, write_metrics, check_resume_keys, end_ranks, fmt_duration,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, start_ranks,
-                             step_generator, train_main, update_ema, write_run_config)
+                             step_generator, train_main, trim_losses, update_ema, whole_step,
+                             write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -418,6 +419,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         log.warning("%s: nothing to resume, starting a new run", ck_path)
 
     if main_rank:
+        # rows a run that died after its last checkpoint wrote are written again from here
+        trim_losses(run_dir / LOSSES, step)
         write_run_config(run_dir, cfg)
         for line in desc:
             log.info("data: %s", line)
@@ -442,24 +445,29 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     losses_f = open(run_dir / LOSSES, "a") if main_rank else None
     try:
         while step < stop:
-            lr = lr_at(step, o, ipe)
-            trainer.set_lr(lr)
             a, b = pairs.batch(step, o.batch_size)
-            parts = trainer.step(a.to(dev), b.to(dev), step_generator(cfg.seed, step, NCE_STREAM))
-            step += 1
-            now = time.monotonic()
-            elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
-            update_ema(ema, parts)
+            # a Ctrl-C or SIGTERM in here stops after the iteration (the D and the G+H updates,
+            # the counter, the losses row): the checkpoint the handler below saves is one of a
+            # whole iteration, and --resume does not repeat D's update
+            with whole_step():
+                lr = lr_at(step, o, ipe)
+                trainer.set_lr(lr)
+                parts = trainer.step(a.to(dev), b.to(dev), step_generator(cfg.seed, step, NCE_STREAM))
+                step += 1
+                now = time.monotonic()
+                elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
+                update_ema(ema, parts)
+                if main_rank and (step % cfg.log_every == 0 or step == stop):
+                    rate, eta = rate_eta(step - first, now - t_rate, stop - step)
+                    losses_f.write(json.dumps({"it": step, "lr": lr, "elapsed_s": round(elapsed, 1),
+                                               **{k: round(v, 5) for k, v in ema.items()}}) + "\n")
+                    losses_f.flush()
+                    history.append([step, ema.get("G", 0.0), ema.get("D", 0.0)])
+                    log.info("it %d/%d %s lr %.2e %.2f it/s eta %s", step, total,
+                             " ".join(f"{k} {v:.3f}" for k, v in ema.items()), lr, rate,
+                             fmt_duration(eta))
             if not main_rank:
                 continue
-            if step % cfg.log_every == 0 or step == stop:
-                rate, eta = rate_eta(step - first, now - t_rate, stop - step)
-                losses_f.write(json.dumps({"it": step, "lr": lr, "elapsed_s": round(elapsed, 1),
-                                           **{k: round(v, 5) for k, v in ema.items()}}) + "\n")
-                losses_f.flush()
-                history.append([step, ema.get("G", 0.0), ema.get("D", 0.0)])
-                log.info("it %d/%d %s lr %.2e %.2f it/s eta %s", step, total,
-                         " ".join(f"{k} {v:.3f}" for k, v in ema.items()), lr, rate, fmt_duration(eta))
             if step % cfg.checkpoint_every == 0 or step == stop:
                 err = _preview(G, pairs, preview_start, run_dir / PREVIEW)
                 atomic_save(checkpoint(), ck_path)

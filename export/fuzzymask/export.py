@@ -49,6 +49,7 @@ from export.fuzzymask.torch_model import FuzzyMaskNet
 from export.fuzzymask.train import (CHECKPOINT, METRICS, FuzzymaskTrainConfig, build_model, compute_tau,
                                     load_checkpoint, ssim_weights)
 from export.onnx_export import ExportParityError as OnnxExportParityError
+from export.onnx_export import removed_on_failure
 from export.training import git_commit, metrics_for_checkpoint, run_kind, split_provenance
 
 log = logging.getLogger(__name__)
@@ -242,7 +243,13 @@ def _tau(run_dir: Path, cfg: FuzzymaskTrainConfig, net: FuzzyMaskNet, metrics: d
 
 def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int = 17,
                   atol: float = PARITY_ATOL) -> Path:
-    """Export the run's network into the bundle folder ``out`` (created or overwritten)."""
+    """Export the run's network into the bundle folder ``out`` (created or overwritten); a
+    refused export (parity miss) removes the folders it created."""
+    with removed_on_failure(Path(out)):
+        return _export_bundle(run_dir, out, name, opset, atol)
+
+
+def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol: float) -> Path:
     run_dir, out = Path(run_dir), Path(out)
     ck = load_checkpoint(run_dir / CHECKPOINT)
     cfg = FuzzymaskTrainConfig.model_validate(ck["config"])

@@ -55,8 +55,8 @@ from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
 # the run folder's file names stay importable from here (export.fuzzymask.export takes them so)
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
 from export.training import (atomic_save, check_resume_keys, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
-                             read_checkpoint, read_config, start_ranks, train_main, update_ema,
-                             write_run_config)
+                             read_checkpoint, read_config, start_ranks, train_main, trim_losses,
+                             update_ema, whole_step, write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +359,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         log.warning("%s: nothing to resume, starting a new run", ck_path)
 
     if main_rank:
+        # rows a run that died after its last checkpoint wrote are written again from here
+        trim_losses(run_dir / LOSSES, step)
         write_run_config(run_dir, cfg)
         for line in desc:
             log.info("data: %s", line)
@@ -391,40 +393,44 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     losses_f = open(run_dir / LOSSES, "a") if main_rank else None
     try:
         for x, x_tilde in loader:
-            lr = lr_at(step, o, ipe)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x = x.to(dev, non_blocking=True)
-            x_tilde = x_tilde.to(dev, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            loss, parts = crit(fwd, x, x_tilde)
-            loss.backward()
-            opt.step()
-            step += 1
-            # one device sync per step for all the parts, not one per part
-            vals = dict(zip(parts, torch.stack(list(parts.values())).tolist()))
-            if not math.isfinite(vals["loss"]):
-                raise FloatingPointError(f"loss is {vals['loss']} at step {step}; lower optim.lr ({o.lr})")
-            now = time.monotonic()
-            elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
-            update_ema(ema, vals)
-            epoch_sum, epoch_n = epoch_sum + vals["loss"], epoch_n + 1
-            if step % ipe == 0:
-                last_epoch_loss, epoch_sum, epoch_n = epoch_sum / epoch_n, 0.0, 0
-            out_of_time = _any_rank(deadline is not None and now >= deadline, world, dev)
-            if main_rank and (step % cfg.log_every == 0 or step == stop or out_of_time):
-                rate, eta = rate_eta(step - first, now - t_rate, stop - step)
-                if deadline is not None:
-                    eta = min(eta, max(0.0, deadline - now))
-                losses_f.write(json.dumps({"it": step, "epoch": round(step / ipe, 3), "lr": lr,
-                                           "elapsed_s": round(elapsed, 1),
-                                           **{k: round(v, 6) for k, v in ema.items()}}) + "\n")
-                losses_f.flush()
-                history.append([step, ema["loss"]])
-                log.info("it %d/%d ep %.1f loss %.4f (rec mse %.4f ssim %.4f | inp mse %.4f ssim %.4f) "
-                         "lr %.2e %.2f it/s eta %s", step, total, step / ipe, ema["loss"],
-                         ema["mse_rec"], ema["ssim_rec"], ema["mse_inp"], ema["ssim_inp"], lr, rate,
-                         fmt_duration(eta))
+            # a Ctrl-C or SIGTERM in here stops after the step (the update, the counter, the
+            # averages and the losses row): the checkpoint the handler below saves is one of a
+            # whole step, and --resume does not repeat the update
+            with whole_step():
+                lr = lr_at(step, o, ipe)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                x = x.to(dev, non_blocking=True)
+                x_tilde = x_tilde.to(dev, non_blocking=True)
+                opt.zero_grad(set_to_none=True)
+                loss, parts = crit(fwd, x, x_tilde)
+                loss.backward()
+                opt.step()
+                step += 1
+                # one device sync per step for all the parts, not one per part
+                vals = dict(zip(parts, torch.stack(list(parts.values())).tolist()))
+                if not math.isfinite(vals["loss"]):
+                    raise FloatingPointError(f"loss is {vals['loss']} at step {step}; lower optim.lr ({o.lr})")
+                now = time.monotonic()
+                elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
+                update_ema(ema, vals)
+                epoch_sum, epoch_n = epoch_sum + vals["loss"], epoch_n + 1
+                if step % ipe == 0:
+                    last_epoch_loss, epoch_sum, epoch_n = epoch_sum / epoch_n, 0.0, 0
+                out_of_time = _any_rank(deadline is not None and now >= deadline, world, dev)
+                if main_rank and (step % cfg.log_every == 0 or step == stop or out_of_time):
+                    rate, eta = rate_eta(step - first, now - t_rate, stop - step)
+                    if deadline is not None:
+                        eta = min(eta, max(0.0, deadline - now))
+                    losses_f.write(json.dumps({"it": step, "epoch": round(step / ipe, 3), "lr": lr,
+                                               "elapsed_s": round(elapsed, 1),
+                                               **{k: round(v, 6) for k, v in ema.items()}}) + "\n")
+                    losses_f.flush()
+                    history.append([step, ema["loss"]])
+                    log.info("it %d/%d ep %.1f loss %.4f (rec mse %.4f ssim %.4f | inp mse %.4f ssim %.4f) "
+                             "lr %.2e %.2f it/s eta %s", step, total, step / ipe, ema["loss"],
+                             ema["mse_rec"], ema["ssim_rec"], ema["mse_inp"], ema["ssim_inp"], lr, rate,
+                             fmt_duration(eta))
             if main_rank and step % cfg.checkpoint_every == 0 and step != stop and not out_of_time:
                 atomic_save(checkpoint(), ck_path)
                 err = _preview(net, crops, cfg, run_dir / PREVIEW, dev)

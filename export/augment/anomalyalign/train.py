@@ -65,8 +65,7 @@ from export.augment.anomalyalign.prompts import (CATEGORIES, SYNONYMS, TEMPLATES
 from export.training import (CHECKPOINT, LOSSES, METRICS, PREVIEW, RunSettings, atomic_save, write_metrics,
                              check_device, check_resume_keys, fmt_duration, pick_device,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, train_main,
-                             update_ema, whole_step, write_run_config)
-from inspector.fileio import atomic_write_text
+                             trim_losses, update_ema, whole_step, write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -661,29 +660,6 @@ def check_resume(ck: dict, cfg: AnomalyAlignConfig, data: TrainData, config_path
                           f"{', other order' if not n_new and not n_gone else ''}); a resumed run "
                           "keeps its images and their prompts (restore the data, or train into a "
                           "new --run-dir)")
-
-
-def trim_losses(path: Path, step: int) -> None:
-    """Keep the rows of ``losses.jsonl`` up to iteration ``step`` (the checkpoint resumed from,
-    0 for a run that starts afresh): a run that died after its last periodic checkpoint logged
-    iterations the resumed run logs again. Replaced atomically, only when something is dropped;
-    a torn last line (a kill mid-write) is dropped too."""
-    if not path.is_file():
-        return
-    keep, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-            ok = isinstance(row, dict) and int(row["it"]) <= step
-        except (ValueError, KeyError, TypeError):
-            ok = False
-        if ok:
-            keep.append(line)
-        elif line.strip():
-            dropped += 1
-    if dropped:
-        atomic_write_text(path, "".join(f"{line}\n" for line in keep))
-        log.info("%s: %d row(s) after iteration %d (the checkpoint) dropped", path, dropped, step)
 
 
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,

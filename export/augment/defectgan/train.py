@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from inspector.errors import CheckpointError, ConfigError
 
@@ -49,8 +49,9 @@ from export.augment.defectgan.data import CropSampler, from_tensor_range, load_s
 from export.augment.defectgan.model import (DefectDiscriminator, DefectGenerator,
                                             count_parameters, gradient_penalty)
 from export.training import RunSettings, CHECKPOINT, LOSSES, METRICS, PREVIEW
-from export.training import (atomic_save, write_metrics, fmt_duration, prepare_run_dir, rate_eta, read_checkpoint,
-                             read_config, start_ranks, step_generator, train_main, update_ema,
+from export.training import (atomic_save, check_resume_keys, write_metrics, fmt_duration,
+                             prepare_run_dir, rate_eta, read_checkpoint, read_config, start_ranks,
+                             step_generator, train_main, trim_losses, update_ema, whole_step,
                              write_run_config)
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,14 @@ KIND = "defectgan"
 #: streams of :func:`export.training.step_generator`: G's noise (on the training device) and the
 #: gradient penalty's mixing weights (on the CPU, where gradient_penalty draws them)
 NOISE_STREAM, GP_STREAM = 1, 2
+#: config keys a resume must keep (dotted; a section means all of it): the networks' shapes, and
+#: what decides the data and the schedule of iteration ``s`` (the subset, its crops and labels,
+#: the seed of the crops and draws, the planned iterations the learning rate decays over, the
+#: batch and the G cadence). A changed one used to go on silently with other data or another
+#: schedule; the learning rates and loss weights may change (lower optim.lr after a NaN)
+RESUME_KEYS = ("model", "seed", "data.size", "data.window", "data.label_fraction", "data.label_seed",
+               "data.splits", "data.min_class_px", "data.normal_stride", "data.flip",
+               "optim.iterations", "optim.batch_size", "optim.n_critic")
 
 __all__ = ["DefectGanConfig", "load_config", "build_networks", "DefectGanTrainer", "train",
            "load_checkpoint", "lr_at", "main"]
@@ -279,6 +288,15 @@ def load_checkpoint(path: Path) -> dict:
     return ck
 
 
+def _saved_config(ck: dict) -> dict:
+    """The checkpoint's config with today's defaults filled in (a key added since it was written
+    compares equal when the resume leaves it at its default)."""
+    try:
+        return DefectGanConfig.model_validate(ck["config"]).model_dump(mode="json")
+    except (ValidationError, KeyError, TypeError):  # one this version cannot read: as saved
+        return dict(ck["config"])
+
+
 def _preview(G: DefectGenerator, sampler: CropSampler, path: Path, n: int = 4) -> float:
     """Rows of fixed crops: normal | defaced as each class | their maps, then defect | restored |
     map. Returns the mean defacement map (how much of a normal crop G repaints)."""
@@ -337,10 +355,14 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     first_g: dict[str, float] | None = None
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        if ck["config"]["model"] != cfg.model.model_dump(mode="json") or \
-                ck["config"]["data"]["size"] != d.size:
-            raise ConfigError(str(config_path), "model",
-                              f"differs from the checkpoint in {ck_path}; a resumed run keeps its network")
+        check_resume_keys(_saved_config(ck), cfg.model_dump(mode="json"), RESUME_KEYS, config_path,
+                          ck_path)
+        if ck.get("subset") is not None and list(ck["subset"]) != list(data.names):
+            # same keys, other images: data.root names another folder (or its files changed)
+            raise ConfigError(str(config_path), "data.root",
+                              f"{cfg.data_root()} gives a subset of {len(data.names)} image(s) other "
+                              f"than the {len(ck['subset'])} the checkpoint {ck_path} was trained on; "
+                              "point it at that run's data, or train into a new --run-dir")
         G.load_state_dict(ck["G"])
         D.load_state_dict(ck["D"])
         for k, opt in trainer.optimizers.items():
@@ -350,6 +372,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         log.info("resuming %s at iteration %d of %d", run_dir, step, o.iterations)
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
+    # rows a run that died after its last checkpoint wrote are written again from here
+    trim_losses(run_dir / LOSSES, step)
 
     write_run_config(run_dir, cfg)
     log.info("data: %s", data.describe())
@@ -376,39 +400,43 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     losses_f = open(run_dir / LOSSES, "a")
     try:
         while step < stop:
-            lr = lr_at(step, o)
-            trainer.set_lr(lr)
             nb, db, lab = sampler.batch(step, o.batch_size)
             tgt = sampler.target_labels(step, o.batch_size)
-            n, x_d = torch.from_numpy(nb).to(dev), torch.from_numpy(db).to(dev)
-            c_real, c_tgt = torch.from_numpy(lab).to(dev), torch.from_numpy(tgt).to(dev)
-            # this iteration's own random draws (see the module doc: resumes are exact)
-            noise = step_generator(cfg.seed, step, NOISE_STREAM, dev)
-            parts = trainer.d_step(n, x_d, c_real, c_tgt, noise,
-                                   step_generator(cfg.seed, step, GP_STREAM))
-            if (step + 1) % o.n_critic == 0:
-                g_parts = trainer.g_step(n, x_d, c_real, c_tgt, noise)
-                if first_g is None:
-                    first_g = g_parts
-                parts.update(g_parts)
-            step += 1
-            for k, v in parts.items():
-                if not math.isfinite(v):
-                    raise FloatingPointError(f"loss {k} is {v} at iteration {step}; lower optim.lr ({o.lr})")
-            now = time.monotonic()
-            elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
-            update_ema(ema, parts)
-            out_of_time = deadline is not None and now >= deadline
-            if step % cfg.log_every == 0 or step == stop or out_of_time:
-                rate, eta = rate_eta(step - first, now - t_rate, stop - step)
-                if deadline is not None:
-                    eta = min(eta, max(0.0, deadline - now))
-                losses_f.write(json.dumps({"it": step, "lr": lr, "elapsed_s": round(elapsed, 1),
-                                           **{k: round(v, 5) for k, v in ema.items()}}) + "\n")
-                losses_f.flush()
-                history.append([step, ema.get("G", 0.0), ema.get("D", 0.0), ema.get("G_rec", 0.0)])
-                log.info("it %d/%d %s lr %.2e %.2f it/s eta %s", step, o.iterations,
-                         " ".join(f"{k} {v:.3f}" for k, v in ema.items()), lr, rate, fmt_duration(eta))
+            # a Ctrl-C or SIGTERM in here stops after the iteration (both updates, the counter,
+            # the averages and the losses row): the checkpoint the handler below saves is then
+            # one of a whole iteration, and --resume does not repeat the critic's update
+            with whole_step():
+                lr = lr_at(step, o)
+                trainer.set_lr(lr)
+                n, x_d = torch.from_numpy(nb).to(dev), torch.from_numpy(db).to(dev)
+                c_real, c_tgt = torch.from_numpy(lab).to(dev), torch.from_numpy(tgt).to(dev)
+                # this iteration's own random draws (see the module doc: resumes are exact)
+                noise = step_generator(cfg.seed, step, NOISE_STREAM, dev)
+                parts = trainer.d_step(n, x_d, c_real, c_tgt, noise,
+                                       step_generator(cfg.seed, step, GP_STREAM))
+                if (step + 1) % o.n_critic == 0:
+                    g_parts = trainer.g_step(n, x_d, c_real, c_tgt, noise)
+                    if first_g is None:
+                        first_g = g_parts
+                    parts.update(g_parts)
+                step += 1
+                for k, v in parts.items():
+                    if not math.isfinite(v):
+                        raise FloatingPointError(f"loss {k} is {v} at iteration {step}; lower optim.lr ({o.lr})")
+                now = time.monotonic()
+                elapsed, t_prev = elapsed + (now - t_prev), now  # wall time, summed over resumes
+                update_ema(ema, parts)
+                out_of_time = deadline is not None and now >= deadline
+                if step % cfg.log_every == 0 or step == stop or out_of_time:
+                    rate, eta = rate_eta(step - first, now - t_rate, stop - step)
+                    if deadline is not None:
+                        eta = min(eta, max(0.0, deadline - now))
+                    losses_f.write(json.dumps({"it": step, "lr": lr, "elapsed_s": round(elapsed, 1),
+                                               **{k: round(v, 5) for k, v in ema.items()}}) + "\n")
+                    losses_f.flush()
+                    history.append([step, ema.get("G", 0.0), ema.get("D", 0.0), ema.get("G_rec", 0.0)])
+                    log.info("it %d/%d %s lr %.2e %.2f it/s eta %s", step, o.iterations,
+                             " ".join(f"{k} {v:.3f}" for k, v in ema.items()), lr, rate, fmt_duration(eta))
             if step % cfg.checkpoint_every == 0 and step != stop and not out_of_time:
                 atomic_save(checkpoint(), ck_path)
                 m = _preview(G, sampler, run_dir / PREVIEW)
