@@ -40,7 +40,7 @@ __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW"
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "write_metrics", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
            "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED",
-           "sigterm_as_interrupt", "whole_step", "train_main", "step_generator", "check_resume_keys",
+           "sigterm_as_interrupt", "whole_step", "saved_config", "train_main", "step_generator", "check_resume_keys",
            "run_kind", "git_commit", "read_metrics", "metrics_for_checkpoint", "split_provenance",
            "trim_losses", "RESUME_NEEDS_RUN_DIR"]
 
@@ -158,6 +158,16 @@ def step_generator(seed: int, step: int, stream: int = 0,
     """
     state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream), int(step)]).generate_state(2)
     return torch.Generator(device=device).manual_seed((int(state[0]) << 31) ^ int(state[1]))
+
+
+def saved_config(saved: Any, config_cls: type[BaseModel]) -> dict:
+    """A checkpoint's saved config with today's defaults filled in, so that a key added since it
+    was written compares equal in :func:`check_resume_keys` when the resumed config leaves it at
+    its default; one this version cannot read is compared as saved."""
+    try:
+        return config_cls.model_validate(saved).model_dump(mode="json")
+    except (ValidationError, TypeError):
+        return dict(saved) if isinstance(saved, dict) else {}
 
 
 def check_resume_keys(saved: dict, current: dict, keys: Iterable[str], config: str | Path,

@@ -41,14 +41,9 @@ def _fail(msg: str, code: int) -> int:
 def _out_folder(path: str | None, option: str = "--out") -> Path | None:
     """Create an output folder before any work is done: one line naming the option, exit 2, when
     it cannot be (it was a bare errno, exit 1, after the whole run)."""
-    if path is None:
-        return None
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InspectorError(f"{option} {p}: cannot create the folder ({e.strerror or e})") from None
-    return p
+    from calibration.outputs import make_out_dir
+
+    return None if path is None else make_out_dir(path, option)
 
 
 def _load(path: str):

@@ -49,7 +49,7 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
                                      discriminator_input)
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
-from export.training import (atomic_save, check_resume_keys, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+from export.training import (atomic_save, check_resume_keys, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main,
                              validate_config, whole_step, write_run_config)
 
@@ -733,7 +733,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     state = _State(cfg, r, d)
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        check_resume_keys(ck["config"], cfg.model_dump(mode="json"), ("model",), config_path, ck_path)
+        check_resume_keys(saved_config(ck["config"], TrainConfig), cfg.model_dump(mode="json"), ("model",),
+                          config_path, ck_path)
         if len(ck["optimizer"]["stage1"]["param_groups"]) != len(state.opt1.param_groups):
             # the stage-1 optimiser holds D only with train_d; a checkpoint of the other setting
             # cannot continue stage 1 with this config

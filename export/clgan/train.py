@@ -38,7 +38,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inspector.errors import CheckpointError, ConfigError
 from inspector.evaluation.datasets import SplitFractions
@@ -50,7 +50,7 @@ from export.clgan.torch_model import (DEFAULT_NCE_LAYERS, PatchGANDiscriminator,
                                       ResnetGenerator, count_parameters)
 # the run folder's file names stay importable from here (export.clgan.export takes them so)
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
-from export.training import (atomic_save, write_metrics, check_resume_keys, end_ranks, fmt_duration,
+from export.training import (atomic_save, write_metrics, check_resume_keys, saved_config, end_ranks, fmt_duration,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, start_ranks,
                              step_generator, train_main, trim_losses, update_ema, whole_step,
                              write_run_config)
@@ -331,15 +331,6 @@ def load_checkpoint(path: Path) -> dict:
     return ck
 
 
-def _saved_config(ck: dict) -> dict:
-    """The checkpoint's config with today's defaults filled in (a key added since it was written
-    compares equal when the resume leaves it at its default)."""
-    try:
-        return ClganTrainConfig.model_validate(ck["config"]).model_dump(mode="json")
-    except (ValidationError, KeyError, TypeError):  # one this version cannot read: as saved
-        return dict(ck["config"])
-
-
 def lr_at(it: int, cfg: OptimConfig, iters_per_epoch: int) -> float:
     """Constant for ``n_epochs``, then linear to 0 at the end of ``n_epochs_decay`` (CUT)."""
     const = cfg.n_epochs * iters_per_epoch
@@ -405,7 +396,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     step, elapsed, history = 0, 0.0, []
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        check_resume_keys(_saved_config(ck), cfg.model_dump(mode="json"), ARCHITECTURE_KEYS,
+        check_resume_keys(saved_config(ck["config"], ClganTrainConfig), cfg.model_dump(mode="json"), ARCHITECTURE_KEYS,
                           config_path, ck_path)
         G.load_state_dict(ck["G"])
         D.load_state_dict(ck["D"])

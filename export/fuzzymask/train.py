@@ -54,7 +54,7 @@ from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
 from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
 # the run folder's file names stay importable from here (export.fuzzymask.export takes them so)
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
-from export.training import (atomic_save, check_resume_keys, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+from export.training import (atomic_save, check_resume_keys, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main, trim_losses,
                              update_ema, whole_step, write_run_config)
 
@@ -348,7 +348,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     step, elapsed, history = 0, 0.0, []
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        check_resume_keys(ck["config"], cfg.model_dump(mode="json"), ("model", "data.channels"),
+        check_resume_keys(saved_config(ck["config"], FuzzymaskTrainConfig), cfg.model_dump(mode="json"),
+                          ("model", "data.channels"),
                           config_path, ck_path)
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])

@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from inspector.errors import CheckpointError, ConfigError
 
@@ -49,7 +49,7 @@ from export.augment.defectgan.data import CropSampler, from_tensor_range, load_s
 from export.augment.defectgan.model import (DefectDiscriminator, DefectGenerator,
                                             count_parameters, gradient_penalty)
 from export.training import RunSettings, CHECKPOINT, LOSSES, METRICS, PREVIEW
-from export.training import (atomic_save, check_resume_keys, write_metrics, fmt_duration,
+from export.training import (atomic_save, check_resume_keys, saved_config, write_metrics, fmt_duration,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, start_ranks,
                              step_generator, train_main, trim_losses, update_ema, whole_step,
                              write_run_config)
@@ -288,15 +288,6 @@ def load_checkpoint(path: Path) -> dict:
     return ck
 
 
-def _saved_config(ck: dict) -> dict:
-    """The checkpoint's config with today's defaults filled in (a key added since it was written
-    compares equal when the resume leaves it at its default)."""
-    try:
-        return DefectGanConfig.model_validate(ck["config"]).model_dump(mode="json")
-    except (ValidationError, KeyError, TypeError):  # one this version cannot read: as saved
-        return dict(ck["config"])
-
-
 def _preview(G: DefectGenerator, sampler: CropSampler, path: Path, n: int = 4) -> float:
     """Rows of fixed crops: normal | defaced as each class | their maps, then defect | restored |
     map. Returns the mean defacement map (how much of a normal crop G repaints)."""
@@ -355,7 +346,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     first_g: dict[str, float] | None = None
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        check_resume_keys(_saved_config(ck), cfg.model_dump(mode="json"), RESUME_KEYS, config_path,
+        check_resume_keys(saved_config(ck["config"], DefectGanConfig), cfg.model_dump(mode="json"), RESUME_KEYS, config_path,
                           ck_path)
         if ck.get("subset") is not None and list(ck["subset"]) != list(data.names):
             # same keys, other images: data.root names another folder (or its files changed)
