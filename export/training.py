@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inspector.config import read_yaml_mapping
-from inspector.errors import CheckpointError, ConfigError
+from inspector.errors import CheckpointError, ConfigError, first_line
 from inspector.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW"
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "write_metrics", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
            "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED",
-           "sigterm_as_interrupt", "whole_step", "saved_config", "train_main", "step_generator", "check_resume_keys",
+           "sigterm_as_interrupt", "whole_step", "quiet_worker", "saved_config", "train_main", "step_generator", "check_resume_keys",
            "run_kind", "git_commit", "read_metrics", "metrics_for_checkpoint", "split_provenance",
            "trim_losses", "RESUME_NEEDS_RUN_DIR"]
 
@@ -431,8 +431,10 @@ def whole_step() -> Iterator[None]:
         yield
         return
     held: list[int] = []
-    # a handler installed from C reads as None: put the default back for it
+    # a handler installed from C reads as None: put the default back for it. A signal the process
+    # ignores (a script's background job ignores SIGINT) stays ignored.
     previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
 
     def hold(signum: int, frame: object) -> None:
         if held:
@@ -448,11 +450,26 @@ def whole_step() -> Iterator[None]:
         signal.signal(s, hold)
     try:
         yield
+    except Exception as e:
+        if not held:
+            raise
+        # the stop broke the step from outside (a DataLoader worker or another DDP rank that
+        # stopped first): still a stop, so the trainer saves its checkpoint as it did before
+        raise KeyboardInterrupt(f"signal {signal.Signals(held[0]).name} ({first_line(e)})") from e
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
     if held:
         raise KeyboardInterrupt(f"signal {signal.Signals(held[0]).name}")
+
+
+def quiet_worker(_worker_id: int = 0) -> None:
+    """For DataLoader workers (``worker_init_fn``): ignore SIGINT / SIGTERM. A Ctrl-C or a
+    ``kill`` of the process group reaches the workers too; dying at once, they broke the step the
+    main process was finishing under :func:`whole_step`. The main process stops them when it
+    stops, and they exit by themselves when it dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[..., Path],

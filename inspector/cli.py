@@ -169,8 +169,10 @@ def _check_endpoint(cfg) -> list[str]:
     try:
         sock.bind(cfg.publish.endpoint)
     except zmq.ZMQError as e:
-        return [f"publish.endpoint {cfg.publish.endpoint}: cannot bind now ({e}): another process "
-                "holds it (this camera's daemon, already running?); `run` and `daemon` would exit 1"]
+        held = (": another process holds it (this camera's daemon, already running?)"
+                if e.errno == zmq.EADDRINUSE else "")
+        return [f"publish.endpoint {cfg.publish.endpoint}: cannot bind now ({e}){held}; "
+                "`run` and `daemon` would exit 1"]
     finally:
         sock.close()
     return []

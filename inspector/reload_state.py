@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,17 +62,22 @@ class ReloadLog:
         self.path = folder / RECORD_NAME if folder is not None else None
         self.record = ReloadRecord(pid=pid if pid is not None else os.getpid())
         self._warned = False
+        self._closed = False
+        self._lock = threading.Lock()  # the reload thread writes, the main thread removes
 
     def _write(self) -> None:
-        if self.path is None:
-            return
-        try:
-            atomic_write_text(self.path, json.dumps(asdict(self.record)) + "\n")
-        except OSError as e:
-            if not self._warned:
-                self._warned = True
-                log.warning("cannot write the reload record %s (inspector reload cannot wait for "
-                            "reloads): %s", self.path, e)
+        with self._lock:
+            # after remove(): a reload still running as the daemon exits must not leave a record
+            # of a PID that may be reused (`inspector reload` would signal that process)
+            if self.path is None or self._closed:
+                return
+            try:
+                atomic_write_text(self.path, json.dumps(asdict(self.record)) + "\n")
+            except OSError as e:
+                if not self._warned:
+                    self._warned = True
+                    log.warning("cannot write the reload record %s (inspector reload cannot wait "
+                                "for reloads): %s", self.path, e)
 
     def ready(self) -> None:
         """The SIGHUP handler is in place: from now on the daemon may be signalled."""
@@ -88,11 +94,13 @@ class ReloadLog:
         self._write()
 
     def remove(self) -> None:
-        if self.path is not None:
-            try:
-                self.path.unlink(missing_ok=True)
-            except OSError:
-                pass
+        with self._lock:
+            self._closed = True
+            if self.path is not None:
+                try:
+                    self.path.unlink(missing_ok=True)
+                except OSError:
+                    pass
 
 
 def read_record(folder: Path) -> ReloadRecord | None:
@@ -104,6 +112,9 @@ def read_record(folder: Path) -> ReloadRecord | None:
         return ReloadRecord(**data)
     except FileNotFoundError:
         return None
+    except PermissionError as e:
+        raise InspectorError(f"{path}: cannot read the reload record ({e.strerror}); run as root or "
+                             "as the service user") from None
     except (OSError, ValueError, TypeError) as e:
         raise InspectorError(f"{path}: not a reload record: {e}") from None
 

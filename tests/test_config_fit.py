@@ -142,3 +142,14 @@ def test_evaluate_flags_a_split_the_model_was_trained_on(tmp_path):
     assert "not held-out ones" in err  # and a warning on the terminal
     assert notes(hashed, "val")[0] == []
     assert notes(neu_root(tmp_path / "official", test_folder=True), "test")[0] == []  # its own test/ folder
+
+
+def test_check_names_a_held_port_only_when_it_is_held(tmp_path, synthetic_cfg):
+    # an address this machine does not have is not "another process"
+    import json
+
+    cfg = write_config(tmp_path / "addr.yaml", synthetic_cfg(publish={"endpoint": "tcp://192.0.2.10:5555"}))
+    r = run_cli("check", "--config", str(cfg), "--json", timeout=120)
+    assert r.returncode == 0, r.stderr
+    (warning,) = json.loads(r.stdout)["warnings"]
+    assert "cannot bind now" in warning and "another process" not in warning

@@ -141,3 +141,25 @@ def test_a_reload_after_an_upgrade_under_the_running_daemon_is_refused(  # noqa:
     finally:
         d.request_stop()
         t.join(60)
+
+
+def test_no_record_is_left_by_a_reload_that_ends_after_the_daemon_removed_it(tmp_path):
+    from inspector.reload_state import ReloadLog
+
+    log = ReloadLog(tmp_path, pid=4242)
+    log.ready()
+    log.begin()
+    log.remove()  # the daemon exits while its reload thread still runs
+    log.end(True, "reload done")
+    assert not (tmp_path / RECORD_NAME).exists()
+
+
+def test_an_unreadable_record_says_so(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads any file: the permission case cannot be made here")
+    (tmp_path / RECORD_NAME).write_text("{}")
+    (tmp_path / RECORD_NAME).chmod(0)
+    with pytest.raises(Exception, match="cannot read the reload record"):
+        read_record(tmp_path)

@@ -484,3 +484,35 @@ def test_native_engine_matches_onnxruntime_and_is_cached(tmp_path, toy_bundle):
         assert eng.how == "cached"
     finally:
         eng.close()
+
+
+def test_a_missing_package_and_a_missing_library_are_told_apart(tmp_path, monkeypatch):
+    # a package that is not installed: exit 2 (install the extra); an installed one whose shared
+    # library does not load (libcuda.so.1 before the driver is installed): exit 1, restarted
+    import sys
+
+    from inspector.engines.trt_build import import_pycuda
+    from inspector.errors import EngineError, MissingPackageError
+
+    pkg = tmp_path / "site" / "pycuda"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "driver.py").write_text("raise ImportError('libcuda.so.1: cannot open shared object file: "
+                                   "No such file or directory')\n")
+    for name in [m for m in sys.modules if m == "pycuda" or m.startswith("pycuda.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    with pytest.raises(EngineError, match="installed but does not load") as e:
+        import_pycuda()
+    assert not isinstance(e.value, MissingPackageError)
+    for name in [m for m in sys.modules if m == "pycuda" or m.startswith("pycuda.")]:
+        monkeypatch.delitem(sys.modules, name)
+    (pkg / "__init__.py").unlink()
+    (pkg / "driver.py").unlink()
+    pkg.rmdir()
+    import importlib
+
+    importlib.invalidate_caches()
+    if importlib.util.find_spec("pycuda") is None:
+        with pytest.raises(MissingPackageError, match="gpu"):
+            import_pycuda()

@@ -54,3 +54,53 @@ def test_a_second_signal_in_the_same_step_ends_the_process_at_once(sig):
                        timeout=60)
     assert r.returncode == -getattr(signal, sig), (r.returncode, r.stdout, r.stderr)
     assert "interrupted after" not in r.stdout  # no handler ran: nothing saved
+
+
+def test_an_ignored_sigint_stays_ignored():
+    # a script's background job ignores SIGINT: a Ctrl-C meant for the script's foreground
+    # command stopped the training job
+    r = subprocess.run([sys.executable, "-c", "import signal, runpy, sys; signal.signal(signal.SIGINT, "
+                        "signal.SIG_IGN); sys.argv = ['x', 'SIGINT', '1']; exec(sys.stdin.read())"],
+                       input=SCRIPT, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "finished", (r.stdout, r.stderr)
+
+
+BROKEN = textwrap.dedent("""
+    import os, signal, sys
+    from export.training import sigterm_as_interrupt, whole_step
+    try:
+        with sigterm_as_interrupt():
+            with whole_step():
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+    except KeyboardInterrupt as e:
+        print("stopped:", e, "| cause:", type(e.__cause__).__name__, flush=True)
+        sys.exit(130)
+""")
+
+
+def test_a_step_broken_by_the_stop_it_holds_still_stops_as_a_stop():
+    # a worker or another DDP rank that stopped first breaks the held step: the trainer must
+    # still get its KeyboardInterrupt (and save), not a RuntimeError and exit 1
+    r = subprocess.run([sys.executable, "-c", BROKEN], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 130, r.stderr
+    assert r.stdout.strip() == ("stopped: signal SIGTERM (DataLoader worker (pid 1) is killed by signal: "
+                                "Terminated.) | cause: RuntimeError")
+
+
+def test_dataloader_workers_leave_stop_signals_to_the_main_process():
+    import torch
+    from torch.utils.data import DataLoader
+
+    from export.training import quiet_worker
+
+    class Handlers(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return torch.tensor([int(signal.getsignal(signal.SIGINT) is signal.SIG_IGN),
+                                 int(signal.getsignal(signal.SIGTERM) is signal.SIG_IGN)])
+
+    got = next(iter(DataLoader(Handlers(), num_workers=1, worker_init_fn=quiet_worker)))
+    assert got.tolist() == [[1, 1]]

@@ -49,7 +49,7 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
                                      discriminator_input)
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
-from export.training import (atomic_save, check_resume_keys, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+from export.training import (atomic_save, check_resume_keys, quiet_worker, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main,
                              validate_config, whole_step, write_run_config)
 
@@ -421,7 +421,8 @@ def _batches(ds: Dataset, batch: int, start_step: int, steps: int, workers: int,
     if workers > 0:
         idx = [i for s in range(start_step, steps) for i in range(first(s), first(s) + batch)]
         loader = DataLoader(Subset(ds, idx), batch_size=batch, shuffle=False,
-                            num_workers=workers, collate_fn=collate, persistent_workers=False)
+                            num_workers=workers, collate_fn=collate, persistent_workers=False,
+                            worker_init_fn=quiet_worker)
         yield from loader
         return
     for s in range(start_step, steps):

@@ -92,5 +92,9 @@ class StepBatches(Dataset):
 
 
 def worker_init(_: int) -> None:
-    """DataLoader workers: one thread each (the batches are small; threads would only contend)."""
+    """DataLoader workers: one thread each (the batches are small; threads would only contend);
+    stop signals are the main process's to handle (export.training.quiet_worker)."""
+    from export.training import quiet_worker
+
     torch.set_num_threads(1)
+    quiet_worker()

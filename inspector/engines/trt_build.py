@@ -46,11 +46,20 @@ T = TypeVar("T")
 
 
 # -- lazy imports of the GPU stack -------------------------------------------------------------
+def _package_missing(e: ImportError, package: str) -> bool:
+    """The package itself is not installed (exit 2: install the extra), as against an installed
+    one whose shared library cannot be loaded (a driver not installed yet: exit 1, restarted)."""
+    return isinstance(e, ModuleNotFoundError) and (e.name or "").split(".")[0] == package
+
+
 def import_tensorrt() -> Any:
     """``tensorrt`` (10 or later), or an EngineError naming the gpu extra."""
     try:
         import tensorrt as trt
     except ImportError as e:
+        if not _package_missing(e, "tensorrt"):  # installed, its libnvinfer is not loadable
+            raise EngineError(f"TensorRT is installed but does not load ({e}); check the CUDA / "
+                              "TensorRT libraries of this machine") from None
         raise MissingPackageError(f"TensorRT is not importable ({type(e).__name__}: {e}); the tensorrt "
                                   f"engine needs {GPU_EXTRA}") from None
     except Exception as e:  # OSError from a missing libnvinfer
@@ -68,6 +77,9 @@ def import_pycuda() -> Any:
     try:
         import pycuda.driver as cuda
     except ImportError as e:
+        if not _package_missing(e, "pycuda"):  # installed, libcuda.so (the driver) is not loadable
+            raise EngineError(f"pycuda is installed but does not load ({e}); check the NVIDIA "
+                              "driver of this machine") from None
         raise MissingPackageError(f"pycuda is not importable ({type(e).__name__}: {e}); the tensorrt "
                                   f"engine needs {GPU_EXTRA}") from None
     except Exception as e:  # OSError from a missing libcuda

@@ -63,7 +63,7 @@ from export.augment.anomalyalign.prompts import (CATEGORIES, SYNONYMS, TEMPLATES
                                                  TinyClip, build_library, select_prompts,
                                                  train_tinyclip)
 from export.training import (CHECKPOINT, LOSSES, METRICS, PREVIEW, RunSettings, atomic_save, write_metrics,
-                             check_device, check_resume_keys, fmt_duration, pick_device,
+                             check_device, check_resume_keys, saved_config, fmt_duration, pick_device,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, train_main,
                              trim_losses, update_ema, whole_step, write_run_config)
 
@@ -650,7 +650,8 @@ def check_resume(ck: dict, cfg: AnomalyAlignConfig, data: TrainData, config_path
     :class:`ConfigError` naming the key (:data:`RESUME_KEYS`; ``data.root`` when the same
     keys select other images). The checkpoint's per-image prompt choice would otherwise index
     another image list (an IndexError, or images trained with other images' prompts)."""
-    check_resume_keys(ck["config"], cfg.model_dump(mode="json"), RESUME_KEYS, config_path, ck_path)
+    check_resume_keys(saved_config(ck["config"], AnomalyAlignConfig), cfg.model_dump(mode="json"), RESUME_KEYS,
+                      config_path, ck_path)
     saved = list(ck.get("train_stems") or [])
     if saved != list(data.stems):
         n_new, n_gone = len(set(data.stems) - set(saved)), len(set(saved) - set(data.stems))
