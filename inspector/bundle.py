@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from inspector.errors import BundleError
+from inspector.errors import BundleError, validator_message, yaml_problem
 from inspector.fileio import atomic_write_text
 from inspector.postprocess import PostprocessConfig
 
@@ -148,11 +148,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     try:
         raw = yaml.safe_load(meta.read_text())
     except yaml.YAMLError as e:
-        # one line, as inspector.config.read_yaml_mapping reports a camera config's syntax error
-        # (PyYAML's own text spans several lines with the offending line and a caret)
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise BundleError(f"{meta}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+        raise BundleError(f"{meta}: {yaml_problem(e)}") from None
     except UnicodeDecodeError:
         raise BundleError(f"{meta}: not valid YAML: not a text file") from None
     if not isinstance(raw, dict):
@@ -162,9 +158,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        msg = err["msg"]
-        if msg.startswith("Value error, "):  # pydantic's prefix for a validator's ValueError
-            msg = msg[len("Value error, "):]
+        msg = validator_message(err["msg"])
         # a check across sections (BundleSpec's own validators) has no location: its message
         # names the keys itself
         raise BundleError(f"{meta}: {key}: {msg}" if key else f"{meta}: {msg}") from e

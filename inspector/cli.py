@@ -431,15 +431,13 @@ def _export_tensorrt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _bundle_split(bundle_dir: str | Path):
+def _bundle_split(bundle_dir: str | Path, prov: dict):
     """The hash-split fractions the bundle's model was trained with (``provenance.
     split_fractions``, or the clgan / fuzzymask training config of bundles exported before that
     key); the defaults for every other bundle. Splitting with other fractions than training did
     would score images the model was trained on."""
-    from inspector.bundle import load_bundle
     from inspector.evaluation.datasets import DEFAULT_SPLIT, SplitFractions
 
-    prov = load_bundle(bundle_dir, verify=False).spec.provenance or {}
     sf = prov.get("split_fractions")
     if sf is None:
         data = (prov.get("training_config") or {}).get("data") or {}
@@ -462,22 +460,22 @@ def _data_args(args: argparse.Namespace):
     kw = {}
     if args.categories:
         kw["categories" if args.format == "magnetic-tile" else "subsets"] = args.categories.split(",")
-    fractions = _bundle_split(args.bundle) if args.split != "all" else DEFAULT_SPLIT
+    from inspector.bundle import load_bundle
+
+    prov = load_bundle(args.bundle, verify=False).spec.provenance or {}
+    fractions = _bundle_split(args.bundle, prov) if args.split != "all" else DEFAULT_SPLIT
     ds = open_dataset(args.format, Path(args.data), split=args.split, fractions=fractions, **kw)
-    note = _trained_on_note(args.bundle, args.split, ds.split_by)
+    note = _trained_on_note(prov, args.split, ds.split_by)
     if note:
         log.warning("%s", note)
         ds.notes.append(note)
     return ds
 
 
-def _trained_on_note(bundle_dir: str | Path, split: str, split_by: str) -> str | None:
+def _trained_on_note(prov: dict, split: str, split_by: str) -> str | None:
     """A warning where the split asked for is one the bundle's model was trained on (ARCD trains
     on the hash ``train`` + ``test`` shares; ``test`` is meant to be the data set's own test
     folder): on a root without that folder, ``--split test`` scored training images, silently."""
-    from inspector.bundle import load_bundle
-
-    prov = load_bundle(bundle_dir, verify=False).spec.provenance or {}
     data = (prov.get("training_config") or {}).get("data") or {}
     trained = data.get("train_splits") if isinstance(data, dict) else None
     if not trained or split_by != "hash" or (split != "all" and split not in trained):

@@ -19,7 +19,7 @@ from inspector.alarms.config import UNION_TAGS as _ALARM_TAGS
 from inspector.alarms.config import AlarmsConfig
 from inspector.daemon_config import DaemonConfig
 from inspector.engines import OnnxRuntimeConfig, TensorRTConfig
-from inspector.errors import ConfigError
+from inspector.errors import ConfigError, validator_message, yaml_problem
 from inspector.metrics import MetricsConfig
 from inspector.postprocess import PostprocessConfig
 from inspector.publish import PublishConfig
@@ -164,8 +164,7 @@ def validation_error(file: str, e: ValidationError) -> ConfigError:
     if err["type"] == "union_tag_invalid":
         ctx = err.get("ctx", {})
         msg = f"unknown type {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    msg = validator_message(msg)
     key = _key(err["loc"])
     if err["type"] == "union_tag_invalid":
         key = f"{key}.type" if key else "type"
@@ -265,9 +264,7 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     except OSError as e:
         raise ConfigError(file, None, f"cannot read the {what}: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(file, None, f"not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+        raise ConfigError(file, None, yaml_problem(e)) from None
     except UnicodeDecodeError:
         raise ConfigError(file, None, "not a text file") from None
     if raw is None:

@@ -49,6 +49,20 @@ class CheckpointError(InspectorError, ValueError):
     handlers of bad input report it as one line."""
 
 
+def yaml_problem(e: Exception) -> str:
+    """A PyYAML error in one line, ``not valid YAML at line N, column M: <problem>`` (PyYAML's own
+    text spans several lines with the offending line and a caret)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"not valid YAML{where}: {getattr(e, 'problem', None) or e}"
+
+
+def validator_message(msg: str) -> str:
+    """A pydantic error message without the ``Value error, `` prefix it puts before the text of
+    a validator's ValueError."""
+    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg
+
+
 def first_line(e: BaseException) -> str:
     """The first line of an error's message, or its type's name when the message is empty: for
     one-line logs and status texts (``str(e).splitlines()[0]`` fails on an empty message)."""
