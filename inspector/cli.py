@@ -135,6 +135,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "infer_ms": round(infer_ms, 1), "defects_in_frame": total,
         "publish": cfg.publish.endpoint,
         "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)",
+        "record": _check_record(cfg, spec.classes),
         "warnings": warnings, "result": "ok",
     }
     if args.json:
@@ -155,6 +156,17 @@ def _check_alarms(cfg, classes: list[str]) -> None:
         AlarmEngine(cfg.alarms, classes, cfg.source_file)
     for i, d in enumerate(cfg.alarms.drivers):
         make_link(d, cfg.camera_id, cfg.source_file, i)
+
+
+def _check_record(cfg, classes: list[str]) -> str:
+    """The recorder's start-up checks (folder writable, classes known): what it would record."""
+    if not cfg.record.enabled:
+        return "off"
+    from inspector.recorder import GB, Recorder
+
+    rec = Recorder(cfg.record, cfg.camera_id, classes, cfg.base_dir, cfg.source_file)
+    return (f"{rec.describe()} into {rec.root} ({rec.used / GB:.2f} of {cfg.record.max_gb:g} GB "
+            "used)")
 
 
 def _check_endpoint(cfg) -> list[str]:

@@ -23,6 +23,7 @@ from inspector.errors import ConfigError, validator_message, yaml_problem
 from inspector.metrics import MetricsConfig
 from inspector.postprocess import PostprocessConfig
 from inspector.publish import PublishConfig
+from inspector.recorder import RecordConfig
 from inspector.sources import GenicamConfig, ReplayConfig, SyntheticConfig
 
 SourceConfig = Annotated[Union[GenicamConfig, ReplayConfig, SyntheticConfig], Field(discriminator="type")]
@@ -129,6 +130,7 @@ class InspectorConfig(BaseModel):
     alarms: AlarmsConfig = Field(default_factory=AlarmsConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    record: RecordConfig = Field(default_factory=RecordConfig)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     #: folder of the file this was loaded from; relative paths resolve against it

@@ -45,7 +45,7 @@ from inspector.sources import Source
 log = logging.getLogger(__name__)
 
 #: config sections a SIGHUP cannot change in a running daemon (sockets, threads, PLC layout)
-RESTART_ONLY = ("camera_id", "source", "publish", "pipeline", "metrics", "daemon", "status")
+RESTART_ONLY = ("camera_id", "source", "publish", "pipeline", "metrics", "daemon", "status", "record")
 
 
 class Notifier:
@@ -114,6 +114,10 @@ def status_text(p: Pipeline, engine: AlarmEngine | None) -> str:
     lat = (f"p50 {s['p50_ms']:.0f} ms p99 {s['p99_ms']:.0f} ms" if s["p50_ms"] is not None else "latency -")
     text = (f"{s['fps']:.1f} fps, {lat}, published {c['published']}, dropped {drops}"
             + (f" ({why})" if why else "") + f", camera {p.camera_state}")
+    if p.recorder is not None:
+        r = p.recorder.snapshot()
+        skipped = sum(r["skipped"].values())
+        text += f", recorded {sum(r['recorded'].values())}" + (f" (skipped {skipped})" if skipped else "")
     if engine is not None:
         on = [n for n, a in engine.active().items() if a]
         text += f", alarms: {' '.join(on) if on else 'none'}"

@@ -27,6 +27,10 @@ inspector_plc_errors_total                 counter camera, driver
 inspector_plc_skipped_total                counter camera, driver (states dropped, PLC behind)
 inspector_model_info                       gauge   camera, name, kind, sha256, backend (always 1)
 inspector_reloads_total                    counter camera, result (ok, failed)
+inspector_recorded_frames_total            counter camera, kind (defects, normal)   } with
+inspector_record_skipped_total             counter camera, reason (queue_full,      } record.enabled
+                                                   disk_low, write_error, shutdown)  }
+inspector_recordings_bytes                 gauge   camera (the camera's recordings folder)   }
 ========================================== ======= ==============================================
 
 prometheus-client is imported when metrics are enabled.
@@ -164,6 +168,23 @@ class _Collector:
             g = GaugeMetricFamily("inspector_camera_up", "1 while the camera delivers", labels=["camera"])
             g.add_metric([cam], 1.0 if p.camera_state == "ok" else 0.0)
             yield g
+            r = p.recorder
+            if r is not None:
+                rs = r.snapshot()
+                f = CounterMetricFamily("inspector_recorded_frames", "frames written by the recorder",
+                                        labels=["camera", "kind"])
+                for kind, n in rs["recorded"].items():
+                    f.add_metric([cam, kind], n)
+                yield f
+                f = CounterMetricFamily("inspector_record_skipped", "frames the recorder wanted but did "
+                                        "not write, by reason", labels=["camera", "reason"])
+                for reason, n in rs["skipped"].items():
+                    f.add_metric([cam, reason], n)
+                yield f
+                g = GaugeMetricFamily("inspector_recordings_bytes", "size of the camera's recordings",
+                                      labels=["camera"])
+                g.add_metric([cam], rs["bytes"])
+                yield g
             model = p.model
             if model is not None:
                 spec = model.bundle.spec

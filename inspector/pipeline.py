@@ -42,6 +42,7 @@ from inspector.models import ModelAdapter, ModelOutput, make_adapter
 from inspector.postprocess import (RECIPE_KEYS, Geometry, PostprocessConfig, Postprocessor, keys_unused_by,
                                    recipe_misfit)
 from inspector.publish import SCHEMA, Publisher, encode_mask
+from inspector.recorder import Recorder
 from inspector.sources import Source, make_source
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,8 @@ class Pipeline:
         self._owns_model = model is None
         self.source = source
         self.publisher: Publisher | None = None
+        #: keeps defect (and sample normal) frames on disk when ``record.enabled``
+        self.recorder: Recorder | None = None
         self.counters = Counters()
         self.stats = Stats(cfg.status.window)
         self.camera_state = "closed"
@@ -263,6 +266,10 @@ class Pipeline:
             self.model = load_model(cfg)
         if self.source is None:
             self.source = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
+        if cfg.record.enabled and self.recorder is None:
+            self.recorder = Recorder(cfg.record, cfg.camera_id, self.model.bundle.spec.classes,
+                                     cfg.base_dir, cfg.source_file)
+            self.recorder.start()
         # Warm up and wait for subscribers (connect grace, wait_for_subscribers) before the camera
         # streams: frames it captured meanwhile would arrive as a stale burst and overflow the
         # queue, or, beyond the producer's buffers, be lost in the camera.
@@ -519,6 +526,9 @@ class Pipeline:
             else:
                 self.counters.drop("subscriber_slow")
                 slow(f.frame_id, RuntimeError(f"send queue full ({self.cfg.publish.sndhwm} messages)"))
+            if self.recorder is not None:
+                # inspected either way: a frame a slow subscriber missed is still worth keeping
+                self.recorder.offer(f, label, header)
             self.stats.add(time.monotonic(), timings["pipeline"], len(defects))
             if self.on_report is not None:
                 if out.stats:
@@ -584,6 +594,8 @@ class Pipeline:
                 self.source.close()
             except Exception as e:
                 log.warning("closing source: %s", e)
+        if self.recorder is not None:
+            self.recorder.close(timeout_s=max(1.0, deadline - time.monotonic()))
         if self.publisher is not None:
             self.publisher.close()
             self.publisher = None

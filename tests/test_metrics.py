@@ -103,3 +103,31 @@ def test_port_in_use_names_the_key(synthetic_cfg):
         cfg = parse_config(synthetic_cfg(metrics={"enabled": True, "port": port}), "t.yaml")
         with pytest.raises(OSError, match=rf"metrics.port: cannot listen on 127.0.0.1:{port}"):
             Metrics(cfg.metrics, cfg.camera_id).start()
+
+
+def test_recorder_figures_in_metrics_and_status(synthetic_cfg, tmp_path):
+    from inspector.daemon import status_text
+
+    cfg = parse_config(synthetic_cfg(source={"defect_rate": 1.0}, pipeline={"backpressure": True},
+                                     metrics={"enabled": True, "port": 0},
+                                     record={"enabled": True, "dir": str(tmp_path), "min_free_gb": 0}),
+                       "t.yaml")
+    m = Metrics(cfg.metrics, cfg.camera_id)
+    with Pipeline(cfg) as p:
+        m.bind(p)
+        port = m.start()
+        p.run(frames=6)
+        p.recorder.close()  # what close() does at the stop: the queue written out
+        s = scrape(port)
+        rs = p.recorder.snapshot()
+        status = status_text(p, None)
+    m.stop()
+    cam = {"camera": "test"}
+    recorded = rs["recorded"]["defects"]
+    assert recorded > 0
+    assert one(s, "inspector_recorded_frames_total", kind="defects", **cam) == recorded
+    assert one(s, "inspector_recorded_frames_total", kind="normal", **cam) == 0
+    assert one(s, "inspector_record_skipped_total", reason="queue_full", **cam) == 0
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "test").rglob("*") if f.is_file())
+    assert one(s, "inspector_recordings_bytes", **cam) == on_disk > 0
+    assert status.endswith(f"camera ok, recorded {recorded}")

@@ -1,0 +1,369 @@
+"""Frame recorder: keeps the frames quality staff and model training need, on a disk budget.
+
+The ``record:`` section of a camera config. After a frame is published, the recorder may keep its
+image, its published class-index mask and its published header:
+
+* every frame with a defect (``defects``; ``classes`` narrows it to some classes), for review and
+  relabelling;
+* every ``normal_every``-th frame without one, the line's own defect-free images, which
+  ``inspector calibrate thresholds --normal`` and ARCD's stage 1 (a folder of normal images) read.
+
+Layout, one folder per camera, one record = the same file stem in each sub-folder::
+
+    <dir>/<camera_id>/defects/images/<stem>.png   the frame as grabbed (lossless)
+    <dir>/<camera_id>/defects/masks/<stem>.png    the published mask, class index per pixel
+    <dir>/<camera_id>/defects/meta/<stem>.json    the published header (defects, model, timings)
+    <dir>/<camera_id>/normal/images/<stem>.png    (no mask: it is empty)
+    <dir>/<camera_id>/normal/meta/<stem>.json
+
+``<stem>`` is the capture time in UTC and the frame id (``20261128T013000123Z-f000000042``), so
+names sort by time and never collide across restarts. Each file appears whole (written under a
+hidden name, then renamed) and the image last, so a reader that lists ``images/`` (the replay
+source, the calibration tools) sees only complete records.
+
+Inspection never waits for the disk: frames go through a bounded queue to one writer thread.
+A frame not recorded is counted by reason and logged once per burst, never silently: the queue
+was full (``queue_full``), the file system had less than ``min_free_gb`` free (``disk_low``),
+the write failed (``write_error``), or the recorder was closed before it got to it
+(``shutdown``). The folder is held under ``max_gb`` by removing the oldest records first.
+
+Example::
+
+    rec = Recorder(RecordConfig(enabled=True, dir="/tmp/rec"), "cam1", ["background", "scratch"])
+    rec.start()
+    rec.offer(frame, label, header)   # from the publish stage, never blocks
+    rec.close(timeout_s=5)
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from inspector.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+GB = 1024 ** 3
+DEFAULT_DIR = "/var/lib/inspector/recordings"
+#: what a record is kept as, and the sub-folders of its files (the image is written last)
+KINDS = {"defects": ("meta", "masks", "images"), "normal": ("meta", "images")}
+SKIP_REASONS = ("queue_full", "disk_low", "write_error", "shutdown")
+_SUFFIX = {"images": ".png", "masks": ".png", "meta": ".json"}
+_END = object()
+
+
+class RecordConfig(BaseModel):
+    """``record:`` section of a camera config (off unless ``enabled``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = False
+    dir: str | None = Field(None, description="recordings root; the camera writes <dir>/<camera_id>/; "
+                                              "relative paths resolve against the config file; default "
+                                              "$INSPECTOR_RECORDINGS (the unit sets it to the install's "
+                                              "state folder), else " + DEFAULT_DIR)
+    defects: bool = Field(True, description="record every frame with at least one defect")
+    classes: list[str] = Field(default_factory=list,
+                               description="only defects of these classes count (empty: any class)")
+    normal_every: int = Field(0, ge=0, description="also every Nth frame without a defect (0: none)")
+    max_gb: float = Field(20.0, gt=0, description="this camera's folder is kept under this size; "
+                                                  "the oldest records are removed first")
+    min_free_gb: float = Field(2.0, ge=0, description="record nothing while the file system has less "
+                                                      "free space than this")
+    queue_size: int = Field(32, ge=1, le=4096, description="frames waiting for the writer")
+    png_compression: int = Field(1, ge=0, le=9, description="PNG level: 1 is fast, 9 small")
+
+
+@dataclass
+class _Item:
+    kind: str
+    stem: str
+    image: np.ndarray
+    label: np.ndarray | None
+    header: dict
+
+
+def record_stem(t_capture_ns: int, frame_id: int) -> str:
+    """``20261128T013000123Z-f000000042``: sorts by capture time, unique across restarts.
+
+    >>> record_stem(1_795_000_000_123_456_789, 42)
+    '20261118T110640123Z-f000000042'
+    """
+    s, ns = divmod(int(t_capture_ns), 1_000_000_000)
+    return time.strftime("%Y%m%dT%H%M%S", time.gmtime(s)) + f"{ns // 1_000_000:03d}Z-f{frame_id:09d}"
+
+
+class Recorder:
+    """One camera's recorder (see module docs). Thread-safe ``offer``; one writer thread."""
+
+    def __init__(self, cfg: RecordConfig, camera_id: str, class_names: list[str],
+                 base_dir: Path | None = None, config_file: str = "<memory>"):
+        self.cfg = cfg
+        root = Path(cfg.dir or os.environ.get("INSPECTOR_RECORDINGS") or DEFAULT_DIR).expanduser()
+        if not root.is_absolute():
+            root = (base_dir or Path.cwd()) / root
+        self.root = root / camera_id
+        self.config_file = config_file
+        unknown = sorted(set(cfg.classes) - set(class_names[1:]))
+        if unknown:
+            raise ConfigError(config_file, "record.classes", f"unknown class(es) {unknown}; the "
+                              f"model's defect classes are {class_names[1:]}")
+        self._class_ids = {class_names.index(c) for c in cfg.classes}
+        self.max_bytes = int(cfg.max_gb * GB)
+        self.min_free = int(cfg.min_free_gb * GB)
+        self._lock = threading.Lock()
+        self.recorded = {"defects": 0, "normal": 0}
+        self.skipped = {r: 0 for r in SKIP_REASONS}
+        self.removed = 0
+        self._normal_seen = 0
+        self._queue: queue.Queue = queue.Queue(cfg.queue_size)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._last_log = {r: -1e9 for r in SKIP_REASONS}
+        self._quiet = {r: 0 for r in SKIP_REASONS}
+        self._trim_warned = -1e9
+        self._prepare()
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Create the folders, prove they are writable, and take stock of what is there."""
+        try:
+            for kind, subs in KINDS.items():
+                for sub in subs:
+                    (self.root / kind / sub).mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            raise ConfigError(self.config_file, "record.dir", f"cannot write recordings into "
+                              f"{self.root}: {e.strerror or e} (the service runs as its own user: "
+                              "the folder must be writable to it)") from None
+        # records by stem, oldest first: (stem, kind, bytes)
+        self._heap: list[tuple[str, str, int]] = []
+        self.used = 0
+        for kind, subs in KINDS.items():
+            sizes: dict[str, int] = {}
+            for sub in subs:
+                for p in (self.root / kind / sub).iterdir():
+                    if p.name.startswith("."):  # a write cut short by a crash or power loss
+                        p.unlink(missing_ok=True)
+                        continue
+                    try:
+                        sizes[p.stem] = sizes.get(p.stem, 0) + p.stat().st_size
+                    except OSError:
+                        continue
+            for stem, n in sizes.items():
+                self._heap.append((stem, kind, n))
+                self.used += n
+        heapq.heapify(self._heap)
+        log.info("recording %s into %s (%.2f GB of %.2f GB used, %d records)", self.describe(),
+                 self.root, self.used / GB, self.cfg.max_gb, len(self._heap))
+
+    def describe(self) -> str:
+        c = self.cfg
+        what = []
+        if c.defects:
+            what.append("frames with " + (f"{'/'.join(c.classes)} defects" if c.classes else "defects"))
+        if c.normal_every:
+            what.append(f"every {c.normal_every}th frame without" if c.normal_every > 1
+                        else "every frame without")
+        return " and ".join(what) or "nothing (record.defects false, record.normal_every 0)"
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer, name="recorder", daemon=True)
+            self._thread.start()
+
+    # -- the publish stage's side -------------------------------------------------------------------
+    def wants(self, defects: list[dict]) -> str | None:
+        """Which kind of record a frame with these defects makes, or None."""
+        c = self.cfg
+        if defects:
+            if c.defects and (not self._class_ids
+                              or any(d.get("class_id") in self._class_ids for d in defects)):
+                return "defects"
+            return None
+        if c.normal_every:
+            self._normal_seen += 1
+            if self._normal_seen >= c.normal_every:
+                self._normal_seen = 0
+                return "normal"
+        return None
+
+    def offer(self, frame: Any, label: np.ndarray, header: dict) -> str | None:
+        """Queue a published frame for recording when the config wants it; never blocks.
+
+        ``frame.image`` and ``label`` must not be written to afterwards (the pipeline allocates
+        both per frame). Returns the kind queued, or None."""
+        kind = self.wants(header.get("defects") or [])
+        if kind is None:
+            return None
+        item = _Item(kind, record_stem(frame.t_capture_ns, frame.frame_id), frame.image,
+                     label if kind == "defects" else None, dict(header))
+        if self._closed:
+            self._skip("shutdown", item.stem, "the recorder is closed")
+            return None
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            self._skip("queue_full", item.stem, f"the writer is behind ({self.cfg.queue_size} frames "
+                       "waiting: record.queue_size; the disk is slower than the defect rate)")
+            return None
+        return kind
+
+    def _skip(self, reason: str, stem: str, why: str) -> None:
+        with self._lock:
+            self.skipped[reason] += 1
+        now = time.monotonic()
+        if now - self._last_log[reason] >= 10.0:
+            more = f" (+{self._quiet[reason]} more since last report)" if self._quiet[reason] else ""
+            log.warning("recorder: %s not recorded: %s%s", stem, why, more)
+            self._last_log[reason] = now
+            self._quiet[reason] = 0
+        else:
+            self._quiet[reason] += 1
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"recorded": dict(self.recorded), "skipped": dict(self.skipped),
+                    "removed": self.removed, "bytes": self.used, "waiting": self._queue.qsize()}
+
+    # -- the writer thread ------------------------------------------------------------------------
+    def _writer(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            try:
+                self._write(item)
+            except Exception as e:  # a bug must not end recording silently: count, log, go on
+                self._skip("write_error", item.stem, f"{type(e).__name__}: {e}")
+
+    def _write(self, item: _Item) -> None:
+        try:
+            free = shutil.disk_usage(self.root).free
+        except OSError:
+            free = None
+        if free is not None and free < self.min_free:
+            self._skip("disk_low", item.stem, f"{free / GB:.2f} GB free on the file system of "
+                       f"{self.root}, below record.min_free_gb {self.cfg.min_free_gb:g}")
+            return
+        files = self._encode(item)
+        folder = self.root / item.kind
+        written: list[Path] = []
+        final = tmp = folder
+        try:
+            for sub, data in files:  # meta, mask, image: the image marks a complete record
+                final = folder / sub / (item.stem + _SUFFIX[sub])
+                tmp = final.with_name("." + final.name + ".part")
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, final)
+                written.append(final)
+        except OSError as e:
+            for p in written + ([tmp] if tmp != folder else []):
+                try:
+                    p.unlink(missing_ok=True)
+                except OSError:
+                    pass
+            self._skip("write_error", item.stem, f"{final}: {e.strerror or e}")
+            return
+        size = sum(len(d) for _, d in files)
+        with self._lock:
+            self.recorded[item.kind] += 1
+            self.used += size
+        heapq.heappush(self._heap, (item.stem, item.kind, size))
+        self._trim()
+
+    def _encode(self, item: _Item) -> list[tuple[str, bytes]]:
+        level = [cv2.IMWRITE_PNG_COMPRESSION, self.cfg.png_compression]
+        img = item.image
+        if img.ndim == 3:  # frames are RGB, OpenCV writes BGR
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+        ok, image_png = cv2.imencode(".png", img, level)
+        if not ok:
+            raise ValueError(f"PNG encoding of a {item.image.shape} frame failed")
+        meta = dict(item.header, recorded_as=item.kind)
+        files = [("meta", json.dumps(meta, separators=(",", ":")).encode())]
+        if item.label is not None:
+            ok, mask_png = cv2.imencode(".png", item.label, level)
+            if not ok:
+                raise ValueError(f"PNG encoding of a {item.label.shape} mask failed")
+            files.append(("masks", mask_png.tobytes()))
+        files.append(("images", image_png.tobytes()))
+        return files
+
+    def _trim(self) -> None:
+        """Remove the oldest records until the folder is under ``max_gb`` (never the newest)."""
+        while self.used > self.max_bytes and len(self._heap) > 1:
+            stem, kind, size = heapq.heappop(self._heap)
+            # the image first: a reader listing images/ never finds one without its mask
+            subs = ["images"] + [s for s in KINDS[kind] if s != "images"]
+            try:
+                for sub in subs:
+                    (self.root / kind / sub / (stem + _SUFFIX[sub])).unlink(missing_ok=True)
+            except OSError as e:
+                now = time.monotonic()
+                if now - self._trim_warned >= 60.0:
+                    log.warning("recorder: cannot remove old record %s: %s; recording goes on "
+                                "over record.max_gb", stem, e.strerror or e)
+                    self._trim_warned = now
+                heapq.heappush(self._heap, (stem, kind, size))
+                return
+            with self._lock:
+                self.used -= size
+                self.removed += 1
+
+    # -- stop -------------------------------------------------------------------------------------
+    def close(self, timeout_s: float = 5.0) -> int:
+        """Write what is queued (at most ``timeout_s``), then stop. Frames still waiting after
+        that are counted as ``shutdown`` skips; returns how many."""
+        if self._closed:
+            return 0
+        self._closed = True
+        left = 0
+        if self._thread is not None:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                try:
+                    self._queue.put(_END, timeout=max(0.05, deadline - time.monotonic()))
+                    break
+                except queue.Full:
+                    if time.monotonic() >= deadline:
+                        break
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if self._thread.is_alive():
+                # what the writer has not taken yet is lost with the process: say how much
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not _END:
+                        left += 1
+        else:
+            left = self._queue.qsize()
+        if left:
+            with self._lock:
+                self.skipped["shutdown"] += left
+            log.warning("recorder: %d frame(s) not recorded: the writer did not finish within %gs "
+                        "of the stop", left, timeout_s)
+        s = self.snapshot()
+        log.info("recorder: %d defect frame(s) and %d normal frame(s) recorded, %d old record(s) "
+                 "removed, skipped %s", s["recorded"]["defects"], s["recorded"]["normal"],
+                 s["removed"], {k: v for k, v in s["skipped"].items() if v} or 0)
+        return left

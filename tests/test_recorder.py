@@ -1,0 +1,206 @@
+"""The frame recorder on the real pipeline: what it keeps, how it fails, what it never loses silently."""
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import collect, run_cli, write_config
+from inspector.config import parse_config
+from inspector.errors import ConfigError
+from inspector.frame import Frame
+from inspector.pipeline import Pipeline
+from inspector.recorder import GB, Recorder, RecordConfig, record_stem
+from inspector.sources import make_source
+
+CLASSES = ["background", "inclusion", "patches", "scratches"]
+
+
+def _records(root: Path, kind: str) -> dict[int, str]:
+    """frame id -> stem of the complete records (those with an image) of one kind."""
+    return {int(p.stem.rsplit("-f", 1)[1]): p.stem for p in sorted((root / kind / "images").glob("*.png"))}
+
+
+def test_records_defect_frames_and_every_nth_normal_frame_as_published(synthetic_cfg, tmp_path):
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True},
+                                     source={"defect_rate": 0.5},
+                                     record={"enabled": True, "dir": str(tmp_path / "rec"),
+                                             "normal_every": 2}), "t.yaml")
+    got: list = []
+    ready = threading.Event()
+    t = threading.Thread(target=collect, args=(cfg.publish.endpoint, 24, got),
+                         kwargs={"ready": ready, "timeout_s": 60.0})
+    t.start()
+    ready.wait()
+    with Pipeline(cfg) as p:
+        counters = p.run(frames=24)
+    t.join()
+    assert counters["published"] == 24 and len(got) == 24
+    root = tmp_path / "rec" / "test"
+    with_defects = [m for m in got if m.header["defects"]]
+    without = [m.header["frame_id"] for m in got if not m.header["defects"]]
+    assert with_defects and len(without) >= 2, "the synthetic strip should give both kinds of frame"
+    defects = _records(root, "defects")
+    normal = _records(root, "normal")
+    assert sorted(defects) == [m.header["frame_id"] for m in with_defects]
+    assert sorted(normal) == without[1::2]  # the 2nd, 4th, ... frame without a defect
+    # the frame as grabbed (the synthetic strip is deterministic under its seed)
+    src = make_source(cfg.source, "test")
+    with src:
+        frames = {f.frame_id: f.image for f in (src.read() for _ in range(24))}
+    for m in with_defects:
+        fid = m.header["frame_id"]
+        stem = defects[fid]
+        image = cv2.imread(str(root / "defects" / "images" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(image, frames[fid])
+        mask = cv2.imread(str(root / "defects" / "masks" / f"{stem}.png"), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(mask, m.mask())  # the mask subscribers got
+        meta = json.loads((root / "defects" / "meta" / f"{stem}.json").read_text())
+        assert meta["defects"] == m.header["defects"] and meta["recorded_as"] == "defects"
+        assert stem == record_stem(m.header["t_capture_ns"], fid)
+    for fid, stem in normal.items():
+        assert not (root / "normal" / "masks").exists()
+        np.testing.assert_array_equal(
+            cv2.imread(str(root / "normal" / "images" / f"{stem}.png"), cv2.IMREAD_UNCHANGED), frames[fid])
+    snap = p.recorder.snapshot()
+    assert snap["recorded"] == {"defects": len(defects), "normal": len(normal)}
+    assert sum(snap["skipped"].values()) == 0
+    assert snap["bytes"] == sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+
+
+def test_recorded_defect_frames_replay_through_the_pipeline(synthetic_cfg, tmp_path):
+    rec = tmp_path / "rec"
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}, source={"defect_rate": 0.8},
+                                     record={"enabled": True, "dir": str(rec)}), "t.yaml")
+    with Pipeline(cfg) as p:
+        p.run(frames=8)
+    n = p.recorder.snapshot()["recorded"]["defects"]
+    assert n > 0
+    raw = synthetic_cfg(pipeline={"backpressure": True})
+    raw["source"] = {"type": "replay", "path": str(rec / "test" / "defects" / "images"),
+                     "pattern": "*.png", "fps": 0, "loop": False}
+    replay = parse_config(raw, "r.yaml")
+    with Pipeline(replay) as p:
+        counters = p.run()
+    assert counters["grabbed"] == counters["published"] == n
+
+
+def test_classes_narrow_what_is_recorded(tmp_path):
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), classes=["scratches"]), "c", CLASSES)
+    assert rec.wants([{"class_id": 3}]) == "defects"
+    assert rec.wants([{"class_id": 1}, {"class_id": 2}]) is None
+    assert rec.wants([]) is None
+
+
+def test_unknown_class_and_unwritable_folder_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"cam\.yaml: record\.classes: unknown class\(es\) \['rust'\]"):
+        Recorder(RecordConfig(enabled=True, dir=str(tmp_path), classes=["rust"]), "c", CLASSES,
+                 config_file="cam.yaml")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"cam\.yaml: record\.dir: cannot write recordings into "
+                                          r".*a-file/c"):
+        Recorder(RecordConfig(enabled=True, dir=str(blocker)), "c", CLASSES, config_file="cam.yaml")
+
+
+def test_run_exits_2_naming_record_dir(synthetic_cfg, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    f = write_config(tmp_path / "cam.yaml", synthetic_cfg(record={"enabled": True, "dir": str(blocker)}))
+    r = run_cli("run", "--config", str(f), "--frames", "2", "--quiet")
+    assert r.returncode == 2, r.stderr
+    assert "record.dir: cannot write recordings into" in r.stderr
+
+
+def test_check_reports_what_would_be_recorded(synthetic_cfg, tmp_path):
+    f = write_config(tmp_path / "cam.yaml", synthetic_cfg(record={"enabled": True, "dir": "rec",
+                                                                   "normal_every": 50}))
+    r = run_cli("check", "--config", str(f), "--json")
+    assert r.returncode == 0, r.stderr
+    line = json.loads(r.stdout)["record"]
+    assert line.startswith("frames with defects and every 50th frame without into ")
+    assert str(tmp_path / "rec" / "test") in line  # relative to the config file
+
+
+def _frame(fid: int, value: int = 0) -> Frame:
+    return Frame("c", fid, 1_795_000_000_000_000_000 + fid * 1_000_000, np.full((16, 24), value, np.uint8))
+
+
+def _header(fid: int) -> dict:
+    return {"frame_id": fid, "defects": [{"class_id": 1, "class": "inclusion"}]}
+
+
+def test_queue_full_and_stop_are_counted_not_silent(tmp_path, caplog):
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), queue_size=1), "c", CLASSES)
+    label = np.zeros((16, 24), np.uint8)
+    with caplog.at_level(logging.WARNING, logger="inspector.recorder"):
+        assert rec.offer(_frame(0), label, _header(0)) == "defects"  # no writer yet: it waits
+        assert rec.offer(_frame(1), label, _header(1)) is None
+        assert rec.offer(_frame(2), label, _header(2)) is None
+        assert rec.close() == 1  # the one still waiting: a writer never started
+    s = rec.snapshot()
+    assert s["skipped"]["queue_full"] == 2 and s["skipped"]["shutdown"] == 1
+    assert s["recorded"] == {"defects": 0, "normal": 0}
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("not recorded: the writer is behind" in m for m in lines) == 1  # once per burst
+    assert any("1 frame(s) not recorded" in m for m in lines)
+
+
+def test_low_disk_skips_and_says_so(tmp_path, caplog):
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=1e6), "c", CLASSES)
+    rec.start()
+    with caplog.at_level(logging.WARNING, logger="inspector.recorder"):
+        for i in range(3):
+            rec.offer(_frame(i), np.zeros((16, 24), np.uint8), _header(i))
+        rec.close()
+    assert rec.snapshot()["skipped"]["disk_low"] == 3
+    assert not list((tmp_path / "c").rglob("*.png"))
+    assert sum("below record.min_free_gb" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_budget_removes_the_oldest_records_first(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (64, 64), np.uint8) for _ in range(12)]  # ~4 KB each as PNG
+    cfg = RecordConfig(enabled=True, dir=str(tmp_path), max_gb=20_000 / GB)
+    rec = Recorder(cfg, "c", CLASSES)
+    rec.start()
+    for i, img in enumerate(images):
+        f = Frame("c", i, 1_795_000_000_000_000_000 + i * 1_000_000, img)
+        rec.offer(f, np.ones((64, 64), np.uint8), _header(i))
+    rec.close()
+    s = rec.snapshot()
+    root = tmp_path / "c"
+    kept = sorted(_records(root, "defects"))
+    on_disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    assert s["recorded"]["defects"] == 12 and s["removed"] == 12 - len(kept) > 0
+    assert kept == list(range(12 - len(kept), 12))  # the newest survive
+    assert on_disk == s["bytes"] <= 20_000
+    for sub in ("masks", "meta"):  # no orphans left by the removal
+        assert sorted(int(p.stem.rsplit("-f", 1)[1]) for p in (root / "defects" / sub).iterdir()) == kept
+    # a restart takes stock of what is there and keeps to the same budget
+    again = Recorder(cfg, "c", CLASSES)
+    assert again.used == on_disk and len(again._heap) == len(kept)
+
+
+def test_a_write_cut_short_is_cleaned_up_at_start(tmp_path):
+    images = tmp_path / "c" / "defects" / "images"
+    images.mkdir(parents=True)
+    (images / ".20261128T000000000Z-f000000001.png.part").write_bytes(b"half")
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path)), "c", CLASSES)
+    assert not list(images.iterdir()) and rec.used == 0
+
+
+def test_rgb_frames_are_written_in_rgb_order(tmp_path):
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path)), "c", CLASSES)
+    rec.start()
+    img = np.zeros((8, 8, 3), np.uint8)
+    img[..., 0] = 200  # red
+    rec.offer(Frame("c", 0, 1_795_000_000_000_000_000, img), np.zeros((8, 8), np.uint8), _header(0))
+    rec.close()
+    (png,) = (tmp_path / "c" / "defects" / "images").glob("*.png")
+    back = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(back, img)
