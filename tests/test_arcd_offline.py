@@ -80,6 +80,18 @@ def test_simulation_is_deterministic_under_seed():
     np.testing.assert_array_equal(n1, n2)
 
 
+def test_grey_textures_get_three_augmentations_that_change_them():
+    # thesis: 3 of the 7 operations; saturation cannot change a grey texture, so it is not drawn
+    from export.arcd.simulation import augment_texture
+    names = SimulationConfig().augmentations
+    rng = np.random.default_rng(0)
+    tex = rng.random((32, 32, 1), dtype=np.float32)
+    draws = [augment_texture(tex, rng, names, 3)[1] for _ in range(200)]
+    assert all(len(d) == 3 and "saturation" not in d for d in draws)
+    rgb = [augment_texture(rng.random((32, 32, 3), dtype=np.float32), rng, names, 3)[1] for _ in range(200)]
+    assert any("saturation" in d for d in rgb)
+
+
 def test_clean_samples_and_square_pad():
     img = _normal_tile()
     out = AnomalySimulator(SimulationConfig(clean_prob=1.0))(img, np.random.default_rng(0))

@@ -404,7 +404,13 @@ _AUG_FUNCS: dict[str, Callable[[np.ndarray, np.random.Generator], np.ndarray]] =
 
 def augment_texture(texture: np.ndarray, rng: np.random.Generator, names: list[str],
                     count: int) -> tuple[np.ndarray, tuple[str, ...]]:
-    """Apply ``count`` of ``names`` chosen without replacement (RandAugment-style, DRAEM's 3)."""
+    """Apply ``count`` of ``names`` chosen without replacement (RandAugment-style, DRAEM's 3).
+
+    A grey texture (one channel) has no saturation: ``saturation`` is left out of its draw, so
+    it still gets ``count`` operations that change it (at most as many as remain)."""
+    if texture.ndim == 3 and texture.shape[2] != 3:
+        names = [n for n in names if n != "saturation"]
+        count = min(count, len(names))
     chosen = tuple(str(n) for n in rng.choice(names, size=count, replace=False)) if count else ()
     a = texture
     for name in chosen:
