@@ -288,6 +288,7 @@ def test_train_export_evaluate_on_a_tiny_neu_folder(tmp_path, capsys):
     for key in ("miou", "miou_defects", "mpa", "pixel_auroc", "precision", "recall", "f1"):
         assert key in res
     assert set(res["per_class_iou"]) == set(CLASSES) and 0 <= res["miou"] <= 1
+    assert set(res["per_class_auroc"]) == set(CLASSES)  # the thesis's per-class AUC, named
     names = sorted(f.name for f in (out / "overlays").iterdir())
     assert any(n.startswith("worst_01_") for n in names) and any(n.startswith("best_01_") for n in names)
 

@@ -14,7 +14,7 @@ from inspector.evaluation.datasets import (MAGNETIC_TILE_CLASSES, SplitFractions
                                            hash_fraction, open_dataset, split_of)
 from inspector.evaluation.evaluate import METRICS_BY_KIND, overlay
 from inspector.evaluation.metrics import (Counts, DefectPixelMetrics, FalseAlarm, FrameResult,
-                                          PixelAUROC, auroc, scores)
+                                          PerClassAUROC, PixelAUROC, auroc, scores)
 
 
 def brute_auroc(s: np.ndarray, y: np.ndarray) -> float:
@@ -92,6 +92,26 @@ def test_false_alarm_and_pixel_auroc_accumulators():
     assert r["false_alarm_rate_reported"] == 0.0  # these frames carry no defect list
     assert au.result()["pixel_auroc"] == 1.0
     assert FalseAlarm().result()["false_alarm_rate"] is None
+
+
+def test_per_class_auroc_is_one_vs_rest_of_each_class_probability():
+    rng = np.random.default_rng(1)
+    acc = PerClassAUROC()
+    truths, probs = [], []
+    for _ in range(3):
+        truth = rng.integers(0, 3, (12, 10)).astype(np.uint8)
+        p = rng.random((4, 12, 10)).astype(np.float32)
+        p[2][truth == 2] += 0.5  # class 2 well separated; class 3 never in the truth
+        truths.append(truth)
+        probs.append(p)
+        acc.update(truth, FrameResult(label=np.zeros_like(truth), score_map=1 - p[0], probs=p))
+    r = acc.result()["per_class_auroc"]
+    t = np.concatenate([x.ravel() for x in truths])
+    for c in range(3):
+        s = np.concatenate([p[c].ravel() for p in probs])
+        assert r[c] == pytest.approx(brute_auroc(s, t == c))
+    assert r[2] > 0.8 and r[3] is None
+    assert PerClassAUROC().result()["per_class_auroc"] is None
 
 
 def test_every_kind_has_the_binary_metrics_and_overlay_renders():

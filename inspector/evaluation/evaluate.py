@@ -37,7 +37,7 @@ from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
 from inspector.evaluation.datasets import Dataset, Sample
 from inspector.evaluation.metrics import (ClassConfusion, Counts, DefectPixelMetrics,
                                           DynamicInferenceStats, FalseAlarm, FrameResult, Metric,
-                                          PixelAUROC, confusion_matrix, scores)
+                                          PerClassAUROC, PixelAUROC, confusion_matrix, scores)
 from inspector.models import ModelAdapter, make_adapter
 from inspector.postprocess import RECIPE_KEYS, PostprocessConfig, Postprocessor, keys_unused_by, recipe_misfit
 
@@ -49,8 +49,8 @@ __all__ = ["METRICS_BY_KIND", "register_metric", "Runner", "evaluate_bundle", "o
 METRICS_BY_KIND: dict[str, list[Callable[[], Metric]]] = {
     "clgan": [DefectPixelMetrics, PixelAUROC, FalseAlarm],
     # class-probability bundles: also the thesis's MIoU / MPA over all classes; the AUROC is of
-    # the adapter's score map, 1 - p(background)
-    "arcd": [DefectPixelMetrics, PixelAUROC, FalseAlarm, ClassConfusion],
+    # the adapter's score map, 1 - p(background), and per class one-vs-rest (the thesis's columns)
+    "arcd": [DefectPixelMetrics, PixelAUROC, FalseAlarm, ClassConfusion, PerClassAUROC],
     # the same figures as clgan (pixel AUROC is the paper's metric), plus the branch statistics
     # of dynamic inference
     "fuzzymask": [DefectPixelMetrics, PixelAUROC, FalseAlarm, DynamicInferenceStats],
@@ -240,9 +240,10 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
     if "per_class_iou" in result:
         # the accumulator counts classes by index; name them with the bundle's class list
         names = list(spec.classes)
-        for key in ("per_class_iou", "per_class_pa"):
-            result[key] = {(names[c] if c < len(names) else str(c)): v
-                           for c, v in enumerate(result[key])}
+        for key in ("per_class_iou", "per_class_pa", "per_class_auroc"):
+            if result.get(key) is not None:
+                result[key] = {(names[c] if c < len(names) else str(c)): v
+                               for c, v in enumerate(result[key])}
     pp = runner.pp_config
     result.update({
         "bundle": str(runner.bundle.path), "kind": spec.kind,
@@ -274,7 +275,7 @@ def _kind_params(adapter: ModelAdapter, raw: dict[str, Any]) -> dict[str, Any] |
 RECORD_KEYS = ("precision", "recall", "f1", "iou", "acc", "pixel_auroc", "false_alarm_rate",
                "false_alarm_px_per_mpx", "false_alarm_rate_reported", "defective_images",
                "normal_images", "ms_per_image", "miou", "miou_defects", "mpa", "per_class_iou",
-               "dynamic_inference")
+               "per_class_auroc", "dynamic_inference")
 
 
 def record_metrics(bundle: str | Path, result: dict[str, Any], key: str | None = None) -> str:

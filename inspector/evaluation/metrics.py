@@ -175,6 +175,38 @@ class PixelAUROC:
         return {"pixel_auroc": auroc(np.concatenate(self._scores), np.concatenate(self._labels))}
 
 
+class PerClassAUROC:
+    """One-vs-rest pixel AUROC of each class's probability (``probs[c]`` against ``truth == c``),
+    the thesis's per-class AUC columns (spec 004 §4.6), for class-probability kinds. Key
+    ``per_class_auroc``: one value per class index (background included; None where the class is
+    absent from the truth or covers every pixel). ``stride`` as :class:`PixelAUROC`."""
+
+    def __init__(self, stride: int = 1) -> None:
+        self.stride = max(1, int(stride))
+        self._probs: list[np.ndarray] = []
+        self._truth: list[np.ndarray] = []
+
+    def update(self, truth: np.ndarray, frame: FrameResult, name: str = "") -> None:
+        if frame.probs is None:
+            return
+        k = frame.probs.shape[0]
+        self._probs.append(np.asarray(frame.probs, np.float32).reshape(k, -1)[:, ::self.stride].copy())
+        self._truth.append(np.asarray(truth).ravel()[::self.stride].astype(np.uint8))
+
+    def result(self) -> dict[str, Any]:
+        if not self._probs:
+            return {"per_class_auroc": None}
+        k = max(p.shape[0] for p in self._probs)
+        if any(p.shape[0] != k for p in self._probs):
+            raise ValueError("per-class AUROC: frames with different probability channel counts")
+        truth = np.concatenate(self._truth)
+        out = []
+        for c in range(k):
+            scores_c = np.concatenate([p[c] for p in self._probs])
+            out.append(auroc(scores_c, truth == c))
+        return {"per_class_auroc": out}
+
+
 class FalseAlarm:
     """On defect-free images: the share of images with at least one defect pixel
     (``false_alarm_rate``), defect pixels per megapixel (``false_alarm_px_per_mpx``), and the
