@@ -12,13 +12,18 @@ random tiles, flat / gradient / striped tiles, batches of several tiles, and rea
 training data when it is on this machine; otherwise the export fails and no bundle is written.
 
 ``kind_params`` follow :class:`inspector.models.fuzzymask.FuzzymaskParams` (validated with it):
-the run's cell size, SSIM weights, the inference flags of the training config and tau
-(``train_envelope``: from the run's metrics.json when its ``checkpoint_step`` is the exported
-checkpoint's; recomputed here from the training crops when it is missing or belongs to another
-step, which needs the training data on this machine: without it the export is refused, naming
-metrics.json and both steps). Post-processing is ``score_threshold`` at tau, a first value that
-``inspector calibrate thresholds`` refines. ``provenance.split_fractions`` records the run's hash
-split (warned about when it is not the evaluation commands' default).
+the run's cell size, SSIM weights, the training mask's overlay (``w_max``, ``sigma_w``, ``fill``,
+``sigma_z``: what ``inference_fill: fuzzy`` overlays at run time), the inference flags of the
+training config and tau (``train_envelope``: from the run's metrics.json when its
+``checkpoint_step`` is the exported checkpoint's; recomputed here from tile-sized training crops
+when it is missing or belongs to another step, which needs the training data on this machine:
+without it the export is refused, naming metrics.json and both steps). Post-processing is
+``score_threshold`` at tau, a first value that ``inspector calibrate thresholds`` refines. With
+``tau_mode: per_image_sigma`` the bundle has no tau (each tile gets its own), but the score map
+still needs a threshold: the first ``score_threshold`` is then the same train-envelope tau (the
+99th percentile of the normal crops' per-crop maximum of D), never 0 (D >= 0: a threshold of 0
+marks every pixel). ``provenance.split_fractions`` records the run's hash split (warned about
+when it is not the evaluation commands' default).
 
 Example::
 
@@ -47,7 +52,7 @@ from inspector.postprocess import PostprocessConfig
 from export.fuzzymask.data import NormalCrops, load_normal_images
 from export.fuzzymask.torch_model import FuzzyMaskNet
 from export.fuzzymask.train import (CHECKPOINT, METRICS, FuzzymaskTrainConfig, build_model, compute_tau,
-                                    load_checkpoint, ssim_weights)
+                                    load_checkpoint, load_tau_images, ssim_weights)
 from export.onnx_export import ExportParityError as OnnxExportParityError
 from export.onnx_export import removed_on_failure
 from export.training import git_commit, metrics_for_checkpoint, run_kind, split_provenance
@@ -187,7 +192,8 @@ def kind_params(cfg: FuzzymaskTrainConfig, tau: float | None) -> dict[str, Any]:
         # train_envelope computes one tau for every tile: at run time that is a fixed threshold
         "tau_mode": "per_image_sigma" if ic.tau_mode == "per_image_sigma" else "fixed",
         "tau": tau, "max_mask_frac": ic.max_mask_frac, "inference_fill": ic.inference_fill,
-        "w_max": mk.w_max, "sigma_w": mk.sigma_w, "sigma_z": mk.sigma_z,
+        # the training overlay, for inference_fill fuzzy: the interference the network learnt to repair
+        "w_max": mk.w_max, "sigma_w": mk.sigma_w, "fill": mk.fill, "sigma_z": mk.sigma_z,
         "iter_target": ic.iter_target, "apply_line18": ic.apply_line18,
         "smooth_sigma": ic.smooth_sigma, "clamp_negative": ic.clamp_negative,
     }
@@ -204,30 +210,32 @@ def _tau(run_dir: Path, cfg: FuzzymaskTrainConfig, net: FuzzyMaskNet, metrics: d
     """(tau, its statistics) for the exported network ``net`` at checkpoint step ``step``.
 
     ``train_envelope`` takes metrics.json's tau unless ``fresh`` is False (it was computed for
-    another step's network). Otherwise it is computed here as training does (same crops, same
-    percentile), which needs the training images; without them a stale tau is refused rather
-    than shipped: a threshold of another network flags or misses whole frames.
+    another step's network). Otherwise it is computed here as training does (same tile-sized
+    crops, same percentile), which needs the training images; without them a stale tau is
+    refused rather than shipped: a threshold of another network flags or misses whole frames.
+    ``per_image_sigma`` needs the same envelope, as the bundle's first ``score_threshold`` (not
+    as a kind_params tau; see :func:`_first_threshold`); ``fixed`` returns the config's tau.
     """
     ic = cfg.inference
     if ic.tau_mode == "fixed":
         return ic.tau, None
-    if ic.tau_mode == "per_image_sigma":
-        return None, None
     if fresh is not False and metrics.get("tau") is not None:
         return float(metrics["tau"]), metrics.get("tau_stats")
+    use = ("" if ic.tau_mode == "train_envelope" else
+           " (tau_mode per_image_sigma: the train-envelope tau is the bundle's first score_threshold)")
     if fresh is False:
         why = (f"{run_dir / METRICS} holds the tau of step {metrics.get('checkpoint_step')} but "
                f"{run_dir / CHECKPOINT} is at step {step} (the run went on after its metrics were "
-               "written and stopped before writing new ones)")
+               f"written and stopped before writing new ones){use}")
         log.warning("%s: recomputing tau for the checkpoint from the training crops", why)
     else:
-        why = f"{run_dir / METRICS} has no tau for step {step} (training did not finish?)"
+        why = f"{run_dir / METRICS} has no tau for step {step} (training did not finish?){use}"
         log.warning("%s: computing it now from the training crops", why)
     d = cfg.data
     try:
-        # as train() loads them for its tau: windows of the training crop, tau crops of the tile
-        images, _ = load_normal_images(d.sources, Path(cfg.base_dir), d.channels, d.crop,
-                                       SplitFractions(d.split_test, d.split_val))
+        # as train() loads them for its tau: tile-sized crops, from defect-free windows of the
+        # tile's size where a source has windows (NEU-Seg)
+        images, _ = load_tau_images(cfg, f"{run_dir / CHECKPOINT} (its training config)")
     except (FileNotFoundError, ValueError, OSError) as e:
         raise CheckpointError(
             f"{why}, and tau cannot be computed here: the training images are not readable "
@@ -239,6 +247,25 @@ def _tau(run_dir: Path, cfg: FuzzymaskTrainConfig, net: FuzzyMaskNet, metrics: d
     log.info("tau for step %d: %.5f (P%g over %d crops)", step, stats["tau"], ic.tau_percentile,
              stats["images"])
     return stats["tau"], stats
+
+
+def _first_threshold(cfg: FuzzymaskTrainConfig, tau: float) -> float:
+    """The bundle's first ``postprocess.score_threshold``: tau (``train_envelope``, ``fixed``);
+    with ``per_image_sigma`` the train-envelope tau, which the bundle does not otherwise use. A
+    value of 0 or less (a ``fixed`` tau of 0, say) is written with a warning: D >= 0,
+    so it marks every pixel of every frame until ``inspector calibrate thresholds`` replaces it."""
+    ic = cfg.inference
+    if ic.tau_mode == "per_image_sigma":
+        log.warning("inference.tau_mode per_image_sigma: the bundle has no kind_params.tau (each tile "
+                    "thresholds its own D(R1, x) at mean + 3 std); postprocess.score_threshold is set "
+                    "to the train-envelope tau %.5f (P%g of the normal crops' per-crop max of D), a "
+                    "first value: run `inspector calibrate thresholds` on the line's normal frames",
+                    tau, ic.tau_percentile)
+    if not tau > 0:
+        log.warning("postprocess.score_threshold %s (inference.tau of tau_mode %s): the score map is "
+                    ">= 0, so this threshold marks every pixel of every frame; run `inspector calibrate "
+                    "thresholds` before using the bundle", tau, ic.tau_mode)
+    return float(tau)
 
 
 def export_bundle(run_dir: Path, out: Path, name: str | None = None, opset: int = 17,
@@ -258,7 +285,10 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
     net.eval()
     step, total = int(ck["step"]), int(ck["total"])
     metrics, fresh = metrics_for_checkpoint(run_dir, ck)
-    tau, tau_stats = _tau(run_dir, cfg, net, metrics, fresh, step)
+    envelope, tau_stats = _tau(run_dir, cfg, net, metrics, fresh, step)
+    threshold = _first_threshold(cfg, envelope)
+    # per_image_sigma: each tile thresholds its own D(R1, x); the envelope is only the first threshold
+    tau = None if cfg.inference.tau_mode == "per_image_sigma" else envelope
     if fresh is False:
         log.warning("%s describes step %s, not the checkpoint's %d: its training figures are left "
                     "out of the bundle", run_dir / METRICS, metrics.get("checkpoint_step"), step)
@@ -277,7 +307,7 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
     params = kind_params(cfg, tau)
     ic, n, tile = cfg.inference, cfg.data.channels, cfg.tile()
     pp = PostprocessConfig.model_validate({
-        "type": "score_threshold", "score_threshold": tau if tau is not None else 0.0,
+        "type": "score_threshold", "score_threshold": threshold,
         "open_kernel": ic.open_kernel, "close_kernel": ic.close_kernel, "min_area_px": ic.min_area_px})
 
     out.mkdir(parents=True, exist_ok=True)
@@ -314,7 +344,11 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
             "data": metrics.get("data") or [s.model_dump(mode="json") for s in cfg.data.sources],
             "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
             "training": training,
-            "tau": {"value": tau, "mode": ic.tau_mode, "stats": tau_stats},
+            "tau": {"value": tau, "mode": ic.tau_mode, "stats": tau_stats,
+                    # what the first postprocess.score_threshold is (calibrate thresholds replaces it)
+                    "score_threshold": {"value": threshold,
+                                        "from": "inference.tau" if ic.tau_mode == "fixed"
+                                        else "train_envelope tau"}},
             # from the checkpoint: a stale metrics.json must not call a preempted run complete
             "training_complete": step >= total,
             "split_fractions": split,

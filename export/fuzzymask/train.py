@@ -9,7 +9,11 @@ Per step (spec §3.4): ``batch_size`` native-scale normal crops x, their fuzzy-m
 After training, tau for the runtime's suspicious cells (spec §4.5, ``train_envelope``): the 99th
 percentile over ``tau_images`` training crops of max_{h,w} D(Model(x), x), stored in
 ``metrics.json`` with the step of the checkpoint it belongs to (``checkpoint_step``) and written
-into the bundle by the export, which recomputes it when the checkpoint has moved on.
+into the bundle by the export, which recomputes it when the checkpoint has moved on. The tau
+crops have the runtime's tile side (``inference.tile``); with a NEU-Seg source and a tile other
+than ``data.crop`` the normal images are loaded a second time for them, so that every tau crop
+lies inside a defect-free window of the tile's size (:func:`load_tau_images`). That load happens
+before training: a tile no image has a defect-free window for is refused then, naming the keys.
 
 The run folder holds ``config.yaml`` (the resolved config with ``kind: fuzzymask``, which is how
 ``inspector export onnx`` recognises the run), ``checkpoint.pt`` (network, optimiser, step,
@@ -48,7 +52,8 @@ from torch.utils.data import DataLoader
 from inspector.errors import CheckpointError, ConfigError
 from inspector.evaluation.datasets import SplitFractions
 
-from export.fuzzymask.data import DataSource, NormalCrops, StepBatches, load_normal_images, worker_init
+from export.fuzzymask.data import (DataSource, NormalCrops, NormalImage, StepBatches, load_normal_images,
+                                   worker_init)
 from export.fuzzymask.loss import TYPE_WEIGHTS, FuzzyMaskLoss, dissimilarity_map
 from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
 from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
@@ -66,7 +71,8 @@ TAU_START = 2 * 10 ** 9
 PREVIEW_START = 10 ** 9
 
 __all__ = ["FuzzymaskTrainConfig", "load_config", "build_model", "ssim_weights", "build_loss",
-           "lr_at", "compute_tau", "load_checkpoint", "train", "main"]
+           "lr_at", "tau_needs_own_images", "load_tau_images", "compute_tau", "load_checkpoint", "train",
+           "main"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,6 +247,42 @@ def lr_at(step: int, o: OptimConfig, iters_per_epoch: int) -> float:
 # tau (spec §4.5) and the preview
 # ---------------------------------------------------------------------------------------------
 
+def tau_needs_own_images(cfg: FuzzymaskTrainConfig) -> bool:
+    """Whether the tau crops (``inference.tile``) need the normal images loaded again at the tile
+    side: a NEU-Seg image keeps only the corners of its defect-free windows of the side it was
+    loaded for (``data.crop``), and a tile-sized crop at such a corner runs past the window (into
+    defect pixels, or off the image). Other sources allow crops anywhere: the same images serve."""
+    return cfg.tile() != cfg.data.crop and any(s.format == "neu-seg" for s in cfg.data.sources)
+
+
+def load_tau_images(cfg: FuzzymaskTrainConfig, where: str,
+                    images: list[NormalImage] | None = None) -> tuple[list[NormalImage], list[str]]:
+    """The normal images tau crops of the tile side are cut from, and their description.
+
+    ``images``: the training images (loaded at ``data.crop``), returned as they are when they
+    serve (:func:`tau_needs_own_images`); otherwise (or when None) the sources are loaded at the
+    tile side. When no image of the sources has a defect-free window of the tile's size, raises
+    :class:`ConfigError` for ``where`` naming ``inference.tile`` (data errors propagate as they are).
+    """
+    d = cfg.data
+    tile = cfg.tile()
+    if images is not None and not tau_needs_own_images(cfg):
+        return images, []
+    try:
+        tau_images, desc = load_normal_images(d.sources, Path(cfg.base_dir), d.channels, tile,
+                                              SplitFractions(d.split_test, d.split_val))
+    except ValueError as e:
+        if not tau_needs_own_images(cfg):
+            raise
+        raise ConfigError(where, "inference.tile",
+                          f"{tile}: tau (spec §4.5) is computed on {tile}x{tile} crops of defect-free "
+                          f"images, and no image of data.sources has a defect-free {tile}x{tile} window "
+                          f"(NEU-Seg sources give defect-free windows only; {e}). Set inference.tile to "
+                          f"at most the largest defect-free window (data.crop {d.crop} has them), or "
+                          f"add a source of defect-free images") from None
+    return tau_images, desc
+
+
 @torch.no_grad()
 def compute_tau(net: FuzzyMaskNet, crops: NormalCrops, cfg: FuzzymaskTrainConfig,
                 device: torch.device, batch: int = 16) -> dict[str, Any]:
@@ -331,6 +373,11 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     fractions = SplitFractions(cfg.data.split_test, cfg.data.split_val)
     images, desc = load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
                                       cfg.data.crop, fractions)
+    # the images tau's tile-sized crops come from, loaded now (on every rank, so that all of them
+    # stop alike): a tile without a defect-free window fails before training, not after it
+    tau_images, tau_desc = load_tau_images(cfg, str(config_path), images)
+    if not main_rank:
+        tau_images = []
     d = cfg.data
     crops = NormalCrops(images, d.crop, d.channels, cfg.seed, rank, d.flip, d.vflip)
     o = cfg.optim
@@ -365,6 +412,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         write_run_config(run_dir, cfg)
         for line in desc:
             log.info("data: %s", line)
+        for line in tau_desc:
+            log.info("tau crops (inference.tile %d, defect-free windows of that side): %s", cfg.tile(), line)
         log.info("run %s: %.3f M params (width %d, skips %s); crop %d, %d channel(s), batch %d x %d "
                  "rank(s), %d steps (%g epochs of %d), cell %d, lambda %g, SSIM type %s %s, device %s, "
                  "%d thread(s), %d data worker(s)%s", run_dir, count_parameters(net) / 1e6,
@@ -455,7 +504,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         atomic_save(checkpoint(), ck_path)
         err = _preview(net, crops, cfg, run_dir / PREVIEW, dev)
         t_tau = time.monotonic()
-        tau_crops = NormalCrops(images, cfg.tile(), d.channels, cfg.seed, 0, d.flip, d.vflip)
+        tau_crops = NormalCrops(tau_images, cfg.tile(), d.channels, cfg.seed, 0, d.flip, d.vflip)
         tau = compute_tau(net, tau_crops, cfg, dev)
         log.info("tau (train_envelope, P%g of per-crop max D over %d crops): %.5f  [%.1f s]",
                  cfg.inference.tau_percentile, tau["images"], tau["tau"], time.monotonic() - t_tau)

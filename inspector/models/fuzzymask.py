@@ -65,6 +65,16 @@ SSIM_TYPE_WEIGHTS: dict[str, tuple[float, float, float]] = {
 _TERM_FLOOR = np.float32(1e-4)
 _PRODUCT_FLOOR = np.float32(1e-8)
 
+#: the ``blurred_self`` interference of the training mask (export/fuzzymask/masking.py
+#: ``gaussian_blur``): a separable 7-tap Gaussian, sigma 3, normalised in float64, reflected borders
+_SELF_BLUR_KSIZE, _SELF_BLUR_SIGMA = 7, 3.0
+
+
+def _self_blur_kernel() -> np.ndarray:
+    r = np.arange(_SELF_BLUR_KSIZE, dtype=np.float64) - (_SELF_BLUR_KSIZE - 1) / 2.0
+    g = np.exp(-r ** 2 / (2 * _SELF_BLUR_SIGMA ** 2))
+    return (g / g.sum()).astype(np.float32)
+
 
 class FuzzymaskParams(BaseModel):
     """``kind_params`` of a fuzzymask bundle (spec defaults; the contract's keys, nothing else)."""
@@ -94,7 +104,11 @@ class FuzzymaskParams(BaseModel):
     inference_fill: Literal["zero", "fuzzy"] = "zero"
     w_max: float = Field(0.5, ge=0, le=1, description="fuzzy fill: retention at the cell centre")
     sigma_w: float | None = Field(None, gt=0, description="fuzzy fill: Gaussian width, px (None = cell/4)")
-    sigma_z: float = Field(0.1, ge=0, description="fuzzy fill: std of the interference noise")
+    fill: Literal["gauss0", "uniform01", "blurred_self"] = Field(
+        "gauss0", description="fuzzy fill: the interference z of the training mask (mask.fill): gauss0 "
+                              "N(0, sigma_z^2), uniform01 U(0, 1) (both drawn once, seed 0), "
+                              "blurred_self the tile blurred by a 7x7, sigma 3 Gaussian")
+    sigma_z: float = Field(0.1, ge=0, description="fuzzy fill gauss0: std of the interference noise")
     iter_target: Literal["inpaint", "last_iterate"] = "inpaint"
     apply_line18: bool = False
     smooth_sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of the frame score map (0 = off)")
@@ -365,18 +379,27 @@ class FuzzymaskAdapter(ModelAdapter):
         self._cy = np.arange(0, self.tile_h, p.cell)
         self._cx = np.arange(0, self.tile_w, p.cell)
         self._fill = self._fuzzy_fill() if p.inference_fill == "fuzzy" else None
+        if self._fill is not None and p.fill == "blurred_self":
+            # the per-tile interference (1 - r) * blur(x), computed into these (one infer at a time)
+            self._blur_kernel = _self_blur_kernel()
+            self._blur_buf = np.empty((self.channels, self.tile_h, self.tile_w), np.float32)
         self._work: ShapeCache = ShapeCache()
         #: per-tile record of the last frame (converged, iterations, masked cells), for tests and logs
         self.last_frame: dict[str, np.ndarray] = {}
         self._pools: ShapeCache = ShapeCache()
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _fuzzy_fill(self) -> tuple[np.ndarray, np.ndarray]:
+    def _fuzzy_fill(self) -> tuple[np.ndarray, np.ndarray | None]:
         """Retention r (th x tw) and the interference term (1 - r) z (C x th x tw) of spec §2.3,
-        for a tile whose every cell is masked; a masked cell takes its part of both.
+        for a tile whose every cell is masked; a masked cell takes its part of both. z is the
+        training mask's ``fill``: ``gauss0`` N(0, sigma_z^2), ``uniform01`` U(0, 1), drawn once
+        here; ``blurred_self`` (None here) depends on the tile and is made per tile
+        (:meth:`_self_fill`).
 
-        The noise z is drawn once (seed 0): the runtime must give the same score for the same
-        frame, and drawing per frame would cost time for nothing.
+        The noise z is drawn once (numpy ``default_rng(0)``): the runtime must give the same score
+        for the same frame, and drawing per frame would cost time for nothing. ``uniform01`` is
+        drawn as the training mask draws it from a numpy generator (float32 ``random``), so with a
+        generator of seed 0 both overlays are the same.
         """
         p = self.params
         k, s = p.cell, p.fuzzy_sigma
@@ -384,9 +407,25 @@ class FuzzymaskAdapter(ModelAdapter):
         xx = np.arange(self.tile_w, dtype=np.float32)
         dy = yy - ((yy // k) * k + (k - 1) / 2.0)
         dx = xx - ((xx // k) * k + (k - 1) / 2.0)
-        r = p.w_max * np.exp(-(dy[:, None] ** 2 + dx[None, :] ** 2) / (2.0 * s * s))
-        z = np.random.default_rng(0).normal(0.0, p.sigma_z, (self.channels, self.tile_h, self.tile_w))
-        return r.astype(np.float32), ((1.0 - r)[None] * z).astype(np.float32)
+        r = (p.w_max * np.exp(-(dy[:, None] ** 2 + dx[None, :] ** 2) / (2.0 * s * s))).astype(np.float32)
+        shape = (self.channels, self.tile_h, self.tile_w)
+        if p.fill == "blurred_self":
+            return r, None
+        if p.fill == "uniform01":
+            z = np.random.default_rng(0).random(shape, dtype=np.float32)
+            return r, (np.float32(1.0) - r)[None] * z
+        z = np.random.default_rng(0).normal(0.0, p.sigma_z, shape)
+        return r, ((1.0 - r)[None] * z).astype(np.float32)
+
+    def _self_fill(self, x: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """``blurred_self``: (1 - r) * blur(x) of one tile (C x th x tw in [0, 1]), blur as the
+        training mask's (7x7 separable Gaussian, sigma 3, BORDER_REFLECT_101 = torch reflect)."""
+        out = self._blur_buf
+        g = self._blur_kernel
+        for c in range(x.shape[0]):
+            cv2.sepFilter2D(x[c], cv2.CV_32F, g, g, dst=out[c], borderType=cv2.BORDER_REFLECT_101)
+        out *= (np.float32(1.0) - r)[None]
+        return out
 
     def _frame_work(self, h: int, w: int, n_pad: int, n: int) -> _FrameWork:
         wk = self._work.get((h, w))
@@ -455,6 +494,8 @@ class FuzzymaskAdapter(ModelAdapter):
             dst[:, pix] = 0.0
         else:
             r, fill = self._fill
+            if fill is None:  # blurred_self: the interference is the tile's own blur
+                fill = self._self_fill(x, r)
             dst[:, pix] = np.clip(x[:, pix] * r[pix] + fill[:, pix], 0.0, 1.0)
 
     def _dissim_rows(self, a: np.ndarray, b: np.ndarray, rows: np.ndarray, wk: _FrameWork,
