@@ -204,3 +204,19 @@ def test_rgb_frames_are_written_in_rgb_order(tmp_path):
     (png,) = (tmp_path / "c" / "defects" / "images").glob("*.png")
     back = cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(back, img)
+
+
+def test_recorder_benchmark_writes_json_and_png(tmp_path):
+    import importlib.util
+
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("recorder_bench", ROOT / "benchmarks" / "recorder_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--frames", "3", "--levels", "0", "1", "--width", "160", "--height", "64",
+                       "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "recorder-bench.json").read_text())
+    assert [r["png_compression"] for r in result["levels"]] == [0, 1]
+    assert all(r["frames"] == 3 and r["writer_fps"] > 0 and r["kib_per_record"] > 0 for r in result["levels"])
+    assert result["frame_shape"] == [64, 160]
+    assert (tmp_path / "recorder-bench.png").stat().st_size > 0

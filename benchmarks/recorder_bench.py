@@ -1,0 +1,121 @@
+"""How fast the frame recorder writes, and what it costs the publish stage (JSON + PNG).
+
+Feeds synthetic-strip frames (the demo's 256x1600, or any size) with a defect mask into a
+:class:`inspector.recorder.Recorder` and measures, per PNG compression level:
+
+* ``offer_us``: what the publish stage pays per frame (the decision and the queue put);
+* ``writer_ms_per_frame`` / ``writer_fps``: the writer thread draining a queue holding every
+  frame (image, mask and header; files renamed into place), i.e. the defect-frame rate it
+  sustains on this disk;
+* ``kib_per_record``: disk use per record.
+
+    python benchmarks/recorder_bench.py --frames 60 --levels 0 1 3 6 --out bench-out/recorder
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from inspector.frame import Frame
+from inspector.recorder import Recorder, RecordConfig
+from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
+
+CLASSES = ["background", "inclusion", "patches", "scratches"]
+
+
+def measure(frames: list[Frame], level: int, folder: Path) -> dict:
+    rec = Recorder(RecordConfig(enabled=True, dir=str(folder), queue_size=len(frames) + 1,
+                                png_compression=level, min_free_gb=0), "bench", CLASSES)
+    label = np.zeros(frames[0].image.shape[:2], np.uint8)
+    label[100:120, 300:400] = 2
+    offer = []
+    for f in frames:
+        header = {"frame_id": f.frame_id, "defects": [{"class_id": 2, "class": "patches"}]}
+        t0 = time.perf_counter()
+        rec.offer(f, label, header)
+        offer.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    rec.start()
+    rec.close(timeout_s=600)
+    wall = time.perf_counter() - t0
+    s = rec.snapshot()
+    n = s["recorded"]["defects"]
+    if n != len(frames):
+        raise RuntimeError(f"level {level}: {n} of {len(frames)} frames recorded, skipped {s['skipped']}")
+    return {"png_compression": level, "frames": n,
+            "offer_us": {"p50": float(np.median(offer) * 1e6), "p99": float(np.percentile(offer, 99) * 1e6)},
+            "writer_ms_per_frame": wall / n * 1e3, "writer_fps": n / wall,
+            "kib_per_record": s["bytes"] / n / 1024}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["levels"]
+    levels = [str(r["png_compression"]) for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
+    a.bar(levels, [r["writer_fps"] for r in rows], color="tab:blue")
+    a.set_xlabel("png_compression")
+    a.set_ylabel("defect frames / s the writer sustains")
+    b.bar(levels, [r["kib_per_record"] for r in rows], color="tab:orange")
+    b.set_xlabel("png_compression")
+    b.set_ylabel("KiB per record")
+    h, w = result["frame_shape"][:2]
+    fig.suptitle(f"recorder, {h}x{w} synthetic strip, {result['machine']['cpus']} CPUs, "
+                 f"load {result['machine']['load_before'][0]:.1f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frames", type=int, default=60)
+    ap.add_argument("--width", type=int, default=1600)
+    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--levels", type=int, nargs="+", default=[0, 1, 3, 6])
+    ap.add_argument("--dir", help="where to write the records (default: a temporary folder; "
+                                  "point it at the line PC's recordings disk)")
+    ap.add_argument("--out", required=True, help="folder for recorder-bench.json and .png")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    src = SyntheticSource(SyntheticConfig(width=args.width, height=args.height, fps=0, seed=0,
+                                          defect_rate=0.5), "bench")
+    src.open()
+    frames = [src.read() for _ in range(args.frames)]
+    src.close()
+    load = os.getloadavg()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        for level in args.levels:
+            rows.append(measure(frames, level, Path(tmp) / f"level{level}"))
+            r = rows[-1]
+            print(f"png_compression {level}: offer p50 {r['offer_us']['p50']:.1f} us, writer "
+                  f"{r['writer_fps']:.1f} frames/s ({r['writer_ms_per_frame']:.1f} ms), "
+                  f"{r['kib_per_record']:.0f} KiB/record", file=sys.stderr)
+    result = {"what": "frame recorder write rate per PNG level (benchmarks/recorder_bench.py)",
+              "command": "python benchmarks/recorder_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "frame_shape": list(frames[0].image.shape),
+              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "load_before": [round(x, 2) for x in load],
+                          "load_after": [round(x, 2) for x in os.getloadavg()]},
+              "levels": rows}
+    (out / "recorder-bench.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / "recorder-bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
