@@ -418,6 +418,14 @@ def test_resume_with_other_training_images_or_subset_keys_is_a_config_error(tmp_
     cfg2 = write_tiny(tmp_path / "tiny2.yaml", data={"resolution": 16, "label_fraction": 0.3})
     with pytest.raises(ConfigError, match="data.label_fraction"):
         train(cfg2, run, resume=True, max_iters=1, data=data)
+    # the schedule: more epochs would reopen the alignment-loss window after it had closed
+    base = TINY["optim"]
+    for key, value in (("epochs", base["epochs"] + 5), ("batch_size", base["batch_size"] + 1),
+                       ("align_frac", 0.9), ("seed", 7)):
+        other = (write_tiny(tmp_path / "tiny-seed.yaml", seed=7) if key == "seed"
+                 else write_tiny(tmp_path / f"tiny-{key}.yaml", optim={key: value}))
+        with pytest.raises(ConfigError, match=key if key == "seed" else f"optim.{key}"):
+            train(other, run, resume=True, max_iters=1, data=data)
     assert (run / "config.yaml").read_text() == saved_cfg and load_ck(run)["step"] == 2
     train(cfg, run, resume=True, max_iters=1, data=data)  # the same images: resumes
     assert load_ck(run)["step"] == 3

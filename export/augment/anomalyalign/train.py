@@ -639,9 +639,13 @@ def _preview(unet, controlnet, data: TrainData, text_table: torch.Tensor, prompt
 # The run
 # ---------------------------------------------------------------------------------------------
 
-#: the config keys a resumed run must share with its checkpoint: the networks' shapes, and what
-#: picks the training images (the checkpoint's prompts are per image, in its order)
-RESUME_KEYS = ("model", "data.resolution", "data.label_fraction", "data.label_seed")
+#: the config keys a resumed run must share with its checkpoint: the networks' shapes, what picks
+#: the training images (the checkpoint's prompts are per image, in its order), and the schedule:
+#: the alignment loss runs for the first ``align_frac`` of ``epochs`` x batches, so another
+#: epoch count, batch size or fraction would switch L_a back on after it had ended (a third stage
+#: the paper does not have), and the seed orders the batches
+RESUME_KEYS = ("model", "seed", "data.resolution", "data.label_fraction", "data.label_seed",
+               "optim.epochs", "optim.batch_size", "optim.align_frac")
 
 
 def check_resume(ck: dict, cfg: AnomalyAlignConfig, data: TrainData, config_path: Path,
