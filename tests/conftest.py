@@ -104,3 +104,28 @@ def synthetic_cfg(toy_bundle):
                 cfg[k] = v
         return cfg
     return make
+
+
+def unloadable_graph_bundle(src: Path, dest: Path, how: str = "truncated") -> Path:
+    """A copy of bundle ``src`` whose model.onnx onnxruntime cannot load, with its sha256 recorded
+    as is: what an export that wrote a bad graph leaves, or one made for a newer onnxruntime.
+    ``how``: ``truncated`` (not a protobuf), ``opset`` (an opset this onnxruntime lacks)."""
+    import shutil
+
+    import onnx
+
+    from inspector.bundle import sha256_file
+    shutil.copytree(src, dest)
+    graph = dest / "model.onnx"
+    if how == "truncated":
+        graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 2])
+    elif how == "opset":
+        model = onnx.load(str(graph))
+        model.opset_import[0].version = 99
+        onnx.save(model, str(graph))
+    else:
+        raise ValueError(how)
+    meta = yaml.safe_load((dest / "bundle.yaml").read_text())
+    meta["graphs"]["model"]["sha256"] = sha256_file(graph)
+    (dest / "bundle.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    return dest

@@ -22,6 +22,65 @@ def test_corrupt_graph_is_refused(toy_bundle, tmp_path):
         load_bundle(b)
 
 
+def test_a_graph_onnxruntime_cannot_load_is_a_bundle_error_naming_it(toy_bundle, tmp_path):
+    # Bad when its sha256 was recorded: the hash check passes it. A BundleError (bad input, exit 2,
+    # no systemd restart loop), not an EngineError (exit 1), and one line naming the file.
+    import re
+
+    from onnx import TensorProto, helper, save
+
+    from conftest import unloadable_graph_bundle
+    from inspector.engines.onnxruntime import OnnxRuntimeEngine
+    for how, says in (("truncated", "INVALID_PROTOBUF: Protobuf parsing failed"),
+                      ("opset", "Opset 99")):
+        b = unloadable_graph_bundle(toy_bundle, tmp_path / how, how)
+        load_bundle(b)  # the recorded hash matches
+        with pytest.raises(BundleError) as err:
+            OnnxRuntimeEngine(b / "model.onnx")
+        msg = str(err.value)
+        assert msg.startswith(f"{b / 'model.onnx'}: onnxruntime ") and says in msg, msg
+        assert "\n" not in msg and "onnxruntime_src" not in msg, msg  # one line, no C++ source place
+    # an operator type no provider implements (found when the session is set up, not at parsing)
+    x = helper.make_tensor_value_info("x", TensorProto.BFLOAT16, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.BFLOAT16, [1, 4])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    graph = tmp_path / "bf16.onnx"
+    save(model, str(graph))
+    with pytest.raises(BundleError, match=rf"^{re.escape(str(graph))}: onnxruntime .*NOT_IMPLEMENTED.*Relu"):
+        OnnxRuntimeEngine(graph)
+
+
+@pytest.mark.parametrize("error, text", [
+    ("RuntimeException", "[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: "
+                         "/onnxruntime_src/onnxruntime/core/providers/cuda/cuda_call.cc:123 std::conditional_t"
+                         "<THRW, void, common::Status> onnxruntime::CudaCall(ERRTYPE, const char*, const "
+                         "char*, SUCCTYPE, const char*, const char*, int) CUDA failure 100: no "
+                         "CUDA-capable device is detected ; GPU=0 ; hostname=ipc ; expr=cudaSetDevice(info_.device_id);"),
+    ("Fail", "[ONNXRuntimeError] : 1 : FAIL : Failed to load library libonnxruntime_providers_cuda.so "
+             "with error: libcublasLt.so.12: cannot open shared object file: No such file or directory"),
+    ("EPFail", "[ONNXRuntimeError] : 11 : EP_FAIL : TensorRT EP failed to create engine from network"),
+], ids=["cuda-device", "cuda-library", "tensorrt-ep"])
+def test_a_provider_or_device_failure_stays_an_engine_error(toy_bundle, monkeypatch, error, text):
+    # A GPU that is missing or broken may be there after a restart (exit 1): only the session
+    # creation is stood in for, as no GPU is here; the exception types are onnxruntime's own.
+    import onnxruntime as ort
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+    from inspector.engines.onnxruntime import OnnxRuntimeEngine
+    from inspector.errors import EngineError
+
+    def fails(*a, **k):
+        raise getattr(C, error)(text)
+    monkeypatch.setattr(ort, "InferenceSession", fails)
+    with pytest.raises(EngineError) as err:
+        OnnxRuntimeEngine(toy_bundle / "model.onnx")
+    assert not isinstance(err.value, BundleError)
+    assert str(err.value).startswith(f"{toy_bundle / 'model.onnx'}: onnxruntime could not load the graph")
+    assert text.split(" : ")[-1][:30] in str(err.value)
+
+
 def test_missing_graph_and_missing_yaml(toy_bundle, tmp_path):
     b = copy(toy_bundle, tmp_path / "b")
     (b / "model.onnx").unlink()

@@ -79,41 +79,81 @@ def trained(tmp_path_factory) -> dict:
     return {"base": base, "data": data, "config": path, "run": base / "run", "bundle": base / "bundle"}
 
 
-def test_train_checkpoints_and_resumes(trained, caplog):
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def trained_run(trained) -> dict:
+    """The run every later test of the chain uses, trained once for the module: 3 iterations by
+    the command, then resumed in-process (saves a torch start-up) up to the planned 10. A test
+    that needs it fails, not skips, when training breaks, whichever tests are selected."""
     run = trained["run"]
-    r = cli("train", "clgan", "--config", str(trained["config"]), "--run-dir", str(run), "--max-iters", "3")
-    assert r.returncode == 0, r.stderr
-    assert (run / "checkpoint.pt").is_file() and (run / "preview.png").is_file()
-    assert yaml.safe_load((run / "config.yaml").read_text())["kind"] == "clgan"
-    m = json.loads((run / "metrics.json").read_text())
-    assert m["iterations"] == 3 and m["planned_iterations"] == 10
-    assert "it 3/10" in r.stderr and "NCE_X" in r.stderr  # progress lines
-    # in-process from here (saves a torch start-up per call): a second run into the same folder
-    # must not overwrite it ...
+    first = cli("train", "clgan", "--config", str(trained["config"]), "--run-dir", str(run), "--max-iters", "3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    metrics_at_3 = json.loads((run / "metrics.json").read_text())
     import torch
 
     from export.clgan.train import train
+    logger = logging.getLogger("export.clgan.train")
+    lines, level = _Lines(), logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
     threads = torch.get_num_threads()
     try:
-        with pytest.raises(FileExistsError, match="--resume"):
-            train(trained["config"], run)
-        # ... but resume continues at iteration 3 up to the planned 10
-        with caplog.at_level(logging.INFO, logger="export.clgan.train"):
-            train(trained["config"], run, resume=True)
+        train(trained["config"], run, resume=True)
     finally:
         torch.set_num_threads(threads)
-    assert "resuming" in caplog.text and "at iteration 3 of 10" in caplog.text
+        logger.removeHandler(lines)
+        logger.setLevel(level)
+    return {**trained, "first": first, "metrics_at_3": metrics_at_3, "resume_log": "\n".join(lines.lines)}
+
+
+@pytest.fixture(scope="module")
+def exported(trained_run) -> dict:
+    """The bundle exported once from the run. Tests that write into a bundle take a copy."""
+    r = cli("export", "onnx", "--run-dir", str(trained_run["run"]), "--out", str(trained_run["bundle"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return trained_run
+
+
+def copy_bundle(exported, dest: Path) -> Path:
+    import shutil
+    shutil.copytree(exported["bundle"], dest)
+    return dest
+
+
+def test_train_checkpoints_and_resumes(trained_run):
+    run, r = trained_run["run"], trained_run["first"]
+    assert (run / "checkpoint.pt").is_file() and (run / "preview.png").is_file()
+    assert yaml.safe_load((run / "config.yaml").read_text())["kind"] == "clgan"
+    m = trained_run["metrics_at_3"]
+    assert m["iterations"] == 3 and m["planned_iterations"] == 10
+    assert "it 3/10" in r.stderr and "NCE_X" in r.stderr  # progress lines
+    # the resume (in the fixture) continued at iteration 3 up to the planned 10 ...
+    log = trained_run["resume_log"]
+    assert "resuming" in log and "at iteration 3 of 10" in log, log
     m = json.loads((run / "metrics.json").read_text())
     assert m["iterations"] == 10
     lines = [json.loads(x) for x in (run / "losses.jsonl").read_text().splitlines()]
     assert [x["it"] for x in lines] == list(range(1, 11))
     assert lines[-1]["lr"] < lines[0]["lr"]  # the linear decay of the second "epoch"
+    # ... and a second run into the same folder without --resume must not overwrite it
+    before = (run / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match="--resume"):
+        _train_quietly(trained_run["config"], run)
+    assert (run / "checkpoint.pt").read_bytes() == before
 
 
-def test_a_refused_export_leaves_no_bundle_folder(trained, tmp_path):
+def test_a_refused_export_leaves_no_bundle_folder(trained_run, tmp_path):
     # the folder was made before the parity check: a later model.bundle found it, without bundle.yaml
     out = tmp_path / "new" / "bundle"
-    r = cli("export", "onnx", "--run-dir", str(trained["run"]), "--out", str(out), "--parity-tol", "1e-15")
+    r = cli("export", "onnx", "--run-dir", str(trained_run["run"]), "--out", str(out), "--parity-tol", "1e-15")
     assert r.returncode == 2 and "parity" in r.stderr.lower(), r.stderr[-2000:]
     assert not (tmp_path / "new").exists()
 
@@ -154,11 +194,8 @@ def test_bad_training_config_names_the_key(tmp_path):
     assert r.returncode == 2 and "local_mean_window" in r.stderr
 
 
-def test_export_parity_and_bundle(trained):
-    if not (trained["run"] / "checkpoint.pt").is_file():
-        pytest.skip("needs the run of test_train_checkpoints_and_resumes")
-    r = cli("export", "onnx", "--run-dir", str(trained["run"]), "--out", str(trained["bundle"]))
-    assert r.returncode == 0, r.stderr
+def test_export_parity_and_bundle(exported):
+    trained = exported
     from inspector.bundle import load_bundle
     b = load_bundle(trained["bundle"])
     s = b.spec
@@ -185,10 +222,9 @@ def test_export_parity_and_bundle(trained):
     np.testing.assert_allclose(got, ref, atol=1e-4)
 
 
-def test_evaluate_and_calibrate_commands_on_the_exported_bundle(trained, tmp_path):
-    bundle = trained["bundle"]
-    if not (bundle / "bundle.yaml").is_file():
-        pytest.skip("needs the bundle of test_export_parity_and_bundle")
+def test_evaluate_and_calibrate_commands_on_the_exported_bundle(exported, tmp_path):
+    trained = exported
+    bundle = copy_bundle(exported, tmp_path / "bundle")  # --record and --write change it
     out = tmp_path / "eval"
     r = cli("evaluate", "--bundle", str(bundle), "--data", str(trained["data"]), "--format",
             "magnetic-tile", "--json", "--out", str(out), "--overlays", "3", "--threads", "1", "--record")
@@ -228,14 +264,10 @@ def test_evaluate_and_calibrate_commands_on_the_exported_bundle(trained, tmp_pat
     assert spec.postprocess_history[-1]["calibration"]["objective"] == "f1"
 
 
-def test_calibrate_residual_window_sweeps_writes_and_resets_the_floor(trained, tmp_path):
-    import shutil
-
+def test_calibrate_residual_window_sweeps_writes_and_resets_the_floor(exported, tmp_path):
     from inspector.bundle import BundleSpec, load_bundle, write_bundle
-    if not (trained["bundle"] / "bundle.yaml").is_file():
-        pytest.skip("needs the bundle of test_export_parity_and_bundle")
-    bundle = tmp_path / "b"
-    shutil.copytree(trained["bundle"], bundle)
+    trained = exported
+    bundle = copy_bundle(exported, tmp_path / "b")
     b = load_bundle(bundle)  # as if `calibrate thresholds` had set a floor on the old residual
     write_bundle(bundle, BundleSpec.model_validate({**b.spec.model_dump(mode="json"), "postprocess": {
         **b.spec.postprocess.model_dump(mode="json"), "min_residual": 12.5}}))
@@ -273,9 +305,8 @@ def test_calibrate_residual_window_sweeps_writes_and_resets_the_floor(trained, t
 
 
 @pytest.mark.parametrize("windows, says", [("0,4", "odd"), ("x", "comma list"), ("1", "odd side >= 3")])
-def test_calibrate_residual_window_bad_input_exits_2(trained, tmp_path, windows, says):
-    if not (trained["bundle"] / "bundle.yaml").is_file():
-        pytest.skip("needs the bundle of test_export_parity_and_bundle")
+def test_calibrate_residual_window_bad_input_exits_2(exported, tmp_path, windows, says):
+    trained = exported
     r = cli("calibrate", "residual-window", "--bundle", str(trained["bundle"]), "--data",
             str(trained["data"]), "--format", "magnetic-tile", "--windows", windows, "--out", str(tmp_path))
     assert r.returncode == 2 and says in r.stderr and windows in r.stderr
@@ -294,10 +325,9 @@ def test_calibrate_residual_window_refuses_other_kinds(trained, tmp_path):
     assert r.returncode == 2 and "--set local_mean_window" in r.stderr and "takes no kind_params" in r.stderr
 
 
-def test_evaluate_set_overrides_kind_params_for_one_run(trained):
+def test_evaluate_set_overrides_kind_params_for_one_run(exported):
+    trained = exported
     bundle = trained["bundle"]
-    if not (bundle / "bundle.yaml").is_file():
-        pytest.skip("needs the bundle of test_export_parity_and_bundle")
     before = (bundle / "bundle.yaml").read_text()
     args = ("evaluate", "--bundle", str(bundle), "--data", str(trained["data"]), "--format",
             "magnetic-tile", "--json", "--threads", "1")
@@ -313,14 +343,14 @@ def test_evaluate_set_overrides_kind_params_for_one_run(trained):
         assert r.returncode == 2 and says in r.stderr, (bad, r.stderr)
 
 
-def test_evaluate_bad_input_exits_2(trained, tmp_path):
+def test_evaluate_bad_input_exits_2(exported, tmp_path):
+    trained = exported
     r = cli("evaluate", "--bundle", str(tmp_path / "nope"), "--data", str(trained["data"]),
             "--format", "magnetic-tile")
     assert r.returncode == 2 and "nope" in r.stderr
-    if (trained["bundle"] / "bundle.yaml").is_file():
-        r = cli("evaluate", "--bundle", str(trained["bundle"]), "--data", str(tmp_path / "missing"),
-                "--format", "magnetic-tile")
-        assert r.returncode == 2 and "missing" in r.stderr
+    r = cli("evaluate", "--bundle", str(trained["bundle"]), "--data", str(tmp_path / "missing"),
+            "--format", "magnetic-tile")
+    assert r.returncode == 2 and "missing" in r.stderr
 
 
 @pytest.mark.slow
@@ -450,11 +480,9 @@ def test_export_leaves_out_stale_metrics_and_records_the_split(stale_run, tmp_pa
     assert tr["final_losses_ema"] == m["final_losses_ema"] and tr["metrics_json"].startswith("unchecked")
 
 
-def test_default_split_is_recorded_without_warning(trained):
-    if not (trained["bundle"] / "bundle.yaml").is_file():
-        pytest.skip("needs the bundle of test_export_parity_and_bundle")
+def test_default_split_is_recorded_without_warning(exported):
     from inspector.bundle import load_bundle
-    p = load_bundle(trained["bundle"]).spec.provenance
+    p = load_bundle(exported["bundle"]).spec.provenance
     assert p["split_fractions"] == {"test": 0.3, "val": 0.2}
     assert p["training_complete"] is True and p["training"]["metrics_json"] == "current"
 

@@ -106,6 +106,26 @@ def test_corrupt_model_exits_2_naming_the_file(tmp_path, synthetic_cfg, toy_bund
     assert r.returncode == 2 and "model.onnx" in r.stderr and "sha256" in r.stderr
 
 
+@pytest.mark.parametrize("how, says, command", [("truncated", "INVALID_PROTOBUF", "check"),
+                                                 ("truncated", "INVALID_PROTOBUF", "run"),
+                                                 ("opset", "Opset 99", "check")])
+def test_a_graph_onnxruntime_cannot_load_exits_2_naming_it(tmp_path, synthetic_cfg, toy_bundle, how, says,
+                                                            command):
+    # The graph was already bad when its sha256 was recorded (an export that wrote a broken file,
+    # an opset this onnxruntime lacks): the hash check passes it, onnxruntime refuses it. That
+    # exited 1, and systemd restarted the unit every 5 s for ever over the same bytes.
+    from conftest import unloadable_graph_bundle
+    b = unloadable_graph_bundle(toy_bundle, tmp_path / "bundle", how)
+    p = write_config(tmp_path / "cam.yaml", synthetic_cfg(model={"bundle": str(b)}))
+    extra = ("--frames", "3") if command == "run" else ()
+    r = run_cli(command, "--config", str(p), *extra, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"{b / 'model.onnx'}: onnxruntime" in last and "cannot load this graph" in last, last
+    assert says in last, last
+
+
 def test_check_runs_one_frame_and_reports(tmp_path, synthetic_cfg):
     p = write_config(tmp_path / "cam.yaml", synthetic_cfg())
     r = run_cli("check", "--config", str(p), "--json", timeout=60)

@@ -14,35 +14,53 @@ from inspector.publish import Subscriber
 from inspector.sources.synthetic import SyntheticSource
 
 
-def demo_config(tmp_path, backpressure=False, **source):
+def demo_config(tmp_path, backpressure=False, publish=None, **source):
     cfg = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
     # a loaded 2-core CI box may not keep the demo's pace; waiting instead of dropping keeps the
     # frame count exact (drops and their accounting are tested in test_pipeline.py)
     cfg.setdefault("pipeline", {})["backpressure"] = backpressure
     cfg["model"]["bundle"] = str(ROOT / "deploy" / "models" / "demo-arcd")
     cfg["publish"]["endpoint"] = free_endpoint()
+    cfg["publish"].update(publish or {})
     cfg["source"].update(source)
     return write_config(tmp_path / "demo.yaml", cfg), cfg["publish"]["endpoint"]
 
 
 def test_run_and_subscribe_as_two_commands(tmp_path, demo_bundle):
-    path, endpoint = demo_config(tmp_path, backpressure=True, fps=20)
+    # The first frame waits for the subscriber (publish.wait_for_subscribers, the product's
+    # option for this), and the subscriber is started only once `run` is up and waiting: no
+    # frame may be sent before it listens, however long either process takes to start.
+    path, endpoint = demo_config(tmp_path, backpressure=True, fps=20,
+                                 publish={"wait_for_subscribers": 1, "wait_timeout_s": 120})
     n = 30
-    sub = subprocess.Popen([sys.executable, "-m", "inspector", "subscribe", "--endpoint", endpoint,
-                            "--count", str(n), "--json", "--timeout", "60",
-                            "--save-masks", str(tmp_path / "masks")],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    time.sleep(1.0)  # the subscriber process is up and connecting before the daemon starts
-    run = subprocess.run([sys.executable, "-m", "inspector", "run", "--config", str(path),
-                          "--frames", str(n)], capture_output=True, text=True, timeout=180, cwd=ROOT)
-    out, err = sub.communicate(timeout=60)
-    assert run.returncode == 0, run.stderr
+    log = tmp_path / "run.log"
+    with open(log, "w") as run_err:
+        run = subprocess.Popen([sys.executable, "-m", "inspector", "run", "--config", str(path),
+                                "--frames", str(n)], stdout=subprocess.DEVNULL, stderr=run_err, cwd=ROOT)
+    sub = None
+    try:
+        deadline = time.monotonic() + 120
+        while "warm-up" not in log.read_text():  # logged just before the wait for subscribers
+            assert run.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        sub = subprocess.Popen([sys.executable, "-m", "inspector", "subscribe", "--endpoint", endpoint,
+                                "--count", str(n), "--json", "--timeout", "120",
+                                "--save-masks", str(tmp_path / "masks")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        out, err = sub.communicate(timeout=180)
+        assert run.wait(timeout=180) == 0, log.read_text()
+    finally:
+        for proc in (run, sub):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+    run_stderr = log.read_text()
     assert sub.returncode == 0, err
+    assert "1 subscriber(s) at start" in run_stderr and "starting anyway" not in run_stderr, run_stderr
     headers = [json.loads(line) for line in out.splitlines()]
     assert [h["frame_id"] for h in headers] == list(range(n))
     assert len(list((tmp_path / "masks").glob("*.png"))) == n
     # the status line reports fps, latency and drops
-    assert "fps" in run.stderr and "latency p50" in run.stderr and "dropped 0" in run.stderr
+    assert "fps" in run_stderr and "latency p50" in run_stderr and "dropped 0" in run_stderr
 
 
 class RecordingSource(SyntheticSource):

@@ -155,11 +155,42 @@ def test_no_record_is_left_by_a_reload_that_ends_after_the_daemon_removed_it(tmp
 
 
 def test_an_unreadable_record_says_so(tmp_path):
+    # `inspector reload` run by an operator who is neither root nor the service user
     import os
+    import shutil
+    import tempfile
 
-    if os.geteuid() == 0:
-        pytest.skip("root reads any file: the permission case cannot be made here")
-    (tmp_path / RECORD_NAME).write_text("{}")
-    (tmp_path / RECORD_NAME).chmod(0)
-    with pytest.raises(Exception, match="cannot read the reload record"):
-        read_record(tmp_path)
+    if os.geteuid() != 0:
+        (tmp_path / RECORD_NAME).write_text("{}")
+        (tmp_path / RECORD_NAME).chmod(0)
+        with pytest.raises(Exception, match="cannot read the reload record"):
+            read_record(tmp_path)
+        return
+    # root reads any file: read it as nobody, as test_config_cli.py's unreadable config does
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv: cannot drop to an unprivileged user")
+    d = Path(tempfile.mkdtemp(prefix="unreadable-record-"))  # tmp_path is root's alone (0700)
+    try:
+        os.chmod(d, 0o755)
+        record = d / RECORD_NAME
+        record.write_text("{}")
+        record.chmod(0o600)
+        probe = textwrap.dedent(f"""
+            from pathlib import Path
+            from inspector.errors import InspectorError
+            from inspector.reload_state import read_record
+            try:
+                read_record(Path({str(d)!r}))
+            except InspectorError as e:
+                print(e)
+            else:
+                print("read it")
+            """)
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                            sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == (f"{record}: cannot read the reload record (Permission denied); "
+                                    "run as root or as the service user"), r.stdout + r.stderr
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

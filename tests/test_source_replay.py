@@ -104,21 +104,34 @@ def test_file_that_is_not_a_video(tmp_path: Path):
         replay(bogus).open()
 
 
-def test_pacing_and_no_burst_after_a_stall(folder: Path):
+def test_pacing_and_no_burst_after_a_stall(folder: Path, monkeypatch):
+    import types
+
+    import inspector.sources.replay as replay_module
+    slept: list[float] = []  # the source's waits, seen through its clock (real time all the same)
+
+    def sleep(s):
+        slept.append(s)
+        time.sleep(s)
+    clock = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    clock.sleep = sleep
+    monkeypatch.setattr(replay_module, "time", clock)
     with replay(folder, loop=True) as src:  # fps=0 first: must not sleep
-        t0 = time.monotonic()
         for _ in range(6):
             src.read()
-        assert time.monotonic() - t0 < 1.0
+    assert slept == []
     src = ReplaySource(ReplayConfig(path=str(folder), fps=20.0, loop=True), camera_id="cam1")
     with src:
         src.read()
         time.sleep(0.3)  # consumer stalls for 6 frame periods
+        before = len(slept)
         src.read()  # late: delivered at once
+        assert len(slept) == before, slept
         t0 = time.monotonic()
         src.read()
         # the next frame keeps the cadence instead of catching up with a burst
         assert time.monotonic() - t0 >= 0.03
+    assert slept and all(0 < s <= 1 / 20 for s in slept), slept  # held until due, never longer
 
 
 def test_close_idempotent_and_reopen_restarts(folder: Path):

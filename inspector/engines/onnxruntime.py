@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -10,7 +11,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from inspector.engines.base import Engine, TensorSpec
-from inspector.errors import EngineError
+from inspector.errors import BundleError, EngineError
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,34 @@ PROVIDER_NAMES = {
 }
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(uint8)": "uint8",
               "tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+#: onnxruntime's exceptions for a graph it cannot parse or does not implement, whatever provider
+_GRAPH_ERRORS = ("InvalidProtobuf", "InvalidGraph", "NoModel", "NotImplemented")
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : (\w+) : ")
+_LOAD_PREFIX = re.compile(r"^Load model from .*? failed:")
+#: the C++ source place and signature onnxruntime puts before some messages
+_CXX_WHERE = re.compile(r"^/\S+:\d+ [^()]*\((?:[^()]|\([^()]*\))*\)(?: const)? ")
+
+
+def _load_failure(e: Exception) -> tuple[bool, str]:
+    """Whether an ``InferenceSession`` error means a bad graph, and its text in one line.
+
+    A bad graph is one onnxruntime cannot parse (INVALID_PROTOBUF), that is not a valid model
+    (INVALID_GRAPH), whose opset, IR version or operators this onnxruntime does not implement:
+    the errors of its model load step (``Load model from <graph> failed:``) and NOT_IMPLEMENTED
+    (no kernel, CPU included). Anything else (a provider or device that fails) is not.
+    """
+    text = " ".join(str(e).split())
+    m = _ORT_PREFIX.match(text)
+    code = m.group(1) if m else type(e).__name__
+    text = text[m.end():] if m else text
+    loading = _LOAD_PREFIX.match(text)
+    if loading:
+        text = text[loading.end():].strip()
+    text = _CXX_WHERE.sub("", text) or code
+    bad = bool(loading) or type(e).__name__ in _GRAPH_ERRORS
+    return bad, f"{code}: {text}"
 
 
 class OnnxRuntimeConfig(BaseModel):
@@ -99,7 +128,11 @@ class OnnxRuntimeEngine(Engine):
         try:
             self.session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
-            raise EngineError(f"{graph}: onnxruntime could not load the graph: {e}") from e
+            bad_graph, detail = _load_failure(e)
+            if bad_graph:  # bad input, exit 2: a restart loads the same bytes again
+                raise BundleError(f"{graph}: onnxruntime {ort.__version__} cannot load this graph "
+                                  f"({detail})") from None
+            raise EngineError(f"{graph}: onnxruntime could not load the graph: {detail}") from e
         ran = self.session.get_providers()
         self.backend = "onnxruntime:" + ",".join(ran)
         wanted = [p if isinstance(p, str) else p[0] for p in providers]
