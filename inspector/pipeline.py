@@ -120,9 +120,12 @@ class BurstLog:
         now = time.monotonic()
         if now - self._last >= self.every_s:
             more = f" (+{self._quiet} more since last report)" if self._quiet else ""
-            # None: the source failed before it had a frame id; its message names the frame
-            where = f"frame {frame_id}: " if frame_id is not None else ""
-            log.error("%s: %s%s%s", self.what, where, err, more)
+            # None: the source failed before it had a frame id; its message names the frame (as a
+            # frame check's own message does: "frame 2: shape ...", not "frame 2: frame 2: ...")
+            text = str(err)
+            where = (f"frame {frame_id}: " if frame_id is not None
+                     and not text.startswith(f"frame {frame_id}:") else "")
+            log.error("%s: %s%s%s", self.what, where, text, more)
             self._last = now
             self._quiet = 0
         else:

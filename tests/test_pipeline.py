@@ -88,7 +88,7 @@ def test_wrong_shape_or_dtype_mid_stream_is_dropped_and_loop_goes_on(synthetic_c
     # one line for the burst (frames 4 and 6 are counted, not logged), naming the frame, the
     # shape it had and the shape expected
     assert dropped_frame_logs(caplog, "frame dropped") == [
-        "frame dropped: frame 2: frame 2: shape (100, 512), expected (128, 512)"]
+        "frame dropped: frame 2: shape (100, 512), expected (128, 512)"]
     # the other two kinds of bad frame, as the grab stage's check words them
     from inspector.errors import FrameError
     with pytest.raises(FrameError, match=r"^frame 9: dtype float32, expected uint8$"):
