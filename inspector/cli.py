@@ -162,11 +162,12 @@ def _check_record(cfg, classes: list[str]) -> str:
     """The recorder's start-up checks (folder writable, classes known): what it would record."""
     if not cfg.record.enabled:
         return "off"
-    from inspector.recorder import GB, Recorder
+    from inspector.recorder import describe, preflight
 
-    rec = Recorder(cfg.record, cfg.camera_id, classes, cfg.base_dir, cfg.source_file)
-    return (f"{rec.describe()} into {rec.root} ({rec.used / GB:.2f} of {cfg.record.max_gb:g} GB "
-            "used)")
+    # nothing is created: a folder made here by root would be one the service user cannot write
+    root, notes = preflight(cfg.record, cfg.camera_id, classes, cfg.base_dir, cfg.source_file)
+    state = "" if root.is_dir() else ", created at the daemon's start"
+    return f"{describe(cfg.record)} into {root}{state}" + "".join(f"; {n}" for n in notes)
 
 
 def _check_endpoint(cfg) -> list[str]:
@@ -565,7 +566,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         res = evaluate_bundle(bundle, ds, out_dir=out,
                               overlays=args.overlays, postprocess=post, resize=size,
                               engine=engine[1] if engine else OnnxRuntimeConfig(intra_op_threads=args.threads),
-                              overlay_pick=args.overlay_pick, kind_params=kind)
+                              overlay_pick=args.overlay_pick, kind_params=kind,
+                              auroc_stride=args.auroc_stride)
     except ValidationError as e:  # a post-processing value of --set
         err = e.errors()[0]
         return _fail(f"--set {'.'.join(str(x) for x in err['loc'])}: {err['msg']}", EXIT_BAD_INPUT)
@@ -784,6 +786,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "e.g. k1=3.5 or local_mean_window=31 (repeatable)")
     p.add_argument("--resize", metavar="HxW", help="resize images (masks nearest) before the model")
     p.add_argument("--threads", type=non_negative_int, default=0, help="onnxruntime intra-op threads (0 = all)")
+    p.add_argument("--auroc-stride", type=positive_int, default=1, metavar="N",
+                   help="the pixel and per-class AUROC of every N-th pixel of each image (row-major): "
+                        "their memory, about 5 bytes a pixel plus 4 per class and 1 for arcd bundles, "
+                        "divided by N; 1 = every pixel, exact (default). Recorded as auroc_stride")
     p.add_argument("--engine", choices=["onnxruntime", "torch"], default="onnxruntime",
                    help="torch: an arcd bundle's training checkpoint in torch (GPU when present; "
                         "needs the train extra), checked against the graph on one tile first")

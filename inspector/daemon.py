@@ -351,6 +351,12 @@ class Daemon:
                                      f"{model.bundle.spec.classes} differ from the running model's "
                                      f"{p.model.bundle.spec.classes}; the PLC maps depend on them: "
                                      "restart the service to change them")
+            if new.record != old.record and new.record.enabled:
+                # it runs only after a restart, but a section the next start would refuse (exit 2,
+                # the unit stays down) must fail now, while someone is looking
+                from inspector.recorder import preflight
+                preflight(new.record, new.camera_id, model.bundle.spec.classes, new.base_dir,
+                          new.source_file)
             if self.engine is not None:
                 self.engine.check_rules(new.alarms)
             elif new.alarms.rules:

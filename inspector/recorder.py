@@ -19,13 +19,18 @@ Layout, one folder per camera, one record = the same file stem in each sub-folde
 ``<stem>`` is the capture time in UTC and the frame id (``20261128T013000123Z-f000000042``), so
 names sort by time and never collide across restarts. Each file appears whole (written under a
 hidden name, then renamed) and the image last, so a reader that lists ``images/`` (the replay
-source, the calibration tools) sees only complete records.
+source, the calibration tools) sees only complete records; a start removes what a killed process
+left (hidden files, a meta or mask without its image, an empty image). Files are not fsync'd:
+after a power cut the last records may be missing or empty, and the next start removes them.
+One recorder per camera folder: a second one (two configs with one ``camera_id``) is refused.
 
 Inspection never waits for the disk: frames go through a bounded queue to one writer thread.
 A frame not recorded is counted by reason and logged once per burst, never silently: the queue
 was full (``queue_full``), the file system had less than ``min_free_gb`` free (``disk_low``),
 the write failed (``write_error``), or the recorder was closed before it got to it
-(``shutdown``). The folder is held under ``max_gb`` by removing the oldest records first.
+(``shutdown``). The folder is held under ``max_gb``, and the file system above ``min_free_gb``,
+by removing the oldest records first, in the order they were written (a clock stepped back does
+not make new records look old).
 
 Example::
 
@@ -37,6 +42,7 @@ Example::
 
 from __future__ import annotations
 
+import fcntl
 import heapq
 import json
 import logging
@@ -107,22 +113,94 @@ def record_stem(t_capture_ns: int, frame_id: int) -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime(s)) + f"{ns // 1_000_000:03d}Z-f{frame_id:09d}"
 
 
+def recordings_root(cfg: RecordConfig, camera_id: str, base_dir: Path | None = None) -> Path:
+    """The camera's folder: ``<dir>/<camera_id>`` (``dir`` relative to the config file)."""
+    root = Path(cfg.dir or os.environ.get("INSPECTOR_RECORDINGS") or DEFAULT_DIR).expanduser()
+    if not root.is_absolute():
+        root = (base_dir or Path.cwd()) / root
+    return root / camera_id
+
+
+def check_classes(cfg: RecordConfig, class_names: list[str], config_file: str) -> set[int]:
+    unknown = sorted(set(cfg.classes) - set(class_names[1:]))
+    if unknown:
+        raise ConfigError(config_file, "record.classes", f"unknown class(es) {unknown}; the "
+                          f"model's defect classes are {class_names[1:]}")
+    return {class_names.index(c) for c in cfg.classes}
+
+
+def describe(cfg: RecordConfig) -> str:
+    """What the config records, in words."""
+    what = []
+    if cfg.defects:
+        what.append("frames with " + (f"{'/'.join(cfg.classes)} defects" if cfg.classes else "defects"))
+    if cfg.normal_every:
+        what.append(f"every {cfg.normal_every}th frame without" if cfg.normal_every > 1
+                    else "every frame without")
+    return " and ".join(what) or "nothing (record.defects false, record.normal_every 0)"
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def preflight(cfg: RecordConfig, camera_id: str, class_names: list[str], base_dir: Path | None = None,
+              config_file: str = "<memory>") -> tuple[Path, list[str]]:
+    """The start-up checks without touching the disk (``inspector check``, a reload): the classes,
+    and that the folder is or can be made a writable folder. Returns the camera folder and notes
+    for the user; raises :class:`ConfigError` naming the key for what a start would refuse."""
+    check_classes(cfg, class_names, config_file)
+    root = recordings_root(cfg, camera_id, base_dir)
+    notes = []
+    if not cfg.dir and not os.environ.get("INSPECTOR_RECORDINGS"):
+        notes.append(f"record.dir not set: {DEFAULT_DIR} here; the unit uses its own "
+                     "INSPECTOR_RECORDINGS (<STATEDIR>/recordings)")
+    base = _nearest_existing(root)
+    if not base.is_dir():
+        raise ConfigError(config_file, "record.dir", f"cannot write recordings into {root}: {base} "
+                          "is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ConfigError(config_file, "record.dir", f"cannot write recordings into {root}: {base} is "
+                          "not writable to this user")
+    if os.geteuid() == 0:
+        st = base.stat()
+        notes.append(f"checked as root: the service user must be able to write {base} (owner uid "
+                     f"{st.st_uid}, mode {st.st_mode & 0o777:o})")
+    lock = root / ".lock"
+    if lock.exists():
+        try:
+            with open(lock) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    notes.append(f"a running recorder holds {root} (pid {lock.read_text().strip() or '?'})")
+        except OSError:
+            pass
+    try:
+        free = shutil.disk_usage(base).free
+        used = sum(f.stat().st_size for f in root.rglob("*") if f.is_file()) if root.is_dir() else 0
+        room = used + free - int(cfg.min_free_gb * GB)
+        if room < int(cfg.max_gb * GB):
+            notes.append(f"the file system holds {max(room, 0) / GB:.1f} GB for recordings, less than "
+                         f"record.max_gb {cfg.max_gb:g}: the oldest records will go to keep "
+                         f"record.min_free_gb {cfg.min_free_gb:g} free")
+    except OSError:
+        pass
+    return root, notes
+
+
 class Recorder:
     """One camera's recorder (see module docs). Thread-safe ``offer``; one writer thread."""
 
     def __init__(self, cfg: RecordConfig, camera_id: str, class_names: list[str],
                  base_dir: Path | None = None, config_file: str = "<memory>"):
         self.cfg = cfg
-        root = Path(cfg.dir or os.environ.get("INSPECTOR_RECORDINGS") or DEFAULT_DIR).expanduser()
-        if not root.is_absolute():
-            root = (base_dir or Path.cwd()) / root
-        self.root = root / camera_id
+        self.root = recordings_root(cfg, camera_id, base_dir)
         self.config_file = config_file
-        unknown = sorted(set(cfg.classes) - set(class_names[1:]))
-        if unknown:
-            raise ConfigError(config_file, "record.classes", f"unknown class(es) {unknown}; the "
-                              f"model's defect classes are {class_names[1:]}")
-        self._class_ids = {class_names.index(c) for c in cfg.classes}
+        self._class_ids = check_classes(cfg, class_names, config_file)
         self.max_bytes = int(cfg.max_gb * GB)
         self.min_free = int(cfg.min_free_gb * GB)
         self._lock = threading.Lock()
@@ -136,52 +214,139 @@ class Recorder:
         self._last_log = {r: -1e9 for r in SKIP_REASONS}
         self._quiet = {r: 0 for r in SKIP_REASONS}
         self._trim_warned = -1e9
+        self._room_warned = -1e9
+        self._seq = 0                 # write order: what "oldest" means when removing
+        self._newest_stem = ""        # the latest capture time written, to notice a clock set back
+        self._clock_warned = False
+        self._current: _Item | None = None
+        self._frozen = False          # set by close() once it has counted what is left
+        self._lock_fh: Any = None
         self._prepare()
 
     # -- set-up -----------------------------------------------------------------------------------
     def _prepare(self) -> None:
-        """Create the folders, prove they are writable, and take stock of what is there."""
+        """Create the folders, take the folder's lock, prove it is writable, and take stock of
+        what is there (removing what a killed process left)."""
         try:
-            for kind, subs in KINDS.items():
-                for sub in subs:
-                    (self.root / kind / sub).mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".write-test"
-            probe.write_bytes(b"")
-            probe.unlink()
+            made = self._mkdirs()
+            self._lock_fh = open(self.root / ".lock", "a+")
         except OSError as e:
             raise ConfigError(self.config_file, "record.dir", f"cannot write recordings into "
                               f"{self.root}: {e.strerror or e} (the service runs as its own user: "
                               "the folder must be writable to it)") from None
-        # records by stem, oldest first: (stem, kind, bytes)
-        self._heap: list[tuple[str, str, int]] = []
+        try:
+            fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_fh.seek(0)
+            pid = self._lock_fh.read().strip() or "?"
+            self._lock_fh.close()
+            self._lock_fh = None
+            raise ConfigError(self.config_file, "record.dir", f"{self.root} is in use by another "
+                              f"recorder (pid {pid}): two cameras with one camera_id?") from None
+        try:
+            self._lock_fh.seek(0)
+            self._lock_fh.truncate()
+            self._lock_fh.write(f"{os.getpid()}\n")
+            self._lock_fh.flush()
+            probe = self.root / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as e:
+            self._release()
+            raise ConfigError(self.config_file, "record.dir", f"cannot write recordings into "
+                              f"{self.root}: {e.strerror or e} (the service runs as its own user: "
+                              "the folder must be writable to it)") from None
+        if made and os.geteuid() == 0:
+            self._give_to_parent_owner(made)
+        # records in write order (oldest first): (seq, stem, kind, bytes); on disk, the files'
+        # modification times stand for the order
+        found: list[tuple[float, str, str, int]] = []
         self.used = 0
+        cleaned = 0
         for kind, subs in KINDS.items():
-            sizes: dict[str, int] = {}
+            files: dict[str, dict[str, Path]] = {}
             for sub in subs:
                 for p in (self.root / kind / sub).iterdir():
-                    if p.name.startswith("."):  # a write cut short by a crash or power loss
+                    if p.name.startswith("."):  # a write cut short
                         p.unlink(missing_ok=True)
+                        cleaned += 1
                         continue
-                    try:
-                        sizes[p.stem] = sizes.get(p.stem, 0) + p.stat().st_size
-                    except OSError:
-                        continue
-            for stem, n in sizes.items():
-                self._heap.append((stem, kind, n))
-                self.used += n
-        heapq.heapify(self._heap)
+                    files.setdefault(p.stem, {})[sub] = p
+            for stem, parts in files.items():
+                try:
+                    stats = {sub: p.stat() for sub, p in parts.items()}
+                except OSError:
+                    continue
+                image = stats.get("images")
+                if image is None or image.st_size == 0:
+                    # killed between its renames, or an empty image after a power cut
+                    for p in parts.values():
+                        p.unlink(missing_ok=True)
+                    cleaned += 1
+                    continue
+                size = sum(st.st_size for st in stats.values())
+                found.append((max(st.st_mtime for st in stats.values()), stem, kind, size))
+                self.used += size
+        found.sort()
+        self._heap = [(i, stem, kind, size) for i, (_, stem, kind, size) in enumerate(found)]
+        self._seq = len(found)
+        self._newest_stem = max((stem for _, stem, _, _ in found), default="")
+        if cleaned:
+            log.warning("recorder: removed %d incomplete record(s) or file(s) a stopped process left "
+                        "in %s", cleaned, self.root)
         log.info("recording %s into %s (%.2f GB of %.2f GB used, %d records)", self.describe(),
                  self.root, self.used / GB, self.cfg.max_gb, len(self._heap))
+        try:
+            room = self.used + shutil.disk_usage(self.root).free - self.min_free
+            if room < self.max_bytes:
+                log.warning("recorder: the file system holds %.1f GB for recordings, less than "
+                            "record.max_gb %g: the oldest records will go to keep record.min_free_gb "
+                            "%g free", max(room, 0) / GB, self.cfg.max_gb, self.cfg.min_free_gb)
+        except OSError:
+            pass
+
+    def _mkdirs(self) -> list[Path]:
+        """Create the folders; returns those it created, outermost first."""
+        made: list[Path] = []
+        for kind, subs in KINDS.items():
+            for sub in subs:
+                target = self.root / kind / sub
+                missing = []
+                p = target
+                while not p.exists() and p != p.parent:
+                    missing.append(p)
+                    p = p.parent
+                target.mkdir(parents=True, exist_ok=True)
+                made.extend(reversed(missing))
+        return made
+
+    def _give_to_parent_owner(self, made: list[Path]) -> None:
+        """Folders a root shell created (``inspector run`` by hand) belong to whoever owns the
+        folder above them (the service user's state folder), or the service could not write them."""
+        owner = _nearest_existing(made[0].parent).stat()
+        if owner.st_uid == 0:
+            return
+        for p in made:
+            try:
+                os.chown(p, owner.st_uid, owner.st_gid)
+            except OSError:
+                return
+        try:
+            os.chown(self.root / ".lock", owner.st_uid, owner.st_gid)
+        except OSError:
+            pass
+
+    def _release(self) -> None:
+        if self._lock_fh is not None:
+            try:
+                fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
+                self._lock_fh.close()
+            except OSError:
+                pass
+            self._lock_fh = None
 
     def describe(self) -> str:
-        c = self.cfg
-        what = []
-        if c.defects:
-            what.append("frames with " + (f"{'/'.join(c.classes)} defects" if c.classes else "defects"))
-        if c.normal_every:
-            what.append(f"every {c.normal_every}th frame without" if c.normal_every > 1
-                        else "every frame without")
-        return " and ".join(what) or "nothing (record.defects false, record.normal_every 0)"
+        return describe(self.cfg)
 
     def start(self) -> None:
         if self._thread is None:
@@ -214,12 +379,18 @@ class Recorder:
             return None
         item = _Item(kind, record_stem(frame.t_capture_ns, frame.frame_id), frame.image,
                      label if kind == "defects" else None, dict(header))
-        if self._closed:
+        with self._lock:  # close() sets _closed under it: nothing is queued behind its end mark
+            closed = self._closed
+            full = False
+            if not closed:
+                try:
+                    self._queue.put_nowait(item)
+                except queue.Full:
+                    full = True
+        if closed:
             self._skip("shutdown", item.stem, "the recorder is closed")
             return None
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
+        if full:
             self._skip("queue_full", item.stem, f"the writer is behind ({self.cfg.queue_size} frames "
                        "waiting: record.queue_size; the disk is slower than the defect rate)")
             return None
@@ -248,10 +419,15 @@ class Recorder:
             item = self._queue.get()
             if item is _END:
                 return
+            with self._lock:
+                self._current = item
             try:
                 self._write(item)
             except Exception as e:  # a bug must not end recording silently: count, log, go on
                 self._skip("write_error", item.stem, f"{type(e).__name__}: {e}")
+            finally:
+                with self._lock:
+                    self._current = None
 
     def _write(self, item: _Item) -> None:
         try:
@@ -259,9 +435,18 @@ class Recorder:
         except OSError:
             free = None
         if free is not None and free < self.min_free:
-            self._skip("disk_low", item.stem, f"{free / GB:.2f} GB free on the file system of "
-                       f"{self.root}, below record.min_free_gb {self.cfg.min_free_gb:g}")
-            return
+            free = self._make_room(free)
+            if free < self.min_free:
+                self._skip("disk_low", item.stem, f"{free / GB:.2f} GB free on the file system of "
+                           f"{self.root}, below record.min_free_gb {self.cfg.min_free_gb:g}, and no "
+                           "older record of this camera left to remove")
+                return
+        if item.stem < self._newest_stem and not self._clock_warned:
+            log.warning("recorder: frame capture time %s is before the latest recorded (%s): the "
+                        "clock was set back; records are removed in the order they were written",
+                        item.stem[:19], self._newest_stem[:19])
+            self._clock_warned = True
+        self._newest_stem = max(self._newest_stem, item.stem)
         files = self._encode(item)
         folder = self.root / item.kind
         written: list[Path] = []
@@ -284,9 +469,11 @@ class Recorder:
             return
         size = sum(len(d) for _, d in files)
         with self._lock:
-            self.recorded[item.kind] += 1
+            if not self._frozen:  # else close() has counted it as a shutdown skip already
+                self.recorded[item.kind] += 1
             self.used += size
-        heapq.heappush(self._heap, (item.stem, item.kind, size))
+        heapq.heappush(self._heap, (self._seq, item.stem, item.kind, size))
+        self._seq += 1
         self._trim()
 
     def _encode(self, item: _Item) -> list[tuple[str, bytes]]:
@@ -307,34 +494,61 @@ class Recorder:
         files.append(("images", image_png.tobytes()))
         return files
 
+    def _remove_oldest(self) -> bool:
+        """Remove the oldest record (never the only one left); False when it could not."""
+        if len(self._heap) <= 1:
+            return False
+        seq, stem, kind, size = heapq.heappop(self._heap)
+        # the image first: a reader listing images/ never finds one without its mask
+        subs = ["images"] + [s for s in KINDS[kind] if s != "images"]
+        try:
+            for sub in subs:
+                (self.root / kind / sub / (stem + _SUFFIX[sub])).unlink(missing_ok=True)
+        except OSError as e:
+            now = time.monotonic()
+            if now - self._trim_warned >= 60.0:
+                log.warning("recorder: cannot remove old record %s: %s; recording goes on "
+                            "over record.max_gb", stem, e.strerror or e)
+                self._trim_warned = now
+            heapq.heappush(self._heap, (seq, stem, kind, size))
+            return False
+        with self._lock:
+            self.used -= size
+            self.removed += 1
+        return True
+
     def _trim(self) -> None:
         """Remove the oldest records until the folder is under ``max_gb`` (never the newest)."""
-        while self.used > self.max_bytes and len(self._heap) > 1:
-            stem, kind, size = heapq.heappop(self._heap)
-            # the image first: a reader listing images/ never finds one without its mask
-            subs = ["images"] + [s for s in KINDS[kind] if s != "images"]
+        while self.used > self.max_bytes and self._remove_oldest():
+            pass
+
+    def _make_room(self, free: int) -> int:
+        """Remove the oldest records until the file system has ``min_free_gb`` free again (a
+        budget larger than the disk must not end recording for good); returns the free bytes."""
+        removed = 0
+        while free < self.min_free and self._remove_oldest():
+            removed += 1
             try:
-                for sub in subs:
-                    (self.root / kind / sub / (stem + _SUFFIX[sub])).unlink(missing_ok=True)
-            except OSError as e:
-                now = time.monotonic()
-                if now - self._trim_warned >= 60.0:
-                    log.warning("recorder: cannot remove old record %s: %s; recording goes on "
-                                "over record.max_gb", stem, e.strerror or e)
-                    self._trim_warned = now
-                heapq.heappush(self._heap, (stem, kind, size))
-                return
-            with self._lock:
-                self.used -= size
-                self.removed += 1
+                free = shutil.disk_usage(self.root).free
+            except OSError:
+                break
+        if removed:
+            now = time.monotonic()
+            if now - self._room_warned >= 60.0:
+                log.warning("recorder: removed %d old record(s) to keep record.min_free_gb %g free on "
+                            "the file system of %s (%.2f GB free now)", removed, self.cfg.min_free_gb,
+                            self.root, free / GB)
+                self._room_warned = now
+        return free
 
     # -- stop -------------------------------------------------------------------------------------
     def close(self, timeout_s: float = 5.0) -> int:
         """Write what is queued (at most ``timeout_s``), then stop. Frames still waiting after
-        that are counted as ``shutdown`` skips; returns how many."""
-        if self._closed:
-            return 0
-        self._closed = True
+        that, and the one being written, are counted as ``shutdown`` skips; returns how many."""
+        with self._lock:
+            if self._closed:
+                return 0
+            self._closed = True
         left = 0
         if self._thread is not None:
             deadline = time.monotonic() + timeout_s
@@ -347,7 +561,11 @@ class Recorder:
                         break
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
-                # what the writer has not taken yet is lost with the process: say how much
+                # what the writer has not finished is lost with the process: say how much (the
+                # one in hand may still land on disk, but the figures are final from here)
+                with self._lock:
+                    self._frozen = True
+                    left = 1 if self._current is not None else 0
                 while True:
                     try:
                         item = self._queue.get_nowait()
@@ -362,6 +580,8 @@ class Recorder:
                 self.skipped["shutdown"] += left
             log.warning("recorder: %d frame(s) not recorded: the writer did not finish within %gs "
                         "of the stop", left, timeout_s)
+        if self._thread is None or not self._thread.is_alive():
+            self._release()
         s = self.snapshot()
         log.info("recorder: %d defect frame(s) and %d normal frame(s) recorded, %d old record(s) "
                  "removed, skipped %s", s["recorded"]["defects"], s["recorded"]["normal"],

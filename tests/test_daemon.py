@@ -493,6 +493,14 @@ def test_sighup_with_a_corrupt_model_or_bad_config_keeps_the_old_model(tmp_path,
                            what="second reload failed")
         n2 = len(got)
         wait_frames(got, n2 + 10)
+        # a record section the next start would refuse (exit 2: the unit would stay down) fails
+        # the reload now, though it only takes effect after a restart
+        shutil.copytree(toy_bundle, bundle, dirs_exist_ok=True)  # the model sound again
+        write_config(cfg, {**raw, "record": {"enabled": True, "dir": str(tmp_path / "rec"),
+                                             "classes": ["rust"]}})
+        proc.send_signal(signal.SIGHUP)
+        notify.wait(lambda m: "READY=1" in m.split("\n") and "reload failed" in m and "record.classes" in m,
+                    what="third reload failed")
         proc.send_signal(signal.SIGTERM)
         rc, err = finish(proc)
     finally:
@@ -502,6 +510,7 @@ def test_sighup_with_a_corrupt_model_or_bad_config_keeps_the_old_model(tmp_path,
     assert "reload failed, the running model and rules stay" in err
     assert "sha256" in err and str(onnx) in err  # names the file that is wrong
     assert f"{cfg}: not valid YAML" in err
+    assert f"{cfg}: record.classes: unknown class(es) ['rust']" in err
     ids = [h["frame_id"] for h in got]
     assert ids == list(range(len(ids)))
     assert len({h["model"]["sha256"] for h in got}) == 1

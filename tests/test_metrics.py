@@ -128,6 +128,7 @@ def test_recorder_figures_in_metrics_and_status(synthetic_cfg, tmp_path):
     assert one(s, "inspector_recorded_frames_total", kind="defects", **cam) == recorded
     assert one(s, "inspector_recorded_frames_total", kind="normal", **cam) == 0
     assert one(s, "inspector_record_skipped_total", reason="queue_full", **cam) == 0
-    on_disk = sum(f.stat().st_size for f in (tmp_path / "test").rglob("*") if f.is_file())
+    on_disk = sum(f.stat().st_size for f in (tmp_path / "test").rglob("*")
+                  if f.is_file() and f.name != ".lock")
     assert one(s, "inspector_recordings_bytes", **cam) == on_disk > 0
     assert status.endswith(f"camera ok, recorded {recorded}")

@@ -2,7 +2,10 @@
 
 import json
 import logging
+import os
+import shutil
 import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -69,7 +72,8 @@ def test_records_defect_frames_and_every_nth_normal_frame_as_published(synthetic
     snap = p.recorder.snapshot()
     assert snap["recorded"] == {"defects": len(defects), "normal": len(normal)}
     assert sum(snap["skipped"].values()) == 0
-    assert snap["bytes"] == sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+    assert snap["bytes"] == sum(f.stat().st_size for f in root.rglob("*")
+                                if f.is_file() and f.name != ".lock")
 
 
 def test_recorded_defect_frames_replay_through_the_pipeline(synthetic_cfg, tmp_path):
@@ -124,6 +128,10 @@ def test_check_reports_what_would_be_recorded(synthetic_cfg, tmp_path):
     line = json.loads(r.stdout)["record"]
     assert line.startswith("frames with defects and every 50th frame without into ")
     assert str(tmp_path / "rec" / "test") in line  # relative to the config file
+    # check creates nothing: a folder root made here would be one the service could not write
+    assert "created at the daemon's start" in line and not (tmp_path / "rec").exists()
+    if os.geteuid() == 0:
+        assert "checked as root: the service user must be able to write" in line
 
 
 def _frame(fid: int, value: int = 0) -> Frame:
@@ -175,7 +183,7 @@ def test_budget_removes_the_oldest_records_first(tmp_path):
     s = rec.snapshot()
     root = tmp_path / "c"
     kept = sorted(_records(root, "defects"))
-    on_disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    on_disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != ".lock")
     assert s["recorded"]["defects"] == 12 and s["removed"] == 12 - len(kept) > 0
     assert kept == list(range(12 - len(kept), 12))  # the newest survive
     assert on_disk == s["bytes"] <= 20_000
@@ -220,3 +228,98 @@ def test_recorder_benchmark_writes_json_and_png(tmp_path):
     assert all(r["frames"] == 3 and r["writer_fps"] > 0 and r["kib_per_record"] > 0 for r in result["levels"])
     assert result["frame_shape"] == [64, 160]
     assert (tmp_path / "recorder-bench.png").stat().st_size > 0
+
+
+def _offer_all(rec: Recorder, ids, t0_ns: int = 1_795_000_000_000_000_000) -> None:
+    for i in ids:
+        f = Frame("c", i, t0_ns + i * 1_000_000, np.full((32, 32), i % 256, np.uint8))
+        rec.offer(f, np.ones((32, 32), np.uint8), _header(i))
+
+
+def test_a_clock_set_back_does_not_make_new_records_the_oldest(tmp_path, caplog):
+    cfg = RecordConfig(enabled=True, dir=str(tmp_path), max_gb=2_000 / GB)  # a few records
+    rec = Recorder(cfg, "c", CLASSES)
+    rec.start()
+    _offer_all(rec, range(0, 10))
+    rec.close()
+    day_ns = 86_400 * 10**9
+    rec = Recorder(cfg, "c", CLASSES)  # restarted, its clock now a day behind
+    rec.start()
+    with caplog.at_level(logging.WARNING, logger="inspector.recorder"):
+        _offer_all(rec, range(10, 20), t0_ns=1_795_000_000_000_000_000 - day_ns)
+        rec.close()
+    kept = sorted(_records(tmp_path / "c", "defects"))
+    assert kept and kept[-1] == 19 and all(i >= 10 for i in kept)  # the newest written survive
+    assert sum("the clock was set back" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_second_recorder_on_one_folder_is_refused(tmp_path):
+    cfg = RecordConfig(enabled=True, dir=str(tmp_path))
+    first = Recorder(cfg, "c", CLASSES)
+    with pytest.raises(ConfigError, match=rf"record\.dir: {tmp_path / 'c'} is in use by another recorder "
+                                          rf"\(pid {os.getpid()}\): two cameras with one camera_id"):
+        Recorder(cfg, "c", CLASSES)
+    first.close()
+    Recorder(cfg, "c", CLASSES).close()  # free again once closed
+
+
+def test_a_start_removes_what_a_killed_process_left(tmp_path, caplog):
+    cfg = RecordConfig(enabled=True, dir=str(tmp_path))
+    rec = Recorder(cfg, "c", CLASSES)
+    rec.start()
+    _offer_all(rec, range(3))
+    rec.close()
+    d = tmp_path / "c" / "defects"
+    (d / "meta" / "x-f000000099.json").write_text("{}")      # killed before its image
+    (d / "masks" / "x-f000000099.png").write_bytes(b"png")
+    (d / "images" / "y-f000000098.png").write_bytes(b"")      # empty after a power cut
+    (d / "meta" / "y-f000000098.json").write_text("{}")
+    with caplog.at_level(logging.WARNING, logger="inspector.recorder"):
+        again = Recorder(cfg, "c", CLASSES)
+    assert sorted(_records(tmp_path / "c", "defects")) == [0, 1, 2]
+    assert not list(d.rglob("x-*")) and not list(d.rglob("y-*"))
+    assert again.used == sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+    assert any("removed 2 incomplete record(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_low_free_space_removes_the_oldest_records_first(tmp_path, caplog):
+    cfg = RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0)
+    rec = Recorder(cfg, "c", CLASSES)
+    rec.start()
+    _offer_all(rec, range(4))
+    rec.close()
+    # more free space wanted than the disk has: the camera's old records go first (all but the
+    # newest), then the frame is skipped, counted, instead of recording stopping for good
+    free = shutil.disk_usage(tmp_path).free
+    low = RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=(free + GB) / GB)
+    rec = Recorder(low, "c", CLASSES)
+    rec.start()
+    with caplog.at_level(logging.WARNING, logger="inspector.recorder"):
+        _offer_all(rec, [4])
+        rec.close()
+    s = rec.snapshot()
+    assert s["removed"] == 3 and s["skipped"]["disk_low"] == 1
+    assert sorted(_records(tmp_path / "c", "defects")) == [3]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("removed 3 old record(s) to keep record.min_free_gb" in m for m in msgs)
+    assert any("less than record.max_gb" in m for m in msgs)  # said at start
+
+
+def test_every_frame_offered_is_recorded_or_counted_after_a_stop_that_runs_out_of_time(tmp_path):
+    rng = np.random.default_rng(0)
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), png_compression=9, queue_size=8),
+                   "c", CLASSES)
+    rec.start()
+    offered = 0
+    for i in range(6):  # large noisy frames at level 9: slow to encode
+        f = Frame("c", i, 1_795_000_000_000_000_000 + i * 1_000_000,
+                  rng.integers(0, 256, (1500, 1500), np.uint8))
+        offered += rec.offer(f, np.ones((1500, 1500), np.uint8), _header(i)) is not None
+    rec.close(timeout_s=0.01)
+    s = rec.snapshot()
+    assert offered == 6
+    assert sum(s["recorded"].values()) + s["skipped"]["shutdown"] == offered
+    time.sleep(0.5)  # the frame in hand may still land on disk: the figures stay final
+    assert rec.snapshot()["recorded"] == s["recorded"]
+    assert rec.offer(_frame(7), np.zeros((16, 24), np.uint8), _header(7)) is None  # closed: counted
+    assert rec.snapshot()["skipped"]["shutdown"] == s["skipped"]["shutdown"] + 1
