@@ -114,6 +114,113 @@ def test_per_class_auroc_is_one_vs_rest_of_each_class_probability():
     assert PerClassAUROC().result()["per_class_auroc"] is None
 
 
+def pairwise_auroc(s: np.ndarray, y: np.ndarray) -> float | None:
+    """P(positive > negative) + 0.5 P(equal), counting every pair (chunked)."""
+    s = np.asarray(s, np.float64).ravel()
+    y = np.asarray(y, bool).ravel()
+    pos, neg = s[y], s[~y]
+    if not pos.size or not neg.size:
+        return None
+    gt = eq = 0
+    for i in range(0, pos.size, 512):
+        p = pos[i:i + 512, None]
+        gt += int((p > neg[None, :]).sum())
+        eq += int((p == neg[None, :]).sum())
+    return (gt + 0.5 * eq) / (pos.size * neg.size)
+
+
+def _frames(n: int = 5, seed: int = 3):
+    """Frames of different sizes with ties (probabilities on a 1/16 grid), classes 0..2 in the
+    truth (3 of 4 never), class 1 partly separable."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        h, w = 9 + i, 7 + 2 * i
+        truth = rng.integers(0, 3, (h, w)).astype(np.uint8)
+        p = np.round(rng.random((4, h, w)) * 16) / 16
+        p[1][truth == 1] += 0.25
+        p = p.astype(np.float32)
+        score = np.round(rng.random((h, w)) * 8).astype(np.float32) / 8 + (truth > 0) * 0.3
+        out.append((truth, FrameResult(label=np.zeros_like(truth), score_map=score.astype(np.float32),
+                                       probs=p)))
+    return out
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_auroc_accumulators_score_every_stride_th_pixel_of_each_image(stride, monkeypatch):
+    import inspector.evaluation.metrics as M
+
+    # several binary-search chunks on this small data (raising=False: the review's code had none)
+    monkeypatch.setattr(M, "_SEARCH_CHUNK", 7, raising=False)
+    frames = _frames()
+    px, pc = M.PixelAUROC(stride), M.PerClassAUROC(stride)
+    for truth, fr in frames:
+        px.update(truth, fr)
+        pc.update(truth, fr)
+    # by hand: every stride-th pixel of each image, row-major, pooled over the images
+    truth = np.concatenate([t.ravel()[::stride] for t, _ in frames])
+    score = np.concatenate([fr.score_map.ravel()[::stride] for _, fr in frames])
+    assert px.result()["pixel_auroc"] == pytest.approx(pairwise_auroc(score, truth > 0), abs=1e-12)
+    per_class = pc.result()["per_class_auroc"]
+    for c in range(3):
+        probs_c = np.concatenate([fr.probs[c].ravel()[::stride] for _, fr in frames])
+        assert per_class[c] == pytest.approx(pairwise_auroc(probs_c, truth == c), abs=1e-12), c
+    assert per_class[3] is None  # class 3 never in the truth
+    assert pc.result() == {"per_class_auroc": per_class}  # result() leaves the accumulator as it was
+
+
+def _auroc_as_before(score: np.ndarray, label: np.ndarray) -> float | None:
+    """metrics.auroc as it was at the review (HEAD 5391521), for the stride-1 comparison."""
+    s = np.asarray(score, np.float32).ravel()
+    y = np.asarray(label, bool).ravel()
+    pos, neg = s[y], np.sort(s[~y])
+    if pos.size == 0 or neg.size == 0:
+        return None
+    below = np.searchsorted(neg, pos, side="left").astype(np.float64)
+    upto = np.searchsorted(neg, pos, side="right").astype(np.float64)
+    return float((below.sum() + 0.5 * (upto - below).sum()) / (pos.size * float(neg.size)))
+
+
+def test_stride_1_is_the_exact_auroc_of_every_pixel_as_before():
+    # what PerClassAUROC and PixelAUROC returned before (one auroc() over the concatenated
+    # pixels), to the last bit
+    frames = _frames(seed=5)
+    px, pc = PixelAUROC(), PerClassAUROC()
+    for truth, fr in frames:
+        px.update(truth, fr)
+        pc.update(truth, fr)
+    truth = np.concatenate([t.ravel() for t, _ in frames])
+    score = np.concatenate([fr.score_map.ravel() for _, fr in frames])
+    assert px.result()["pixel_auroc"] == _auroc_as_before(score, truth > 0) == auroc(score, truth > 0)
+    assert pc.result()["per_class_auroc"] == [
+        _auroc_as_before(np.concatenate([fr.probs[c].ravel() for _, fr in frames]), truth == c)
+        for c in range(4)]
+
+
+def test_auroc_results_need_one_float32_per_kept_pixel_beyond_what_is_kept():
+    # numpy reports its buffers to tracemalloc: the peak of result() over what update() kept is
+    # the positives and negatives of one score (4 B/px) plus the binary searches' fixed chunk,
+    # not copies of everything (16 B/px per-class, 27 B/px pixel AUROC at the review)
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    for acc in (PerClassAUROC(), PixelAUROC()):
+        n = 0
+        for _ in range(40):
+            truth = rng.integers(0, 4, (100, 100)).astype(np.uint8)
+            p = rng.random((4, 100, 100), dtype=np.float32)
+            acc.update(truth, FrameResult(label=truth, score_map=p[1], probs=p))
+            n += truth.size
+        tracemalloc.start()
+        try:
+            kept = tracemalloc.get_traced_memory()[0]
+            acc.result()
+            peak = tracemalloc.get_traced_memory()[1] - kept
+        finally:
+            tracemalloc.stop()
+        assert peak < 4 * n + (2 << 20), (type(acc).__name__, peak / n)
+
+
 def test_every_kind_has_the_binary_metrics_and_overlay_renders():
     for kind in ("clgan", "arcd", "fuzzymask"):
         assert DefectPixelMetrics in METRICS_BY_KIND[kind]

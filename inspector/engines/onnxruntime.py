@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -30,6 +31,15 @@ _ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : (\w+) : ")
 _LOAD_PREFIX = re.compile(r"^Load model from .*? failed:")
 #: the C++ source place and signature onnxruntime puts before some messages
 _CXX_WHERE = re.compile(r"^/\S+:\d+ [^()]*\((?:[^()]|\([^()]*\))*\)(?: const)? ")
+#: a load step cut short by the machine, not by the graph: memory (``std::bad_alloc``, onnxruntime's
+#: allocator), or the file system (``system error number <errno>`` is how onnxruntime reports a
+#: failed read of the file: ENOMEM, EIO, ...). The bytes are the right ones (their sha256 is
+#: checked before), so a restart may well load them: exit 1, not a bad graph
+_SYSTEM_ERRORS = re.compile(
+    r"bad_alloc|out of memory|cannot allocate memory|failed to allocate|system error number \d+"
+    r"|input/output error|\bENOMEM\b|\bEIO\b|too many open files|resource temporarily unavailable",
+    re.IGNORECASE)
+_ERRNO = re.compile(r"system error number (\d+)")
 
 
 def _load_failure(e: Exception) -> tuple[bool, str]:
@@ -38,7 +48,9 @@ def _load_failure(e: Exception) -> tuple[bool, str]:
     A bad graph is one onnxruntime cannot parse (INVALID_PROTOBUF), that is not a valid model
     (INVALID_GRAPH), whose opset, IR version or operators this onnxruntime does not implement:
     the errors of its model load step (``Load model from <graph> failed:``) and NOT_IMPLEMENTED
-    (no kernel, CPU included). Anything else (a provider or device that fails) is not.
+    (no kernel, CPU included). Anything else is not: a provider or device that fails, and a load
+    step that ran out of memory or hit a system error reading the file (``_SYSTEM_ERRORS``), even
+    under onnxruntime's ``Load model from <graph> failed:``.
     """
     text = " ".join(str(e).split())
     m = _ORT_PREFIX.match(text)
@@ -48,6 +60,16 @@ def _load_failure(e: Exception) -> tuple[bool, str]:
     if loading:
         text = text[loading.end():].strip()
     text = _CXX_WHERE.sub("", text) or code
+    errno_m = _ERRNO.search(text)
+    if errno_m and int(errno_m.group(1)) in (1, 13):
+        # EPERM, EACCES: the install's fault, like an unreadable config (exit 2): a restart
+        # would find the same permissions
+        text = _ERRNO.sub(lambda n: f"{n.group(0)} ({os.strerror(int(n.group(1)))})", text)
+        return True, (f"{code}: {text}; the service runs as its own user: make the graph "
+                      "readable to it")
+    if _SYSTEM_ERRORS.search(text):
+        text = _ERRNO.sub(lambda n: f"{n.group(0)} ({os.strerror(int(n.group(1)))})", text)
+        return False, f"{code}: {text}; a memory or system error, not a bad graph"
     bad = bool(loading) or type(e).__name__ in _GRAPH_ERRORS
     return bad, f"{code}: {text}"
 

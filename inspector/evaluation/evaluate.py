@@ -153,14 +153,21 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
 
     ``postprocess`` and ``kind_params`` override the bundle's sections for this run only.
 
+    ``auroc_stride``: the pixel and per-class AUROC keep every ``auroc_stride``-th pixel of each
+    image (row-major), which divides their memory by it; 1 (default) is exact. Recorded in the
+    result as ``auroc_stride``.
+
     ``overlay_pick``: ``"spread"`` draws the ``overlays`` images evenly over the data set,
     ``"worst-best"`` the defective images with the lowest and highest defect IoU (half each,
     named ``worst_NN_*`` / ``best_NN_*``); default worst-best for class-probability kinds."""
+    if int(auroc_stride) < 1:
+        raise ValueError(f"auroc_stride {auroc_stride}: expected 1 (every pixel) or more")
     runner = bundle if isinstance(bundle, Runner) else Runner(bundle, postprocess, engine,
                                                               kind_params=kind_params)
     spec = runner.bundle.spec
     factories = METRICS_BY_KIND.get(spec.kind, METRICS_BY_KIND["clgan"])
-    metrics = [f() if f is not PixelAUROC else PixelAUROC(auroc_stride) for f in factories]
+    # the AUROC accumulators keep every auroc_stride-th pixel of each image (memory / stride)
+    metrics = [f(auroc_stride) if f in (PixelAUROC, PerClassAUROC) else f() for f in factories]
     if len(dataset) == 0:
         raise ValueError(f"{dataset.root}: no images in split '{dataset.split}' ({dataset.format} layout)")
     if spec.kind == "arcd" and list(dataset.classes) != list(spec.classes):
@@ -253,6 +260,8 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
                         "min_residual": pp.min_residual, "score_threshold": pp.score_threshold,
                         "open_kernel": pp.open_kernel, "close_kernel": pp.close_kernel},
         "images": len(dataset),
+        # 1: the AUROCs are exact; N: of every N-th pixel of each image
+        "auroc_stride": int(auroc_stride),
         # the parameters that decide the anomaly map (fuzzymask: m, tau, flags), as run
         "kind_params": _kind_params(runner.adapter, spec.kind_params),
         "ms_per_image": round(float(np.mean(infer_ms)), 2),
@@ -291,6 +300,8 @@ def record_metrics(bundle: str | Path, result: dict[str, Any], key: str | None =
     key = key or f"{d['format']}/{d['split']}"
     entry = {k: result.get(k) for k in RECORD_KEYS}
     entry.update(postprocess=result["postprocess"], data_root=d["root"], images=result["images"],
+                 # AUROCs of a subsample say so; exact ones (stride 1) keep the entry as it was
+                 **({"auroc_stride": result["auroc_stride"]} if result.get("auroc_stride", 1) != 1 else {}),
                  **({"kind_params": result["kind_params"]} if result.get("kind_params") else {}),
                  measured=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     raw = b.spec.model_dump(mode="json")

@@ -28,7 +28,7 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -87,20 +87,60 @@ def scores(c: Counts) -> dict[str, float]:
 def auroc(score: np.ndarray, label: np.ndarray) -> float | None:
     """Exact ROC AUC = P(score of a positive > score of a negative) + 0.5 P(equal).
 
-    Sorts the negatives once and counts, for each positive, the negatives below and equal to it
-    (two binary searches), so memory stays at one float32 copy of the scores. None when one of
-    the two classes is absent.
+    Sorts the negatives once (in place) and counts, for each positive, the negatives below and
+    equal to it (two binary searches, a chunk of positives at a time), so memory stays at one
+    float32 copy of the scores. None when one of the two classes is absent.
     """
     s = np.asarray(score, np.float32).ravel()
     y = np.asarray(label, bool).ravel()
     if s.shape != y.shape:
         raise ValueError(f"scores {s.shape} and labels {y.shape} differ in size")
-    pos, neg = s[y], np.sort(s[~y])
+    return _auroc_split(s[y], s[~y])
+
+
+#: positives per binary-search chunk in :func:`_auroc_split`: two int64 arrays of this length
+_SEARCH_CHUNK = 1 << 16
+
+
+def _auroc_split(pos: np.ndarray, neg: np.ndarray) -> float | None:
+    """:func:`auroc` of the positives' and the negatives' scores; sorts ``neg`` in place.
+
+    The counts are summed as integers, exact for any size (the same value as a float64 sum of
+    the per-positive counts wherever that one is exact, i.e. below 2**53 pairs)."""
     if pos.size == 0 or neg.size == 0:
         return None
-    below = np.searchsorted(neg, pos, side="left").astype(np.float64)
-    upto = np.searchsorted(neg, pos, side="right").astype(np.float64)
-    return float((below.sum() + 0.5 * (upto - below).sum()) / (pos.size * float(neg.size)))
+    neg.sort()
+    below = ties = 0
+    for i in range(0, pos.size, _SEARCH_CHUNK):
+        chunk = pos[i:i + _SEARCH_CHUNK]
+        lo = np.searchsorted(neg, chunk, side="left")
+        hi = np.searchsorted(neg, chunk, side="right")
+        below += int(lo.sum())
+        ties += int((hi - lo).sum())
+    return float((below + 0.5 * ties) / (pos.size * float(neg.size)))
+
+
+def _pooled_auroc(scores: list[np.ndarray], labels: Callable[[int], np.ndarray],
+                  positives: int) -> float | None:
+    """:func:`auroc` of the 1-D float32 ``scores`` pieces pooled, ``labels(i)`` the bool labels
+    of piece i and ``positives`` their total count. No concatenation: the positives and the
+    negatives are copied piece by piece into one preallocated array each, and the negatives
+    sorted in place, so the pieces plus one float32 copy of their scores is the peak."""
+    total = sum(s.size for s in scores)
+    if positives == 0 or positives == total:
+        return None
+    pos = np.empty(positives, np.float32)
+    neg = np.empty(total - positives, np.float32)
+    ip = ineg = 0
+    for i, s in enumerate(scores):
+        y = labels(i)
+        if y.shape != s.shape:
+            raise ValueError(f"scores {s.shape} and labels {y.shape} differ in size")
+        n = int(np.count_nonzero(y))
+        np.compress(y, s, out=pos[ip:ip + n])
+        np.compress(~y, s, out=neg[ineg:ineg + s.size - n])
+        ip, ineg = ip + n, ineg + s.size - n
+    return _auroc_split(pos, neg)
 
 
 @dataclass
@@ -172,14 +212,19 @@ class PixelAUROC:
     def result(self) -> dict[str, Any]:
         if not self._scores:
             return {"pixel_auroc": None}
-        return {"pixel_auroc": auroc(np.concatenate(self._scores), np.concatenate(self._labels))}
+        positives = sum(int(np.count_nonzero(y)) for y in self._labels)
+        return {"pixel_auroc": _pooled_auroc(self._scores, self._labels.__getitem__, positives)}
 
 
 class PerClassAUROC:
     """One-vs-rest pixel AUROC of each class's probability (``probs[c]`` against ``truth == c``),
     the thesis's per-class AUC columns (spec 004 §4.6), for class-probability kinds. Key
     ``per_class_auroc``: one value per class index (background included; None where the class is
-    absent from the truth or covers every pixel). ``stride`` as :class:`PixelAUROC`."""
+    absent from the truth or covers every pixel). ``stride`` as :class:`PixelAUROC`.
+
+    Memory: the K float32 probabilities and the uint8 truth of every kept pixel (4K + 1 bytes),
+    and in :meth:`result` one more float32 per pixel for the class being scored (its positives
+    and negatives, gathered from the frames into preallocated arrays and sorted in place)."""
 
     def __init__(self, stride: int = 1) -> None:
         self.stride = max(1, int(stride))
@@ -199,11 +244,12 @@ class PerClassAUROC:
         k = max(p.shape[0] for p in self._probs)
         if any(p.shape[0] != k for p in self._probs):
             raise ValueError("per-class AUROC: frames with different probability channel counts")
-        truth = np.concatenate(self._truth)
+        # pixels of each class, from one pass over the truth (classes >= k count as negatives)
+        counts = sum(np.bincount(t, minlength=k)[:k] for t in self._truth)
         out = []
         for c in range(k):
-            scores_c = np.concatenate([p[c] for p in self._probs])
-            out.append(auroc(scores_c, truth == c))
+            out.append(_pooled_auroc([p[c] for p in self._probs],
+                                     lambda i, c=c: self._truth[i] == c, int(counts[c])))
         return {"per_class_auroc": out}
 
 
