@@ -54,6 +54,23 @@ def sigterm_when(args: list[str], log: Path, pattern: str, timeout_s: float = 12
                 p.kill()
 
 
+def pairwise_auroc(s, y) -> float | None:
+    """Reference AUROC for tests: P(positive > negative) + 0.5 P(equal), counting every pair."""
+    import numpy as np
+
+    s = np.asarray(s, np.float64).ravel()
+    y = np.asarray(y, bool).ravel()
+    pos, neg = s[y], s[~y]
+    if not pos.size or not neg.size:
+        return None
+    gt = eq = 0
+    for i in range(0, pos.size, 512):
+        p = pos[i:i + 512, None]
+        gt += int((p > neg[None, :]).sum())
+        eq += int((p == neg[None, :]).sum())
+    return (gt + 0.5 * eq) / (pos.size * neg.size)
+
+
 def collect(endpoint: str, n: int, out: list, ready: threading.Event | None = None,
             timeout_s: float = 60.0) -> None:
     """Subscribe to ``endpoint`` and append messages to ``out`` until there are ``n`` or

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, pairwise_auroc
 from inspector.evaluation.datasets import (MAGNETIC_TILE_CLASSES, SplitFractions, defect_free_windows,
                                            hash_fraction, open_dataset, split_of)
 from inspector.evaluation.evaluate import METRICS_BY_KIND, overlay
@@ -112,21 +112,6 @@ def test_per_class_auroc_is_one_vs_rest_of_each_class_probability():
         assert r[c] == pytest.approx(brute_auroc(s, t == c))
     assert r[2] > 0.8 and r[3] is None
     assert PerClassAUROC().result()["per_class_auroc"] is None
-
-
-def pairwise_auroc(s: np.ndarray, y: np.ndarray) -> float | None:
-    """P(positive > negative) + 0.5 P(equal), counting every pair (chunked)."""
-    s = np.asarray(s, np.float64).ravel()
-    y = np.asarray(y, bool).ravel()
-    pos, neg = s[y], s[~y]
-    if not pos.size or not neg.size:
-        return None
-    gt = eq = 0
-    for i in range(0, pos.size, 512):
-        p = pos[i:i + 512, None]
-        gt += int((p > neg[None, :]).sum())
-        eq += int((p == neg[None, :]).sum())
-    return (gt + 0.5 * eq) / (pos.size * neg.size)
 
 
 def _frames(n: int = 5, seed: int = 3):

@@ -14,25 +14,10 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import pairwise_auroc, run_cli
 from inspector.bundle import load_bundle
 
 NEU_CLASSES = ("background", "inclusion", "patches", "scratches")
-
-
-def pairwise_auroc(s: np.ndarray, y: np.ndarray) -> float | None:
-    """P(positive > negative) + 0.5 P(equal), counting every pair (chunked)."""
-    s = np.asarray(s, np.float64).ravel()
-    y = np.asarray(y, bool).ravel()
-    pos, neg = s[y], s[~y]
-    if not pos.size or not neg.size:
-        return None
-    gt = eq = 0
-    for i in range(0, pos.size, 512):
-        p = pos[i:i + 512, None]
-        gt += int((p > neg[None, :]).sum())
-        eq += int((p == neg[None, :]).sum())
-    return (gt + 0.5 * eq) / (pos.size * neg.size)
 
 
 def _neu_folder(root: Path, n: int = 4, size: int = 64, seed: int = 0) -> Path:
