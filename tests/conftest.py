@@ -18,6 +18,21 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+#: the start of a script that runs an in-process daemon in a subprocess and keeps its log lines
+#: in ``records`` (the viky tests: a camera removed under a running daemon)
+DAEMON_SCRIPT_PREAMBLE = r"""
+import json, logging, sys, threading, time, urllib.request
+from inspector.daemon import Daemon, Notifier
+
+records = []
+class Keep(logging.Handler):
+    def emit(self, r):
+        records.append(r.getMessage())
+logging.getLogger().addHandler(Keep())
+logging.getLogger().setLevel(logging.INFO)
+"""
+
+
 def free_endpoint() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -87,6 +102,17 @@ def collect(endpoint: str, n: int, out: list, ready: threading.Event | None = No
         if m is not None:
             out.append(m)
     sub.close()
+
+
+def subscribed(endpoint: str, n: int, timeout_s: float = 60.0) -> tuple[list, threading.Thread]:
+    """A subscriber collecting ``n`` messages in a thread, connected before this returns."""
+    got: list = []
+    ready = threading.Event()
+    t = threading.Thread(target=collect, args=(endpoint, n, got),
+                         kwargs={"ready": ready, "timeout_s": timeout_s})
+    t.start()
+    ready.wait()
+    return got, t
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_config
+from conftest import DAEMON_SCRIPT_PREAMBLE, ROOT, write_config
 from inspector.daemon import Daemon, JournalFormatter, Notifier, watchdog_interval_s
 from inspector.publish import Subscriber
 from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
@@ -335,16 +335,7 @@ def test_camera_lost_without_reopen_exits_1_with_every_grabbed_frame_published(t
     _, stopping = notify.wait(lambda m: "STOPPING=1" in m.split("\n"), what="STOPPING=1")
     assert f"STATUS=failed ({shown})" in stopping
 
-VIKY_LOST_SCRIPT = r"""
-import json, logging, sys, threading, time
-from inspector.daemon import Daemon, Notifier
-
-records = []
-class Keep(logging.Handler):
-    def emit(self, r):
-        records.append(r.getMessage())
-logging.getLogger().addHandler(Keep())
-logging.getLogger().setLevel(logging.INFO)
+VIKY_LOST_SCRIPT = DAEMON_SCRIPT_PREAMBLE + r"""
 
 d = Daemon(sys.argv[1], notifier=Notifier(sys.argv[2]))
 res = {}

@@ -16,19 +16,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT, write_config
+from conftest import DAEMON_SCRIPT_PREAMBLE, ROOT, write_config
 from inspector.sources.genicam import default_viky_cti
 
-SCRIPT = r"""
-import json, logging, sys, threading, time, urllib.request
-from inspector.daemon import Daemon, Notifier
-
-records = []
-class Keep(logging.Handler):
-    def emit(self, r):
-        records.append(r.getMessage())
-logging.getLogger().addHandler(Keep())
-logging.getLogger().setLevel(logging.INFO)
+SCRIPT = DAEMON_SCRIPT_PREAMBLE + r"""
 
 d = Daemon(sys.argv[1], notifier=Notifier(None))
 res = {}

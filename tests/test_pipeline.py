@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import collect
+from conftest import collect, subscribed
 from inspector.config import parse_config
 from inspector.frame import Frame
 from inspector.pipeline import Pipeline
@@ -19,12 +19,7 @@ from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
 
 def test_subscriber_started_first_gets_every_frame(synthetic_cfg):
     cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}), "t.yaml")
-    got: list = []
-    ready = threading.Event()
-    t = threading.Thread(target=collect, args=(cfg.publish.endpoint, 40, got),
-                         kwargs={"ready": ready, "timeout_s": 30.0})
-    t.start()
-    ready.wait()
+    got, t = subscribed(cfg.publish.endpoint, 40, timeout_s=30.0)
     with Pipeline(cfg) as p:
         counters = p.run(frames=40)
     t.join()

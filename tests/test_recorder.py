@@ -4,7 +4,6 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import collect, run_cli, write_config
+from conftest import run_cli, subscribed, write_config
 from inspector.config import parse_config
 from inspector.errors import ConfigError
 from inspector.frame import Frame
@@ -33,12 +32,7 @@ def test_records_defect_frames_and_every_nth_normal_frame_as_published(synthetic
                                      source={"defect_rate": 0.5},
                                      record={"enabled": True, "dir": str(tmp_path / "rec"),
                                              "normal_every": 2}), "t.yaml")
-    got: list = []
-    ready = threading.Event()
-    t = threading.Thread(target=collect, args=(cfg.publish.endpoint, 24, got),
-                         kwargs={"ready": ready, "timeout_s": 60.0})
-    t.start()
-    ready.wait()
+    got, t = subscribed(cfg.publish.endpoint, 24)
     with Pipeline(cfg) as p:
         counters = p.run(frames=24)
     t.join()
