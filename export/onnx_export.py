@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, load_bundle, write_bundle
+from inspector.bundle import (BundleSpec, GraphRef, InputSpec, RegionSpec, TilingSpec, load_bundle,
+                             write_bundle)
 from inspector.errors import InspectorError
 from inspector.postprocess import PostprocessConfig
 from inspector.sources.synthetic import CLASS_NAMES, StripRenderer
@@ -52,6 +53,13 @@ log = logging.getLogger(__name__)
 GRAPH_FILE = "model.onnx"
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("reconstruction", "probs")
+#: the third output of a graph with the machine-region head (model.region_head)
+REGION_OUTPUT = "region"
+
+
+def output_names(model: ARCDInference) -> tuple[str, ...]:
+    """The graph's outputs, in the order the fused module returns them."""
+    return OUTPUT_NAMES + ((REGION_OUTPUT,) if model.region_head else ())
 PARITY_TOL = 1e-4
 
 __all__ = ["ExportParityError", "StaleMetricsError", "fold_batchnorm", "export_onnx", "check_parity", "export_bundle", "ort_latency", "main"]
@@ -97,15 +105,16 @@ def export_onnx(model: ARCDInference, path: Path, channels: int, tile: tuple[int
 
     BatchNorm is folded into the convs first (in float64, see :func:`fold_batchnorm`).
     """
+    names = output_names(model)
     model = fold_batchnorm(model)
     dummy = torch.zeros(1, channels, *tile)
-    axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}}
+    axes = {INPUT_NAME: {0: "batch"}, **{n: {0: "batch"} for n in names}}
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of the dynamo one, which needs
         # onnxscript (not installed here); this graph is plain convs and exports exactly.
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                          input_names=[INPUT_NAME], output_names=list(names),
                           dynamic_axes=axes, do_constant_folding=True)
     import onnx
 
@@ -163,11 +172,12 @@ def check_parity(model: ARCDInference, onnx_path: Path, inputs: dict[str, np.nda
     sess = _session(onnx_path)
     report: dict[str, dict[str, float]] = {}
     model = model.eval()
+    names = output_names(model)
     for label, x in inputs.items():
         with torch.no_grad():
             ref = [t.numpy() for t in model(torch.from_numpy(x))]
-        got = sess.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        report[label] = {n: float(np.abs(r - g).max()) for n, r, g in zip(OUTPUT_NAMES, ref, got)}
+        got = sess.run(list(names), {INPUT_NAME: x})
+        report[label] = {n: float(np.abs(r - g).max()) for n, r, g in zip(names, ref, got)}
     worst = max((v, f"{label}/{n}") for label, d in report.items() for n, v in d.items())
     if not worst[0] <= tol:  # also catches NaN
         raise ExportParityError(
@@ -190,6 +200,15 @@ def ort_latency(onnx_path: Path, batch: np.ndarray, runs: int = 20, warmup: int 
     return {"median_ms": float(np.median(ts)), "min_ms": float(np.min(ts)),
             "p90_ms": float(np.percentile(ts, 90)), "runs": runs, "batch": int(batch.shape[0]),
             "threads": threads}
+
+
+def _region_spec(metrics: dict | None, cfg: TrainConfig) -> RegionSpec | None:
+    """The bundle's ``region`` key: the head's name and the threshold training chose on its
+    calibration frames (0.5 without metrics or calibration frames)."""
+    if not cfg.model.region_head:
+        return None
+    chosen = ((metrics or {}).get("validation") or {}).get("region") or {}
+    return RegionSpec(name=cfg.model.region_name, threshold=round(float(chosen.get("threshold", 0.5)), 4))
 
 
 def _thresholds(metrics: dict | None, cfg: TrainConfig) -> tuple[float, dict[str, float]]:
@@ -290,7 +309,7 @@ def _export_bundle(run_dir: Path, out_dir: Path, name: str | None, opset: int, a
     r, d = build_models(mc)
     r.load_state_dict(ck["reconstruction"])
     d.load_state_dict(ck["discrimination"])
-    model = ARCDInference(r, d).eval()
+    model = ARCDInference(r, d, region_head=mc.region_head).eval()
     # before anything is written: a refused export leaves no bundle folder behind
     metrics, metrics_check = _metrics_for(run_dir, ck, allow_stale_metrics)
 
@@ -345,7 +364,9 @@ def _export_bundle(run_dir: Path, out_dir: Path, name: str | None, opset: int, a
         graphs={"model": GraphRef(file=GRAPH_FILE, sha256="")},
         input=InputSpec(name=INPUT_NAME, tile=tuple(mc.tile), channels=mc.in_channels,
                         mean=list(mc.mean), std=list(mc.std), batch=0),
-        outputs={"probabilities": "probs", "reconstruction": "reconstruction"},
+        outputs={"probabilities": "probs", "reconstruction": "reconstruction",
+                 **({"region": REGION_OUTPUT} if mc.region_head else {})},
+        region=_region_spec(metrics, cfg),
         classes=classes,
         tiling=TilingSpec(overlap=ec.overlap),
         postprocess=pp,

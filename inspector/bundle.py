@@ -16,8 +16,9 @@
       mean: [0.5]                   # per channel, applied to pixel/255
       std: [0.5]
       batch: 0                      # 0 = dynamic batch axis, N = fixed batch size
-    outputs: {probabilities: probs, reconstruction: reconstruction}
+    outputs: {probabilities: probs, reconstruction: reconstruction}   # arcd may add region: region
     classes: [background, inclusion, patches, scratches]
+    region: {name: machine region, threshold: 0.5}   # optional, arcd only, iff outputs.region
     tiling: {overlap: 32}
     postprocess: {...}              # see inspector.postprocess.PostprocessConfig
     provenance: {data: ..., training_config: ..., commit: ..., metrics: {...}, created: ...}
@@ -77,6 +78,16 @@ class TilingSpec(BaseModel):
     overlap: int = Field(32, ge=0)
 
 
+class RegionSpec(BaseModel):
+    """The optional second sub-task of an arcd bundle (the thesis's machine-region map): the graph
+    output ``outputs.region`` holds p(region) per pixel; a pixel is region where p >= threshold."""
+
+    model_config = ConfigDict(extra="forbid")
+    #: what the region is, free text; published with every frame
+    name: str = Field(min_length=1)
+    threshold: float = Field(0.5, gt=0.0, le=1.0)
+
+
 class BundleSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: Literal[1] = 1
@@ -93,6 +104,27 @@ class BundleSpec(BaseModel):
     provenance: dict[str, Any] = Field(default_factory=dict)
     #: free-form parameters of the model kind (e.g. fuzzymask iterations)
     kind_params: dict[str, Any] = Field(default_factory=dict)
+    #: ARCD's optional machine-region head (present exactly when ``outputs.region`` is)
+    region: RegionSpec | None = None
+
+    @model_validator(mode="after")
+    def _region_with_its_output(self) -> "BundleSpec":
+        # The two keys say the same thing from both sides (what to publish, where the graph
+        # holds it); one without the other is a half-edited bundle, refused at load rather than
+        # publishing a region with no name and threshold or silently dropping a trained head.
+        has_key, has_out = self.region is not None, "region" in self.outputs
+        if has_key and self.kind != "arcd":
+            raise ValueError(f"region: only kind arcd has a region head (this bundle is kind {self.kind})")
+        if has_key and not has_out:
+            raise ValueError("region: set, but outputs.region (the graph output holding the region "
+                             "probability) is missing; give both or neither")
+        if has_out and not has_key:
+            if self.kind != "arcd":
+                raise ValueError(f"outputs.region: only kind arcd has a region head (this bundle is "
+                                 f"kind {self.kind})")
+            raise ValueError("outputs.region: set, but the region key (region: {name: ..., "
+                             "threshold: ...}) is missing; give both or neither")
+        return self
 
     @model_validator(mode="after")
     def _overlap_inside_tile(self) -> "BundleSpec":
@@ -185,4 +217,7 @@ def write_bundle(path: str | Path, spec: BundleSpec) -> Path:
     graphs = {k: GraphRef(file=g.file, sha256=sha256_file(root / g.file)) for k, g in spec.graphs.items()}
     spec = spec.model_copy(update={"graphs": graphs})
     data = spec.model_dump(mode="json")
+    if data.get("region") is None:
+        # bundles without a region head are written exactly as before the key existed
+        data.pop("region", None)
     return atomic_write_text(root / BUNDLE_FILE, yaml.safe_dump(data, sort_keys=False))

@@ -193,6 +193,7 @@ def _check_endpoint(cfg) -> list[str]:
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
     import cv2
+    import numpy as np
 
     from inspector.publish import Subscriber
 
@@ -214,6 +215,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                 if msg is not None:
                     h = msg.header
                     mask = msg.mask() if save else None
+                    region = msg.region() if save else None
             except (ValueError, KeyError) as e:  # not an inspector.defects/1 publisher
                 return _fail(f"{args.endpoint}: message {n + 1} is not an inspector defect message "
                              f"({e}); {n} received", EXIT_FAIL)
@@ -225,6 +227,11 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                 name = save / f"{h['camera_id']}_{h['frame_id']:08d}.png"
                 if not cv2.imwrite(str(name), mask):
                     return _fail(f"--save-masks: could not write {name}; {n} received", EXIT_FAIL)
+                if region is not None:
+                    # 0/255, viewable as is (the recorder's regions/ PNGs are the same)
+                    name = save / f"{h['camera_id']}_{h['frame_id']:08d}_region.png"
+                    if not cv2.imwrite(str(name), region * np.uint8(255)):
+                        return _fail(f"--save-masks: could not write {name}; {n} received", EXIT_FAIL)
             if args.json:
                 print(json.dumps(h), flush=True)
             else:
@@ -596,6 +603,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"{'converged tiles':>24}: {fmt(di['converged_tile_fraction'])}")
             print(f"{'engine calls per frame':>24}: {di['engine_calls_per_frame']['mean']:.2f} "
                   f"(max {di['engine_calls_per_frame']['max']})")
+        if "region" in res:  # arcd bundles with the machine-region head
+            reg = res["region"]
+            if reg is None:
+                print(f"{'region':>24}: not scored (the data has no region labels)")
+            else:
+                print(f"{'region':>24}: {reg['name']} (threshold {fmt(reg['threshold'])}): "
+                      + ", ".join(f"{k} {fmt(reg[k])}" for k in ("mpa", "miou", "iou", "auroc")))
     return EXIT_OK
 
 
@@ -687,7 +701,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=positive_int, help="exit after this many messages")
     p.add_argument("--timeout", type=positive_float, help="fail if no message arrives within this many seconds")
     p.add_argument("--json", action="store_true", help="one header JSON per line")
-    p.add_argument("--save-masks", metavar="DIR", help="write each mask as PNG into DIR")
+    p.add_argument("--save-masks", metavar="DIR", help="write each mask as PNG into DIR "
+                   "(<camera>_<frame>.png; with a region head also <camera>_<frame>_region.png, 0/255)")
     p.set_defaults(fn=cmd_subscribe)
 
     p = sub.add_parser("bench", help="latency and throughput benchmark (JSON + PNG)")

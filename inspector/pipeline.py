@@ -41,7 +41,7 @@ from inspector.frame import Frame
 from inspector.models import ModelAdapter, ModelOutput, make_adapter
 from inspector.postprocess import (RECIPE_KEYS, Geometry, PostprocessConfig, Postprocessor, keys_unused_by,
                                    recipe_misfit)
-from inspector.publish import SCHEMA, Publisher, encode_mask
+from inspector.publish import SCHEMA, Publisher, encode_mask, region_summary
 from inspector.recorder import Recorder
 from inspector.sources import Source, make_source
 
@@ -254,6 +254,9 @@ class Pipeline:
         self._frame_limit: int | None = None
         self._expected: tuple[tuple[int, ...], np.dtype] | None = None
         self._geometry = Geometry.of(cfg.geometry)
+        #: the post stage's region mask (uint8 0/1, HxW), reused frame after frame: the publisher
+        #: encodes it into new bytes and the recorder copies it, so nothing keeps it past a frame
+        self._region_buf: np.ndarray | None = None
         self.warmup_ms = 0.0
         fs = cfg.pipeline.frame
         if fs is not None:
@@ -482,7 +485,10 @@ class Pipeline:
                 spec = model.bundle.spec
                 model_info = {"name": spec.name, "kind": spec.kind,
                               "sha256": spec.graphs["model"].sha256[:16], "backend": model.backend}
+                # the bundle decides whether messages carry a region (header key + 4th part)
+                region_spec = spec.region
             f, out = job.frame, job.out
+            region = region_info = region_bytes = None
             try:
                 t0 = time.perf_counter()
                 label = model.post.mask(out.probs, out.residual, out.score_map)
@@ -491,8 +497,17 @@ class Pipeline:
                 geo = Geometry(f.meta.get("mm_per_px_across", g.mm_per_px_across),
                                f.meta.get("mm_per_px_along", g.mm_per_px_along))
                 defects, total = model.post.defects(label, out.score_map, geo, f.strip_pos_mm)
+                if region_spec is not None:
+                    # before out.release(): the probability map lives in the adapter's pool
+                    region = self._region_mask(f.frame_id, out.region, region_spec.threshold,
+                                               label.shape)
+                    region_info = {"name": region_spec.name,
+                                   "threshold": float(region_spec.threshold),
+                                   **region_summary(region), "encoding": enc}
                 t1 = time.perf_counter()
                 mask_bytes = encode_mask(label, enc)
+                if region is not None:
+                    region_bytes = encode_mask(region, enc)
                 t2 = time.perf_counter()
             except Exception as e:
                 self.counters.drop("postprocess_error")
@@ -519,8 +534,12 @@ class Pipeline:
                 "timings_ms": {k: round(v, 3) for k, v in timings.items()},
                 "counters": self.counters.snapshot(), "camera_state": self.camera_state,
             }
+            if region_info is not None:
+                header["region"] = region_info
             try:
-                sent = self.publisher.send(header, mask_bytes)
+                # the 3-part call as before when there is no region (wrappers of send keep working)
+                sent = (self.publisher.send(header, mask_bytes) if region_bytes is None
+                        else self.publisher.send(header, mask_bytes, region_bytes))
             except BaseException:  # socket closed under it, unserialisable header: the stage dies
                 self.counters.drop("stage_failed")
                 raise
@@ -531,7 +550,7 @@ class Pipeline:
                 slow(f.frame_id, RuntimeError(f"send queue full ({self.cfg.publish.sndhwm} messages)"))
             if self.recorder is not None:
                 # inspected either way: a frame a slow subscriber missed is still worth keeping
-                self.recorder.offer(f, label, header)
+                self.recorder.offer(f, label, header, region)
             self.stats.add(time.monotonic(), timings["pipeline"], len(defects))
             if self.on_report is not None:
                 if out.stats:
@@ -539,6 +558,21 @@ class Pipeline:
                     # the message already went out without them (schema unchanged)
                     header["model_stats"] = out.stats
                 self.on_report(header)
+
+    def _region_mask(self, frame_id: int, prob: np.ndarray | None, threshold: float,
+                     shape: tuple[int, ...]) -> np.ndarray:
+        """The region probability thresholded (p >= threshold) into the reused 0/1 buffer."""
+        if prob is None:
+            raise ValueError(f"frame {frame_id}: the bundle declares a region but the model "
+                             "output has no region map")
+        if prob.shape != shape:
+            raise ValueError(f"frame {frame_id}: region map shape {prob.shape} != mask shape {shape}")
+        buf = self._region_buf
+        if buf is None or buf.shape != prob.shape:
+            buf = self._region_buf = np.empty(prob.shape, np.uint8)
+        # a bool view of the uint8 buffer: the comparison writes 0/1 in place, no temporary
+        np.greater_equal(prob, threshold, out=buf.view(np.bool_))
+        return buf
 
     # -- control ----------------------------------------------------------------------------------
     def swap_model(self, model: LoadedModel, geometry: Geometry | None = None) -> float:

@@ -1,12 +1,17 @@
 """ZeroMQ publishing of defect reports, and the subscriber client.
 
-Every report is one multipart message ``[topic, header, mask]``:
+Every report is one multipart message ``[topic, header, mask]``, or ``[topic, header, mask,
+region]`` when the model bundle has a region head:
 
 * ``topic`` — UTF-8 bytes, by default ``defects.<camera_id>``; subscribe to a prefix.
 * ``header`` — UTF-8 JSON, schema ``inspector.defects/1`` (see ``docs/zmq-schema.md``).
 * ``mask`` — the class-index mask (uint8, 0 = no defect, k = class k of ``header["classes"]``),
   encoded as ``header["mask_encoding"]``: ``png`` (8-bit single-channel PNG) or ``raw``
   (``shape[0]*shape[1]`` bytes, row-major).
+* ``region`` — only when ``header["region"]`` is present (ARCD's machine-region head): the region
+  mask, uint8 0/1 (1 = region), same shape, encoded as ``header["region"]["encoding"]`` (the
+  same as ``mask_encoding``). The header block also carries the region's name, threshold, the
+  share of frame pixels in it and its bounding box.
 
 The publisher binds an XPUB socket. It sees subscriptions, so a subscriber that connected before
 the stream started is known before the first frame (no slow-joiner loss), and with
@@ -90,24 +95,53 @@ def encode_mask(mask: np.ndarray, encoding: str) -> bytes:
     raise ValueError(f"unknown mask encoding {encoding!r}")
 
 
-def decode_mask(data: bytes, header: dict[str, Any]) -> np.ndarray:
-    """The class-index mask of a message, HxW uint8, checked against ``header["shape"]``."""
+def region_summary(region: np.ndarray) -> dict[str, Any]:
+    """``fraction`` and ``bbox`` of a 0/1 region mask, as the header's ``region`` block has them.
+
+    ``bbox`` is ``[x0, y0, x1, y1]``, inclusive-exclusive (``region[y0:y1, x0:x1]`` holds every
+    region pixel), or None when no pixel is region.
+
+    >>> m = np.zeros((4, 6), np.uint8); m[1:3, 2:5] = 1
+    >>> region_summary(m)
+    {'fraction': 0.25, 'bbox': [2, 1, 5, 3]}
+    """
+    # OpenCV's count and box of nonzero pixels: no temporary arrays of the frame's size
+    n = cv2.countNonZero(region)
+    if n == 0:
+        return {"fraction": 0.0, "bbox": None}
+    x, y, w, h = cv2.boundingRect(region)
+    return {"fraction": round(n / region.size, 6), "bbox": [x, y, x + w, y + h]}
+
+
+def _decode(data: bytes, enc: Any, header: dict[str, Any], what: str, key: str) -> np.ndarray:
     h, w = header["shape"][:2]
-    enc = header["mask_encoding"]
+    fid = header.get("frame_id")
     if enc == "png":
         mask = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
         if mask is None:
-            raise ValueError(f"frame {header.get('frame_id')}: mask is not a valid PNG")
+            raise ValueError(f"frame {fid}: {what} is not a valid PNG")
     elif enc == "raw":
         if len(data) != h * w:
-            raise ValueError(f"frame {header.get('frame_id')}: raw mask has {len(data)} bytes, "
-                             f"expected {h * w}")
+            raise ValueError(f"frame {fid}: raw {what} has {len(data)} bytes, expected {h * w}")
         mask = np.frombuffer(data, np.uint8).reshape(h, w)
     else:
-        raise ValueError(f"frame {header.get('frame_id')}: unknown mask_encoding {enc!r}")
+        raise ValueError(f"frame {fid}: unknown {key} {enc!r}")
     if mask.shape != (h, w):
-        raise ValueError(f"frame {header.get('frame_id')}: mask shape {mask.shape} != header shape {(h, w)}")
+        raise ValueError(f"frame {fid}: {what} shape {mask.shape} != header shape {(h, w)}")
     return mask
+
+
+def decode_mask(data: bytes, header: dict[str, Any]) -> np.ndarray:
+    """The class-index mask of a message, HxW uint8, checked against ``header["shape"]``."""
+    return _decode(data, header["mask_encoding"], header, "mask", "mask_encoding")
+
+
+def decode_region(data: bytes, header: dict[str, Any]) -> np.ndarray:
+    """The region mask of a message (4th part), HxW uint8 0/1, checked against ``header["shape"]``."""
+    block = header.get("region")
+    if not isinstance(block, dict):
+        raise ValueError(f"frame {header.get('frame_id')}: header has no region object")
+    return _decode(data, block.get("encoding"), header, "region mask", "region.encoding")
 
 
 class Publisher:
@@ -208,8 +242,14 @@ class Publisher:
                             self.subscribers, self.cfg.wait_for_subscribers, self.cfg.wait_timeout_s)
         return self.subscribers
 
-    def send(self, header: dict[str, Any], mask_bytes: bytes) -> bool:
-        """Send one report; False when a subscriber's queue is full (the frame is not delivered)."""
+    def send(self, header: dict[str, Any], mask_bytes: bytes, region_bytes: bytes | None = None) -> bool:
+        """Send one report; False when a subscriber's queue is full (the frame is not delivered).
+
+        ``region_bytes`` (the encoded region mask) goes out as a 4th part; the header must then
+        have its ``region`` block, and must not without it (subscribers rely on the pairing)."""
+        if ("region" in header) != (region_bytes is not None):
+            raise ValueError(f"frame {header.get('frame_id')}: header region block and region part "
+                             "must come together")
         if self.sock is None:  # a re-bind after a reset failed: try again, at most once a second
             if time.monotonic() < self._rebind_at or not self._rebind():
                 self._rebind_at = max(self._rebind_at, time.monotonic() + 1.0)
@@ -218,8 +258,10 @@ class Publisher:
         if self.sock.poll(0, zmq.POLLIN):
             self.poll_subscriptions(0.0)
         try:
-            self.sock.send_multipart([self.topic, json.dumps(header, separators=(",", ":")).encode(),
-                                      mask_bytes], flags=zmq.NOBLOCK, copy=False)
+            parts = [self.topic, json.dumps(header, separators=(",", ":")).encode(), mask_bytes]
+            if region_bytes is not None:
+                parts.append(region_bytes)
+            self.sock.send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self._failed_send(time.monotonic())
             return False
@@ -254,9 +296,17 @@ class Message:
     topic: str
     header: dict[str, Any]
     mask_bytes: bytes
+    #: the 4th part, the encoded region mask; None for messages without a region
+    region_bytes: bytes | None = None
 
     def mask(self) -> np.ndarray:
         return decode_mask(self.mask_bytes, self.header)
+
+    def region(self) -> np.ndarray | None:
+        """The region mask (HxW uint8, 1 = region), or None when the message has no region."""
+        if self.region_bytes is None:
+            return None
+        return decode_region(self.region_bytes, self.header)
 
 
 class Subscriber:
@@ -267,6 +317,8 @@ class Subscriber:
         sub = Subscriber("tcp://127.0.0.1:5556")
         msg = sub.recv(timeout_s=5)       # None on timeout
         print(msg.header["frame_id"], msg.header["defects"], msg.mask().shape)
+        if msg.region_bytes is not None:  # the bundle has a region head
+            print(msg.header["region"]["fraction"], msg.region().shape)
     """
 
     def __init__(self, endpoint: str, topic: str = "", rcvhwm: int = 1000,
@@ -287,13 +339,23 @@ class Subscriber:
         if timeout_s is not None and not self.sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             return None
         parts = self.sock.recv_multipart()
-        if len(parts) != 3:
-            raise ValueError(f"expected 3 message parts [topic, header, mask], got {len(parts)}")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"expected 3 or 4 message parts [topic, header, mask(, region)], "
+                             f"got {len(parts)}")
         header = json.loads(parts[1])
         if not isinstance(header, dict) or header.get("schema") != SCHEMA:
             found = header.get("schema") if isinstance(header, dict) else type(header).__name__
             raise ValueError(f"unknown schema {found!r}, this client reads {SCHEMA}")
-        return Message(parts[0].decode(), header, parts[2])
+        # the header's region block and the 4th part come together (docs/zmq-schema.md); one
+        # without the other is a broken publisher, not a frame without a region
+        has_block = header.get("region") is not None
+        if has_block and len(parts) == 3:
+            raise ValueError(f"frame {header.get('frame_id')}: header has a region block but the "
+                             "message has no 4th part (region mask)")
+        if len(parts) == 4 and not has_block:
+            raise ValueError(f"frame {header.get('frame_id')}: message has a 4th part but the "
+                             "header has no region block")
+        return Message(parts[0].decode(), header, parts[2], parts[3] if len(parts) == 4 else None)
 
     def close(self) -> None:
         self.sock.close()

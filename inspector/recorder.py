@@ -13,8 +13,14 @@ Layout, one folder per camera, one record = the same file stem in each sub-folde
     <dir>/<camera_id>/defects/images/<stem>.png   the frame as grabbed (lossless)
     <dir>/<camera_id>/defects/masks/<stem>.png    the published mask, class index per pixel
     <dir>/<camera_id>/defects/meta/<stem>.json    the published header (defects, model, timings)
+    <dir>/<camera_id>/defects/regions/<stem>.png  the published region mask, 0/255 (region heads only)
     <dir>/<camera_id>/normal/images/<stem>.png    (no mask: it is empty)
     <dir>/<camera_id>/normal/meta/<stem>.json
+    <dir>/<camera_id>/normal/regions/<stem>.png   (region heads only)
+
+``regions/`` holds the machine-region mask of a bundle with a region head (``header["region"]``),
+255 = region, so it is viewable as is; it is made at the first region record, and absent for
+bundles without a region.
 
 ``<stem>`` is the capture time in UTC and the frame id (``20261128T013000123Z-f000000042``), so
 names sort by time and never collide across restarts. Each file appears whole (written under a
@@ -36,7 +42,7 @@ Example::
 
     rec = Recorder(RecordConfig(enabled=True, dir="/tmp/rec"), "cam1", ["background", "scratch"])
     rec.start()
-    rec.offer(frame, label, header)   # from the publish stage, never blocks
+    rec.offer(frame, label, header)   # from the publish stage, never blocks (region=... with a region head)
     rec.close(timeout_s=5)
 """
 
@@ -65,10 +71,13 @@ log = logging.getLogger(__name__)
 
 GB = 1024 ** 3
 DEFAULT_DIR = "/var/lib/inspector/recordings"
-#: what a record is kept as, and the sub-folders of its files (the image is written last)
-KINDS = {"defects": ("meta", "masks", "images"), "normal": ("meta", "images")}
+#: what a record is kept as, and the sub-folders of its files, in write order (the image last)
+KINDS = {"defects": ("meta", "masks", "regions", "images"), "normal": ("meta", "regions", "images")}
+#: sub-folders made only when a record has such a file (the region of a region-head bundle), so
+#: a recorder of a bundle without one leaves the layout as it was
+OPTIONAL_SUBS = frozenset({"regions"})
 SKIP_REASONS = ("queue_full", "disk_low", "write_error", "shutdown")
-_SUFFIX = {"images": ".png", "masks": ".png", "meta": ".json"}
+_SUFFIX = {"images": ".png", "masks": ".png", "regions": ".png", "meta": ".json"}
 _END = object()
 
 
@@ -101,6 +110,8 @@ class _Item:
     image: np.ndarray
     label: np.ndarray | None
     header: dict
+    #: the region mask as written, 0/255 (a copy: the pipeline reuses its buffer)
+    region: np.ndarray | None = None
 
 
 def record_stem(t_capture_ns: int, frame_id: int) -> str:
@@ -266,7 +277,10 @@ class Recorder:
         for kind, subs in KINDS.items():
             files: dict[str, dict[str, Path]] = {}
             for sub in subs:
-                for p in (self.root / kind / sub).iterdir():
+                folder = self.root / kind / sub
+                if sub in OPTIONAL_SUBS and not folder.is_dir():
+                    continue
+                for p in folder.iterdir():
                     if p.name.startswith("."):  # a write cut short
                         p.unlink(missing_ok=True)
                         cleaned += 1
@@ -310,6 +324,8 @@ class Recorder:
         made: list[Path] = []
         for kind, subs in KINDS.items():
             for sub in subs:
+                if sub in OPTIONAL_SUBS:
+                    continue
                 target = self.root / kind / sub
                 missing = []
                 p = target
@@ -369,16 +385,22 @@ class Recorder:
                 return "normal"
         return None
 
-    def offer(self, frame: Any, label: np.ndarray, header: dict) -> str | None:
+    def offer(self, frame: Any, label: np.ndarray, header: dict,
+              region: np.ndarray | None = None) -> str | None:
         """Queue a published frame for recording when the config wants it; never blocks.
 
         ``frame.image`` and ``label`` must not be written to afterwards (the pipeline allocates
-        both per frame). Returns the kind queued, or None."""
+        both per frame). ``region`` (the 0/1 region mask, when the bundle has a region head) may
+        be: it is copied, as 0/255, for the frames recorded only. Returns the kind queued, or
+        None."""
         kind = self.wants(header.get("defects") or [])
         if kind is None:
             return None
+        # the pipeline reuses its region buffer for the next frame: copy it now, scaled to 0/255
+        # in the same pass so the PNG is viewable as is
+        region_png = np.multiply(region, np.uint8(255), dtype=np.uint8) if region is not None else None
         item = _Item(kind, record_stem(frame.t_capture_ns, frame.frame_id), frame.image,
-                     label if kind == "defects" else None, dict(header))
+                     label if kind == "defects" else None, dict(header), region_png)
         with self._lock:  # close() sets _closed under it: nothing is queued behind its end mark
             closed = self._closed
             full = False
@@ -452,7 +474,9 @@ class Recorder:
         written: list[Path] = []
         final = tmp = folder
         try:
-            for sub, data in files:  # meta, mask, image: the image marks a complete record
+            for sub, data in files:  # meta, mask, region, image: the image marks a complete record
+                if sub in OPTIONAL_SUBS:
+                    self._ensure_folder(folder / sub)
                 final = folder / sub / (item.stem + _SUFFIX[sub])
                 tmp = final.with_name("." + final.name + ".part")
                 with open(tmp, "wb") as fh:
@@ -491,8 +515,21 @@ class Recorder:
             if not ok:
                 raise ValueError(f"PNG encoding of a {item.label.shape} mask failed")
             files.append(("masks", mask_png.tobytes()))
+        if item.region is not None:
+            ok, region_png = cv2.imencode(".png", item.region, level)
+            if not ok:
+                raise ValueError(f"PNG encoding of a {item.region.shape} region mask failed")
+            files.append(("regions", region_png.tobytes()))
         files.append(("images", image_png.tobytes()))
         return files
+
+    def _ensure_folder(self, folder: Path) -> None:
+        """Make an optional sub-folder at its first file, owned as the start-up folders are."""
+        if folder.is_dir():
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            self._give_to_parent_owner([folder])
 
     def _remove_oldest(self) -> bool:
         """Remove the oldest record (never the only one left); False when it could not."""

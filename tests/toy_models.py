@@ -102,3 +102,40 @@ def fuzzymask_toy_bundle(root: Path, tile: int = 64, cell: int = 8, kernel: int 
                       kind_params=kp, provenance={"note": "hand-built test graph"})
     write_bundle(root, spec)
     return root
+
+
+def region_bundle(root: Path, tile: int = 64, classes=("background", "dark"), threshold: float = 0.5,
+                  name: str = "machine region", region_channels: int = 1) -> Path:
+    """An arcd bundle with the machine-region head: ``dark_spot_bundle``'s graph plus a third
+    output ``region`` (N x 1 x t x t) = Sigmoid(40 * (x - 0.5)), x = pixel/255: a steep step at
+    mid-grey, so bright pixels are region (p > 0.99 from grey 158 up, < 0.01 up to grey 97).
+
+    ``region_channels`` > 1 repeats that map over more channels (a malformed graph for tests of
+    the adapter's refusal)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from inspector.bundle import RegionSpec, load_bundle, write_bundle
+
+    dark_spot_bundle(root, tile=tile, classes=classes)
+    model = onnx.load(str(root / "model.onnx"))
+    g = model.graph
+    g.initializer.extend([helper.make_tensor("region_gain", TensorProto.FLOAT, [], [40.0]),
+                          helper.make_tensor("region_mid", TensorProto.FLOAT, [], [0.5])])
+    region_out = "region" if region_channels == 1 else "region_one"
+    g.node.extend([
+        helper.make_node("Sub", ["image", "region_mid"], ["region_centred"]),
+        helper.make_node("Mul", ["region_centred", "region_gain"], ["region_logit"]),
+        helper.make_node("Sigmoid", ["region_logit"], [region_out]),
+    ])
+    if region_channels != 1:
+        g.node.append(helper.make_node("Concat", [region_out] * region_channels, ["region"], axis=1))
+    g.output.append(helper.make_tensor_value_info("region", TensorProto.FLOAT,
+                                                  ["N", region_channels, tile, tile]))
+    onnx.checker.check_model(model)
+    onnx.save(model, str(root / "model.onnx"))
+    spec = load_bundle(root, verify=False).spec
+    spec = spec.model_copy(update={"outputs": {**spec.outputs, "region": "region"},
+                                   "region": RegionSpec(name=name, threshold=threshold)})
+    write_bundle(root, spec)
+    return root

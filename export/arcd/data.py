@@ -8,7 +8,8 @@ Two layers, so that new data sets only add a frame provider:
   be others (they implement :class:`FrameProvider` and register in :data:`DATA_SOURCES`).
 * **datasets** cut model-size tiles from provided frames:
   :class:`SimulatedAnomalyDataset` (stage 1: a normal tile, its simulated-anomaly version and the
-  anomaly mask) and :class:`SegmentationTileDataset` (stage 2: a tile and its class mask).
+  anomaly mask) and :class:`SegmentationTileDataset` (stage 2: a tile and its class mask, plus
+  its region mask where the provider's frames carry region labels, ``has_regions``).
 
 Sample ``i`` of a dataset is drawn from ``numpy.random.default_rng([seed, i])``, so any sample can
 be regenerated on its own: training resumes mid-stage with the same data, and DataLoader workers
@@ -70,6 +71,10 @@ __all__ = [
 ]
 
 
+#: the value padding gets in a region label (:func:`cut_tile`): not a label, ignored by the loss
+REGION_IGNORE = 255
+
+
 class TrainingDataError(InspectorError, ValueError):
     """Training data that cannot be used: an unreadable image, a mask of another size, an empty
     split, no defect-free window. The message names the file or folder; ``key`` is the dotted
@@ -87,11 +92,14 @@ class TrainingDataError(InspectorError, ValueError):
 @dataclass
 class LabeledFrame:
     """A whole frame. ``image``: HxW or HxWxC uint8; ``truth``: HxW uint8 class ids (None for
-    unlabeled normal data); ``valid``: HxW bool region that holds real image content (None = all)."""
+    unlabeled normal data); ``valid``: HxW bool region that holds real image content (None = all);
+    ``region``: HxW uint8 machine-region label, 1 region / 0 not (None: the data has none), cut,
+    flipped, resized and padded exactly like ``truth`` (its padding is 255, ignored)."""
 
     image: np.ndarray
     truth: np.ndarray | None = None
     valid: np.ndarray | None = None
+    region: np.ndarray | None = None
 
 
 class FrameProvider(Protocol):
@@ -218,6 +226,8 @@ def cut_tile(frame: LabeledFrame, tile: tuple[int, int], rng: np.random.Generato
     th, tw = tile
     img = _pad_to(frame.image, th, tw)
     truth = None if frame.truth is None else _pad_to(frame.truth, th, tw, value=0)
+    # padding is not a label: 255 (the stage-2 loss's ignore index), never "not region"
+    region = None if frame.region is None else _pad_to(frame.region, th, tw, value=REGION_IGNORE)
     valid = frame.valid
     if valid is None and img.shape[:2] != frame.image.shape[:2]:
         valid = np.ones(frame.image.shape[:2], bool)
@@ -229,7 +239,8 @@ def cut_tile(frame: LabeledFrame, tile: tuple[int, int], rng: np.random.Generato
     y, x = crop_box(img.shape[:2], tile, rng, focus, edge_prob)
     sl = (slice(y, y + th), slice(x, x + tw))
     return LabeledFrame(image=img[sl], truth=None if truth is None else truth[sl],
-                        valid=None if valid is None else valid[sl])
+                        valid=None if valid is None else valid[sl],
+                        region=None if region is None else region[sl])
 
 
 def to_tensor(image01: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -322,7 +333,9 @@ class SimulatedAnomalyDataset(Dataset):
 
 class SegmentationTileDataset(Dataset):
     """Stage 2: labelled tiles. Item: ``image`` (CxHxW normalised), ``mask`` (HxW int64 class ids;
-    ``ignore_index`` outside the valid region when the provider gives one)."""
+    ``ignore_index`` outside the valid region when the provider gives one), and where the
+    provider's ``has_regions`` is true ``region`` (HxW int64, 1 machine region / 0 not,
+    ``ignore_index`` on padding, outside the valid region and on frames without a region label)."""
 
     def __init__(self, provider: FrameProvider, tile: tuple[int, int], length: int, seed: int = 0,
                  mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,),
@@ -338,6 +351,9 @@ class SegmentationTileDataset(Dataset):
         self.ignore_index = ignore_index
         self.crops_per_frame = crops_per_frame
         self.edge_prob = edge_prob
+        #: items carry "region": decided once for the provider, so every item of a batch has the
+        #: same keys and ``collate`` can stack them
+        self.has_regions = bool(getattr(provider, "has_regions", False))
         self._frame: tuple[int, LabeledFrame] | None = None
 
     def __len__(self) -> int:
@@ -367,11 +383,25 @@ class SegmentationTileDataset(Dataset):
             raise ValueError(f"{self.provider.describe()}: stage-2 frames need a truth mask")
         t = cut_tile(frame, self.tile, rng, self.focus_prob, self.edge_prob)
         img01 = to_float01(t.image, self.provider.channels)
-        img01, truth, valid = _flip(rng, self.hflip, self.vflip, img01, t.truth, t.valid)
+        region_in = t.region if self.has_regions else None
+        img01, truth, valid, region = _flip(rng, self.hflip, self.vflip, img01, t.truth, t.valid,
+                                            region_in)
         mask = truth.astype(np.int64)
         if valid is not None:
             mask[~valid] = self.ignore_index
-        return {"image": to_tensor(img01, self.mean, self.std), "mask": torch.from_numpy(mask)}
+        item = {"image": to_tensor(img01, self.mean, self.std), "mask": torch.from_numpy(mask)}
+        if self.has_regions:
+            if region is None:
+                # a frame of a source without region labels (generated pairs mixed into labelled
+                # images that have them): nothing to learn about the region here
+                reg = np.full(mask.shape, self.ignore_index, np.int64)
+            else:
+                reg = region.astype(np.int64)
+                reg[reg == REGION_IGNORE] = self.ignore_index
+                if valid is not None:
+                    reg[~valid] = self.ignore_index
+            item["region"] = torch.from_numpy(reg)
+        return item
 
 
 class SyntheticNormalDataset(SimulatedAnomalyDataset):
@@ -467,6 +497,10 @@ class TrainingData:
     #: reads every file training will read, once, and returns figures for ``stage1_info``;
     #: raises :class:`TrainingDataError` on the first bad one. None: nothing to read (synthetic)
     check: Callable[[], dict] | None = None
+    #: stage 2's frames carry machine-region labels (``stage2`` items have "region"; the
+    #: ``calib`` / ``val`` frames have ``LabeledFrame.region`` where their data set has them).
+    #: False: nothing could supervise a region head
+    has_regions: bool = False
 
 
 def _build_synthetic(cfg: SyntheticDataConfig, *, tile: tuple[int, int], channels: int,
@@ -588,16 +622,20 @@ class FolderDataConfig(BaseModel):
         return self
 
 
-def _resized(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int] | None
-             ) -> tuple[np.ndarray, np.ndarray | None]:
+def _resized(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int] | None,
+             region: np.ndarray | None = None
+             ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``img`` (area), ``mask`` and ``region`` (nearest) resized to ``size`` (H, W; None keeps)."""
     if size is None or img.shape[:2] == tuple(size):
-        return img, mask
+        return img, mask, region
     h, w = size
     img = cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA)
+    # nearest neighbour keeps class indices (and the region's 0/1) intact
     if mask is not None:
-        # nearest neighbour keeps class indices intact
         mask = cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST)
-    return img, mask
+    if region is not None:
+        region = cv2.resize(region, (w, h), interpolation=cv2.INTER_NEAREST)
+    return img, mask, region
 
 
 def sample_labelled(n: int, fraction: float, seed: int) -> list[int]:
@@ -616,7 +654,8 @@ def sample_labelled(n: int, fraction: float, seed: int) -> list[int]:
 
 class DatasetFrames:
     """Frames of an ``inspector.evaluation`` :class:`~inspector.evaluation.datasets.Dataset`
-    (the runtime's readers, so training reads files exactly as evaluation does)."""
+    (the runtime's readers, so training reads files exactly as evaluation does). ``has_regions``:
+    the data set has region labels (NEU-Seg ``regions/``), which the frames carry."""
 
     def __init__(self, dataset: "EvalDataset", channels: int = 1,
                  frame_size: tuple[int, int] | None = None, indices: Sequence[int] | None = None):
@@ -630,6 +669,7 @@ class DatasetFrames:
         if not self.indices:
             raise TrainingDataError(f"{dataset.root}: no images selected")
         self.class_names = tuple(dataset.classes)
+        self.has_regions = bool(dataset.has_regions)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -641,8 +681,8 @@ class DatasetFrames:
             raise
         except ValueError as e:  # the readers' messages name the file: unreadable, mis-sized mask
             raise TrainingDataError(str(e), "data.root") from e
-        img, mask = _resized(s.image, s.mask, self.frame_size)
-        return LabeledFrame(image=img, truth=mask)
+        img, mask, region = _resized(s.image, s.mask, self.frame_size, s.region)
+        return LabeledFrame(image=img, truth=mask, region=region)
 
     def sample(self, rng: np.random.Generator) -> LabeledFrame:
         return self.frame(int(rng.integers(len(self.indices))))
@@ -690,7 +730,14 @@ class DefectFreePatches:
 def _open_eval_dataset(fmt: str, root: str, split: str, **kw) -> "EvalDataset":
     from inspector.evaluation.datasets import open_dataset
 
-    return open_dataset(fmt, root, split=split, **kw)
+    try:
+        return open_dataset(fmt, root, split=split, **kw)
+    except TrainingDataError:
+        raise
+    except ValueError as e:
+        # a bad file found while listing the folder (a missing region label): one line naming
+        # the file and data.root, not a traceback
+        raise TrainingDataError(str(e), "data.root") from e
 
 
 def _union(parts: list["EvalDataset"]) -> "EvalDataset":
@@ -762,6 +809,8 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
     if cfg.synthetic_root:
         synthetic = _synthetic_frames(cfg, train_ds.classes, channels)
         stage2_frames = MixedFrames(labelled, synthetic, cfg.synthetic_ratio)
+    if labelled.has_regions:
+        log.info("stage 2: region labels from %s", Path(cfg.root) / "regions")
     stage2 = SegmentationTileDataset(stage2_frames, tile, stage2_length, seed, mean, std,
                                      cfg.focus_prob, cfg.hflip, cfg.vflip,
                                      crops_per_frame=cfg.crops_per_frame, edge_prob=cfg.edge_prob)
@@ -815,7 +864,8 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
     desc = (f"stage 2: {stage2_frames.describe()} (label rate {cfg.label_fraction:g}); stage 1: "
             f"{normal.describe()} plus simulated anomalies; thresholds from {n_cal} and scores on "
             f"{n_val} images of split '{cfg.val_split}'")
-    return TrainingData(stage1, stage2, calib, val, tuple(train_ds.classes), desc, stage1_info, check)
+    return TrainingData(stage1, stage2, calib, val, tuple(train_ds.classes), desc, stage1_info, check,
+                        has_regions=stage2.has_regions)
 
 
 def _synthetic_frames(cfg: FolderDataConfig, classes: Sequence[str], channels: int) -> "DatasetFrames":
@@ -848,6 +898,12 @@ class MixedFrames:
         self.real, self.synthetic, self.ratio = real, synthetic, float(ratio)
         self.channels = real.channels
         self.class_names = real.class_names
+        # the region is learned from whichever part has labels; frames of the other part get an
+        # all-ignored region (SegmentationTileDataset), so a batch stays stackable
+        self.has_regions = real.has_regions or synthetic.has_regions
+        if real.has_regions != synthetic.has_regions:
+            log.info("stage 2: only the %s frames carry region labels; the region of the others "
+                     "is ignored", "real" if real.has_regions else "generated")
 
     def sample(self, rng: np.random.Generator) -> LabeledFrame:
         return self.synthetic.sample(rng) if rng.random() < self.ratio else self.real.sample(rng)

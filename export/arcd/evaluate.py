@@ -42,6 +42,9 @@ __all__ = [
     "choose_thresholds",
     "FrameEval",
     "evaluate",
+    "region_confusion",
+    "region_scores",
+    "choose_region_threshold",
 ]
 
 
@@ -64,15 +67,16 @@ def tile_frame(image01: np.ndarray, tile: tuple[int, int], overlap: int
 @torch.no_grad()
 def predict_frame(model: ARCDInference, image: np.ndarray, tile: tuple[int, int], overlap: int,
                   channels: int, mean: Sequence[float], std: Sequence[float],
-                  batch: int = 0) -> np.ndarray:
-    """Class probabilities (K x H x W float32) of a uint8 frame, tiled and stitched."""
+                  batch: int = 0, output: int = 1) -> np.ndarray:
+    """Class probabilities (K x H x W float32) of a uint8 frame, tiled and stitched; ``output``
+    2 gives the region head's probability (1 x H x W) instead."""
     img01 = to_float01(image, channels)
     h, w = img01.shape[:2]
     tiles, corners, (H, W) = tile_frame(img01, tile, overlap)
     dev = next(model.parameters()).device
     x = torch.stack([to_tensor(t.transpose(1, 2, 0), mean, std) for t in tiles]).to(dev)
     step = batch or len(x)
-    probs = torch.cat([model(x[s:s + step])[1] for s in range(0, len(x), step)]).cpu().numpy()
+    probs = torch.cat([model(x[s:s + step])[output] for s in range(0, len(x), step)]).cpu().numpy()
     th, tw = tile
     ys = sorted({c[0] for c in corners})
     xs = sorted({c[1] for c in corners})
@@ -184,3 +188,36 @@ def evaluate(probs: list[np.ndarray], frames: list[LabeledFrame], class_names: S
         thresholds={n: float(t) for n, t in zip(class_names[1:], thr)},
         frames=len(frames),
     )
+
+
+def region_confusion(region: list[np.ndarray], truths: list[np.ndarray], threshold: float
+                     ) -> np.ndarray:
+    """2 x 2 confusion (rows truth, columns prediction; 0 not region, 1 region) of thresholded
+    region probabilities (H x W each) against 0/1 region masks; 255 in a mask is not scored."""
+    cm = np.zeros((2, 2), np.int64)
+    for p, t in zip(region, truths):
+        cm += confusion((p >= threshold).astype(np.uint8), t, 2, t != 255)
+    return cm
+
+
+def region_scores(cm: np.ndarray) -> dict[str, float | None]:
+    """The thesis's Table 3.3 figures from a 2 x 2 region confusion: MPA (mean of the two
+    classes' pixel accuracy), MIoU over {not region, region}, the region's IoU."""
+    ious = iou_per_class(cm)
+    rows = cm.sum(1)
+    acc = [float(cm[c, c] / rows[c]) for c in range(2) if rows[c] > 0]
+    known = [v for v in ious if v is not None]
+    return {"mpa": float(np.mean(acc)) if acc else None,
+            "miou": float(np.mean(known)) if known else None,
+            "iou": ious[1]}
+
+
+def choose_region_threshold(region: list[np.ndarray], truths: list[np.ndarray],
+                            candidates: Sequence[float]) -> tuple[float, float]:
+    """The candidate threshold with the best region IoU on calibration frames (ties: the first)."""
+    best, best_iou = float(candidates[0]), -1.0
+    for c in candidates:
+        iou = region_scores(region_confusion(region, truths, c))["iou"]
+        if iou is not None and iou > best_iou + 1e-9:
+            best, best_iou = float(c), iou
+    return round(best, 4), best_iou

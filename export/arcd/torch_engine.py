@@ -84,7 +84,7 @@ class TorchArcdEngine(Engine):
             # against the fp32 graph (seen on an H200), as ONNX Runtime's CUDA default did (#8)
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
-        self.model = ARCDInference(r, d).eval().to(self.device)
+        self.model = ARCDInference(r, d, region_head=tc.model.region_head).eval().to(self.device)
         spec = bundle.spec.input
         self.input_name = spec.name
         self.tile = tuple(spec.tile)
@@ -92,6 +92,9 @@ class TorchArcdEngine(Engine):
         self.inputs = [TensorSpec(spec.name, (None, spec.channels, *spec.tile), "float32")]
         self.outputs = [TensorSpec("reconstruction", (None,), "float32"),
                         TensorSpec(bundle.spec.outputs["probabilities"], (None,), "float32")]
+        if tc.model.region_head:
+            self.outputs.append(TensorSpec(bundle.spec.outputs.get("region", "region"), (None,),
+                                           "float32"))
         precision = "tf32" if self.device.type == "cuda" and tf32 else "fp32"
         self.backend = f"torch-eager:{self.device.type}:{precision} {torch.__version__} ({self.weights})"
         if check_against_graph:
@@ -120,9 +123,8 @@ class TorchArcdEngine(Engine):
         torch = self.torch
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(feeds[self.input_name], dtype=np.float32))
-            rec, probs = self.model(x.to(self.device))
-            return {self.outputs[0].name: rec.float().cpu().numpy(),
-                    self.outputs[1].name: probs.float().cpu().numpy()}
+            outs = self.model(x.to(self.device))
+            return {spec.name: t.float().cpu().numpy() for spec, t in zip(self.outputs, outs)}
 
     def close(self) -> None:
         self.model = None

@@ -36,6 +36,7 @@ __all__ = [
     "CALM",
     "count_parameters",
     "channel_softmax",
+    "split_region_logits",
 ]
 
 
@@ -317,11 +318,13 @@ class ARCDInference(nn.Module):
     Input: normalised image ``[N, C, H, W]`` (H and W multiples of ``2 ** (depth - 1)`` of both
     networks). Outputs: ``(reconstruction [N, C, H, W], probs [N, K, H, W])`` with ``probs`` the
     softmax over the K classes (class 0 = background). D sees ``cat([reconstruction, input])``,
-    the spec's default order.
+    the spec's default order. With ``region_head`` D has K + 2 output channels and a third
+    output follows, ``region [N, 1, H, W]``: the probability of the machine region (the thesis's
+    second sub-task), from its own softmax over D's last two channels.
     """
 
     def __init__(self, reconstruction: ReconstructiveSubNetwork | NoReconstruction,
-                 discrimination: DiscriminativeSubNetwork):
+                 discrimination: DiscriminativeSubNetwork, region_head: bool = False):
         super().__init__()
         want = reconstruction.in_channels if getattr(reconstruction, "passthrough", False) \
             else reconstruction.out_channels + reconstruction.in_channels
@@ -330,11 +333,26 @@ class ARCDInference(nn.Module):
                 f"D takes {discrimination.in_channels} channels but its input has {want}")
         self.reconstruction = reconstruction
         self.discrimination = discrimination
+        self.region_head = region_head
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         rec = self.reconstruction(image)
         logits = self.discrimination(discriminator_input(self.reconstruction, rec, image))
-        return rec, channel_softmax(logits)
+        if not self.region_head:
+            return rec, channel_softmax(logits)
+        defects, region = split_region_logits(logits)
+        # the region head is its own 2-way softmax (spec §2.4): a pixel can be a defect and
+        # inside the machine region at once; only p(region) leaves the graph
+        return rec, channel_softmax(defects), channel_softmax(region)[:, 1:2]
+
+
+def split_region_logits(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """D's output with a region head -> (defect logits [N, K, ...], region logits [N, 2, ...]).
+
+    The region head is D's last two channels ({not region, region}); the first K are the
+    defect head's, as without a region head.
+    """
+    return logits[:, :-2], logits[:, -2:]
 
 
 def channel_softmax(logits: torch.Tensor) -> torch.Tensor:

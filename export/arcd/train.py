@@ -38,7 +38,8 @@ from inspector.sources.synthetic import CLASS_NAMES
 
 from export.arcd.data import (DataConfig, SyntheticDataConfig, TrainingData, TrainingDataError,
                               build_data, collate)
-from export.arcd.evaluate import choose_thresholds, evaluate, predict_frame
+from export.arcd.evaluate import (choose_region_threshold, choose_thresholds, evaluate,
+                                  predict_frame, region_confusion, region_scores)
 from export.arcd.loss import (DiceLoss, FocalLoss, ReconstructionLoss, defect_vs_background,
                               reconstruction_accuracy)
 from export.arcd.simulation import SimulationConfig
@@ -46,7 +47,7 @@ from export.arcd.backbones import (DeepLabV3PlusDiscriminator, PSPNetDiscriminat
                                    SegNetDiscriminator, input_multiple)
 from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, NoReconstruction,
                                      ReconstructiveSubNetwork, count_parameters,
-                                     discriminator_input)
+                                     discriminator_input, split_region_logits)
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
 from export.training import (atomic_save, check_resume_keys, quiet_worker, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
@@ -93,6 +94,16 @@ class ModelConfig(BaseModel):
     d_backbone: Literal["unet", "segnet", "pspnet", "deeplabv3plus"] = "unet"
     #: bottleneck blocks per ResNet stage for pspnet / deeplabv3plus ((3, 4, 6, 3) = ResNet-50)
     d_resnet_layers: tuple[int, int, int, int] = (3, 4, 6, 3)
+    #: spec §2.4: D's second head, a 2-way softmax over {not region, region} on two more output
+    #: channels (the thesis's machine-region map, which may overlap defects). Needs region labels
+    #: (neu-seg layout: regions/<subset>/<stem>.png); stage 1 never trains it (spec §2.5)
+    region_head: bool = False
+    #: what the region is, written into the bundle and every published report
+    region_name: str = Field("machine region", min_length=1)
+
+    def d_outputs(self) -> int:
+        """D's output channels: one per class, and two more for the region head."""
+        return len(self.classes) + (2 if self.region_head else 0)
 
     def input_multiple(self) -> int:
         """What tile and training-crop sides must be a multiple of (both networks' strides)."""
@@ -153,6 +164,9 @@ class Stage2Config(_StageBase):
     alpha_clamp: tuple[float, float] = (0.25, 0.999)
     #: weight of an extra soft-Dice term (0 = the thesis's focal loss alone); see loss.DiceLoss
     dice_weight: float = Field(0.0, ge=0)
+    #: weight of the region head's focal loss (same gamma, class-balanced alpha) beside the
+    #: defect head's; the thesis sums the two tasks' Loss2 (model.region_head only)
+    region_weight: float = Field(1.0, ge=0)
 
 
 class EvalConfig(BaseModel):
@@ -240,7 +254,7 @@ def build_models(cfg: ModelConfig) -> tuple[ReconstructiveSubNetwork | NoReconst
         r = ReconstructiveSubNetwork(cfg.in_channels, cfg.in_channels, cfg.r_base_width,
                                      cfg.r_depth, mflm=cfg.mflm)
         d_in = 2 * cfg.in_channels
-    k, base = len(cfg.classes), cfg.d_base_channels
+    k, base = cfg.d_outputs(), cfg.d_base_channels
     if cfg.d_backbone == "unet":
         d: torch.nn.Module = DiscriminativeSubNetwork(d_in, k, base, cfg.d_depth, calm=cfg.calm)
     elif cfg.d_backbone == "segnet":
@@ -434,6 +448,7 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
     sc: _StageBase
     dice: torch.nn.Module | None = None
     agnostic: torch.nn.Module | None = None  # stage 1 with train_d: D's class-agnostic loss
+    region: torch.nn.Module | None = None  # stage 2 with model.region_head: the region's loss
     if stage == 1:
         sc, ds, opt, sched = cfg.stage1, data.stage1, state.opt1, state.sched1
         crit: torch.nn.Module = ReconstructionLoss(cfg.stage1.ssim_weight, mean=cfg.model.mean,
@@ -448,6 +463,9 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
                          ignore_index=255)
         if cfg.stage2.dice_weight > 0:
             dice = DiceLoss(ignore_index=255)
+        if cfg.model.region_head:
+            region = FocalLoss(cfg.stage2.focal_gamma, "balanced", cfg.stage2.alpha_clamp,
+                               ignore_index=255)
         state.r.eval()  # frozen: BN statistics and weights stay as stage 1 left them
         state.r.requires_grad_(False)
         state.d.train()
@@ -458,7 +476,7 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
     fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
     state.wrap_for_stage(stage)
     try:
-        _loop(state, stage, sc, ds, opt, sched, crit, dice, run_dir, dev, fmt, agnostic)
+        _loop(state, stage, sc, ds, opt, sched, crit, dice, run_dir, dev, fmt, agnostic, region)
     except KeyboardInterrupt:
         if state.rank == 0:
             atomic_save(state.state_dict(), run_dir / CHECKPOINT)
@@ -473,7 +491,8 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
 def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.optim.Optimizer,
           sched: torch.optim.lr_scheduler.LRScheduler, crit: torch.nn.Module,
           dice: torch.nn.Module | None, run_dir: Path, dev: torch.device,
-          fmt: torch.memory_format, agnostic: torch.nn.Module | None = None) -> None:
+          fmt: torch.memory_format, agnostic: torch.nn.Module | None = None,
+          region: torch.nn.Module | None = None) -> None:
     cfg = state.cfg
     hist = state.history[f"stage{stage}"]
     t0 = time.monotonic()
@@ -494,6 +513,8 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
                 loss, parts = crit(rec, batch["target"].to(dev))
                 if agnostic is not None:
                     logits = d_fwd(discriminator_input(state.r, rec.detach(), x))
+                    if cfg.model.region_head:  # simulated anomalies carry no region (§2.5)
+                        logits = split_region_logits(logits)[0]
                     target = (batch["anomaly_mask"][:, 0] > 0.5).long().to(dev)
                     dl = agnostic(defect_vs_background(logits), target)
                     parts = {**parts, "d_focal": float(dl.detach())}
@@ -502,13 +523,21 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
                 with torch.no_grad():
                     rec = state.r(x)
                 logits = d_fwd(discriminator_input(state.r, rec, x))
+                if region is not None:
+                    logits, region_logits = split_region_logits(logits)
                 mask = batch["mask"].to(dev)
                 loss = crit(logits, mask)
                 parts = {}
+                if dice is not None or region is not None:
+                    parts["focal"] = float(loss.detach())
                 if dice is not None:
                     dl = dice(logits, mask)
-                    parts = {"focal": float(loss.detach()), "dice": float(dl.detach())}
+                    parts["dice"] = float(dl.detach())
                     loss = loss + cfg.stage2.dice_weight * dl
+                if region is not None:
+                    rl = region(region_logits, batch["region"].to(dev))
+                    parts["region"] = float(rl.detach())
+                    loss = loss + cfg.stage2.region_weight * rl
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -541,7 +570,7 @@ def _evaluate(state: _State, data: TrainingData) -> dict:
     """Thresholds from the calibration frames, IoU per class on the validation frames."""
     cfg = state.cfg
     mc, ec = cfg.model, cfg.evaluation
-    model = ARCDInference(state.r, state.d).eval()
+    model = ARCDInference(state.r, state.d, region_head=mc.region_head).eval()
     names = list(mc.classes)
 
     def probs_of(frames):
@@ -566,8 +595,35 @@ def _evaluate(state: _State, data: TrainingData) -> dict:
              {k: (round(v, 3) if v is not None else None) for k, v in res.iou.items()},
              res.mean_defect_iou, res.mean_defect_iou_argmax)
     out = res.as_dict()
+    if mc.region_head:
+        out["region"] = _evaluate_region(model, calib, val, cfg)
     out.update(global_threshold=g, calibration_frames=len(calib), seconds=round(time.monotonic() - t0, 1))
     return out
+
+
+def _evaluate_region(model: ARCDInference, calib: list, val: list, cfg: TrainConfig) -> dict:
+    """The region head's threshold (best region IoU on the calibration frames, else 0.5) and its
+    Table 3.3 figures (MPA, MIoU, IoU) on the validation frames, as the bundle will run it."""
+    mc, ec = cfg.model, cfg.evaluation
+
+    def region_of(frames: list) -> list[np.ndarray]:
+        return [predict_frame(model, f.image, mc.tile, ec.overlap, mc.in_channels, mc.mean,
+                              mc.std, output=2)[0] for f in frames]
+
+    rc = [f for f in calib if f.region is not None]
+    thr = 0.5
+    if rc:
+        thr, best = choose_region_threshold(region_of(rc), [f.region for f in rc],
+                                            ec.threshold_candidates)
+        log.info("region threshold from %d calibration frames: %.2f (region IoU %.3f there)",
+                 len(rc), thr, best)
+    rv = [f for f in val if f.region is not None]
+    scores = region_scores(region_confusion(region_of(rv), [f.region for f in rv], thr)) if rv \
+        else {"mpa": None, "miou": None, "iou": None}
+    log.info("region '%s' on %d validation frames: MPA %s, MIoU %s, IoU %s", mc.region_name,
+             len(rv), *(None if v is None else round(v, 3) for v in scores.values()))
+    return {"name": mc.region_name, "threshold": thr, **scores, "frames": len(rv),
+            "calibration_frames": len(rc)}
 
 
 def reconstruction_holdout(r: torch.nn.Module, items, crit: ReconstructionLoss) -> dict:
@@ -641,6 +697,13 @@ def open_training_data(cfg: TrainConfig, config_path: Path, world: int = 1) -> T
         raise ConfigError(where, "model.classes",
                           f"{list(cfg.model.classes)}, but the {source} data has classes {got} "
                           f"(mask index i is class i, D's output i); set model.classes to {got}")
+    if cfg.model.region_head and not getattr(data, "has_regions", False):
+        # found now, not in stage 2 hours later: the region head needs a label for every image
+        source = cfg.data.source + (f" {root}" if (root := getattr(cfg.data, "root", None)) else "")
+        raise ConfigError(where, "model.region_head",
+                          f"true, but the {source} data has no region labels (neu-seg layout: "
+                          f"regions/<subset>/<stem>.png beside annotations/, nonzero = region); "
+                          f"add them or set model.region_head: false")
     return data
 
 

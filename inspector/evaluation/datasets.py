@@ -9,7 +9,10 @@ Three layouts (``FORMATS``):
   (255 defect, 0 background; anti-aliased in-between values are thresholded at >= 128).
   ``MT_Free`` holds the defect-free images. The class of a defect pixel is its folder's category.
 * ``neu-seg``: ``images/<subset>/<stem>.jpg`` with ``annotations/<subset>/<stem>.png`` holding
-  class indices (0 background, 1 inclusion, 2 patches, 3 scratches).
+  class indices (0 background, 1 inclusion, 2 patches, 3 scratches). Optionally
+  ``regions/<subset>/<stem>.png``: a second label of the same image, the machine region of ARCD's
+  region head (nonzero = region; may overlap defects). Where ``regions/`` exists every image must
+  have one (:attr:`Sample.region`, :attr:`Dataset.has_regions`); the other layouts have none.
 * ``folder``: every image under the root (recursively), all taken as defect-free.
 
 Splits are deterministic and need no list file: a stem's split is fixed by the SHA-256 of the
@@ -113,15 +116,19 @@ class Entry:
     #: class index given to every mask pixel >= 128 (binary masks), or None: the mask file holds
     #: class indices already
     binary_class: int | None = None
+    #: the image's region label (neu-seg ``regions/<subset>/<stem>.png``), None: no region labels
+    region: Path | None = None
 
 
 @dataclass
 class Sample:
-    """A loaded image with its class-index mask (0 = background), same height and width."""
+    """A loaded image with its class-index mask (0 = background), same height and width, and
+    where the data set has region labels its region mask (HxW uint8, 1 = region, 0 = not)."""
 
     image: np.ndarray
     mask: np.ndarray
     entry: Entry
+    region: np.ndarray | None = None
 
     @property
     def defective(self) -> bool:
@@ -150,6 +157,12 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.entries)
 
+    @property
+    def has_regions(self) -> bool:
+        """Whether every image has a region label (a data set with ``regions/``). Derived from
+        the entries, so subsets (:meth:`filter`) and unions built from them stay right."""
+        return bool(self.entries) and all(e.region is not None for e in self.entries)
+
     def load(self, i: int) -> Sample:
         e = self.entries[i]
         img = read_image(e.image, self.color)
@@ -170,7 +183,8 @@ class Dataset:
                     raise ValueError(f"{e.mask}: class index {int(raw.max())} but the {self.format} "
                                      f"layout has {len(self.classes)} classes {self.classes}")
                 mask = raw
-        return Sample(img, mask, e)
+        region = None if e.region is None else _read_region(e.region, e.image, h, w)
+        return Sample(img, mask, e, region)
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):
@@ -186,6 +200,19 @@ class Dataset:
             cats[e.category] = cats.get(e.category, 0) + 1
         return {"format": self.format, "root": str(self.root), "split": self.split,
                 "images": len(self.entries), "by_category": cats}
+
+
+def _read_region(path: Path, image: Path, h: int, w: int) -> np.ndarray:
+    """The region label ``path`` of ``image`` (h x w) as uint8 0/1: any nonzero grey is region
+    (a 3-channel PNG is read as grey, so colour-coded labels work too)."""
+    raw = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if raw is None:
+        what = "missing" if not path.is_file() else "unreadable (truncated or not an image)"
+        raise ValueError(f"{path}: cannot read the region label of {image.name} ({what})")
+    if raw.shape != (h, w):
+        raise ValueError(f"{path}: region label is {raw.shape[1]}x{raw.shape[0]} but its image "
+                         f"{image.name} is {w}x{h}")
+    return (raw > 0).astype(np.uint8)
 
 
 def _images_in(folder: Path, recursive: bool = False) -> list[Path]:
@@ -271,7 +298,10 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
     training folder is training data, the official test images are not)."""
     root = Path(root)
     _check_split(split)
-    img_root, ann_root = root / "images", root / "annotations"
+    img_root, ann_root, reg_root = root / "images", root / "annotations", root / "regions"
+    # regions/ is optional for a data set; where it exists it labels every image (a partial
+    # labelling would score the region on a silently chosen subset)
+    with_regions = reg_root.is_dir()
     if not img_root.is_dir() or not ann_root.is_dir():
         raise FileNotFoundError(f"{root}: expected images/ and annotations/ folders (NEU-Seg layout)")
     subs = sorted(p.name for p in img_root.iterdir() if p.is_dir())
@@ -302,7 +332,15 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
                     raise FileNotFoundError(f"{img}: no annotation {ann}")
                 missing += 1
                 continue
-            entries.append(Entry(img, ann, img.stem, sub, s, binary_class=None))
+            region = None
+            if with_regions:
+                region = reg_root / sub / f"{img.stem}.png"
+                if not region.is_file():
+                    # a ValueError like the readers' unreadable-label errors, found at opening
+                    # rather than after the model has run over the images before it
+                    raise ValueError(f"{region}: missing: the region label of {img} ({reg_root} "
+                                     "exists, so every image needs its region PNG)")
+            entries.append(Entry(img, ann, img.stem, sub, s, binary_class=None, region=region))
     ds = Dataset("neu-seg", root, list(NEU_SEG_CLASSES), entries, split,
                  split_by="folder" if whole_test else "hash")
     if missing:

@@ -7,6 +7,10 @@ JSON-ready dict; with ``out_dir`` it is also written as ``metrics.json``, with e
 image's scores in ``per_image.jsonl`` and overlay PNGs (input | score heat map | truth in green,
 prediction in red) in ``overlays/``.
 
+A bundle with a region head (``region:`` in bundle.yaml) adds ``"region"``: its
+:class:`~inspector.evaluation.metrics.RegionMetrics` on a data set with region labels, null
+(and a log line saying why) on one without; bundles without a head add no such key.
+
 Adding metrics for a kind: append a factory to ``METRICS_BY_KIND[kind]`` (or call
 :func:`register_metric`); its ``result()`` keys join the top level of the JSON.
 
@@ -37,7 +41,8 @@ from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
 from inspector.evaluation.datasets import Dataset, Sample
 from inspector.evaluation.metrics import (ClassConfusion, Counts, DefectPixelMetrics,
                                           DynamicInferenceStats, FalseAlarm, FrameResult, Metric,
-                                          PerClassAUROC, PixelAUROC, confusion_matrix, scores)
+                                          PerClassAUROC, PixelAUROC, RegionMetrics,
+                                          confusion_matrix, scores)
 from inspector.models import ModelAdapter, make_adapter
 from inspector.postprocess import RECIPE_KEYS, PostprocessConfig, Postprocessor, keys_unused_by, recipe_misfit
 
@@ -109,9 +114,11 @@ class Runner:
             label = self.post.mask(out.probs, out.residual, out.score_map)
             defects, _ = self.post.defects(label, out.score_map)
             cp = (lambda a: None if a is None else np.array(a, copy=True)) if keep_maps else (lambda a: a)
+            # the region map is copied like the score map: the adapter's buffer goes back below
+            region = None if out.region is None else np.array(out.region, copy=True)
             return FrameResult(label=label, score_map=np.array(out.score_map, copy=True),
                                probs=cp(out.probs), residual=cp(out.residual), defects=defects,
-                               stats=dict(out.stats))
+                               stats=dict(out.stats), region=region)
         finally:
             if out.release:
                 out.release()
@@ -125,6 +132,14 @@ def _resize(sample: Sample, size: tuple[int, int] | None) -> tuple[np.ndarray, n
     # nearest keeps class indices intact (spec §3.2: GT resized nearest-neighbour)
     mask = cv2.resize(sample.mask, (w, h), interpolation=cv2.INTER_NEAREST)
     return img, mask
+
+
+def _resize_region(region: np.ndarray | None, size: tuple[int, int] | None) -> np.ndarray | None:
+    if region is None or size is None:
+        return region
+    h, w = size
+    # nearest, as the class mask: the label stays 0/1
+    return cv2.resize(region, (w, h), interpolation=cv2.INTER_NEAREST)
 
 
 def overlay(image: np.ndarray, score: np.ndarray, truth: np.ndarray, label: np.ndarray) -> np.ndarray:
@@ -177,6 +192,14 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
         raise ValueError(f"{dataset.root}: the {dataset.format} data set's classes {list(dataset.classes)} "
                          f"are not the bundle's {list(spec.classes)} ({runner.bundle.path}); "
                          "evaluate a class-probability model on data labelled with its own classes")
+    region_metric: RegionMetrics | None = None
+    if spec.region is not None:
+        if dataset.has_regions:
+            region_metric = RegionMetrics(spec.region.name, spec.region.threshold, auroc_stride)
+        else:
+            log.warning("%s: the bundle's region head (%s) is not scored (\"region\": null): the %s "
+                        "data set %s has no region labels (NEU-Seg: regions/<subset>/<stem>.png)",
+                        runner.bundle.path, spec.region.name, dataset.format, dataset.root)
     if overlay_pick is None:
         overlay_pick = "worst-best" if spec.kind == "arcd" else "spread"
     if overlay_pick not in ("spread", "worst-best"):
@@ -201,6 +224,11 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
             infer_ms.append((time.perf_counter() - t) * 1e3)
             for m in metrics:
                 m.update(truth, res, sample.name)
+            if region_metric is not None:
+                if res.region is None:
+                    raise BundleError(f"{runner.bundle.path / BUNDLE_FILE}: region: set, but the "
+                                      f"engine ({runner.engine.backend}) gave no region map")
+                region_metric.update(_resize_region(sample.region, resize), res.region)
             if truth.any():
                 image_iou.append((scores(Counts.of(res.label > 0, truth > 0))["iou"], i))
             if per_image_f is not None:
@@ -251,6 +279,8 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
             if result.get(key) is not None:
                 result[key] = {(names[c] if c < len(names) else str(c)): v
                                for c, v in enumerate(result[key])}
+    if spec.region is not None:
+        result["region"] = region_metric.result() if region_metric is not None else None
     pp = runner.pp_config
     result.update({
         "bundle": str(runner.bundle.path), "kind": spec.kind,
@@ -303,6 +333,8 @@ def record_metrics(bundle: str | Path, result: dict[str, Any], key: str | None =
                  # AUROCs of a subsample say so; exact ones (stride 1) keep the entry as it was
                  **({"auroc_stride": result["auroc_stride"]} if result.get("auroc_stride", 1) != 1 else {}),
                  **({"kind_params": result["kind_params"]} if result.get("kind_params") else {}),
+                 # the region head's figures, where it was scored (a bundle without one: no key)
+                 **({"region": result["region"]} if result.get("region") else {}),
                  measured=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     raw = b.spec.model_dump(mode="json")
     raw.setdefault("provenance", {}).setdefault("metrics", {})[key] = entry

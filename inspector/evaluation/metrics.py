@@ -14,6 +14,8 @@ one JSON object (keys must not collide). New kinds add accumulators without touc
   defect pixels per megapixel.
 * :class:`DynamicInferenceStats` — for models with several engine rounds per frame (fuzzymask):
   which branch the tiles took and what a frame cost in engine calls, overall and per category.
+* :class:`RegionMetrics` — ARCD's machine-region head scored as one task (thesis Table 3.3):
+  MPA and MIoU over {not region, region}, the region's IoU and the pixel AUROC of p(region).
 
 Example::
 
@@ -34,7 +36,7 @@ import numpy as np
 
 __all__ = ["Counts", "scores", "auroc", "FrameResult", "Metric", "DefectPixelMetrics", "PixelAUROC",
            "FalseAlarm", "SCORE_KEYS", "confusion_matrix", "class_scores", "ClassConfusion",
-           "DynamicInferenceStats"]
+           "DynamicInferenceStats", "RegionMetrics"]
 
 SCORE_KEYS = ("precision", "recall", "f1", "iou", "acc")
 
@@ -154,6 +156,8 @@ class FrameResult:
     defects: list[dict] = field(default_factory=list)
     #: the adapter's per-frame figures (fuzzymask: engine rounds, converged tiles; see ModelOutput)
     stats: dict[str, float] = field(default_factory=dict)
+    #: float32 HxW p(region) of a bundle with a region head (``outputs.region``), else None
+    region: np.ndarray | None = None
 
 
 class Metric(Protocol):
@@ -395,3 +399,48 @@ class DynamicInferenceStats:
         if len(self._rows) > 1 or "" not in self._rows:
             out["per_category"] = {c: self._summary(v) for c, v in sorted(self._rows.items())}
         return {"dynamic_inference": out}
+
+
+class RegionMetrics:
+    """ARCD's machine-region map scored as one task, in the thesis's Table 3.3 form (spec 004
+    §4.3): a pixel is predicted region where p(region) >= ``threshold`` (the bundle's
+    ``region.threshold``); from the 2 x 2 pixel confusion over every image, ``mpa`` and ``miou``
+    over the two classes {not region, region} (:func:`class_scores`, the corrected MIoU of the
+    defect figures), ``iou`` of the region class, and ``auroc``, the pixel AUROC of p(region)
+    against the region label (None where a class is absent).
+
+    Memory as :class:`PixelAUROC`: the kept float32 probability and bool label of every
+    ``stride``-th pixel of each image (1 = exact AUROC); the confusion counts use every pixel.
+    """
+
+    def __init__(self, name: str, threshold: float, stride: int = 1) -> None:
+        self.name = name
+        self.threshold = float(threshold)
+        self.stride = max(1, int(stride))
+        self.counts = Counts()
+        self.images = 0
+        self._scores: list[np.ndarray] = []
+        self._labels: list[np.ndarray] = []
+
+    def update(self, truth: np.ndarray, region: np.ndarray) -> None:
+        """``truth``: HxW region label (nonzero = region); ``region``: HxW p(region)."""
+        t = np.asarray(truth) > 0
+        if np.shape(region) != t.shape:
+            raise ValueError(f"region map {np.shape(region)} and region label {t.shape} differ in shape")
+        # binary counts (bool ops) rather than confusion_matrix's int64 copies of both maps
+        self.counts += Counts.of(np.asarray(region) >= self.threshold, t)
+        self._scores.append(np.asarray(region, np.float32).ravel()[::self.stride].copy())
+        self._labels.append(t.ravel()[::self.stride].copy())
+        self.images += 1
+
+    def confusion(self) -> np.ndarray:
+        """2 x 2 pixel counts, rows truth (0 not region, 1 region), columns prediction."""
+        c = self.counts
+        return np.array([[c.tn, c.fp], [c.fn, c.tp]], np.int64)
+
+    def result(self) -> dict[str, Any]:
+        sc = class_scores(self.confusion())
+        positives = sum(int(np.count_nonzero(y)) for y in self._labels)
+        auc = _pooled_auroc(self._scores, self._labels.__getitem__, positives) if self._scores else None
+        return {"name": self.name, "threshold": self.threshold, "mpa": sc["mpa"], "miou": sc["miou"],
+                "iou": sc["per_class_iou"][1], "auroc": auc, "images": self.images}

@@ -31,6 +31,9 @@ class ModelOutput:
     score_map: np.ndarray
     probs: np.ndarray | None = None
     residual: np.ndarray | None = None
+    #: HxW float32 probability of the bundle's second sub-task region (ARCD's machine-region
+    #: head, ``outputs.region``); None for bundles without one
+    region: np.ndarray | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
     #: per-frame figures of the model kind that are not milliseconds (fuzzymask: engine rounds,
     #: converged tiles); not published, but passed to local report consumers and the evaluation
