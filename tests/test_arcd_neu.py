@@ -209,6 +209,39 @@ def test_mflm_and_calm_keep_shapes_and_calm_matches_the_thesis_size():
     assert count_parameters(DiscriminativeSubNetwork(6, 5, 64, calm=True)) / 1e6 == pytest.approx(20.63, abs=0.01)
 
 
+def test_mflm_and_calm_internals_are_config_keys_with_the_spec_defaults(tmp_path):
+    pytest.importorskip("torch")
+    from pydantic import ValidationError
+
+    from export.arcd.torch_model import CALM, MFLM
+    from export.arcd.train import ModelConfig, build_models
+
+    base = dict(in_channels=1, classes=CLASSES, tile=(32, 32), r_base_width=8, r_depth=3,
+                d_base_channels=16, d_depth=3, mflm=True, calm=True)
+
+    def parts(mc):
+        r, d = build_models(mc)
+        return ([m for m in r.modules() if isinstance(m, MFLM)],
+                [m for m in d.modules() if isinstance(m, CALM)])
+
+    (mflm,), calms = parts(ModelConfig(**base))
+    # the spec's defaults: corner convs k = 3 a border of k + 2d + 1 = 6 apart (dilation 1),
+    # 5 heads of 64, reduction 16
+    assert mflm.mdc.convs[0].kernel_size == (3, 3) and mflm.mdc.border == 3 + 2 + 1
+    assert (mflm.attn.heads, mflm.attn.dim, len(mflm.attn.blocks), mflm.residual) == (5, 64, 1, False)
+    assert [c.w1.out_channels for c in calms] == [max(1, c.w1.in_channels // 16) for c in calms]
+    opts = {"kernel": 1, "dilation": 2, "heads": 2, "dim": 16, "layers": 2, "residual": True}
+    (mflm,), calms = parts(ModelConfig(**base, mflm_options=opts, calm_reduction=4))
+    assert mflm.mdc.convs[0].kernel_size == (1, 1) and mflm.mdc.border == 1 + 4 + 1
+    assert (mflm.attn.heads, mflm.attn.dim, len(mflm.attn.blocks), mflm.residual) == (2, 16, 2, True)
+    assert [c.w1.out_channels for c in calms] == [c.w1.in_channels // 4 for c in calms]
+    # a misspelt or impossible value is refused, naming the key
+    with pytest.raises(ValidationError, match="mflm_options.kernal"):
+        ModelConfig(**base, mflm_options={"kernal": 5})
+    with pytest.raises(ValidationError, match="calm_reduction"):
+        ModelConfig(**base, calm_reduction=0)
+
+
 def test_baseline_switch_drops_r_and_feeds_d_the_image(tmp_path):
     torch = pytest.importorskip("torch")
     from export.arcd.torch_model import ARCDInference

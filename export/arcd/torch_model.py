@@ -172,15 +172,15 @@ class CALM(nn.Module):
         return f * a_h * a_w
 
 
-def _calm_block(cin: int, cout: int) -> nn.Sequential:
+def _calm_block(cin: int, cout: int, reduction: int = 16) -> nn.Sequential:
     # spec §3.2 [I]: CALM replaces the block's second 3x3 conv; its BN + ReLU stay
-    return nn.Sequential(*_conv_bn_relu(cin, cout), CALM(cout), nn.BatchNorm2d(cout),
+    return nn.Sequential(*_conv_bn_relu(cin, cout), CALM(cout, reduction), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
 
 
-def _mflm_block(cin: int, cout: int) -> nn.Sequential:
+def _mflm_block(cin: int, cout: int, options: dict | None = None) -> nn.Sequential:
     # spec §3.1 default placement: MFLM replaces the bottleneck block's second conv
-    return nn.Sequential(*_conv_bn_relu(cin, cout), MFLM(cout))
+    return nn.Sequential(*_conv_bn_relu(cin, cout), MFLM(cout, **(options or {})))
 
 
 class ReconstructiveSubNetwork(nn.Module):
@@ -192,10 +192,13 @@ class ReconstructiveSubNetwork(nn.Module):
     then two convs, narrowing back to ``base_width``; a final 3x3 conv without activation.
 
     ``in_channels=3, base_width=128`` is the thesis "Base" R (69,048,579 parameters).
+    ``mflm_options`` are :class:`MFLM`'s keyword arguments (kernel, dilation, heads, dim, layers,
+    residual); None keeps the spec's defaults.
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int | None = None,
-                 base_width: int = 128, depth: int = 5, mflm: bool = False):
+                 base_width: int = 128, depth: int = 5, mflm: bool = False,
+                 mflm_options: dict | None = None):
         super().__init__()
         if depth < 2:
             raise ValueError(f"ReconstructiveSubNetwork depth must be >= 2, got {depth}")
@@ -207,7 +210,8 @@ class ReconstructiveSubNetwork(nn.Module):
         cin = in_channels
         for i, w in enumerate(widths):
             last = i == len(widths) - 1
-            enc.append(_mflm_block(cin, w) if mflm and last else _double_conv(cin, w, w))
+            enc.append(_mflm_block(cin, w, mflm_options) if mflm and last
+                       else _double_conv(cin, w, w))
             cin = w
         self.encoder = nn.ModuleList(enc)
         self.pool = nn.MaxPool2d(2)
@@ -247,7 +251,7 @@ class DiscriminativeSubNetwork(nn.Module):
     """
 
     def __init__(self, in_channels: int = 6, out_channels: int = 4, base_channels: int = 64,
-                 depth: int = 6, calm: bool = False):
+                 depth: int = 6, calm: bool = False, calm_reduction: int = 16):
         super().__init__()
         if depth < 2:
             raise ValueError(f"DiscriminativeSubNetwork depth must be >= 2, got {depth}")
@@ -257,7 +261,7 @@ class DiscriminativeSubNetwork(nn.Module):
         enc: list[nn.Module] = []
         cin = in_channels
         for w in widths:
-            enc.append(_calm_block(cin, w) if calm else _double_conv(cin, w, w))
+            enc.append(_calm_block(cin, w, calm_reduction) if calm else _double_conv(cin, w, w))
             cin = w
         self.encoder = nn.ModuleList(enc)
         self.pool = nn.MaxPool2d(2)

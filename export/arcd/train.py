@@ -67,6 +67,20 @@ __all__ = ["ModelConfig", "Stage1Config", "Stage2Config", "EvalConfig", "TrainCo
 # Config
 # ---------------------------------------------------------------------------------------------
 
+class MFLMOptions(BaseModel):
+    """MFLM's internals (spec §3.1; the defaults are the spec's: SSPCAB's kernel 3 and
+    dilation 1, SSMCTB's 5 summed heads of 64, one block, no residual add)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kernel: int = Field(3, ge=1, description="masked dilated conv: each corner conv's size k")
+    dilation: int = Field(1, ge=1, description="gap d between the hidden centre and the corners")
+    heads: int = Field(5, ge=1, description="channel transformer: attention heads (summed, eq. 4-7)")
+    dim: int = Field(64, ge=1, description="channel transformer: token width")
+    layers: int = Field(1, ge=1, description="channel transformer: blocks")
+    residual: bool = Field(False, description="add MFLM's input back to its output")
+
+
 class ModelConfig(BaseModel):
     """Network sizes and the input contract. Defaults are the thesis networks (RGB)."""
 
@@ -88,6 +102,10 @@ class ModelConfig(BaseModel):
     mflm: bool = False
     #: spec §3.2: CALM in place of the second conv of each D encoder block (U-Net D only)
     calm: bool = False
+    #: MFLM's internals (used with model.mflm)
+    mflm_options: MFLMOptions = Field(default_factory=MFLMOptions)
+    #: CALM's channel-attention reduction r (spec default 16; used with model.calm)
+    calm_reduction: int = Field(16, ge=1)
     #: spec §2.4: D's backbone. "unet" is the thesis default; "segnet" (VGG16-style, d_depth
     #: pooled stages: 5 is SegNet), "pspnet" and "deeplabv3plus" (ResNet trunk, d_resnet_layers)
     #: are its comparisons. d_base_channels scales every width (64 = the published sizes).
@@ -252,11 +270,13 @@ def build_models(cfg: ModelConfig) -> tuple[ReconstructiveSubNetwork | NoReconst
         d_in = cfg.in_channels
     else:
         r = ReconstructiveSubNetwork(cfg.in_channels, cfg.in_channels, cfg.r_base_width,
-                                     cfg.r_depth, mflm=cfg.mflm)
+                                     cfg.r_depth, mflm=cfg.mflm,
+                                     mflm_options=cfg.mflm_options.model_dump())
         d_in = 2 * cfg.in_channels
     k, base = cfg.d_outputs(), cfg.d_base_channels
     if cfg.d_backbone == "unet":
-        d: torch.nn.Module = DiscriminativeSubNetwork(d_in, k, base, cfg.d_depth, calm=cfg.calm)
+        d: torch.nn.Module = DiscriminativeSubNetwork(d_in, k, base, cfg.d_depth, calm=cfg.calm,
+                                                      calm_reduction=cfg.calm_reduction)
     elif cfg.d_backbone == "segnet":
         d = SegNetDiscriminator(d_in, k, base, cfg.d_depth)
     elif cfg.d_backbone == "pspnet":
