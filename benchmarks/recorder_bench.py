@@ -9,7 +9,12 @@ Feeds synthetic-strip frames (the demo's 256x1600, or any size) with a defect ma
   sustains on this disk;
 * ``kib_per_record``: disk use per record.
 
+``--fsync`` measures every level a second time with ``record.fsync: true`` (each file and its
+folder flushed to the disk), so the JSON and the plot show what surviving a power cut costs
+on the disk ``--dir`` points at.
+
     python benchmarks/recorder_bench.py --frames 60 --levels 0 1 3 6 --out bench-out/recorder
+    python benchmarks/recorder_bench.py --levels 1 --fsync --dir /var/lib/inspector --out bench-out/recorder
 """
 
 from __future__ import annotations
@@ -32,9 +37,9 @@ from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
 CLASSES = ["background", "inclusion", "patches", "scratches"]
 
 
-def measure(frames: list[Frame], level: int, folder: Path) -> dict:
+def measure(frames: list[Frame], level: int, folder: Path, fsync: bool = False) -> dict:
     rec = Recorder(RecordConfig(enabled=True, dir=str(folder), queue_size=len(frames) + 1,
-                                png_compression=level, min_free_gb=0), "bench", CLASSES)
+                                png_compression=level, min_free_gb=0, fsync=fsync), "bench", CLASSES)
     label = np.zeros(frames[0].image.shape[:2], np.uint8)
     label[100:120, 300:400] = 2
     offer = []
@@ -51,7 +56,7 @@ def measure(frames: list[Frame], level: int, folder: Path) -> dict:
     n = s["recorded"]["defects"]
     if n != len(frames):
         raise RuntimeError(f"level {level}: {n} of {len(frames)} frames recorded, skipped {s['skipped']}")
-    return {"png_compression": level, "frames": n,
+    return {"png_compression": level, "fsync": fsync, "frames": n,
             "offer_us": {"p50": float(np.median(offer) * 1e6), "p99": float(np.percentile(offer, 99) * 1e6)},
             "writer_ms_per_frame": wall / n * 1e3, "writer_fps": n / wall,
             "kib_per_record": s["bytes"] / n / 1024}
@@ -63,10 +68,11 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = result["levels"]
-    levels = [str(r["png_compression"]) for r in rows]
+    levels = [f"{r['png_compression']}{' fsync' if r.get('fsync') else ''}" for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.5))
-    a.bar(levels, [r["writer_fps"] for r in rows], color="tab:blue")
-    a.set_xlabel("png_compression")
+    a.bar(levels, [r["writer_fps"] for r in rows],
+          color=["tab:red" if r.get("fsync") else "tab:blue" for r in rows])
+    a.set_xlabel("png_compression (fsync: record.fsync on)")
     a.set_ylabel("defect frames / s the writer sustains")
     b.bar(levels, [r["kib_per_record"] for r in rows], color="tab:orange")
     b.set_xlabel("png_compression")
@@ -87,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levels", type=int, nargs="+", default=[0, 1, 3, 6])
     ap.add_argument("--dir", help="where to write the records (default: a temporary folder; "
                                   "point it at the line PC's recordings disk)")
+    ap.add_argument("--fsync", action="store_true",
+                    help="also measure each level with record.fsync: true")
     ap.add_argument("--out", required=True, help="folder for recorder-bench.json and .png")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -99,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-        for level in args.levels:
-            rows.append(measure(frames, level, Path(tmp) / f"level{level}"))
+        for level, fsync in [(lv, fs) for lv in args.levels for fs in ((False, True) if args.fsync else (False,))]:
+            rows.append(measure(frames, level, Path(tmp) / f"level{level}{'-fsync' if fsync else ''}", fsync))
             r = rows[-1]
-            print(f"png_compression {level}: offer p50 {r['offer_us']['p50']:.1f} us, writer "
+            print(f"png_compression {level}{' fsync' if fsync else ''}: offer p50 {r['offer_us']['p50']:.1f} us, writer "
                   f"{r['writer_fps']:.1f} frames/s ({r['writer_ms_per_frame']:.1f} ms), "
                   f"{r['kib_per_record']:.0f} KiB/record", file=sys.stderr)
     result = {"what": "frame recorder write rate per PNG level (benchmarks/recorder_bench.py)",

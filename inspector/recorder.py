@@ -26,8 +26,11 @@ bundles without a region.
 names sort by time and never collide across restarts. Each file appears whole (written under a
 hidden name, then renamed) and the image last, so a reader that lists ``images/`` (the replay
 source, the calibration tools) sees only complete records; a start removes what a killed process
-left (hidden files, a meta or mask without its image, an empty image). Files are not fsync'd:
-after a power cut the last records may be missing or empty, and the next start removes them.
+left (hidden files, a meta or mask without its image, an empty image). By default files are not
+fsync'd: after a power cut the last records may be missing or empty, and the next start removes
+them. ``fsync: true`` flushes each file to the disk before it is renamed into place, and the
+folders after the rename, so a record that was counted survives a power cut; it costs the writer
+thread (never the inspection) a disk flush per file (``benchmarks/recorder_bench.py --fsync``).
 One recorder per camera folder: a second one (two configs with one ``camera_id``) is refused.
 
 Inspection never waits for the disk: frames go through a bounded queue to one writer thread.
@@ -101,6 +104,18 @@ class RecordConfig(BaseModel):
                                                       "free space than this")
     queue_size: int = Field(32, ge=1, le=4096, description="frames waiting for the writer")
     png_compression: int = Field(1, ge=0, le=9, description="PNG level: 1 is fast, 9 small")
+    fsync: bool = Field(False, description="flush every file and its folder to the disk before the "
+                                           "record is counted: survives a power cut, costs the "
+                                           "writer a disk flush per file")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (the renames into it) to the disk."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -481,8 +496,17 @@ class Recorder:
                 tmp = final.with_name("." + final.name + ".part")
                 with open(tmp, "wb") as fh:
                     fh.write(data)
+                    if self.cfg.fsync:
+                        # the data before the name: a rename that reaches the disk first would
+                        # leave a complete-looking empty file after a power cut
+                        fh.flush()
+                        os.fsync(fh.fileno())
                 os.replace(tmp, final)
                 written.append(final)
+            if self.cfg.fsync:
+                # the renames live in the folders' entries; flushed last, the image's too
+                for d in dict.fromkeys(p.parent for p in written):
+                    _fsync_dir(d)
         except OSError as e:
             for p in written + ([tmp] if tmp != folder else []):
                 try:
@@ -530,6 +554,8 @@ class Recorder:
         folder.mkdir(parents=True, exist_ok=True)
         if os.geteuid() == 0:
             self._give_to_parent_owner([folder])
+        if self.cfg.fsync:
+            _fsync_dir(folder.parent)  # the new folder's own entry
 
     def _remove_oldest(self) -> bool:
         """Remove the oldest record (never the only one left); False when it could not."""

@@ -317,3 +317,53 @@ def test_every_frame_offered_is_recorded_or_counted_after_a_stop_that_runs_out_o
     assert rec.snapshot()["recorded"] == s["recorded"]
     assert rec.offer(_frame(7), np.zeros((16, 24), np.uint8), _header(7)) is None  # closed: counted
     assert rec.snapshot()["skipped"]["shutdown"] == s["skipped"]["shutdown"] + 1
+
+
+def test_fsync_flushes_each_file_before_its_rename_and_the_folders_after(tmp_path, monkeypatch):
+    """A power cut cannot be pulled here, so what ``fsync: true`` promises is checked on the calls
+    it makes: every file's data while it still has its hidden name (before the rename), then the
+    folders holding the renamed files; an fsync the disk refuses is a counted write error that
+    leaves no file behind. Without the option nothing is flushed (the default's cost is nil)."""
+    real_fsync = os.fsync
+    flushed: list[str] = []
+
+    def spy(fd: int) -> None:
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    label = np.zeros((16, 24), np.uint8)
+    label[2:5, 3:9] = 2
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0, fsync=True), "c", CLASSES)
+    rec.start()
+    rec.offer(_frame(0), label, _header(0))
+    rec.close()
+    assert rec.snapshot()["recorded"]["defects"] == 1
+    root = tmp_path / "c" / "defects"
+    files = sorted(root.glob("*/*"))
+    assert [p.parent.name for p in files] == ["images", "masks", "meta"]
+    for p in files:
+        hidden = str(p.with_name("." + p.name + ".part"))
+        assert hidden in flushed, (p, flushed)  # the data went to the disk under the hidden name
+        assert flushed.index(hidden) < flushed.index(str(p.parent))  # and before its folder
+    # the image is renamed last, so its folder is flushed after the image's data
+    assert flushed[-1] == str(root / "images")
+
+    flushed.clear()
+    off = Recorder(RecordConfig(enabled=True, dir=str(tmp_path / "off"), min_free_gb=0), "c", CLASSES)
+    off.start()
+    off.offer(_frame(1), label, _header(1))
+    off.close()
+    assert off.snapshot()["recorded"]["defects"] == 1 and flushed == []
+
+    def refuse(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", refuse)
+    bad = Recorder(RecordConfig(enabled=True, dir=str(tmp_path / "bad"), min_free_gb=0, fsync=True), "c", CLASSES)
+    bad.start()
+    bad.offer(_frame(2), label, _header(2))
+    bad.close()
+    s = bad.snapshot()
+    assert s["skipped"]["write_error"] == 1 and s["recorded"]["defects"] == 0
+    assert not [p for p in (tmp_path / "bad" / "c").rglob("*") if p.is_file() and p.name != ".lock"]
