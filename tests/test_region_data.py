@@ -79,6 +79,25 @@ def test_any_nonzero_grey_and_a_colour_png_are_region(tmp_path):
     np.testing.assert_array_equal(s.region, reg)
 
 
+def test_16_bit_labels_keep_their_values_and_large_ones_are_refused(tmp_path):
+    """16-bit PNG labels: read as grey, OpenCV would divide them by 256 and a 0/1 region (or a
+    class-index mask) would become all zeros without a word."""
+    root = neu_region_folder(tmp_path / "neu", n=2)
+    reg = region_of(1, 40, 56)
+    cv2.imwrite(str(root / "regions" / "training" / "000001.png"), reg.astype(np.uint16))
+    mask = np.zeros((40, 56), np.uint16)
+    mask[5:12, 20:30] = 2
+    cv2.imwrite(str(root / "annotations" / "training" / "000001.png"), mask)
+    ds = open_dataset("neu-seg", root)
+    s = ds.load([e.stem for e in ds.entries].index("000001"))
+    np.testing.assert_array_equal(s.region, reg)
+    np.testing.assert_array_equal(s.mask, mask.astype(np.uint8))
+    big = (reg.astype(np.uint16) * 1000)
+    cv2.imwrite(str(root / "regions" / "training" / "000001.png"), big)
+    with pytest.raises(ValueError, match=r"000001\.png: uint16 label with values up to 1000"):
+        ds.load([e.stem for e in ds.entries].index("000001"))
+
+
 def test_without_regions_folder_nothing_has_a_region(tmp_path):
     root = neu_region_folder(tmp_path / "neu", regions=False)
     ds = open_dataset("neu-seg", root)

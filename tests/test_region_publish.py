@@ -340,12 +340,14 @@ def test_doc_snippet_reads_the_region(synthetic_cfg, region_model):
     snippet = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
     h, w = 64, 128
     img = bright_frame(h, w, (10, 20, 30, 40))
-    cfg = region_cfg(synthetic_cfg, region_model, h, w)
+    # the first frame waits for the snippet's subscription (no sleep to guess a connect time)
+    cfg = region_cfg(synthetic_cfg, region_model, h, w,
+                     publish={"wait_for_subscribers": 1, "wait_timeout_s": 60})
     snippet = snippet.replace("tcp://127.0.0.1:5556", cfg.publish.endpoint)
     scope: dict = {}
-    t = threading.Thread(target=exec, args=(snippet, scope))
+    # a daemon thread: a snippet that never gets its message fails the test, not pytest's exit
+    t = threading.Thread(target=exec, args=(snippet, scope), daemon=True)
     t.start()
-    time.sleep(0.5)  # connected before the first frame (the daemon's connect grace covers it too)
     with Pipeline(cfg, source=ListSource([img] * 5)) as p:
         p.run()
     t.join(timeout=30)

@@ -170,7 +170,7 @@ class Dataset:
         if e.mask is None:
             mask = np.zeros((h, w), np.uint8)
         else:
-            raw = cv2.imread(str(e.mask), cv2.IMREAD_GRAYSCALE)
+            raw = _read_label(e.mask)
             if raw is None:
                 raise ValueError(f"{e.mask}: cannot read the mask of {e.image.name}")
             if raw.shape != (h, w):
@@ -202,10 +202,27 @@ class Dataset:
                 "images": len(self.entries), "by_category": cats}
 
 
+def _read_label(path: Path) -> np.ndarray | None:
+    """A label PNG as one channel of its own values (None: unreadable). 16-bit files keep their
+    values: read as grey, OpenCV would divide them by 256 and turn a 0/1 or class-index label
+    into zeros without a word. A 16-bit value above 255 is refused naming the file."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None:
+        return None
+    if raw.ndim == 3:
+        raw = raw[:, :, 0] if raw.shape[2] in (1, 2) else cv2.cvtColor(raw[:, :, :3], cv2.COLOR_BGR2GRAY)
+    if raw.dtype != np.uint8:
+        if raw.dtype != np.uint16 or int(raw.max(initial=0)) > 255:
+            raise ValueError(f"{path}: {raw.dtype} label with values up to {raw.max()}; labels "
+                             f"are class indices or 0/1 (8-bit, or 16-bit below 256)")
+        raw = raw.astype(np.uint8)
+    return raw
+
+
 def _read_region(path: Path, image: Path, h: int, w: int) -> np.ndarray:
     """The region label ``path`` of ``image`` (h x w) as uint8 0/1: any nonzero grey is region
     (a 3-channel PNG is read as grey, so colour-coded labels work too)."""
-    raw = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    raw = _read_label(path)
     if raw is None:
         what = "missing" if not path.is_file() else "unreadable (truncated or not an image)"
         raise ValueError(f"{path}: cannot read the region label of {image.name} ({what})")
