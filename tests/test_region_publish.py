@@ -379,3 +379,45 @@ def test_subscribe_command_saves_the_region_png(synthetic_cfg, region_model, tmp
         saved = cv2.imread(str(out / f"test_{x['frame_id']:08d}_region.png"), cv2.IMREAD_UNCHANGED)
         np.testing.assert_array_equal(saved, (img == BRIGHT).astype(np.uint8) * 255)
         assert (out / f"test_{x['frame_id']:08d}.png").is_file()
+
+
+def test_a_hot_swap_between_bundles_with_and_without_a_region(synthetic_cfg, region_model, tmp_path):
+    """The daemon's reload swaps the model between frames: a message carries the region exactly
+    when the bundle that inspected its frame has one (3 parts, 4, then 3 again), and the recorder
+    keeps a region PNG only for those frames."""
+    from inspector.pipeline import load_model
+    from toy_models import dark_spot_bundle
+
+    plain = dark_spot_bundle(tmp_path / "plain", tile=64, classes=("background", "dark"))
+    h, w = 64, 128
+    over = {"record": {"enabled": True, "dir": str(tmp_path / "rec"), "normal_every": 1, "min_free_gb": 0}}
+    cfg = region_cfg(synthetic_cfg, plain, h, w, **over)
+    swaps = {3: region_model, 6: plain}
+    holder: list[Pipeline] = []
+    published: list[int] = []
+
+    class SwappingSource(ListSource):
+        def read(self) -> Frame | None:
+            # lockstep: each frame is read once the one before is published, so the frames a
+            # swap applies to are known exactly (with frames in flight it would depend on timing)
+            deadline = time.monotonic() + 30
+            while len(published) < self.i and time.monotonic() < deadline:
+                time.sleep(0.002)
+            if self.i in swaps:
+                holder[0].swap_model(load_model(region_cfg(synthetic_cfg, swaps[self.i], h, w, **over)))
+            return super().read()
+
+    got, t = subscribed(cfg.publish.endpoint, 9, timeout_s=60)
+    with Pipeline(cfg, source=SwappingSource([bright_frame(h, w, (0, 0, 32, h))] * 9),
+                  on_report=lambda hdr: published.append(hdr["frame_id"])) as p:
+        holder.append(p)
+        counters = p.run()
+    t.join()
+    assert counters["published"] == 9 and len(got) == 9
+    got.sort(key=lambda m: m.header["frame_id"])
+    assert [m.region_bytes is not None for m in got] == [False] * 3 + [True] * 3 + [False] * 3
+    assert ["region" in m.header for m in got] == [False] * 3 + [True] * 3 + [False] * 3
+    assert all(m.header["region"]["bbox"] == [0, 0, 32, h] for m in got[3:6])
+    rec = tmp_path / "rec" / "test"
+    assert len(list(rec.rglob("images/*.png"))) == 9
+    assert len(list(rec.rglob("regions/*.png"))) == 3
