@@ -369,6 +369,7 @@ def end_ranks(net: torch.nn.Module, world: int, dev: torch.device, what: str,
         log.info("%s checksum per rank: %s", what, ", ".join(f"{v:.8f}" for v in sums))
     dist.barrier()
     dist.destroy_process_group()
+    release_held_signals()  # a stop that came after the last step acts now, on the usual handler
     if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
         raise RuntimeError(f"ranks ended with different {what}s (checksums {sums})")
     return sums
@@ -426,41 +427,109 @@ def whole_step() -> Iterator[None]:
     ``KeyboardInterrupt`` once the step is complete; a second one during the same step gives up
     waiting and ends the process at once by the signal's default action (nothing is saved: the
     last checkpoint, written atomically, survives). Outside the main thread nothing changes.
+
+    Under torchrun the stop is agreed between the ranks when the step ends (one all-reduce of a
+    flag, :func:`_any_rank_stops`): the signal reaches each worker at its own moment, and a rank
+    that carried on alone into the next step would wait in its gradient all-reduce for a rank
+    that had stopped (until NCCL's timeout) or die there without a checkpoint. So every rank stops
+    after the same step, whichever got the signal.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held: list[int] = []
-    # a handler installed from C reads as None: put the default back for it. A signal the process
-    # ignores (a script's background job ignores SIGINT) stays ignored.
-    previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM)}
-    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
+    ddp = _in_process_group()
+    if ddp and _DDP_HOLD.active:
+        # under torchrun the handlers stay in place between steps (see _DDP_HOLD)
+        held, previous = _DDP_HOLD.held, _DDP_HOLD.previous
+    else:
+        held = []
+        # a handler installed from C reads as None: put the default back for it. A signal the
+        # process ignores (a script's background job ignores SIGINT) stays ignored.
+        previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
 
-    def hold(signum: int, frame: object) -> None:
-        if held:
-            for s, h in previous.items():
-                signal.signal(s, h)
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        held.append(signum)
-        log.warning("%s: stopping after this step", signal.Signals(signum).name)
+        def hold(signum: int, frame: object) -> None:
+            if held:
+                for s, h in previous.items():
+                    signal.signal(s, h)
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            held.append(signum)
+            log.warning("%s: stopping after this step", signal.Signals(signum).name)
 
-    for s in previous:
-        signal.signal(s, hold)
+        for s in previous:
+            signal.signal(s, hold)
+        if ddp:
+            # a signal between two steps (loading the next batch) would otherwise stop this
+            # rank at once while the others go on into a collective that never completes; held,
+            # it is agreed at the end of the next step like one inside it
+            _DDP_HOLD.active, _DDP_HOLD.held, _DDP_HOLD.previous = True, held, previous
     try:
         yield
     except Exception as e:
         if not held:
+            if ddp:
+                release_held_signals()
             raise
+        if ddp:
+            release_held_signals(redeliver=False)
         # the stop broke the step from outside (a DataLoader worker or another DDP rank that
         # stopped first): still a stop, so the trainer saves its checkpoint as it did before
         raise KeyboardInterrupt(f"signal {signal.Signals(held[0]).name} ({first_line(e)})") from e
     finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-    if held:
-        raise KeyboardInterrupt(f"signal {signal.Signals(held[0]).name}")
+        if not ddp:
+            for s, h in previous.items():
+                signal.signal(s, h)
+    if _any_rank_stops(bool(held)):
+        if ddp:
+            release_held_signals(redeliver=False)
+        raise KeyboardInterrupt(f"signal {signal.Signals(held[0]).name}" if held
+                                else "another rank was stopped by a signal")
+
+
+class _DdpHold:
+    """Signal handling between the steps of a torchrun job: :func:`whole_step` installs its
+    holding handler at the first step and leaves it in place until the stop is agreed, the
+    job ends (:func:`end_ranks`) or a step fails."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.held: list[int] = []
+        self.previous: dict = {}
+
+
+_DDP_HOLD = _DdpHold()
+
+
+def release_held_signals(redeliver: bool = True) -> None:
+    """Put back the handlers :func:`whole_step` holds signals with under torchrun. A signal held
+    but not yet acted on (it came after the last step) is delivered again, now to the restored
+    handler, so it is not lost. Does nothing outside a torchrun job's steps."""
+    if not _DDP_HOLD.active:
+        return
+    held, previous = _DDP_HOLD.held, _DDP_HOLD.previous
+    _DDP_HOLD.active, _DDP_HOLD.held, _DDP_HOLD.previous = False, [], {}
+    for s, h in previous.items():
+        signal.signal(s, h)
+    if redeliver and held:
+        os.kill(os.getpid(), held[0])
+
+
+def _in_process_group() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _any_rank_stops(here: bool) -> bool:
+    """Whether this rank or any other holds a stop signal (an all-reduce MAX of one flag; this
+    rank's answer alone outside a process group). Every rank calls it once per step, in step."""
+    if not _in_process_group():
+        return here
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+        else torch.device("cpu")
+    flag = torch.tensor([1 if here else 0], dtype=torch.int32, device=dev)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def quiet_worker(_worker_id: int = 0) -> None:

@@ -684,3 +684,66 @@ def test_resume_with_more_stage1_steps_after_stage1_warns_and_records_the_steps_
     assert len(ck["history"]["stage1"]) == 12
     assert m["stage1"]["steps"] == 12 and m["stage1"]["config_steps"] == 24
     assert m["stage2"]["steps"] == 12 and "config_steps" not in m["stage2"]
+
+
+def test_torchrun_a_stop_reaching_one_rank_stops_both_after_the_same_step(tmp_path):
+    """SIGTERM reaches the ranks of a torchrun job at slightly different moments (torchrun
+    forwards it to each worker; an operator may kill one). The stop is agreed between the ranks
+    at the end of each step, so all of them stop after the same step and rank 0 saves that
+    step's checkpoint; a rank that carried on alone would hang in its next all-reduce (until
+    NCCL's timeout on GPUs) or die in it without a checkpoint. Here the signal goes to rank 1
+    only."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from conftest import ROOT
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun not installed beside this python")
+    cfg = dict(TINY, stage1=dict(TINY["stage1"], steps=2), log_every=1, checkpoint_every=10_000,
+               stage2=dict(TINY["stage2"], steps=2000), threads=1)
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as err:
+        p = subprocess.Popen([str(torchrun), "--nproc_per_node=2", "-m", "export.arcd.train",
+                              "--config", str(path), "--run-dir", str(tmp_path / "run")],
+                             stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+        try:
+            deadline = time.monotonic() + 240
+            while not re.search(r"stage 2 step 5/", log.read_text()):
+                assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+
+            def rank_of(pid: int) -> str | None:
+                try:
+                    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                except OSError:
+                    return None
+                return next((e.split(b"=", 1)[1].decode() for e in env if e.startswith(b"RANK=")), None)
+
+            children = [int(x) for x in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+            (rank1,) = [c for c in children if rank_of(c) == "1"]
+            os.kill(rank1, signal.SIGTERM)
+            code = p.wait(timeout=120)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    text = log.read_text()
+    # no worker died in a collective (torchrun itself reports the workers' exit 130 as a failure)
+    assert "[rank0]: Traceback" not in text and "[rank1]: Traceback" not in text, text[-3000:]
+    stops = [int(m) for m in re.findall(r"interrupted at stage 2 step (\d+)", text)]
+    assert len(stops) == 1, text[-3000:]  # rank 0 saved (only rank 0 writes)
+    assert text.count("training stopped (signal SIGTERM)") == 1  # rank 1, which got it
+    assert text.count("training stopped (another rank was stopped by a signal)") == 1  # rank 0
+    ck = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert (ck["stage"], ck["step"]) == (2, stops[0]) and not ck["done"]
+    assert len(ck["history"]["stage2"]) == stops[0]
+    assert code != 0
