@@ -202,13 +202,21 @@ def ort_latency(onnx_path: Path, batch: np.ndarray, runs: int = 20, warmup: int 
             "threads": threads}
 
 
+def _fit(cfg: TrainConfig) -> dict[str, str]:
+    """The bundle's ``input.fit``: a model trained on square-padded images (``data.square_pad``)
+    must see line frames padded and resized the same way, not tiled; otherwise nothing (tile)."""
+    align = getattr(cfg.data, "square_pad", "none")
+    return {} if align == "none" else {"fit": "square_pad", "pad_align": align}
+
+
 def _region_spec(metrics: dict | None, cfg: TrainConfig) -> RegionSpec | None:
     """The bundle's ``region`` key: the head's name and the threshold training chose on its
-    calibration frames (0.5 without metrics or calibration frames)."""
+    calibration frames (evaluation.default_threshold without metrics, as the defect classes)."""
     if not cfg.model.region_head:
         return None
     chosen = ((metrics or {}).get("validation") or {}).get("region") or {}
-    return RegionSpec(name=cfg.model.region_name, threshold=round(float(chosen.get("threshold", 0.5)), 4))
+    thr = chosen.get("threshold", cfg.evaluation.default_threshold)
+    return RegionSpec(name=cfg.model.region_name, threshold=round(float(thr), 4))
 
 
 def _thresholds(metrics: dict | None, cfg: TrainConfig) -> tuple[float, dict[str, float]]:
@@ -363,7 +371,7 @@ def _export_bundle(run_dir: Path, out_dir: Path, name: str | None, opset: int, a
         kind="arcd",
         graphs={"model": GraphRef(file=GRAPH_FILE, sha256="")},
         input=InputSpec(name=INPUT_NAME, tile=tuple(mc.tile), channels=mc.in_channels,
-                        mean=list(mc.mean), std=list(mc.std), batch=0),
+                        mean=list(mc.mean), std=list(mc.std), batch=0, **_fit(cfg)),
         outputs={"probabilities": "probs", "reconstruction": "reconstruction",
                  **({"region": REGION_OUTPUT} if mc.region_head else {})},
         region=_region_spec(metrics, cfg),

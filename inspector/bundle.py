@@ -9,13 +9,15 @@
       model: {file: model.onnx, sha256: <hex>}
     input:
       name: image                   # graph input tensor
-      tile: [256, 256]              # model input H, W; frames are tiled to it
+      tile: [256, 256]              # model input H, W; frames are tiled to it (or fitted: below)
       channels: 1                   # 1 = grey, 3 = RGB
       layout: NCHW
       dtype: float32
       mean: [0.5]                   # per channel, applied to pixel/255
       std: [0.5]
       batch: 0                      # 0 = dynamic batch axis, N = fixed batch size
+      fit: tile                     # tile | square_pad (arcd only, square tile; spec §2.2)
+      pad_align: top                # top | center: where square_pad puts the frame
     outputs: {probabilities: probs, reconstruction: reconstruction}   # arcd may add region: region
     classes: [background, inclusion, patches, scratches]
     region: {name: machine region, threshold: 0.5}   # optional, arcd only, iff outputs.region
@@ -61,6 +63,16 @@ class InputSpec(BaseModel):
     mean: list[float] = Field(default_factory=lambda: [0.5])
     std: list[float] = Field(default_factory=lambda: [0.5])
     batch: int = Field(0, ge=0)
+    #: how a frame meets the model input. ``tile``: cut into overlapping native-resolution tiles,
+    #: outputs stitched. ``square_pad`` (the ARCD thesis's squaring, spec §2.2): the whole frame
+    #: zero-padded to a max(H, W) square, resized (bilinear) to ``tile``, run as one item, outputs
+    #: resized back and cropped to the frame. Written only when not ``tile``, so bundles from
+    #: before the key are written byte for byte as they were.
+    fit: Literal["tile", "square_pad"] = "tile"
+    #: where ``square_pad`` places the frame in the square: ``top`` (top-left; padding at the
+    #: bottom/right) or ``center`` (the odd pixel of padding at the bottom/right). Training must
+    #: have used the same choice (``data.square_pad``); ignored with ``fit: tile``
+    pad_align: Literal["top", "center"] = "top"
 
     @model_validator(mode="after")
     def _per_channel(self) -> "InputSpec":
@@ -124,6 +136,22 @@ class BundleSpec(BaseModel):
                                  f"kind {self.kind})")
             raise ValueError("outputs.region: set, but the region key (region: {name: ..., "
                              "threshold: ...}) is missing; give both or neither")
+        return self
+
+    @model_validator(mode="after")
+    def _square_pad_for_arcd(self) -> "BundleSpec":
+        # Only ARCD's thesis pads and resizes (spec §2.2); CLGAN and the fuzzy-mask inpainter are
+        # trained on native-resolution tiles, and fuzzymask cuts cells of its own, so a padded,
+        # resized frame would be a different input from the one they learnt.
+        if self.input.fit != "square_pad":
+            return self
+        if self.kind != "arcd":
+            raise ValueError(f"input.fit: square_pad is only for kind arcd (this bundle is kind "
+                             f"{self.kind}, which tiles frames: fit: tile)")
+        th, tw = self.input.tile
+        if th != tw:
+            raise ValueError(f"input.fit: square_pad resizes the padded square frame to input.tile, "
+                             f"which must be square (got [{th}, {tw}])")
         return self
 
     @model_validator(mode="after")
@@ -220,4 +248,11 @@ def write_bundle(path: str | Path, spec: BundleSpec) -> Path:
     if data.get("region") is None:
         # bundles without a region head are written exactly as before the key existed
         data.pop("region", None)
+    inp = data["input"]
+    if inp.get("fit") == "tile":
+        # tiled bundles (all bundles before the key) likewise; a pad_align other than the default
+        # is kept, though tiling ignores it, rather than dropping what someone wrote
+        inp.pop("fit")
+        if inp.get("pad_align") == "top":
+            inp.pop("pad_align")
     return atomic_write_text(root / BUNDLE_FILE, yaml.safe_dump(data, sort_keys=False))

@@ -173,7 +173,28 @@ def test_resuming_with_the_region_head_switched_is_refused(tmp_path):
     root = region_folder(tmp_path / "neu", n=8)
     cfg = tiny_config(root)
     cfg["stage2"]["steps"] = 2
+    # without calibration frames the region takes the default threshold, as the defects do
+    cfg["data"]["calib_images"] = 0
+    cfg["evaluation"]["default_threshold"] = 0.7
     run = train(write(tmp_path / "cfg.yaml", cfg), tmp_path / "run")
+    assert json.loads((run / "metrics.json").read_text())["validation"]["region"]["threshold"] == 0.7
     cfg["model"]["region_head"] = False
     with pytest.raises(ConfigError, match="region_head"):
         train(write(tmp_path / "cfg2.yaml", cfg), run, resume=True)
+
+
+def test_region_threshold_on_frames_without_region_predicts_none():
+    """Frames with no region at all (a camera angle away from the mill housing): the threshold
+    that predicts no region is right there; ranking by the region's IoU would pick the one with
+    the most false region (every candidate that predicts some scores IoU 0)."""
+    from export.arcd.evaluate import choose_region_threshold, region_confusion, region_scores
+
+    p = np.full((16, 16), 0.1, np.float32)
+    p[:, :8] = 0.6
+    truth = np.zeros((16, 16), np.uint8)
+    thr, best = choose_region_threshold([p], [truth], [0.3, 0.5, 0.7, 0.9])
+    assert thr == 0.7 and best == 1.0
+    assert region_scores(region_confusion([p], [truth], thr)) == {"mpa": 1.0, "miou": 1.0, "iou": None}
+    # with a region present the best MIoU is the threshold that cuts it out exactly
+    truth[:, :8] = 1
+    assert choose_region_threshold([p], [truth], [0.05, 0.5, 0.7])[0] == 0.5

@@ -139,3 +139,20 @@ def region_bundle(root: Path, tile: int = 64, classes=("background", "dark"), th
                                    "region": RegionSpec(name=name, threshold=threshold)})
     write_bundle(root, spec)
     return root
+
+
+def square_pad_bundle(root: Path, tile: int = 64, align: str = "top", region: bool = False,
+                      classes=("background", "dark")) -> Path:
+    """``dark_spot_bundle`` (``region_bundle`` with ``region``) whose ``input`` says
+    ``fit: square_pad`` with ``pad_align: align``: frames are zero-padded to a square and resized
+    to the tile instead of tiled (the ARCD thesis's squaring, spec §2.2)."""
+    from inspector.bundle import load_bundle, write_bundle
+
+    if region:
+        region_bundle(root, tile=tile, classes=classes)
+    else:
+        dark_spot_bundle(root, tile=tile, classes=classes)
+    spec = load_bundle(root, verify=False).spec
+    inp = spec.input.model_copy(update={"fit": "square_pad", "pad_align": align})
+    write_bundle(root, spec.model_copy(update={"input": inp}))
+    return root

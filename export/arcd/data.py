@@ -41,7 +41,7 @@ from torch.utils.data import Dataset
 from inspector.errors import InspectorError
 from inspector.sources.synthetic import CLASS_NAMES, StripRenderer
 
-from export.arcd.simulation import AnomalySimulator, SimulationConfig
+from export.arcd.simulation import AnomalySimulator, SimulationConfig, square_pad_resize
 
 if TYPE_CHECKING:
     from inspector.evaluation.datasets import Dataset as EvalDataset
@@ -594,6 +594,13 @@ class FolderDataConfig(BaseModel):
     normal_patch: int = Field(64, ge=16)
     #: resize every image to H, W first (magnetic tiles vary in size); None keeps the file size
     frame_size: tuple[int, int] | None = None
+    #: the thesis's pre-processing (spec §2.2): zero-pad each image to a square ('top': image at
+    #: the top left; 'center': centred) and resize it to square_side; the padding is outside the
+    #: valid region (no simulated anomaly, no loss, not scored). The exported bundle then runs
+    #: frames the same way (input.fit square_pad) instead of tiling them. 'none': off
+    square_pad: Literal["none", "top", "center"] = "none"
+    #: the square's side; None: model.tile's (the trainer fills it in)
+    square_side: int | None = Field(None, ge=16)
     focus_prob: float = Field(0.5, ge=0, le=1)
     train_crop: tuple[int, int] | None = None
     crops_per_frame: int = Field(1, ge=1)
@@ -619,7 +626,17 @@ class FolderDataConfig(BaseModel):
                              f"'defect-free-regions' (stage 1 reads no masks of '{self.normal_source}')")
         if self.synthetic_root and self.source != "neu-seg":
             raise ValueError("synthetic_root is for source 'neu-seg' (the generators write that layout)")
+        if self.square_pad != "none" and self.frame_size is not None:
+            raise ValueError("square_pad and frame_size both resize the images: set one of them")
         return self
+
+    def fit(self) -> "tuple[int, int] | SquarePad | None":
+        """How :class:`DatasetFrames` sizes each image: ``frame_size``, the square pad, or as is."""
+        if self.square_pad != "none":
+            if self.square_side is None:
+                raise ValueError("data.square_side: not set (the trainer sets it to model.tile's side)")
+            return SquarePad(self.square_side, self.square_pad)
+        return self.frame_size
 
 
 def _resized(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int] | None,
@@ -636,6 +653,36 @@ def _resized(img: np.ndarray, mask: np.ndarray | None, size: tuple[int, int] | N
     if region is not None:
         region = cv2.resize(region, (w, h), interpolation=cv2.INTER_NEAREST)
     return img, mask, region
+
+
+@dataclass(frozen=True)
+class SquarePad:
+    """Zero-pad to a square, resize to ``side`` (spec §2.2); ``align`` 'top' or 'center'."""
+
+    side: int
+    align: str = "top"
+
+    def apply(self, img: np.ndarray, mask: np.ndarray | None, region: np.ndarray | None
+              ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray]:
+        """(image, mask, region, valid) of one image: the image exactly as
+        :func:`export.arcd.simulation.square_pad_resize` gives it (the runtime's ``square_pad``
+        input does the same), labels by nearest neighbour, the padding background in the mask
+        (outside ``valid``: not trained, not scored) and 255 (ignored) in the region."""
+        out, valid = square_pad_resize(img, self.side, self.align)  # type: ignore[arg-type]
+        if img.ndim == 2 and out.ndim == 3:
+            out = out[:, :, 0]
+
+        def label(a: np.ndarray | None, pad: int) -> np.ndarray | None:
+            if a is None:
+                return None
+            h, w = a.shape
+            side = max(h, w)
+            top, left = (0, 0) if self.align == "top" else ((side - h) // 2, (side - w) // 2)
+            canvas = np.full((side, side), pad, np.uint8)
+            canvas[top:top + h, left:left + w] = a
+            return cv2.resize(canvas, (self.side, self.side), interpolation=cv2.INTER_NEAREST)
+
+        return out, label(mask, 0), label(region, 255), valid
 
 
 def sample_labelled(n: int, fraction: float, seed: int) -> list[int]:
@@ -658,13 +705,15 @@ class DatasetFrames:
     the data set has region labels (NEU-Seg ``regions/``), which the frames carry."""
 
     def __init__(self, dataset: "EvalDataset", channels: int = 1,
-                 frame_size: tuple[int, int] | None = None, indices: Sequence[int] | None = None):
+                 frame_size: "tuple[int, int] | SquarePad | None" = None,
+                 indices: Sequence[int] | None = None):
         if len(dataset) == 0:
             raise TrainingDataError(f"{dataset.root}: no images in split '{dataset.split}' "
                                     f"({dataset.format} layout)")
         self.dataset = dataset
         self.channels = channels
-        self.frame_size = tuple(frame_size) if frame_size else None
+        self.frame_size = (frame_size if isinstance(frame_size, SquarePad)
+                           else tuple(frame_size) if frame_size else None)
         self.indices = list(range(len(dataset))) if indices is None else list(indices)
         if not self.indices:
             raise TrainingDataError(f"{dataset.root}: no images selected")
@@ -681,6 +730,9 @@ class DatasetFrames:
             raise
         except ValueError as e:  # the readers' messages name the file: unreadable, mis-sized mask
             raise TrainingDataError(str(e), "data.root") from e
+        if isinstance(self.frame_size, SquarePad):
+            img, mask, region, valid = self.frame_size.apply(s.image, s.mask, s.region)
+            return LabeledFrame(image=img, truth=mask, region=region, valid=valid)
         img, mask, region = _resized(s.image, s.mask, self.frame_size, s.region)
         return LabeledFrame(image=img, truth=mask, region=region)
 
@@ -712,7 +764,9 @@ class DefectFreePatches:
     def normal(self, rng: np.random.Generator) -> np.ndarray:
         for _ in range(self.tries):
             f = self.frames.sample(rng)
-            win = self._windows(f.truth, self.patch, self.stride)
+            # the square pad's zeros are not the surface: a window must lie inside the image
+            truth = f.truth if f.valid is None else np.where(f.valid, f.truth, 1)
+            win = self._windows(truth, self.patch, self.stride)
             if len(win):
                 y, x = (int(v) for v in win[int(rng.integers(len(win)))])
                 return np.ascontiguousarray(f.image[y:y + self.patch, x:x + self.patch])
@@ -769,9 +823,9 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
     if len(train_ds) == 0:
         raise TrainingDataError(f"{cfg.root}: no images in split(s) {list(cfg.train_splits)} "
                                 f"({cfg.source} layout)", "data.train_splits")
-    labelled_all = DatasetFrames(train_ds, channels, cfg.frame_size)
+    labelled_all = DatasetFrames(train_ds, channels, cfg.fit())
     keep = sample_labelled(len(train_ds), cfg.label_fraction, cfg.label_seed)
-    labelled = DatasetFrames(train_ds, channels, cfg.frame_size, keep)
+    labelled = DatasetFrames(train_ds, channels, cfg.fit(), keep)
     log.info("labelled images: %d of %d (rate %g, seed %d)", len(keep), len(train_ds),
              cfg.label_fraction, cfg.label_seed)
 
@@ -797,7 +851,7 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
                           for s in cfg.train_splits])
         else:
             nds = _open_eval_dataset("folder", str(cfg.normal_root), "all")
-        normal_frames = DatasetFrames(nds, channels, cfg.frame_size)
+        normal_frames = DatasetFrames(nds, channels, cfg.fit())
         normal = normal_frames
         s1_tile = tuple(tile)
         stage1_info = {"normal_source": cfg.normal_source, "images": len(normal_frames),
@@ -819,9 +873,9 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
         raise TrainingDataError(f"{cfg.root}: no images in split '{cfg.val_split}' "
                                 f"({cfg.source} layout)", "data.val_split")
     n_val = len(val_ds) if not cfg.val_images else min(cfg.val_images, len(val_ds))
-    val_frames = DatasetFrames(val_ds, channels, cfg.frame_size, list(range(n_val)))
+    val_frames = DatasetFrames(val_ds, channels, cfg.fit(), list(range(n_val)))
     n_cal = min(cfg.calib_images, len(val_ds))
-    calib_frames = DatasetFrames(val_ds, channels, cfg.frame_size, list(range(max(1, n_cal))))
+    calib_frames = DatasetFrames(val_ds, channels, cfg.fit(), list(range(max(1, n_cal))))
 
     def calib() -> list[LabeledFrame]:
         return [calib_frames.frame(j) for j in range(n_cal)] if n_cal else []
@@ -838,13 +892,13 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
         pool = set(window_frames.indices) if window_frames is not None else set()
         # only the training images either stage reads: with stage1_windows 'labelled' no mask
         # outside the labelled subset is opened, not even here
-        used = DatasetFrames(train_ds, channels, cfg.frame_size, sorted(pool | set(keep)))
+        used = DatasetFrames(train_ds, channels, cfg.fit(), sorted(pool | set(keep)))
         with_window = 0
         for j, i in enumerate(used.indices):
             f = used.frame(j)
             if i in pool and f.truth is not None and len(defect_free_windows(f.truth, cfg.normal_patch)):
                 with_window += 1
-        scored = DatasetFrames(val_ds, channels, cfg.frame_size, list(range(max(n_val, n_cal))))
+        scored = DatasetFrames(val_ds, channels, cfg.fit(), list(range(max(n_val, n_cal))))
         extra = [fr for fr in (normal_frames, synthetic, scored) if fr is not None]
         for fr in extra:
             for j in range(len(fr)):
@@ -887,7 +941,7 @@ def _synthetic_frames(cfg: FolderDataConfig, classes: Sequence[str], channels: i
         raise TrainingDataError(f"data.synthetic_root: {root / 'manifest.json'}: classes {got} "
                                 f"differ from the data set's {list(classes)}")
     n = len(ds) if not cfg.synthetic_limit else min(cfg.synthetic_limit, len(ds))
-    return DatasetFrames(ds, channels, cfg.frame_size, list(range(n)))
+    return DatasetFrames(ds, channels, cfg.fit(), list(range(n)))
 
 
 class MixedFrames:

@@ -117,9 +117,11 @@ def _label(probs: np.ndarray, thresholds: np.ndarray, open_kernel: int, close_ke
 
 
 def choose_thresholds(probs: list[np.ndarray], truths: list[np.ndarray], candidates: Sequence[float],
-                      per_class: bool = True, open_kernel: int = 0, close_kernel: int = 0
+                      per_class: bool = True, open_kernel: int = 0, close_kernel: int = 0,
+                      valids: Sequence[np.ndarray | None] | None = None
                       ) -> tuple[float, list[float], float]:
-    """Thresholds that maximise mean defect IoU on calibration frames.
+    """Thresholds that maximise mean defect IoU on calibration frames (``valids``: each frame's
+    region of real image content, None = all of it; the square pad's zeros are not scored).
 
     First one threshold for all classes, then (``per_class``) one coordinate-ascent pass that
     tunes each class's threshold with the others fixed. Returns (global, per-class list, score).
@@ -127,7 +129,8 @@ def choose_thresholds(probs: list[np.ndarray], truths: list[np.ndarray], candida
     k = probs[0].shape[0]
 
     def score(thr: np.ndarray) -> float:
-        cm = sum(confusion(_label(p, thr, open_kernel, close_kernel), t, k) for p, t in zip(probs, truths))
+        cm = sum(confusion(_label(p, thr, open_kernel, close_kernel), t, k, v)
+                 for p, t, v in zip(probs, truths, valids or [None] * len(truths)))
         return _mean_defect(iou_per_class(cm))
 
     best_g, best_s = float(candidates[0]), -1.0
@@ -214,10 +217,13 @@ def region_scores(cm: np.ndarray) -> dict[str, float | None]:
 
 def choose_region_threshold(region: list[np.ndarray], truths: list[np.ndarray],
                             candidates: Sequence[float]) -> tuple[float, float]:
-    """The candidate threshold with the best region IoU on calibration frames (ties: the first)."""
-    best, best_iou = float(candidates[0]), -1.0
+    """The candidate threshold with the best region MIoU (over {not region, region}) on
+    calibration frames (ties: the first). MIoU, not the region's IoU: on frames without any
+    region the IoU of every threshold that predicts some is 0 and of one that predicts none is
+    undefined, so ranking by it would pick the threshold with the most false region."""
+    best, best_miou = float(candidates[0]), -1.0
     for c in candidates:
-        iou = region_scores(region_confusion(region, truths, c))["iou"]
-        if iou is not None and iou > best_iou + 1e-9:
-            best, best_iou = float(c), iou
-    return round(best, 4), best_iou
+        miou = region_scores(region_confusion(region, truths, c))["miou"]
+        if miou is not None and miou > best_miou + 1e-9:
+            best, best_miou = float(c), miou
+    return round(best, 4), best_miou

@@ -239,6 +239,25 @@ class TrainConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _square_pad_takes_the_tile(self) -> "TrainConfig":
+        # the runtime resizes the padded square to the bundle's tile: training must see that size
+        if getattr(self.data, "square_pad", "none") == "none":
+            return self
+        th, tw = self.model.tile
+        if th != tw:
+            raise ValueError(f"data.square_pad needs a square model.tile, got {[th, tw]}")
+        if self.data.square_side is None:
+            self.data.square_side = th
+        elif self.data.square_side != th:
+            raise ValueError(f"data.square_side {self.data.square_side} must equal model.tile's "
+                             f"side {th}: the runtime resizes each padded frame to the tile")
+        crop = self.data.train_crop
+        if crop is not None and max(crop) > th:
+            raise ValueError(f"data.train_crop {list(crop)} is larger than the padded square "
+                             f"({th}x{th})")
+        return self
+
+    @model_validator(mode="after")
     def _crops_fit_the_networks(self) -> "TrainConfig":
         div = self.model.input_multiple()
         # stage 1's defect-free windows only matter when there is an R (and so a stage 1)
@@ -498,10 +517,10 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
     try:
         _loop(state, stage, sc, ds, opt, sched, crit, dice, run_dir, dev, fmt, agnostic, region)
     except KeyboardInterrupt:
-        if state.rank == 0:
+        if state.rank == 0:  # the other ranks stop with it after the same step (whole_step)
             atomic_save(state.state_dict(), run_dir / CHECKPOINT)
-        log.warning("interrupted at stage %d step %d; checkpoint saved, continue with --resume",
-                    stage, state.step)
+            log.warning("interrupted at stage %d step %d; checkpoint saved, continue with --resume",
+                        stage, state.step)
         raise
     finally:
         if stage == 2:
@@ -602,7 +621,8 @@ def _evaluate(state: _State, data: TrainingData) -> dict:
     if calib:
         cp = probs_of(calib)
         g, per, s = choose_thresholds(cp, [f.truth for f in calib], ec.threshold_candidates,
-                                      ec.per_class_thresholds, ec.open_kernel, ec.close_kernel)
+                                      ec.per_class_thresholds, ec.open_kernel, ec.close_kernel,
+                                      [f.valid for f in calib])
         del cp
         log.info("thresholds from %d calibration frames: global %.2f, per class %s (mean defect "
                  "IoU %.3f there)", len(calib), g, per, s)
@@ -622,7 +642,8 @@ def _evaluate(state: _State, data: TrainingData) -> dict:
 
 
 def _evaluate_region(model: ARCDInference, calib: list, val: list, cfg: TrainConfig) -> dict:
-    """The region head's threshold (best region IoU on the calibration frames, else 0.5) and its
+    """The region head's threshold (best region MIoU on the calibration frames, else
+    evaluation.default_threshold) and its
     Table 3.3 figures (MPA, MIoU, IoU) on the validation frames, as the bundle will run it."""
     mc, ec = cfg.model, cfg.evaluation
 
@@ -631,11 +652,11 @@ def _evaluate_region(model: ARCDInference, calib: list, val: list, cfg: TrainCon
                               mc.std, output=2)[0] for f in frames]
 
     rc = [f for f in calib if f.region is not None]
-    thr = 0.5
+    thr = ec.default_threshold
     if rc:
         thr, best = choose_region_threshold(region_of(rc), [f.region for f in rc],
                                             ec.threshold_candidates)
-        log.info("region threshold from %d calibration frames: %.2f (region IoU %.3f there)",
+        log.info("region threshold from %d calibration frames: %.2f (region MIoU %.3f there)",
                  len(rc), thr, best)
     rv = [f for f in val if f.region is not None]
     scores = region_scores(region_confusion(region_of(rv), [f.region for f in rv], thr)) if rv \

@@ -6,6 +6,11 @@ probabilities back into frame coordinates; the defect score of a pixel is 1 - p(
 
 A bundle with the optional machine-region head (``outputs.region`` and the ``region`` key) has a
 third output, N x 1 x th x tw p(region); it is stitched the same way into ``ModelOutput.region``.
+
+With ``input.fit: square_pad`` (the thesis's squaring, spec §2.2) the whole frame is one batch
+item, zero-padded to a square and resized to the tile; "stitching" is then resizing each output
+plane back to the square and cropping the frame out of it (``ModelAdapter.stitch``), so the maps
+here are in frame coordinates either way and the pooled buffers have the frame's shape.
 """
 
 from __future__ import annotations
@@ -16,12 +21,14 @@ from inspector.bundle import BUNDLE_FILE, Bundle
 from inspector.engines.base import Engine
 from inspector.errors import BundleError
 from inspector.models.base import BufferPool, ModelAdapter, ModelOutput, ShapeCache
-from inspector.models.tiling import TileGrid
+from inspector.models.tiling import FrameFit
 
 
 class ArcdAdapter(ModelAdapter):
     kind = "arcd"
     outputs = frozenset({"probs"})
+    # decode maps outputs back only through ModelAdapter.stitch, which handles the padded square
+    square_pad_ok = True
 
     def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
         super().__init__(bundle, engine, max_batch)
@@ -43,7 +50,7 @@ class ArcdAdapter(ModelAdapter):
                            f"{self.bundle.path / BUNDLE_FILE}) {what}; the region probability is "
                            f"N x 1 x H x W")
 
-    def decode(self, raw: dict[str, list[np.ndarray]], g: TileGrid, image: np.ndarray) -> ModelOutput:
+    def decode(self, raw: dict[str, list[np.ndarray]], g: FrameFit, image: np.ndarray) -> ModelOutput:
         chunks = raw[self.probs_name]
         k = chunks[0].shape[1]
         if k != self.num_classes:
@@ -74,6 +81,7 @@ class ArcdAdapter(ModelAdapter):
             # stitched through a 1 x H x W view, so the map handed out is the pooled buffer itself
             self.stitch(region_chunks, g, bufs[2][None])
             region = bufs[2]
+        # a tile grid grows to one tile for smaller frames; a SquareFit is the frame's own shape
         if (g.height, g.width) != (h, w):
             probs, score = probs[:, :h, :w], score[:h, :w]
             if region is not None:

@@ -1,7 +1,9 @@
 """Model adapters: what a model kind does around the engine call.
 
 An adapter turns a frame into the engine's input (channel conversion, normalisation, tiling into
-a preallocated batch), runs the engine, and returns maps in frame coordinates:
+a preallocated batch — or, for an arcd bundle with ``input.fit: square_pad``, zero-padding the
+whole frame to a square resized to the model input, one batch item), runs the engine, and returns
+maps in frame coordinates:
 
 * ``probs`` (KxHxW softmax probabilities, class 0 = background) for classifier-style kinds;
 * ``residual`` (HxW or HxWxC) for reconstruction kinds;
@@ -23,7 +25,7 @@ from inspector.bundle import BUNDLE_FILE, Bundle
 from inspector.engines.base import Engine
 from inspector.errors import BundleError
 from inspector.flatfield import FlatField
-from inspector.models.tiling import TileGrid
+from inspector.models.tiling import FrameFit, SquareFit, TileGrid
 
 
 @dataclass
@@ -101,6 +103,10 @@ class ModelAdapter(abc.ABC):
     #: the maps besides the score map that :meth:`infer` fills ("probs", "residual"): which
     #: post-processing recipes can run on this kind
     outputs: frozenset[str] = frozenset()
+    #: whether the kind's decode maps a ``fit: square_pad`` output back (it must stitch only
+    #: through :meth:`stitch`); the others cut tiles of their own (fuzzymask's cells) and are
+    #: trained on native-resolution tiles
+    square_pad_ok: bool = False
 
     def __init__(self, bundle: Bundle, engine: Engine, max_batch: int = 0):
         self.bundle = bundle
@@ -110,6 +116,9 @@ class ModelAdapter(abc.ABC):
         self.tile_h, self.tile_w = spec.input.tile
         self.channels = spec.input.channels
         self.overlap = spec.tiling.overlap
+        self.fit = spec.input.fit
+        self.pad_align = spec.input.pad_align
+        self._check_fit()
         fixed = spec.input.batch
         self.batch = fixed if fixed > 0 else max_batch
         self.fixed_batch = fixed > 0
@@ -125,13 +134,31 @@ class ModelAdapter(abc.ABC):
             raise BundleError(f"{bundle.path / BUNDLE_FILE}: input.name: the graph has no input "
                               f"'{self.input_name}' (it has {names})")
         self._check_input_shape(next(t for t in engine.inputs if t.name == self.input_name))
-        self._grids: ShapeCache = ShapeCache()          # (h, w) -> TileGrid
+        self._grids: ShapeCache = ShapeCache()          # (h, w) -> TileGrid | SquareFit
         self._batches: ShapeCache = ShapeCache()        # (h, w) -> input batch
+        #: fit square_pad: (h, w, c) -> (zero-padded square canvas, its resized th x tw x c copy)
+        self._squares: ShapeCache = ShapeCache()
+        #: fit square_pad: side -> side x side float32 scratch an output plane is resized into
+        #: before its frame part is copied out (decode is one frame at a time, so one is enough)
+        self._unfit: ShapeCache = ShapeCache()
         #: per batch size, the outputs of an overlapped run (engines with ``async_depth`` > 1)
         self._overlap_out: ShapeCache = ShapeCache()
         #: optional flat-field correction (config ``preprocess.flat_field``, set by load_model);
         #: applied to the frame before everything else, so decode() sees the corrected frame too
         self.flat_field: FlatField | None = None
+
+    def _check_fit(self) -> None:
+        """The bundle's own validation refuses these too; a spec changed with ``model_copy``
+        (which skips validation) must not reach a kind whose decode would tile it."""
+        if self.fit != "square_pad":
+            return
+        meta = self.bundle.path / BUNDLE_FILE
+        if not self.square_pad_ok:
+            raise BundleError(f"{meta}: input.fit: square_pad is only for kind arcd (this bundle "
+                              f"is kind {self.kind}, which tiles frames: fit: tile)")
+        if self.tile_h != self.tile_w:
+            raise BundleError(f"{meta}: input.fit: square_pad resizes the padded square frame to "
+                              f"input.tile, which must be square (got [{self.tile_h}, {self.tile_w}])")
 
     def _check_input_shape(self, graph_input) -> None:
         """A bundle whose ``input`` section disagrees with the graph's fixed input dimensions
@@ -167,11 +194,16 @@ class ModelAdapter(abc.ABC):
         return outs[key]
 
     # -- input side ---------------------------------------------------------------------------
-    def grid(self, h: int, w: int) -> TileGrid:
+    def grid(self, h: int, w: int) -> FrameFit:
+        """How an HxW frame meets the model input: its tile grid, or (``fit: square_pad``) where
+        it lies in the padded square; ``.count`` is the batch items it takes either way."""
         g = self._grids.get((h, w))
         if g is None:
-            g = TileGrid.build(max(h, self.tile_h), max(w, self.tile_w), self.tile_h, self.tile_w,
-                               self.overlap)
+            if self.fit == "square_pad":
+                g = SquareFit.build(h, w, self.tile_h, self.tile_w, self.pad_align)
+            else:
+                g = TileGrid.build(max(h, self.tile_h), max(w, self.tile_w), self.tile_h,
+                                   self.tile_w, self.overlap)
             self._grids[(h, w)] = g
         return g
 
@@ -189,8 +221,29 @@ class ModelAdapter(abc.ABC):
             return grey[:, :, None]
         return image[:, :, :3]
 
-    def fill_batch(self, image: np.ndarray) -> tuple[np.ndarray, TileGrid]:
-        """Normalise the frame's tiles into the (preallocated, per frame shape) input batch."""
+    def square_input(self, image: np.ndarray) -> tuple[np.ndarray, SquareFit]:
+        """``fit: square_pad``: the frame in the model's channels, zero-padded to a square and
+        resized (bilinear) to the tile — th x tw x C uint8 (C = 1 for a grey frame on an RGB
+        model; it is broadcast when normalised), in a buffer reused for every frame of the shape."""
+        h, w = image.shape[:2]
+        g = self.grid(h, w)
+        if not isinstance(g, SquareFit):
+            raise TypeError(f"square_input is for input.fit: square_pad bundles (this one: {self.fit})")
+        img = self.to_model_channels(image)
+        key = (h, w, img.shape[2])
+        bufs = self._squares.get(key)
+        if bufs is None:
+            # zeros once: pad_resize writes only the frame's part, so the padding stays zero
+            bufs = (np.zeros((g.side, g.side, img.shape[2]), np.uint8),
+                    np.empty((self.tile_h, self.tile_w, img.shape[2]), np.uint8))
+            self._squares[key] = bufs
+        return g.pad_resize(img, *bufs), g
+
+    def fill_batch(self, image: np.ndarray) -> tuple[np.ndarray, FrameFit]:
+        """Normalise the frame's tiles (or its padded square) into the (preallocated, per frame
+        shape) input batch."""
+        if self.fit == "square_pad":
+            return self._fill_square(image)
         h, w = image.shape[:2]
         g = self.grid(h, w)
         img = self.to_model_channels(image)
@@ -205,13 +258,33 @@ class ModelAdapter(abc.ABC):
         if batch is None:
             batch = np.zeros((n, self.channels, self.tile_h, self.tile_w), np.float32)
             self._batches[(h, w)] = batch
-        if img.shape[2] == 1 and self.channels == 3:
-            img = np.broadcast_to(img, img.shape[:2] + (3,))
         for i, y, x, _, _ in g.tiles():
             tile = img[y:y + self.tile_h, x:x + self.tile_w]
-            for c in range(self.channels):
-                np.multiply(tile[:, :, c], self._scale[c], out=batch[i, c], casting="unsafe")
-                batch[i, c] += self._offset[c]
+            self._normalise(tile, batch[i])
+        return batch, g
+
+    def _normalise(self, tile: np.ndarray, dst: np.ndarray) -> None:
+        """th x tw x C' uint8 (C' 1 on an RGB model: broadcast) -> C x th x tw float32 ``dst``."""
+        if tile.shape[2] == 1 and self.channels == 3:
+            tile = np.broadcast_to(tile, tile.shape[:2] + (3,))
+        for c in range(self.channels):
+            np.multiply(tile[:, :, c], self._scale[c], out=dst[c], casting="unsafe")
+            dst[c] += self._offset[c]
+
+    def _fill_square(self, image: np.ndarray) -> tuple[np.ndarray, SquareFit]:
+        # Per frame this allocates nothing of frame size: the canvas, the resized square, the
+        # batch and (in stitch) the square scratch are per-shape buffers, and cv2.resize writes
+        # into a dst of the right shape. The one exception is tile mode's too: an RGB frame on a
+        # grey model is converted by cv2.cvtColor into a new H x W array (to_model_channels).
+        h, w = image.shape[:2]
+        resized, g = self.square_input(image)
+        batch = self._batches.get((h, w))
+        if batch is None:
+            # a fixed-batch graph gets its one frame plus zero items; they are never read back
+            n = self.batch if self.fixed_batch else 1
+            batch = np.zeros((n, self.channels, self.tile_h, self.tile_w), np.float32)
+            self._batches[(h, w)] = batch
+        self._normalise(resized, batch[0])
         return batch, g
 
     def run_engine(self, batch: np.ndarray) -> dict[str, list[np.ndarray]]:
@@ -254,8 +327,27 @@ class ModelAdapter(abc.ABC):
             take(*pending.popleft())
         return {k: [v] for k, v in outs.items()}
 
-    def stitch(self, chunks: list[np.ndarray], g: TileGrid, out: np.ndarray) -> np.ndarray:
-        """Write the kept part of each tile's output (N x C x th x tw chunks) into ``out`` (C x H x W)."""
+    def stitch(self, chunks: list[np.ndarray], g: FrameFit, out: np.ndarray) -> np.ndarray:
+        """Write the kept part of each tile's output (N x C x th x tw chunks) into ``out`` (C x H x W).
+
+        For a :class:`SquareFit` (one item) each of the C planes is resized back to the padded
+        square and its frame part copied into ``out``; beside ``out`` that uses one pooled
+        square scratch, or none for a square frame, whose planes are resized straight into it."""
+        if isinstance(g, SquareFit):
+            item = chunks[0][0]
+            if g.side == g.height == g.width and out.flags.c_contiguous:
+                # cv2 writes into a contiguous dst of the right shape; a strided one it would
+                # silently replace, so those go through the scratch below
+                for c in range(out.shape[0]):
+                    cv2.resize(item[c], (g.side, g.side), dst=out[c], interpolation=cv2.INTER_LINEAR)
+                return out
+            square = self._unfit.get(g.side)
+            if square is None:
+                square = np.empty((g.side, g.side), np.float32)
+                self._unfit[g.side] = square
+            for c in range(out.shape[0]):
+                g.unfit(item[c], square, out[c])
+            return out
         per = chunks[0].shape[0]
         for i, y, x, (ky0, ky1), (kx0, kx1) in g.tiles():
             t = chunks[i // per][i % per]
@@ -278,7 +370,7 @@ class ModelAdapter(abc.ABC):
         return out
 
     @abc.abstractmethod
-    def decode(self, raw: dict[str, list[np.ndarray]], g: TileGrid, image: np.ndarray) -> ModelOutput:
+    def decode(self, raw: dict[str, list[np.ndarray]], g: FrameFit, image: np.ndarray) -> ModelOutput:
         """Engine outputs (lists of batch chunks by output name) -> maps in frame coordinates."""
 
     def warmup(self, shape: tuple[int, ...]) -> float:

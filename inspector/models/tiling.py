@@ -1,4 +1,5 @@
-"""Cutting wide frames into model-size tiles and stitching the outputs back.
+"""Cutting wide frames into model-size tiles and stitching the outputs back, or (bundles with
+``input.fit: square_pad``) fitting the whole frame into one padded, resized square.
 
 Tiles overlap by at least ``overlap`` pixels; the last tile on each axis is aligned to the frame
 edge. When stitching, each output pixel comes from exactly one tile: the overlap between two
@@ -9,6 +10,10 @@ and nothing is averaged or allocated beyond the output map.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+import cv2
+import numpy as np
 
 
 def axis_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -63,3 +68,54 @@ class TileGrid:
             for x, kx in zip(self.xs, self.keep_x):
                 yield i, y, x, ky, kx
                 i += 1
+
+
+@dataclass(frozen=True)
+class SquareFit:
+    """Where one frame shape lies in the square a ``fit: square_pad`` bundle feeds whole.
+
+    The thesis's squaring (spec §2.2): the HxW frame is zero-padded to a ``side`` x ``side``
+    square, ``side = max(H, W)``, with the frame at (``top``, ``left``) — (0, 0) for ``top``
+    alignment, ((S-H)//2, (S-W)//2) for ``center`` (the odd pixel goes to the bottom/right) —
+    and the square is resized to the model's tile. ``height``/``width`` are the frame's, so the
+    maps an adapter fills from it are already in frame coordinates. One batch item per frame.
+    """
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    side: int
+    top: int
+    left: int
+
+    @classmethod
+    def build(cls, height: int, width: int, tile_h: int, tile_w: int,
+              align: Literal["top", "center"]) -> "SquareFit":
+        side = max(height, width)
+        top = 0 if align == "top" else (side - height) // 2
+        left = 0 if align == "top" else (side - width) // 2
+        return cls(height, width, tile_h, tile_w, side, top, left)
+
+    @property
+    def count(self) -> int:
+        return 1
+
+    def pad_resize(self, img: np.ndarray, canvas: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        """``img`` (HxWxC) into the square ``canvas`` (side x side x C, zero outside the frame,
+        kept that way by writing only the frame's part), resized into ``dst`` (th x tw x C).
+
+        The same pixels as ``export.arcd.simulation.square_pad_resize`` (what training feeds),
+        without allocating: cv2 writes into ``dst`` when its shape and dtype fit."""
+        canvas[self.top:self.top + self.height, self.left:self.left + self.width] = img
+        return cv2.resize(canvas, (self.tile_w, self.tile_h), dst=dst, interpolation=cv2.INTER_LINEAR)
+
+    def unfit(self, plane: np.ndarray, square: np.ndarray, out: np.ndarray) -> None:
+        """One th x tw output plane back to frame coordinates: resized (bilinear) into the
+        ``square`` scratch (side x side float32), its frame part copied into ``out`` (HxW)."""
+        cv2.resize(plane, (self.side, self.side), dst=square, interpolation=cv2.INTER_LINEAR)
+        out[...] = square[self.top:self.top + self.height, self.left:self.left + self.width]
+
+
+#: how one frame shape meets the model input: tiles (``fit: tile``) or one padded square
+FrameFit = TileGrid | SquareFit
