@@ -133,3 +133,66 @@ def test_a_square_padded_run_exports_a_bundle_that_pads_frames_too(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     res = json.loads(p.stdout)
     assert res["images"] == 16 and res["region"]["images"] == 16
+
+
+def test_stage1_on_a_folder_of_normal_images_puts_no_anomaly_in_the_pad(tmp_path):
+    """With whole normal images as stage 1's source (``normal_source: folder`` or ``mt-free``),
+    the square pad's zeros must stay outside the simulated anomalies, as with defect-free
+    windows (the frames' valid region travels into the simulator)."""
+    from export.arcd.data import FolderDataConfig, build_data
+    from export.arcd.simulation import SimulationConfig
+
+    root = wide_folder(tmp_path / "neu", n=16)
+    normals = tmp_path / "normals"
+    normals.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        cv2.imwrite(str(normals / f"n{i}.png"), rng.integers(110, 150, (48, 128), dtype=np.uint8))
+    cfg = FolderDataConfig(source="neu-seg", root=str(root), normal_source="folder",
+                           normal_root=str(normals), square_pad="top", square_side=64,
+                           calib_images=1)
+    data = build_data(cfg, tile=(64, 64), channels=1, mean=[0.0], std=[1.0],
+                      simulation=SimulationConfig(clean_prob=0.0), stage1_length=8,
+                      stage2_length=2, seed=0)
+    inside = 0
+    for i in range(8):
+        item = data.stage1[i]
+        m = item["anomaly_mask"][0].numpy()
+        # valid rows: 48 * 64 / 128 = 24 of 64, at the top (or the bottom after a vertical flip)
+        rows = np.nonzero((item["target"][0].numpy() > 0.2).any(1))[0]
+        assert len(rows) == 24
+        pad = np.ones(64, bool)
+        pad[rows] = False
+        assert m[pad].sum() == 0, i
+        inside += m[~pad].sum()
+    assert inside > 0  # anomalies were simulated, inside the image
+
+
+@pytest.mark.parametrize("align", ["top", "center"])
+def test_a_colour_file_on_a_grey_model_gives_training_the_runtime_pixels(tmp_path, align):
+    """Colour files on a grey model: the runtime converts to grey (rounded BT.601) before it pads
+    and resizes; training does the same, so the two see the very same pixels (converting after
+    the resize differed by up to 1.4 grey levels)."""
+    from export.arcd.data import DatasetFrames, SquarePad
+    from inspector.bundle import load_bundle
+    from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
+    from inspector.evaluation.datasets import open_dataset
+    from inspector.models import make_adapter
+    from toy_models import square_pad_bundle
+
+    root = wide_folder(tmp_path / "neu", n=1)
+    colour = np.random.default_rng(7).integers(0, 256, (47, 129, 3), dtype=np.uint8)
+    (root / "annotations" / "training" / "000000.png").unlink()
+    cv2.imwrite(str(root / "images" / "training" / "000000.png"), colour)
+    cv2.imwrite(str(root / "annotations" / "training" / "000000.png"), np.zeros((47, 129), np.uint8))
+    (root / "regions" / "training" / "000000.png").unlink()
+    (root / "regions").rename(tmp_path / "no-regions")
+    ds = open_dataset("neu-seg", str(root), split="all")
+    frame = DatasetFrames(ds, 1, SquarePad(64, align)).frame(0)
+    bundle = load_bundle(square_pad_bundle(tmp_path / "b", tile=64, align=align))
+    engine = OnnxRuntimeEngine(bundle.graph_path("model"), OnnxRuntimeConfig(providers=["cpu"]))
+    try:
+        fed = make_adapter(bundle, engine).square_input(ds.load(0).image)[0]
+    finally:
+        engine.close()
+    np.testing.assert_array_equal(frame.image, fed[:, :, 0])

@@ -104,3 +104,27 @@ def test_dataloader_workers_leave_stop_signals_to_the_main_process():
 
     got = next(iter(DataLoader(Handlers(), num_workers=1, worker_init_fn=quiet_worker)))
     assert got.tolist() == [[1, 1]]
+
+
+def test_a_stop_held_past_the_last_step_under_torchrun_acts_when_released():
+    """Under torchrun whole_step keeps its holding handler between steps (the stop is agreed at
+    the next step's end). Past the last step the trainers release it before rank 0's own work
+    (CLGAN's preview, fuzzy-mask's tau): the usual handlers come back and a stop that arrived in
+    between is delivered to them at once, not lost and not left until that work is done."""
+    import export.training as tr
+
+    got: list[int] = []
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda s, f: got.append(s))
+    try:
+        usual = signal.getsignal(signal.SIGTERM)
+        tr._DDP_HOLD.active, tr._DDP_HOLD.held = True, [signal.SIGTERM]
+        tr._DDP_HOLD.previous = {signal.SIGTERM: usual}
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # stands in for the holding handler
+        tr.release_held_signals()
+        assert signal.getsignal(signal.SIGTERM) is usual and got == [signal.SIGTERM]
+        assert not tr._DDP_HOLD.active and tr._DDP_HOLD.held == []
+        tr.release_held_signals()  # outside a torchrun job's steps: nothing
+        assert got == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -318,7 +318,13 @@ class SimulatedAnomalyDataset(Dataset):
     def sample(self, i: int) -> dict[str, torch.Tensor]:
         """Sample ``i`` for any ``i >= 0``; indices past ``len`` are held-out draws."""
         rng = np.random.default_rng([self.seed, 1, int(i)])
-        frame = LabeledFrame(image=self._normal_image(rng))
+        if getattr(self.provider, "normal", None) is not None:
+            frame = LabeledFrame(image=self._normal_image(rng))
+        else:
+            # whole frames (a folder of normal images): keep their valid region, so a square
+            # pad's zeros get no simulated anomaly (the same draws as taking the image alone)
+            frame = self.provider.sample(rng)
+            frame = LabeledFrame(image=frame.image, valid=frame.valid)
         t = cut_tile(frame, self.tile, rng, edge_prob=self.edge_prob)
         img01 = to_float01(t.image, self.provider.channels)
         img01, valid = _flip(rng, self.hflip, self.vflip, img01, t.valid)
@@ -596,7 +602,7 @@ class FolderDataConfig(BaseModel):
     frame_size: tuple[int, int] | None = None
     #: the thesis's pre-processing (spec §2.2): zero-pad each image to a square ('top': image at
     #: the top left; 'center': centred) and resize it to square_side; the padding is outside the
-    #: valid region (no simulated anomaly, no loss, not scored). The exported bundle then runs
+    #: valid region (no simulated anomaly, ignored by D's loss, not scored). The exported bundle then runs
     #: frames the same way (input.fit square_pad) instead of tiling them. 'none': off
     square_pad: Literal["none", "top", "center"] = "none"
     #: the square's side; None: model.tile's (the trainer fills it in)
@@ -731,7 +737,12 @@ class DatasetFrames:
         except ValueError as e:  # the readers' messages name the file: unreadable, mis-sized mask
             raise TrainingDataError(str(e), "data.root") from e
         if isinstance(self.frame_size, SquarePad):
-            img, mask, region, valid = self.frame_size.apply(s.image, s.mask, s.region)
+            img = s.image
+            if img.ndim == 3 and self.channels == 1:
+                # the runtime takes a colour frame to grey (rounded BT.601) before it pads and
+                # resizes; the same order here gives it the pixels training saw
+                img = cv2.cvtColor(np.ascontiguousarray(img[:, :, :3]), cv2.COLOR_RGB2GRAY)
+            img, mask, region, valid = self.frame_size.apply(img, s.mask, s.region)
             return LabeledFrame(image=img, truth=mask, region=region, valid=valid)
         img, mask, region = _resized(s.image, s.mask, self.frame_size, s.region)
         return LabeledFrame(image=img, truth=mask, region=region)

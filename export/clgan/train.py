@@ -50,7 +50,7 @@ from export.clgan.torch_model import (DEFAULT_NCE_LAYERS, PatchGANDiscriminator,
                                       ResnetGenerator, count_parameters)
 # the run folder's file names stay importable from here (export.clgan.export takes them so)
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
-from export.training import (atomic_save, write_metrics, check_resume_keys, saved_config, end_ranks, fmt_duration,
+from export.training import (atomic_save, release_held_signals, write_metrics, check_resume_keys, saved_config, end_ranks, fmt_duration,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, start_ranks,
                              step_generator, train_main, trim_losses, update_ema, whole_step,
                              write_run_config)
@@ -471,6 +471,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     finally:
         if losses_f:
             losses_f.close()
+        # under torchrun whole_step holds signals between steps; past the last one a Ctrl-C
+        # during rank 0's preview and metrics must act at once, as without torchrun
+        release_held_signals()
 
     if main_rank:
         err = _preview(G, pairs, preview_start, run_dir / PREVIEW, n=8)

@@ -59,7 +59,7 @@ from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
 from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
 # the run folder's file names stay importable from here (export.fuzzymask.export takes them so)
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
-from export.training import (atomic_save, check_resume_keys, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+from export.training import (atomic_save, release_held_signals, check_resume_keys, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main, trim_losses,
                              update_ema, whole_step, write_run_config)
 
@@ -499,6 +499,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     finally:
         if losses_f:
             losses_f.close()
+        # under torchrun whole_step holds signals between steps; past the last one a Ctrl-C
+        # during rank 0's preview and tau must act at once, as without torchrun
+        release_held_signals()
 
     if main_rank:
         atomic_save(checkpoint(), ck_path)
