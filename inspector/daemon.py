@@ -21,6 +21,7 @@ in a terminal.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
 import os
@@ -396,14 +397,35 @@ def installed_version() -> str | None:
         return None
 
 
+def installed_files() -> str | None:
+    """A digest of the installed package's file list with their hashes (the dist-info RECORD
+    pip writes), or None outside an installed copy. It changes whenever an install changed any
+    file, also when the version number stayed the same (a fix reinstalled, a build of a newer
+    commit that did not bump the version)."""
+    try:
+        record = importlib.metadata.distribution("strip-inspector").read_text("RECORD")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return None if record is None else hashlib.sha256(record.encode()).hexdigest()
+
+
+#: the installed files this process imported its code from (taken when the daemon module loads)
+FILES_AT_START = installed_files()
+
+
 def check_installed_version() -> None:
     """A reload imports modules the daemon has not loaded yet (another engine, a model kind):
-    after an upgrade under a running daemon they would come from the new version and meet the
-    old one's in memory. Refuse, and say that a restart runs the new version."""
+    after an upgrade under a running daemon they would come from the new install and meet the
+    old one's in memory. Refuse, and say that a restart runs the new version. The version number
+    alone missed a reinstall that kept it; the installed files' digest catches that too."""
     on_disk = installed_version()
     if on_disk is not None and on_disk != __version__:
         raise InspectorError(f"the inspector on disk is version {on_disk}, this daemon runs {__version__} "
                              "(upgraded under it): restart the service to run the new version")
+    now = installed_files()
+    if FILES_AT_START is not None and now is not None and now != FILES_AT_START:
+        raise InspectorError(f"the inspector on disk was reinstalled under this daemon (version "
+                             f"{__version__} still, other files): restart the service to run it")
 
 
 class JournalFormatter(logging.Formatter):

@@ -143,6 +143,50 @@ def test_a_reload_after_an_upgrade_under_the_running_daemon_is_refused(  # noqa:
         t.join(60)
 
 
+def test_a_reload_after_a_reinstall_of_the_same_version_is_refused(  # noqa: F811
+        tmp_path, notify, synthetic_cfg, monkeypatch):  # noqa: F811
+    # install.sh run again with a fixed build that kept the version number: the files on disk
+    # differ from those the daemon imported, so a reload would mix them just the same
+    from inspector import __version__
+
+    monkeypatch.setattr(daemon_module, "installed_version", lambda: __version__)
+    monkeypatch.setattr(daemon_module, "FILES_AT_START", "a" * 64)
+    monkeypatch.setattr(daemon_module, "installed_files", lambda: "b" * 64)
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(source={"fps": 20}))
+    d = Daemon(cfg, notifier=Notifier(notify.address), runtime_dir=tmp_path)
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        d.request_reload()
+        wait_for(lambda: d.reloads["failed"] == 1, 60, "the reload to fail")
+        record = read_record(Path(tmp_path))
+        assert record.ok is False and "reinstalled under this daemon" in record.message
+        assert f"version {__version__} still" in record.message and d.reloads["ok"] == 0
+        # the same files as at start: the reload goes through
+        monkeypatch.setattr(daemon_module, "installed_files", lambda: "a" * 64)
+        d.request_reload()
+        wait_for(lambda: d.reloads["ok"] == 1, 60, "the reload to succeed")
+    finally:
+        d.request_stop()
+        t.join(60)
+
+
+def test_installed_files_digest_follows_the_record_pip_wrote():
+    """In this checkout's venv the package is installed (``make`` runs pip install): the digest
+    is the RECORD's, and it is stable between two reads."""
+    import hashlib
+    import importlib.metadata
+
+    try:
+        record = importlib.metadata.distribution("strip-inspector").read_text("RECORD")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("strip-inspector is not installed in this environment")
+    got = daemon_module.installed_files()
+    assert got == daemon_module.installed_files()
+    assert got == (None if record is None else hashlib.sha256(record.encode()).hexdigest())
+
+
 def test_no_record_is_left_by_a_reload_that_ends_after_the_daemon_removed_it(tmp_path):
     from inspector.reload_state import ReloadLog
 
