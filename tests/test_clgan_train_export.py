@@ -504,6 +504,11 @@ def test_resume_is_bit_exact(trained, tmp_path):
     for net in ("G", "D", "H"):
         for k in a[net]:
             assert torch.equal(a[net][k], b[net][k]), (net, k)
+    # the running loss averages continue over the resume: the resumed run reports the whole's
+    import json
+
+    ema = [json.loads((d / "metrics.json").read_text())["final_losses_ema"] for d in (whole, parts)]
+    assert ema[0] == ema[1] and a["ema"] == b["ema"]
 
 
 @pytest.mark.parametrize("section, key, value", [("discriminator", "ndf", 8),

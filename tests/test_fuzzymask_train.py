@@ -329,3 +329,20 @@ def test_magnetic_tile_training_crops_are_train_split_normals():
     assert all(split_of(Path(im.name).stem, fr) == "train" for im in images)
     x = NormalCrops(images, 256, 1, seed=0).stack(range(4))
     assert x.shape == (4, 1, 256, 256) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+
+
+def test_resume_continues_the_running_loss_averages(trained, tmp_path):
+    """2 steps, then --resume for the other 4, report the loss averages one run of 6 does (step
+    batches are functions of the step, so the two runs see the same losses); they used to restart
+    at the resume, so a resumed run's final_losses_ema was its last steps' alone."""
+    from export.fuzzymask.train import train
+
+    config = tiny_config(tmp_path)
+    (tmp_path / "imgs").symlink_to(trained["base"] / "imgs")
+    whole = train(config, tmp_path / "whole", max_iters=6)
+    train(config, tmp_path / "split", max_iters=2)
+    parts = train(config, tmp_path / "split", resume=True, max_iters=4)
+    ema = [json.loads((d / "metrics.json").read_text())["final_losses_ema"] for d in (whole, parts)]
+    assert ema[0].keys() == ema[1].keys() and ema[0]
+    for k in ema[0]:
+        assert ema[0][k] == pytest.approx(ema[1][k], rel=1e-4, abs=1e-6), k

@@ -394,6 +394,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 dist.broadcast(t.data, 0)
     trainer = ClganTrainer(cfg, G, D, H, world)
     step, elapsed, history = 0, 0.0, []
+    #: the running loss averages (metrics' final_losses_ema) continue over a resume, so a resumed
+    #: run reports what an uninterrupted one would, not an average of its last steps alone
+    ema_start: dict[str, float] = {}
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         check_resume_keys(saved_config(ck["config"], ClganTrainConfig), cfg.model_dump(mode="json"), ARCHITECTURE_KEYS,
@@ -404,6 +407,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         for k, opt in trainer.optimizers.items():
             opt.load_state_dict(ck["optimizers"][k])
         step, elapsed, history = int(ck["step"]), float(ck["elapsed_s"]), list(ck.get("history", []))
+        ema_start = dict(ck.get("ema") or {})  # checkpoints before this record start afresh
         if main_rank:
             log.info("resuming %s at iteration %d of %d", run_dir, step, total)
     elif resume and main_rank:
@@ -425,13 +429,13 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         return {"format": CHECKPOINT_FORMAT, "kind": "clgan", "step": step, "total": total,
                 "elapsed_s": elapsed, "G": G.state_dict(), "D": D.state_dict(), "H": H.state_dict(),
                 "optimizers": {k: v.state_dict() for k, v in trainer.optimizers.items()},
-                "config": cfg.model_dump(mode="json"), "history": history,
+                "config": cfg.model_dump(mode="json"), "history": history, "ema": dict(ema),
                 "torch": str(torch.__version__)}
 
     preview_start = 10 ** 9  # pair ids far beyond any training run: crops never trained on
     stop = total if max_iters is None else min(total, step + max_iters)
     G.train(), D.train(), H.train()
-    t_rate, first, ema = time.monotonic(), step, {}
+    t_rate, first, ema = time.monotonic(), step, dict(ema_start)
     t_prev = t_rate
     losses_f = open(run_dir / LOSSES, "a") if main_rank else None
     try:

@@ -393,6 +393,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     opt = torch.optim.Adam(net.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
     crit = build_loss(cfg)
     step, elapsed, history = 0, 0.0, []
+    #: the running loss averages (metrics' final_losses_ema) continue over a resume, so a resumed
+    #: run reports what an uninterrupted one would, not an average of its last steps alone
+    ema_start: dict[str, float] = {}
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         check_resume_keys(saved_config(ck["config"], FuzzymaskTrainConfig), cfg.model_dump(mode="json"),
@@ -401,6 +404,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         net.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         step, elapsed, history = int(ck["step"]), float(ck["elapsed_s"]), list(ck.get("history", []))
+        ema_start = dict(ck.get("ema") or {})  # checkpoints before this record start afresh
         if main_rank:
             log.info("resuming %s at step %d of %d", run_dir, step, total)
     elif resume and main_rank:
@@ -425,7 +429,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     def checkpoint() -> dict:
         return {"format": CHECKPOINT_FORMAT, "kind": "fuzzymask", "step": step, "total": total,
                 "elapsed_s": elapsed, "model": net.state_dict(), "optimizer": opt.state_dict(),
-                "config": cfg.model_dump(mode="json"), "history": history,
+                "config": cfg.model_dump(mode="json"), "history": history, "ema": dict(ema),
                 "torch": str(torch.__version__)}
 
     stop = total if max_iters is None else min(total, step + max_iters)
@@ -436,7 +440,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                         pin_memory=dev.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if cfg.data_workers else None)
     net.train()
-    t_rate, first, ema = time.monotonic(), step, {}
+    t_rate, first, ema = time.monotonic(), step, dict(ema_start)
     t_prev = t_rate
     epoch_sum, epoch_n, last_epoch_loss = 0.0, 0, None
     stopped_by = "completed" if stop == total else "max_iters"
