@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from inspector.bench import machine_under_load
 from inspector.frame import Frame
 from inspector.recorder import Recorder, RecordConfig
 from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
@@ -78,7 +78,7 @@ def plot(result: dict, path: Path) -> None:
     b.set_xlabel("png_compression")
     b.set_ylabel("KiB per record")
     h, w = result["frame_shape"][:2]
-    fig.suptitle(f"recorder, {h}x{w} synthetic strip, {result['machine']['cpus']} CPUs, "
+    fig.suptitle(f"recorder, {h}x{w} synthetic strip, {result['machine'].get('cores', result['machine'].get('cpus'))} CPUs, "
                  f"load {result['machine']['load_before'][0]:.1f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -116,9 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"what": "frame recorder write rate per PNG level (benchmarks/recorder_bench.py)",
               "command": "python benchmarks/recorder_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "frame_shape": list(frames[0].image.shape),
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_before": [round(x, 2) for x in load],
-                          "load_after": [round(x, 2) for x in os.getloadavg()]},
+              "machine": machine_under_load(load),
               "levels": rows}
     (out / "recorder-bench.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "recorder-bench.png")

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -35,6 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from inspector.bench import machine_under_load  # noqa: E402
 from inspector.bundle import BUNDLE_FILE, load_bundle  # noqa: E402
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine  # noqa: E402
 from inspector.models import make_adapter  # noqa: E402
@@ -94,7 +94,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("adapter.infer p50 (ms)")
     ax.legend()
     ax.set_title(f"{result['bundle']}, ORT CPU, {result['threads']} threads, "
-                 f"{result['machine']['cpus']} CPUs, load {result['machine']['load_before'][0]:.1f}")
+                 f"{result['machine'].get('cores', result['machine'].get('cpus'))} CPUs, load {result['machine']['load_before'][0]:.1f}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -129,9 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"what": "ARCD graph per frame: tiling against the thesis's squaring (benchmarks/square_pad_bench.py)",
               "command": "python benchmarks/square_pad_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "bundle": bundle.name, "align": args.align, "threads": args.threads,
-              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "load_before": [round(x, 2) for x in load],
-                          "load_after": [round(x, 2) for x in os.getloadavg()]},
+              "machine": machine_under_load(load),
               "runs": runs}
     (out / "square-pad-bench.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "square-pad-bench.png")

@@ -89,6 +89,13 @@ def _machine() -> dict:
             "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
 
 
+def machine_under_load(load_before: tuple[float, ...]) -> dict:
+    """What a benchmark's JSON records of the machine: :func:`_machine` plus the load average
+    before the measurement (``load_before``, from ``os.getloadavg()``) and now, after it."""
+    return {**_machine(), "load_before": [round(x, 2) for x in load_before],
+            "load_after": [round(x, 2) for x in os.getloadavg()]}
+
+
 def run_bench(cfg: InspectorConfig, frames: int = 200, out_dir: Path = Path("bench-out"),
               fps: float | None = None, throughput_frames: int = 100) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ still made ``systemctl reload`` succeed: the operator saw nothing while the old 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -122,25 +123,33 @@ def test_reload_fails_when_the_daemon_hangs_or_exits_during_the_reload(tmp_path,
         fake.wait()
 
 
+@contextlib.contextmanager
+def running_daemon(tmp_path: Path, sink, synthetic_cfg):
+    """A daemon on the synthetic camera at 20 fps, READY (on the ``notify`` fixture's ``sink``)
+    before the block, stopped after it."""
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(source={"fps": 20}))
+    d = Daemon(cfg, notifier=Notifier(sink.address), runtime_dir=tmp_path)
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        sink.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        yield d
+    finally:
+        d.request_stop()
+        t.join(60)
+
+
 def test_a_reload_after_an_upgrade_under_the_running_daemon_is_refused(  # noqa: F811
         tmp_path, notify, synthetic_cfg, monkeypatch):  # noqa: F811
     # A reload imports modules the daemon has not loaded yet: after `install.sh` upgraded the venv
     # they would be the new version's, mixed with the old in memory. A restart is the way.
     monkeypatch.setattr(daemon_module, "installed_version", lambda: "9.9.9")
-    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(source={"fps": 20}))
-    d = Daemon(cfg, notifier=Notifier(notify.address), runtime_dir=tmp_path)
-    t = threading.Thread(target=d.run, daemon=True)
-    t.start()
-    try:
-        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+    with running_daemon(tmp_path, notify, synthetic_cfg) as d:
         d.request_reload()
         wait_for(lambda: d.reloads["failed"] == 1, 60, "the reload to fail")
         record = read_record(Path(tmp_path))
         assert record.ok is False and "on disk is version 9.9.9" in record.message
         assert "restart the service" in record.message and d.reloads["ok"] == 0
-    finally:
-        d.request_stop()
-        t.join(60)
 
 
 def test_a_reload_after_a_reinstall_of_the_same_version_is_refused(  # noqa: F811
@@ -152,12 +161,7 @@ def test_a_reload_after_a_reinstall_of_the_same_version_is_refused(  # noqa: F81
     monkeypatch.setattr(daemon_module, "installed_version", lambda: __version__)
     monkeypatch.setattr(daemon_module, "FILES_AT_START", "a" * 64)
     monkeypatch.setattr(daemon_module, "installed_files", lambda: "b" * 64)
-    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(source={"fps": 20}))
-    d = Daemon(cfg, notifier=Notifier(notify.address), runtime_dir=tmp_path)
-    t = threading.Thread(target=d.run, daemon=True)
-    t.start()
-    try:
-        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+    with running_daemon(tmp_path, notify, synthetic_cfg) as d:
         d.request_reload()
         wait_for(lambda: d.reloads["failed"] == 1, 60, "the reload to fail")
         record = read_record(Path(tmp_path))
@@ -167,9 +171,6 @@ def test_a_reload_after_a_reinstall_of_the_same_version_is_refused(  # noqa: F81
         monkeypatch.setattr(daemon_module, "installed_files", lambda: "a" * 64)
         d.request_reload()
         wait_for(lambda: d.reloads["ok"] == 1, 60, "the reload to succeed")
-    finally:
-        d.request_stop()
-        t.join(60)
 
 
 def test_installed_files_digest_follows_the_record_pip_wrote():
