@@ -124,6 +124,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         infer_ms = (time.perf_counter() - t0) * 1e3
         label = model.post.mask(out.probs, out.residual, out.score_map)
         defects, total = model.post.defects(label, out.score_map)
+        # copied before the adapter gets its buffer back
+        out_region = None if out.region is None else out.region.copy()
         if out.release:
             out.release()
         described = src.describe()  # while open: a camera reports what it runs at
@@ -132,6 +134,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         "source": described, "frame_shape": list(frame.image.shape),
         "bundle": str(model.bundle.path), "model": f"{spec.name} ({spec.kind})",
         "classes": spec.classes, "engine": model.backend,
+        "input": _check_input(model, frame.image.shape[:2]),
+        **({"region": f"{spec.region.name} (threshold {spec.region.threshold:g}): "
+                      f"{float((out_region >= spec.region.threshold).mean()):.1%} of this frame"}
+           if spec.region is not None and out_region is not None else {}),
         "infer_ms": round(infer_ms, 1), "defects_in_frame": total,
         "publish": cfg.publish.endpoint,
         "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)",
@@ -145,6 +151,16 @@ def cmd_check(args: argparse.Namespace) -> int:
             for line in (v if k == "warnings" else [v]):
                 print(f"{'warning' if k == 'warnings' else k:>16}: {line}")
     return EXIT_OK
+
+
+def _check_input(model, shape: tuple[int, ...]) -> str:
+    """How the model sees a frame of ``shape``: tiled (how many) or squared (the thesis's way)."""
+    inp = model.bundle.spec.input
+    th, tw = inp.tile
+    n = model.adapter.grid(*shape[:2]).count
+    if getattr(inp, "fit", "tile") == "square_pad":
+        return f"square_pad ({inp.pad_align}) to {th}x{tw}: {n} input per frame"
+    return f"tiles {th}x{tw}, overlap {model.bundle.spec.tiling.overlap}: {n} per frame"
 
 
 def _check_alarms(cfg, classes: list[str]) -> None:

@@ -251,3 +251,28 @@ def test_the_runtime_squares_frames_as_training_does(tmp_path, shape, align):
     # and what the engine is fed is that, normalised as in tile mode (mean 0, std 1 here)
     batch, _ = a.fill_batch(img)
     np.testing.assert_allclose(batch[0, 0], want.astype(np.float32) / 255.0, atol=1e-7)
+
+
+def test_check_says_how_the_model_sees_a_frame_and_what_region_it_found(tmp_path, synthetic_cfg):
+    """``inspector check`` names the input mode (tiles and how many, or the square pad) and, for
+    a bundle with a region head, the region's name, threshold and share of the checked frame."""
+    import json
+
+    from conftest import run_cli, write_config
+    from toy_models import dark_spot_bundle, square_pad_bundle
+
+    sq = square_pad_bundle(tmp_path / "sq", tile=64, align="center", region=True)
+    tiled = dark_spot_bundle(tmp_path / "tiled", tile=64)
+    got = {}
+    for name, bundle in (("sq", sq), ("tiled", tiled)):
+        cfg = write_config(tmp_path / f"{name}.yaml", synthetic_cfg(model={"bundle": str(bundle)},
+                                                                  source={"width": 256, "height": 128}))
+        r = run_cli("check", "--config", str(cfg), "--json")
+        assert r.returncode == 0, r.stderr
+        got[name] = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["sq"]["input"] == "square_pad (center) to 64x64: 1 input per frame"
+    assert got["sq"]["region"].startswith("machine region (threshold 0.5): ")
+    assert got["sq"]["region"].endswith("% of this frame")
+    # 128x256 in 64-pixel tiles overlapping by 32: 3 rows of 7
+    assert got["tiled"]["input"] == "tiles 64x64, overlap 32: 21 per frame"
+    assert "region" not in got["tiled"]
