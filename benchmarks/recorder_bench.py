@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inspector.bench import machine_under_load
+from inspector.bench import machine_caption, machine_under_load
 from inspector.frame import Frame
 from inspector.recorder import Recorder, RecordConfig
 from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
@@ -78,8 +78,7 @@ def plot(result: dict, path: Path) -> None:
     b.set_xlabel("png_compression")
     b.set_ylabel("KiB per record")
     h, w = result["frame_shape"][:2]
-    fig.suptitle(f"recorder, {h}x{w} synthetic strip, {result['machine'].get('cores', result['machine'].get('cpus'))} CPUs, "
-                 f"load {result['machine']['load_before'][0]:.1f}")
+    fig.suptitle(f"recorder, {h}x{w} synthetic strip, {machine_caption(result['machine'])}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

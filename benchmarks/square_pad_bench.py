@@ -34,7 +34,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inspector.bench import machine_under_load  # noqa: E402
+from inspector.bench import machine_caption, machine_under_load  # noqa: E402
 from inspector.bundle import BUNDLE_FILE, load_bundle  # noqa: E402
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine  # noqa: E402
 from inspector.models import make_adapter  # noqa: E402
@@ -94,7 +94,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("adapter.infer p50 (ms)")
     ax.legend()
     ax.set_title(f"{result['bundle']}, ORT CPU, {result['threads']} threads, "
-                 f"{result['machine'].get('cores', result['machine'].get('cpus'))} CPUs, load {result['machine']['load_before'][0]:.1f}")
+                 f"{machine_caption(result['machine'])}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

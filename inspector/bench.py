@@ -89,6 +89,13 @@ def _machine() -> dict:
             "onnxruntime": onnxruntime.__version__, "platform": platform.platform()}
 
 
+def machine_caption(machine: dict) -> str:
+    """``N CPUs, load X`` of a recorded machine (:func:`machine_under_load`; older records
+    name the core count ``cpus``), for a benchmark plot's title."""
+    cores = machine.get("cores", machine.get("cpus"))
+    return f"{cores} CPUs, load {machine['load_before'][0]:.1f}"
+
+
 def machine_under_load(load_before: tuple[float, ...]) -> dict:
     """What a benchmark's JSON records of the machine: :func:`_machine` plus the load average
     before the measurement (``load_before``, from ``os.getloadavg()``) and now, after it."""
