@@ -368,13 +368,14 @@ class Recorder:
             pass
 
     def _release(self) -> None:
-        if self._lock_fh is not None:
+        with self._lock:  # close() and a writer that outlived it may both get here
+            fh, self._lock_fh = self._lock_fh, None
+        if fh is not None:
             try:
-                fcntl.flock(self._lock_fh, fcntl.LOCK_UN)
-                self._lock_fh.close()
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
             except OSError:
                 pass
-            self._lock_fh = None
 
     def describe(self) -> str:
         return describe(self.cfg)
@@ -433,8 +434,10 @@ class Recorder:
             return None
         return kind
 
-    def _skip(self, reason: str, stem: str, why: str) -> None:
+    def _skip(self, reason: str, stem: str, why: str, writer: bool = False) -> None:
         with self._lock:
+            if writer and self._frozen:  # close() has counted the writer's frame as a shutdown skip
+                return
             self.skipped[reason] += 1
         now = time.monotonic()
         if now - self._last_log[reason] >= 10.0:
@@ -457,14 +460,22 @@ class Recorder:
             if item is _END:
                 return
             with self._lock:
-                self._current = item
-            try:
-                self._write(item)
-            except Exception as e:  # a bug must not end recording silently: count, log, go on
-                self._skip("write_error", item.stem, f"{type(e).__name__}: {e}")
-            finally:
-                with self._lock:
-                    self._current = None
+                late = self._frozen
+                if late:  # close() gave up between the get and here, so could not count this one
+                    self.skipped["shutdown"] += 1
+                else:
+                    self._current = item
+            if not late:
+                try:
+                    self._write(item)
+                except Exception as e:  # a bug must not end recording silently: count, log, go on
+                    self._skip("write_error", item.stem, f"{type(e).__name__}: {e}", writer=True)
+                finally:
+                    with self._lock:
+                        self._current = None
+            if self._frozen:  # close() gave up waiting and emptied the queue: the lock is ours to free
+                self._release()
+                return
 
     def _write(self, item: _Item) -> None:
         try:
@@ -476,7 +487,7 @@ class Recorder:
             if free < self.min_free:
                 self._skip("disk_low", item.stem, f"{free / GB:.2f} GB free on the file system of "
                            f"{self.root}, below record.min_free_gb {self.cfg.min_free_gb:g}, and no "
-                           "older record of this camera left to remove")
+                           "older record of this camera left to remove", writer=True)
                 return
         if item.stem < self._newest_stem and not self._clock_warned:
             log.warning("recorder: frame capture time %s is before the latest recorded (%s): the "
@@ -487,7 +498,7 @@ class Recorder:
         files = self._encode(item)
         folder = self.root / item.kind
         written: list[Path] = []
-        final = tmp = folder
+        final = tmp = d = folder
         try:
             for sub, data in files:  # meta, mask, region, image: the image marks a complete record
                 if sub in OPTIONAL_SUBS:
@@ -501,8 +512,24 @@ class Recorder:
                         # leave a complete-looking empty file after a power cut
                         fh.flush()
                         os.fsync(fh.fileno())
-                os.replace(tmp, final)
-                written.append(final)
+                if sub != "images":
+                    os.replace(tmp, final)
+                    written.append(final)
+                    continue
+                # the image's name completes the record: it is given under the lock close() counts
+                # under, so a frame close() counted as a shutdown skip never lands on disk and one
+                # that landed is counted as recorded, whenever the stop comes
+                with self._lock:
+                    landed = not self._frozen
+                    if landed:
+                        os.replace(tmp, final)
+                        written.append(final)
+                        self.recorded[item.kind] += 1
+                        self._current = None
+                if not landed:
+                    for p in written + [tmp]:
+                        p.unlink(missing_ok=True)
+                    return
             if self.cfg.fsync:
                 # the renames live in the folders' entries; flushed last, the image's too
                 for d in dict.fromkeys(p.parent for p in written):
@@ -513,12 +540,16 @@ class Recorder:
                     p.unlink(missing_ok=True)
                 except OSError:
                     pass
-            self._skip("write_error", item.stem, f"{final}: {e.strerror or e}")
+            where = final
+            if self._current is None:  # it had landed (and was counted) when a folder's flush failed
+                where = d
+                with self._lock:
+                    self.recorded[item.kind] -= 1
+            self._skip("write_error", item.stem, f"{where}: {e.strerror or e}",
+                       writer=self._current is not None)
             return
         size = sum(len(d) for _, d in files)
         with self._lock:
-            if not self._frozen:  # else close() has counted it as a shutdown skip already
-                self.recorded[item.kind] += 1
             self.used += size
         heapq.heappush(self._heap, (self._seq, item.stem, item.kind, size))
         self._seq += 1
@@ -624,8 +655,8 @@ class Recorder:
                         break
             self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
             if self._thread.is_alive():
-                # what the writer has not finished is lost with the process: say how much (the
-                # one in hand may still land on disk, but the figures are final from here)
+                # what the writer has not finished is not recorded: the one in hand is dropped at
+                # its last rename (see _write), so the figures are final from here and match the disk
                 with self._lock:
                     self._frozen = True
                     left = 1 if self._current is not None else 0

@@ -312,9 +312,19 @@ def test_every_frame_offered_is_recorded_or_counted_after_a_stop_that_runs_out_o
     rec.close(timeout_s=0.01)
     s = rec.snapshot()
     assert offered == 6
+    assert s["skipped"]["shutdown"] >= 1  # the stop came while the writer was busy
     assert sum(s["recorded"].values()) + s["skipped"]["shutdown"] == offered
-    time.sleep(0.5)  # the frame in hand may still land on disk: the figures stay final
-    assert rec.snapshot()["recorded"] == s["recorded"]
+    # the writer ends after the frame in hand, which it drops at its last rename: the figures said
+    # at the stop are what is on disk, with nothing half-written left behind
+    rec._thread.join(timeout=30)
+    assert not rec._thread.is_alive()
+    assert rec.snapshot() == s
+    on_disk = [p for p in (tmp_path / "c").rglob("*") if p.is_file() and p.name != ".lock"]
+    images = [p for p in on_disk if p.parent.name == "images"]
+    assert len(images) == sum(s["recorded"].values())
+    assert not [p for p in on_disk if p.name.startswith(".")]
+    assert {p.stem for p in on_disk} == {p.stem for p in images}  # no meta or mask without its image
+    Recorder(RecordConfig(enabled=True, dir=str(tmp_path)), "c", CLASSES).close()  # the lock is free
     assert rec.offer(_frame(7), np.zeros((16, 24), np.uint8), _header(7)) is None  # closed: counted
     assert rec.snapshot()["skipped"]["shutdown"] == s["skipped"]["shutdown"] + 1
 
