@@ -64,6 +64,15 @@ case "$SOURCE" in
     *.whl) [ -f "$SOURCE" ] || die "wheel $SOURCE not found" ;;
     *) [ -f "$SOURCE/setup.cfg" ] || die "$SOURCE is neither a wheel nor the inspector source tree" ;;
 esac
+# the venv runs on its base Python: one under a folder the unit hides (a pyenv build in /root) makes
+# a service that cannot start (203/EXEC), however its permissions are set
+PYTHON_HOME=$("$PYTHON" -c 'import os, sys; print(os.path.realpath(sys.base_prefix))')
+case "$PYTHON_HOME/" in
+    /home/*|/root/*|/run/user/*|/tmp/*|/var/tmp/*)
+        say "warning: $PYTHON lives in $PYTHON_HOME, which the unit hides (ProtectHome=yes," \
+            "PrivateTmp=yes): the service will not start; install with PYTHON=/usr/bin/python3.11" \
+            "(or another Python outside those folders) for a line PC" ;;
+esac
 case "$PREFIX$CONFDIR$STATEDIR$UNITDIR" in
     *" "*) die "paths with spaces are not supported" ;;
     # sed replacement and systemd specifier characters
@@ -235,5 +244,5 @@ if [ -n "$RUNNING" ]; then
     say "  systemctl restart $RUNNING"
 fi
 say "done. Put a camera config in $CONFDIR/cameras/<name>.yaml (see example.yaml.sample), then:"
-say "  $PREFIX/venv/bin/inspector check --config $CONFDIR/cameras/<name>.yaml"
+say "  $PREFIX/venv/bin/inspector check --user $SERVICE_USER --config $CONFDIR/cameras/<name>.yaml"
 say "  systemctl enable --now inspector@<name>"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -103,10 +104,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     from inspector.sources import make_source
 
     cfg = _load(args.config)
+    as_user, hidden = _check_user(cfg, args.user) if args.user else (None, [])  # before root opens anything
     model = load_model(cfg)
     spec = model.bundle.spec
     _check_alarms(cfg, spec.classes)  # what `inspector daemon` refuses at start, exit 2
-    warnings = _check_endpoint(cfg)
+    warnings = _check_endpoint(cfg) + hidden
+    if as_user is None and os.geteuid() == 0:
+        warnings.append("checked as root, who can open every file: add --user <the unit's User=> "
+                        "to check the service user's access")
     src = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
     with src:
         frame, problem = None, "the source ended before its first frame"
@@ -141,7 +146,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         "infer_ms": round(infer_ms, 1), "defects_in_frame": total,
         "publish": cfg.publish.endpoint,
         "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)",
-        "record": _check_record(cfg, spec.classes),
+        "record": _check_record(cfg, spec.classes, root_note=as_user is None),
+        **({"user": as_user} if as_user else {}),
         "warnings": warnings, "result": "ok",
     }
     if args.json:
@@ -174,14 +180,24 @@ def _check_alarms(cfg, classes: list[str]) -> None:
         make_link(d, cfg.camera_id, cfg.source_file, i)
 
 
-def _check_record(cfg, classes: list[str]) -> str:
+def _check_user(cfg, user: str) -> tuple[str, list[str]]:
+    """The daemon's file access asked as ``user`` (the unit's ``User=``): see inspector.access_check."""
+    from inspector.access_check import check_as_user
+    from inspector.recorder import recordings_root
+
+    record_root = recordings_root(cfg.record, cfg.camera_id, cfg.base_dir) if cfg.record.enabled else None
+    return check_as_user(cfg, user, record_root)
+
+
+def _check_record(cfg, classes: list[str], root_note: bool = True) -> str:
     """The recorder's start-up checks (folder writable, classes known): what it would record."""
     if not cfg.record.enabled:
         return "off"
     from inspector.recorder import describe, preflight
 
     # nothing is created: a folder made here by root would be one the service user cannot write
-    root, notes = preflight(cfg.record, cfg.camera_id, classes, cfg.base_dir, cfg.source_file)
+    root, notes = preflight(cfg.record, cfg.camera_id, classes, cfg.base_dir, cfg.source_file,
+                            root_note=root_note)
     state = "" if root.is_dir() else ", created at the daemon's start"
     return f"{describe(cfg.record)} into {root}{state}" + "".join(f"; {n}" for n in notes)
 
@@ -709,6 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate a config, open the source, run one frame")
     p.add_argument("--config", required=True)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--user", metavar="NAME", help="also check, as this user (the unit's User=; needs "
+                   "root), that it can read the config, runtime, bundle and inputs and write the "
+                   "recordings")
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("subscribe", help="print (and save) the defect stream")

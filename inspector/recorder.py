@@ -174,7 +174,7 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def preflight(cfg: RecordConfig, camera_id: str, class_names: list[str], base_dir: Path | None = None,
-              config_file: str = "<memory>") -> tuple[Path, list[str]]:
+              config_file: str = "<memory>", root_note: bool = True) -> tuple[Path, list[str]]:
     """The start-up checks without touching the disk (``inspector check``, a reload): the classes,
     and that the folder is or can be made a writable folder. Returns the camera folder and notes
     for the user; raises :class:`ConfigError` naming the key for what a start would refuse."""
@@ -191,7 +191,7 @@ def preflight(cfg: RecordConfig, camera_id: str, class_names: list[str], base_di
     if not os.access(base, os.W_OK | os.X_OK):
         raise ConfigError(config_file, "record.dir", f"cannot write recordings into {root}: {base} is "
                           "not writable to this user")
-    if os.geteuid() == 0:
+    if os.geteuid() == 0 and root_note:  # (not when the service user's access was checked itself)
         st = base.stat()
         notes.append(f"checked as root: the service user must be able to write {base} (owner uid "
                      f"{st.st_uid}, mode {st.st_mode & 0o777:o})")

@@ -78,6 +78,10 @@ def installed(tmp_path_factory, fake_bin, toy_bundle, inspector_wheel) -> Path:
                                   "PIP_ARGS": "--no-index --no-deps"}, fake, str(wheel))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "scratch-root install" in r.stdout
+    # a base Python in a folder the unit hides (this machine's may be a pyenv build under /root)
+    hidden = os.path.realpath(sys.base_prefix).startswith(("/root/", "/home/", "/tmp/"))
+    assert ("which the unit hides (ProtectHome=yes, PrivateTmp=yes): the service will not start"
+            in r.stdout) == hidden, r.stdout
     return root
 
 
