@@ -4,6 +4,8 @@ import json
 import logging
 import os
 import shutil
+import threading
+import time
 from pathlib import Path
 
 import cv2
@@ -376,3 +378,30 @@ def test_fsync_flushes_each_file_before_its_rename_and_the_folders_after(tmp_pat
     s = bad.snapshot()
     assert s["skipped"]["write_error"] == 1 and s["recorded"]["defects"] == 0
     assert not [p for p in (tmp_path / "bad" / "c").rglob("*") if p.is_file() and p.name != ".lock"]
+
+
+def _thread_nice(tid: int) -> int:
+    """A thread's nice value as the kernel reports it (/proc/<pid>/task/<tid>/stat, field 19)."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    return int(stat.rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_the_writer_thread_alone_yields_the_cpu_to_inspection(tmp_path):
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice, expected in ((10, min(19, base + 10)), (0, base)):
+        rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path / str(nice)), writer_nice=nice),
+                       "c", CLASSES)
+        rec.start()
+        try:
+            deadline = time.monotonic() + 10
+            while rec._thread.native_id is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.1)  # the thread lowers itself first thing
+            assert _thread_nice(rec._thread.native_id) == expected
+            assert _thread_nice(threading.get_native_id()) == base  # the caller's is untouched
+        finally:
+            rec.close()
+    with pytest.raises(ConfigError, match="record.writer_nice: Input should be less than or equal to 19"):
+        parse_config({"camera_id": "c", "source": {"type": "synthetic"}, "model": {"bundle": "x"},
+                      "record": {"writer_nice": 20}}, check_paths=False)
