@@ -507,6 +507,12 @@ class TrainingData:
     #: ``calib`` / ``val`` frames have ``LabeledFrame.region`` where their data set has them).
     #: False: nothing could supervise a region head
     has_regions: bool = False
+    #: how the model meets the ``calib`` / ``val`` frames. None: tiled, as the bundle tiles them.
+    #: A :class:`SquarePad` (``data.square_pad``): those frames are the native images, with
+    #: their native truth and region and no ``valid`` mask, and the model sees each one padded
+    #: and resized by it, as the bundle's ``input.fit: square_pad`` does on the line (scoring
+    #: the padded, resized squares instead measured a resolution the line never runs)
+    square_fit: "SquarePad | None" = None
 
 
 def _build_synthetic(cfg: SyntheticDataConfig, *, tile: tuple[int, int], channels: int,
@@ -883,10 +889,11 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
     if len(val_ds) == 0:
         raise TrainingDataError(f"{cfg.root}: no images in split '{cfg.val_split}' "
                                 f"({cfg.source} layout)", "data.val_split")
+    square_fit, scored_fit = _scored_fit(cfg)
     n_val = len(val_ds) if not cfg.val_images else min(cfg.val_images, len(val_ds))
-    val_frames = DatasetFrames(val_ds, channels, cfg.fit(), list(range(n_val)))
+    val_frames = DatasetFrames(val_ds, channels, scored_fit, list(range(n_val)))
     n_cal = min(cfg.calib_images, len(val_ds))
-    calib_frames = DatasetFrames(val_ds, channels, cfg.fit(), list(range(max(1, n_cal))))
+    calib_frames = DatasetFrames(val_ds, channels, scored_fit, list(range(max(1, n_cal))))
 
     def calib() -> list[LabeledFrame]:
         return [calib_frames.frame(j) for j in range(n_cal)] if n_cal else []
@@ -909,7 +916,7 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
             f = used.frame(j)
             if i in pool and f.truth is not None and len(defect_free_windows(f.truth, cfg.normal_patch)):
                 with_window += 1
-        scored = DatasetFrames(val_ds, channels, cfg.fit(), list(range(max(n_val, n_cal))))
+        scored = DatasetFrames(val_ds, channels, scored_fit, list(range(max(n_val, n_cal))))
         extra = [fr for fr in (normal_frames, synthetic, scored) if fr is not None]
         for fr in extra:
             for j in range(len(fr)):
@@ -929,8 +936,22 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
     desc = (f"stage 2: {stage2_frames.describe()} (label rate {cfg.label_fraction:g}); stage 1: "
             f"{normal.describe()} plus simulated anomalies; thresholds from {n_cal} and scores on "
             f"{n_val} images of split '{cfg.val_split}'")
+    if square_fit is not None:
+        desc += (f" (native images, each padded to a square ({square_fit.align}) and resized to "
+                 f"{square_fit.side}x{square_fit.side} as the bundle runs them)")
     return TrainingData(stage1, stage2, calib, val, tuple(train_ds.classes), desc, stage1_info, check,
-                        has_regions=stage2.has_regions)
+                        has_regions=stage2.has_regions, square_fit=square_fit)
+
+
+def _scored_fit(cfg: FolderDataConfig) -> "tuple[SquarePad | None, tuple[int, int] | None]":
+    """(the square pad the model sees the calibration and validation frames through, how
+    :class:`DatasetFrames` sizes those frames). With ``data.square_pad`` the frames stay native
+    (the pad and resize happen at prediction, as on the line); otherwise they are sized as the
+    training images are and tiled."""
+    fit = cfg.fit()
+    if isinstance(fit, SquarePad):
+        return fit, None
+    return None, fit
 
 
 def _synthetic_frames(cfg: FolderDataConfig, classes: Sequence[str], channels: int) -> "DatasetFrames":

@@ -8,6 +8,12 @@ IoU reported here is the IoU the line will see. Class masks come from
 at runtime. IoU per class is accumulated over all frames (one confusion matrix), background
 included.
 
+A model trained on square-padded images (``data.square_pad``) is run as its bundle's
+``input.fit: square_pad`` runs it (``predict_frame(..., fit="square_pad")``): the whole native
+frame, in the model's channels, zero-padded to a square and resized to the tile, one input, each
+output plane resized back and cropped to the frame, by the runtime's own
+``inspector.models.tiling.SquareFit``.
+
 Example::
 
     >>> tile_starts(1600, 256, 32)
@@ -18,11 +24,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Literal, Sequence
 
 import numpy as np
 import torch
 
+from inspector.models.base import model_channels
+from inspector.models.tiling import SquareFit
 from inspector.models.tiling import axis_keep as tile_keep
 from inspector.models.tiling import axis_starts as tile_starts
 from inspector.postprocess import threshold_probabilities
@@ -65,11 +73,47 @@ def tile_frame(image01: np.ndarray, tile: tuple[int, int], overlap: int
 
 
 @torch.no_grad()
+def _predict_square(model: ARCDInference, image: np.ndarray, tile: tuple[int, int], channels: int,
+                    mean: Sequence[float], std: Sequence[float], output: int,
+                    pad_align: Literal["top", "center"]) -> np.ndarray:
+    """:func:`predict_frame` for ``fit="square_pad"``: the runtime's steps on one native frame
+    (``ModelAdapter._fill_square`` and ``stitch``), through the same :class:`SquareFit`, so the
+    pixels fed and the bilinear resizes back are the bundle's own."""
+    th, tw = tile
+    if th != tw:
+        raise ValueError(f"fit square_pad needs a square tile, got {list(tile)}")
+    # the runtime's conversion, not to_float01: its float luma differs from the rounded one by
+    # up to a grey level, and the square pad resizes the uint8 pixels, so the order matters
+    img = model_channels(image, channels)
+    h, w = img.shape[:2]
+    g = SquareFit.build(h, w, th, tw, pad_align)
+    # the canvas starts as zeros: pad_resize writes only the frame's part, the pad stays zero
+    canvas = np.zeros((g.side, g.side, img.shape[2]), img.dtype)
+    square_in = g.pad_resize(img, canvas, np.empty((th, tw, img.shape[2]), img.dtype))
+    dev = next(model.parameters()).device
+    x = to_tensor(to_float01(square_in, channels), mean, std)[None].to(dev)
+    planes = model(x)[output][0].float().cpu().numpy()
+    out = np.empty((planes.shape[0], h, w), np.float32)
+    scratch = np.empty((g.side, g.side), np.float32)
+    for c, plane in enumerate(planes):
+        # contiguous float32 as the engine hands it out (a channels_last tensor's planes are strided)
+        g.unfit(np.ascontiguousarray(plane, np.float32), scratch, out[c])
+    return out
+
+
+@torch.no_grad()
 def predict_frame(model: ARCDInference, image: np.ndarray, tile: tuple[int, int], overlap: int,
                   channels: int, mean: Sequence[float], std: Sequence[float],
-                  batch: int = 0, output: int = 1) -> np.ndarray:
+                  batch: int = 0, output: int = 1, fit: Literal["tile", "square_pad"] = "tile",
+                  pad_align: Literal["top", "center"] = "top") -> np.ndarray:
     """Class probabilities (K x H x W float32) of a uint8 frame, tiled and stitched; ``output``
-    2 gives the region head's probability (1 x H x W) instead."""
+    2 gives the region head's probability (1 x H x W) instead.
+
+    ``fit`` and ``pad_align`` are the bundle's ``input.fit`` / ``input.pad_align``: with
+    ``square_pad`` the frame is not tiled (``overlap`` and ``batch`` are unused) but squared
+    whole as the runtime does (:func:`_predict_square`)."""
+    if fit == "square_pad":
+        return _predict_square(model, image, tile, channels, mean, std, output, pad_align)
     img01 = to_float01(image, channels)
     h, w = img01.shape[:2]
     tiles, corners, (H, W) = tile_frame(img01, tile, overlap)

@@ -4,7 +4,8 @@ Stage 1 trains the reconstruction net R on simulated anomalies of normal tiles w
 ``L_rec = MSE + 0.01 (1 - SSIM)``. Stage 2 freezes R (eval mode, no gradients) and trains the
 discrimination net D on labelled defect tiles with the focal loss. Afterwards thresholds are
 chosen on held-out calibration frames and IoU per class is measured on held-out validation
-frames, tiled as the runtime tiles them.
+frames, tiled as the runtime tiles them (with ``data.square_pad``: each native frame padded to
+a square and resized whole, as the bundle's ``input.fit: square_pad`` runs it).
 
 The run folder holds ``config.yaml`` (the resolved config), ``checkpoint.pt`` (both networks,
 optimiser and scheduler state, stage and step, the config; written every
@@ -605,15 +606,28 @@ def _final(hist: list[list[float]], n: int = 20) -> float | None:
     return float(np.mean([v for _, v in hist[-n:]]))
 
 
+def _frame_fit(data: TrainingData) -> dict[str, str]:
+    """:func:`predict_frame`'s ``fit`` / ``pad_align`` for the held-out frames: what the exported
+    bundle's ``input.fit`` will do with them (tiling: nothing to pass, the calls stay as they were)."""
+    sq = data.square_fit
+    return {} if sq is None else {"fit": "square_pad", "pad_align": sq.align}
+
+
 def _evaluate(state: _State, data: TrainingData) -> dict:
-    """Thresholds from the calibration frames, IoU per class on the validation frames."""
+    """Thresholds from the calibration frames, IoU per class on the validation frames, both
+    predicted as the bundle will run them (tiled, or whole native frames squared)."""
     cfg = state.cfg
     mc, ec = cfg.model, cfg.evaluation
     model = ARCDInference(state.r, state.d, region_head=mc.region_head).eval()
     names = list(mc.classes)
+    fit = _frame_fit(data)
+    if fit:
+        log.info("thresholds and validation on the native frames, each padded to a square (%s) "
+                 "and resized to %dx%d as the bundle runs it", fit["pad_align"], *mc.tile)
 
     def probs_of(frames):
-        return [predict_frame(model, f.image, mc.tile, ec.overlap, mc.in_channels, mc.mean, mc.std)
+        return [predict_frame(model, f.image, mc.tile, ec.overlap, mc.in_channels, mc.mean, mc.std,
+                              **fit)
                 for f in frames]
 
     t0 = time.monotonic()
@@ -635,21 +649,29 @@ def _evaluate(state: _State, data: TrainingData) -> dict:
              {k: (round(v, 3) if v is not None else None) for k, v in res.iou.items()},
              res.mean_defect_iou, res.mean_defect_iou_argmax)
     out = res.as_dict()
+    if fit:
+        # a square-pad run's figures are of the native frames, as `inspector evaluate` scores
+        # the bundle (runs before this key scored the padded, resized squares); tiled runs
+        # always scored native frames and keep their metrics.json as it was
+        out["scored_on"] = "native"
     if mc.region_head:
-        out["region"] = _evaluate_region(model, calib, val, cfg)
+        out["region"] = _evaluate_region(model, calib, val, cfg, fit)
     out.update(global_threshold=g, calibration_frames=len(calib), seconds=round(time.monotonic() - t0, 1))
     return out
 
 
-def _evaluate_region(model: ARCDInference, calib: list, val: list, cfg: TrainConfig) -> dict:
+def _evaluate_region(model: ARCDInference, calib: list, val: list, cfg: TrainConfig,
+                     fit: dict[str, str] | None = None) -> dict:
     """The region head's threshold (best region MIoU on the calibration frames, else
     evaluation.default_threshold) and its
-    Table 3.3 figures (MPA, MIoU, IoU) on the validation frames, as the bundle will run it."""
+    Table 3.3 figures (MPA, MIoU, IoU) on the validation frames, as the bundle will run it
+    (``fit``: :func:`_frame_fit`)."""
     mc, ec = cfg.model, cfg.evaluation
+    fit = fit or {}
 
     def region_of(frames: list) -> list[np.ndarray]:
         return [predict_frame(model, f.image, mc.tile, ec.overlap, mc.in_channels, mc.mean,
-                              mc.std, output=2)[0] for f in frames]
+                              mc.std, output=2, **fit)[0] for f in frames]
 
     rc = [f for f in calib if f.region is not None]
     thr = ec.default_threshold

@@ -93,6 +93,24 @@ class BufferPool:
         self._free.append(bufs)
 
 
+
+def model_channels(image: np.ndarray, channels: int) -> np.ndarray:
+    """HxW or HxWxC uint8 -> HxWxC' with C' = ``channels`` (RGB order); a grey frame on an RGB
+    model stays one channel (broadcast when normalised), extra channels are dropped. The
+    trainer's square-pad validation calls it too, so both see the same pixels."""
+    if image.ndim == 2:
+        return image[:, :, None]
+    if image.shape[2] == channels:
+        return image
+    if channels == 1:
+        # ITU-R BT.601 luma, the weights the rest of the product uses, rounded: truncating
+        # the float sum turned a grey level x of a grey-content RGB frame (NEU's JPEGs) into
+        # x - 1 for 65 of the 256 levels, which training (float luma) never saw
+        grey = cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_RGB2GRAY)
+        return grey[:, :, None]
+    return image[:, :, :3]
+
+
 class ModelAdapter(abc.ABC):
     """Base of every model kind. Subclasses implement :meth:`decode`.
 
@@ -209,17 +227,7 @@ class ModelAdapter(abc.ABC):
 
     def to_model_channels(self, image: np.ndarray) -> np.ndarray:
         """HxW or HxWxC uint8 -> HxWxC' with C' the model's channel count (RGB order)."""
-        if image.ndim == 2:
-            return image[:, :, None]
-        if image.shape[2] == self.channels:
-            return image
-        if self.channels == 1:
-            # ITU-R BT.601 luma, the weights the rest of the product uses, rounded: truncating
-            # the float sum turned a grey level x of a grey-content RGB frame (NEU's JPEGs) into
-            # x - 1 for 65 of the 256 levels, which training (float luma) never saw
-            grey = cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_RGB2GRAY)
-            return grey[:, :, None]
-        return image[:, :, :3]
+        return model_channels(image, self.channels)
 
     def square_input(self, image: np.ndarray) -> tuple[np.ndarray, SquareFit]:
         """``fit: square_pad``: the frame in the model's channels, zero-padded to a square and
