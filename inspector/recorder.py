@@ -250,6 +250,7 @@ class Recorder:
         self._clock_warned = False
         self._current: _Item | None = None
         self._frozen = False          # set by close() once it has counted what is left
+        self._writer_done = False     # set by the writer thread as it ends
         self._lock_fh: Any = None
         self._prepare()
 
@@ -439,10 +440,17 @@ class Recorder:
         return kind
 
     def _skip(self, reason: str, stem: str, why: str, writer: bool = False) -> None:
+        """Count a frame not recorded and log it (once per burst). ``writer``: the writer's frame
+        in hand, which is then done, so close() cannot count it again."""
         with self._lock:
-            if writer and self._frozen:  # close() has counted the writer's frame as a shutdown skip
-                return
+            if writer:
+                if self._frozen:  # close() has said its figures: they hold this frame already
+                    return
+                self._current = None
             self.skipped[reason] += 1
+        self._log_skip(reason, stem, why)
+
+    def _log_skip(self, reason: str, stem: str, why: str) -> None:
         now = time.monotonic()
         if now - self._last_log[reason] >= 10.0:
             more = f" (+{self._quiet[reason]} more since last report)" if self._quiet[reason] else ""
@@ -472,6 +480,16 @@ class Recorder:
                         "it encodes at inspection's priority", n, e)
 
     def _writer(self) -> None:
+        try:
+            self._write_queue()
+        finally:
+            with self._lock:
+                self._writer_done = True
+                frozen = self._frozen
+            if frozen:  # close() gave up waiting and left the folder's lock to this thread
+                self._release()
+
+    def _write_queue(self) -> None:
         self._lower_priority()
         while True:
             item = self._queue.get()
@@ -491,8 +509,7 @@ class Recorder:
                 finally:
                     with self._lock:
                         self._current = None
-            if self._frozen:  # close() gave up waiting and emptied the queue: the lock is ours to free
-                self._release()
+            if self._frozen:  # close() gave up waiting and emptied the queue
                 return
 
     def _write(self, item: _Item) -> None:
@@ -553,19 +570,29 @@ class Recorder:
                 for d in dict.fromkeys(p.parent for p in written):
                     _fsync_dir(d)
         except OSError as e:
-            for p in written + ([tmp] if tmp != folder else []):
-                try:
-                    p.unlink(missing_ok=True)
-                except OSError:
-                    pass
-            where = final
-            if self._current is None:  # it had landed (and was counted) when a folder's flush failed
-                where = d
+            landed = self._current is None  # only this thread clears it while it writes
+            if landed:
+                # counted as recorded when a folder's flush failed: taken back, unless the stop
+                # has said its figures with it in them (then it stays, as they say)
                 with self._lock:
-                    self.recorded[item.kind] -= 1
-            self._skip("write_error", item.stem, f"{where}: {e.strerror or e}",
-                       writer=self._current is not None)
-            return
+                    keep = self._frozen
+                    if not keep:
+                        self.recorded[item.kind] -= 1
+                        self.skipped["write_error"] += 1
+            if landed and keep:
+                log.warning("recorder: %s recorded during the stop, but flushing %s failed: %s",
+                            item.stem, d, e.strerror or e)
+            else:
+                for p in written + ([tmp] if tmp != folder else []):
+                    try:
+                        p.unlink(missing_ok=True)
+                    except OSError:
+                        pass
+                if landed:
+                    self._log_skip("write_error", item.stem, f"{d}: {e.strerror or e}")
+                else:
+                    self._skip("write_error", item.stem, f"{final}: {e.strerror or e}", writer=True)
+                return
         size = sum(len(d) for _, d in files)
         with self._lock:
             self.used += size
@@ -677,6 +704,7 @@ class Recorder:
                 # its last rename (see _write), so the figures are final from here and match the disk
                 with self._lock:
                     self._frozen = True
+                    done = self._writer_done  # it ended just now: the lock is not its to free
                     left = 1 if self._current is not None else 0
                 while True:
                     try:
@@ -685,6 +713,11 @@ class Recorder:
                         break
                     if item is not _END:
                         left += 1
+                if done:
+                    self._release()
+                else:
+                    # a writer that emptied a full queue before _END got in waits in get(): wake it
+                    self._queue.put_nowait(_END)
         else:
             left = self._queue.qsize()
         if left:

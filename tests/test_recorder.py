@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from pathlib import Path
@@ -405,3 +406,110 @@ def test_the_writer_thread_alone_yields_the_cpu_to_inspection(tmp_path):
     with pytest.raises(ConfigError, match="record.writer_nice: Input should be less than or equal to 19"):
         parse_config({"camera_id": "c", "source": {"type": "synthetic"}, "model": {"bundle": "x"},
                       "record": {"writer_nice": 20}}, check_paths=False)
+
+
+# -- a stop that runs out of time, at the writer's worst moments (each window widened by a sleep
+# -- where a real thread could be preempted) ------------------------------------------------------
+def _tiny(i: int) -> tuple[Frame, np.ndarray, dict]:
+    f = Frame("c", i, 1_795_000_000_000_000_000 + i, np.zeros((16, 24), np.uint8))
+    return f, np.zeros((16, 24), np.uint8), {"frame_id": i, "defects": [{"class_id": 1, "class": "inclusion"}]}
+
+
+def _lock_is_free(folder: Path) -> bool:
+    try:
+        Recorder(RecordConfig(enabled=True, dir=str(folder)), "c", CLASSES).close()
+        return True
+    except ConfigError:
+        return False
+
+
+def test_a_frame_the_writer_skipped_is_not_counted_again_by_the_stop(tmp_path, monkeypatch):
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=1e6), "c", CLASSES)
+    real = rec._skip
+
+    def preempted_after_counting(*a, **k):
+        real(*a, **k)
+        time.sleep(0.5)
+    monkeypatch.setattr(rec, "_skip", preempted_after_counting)
+    rec.start()
+    assert rec.offer(*_tiny(0)) == "defects"
+    time.sleep(0.1)  # the writer has counted disk_low and sleeps
+    rec.close(timeout_s=0.1)
+    rec._thread.join(5)
+    s = rec.snapshot()
+    assert s["skipped"] == {"queue_full": 0, "disk_low": 1, "write_error": 0, "shutdown": 0}
+    assert sum(s["recorded"].values()) == 0
+
+
+def test_the_folder_lock_is_freed_when_the_writer_ends_just_after_the_stop_gave_up(tmp_path):
+    from inspector import recorder as module
+
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0), "c", CLASSES)
+    real_write = rec._write
+    rec._write = lambda item: (time.sleep(0.3), real_write(item))
+    real_get = rec._queue.get
+
+    def get(*a, **k):
+        item = real_get(*a, **k)
+        if item is module._END:
+            time.sleep(1.0)  # the writer, done, is preempted between the end mark and its exit
+        return item
+    rec._queue.get = get
+    rec.start()
+    real_join = rec._thread.join
+
+    def join(timeout=None):
+        real_join(timeout)
+        if timeout is not None and timeout < 1:
+            time.sleep(0.4)  # close() preempted after its join timed out: the writer takes the mark
+    rec._thread.join = join
+    rec.offer(*_tiny(0))
+    time.sleep(0.05)
+    rec.close(timeout_s=0.2)
+    real_join(5)
+    assert not rec._thread.is_alive()
+    assert rec.snapshot()["recorded"]["defects"] == 1
+    assert _lock_is_free(tmp_path)
+
+
+def test_a_writer_that_emptied_a_full_queue_before_the_end_mark_still_ends(tmp_path):
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0, queue_size=1), "c", CLASSES)
+    real_write = rec._write
+    rec._write = lambda item: (time.sleep(0.3 if item.stem.endswith("0") else 0), real_write(item))
+    rec.start()
+    for i in range(2):
+        rec.offer(*_tiny(i))
+        time.sleep(0.05)
+    real_join = rec._thread.join
+
+    def join(timeout=None):
+        real_join(timeout)
+        if timeout is not None and timeout < 1:
+            time.sleep(0.5)  # the queue was full for the end mark; the writer empties it meanwhile
+    rec._thread.join = join
+    rec.close(timeout_s=0.2)
+    real_join(3)
+    assert not rec._thread.is_alive()  # it used to wait in get() for good
+    assert rec.snapshot()["recorded"]["defects"] == 2
+    assert _lock_is_free(tmp_path)
+
+
+def test_the_figures_said_at_the_stop_stay_when_a_late_folder_flush_fails(tmp_path, monkeypatch):
+    real_fsync = os.fsync
+
+    def slow_failing_dir_fsync(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            time.sleep(0.5)
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", slow_failing_dir_fsync)
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0, fsync=True), "c", CLASSES)
+    rec.start()
+    rec.offer(*_tiny(0))
+    time.sleep(0.2)  # the image has landed; its folders' flush is under way
+    rec.close(timeout_s=0.1)
+    said = rec.snapshot()
+    rec._thread.join(5)
+    assert said["recorded"]["defects"] == 1
+    assert rec.snapshot()["recorded"] == said["recorded"] and rec.snapshot()["skipped"] == said["skipped"]
+    assert sorted(_records(tmp_path / "c", "defects")) == [0]  # on disk, as the figures say
