@@ -28,9 +28,6 @@ log = logging.getLogger(__name__)
 _NEED = {"read": os.R_OK, "list": os.R_OK | os.X_OK, "write": os.W_OK | os.X_OK, "run": os.X_OK,
          "modify": os.R_OK | os.W_OK}
 
-#: a bundle with more files than this is probed on its first ones (the graph and yaml come first)
-MAX_BUNDLE_FILES = 200
-
 
 @dataclass(frozen=True)
 class Access:
@@ -62,10 +59,9 @@ def needed_access(cfg, record_root: Path | None) -> list[Access]:
            Access(Path(__file__).resolve().parent, "list", None, "the inspector package")]
     bundle = cfg.resolve(cfg.model.bundle)
     out.append(Access(bundle, "list", "model.bundle", "the model bundle folder"))
-    files = sorted(p for p in bundle.rglob("*") if p.is_file() and not p.is_symlink()) \
-        if bundle.is_dir() else []
+    files = _files_under(bundle)
     first = [p for p in files if p.name in ("bundle.yaml", "model.onnx")]
-    for p in (first + [p for p in files if p not in first])[:MAX_BUNDLE_FILES]:
+    for p in first + [p for p in files if p not in first]:
         out.append(Access(p, "read", "model.bundle", "a model bundle file"))
     if cfg.preprocess.flat_field:
         out.append(Access(cfg.resolve(cfg.preprocess.flat_field), "read", "preprocess.flat_field",
@@ -74,6 +70,10 @@ def needed_access(cfg, record_root: Path | None) -> list[Access]:
     if isinstance(src, ReplayConfig):
         p = cfg.resolve(src.path)
         out.append(Access(p, "list" if p.is_dir() else "read", "source.path", "the replay source"))
+        if p.is_dir():
+            from inspector.sources.replay import list_images
+            out += [Access(f, "read", "source.path", "a replay image")
+                    for f in list_images(p, src.pattern)]
     elif isinstance(src, GenicamConfig):
         cti = default_viky_cti() if src.cti == BUILTIN_VIKY else cfg.resolve(src.cti)
         if cti is not None:
@@ -92,6 +92,25 @@ def needed_access(cfg, record_root: Path | None) -> list[Access]:
                 base = base.parent
             out.append(Access(base, "write", "record.dir", "the folder the recordings go into"))
     return out
+
+
+def _files_under(folder: Path) -> list[Path]:
+    """Every file in ``folder`` and its sub-folders, through links as the engine follows them (a
+    folder reached twice, a link loop, is walked once)."""
+    if not folder.is_dir():
+        return []
+    seen: set[str] = set()
+    files = []
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs.sort()
+        files += [Path(top) / n for n in sorted(names) if os.path.isfile(os.path.join(top, n))
+                  or os.path.islink(os.path.join(top, n))]
+    return files
 
 
 def user_ids(name: str) -> tuple[int, int, list[int]]:
@@ -170,7 +189,20 @@ def _read_until_eof(fd: int, pid: int, timeout_s: float, user: str) -> bytes:
                 return out
             out += chunk
     finally:
-        os.waitpid(pid, 0)
+        _reap(pid)
+
+
+def _reap(pid: int, wait_s: float = 2.0) -> None:
+    """Collect the child; one stuck in the kernel (a dead NFS server) is left, not waited for."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            if not done:
+                log.warning("access check: process %d did not end after SIGKILL (stuck in the "
+                            "kernel on a hung mount?); not waited for", pid)
+            return
+        time.sleep(0.01)
 
 
 #: folders the shipped unit hides from the daemon whatever their permissions (deploy/inspector@.service)
@@ -207,8 +239,10 @@ def check_as_user(cfg, user: str, record_root: Path | None) -> tuple[str, list[s
                           "start (give the user access: chown or chmod the path, or a folder above it)")
     files = sum(1 for a in wanted if a.what == "a model bundle file")
     writes = [str(a.path) for a in wanted if a.need == "write"]
-    also = "".join(f", {a.what}" for a in wanted
-                   if a.key in ("preprocess.flat_field", "source.path", "source.cti"))
+    images = sum(1 for a in wanted if a.what == "a replay image")
+    also = "".join(f", {a.what}" for a in wanted if a.what in ("the flat-field file", "the GenTL producer"))
+    also += "".join(f", {a.what}" + (f" ({images} images)" if a.need == "list" else "")
+                    for a in wanted if a.what == "the replay source")
     summary = (f"{user} can read the config, the runtime and the bundle ({files} files){also}"
                + (f", and write {writes[0]}" + (f" ({len(writes)} folders)" if len(writes) > 1 else "")
                   if writes else ""))

@@ -162,3 +162,42 @@ def test_recording_folders_a_root_shell_made_are_caught(open_tree):
     assert done.returncode == 2
     assert f"cannot write the recordings folder {images};" in done.stderr
     assert f"recordings folder {images.parent};" not in done.stderr
+
+
+def test_bundle_files_behind_links_and_every_replay_image_are_asked(open_tree, tmp_path):
+    """The engine opens a linked graph and walks into a linked folder; a replay source reads every
+    image: each is a question, however many there are."""
+    from inspector.access_check import needed_access
+    from inspector.config import load_config
+
+    user = _nobody()
+    top, cfg = open_tree
+    private = top / "private"
+    private.mkdir(mode=0o700)
+    (private / "weights.bin").write_bytes(b"w")
+    (top / "bundle" / "weights.bin").symlink_to(private / "weights.bin")
+    shared = top / "shared-calib"
+    shared.mkdir(mode=0o755)
+    for i in range(250):
+        (shared / f"{i:03d}.png").write_bytes(b"x")
+        (shared / f"{i:03d}.png").chmod(0o644)
+    (shared / "249.png").chmod(0o600)
+    (top / "bundle" / "calib").symlink_to(shared)
+    (top / "bundle" / "calib" / "loop").symlink_to(top / "bundle")  # a loop is walked once
+    wanted = needed_access(load_config(cfg), None)
+    asked = {a.path for a in wanted}
+    assert top / "bundle" / "weights.bin" in asked and top / "bundle" / "calib" / "249.png" in asked
+    refused = refused_as(user, wanted)
+    assert {a.path for a in refused if a.key == "model.bundle"} == {
+        top / "bundle" / "weights.bin", top / "bundle" / "calib" / "249.png"}
+    # a replay folder: every image matching the pattern
+    frames = top / "frames"
+    frames.mkdir(mode=0o755)
+    for i in range(3):
+        (frames / f"f{i}.png").write_bytes(b"x")
+        (frames / f"f{i}.png").chmod(0o644 if i != 1 else 0o600)
+    replay = write_config(top / "replay.yaml", {
+        "camera_id": "test", "source": {"type": "replay", "path": str(frames), "pattern": "*.png"},
+        "model": {"bundle": str(top / "bundle")}})
+    refused = refused_as(user, needed_access(load_config(replay), None))
+    assert [a.path for a in refused if a.key == "source.path"] == [frames / "f1.png"]
