@@ -108,9 +108,9 @@ class RecordConfig(BaseModel):
                                            "record is counted: survives a power cut, costs the "
                                            "writer a disk flush per file")
     writer_nice: int = Field(10, ge=0, le=19, description="how much lower the writer thread's CPU "
-                                                          "priority is than inspection's (nice steps; "
-                                                          "0: the same): PNG encoding yields to "
-                                                          "inference on a busy CPU")
+                                                          "priority is than inspection's (nice steps, "
+                                                          "up to nice 19; 0: the same): PNG encoding "
+                                                          "yields to inference on a busy CPU")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -474,10 +474,15 @@ class Recorder:
             return
         try:
             tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
+            base = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, base + n))
         except (OSError, AttributeError) as e:  # not Linux, or a sandbox that forbids it
             log.warning("recorder: cannot lower the writer's priority (record.writer_nice %d): %s; "
                         "it encodes at inspection's priority", n, e)
+            return
+        if base + n > 19:  # nice stops at 19: a service already niced keeps less of a gap
+            log.warning("recorder: the writer runs at nice 19, %d step(s) below inspection's %d, not "
+                        "record.writer_nice %d: the process is already niced", 19 - base, base, n)
 
     def _writer(self) -> None:
         try:
@@ -604,7 +609,9 @@ class Recorder:
         level = [cv2.IMWRITE_PNG_COMPRESSION, self.cfg.png_compression]
         img = item.image
         if img.ndim == 3:  # frames are RGB, OpenCV writes BGR
-            img = cv2.cvtColor(img, cv2.COLOR_RGB2BGR)
+            # numpy, not cv2.cvtColor: a parallel cv2 call here could start OpenCV's worker
+            # threads, which would inherit this thread's lowered priority and serve inspection
+            img = np.ascontiguousarray(img[:, :, ::-1])
         ok, image_png = cv2.imencode(".png", img, level)
         if not ok:
             raise ValueError(f"PNG encoding of a {item.image.shape} frame failed")

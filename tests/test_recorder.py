@@ -513,3 +513,25 @@ def test_the_figures_said_at_the_stop_stay_when_a_late_folder_flush_fails(tmp_pa
     assert said["recorded"]["defects"] == 1
     assert rec.snapshot()["recorded"] == said["recorded"] and rec.snapshot()["skipped"] == said["skipped"]
     assert sorted(_records(tmp_path / "c", "defects")) == [0]  # on disk, as the figures say
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_process_already_niced_gets_a_smaller_gap_and_is_told(tmp_path):
+    """nice stops at 19: a service started at nice 15 keeps its writer 4 steps below, not 10."""
+    import subprocess
+    import sys
+
+    script = (
+        "import logging, os, time, threading; os.nice(15 - os.nice(0))\n"
+        "logging.basicConfig(level=logging.WARNING)\n"
+        "from inspector.recorder import Recorder, RecordConfig\n"
+        f"rec = Recorder(RecordConfig(enabled=True, dir={str(tmp_path)!r}), 'c', "
+        "['background', 'x'])\n"
+        "rec.start(); time.sleep(0.3)\n"
+        "stat = open(f'/proc/self/task/{rec._thread.native_id}/stat').read()\n"
+        "print(int(stat.rsplit(')', 1)[1].split()[16])); rec.close()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["19"]
+    assert "the writer runs at nice 19, 4 step(s) below inspection's 15, not record.writer_nice 10" \
+        in done.stderr
