@@ -123,6 +123,14 @@ def cmd_check(args: argparse.Namespace) -> int:
                 problem = str(e)
         if frame is None:
             raise SourceError(f"source gave no frame: {problem}")
+        fs = cfg.pipeline.frame
+        if fs is not None:
+            want = (fs.height, fs.width) if fs.channels == 1 else (fs.height, fs.width, 3)
+            if frame.image.shape != want:
+                raise ConfigError(cfg.source_file, "pipeline.frame", f"the source delivers "
+                                  f"{list(frame.image.shape)} frames, not {list(want)}: the pipeline "
+                                  "would drop every frame as bad_frame (fix it, or leave it out to take "
+                                  "the first frame's shape)")
         out = model.adapter.infer(frame.image)  # first call also warms the engine up
         t0 = time.perf_counter()
         out = model.adapter.infer(frame.image)

@@ -36,7 +36,7 @@ from typing import Callable
 from inspector import __version__
 from inspector.alarms import AlarmEngine, DriverWorker, make_drivers
 from inspector.config import InspectorConfig, load_config
-from inspector.errors import InspectorError, first_line
+from inspector.errors import ConfigError, InspectorError, first_line
 from inspector.metrics import Metrics
 from inspector.pipeline import BurstLog, LoadedModel, Pipeline, load_model
 from inspector.postprocess import Geometry
@@ -262,7 +262,8 @@ class Daemon:
                  {k: v for k, v in c["dropped"].items() if v} or 0)
         if p.error is not None:
             log.error("pipeline failed: %s", p.error)
-            return 1
+            # bad config found only once frames flow: exit 2, which the unit does not restart
+            return 2 if isinstance(p.error, ConfigError) else 1
         return 0 if drained else 1
 
     def _serve(self, p: Pipeline) -> None:

@@ -47,6 +47,10 @@ from inspector.sources import Source, make_source
 
 log = logging.getLogger(__name__)
 
+#: frames of another shape than ``pipeline.frame`` at the start, none matching, before the
+#: pipeline stops with a config error (a few: a camera's first frames may still be settling)
+SHAPE_MISSES_FATAL = 10
+
 DROP_REASONS = ("queue_full", "incomplete_frame", "bad_frame", "engine_error", "postprocess_error",
                 "subscriber_slow", "stage_failed")
 _END = object()
@@ -130,6 +134,19 @@ class BurstLog:
             self._quiet = 0
         else:
             self._quiet += 1
+
+    def tick(self) -> None:
+        """After a frame that went through: a burst's count is said once its window has passed,
+        not only at its next failure (which may never come)."""
+        if self._quiet and time.monotonic() - self._last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Say the count of failures not logged yet (at a stage's end, or by :meth:`tick`)."""
+        if self._quiet:
+            log.error("%s: +%d more since last report", self.what, self._quiet)
+            self._quiet = 0
+            self._last = time.monotonic()
 
 
 @dataclass
@@ -258,6 +275,8 @@ class Pipeline:
         #: encodes it into new bytes and the recorder copies it, so nothing keeps it past a frame
         self._region_buf: np.ndarray | None = None
         self.warmup_ms = 0.0
+        self._shape_matched = False   # a frame of the expected shape has come
+        self._shape_misses = 0        # frames of another shape before that
         fs = cfg.pipeline.frame
         if fs is not None:
             shape = (fs.height, fs.width) if fs.channels == 1 else (fs.height, fs.width, 3)
@@ -326,7 +345,10 @@ class Pipeline:
                 # released under it; what it trips over now is no failure of its own
                 log.debug("stage %s ended after the pipeline was abandoned: %r", stage, e)
                 return
-            log.exception("stage %s failed", stage)
+            if isinstance(e, ConfigError):  # the config's fault, said in one line (exit 2)
+                log.error("stage %s stopped: %s", stage, e)
+            else:
+                log.exception("stage %s failed", stage)
             self.error = self.error or e
             self._stop.set()
             # The grab stage passed the end marker on as it stopped, so the frames it grabbed are
@@ -356,6 +378,20 @@ class Pipeline:
             log.info("frame shape locked to %s", img.shape)
         elif img.shape != self._expected[0]:
             raise FrameError(f"frame {frame.frame_id}: shape {img.shape}, expected {self._expected[0]}")
+        self._shape_matched = True
+
+    def _refuse_configured_shape(self, frame: Frame) -> None:
+        """Stop with a config error when the first frames all miss ``pipeline.frame``: the camera
+        delivers another shape and every frame would be dropped, for ever (a mismatch after a
+        frame has matched is a counted drop: a camera reconfigured under a running line)."""
+        if self.cfg.pipeline.frame is None or self._shape_matched:
+            return
+        self._shape_misses += 1
+        if self._shape_misses >= SHAPE_MISSES_FATAL:
+            raise ConfigError(self.cfg.source_file, "pipeline.frame", f"the first "
+                              f"{self._shape_misses} frames are {list(frame.image.shape)}, not "
+                              f"{list(self._expected[0])}: every frame would be dropped as bad_frame "
+                              "(fix it, or leave it out to take the first frame's shape)")
 
     def _read(self) -> Frame | None:
         """Next frame from the source, reopening it with backoff when it fails."""
@@ -393,9 +429,13 @@ class Pipeline:
         log.warning("camera %s reopened", self.cfg.camera_id)
 
     def _grab_loop(self) -> None:
+        # one log per kind: a burst of one kind must not hide the first of another (an unreadable
+        # file among frames of the wrong shape would never be named)
+        unreadable = BurstLog("frame dropped")
         bad = BurstLog("frame dropped")
         full = BurstLog("queue full, frame dropped")
         lost = BurstLog("frames lost in the camera")
+        logs = (unreadable, bad, full, lost)
         n = 0
         try:
             while not self._stop.is_set():
@@ -407,7 +447,7 @@ class Pipeline:
                     self.counters.grab()
                     n += 1
                     self.counters.drop("incomplete_frame")
-                    bad(None, e)
+                    unreadable(None, e)
                     continue
                 if frame is None:
                     break
@@ -426,7 +466,10 @@ class Pipeline:
                 except FrameError as e:
                     self.counters.drop("bad_frame")
                     bad(frame.frame_id, e)
+                    self._refuse_configured_shape(frame)
                     continue
+                for burst in logs:
+                    burst.tick()
                 job = _Job(frame, t_grab, time.perf_counter())
                 if self.cfg.pipeline.backpressure:
                     # Wait even when a stop is asked for: the frame is grabbed and the infer stage
@@ -446,6 +489,8 @@ class Pipeline:
                         self.counters.drop("queue_full")
                         full(frame.frame_id, RuntimeError("engine behind the camera"))
         finally:
+            for burst in logs:
+                burst.flush()
             self._q_infer.put(_END)
 
     def _infer_loop(self) -> None:
@@ -453,6 +498,7 @@ class Pipeline:
         while True:
             job = self._q_infer.get()
             if job is _END:
+                fail.flush()
                 self._q_post.put(_END)
                 return
             job.t_queued = time.perf_counter() - job.t_queued
@@ -468,6 +514,7 @@ class Pipeline:
                 self.counters.drop("stage_failed")  # the frame in hand dies with the stage
                 raise
             job.t_infer_done = time.perf_counter()
+            fail.tick()
             self._q_post.put(job)
 
     def _post_loop(self) -> None:
@@ -478,6 +525,8 @@ class Pipeline:
         while True:
             job = self._q_post.get()
             if job is _END:
+                fail.flush()
+                slow.flush()
                 self._done.set()
                 return
             if job.model is not model:  # first frame, or the first after swap_model()
@@ -545,6 +594,8 @@ class Pipeline:
                 raise
             if sent:
                 self.counters.publish()
+                fail.tick()
+                slow.tick()
             else:
                 self.counters.drop("subscriber_slow")
                 slow(f.frame_id, RuntimeError(f"send queue full ({self.cfg.publish.sndhwm} messages)"))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zmq
 
-from conftest import collect, subscribed
+from conftest import collect, run_cli, subscribed, write_config
 from inspector.config import parse_config
 from inspector.frame import Frame
 from inspector.pipeline import Pipeline
@@ -81,9 +81,11 @@ def test_wrong_shape_or_dtype_mid_stream_is_dropped_and_loop_goes_on(synthetic_c
     assert [h["frame_id"] for h in got] == [0, 1, 3, 5, 7]
     assert p.counters.balanced
     # one line for the burst (frames 4 and 6 are counted, not logged), naming the frame, the
-    # shape it had and the shape expected
+    # shape it had and the shape expected; the burst's count when the run ends (it is shorter
+    # than a report's 10 s, so no later failure would have said it)
     assert dropped_frame_logs(caplog, "frame dropped") == [
-        "frame dropped: frame 2: shape (100, 512), expected (128, 512)"]
+        "frame dropped: frame 2: shape (100, 512), expected (128, 512)",
+        "frame dropped: +2 more since last report"]
     # the other two kinds of bad frame, as the grab stage's check words them
     from inspector.errors import FrameError
     with pytest.raises(FrameError, match=r"^frame 9: dtype float32, expected uint8$"):
@@ -133,9 +135,10 @@ def test_engine_error_is_counted_and_loop_goes_on(synthetic_cfg, caplog):
         p.model.adapter.infer = flaky
         c = p.run(frames=10)
     assert c["dropped"]["engine_error"] == 2 and c["published"] == 8 and p.counters.balanced
-    # frames 2 and 3 fail in one burst: one line, naming the first
+    # frames 2 and 3 fail in one burst: one line, naming the first, and its count at the end
     assert dropped_frame_logs(caplog, "engine error, frame dropped") == [
-        "engine error, frame dropped: frame 2: simulated engine fault"]
+        "engine error, frame dropped: frame 2: simulated engine fault",
+        "engine error, frame dropped: +1 more since last report"]
 
 
 def test_slow_subscriber_never_stalls_the_pipeline(synthetic_cfg):
@@ -455,3 +458,64 @@ def test_fps_falls_to_zero_when_frames_stop():
     assert 0 < st.summary(now=101.5)["fps"] < 20.0   # a few intervals late: falling
     assert st.summary(now=108.0)["fps"] == 0.0       # seconds without a frame: stopped
     assert st.summary(now=108.0)["p50_ms"] == 10.0   # the last frames' latency stays readable
+
+
+def test_a_configured_frame_shape_the_source_never_delivers_stops_with_a_config_error(synthetic_cfg):
+    """pipeline.frame 1200 wide, a source 512 wide: ten frames are dropped, counted, then the run
+    ends naming the key; `check` refuses it at once; the daemon exits 2 (not restarted)."""
+    from inspector.errors import ConfigError
+    from inspector.pipeline import SHAPE_MISSES_FATAL
+
+    raw = synthetic_cfg(pipeline={"backpressure": True, "frame": {"height": 128, "width": 1200}})
+    cfg = parse_config(raw, "t.yaml")
+    with Pipeline(cfg, on_report=lambda r: None) as p:
+        with pytest.raises(ConfigError, match=r"t.yaml: pipeline.frame: the first 10 frames are "
+                                              r"\[128, 512\], not \[128, 1200\]"):
+            p.run()
+        c = p.counters.snapshot()
+    assert c["grabbed"] == SHAPE_MISSES_FATAL == c["dropped"]["bad_frame"] and c["published"] == 0
+
+
+def test_a_shape_change_after_matching_frames_is_a_counted_drop_not_a_stop(synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True, "frame": {"height": 128, "width": 512}}),
+                       "t.yaml")
+    good, other = np.full((128, 512), 120, np.uint8), np.zeros((128, 640), np.uint8)
+    with Pipeline(cfg, on_report=lambda r: None, source=ScriptedSource([good] + [other] * 15 + [good])) as p:
+        c = p.run()
+    assert c["grabbed"] == 17 and c["published"] == 2 and c["dropped"]["bad_frame"] == 15
+
+
+def test_check_and_daemon_refuse_a_frame_shape_the_source_never_delivers(synthetic_cfg, tmp_path):
+    cfg = write_config(tmp_path / "frame.yaml",
+                       synthetic_cfg(pipeline={"frame": {"height": 128, "width": 1200}}))
+    done = run_cli("check", "--config", str(cfg))
+    assert done.returncode == 2
+    assert (f"{cfg}: pipeline.frame: the source delivers [128, 512] frames, not [128, 1200]"
+            in done.stderr)
+    done = run_cli("daemon", "--config", str(cfg), timeout=180)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "pipeline.frame: the first 10 frames are [128, 512], not [128, 1200]" in done.stderr
+
+
+def test_an_unreadable_frame_is_named_even_inside_a_burst_of_wrong_shapes(synthetic_cfg, caplog):
+    """Each kind of drop has its own burst: a file that cannot be read is named, not hidden behind
+    the frames of another shape logged just before it."""
+    from inspector.errors import FrameError
+
+    class Mixed(ScriptedSource):
+        def read(self):
+            if self.i == 2:
+                self.i += 1
+                raise FrameError("cannot read image /data/zzz.jpg: not an image")
+            return super().read()
+
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}), "t.yaml")
+    good, odd = np.full((128, 512), 120, np.uint8), np.zeros((100, 512), np.uint8)
+    caplog.set_level(logging.ERROR, logger="inspector.pipeline")
+    with Pipeline(cfg, on_report=lambda r: None, source=Mixed([good, odd, good, odd, good])) as p:
+        c = p.run()
+    assert c["dropped"]["bad_frame"] == 2 and c["dropped"]["incomplete_frame"] == 1
+    assert dropped_frame_logs(caplog, "frame dropped") == [
+        "frame dropped: frame 1: shape (100, 512), expected (128, 512)",
+        "frame dropped: cannot read image /data/zzz.jpg: not an image",
+        "frame dropped: +1 more since last report"]
