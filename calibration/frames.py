@@ -158,7 +158,7 @@ def live_frames(cfg, frames: int, split: Split) -> FrameSet:
 
     if frames < 1:
         raise CalibrationInputError(f"--frames: must be >= 1, got {frames}")
-    src = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
+    src = make_source(cfg.source, cfg.camera_id, cfg.base_dir, cfg.source_file)
     items: list[FrameItem] = []
     skipped_defect = broken = 0
     with src:

@@ -112,7 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if as_user is None and os.geteuid() == 0:
         warnings.append("checked as root, who can open every file: add --user <the unit's User=> "
                         "to check the service user's access")
-    src = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
+    src = make_source(cfg.source, cfg.camera_id, cfg.base_dir, cfg.source_file)
     with src:
         frame, problem = None, "the source ended before its first frame"
         for _ in range(10):  # a replay may start with unreadable files; a camera may need a moment

@@ -29,6 +29,15 @@ class SourceError(InspectorError):
     """A frame source cannot be opened or has stopped delivering (camera gone, bad .cti, ...)."""
 
 
+class SourceConfigError(SourceError, ConfigError):
+    """The camera refuses a value the config asks for (a width out of its range, a pixel format
+    it lacks): bad input, exit 2, naming the file and key, since no restart can make the camera
+    take it. Still a SourceError, so a reopen after a reconnect treats it as a failed open."""
+
+    def __init__(self, file: str, key: str | None, problem: str):
+        ConfigError.__init__(self, file, key, problem)
+
+
 class FrameError(InspectorError):
     """One frame cannot be processed (wrong shape or dtype); the pipeline drops it and goes on."""
 

@@ -290,7 +290,7 @@ class Pipeline:
         if self.model is None:
             self.model = load_model(cfg)
         if self.source is None:
-            self.source = make_source(cfg.source, cfg.camera_id, cfg.base_dir)
+            self.source = make_source(cfg.source, cfg.camera_id, cfg.base_dir, cfg.source_file)
         if cfg.record.enabled and self.recorder is None:
             self.recorder = Recorder(cfg.record, cfg.camera_id, self.model.bundle.spec.classes,
                                      cfg.base_dir, cfg.source_file)

@@ -102,14 +102,34 @@ def test_file_that_is_not_a_producer(tmp_path: Path):
 
 @needs_viky
 def test_rejected_value_names_node_and_value():
-    with pytest.raises(SourceError, match=r"Width=5000 \(source.width\).*100\.\.800"):
+    from inspector.errors import ConfigError
+
+    with pytest.raises(SourceError, match=r"cam.yaml: source.width: .*rejected Width=5000 \(allowed: 100\.\.800\)"):
+        GenicamSource(viky_cfg(width=5000), camera_id="cam1", config_file="cam.yaml").open()
+    # the config's fault, which no restart mends: a ConfigError too (exit 2, not restarted)
+    with pytest.raises(ConfigError):
         GenicamSource(viky_cfg(width=5000), camera_id="cam1").open()
+
+
+@needs_viky
+def test_a_value_the_camera_refuses_exits_2_naming_the_config_file_and_key(tmp_path):
+    import yaml
+
+    from conftest import ROOT, run_cli, write_config
+
+    raw = yaml.safe_load((ROOT / "configs" / "viky.yaml").read_text())
+    raw["source"]["width"] = 5000
+    raw["model"]["bundle"] = str(ROOT / "deploy" / "models" / "demo-arcd")
+    cfg = write_config(tmp_path / "cam.yaml", raw)
+    done = run_cli("check", "--config", str(cfg))
+    assert done.returncode == 2, done.stderr
+    assert f"{cfg}: source.width: " in done.stderr and "rejected Width=5000 (allowed: 100..800)" in done.stderr
 
 
 @needs_viky
 def test_node_the_camera_lacks():
     # viky has no OffsetX: asking for an offset is an error, leaving it at 0 is not.
-    with pytest.raises(SourceError, match=r"no OffsetX node.*source.offset_x=8"):
+    with pytest.raises(SourceError, match=r"source.offset_x: .*no OffsetX node, but the config asks for 8"):
         GenicamSource(viky_cfg(offset_x=8), camera_id="cam1").open()
     with GenicamSource(viky_cfg(offset_x=0, frames=1), camera_id="cam1") as src:
         assert src.read() is not None
@@ -303,7 +323,7 @@ def test_roi_offsets_go_to_zero_before_a_wider_size_is_written():
     cfg = viky_cfg(width=600, height=300, offset_x=200, offset_y=100, fps=None)
     GenicamSource(cfg, camera_id="cam1")._configure(cam, _NodeError)
     assert cam.writes == [("OffsetX", 0), ("Width", 600), ("Height", 300), ("OffsetX", 200), ("OffsetY", 100)]
-    with pytest.raises(SourceError, match=r"rejected OffsetX=300 \(source.offset_x\)"):
+    with pytest.raises(SourceError, match=r"source.offset_x: .*rejected OffsetX=300"):
         GenicamSource(viky_cfg(width=600, offset_x=300, fps=None), camera_id="cam1")._configure(
             _RoiCamera(), _NodeError)
 

@@ -16,8 +16,10 @@ from inspector.sources.synthetic import SyntheticConfig
 SourceConfig = GenicamConfig | ReplayConfig | SyntheticConfig
 
 
-def make_source(cfg: SourceConfig, camera_id: str, base_dir: Path | None = None) -> Source:
-    """Build (not open) the source for ``cfg``. Relative paths resolve against ``base_dir``."""
+def make_source(cfg: SourceConfig, camera_id: str, base_dir: Path | None = None,
+                config_file: str = "<memory>") -> Source:
+    """Build (not open) the source for ``cfg``. Relative paths resolve against ``base_dir``;
+    ``config_file`` is named when a camera refuses a configured value."""
     if isinstance(cfg, SyntheticConfig):
         from inspector.sources.synthetic import SyntheticSource
         return SyntheticSource(cfg, camera_id)
@@ -26,7 +28,7 @@ def make_source(cfg: SourceConfig, camera_id: str, base_dir: Path | None = None)
         return ReplaySource(cfg, camera_id, base_dir=base_dir)
     if isinstance(cfg, GenicamConfig):
         from inspector.sources.genicam import GenicamSource
-        return GenicamSource(cfg, camera_id, base_dir=base_dir)
+        return GenicamSource(cfg, camera_id, base_dir=base_dir, config_file=config_file)
     raise TypeError(f"unknown source config {type(cfg).__name__}")
 
 

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from inspector.errors import FrameError, SourceError, first_line
+from inspector.errors import FrameError, SourceConfigError, SourceError, first_line
 from inspector.frame import Frame
 from inspector.sources.base import Source
 
@@ -156,10 +156,12 @@ class GenicamSource(Source):
     lost, and a warning says so once.
     """
 
-    def __init__(self, cfg: GenicamConfig, camera_id: str, base_dir: Path | None = None):
+    def __init__(self, cfg: GenicamConfig, camera_id: str, base_dir: Path | None = None,
+                 config_file: str = "<memory>"):
         self.cfg = cfg
         self.camera_id = camera_id
         self.base_dir = base_dir
+        self.config_file = config_file
         self._harvester: Any = None
         self._ia: Any = None
         self._next_id = 0
@@ -330,8 +332,9 @@ class GenicamSource(Source):
         try:
             if not node_map.has_node(node):
                 if required:
-                    raise SourceError(f"{self._label} has no {node} node, but source.{key}={value!r} "
-                                      "asks for it; remove the key or pick another camera")
+                    raise SourceConfigError(self.config_file, f"source.{key}", f"{self._label} has no "
+                                            f"{node} node, but the config asks for {value!r}; remove "
+                                            "the key or pick another camera")
                 log.debug("%s has no %s node; leaving source.%s at its default", self._label, node, key)
                 return
             feature = getattr(node_map, node)
@@ -339,8 +342,9 @@ class GenicamSource(Source):
         except SourceError:
             raise
         except node_error as e:
-            raise SourceError(f"{self._label} rejected {node}={value!r} (source.{key}){_limits(feature)}: "
-                              f"{first_line(e)}") from e
+            # the camera is there and says no: the config's fault, which no restart mends
+            raise SourceConfigError(self.config_file, f"source.{key}", f"{self._label} rejected "
+                                    f"{node}={value!r}{_limits(feature)}: {first_line(e)}") from e
         except Exception as e:
             # gentl errors (the device went away mid-write), TypeError from the bindings (the node
             # has another type than this key expects), harvesters' own AttributeError/IndexError
