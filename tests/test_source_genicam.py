@@ -109,6 +109,26 @@ def test_rejected_value_names_node_and_value():
     # the config's fault, which no restart mends: a ConfigError too (exit 2, not restarted)
     with pytest.raises(ConfigError):
         GenicamSource(viky_cfg(width=5000), camera_id="cam1").open()
+    with pytest.raises(ConfigError, match=r"source.pixel_format: .*rejected PixelFormat='RGB8'"):
+        GenicamSource(viky_cfg(pixel_format="RGB8"), camera_id="cam1").open()
+
+
+def test_a_node_locked_for_now_is_a_runtime_failure_not_bad_config():
+    from inspector.errors import ConfigError
+
+    class AccessException(Exception):  # GenApi's name for a node not writable in this state
+        pass
+
+    class Locked(_RoiCamera):
+        def has_node(self, name):
+            return name == "Width"
+
+    cam = Locked()
+    cam.Width = type("N", (), {"value": property(lambda s: 400, lambda s, v: (_ for _ in ()).throw(
+        AccessException("node is locked")))})()
+    with pytest.raises(SourceError, match=r"rejected Width=600.*node is locked \(source.width\)") as e:
+        GenicamSource(viky_cfg(width=600, fps=None), camera_id="cam1")._configure(cam, AccessException)
+    assert not isinstance(e.value, ConfigError)
 
 
 @needs_viky
@@ -323,7 +343,7 @@ def test_roi_offsets_go_to_zero_before_a_wider_size_is_written():
     cfg = viky_cfg(width=600, height=300, offset_x=200, offset_y=100, fps=None)
     GenicamSource(cfg, camera_id="cam1")._configure(cam, _NodeError)
     assert cam.writes == [("OffsetX", 0), ("Width", 600), ("Height", 300), ("OffsetX", 200), ("OffsetY", 100)]
-    with pytest.raises(SourceError, match=r"source.offset_x: .*rejected OffsetX=300"):
+    with pytest.raises(SourceError, match=r"rejected OffsetX=300.*\(source.offset_x\)"):
         GenicamSource(viky_cfg(width=600, offset_x=300, fps=None), camera_id="cam1")._configure(
             _RoiCamera(), _NodeError)
 

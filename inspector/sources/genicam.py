@@ -136,6 +136,11 @@ def _device_label(info: Any) -> str:
     return f"{model} serial={_safe_attr(info, 'serial_number')!r} id={_safe_attr(info, 'id_')!r}"
 
 
+#: GenApi's answers that mean "not this value", whatever the camera's state (out of its range, not
+#: one of its enum entries), as against a node that is locked or busy for now
+_VALUE_REFUSALS = ("OutOfRangeException", "InvalidArgumentException")
+
+
 class GenicamSource(Source):
     """Frames from one GenICam camera (see module docs).
 
@@ -342,9 +347,13 @@ class GenicamSource(Source):
         except SourceError:
             raise
         except node_error as e:
-            # the camera is there and says no: the config's fault, which no restart mends
-            raise SourceConfigError(self.config_file, f"source.{key}", f"{self._label} rejected "
-                                    f"{node}={value!r}{_limits(feature)}: {first_line(e)}") from e
+            said = f"{self._label} rejected {node}={value!r}{_limits(feature)}: {first_line(e)}"
+            if type(e).__name__ in _VALUE_REFUSALS:
+                # the camera is there and says no to the value: the config's fault, which no
+                # restart mends (exit 2)
+                raise SourceConfigError(self.config_file, f"source.{key}", said) from e
+            # a node locked or busy (AccessException, a timeout) may pass: exit 1, restarted
+            raise SourceError(f"{said} (source.{key})") from e
         except Exception as e:
             # gentl errors (the device went away mid-write), TypeError from the bindings (the node
             # has another type than this key expects), harvesters' own AttributeError/IndexError
