@@ -120,7 +120,9 @@ def sweep(bundle: str | Path, dataset: Dataset, values: Sequence[float],
         r = dm.result()
         rows.append({param: float(v), **{k: r[k] for k in ("precision", "recall", "f1", "iou", "acc")},
                      **fa.result()})
-    scored = [r for r in rows if r[objective] is not None]
+    # a k that scores 0 is no choice: a tie of zeros (a floor that gates every component on
+    # these images, say) would otherwise name the first k as best, and --write would store it
+    scored = [r for r in rows if r[objective]]
     best = max(scored, key=lambda r: r[objective]) if scored else None
     return {
         "bundle": str(runner.bundle.path), "param": param, "objective": objective,

@@ -697,6 +697,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         return _fail(str(e), EXIT_BAD_INPUT)
     files = save_result(res, Path(args.out))
     res["files"] = {k: str(v) for k, v in files.items()}
+    floor, current = res["fixed"]["min_residual"], res["fixed"][args.param]
+    resets = bool(floor) and res["best_value"] is not None and res["best_value"] != current
     if args.write and res["best_value"] is not None:
         write_k(args.bundle, args.param, res["best_value"],
                 {"data": res["data"], "objective": args.objective, "best": res["best"],
@@ -710,9 +712,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             iou = "-" if r["iou"] is None else f"{r['iou'] * 100:6.2f} %"
             fa = "-" if r["false_alarm_px_per_mpx"] is None else f"{r['false_alarm_px_per_mpx']:9.0f}"
             print(f"{args.param} {r[args.param]:5.2f}  F1 {f1}  IoU {iou}  normals: px/Mpx {fa}")
-        print(f"best {args.param} = {res['best_value']} by {args.objective}"
-              + (" (at the edge of the range: extend it)" if res["at_edge"] else "")
-              + f"; curve {files['png']}" + (f"; written to {args.bundle}" if "written" in res else ""))
+        if res["best_value"] is None:
+            print(f"no {args.param} scores above 0 by {args.objective} on these images"
+                  + (f" (the bundle's min_residual floor {floor:g} applies to every row)" if floor else "")
+                  + f": nothing chosen{', nothing written' if args.write else ''}; curve {files['png']}")
+        else:
+            print(f"best {args.param} = {res['best_value']} by {args.objective}"
+                  + (" (at the edge of the range: extend it)" if res["at_edge"] else "")
+                  + f"; curve {files['png']}" + (f"; written to {args.bundle}" if "written" in res else ""))
+        if resets:
+            print(f"note: the rows kept the bundle's min_residual floor {floor:g}, calibrated for "
+                  f"{args.param} {current:g}; " + ("writing" if "written" in res else "--write")
+                  + f" {args.param} {res['best_value']:g} resets it to 0: run `inspector calibrate "
+                  "thresholds` again afterwards")
+    if args.write and res["best_value"] is None:
+        return _fail(f"--write: no {args.param} scored above 0 by {args.objective}; the bundle is "
+                     "unchanged", EXIT_FAIL)
     return EXIT_OK
 
 

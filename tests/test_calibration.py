@@ -477,3 +477,35 @@ def test_a_bad_dual_threshold_range_says_what_is_wrong(text, says):
     assert says in str(ei.value)
     if text == "4:2:0.1":
         assert "step > 0" not in str(ei.value)
+
+
+def test_dual_threshold_write_refuses_a_tie_of_zeros_and_says_when_it_resets_the_floor(tmp_path):
+    """A floor that gates every component on the images scores every k 0: no k is chosen and
+    --write leaves the bundle as it is (exit 1), instead of storing the range's first k and
+    resetting the floor; a write that does reset the floor says so in its output."""
+    from inspector.bundle import write_bundle
+
+    bundle = local_mean_clgan_bundle(tmp_path / "b")
+    spec = load_bundle(bundle).spec
+    write_bundle(bundle, spec.model_copy(update={"postprocess": spec.postprocess.model_copy(
+        update={"min_residual": 1e6})}))
+    before = (bundle / "bundle.yaml").read_text()
+    normal, mt = make_sets(tmp_path / "d", normals=4, defects=8, seed=5)
+    args = ["calibrate", "dual-threshold", "--bundle", str(bundle), "--data", str(mt),
+            "--format", "magnetic-tile", "--split", "all", "--range", "2.0:3.0:0.5", "--write"]
+    r = run_cli(*args, "--out", str(tmp_path / "o1"))
+    assert r.returncode == 1, (r.stdout, r.stderr)
+    assert "no k1 scores above 0 by f1 on these images (the bundle's min_residual floor 1e+06 " \
+           "applies to every row): nothing chosen, nothing written" in r.stdout
+    assert "--write: no k1 scored above 0 by f1; the bundle is unchanged" in r.stderr
+    assert (bundle / "bundle.yaml").read_text() == before
+    # a floor the defects pass: a k is chosen, and resetting the floor is said, not only logged
+    write_bundle(bundle, spec.model_copy(update={"postprocess": spec.postprocess.model_copy(
+        update={"min_residual": 1e-6, "k1": 5.0})}))  # 5: outside the range, so the k changes
+    r = run_cli(*args, "--out", str(tmp_path / "o2"))
+    assert r.returncode == 0, (r.stdout, r.stderr)
+    best = load_bundle(bundle).spec.postprocess.k1
+    assert best in (2.0, 2.5, 3.0)
+    assert (f"note: the rows kept the bundle's min_residual floor 1e-06, calibrated for k1 5; writing "
+            f"k1 {best:g} resets it to 0: run `inspector calibrate thresholds` again") in r.stdout
+    assert load_bundle(bundle).spec.postprocess.min_residual == 0.0
