@@ -88,6 +88,8 @@ def _check_frame_sources(args: argparse.Namespace) -> None:
         raise CalibrationInputError("--frames: required with --config (how many frames to grab)")
     if args.defects and not args.format:
         raise CalibrationInputError("--format: required with --defects (magnetic-tile or neu-seg)")
+    if args.format and not args.defects:
+        raise CalibrationInputError("--format: the layout of --defects, which is not given")
     if args.normal and not Path(args.normal).is_dir():
         raise CalibrationInputError(f"--normal {args.normal}: folder not found")
 
@@ -269,7 +271,7 @@ def cmd_flat_field(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        print(f"flat-field {ff.shape[1]}x{ff.shape[0]} ({meta['method']}, profile {args.profile}) -> {out}")
+        print(f"flat-field {ff.shape[0]}x{ff.shape[1]} (HxW; {meta['method']}, profile {args.profile}) -> {out}")
         print(f"  column brightness spread {figs['column_spread_before_pct']:.2f} % -> "
               f"{figs['column_spread_after_pct']:.2f} %; gain {ff.meta['gain_range'][0]:.3f}.."
               f"{ff.meta['gain_range'][1]:.3f}; plot {png}")

@@ -64,9 +64,9 @@ def stack_frames(frames: Iterable[tuple[str, np.ndarray]], what: str) -> tuple[n
     for name, img in frames:
         g = grey(img)
         if out and g.shape != out[0].shape:
-            raise CalibrationInputError(f"{what}: {name} is {g.shape[1]}x{g.shape[0]} but {names[0]} is "
-                                        f"{out[0].shape[1]}x{out[0].shape[0]}; flat-field frames must "
-                                        f"share the camera's frame size")
+            raise CalibrationInputError(f"{what}: {name} is {g.shape[0]}x{g.shape[1]} (HxW) but "
+                                        f"{names[0]} is {out[0].shape[0]}x{out[0].shape[1]}; flat-field "
+                                        f"frames must share the camera's frame size")
         out.append(g)
         names.append(name)
     if not out:

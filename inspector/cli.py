@@ -100,6 +100,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    try:
+        return _check(args)
+    except InspectorError as e:
+        if args.json:  # a script reading stdout gets the verdict too, not an empty line
+            print(json.dumps({"config": args.config, "result": "error", "error": str(e)}))
+        raise
+
+
+def _check(args: argparse.Namespace) -> int:
     from inspector.pipeline import load_model
     from inspector.sources import make_source
 
@@ -145,7 +154,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     summary = {
         "config": cfg.source_file, "camera_id": cfg.camera_id,
         "source": described, "frame_shape": list(frame.image.shape),
-        "bundle": str(model.bundle.path), "model": f"{spec.name} ({spec.kind})",
+        "bundle": os.path.normpath(model.bundle.path), "model": f"{spec.name} ({spec.kind})",
         "classes": spec.classes, "engine": model.backend,
         "input": _check_input(model, frame.image.shape[:2]),
         **({"region": f"{spec.region.name} (threshold {spec.region.threshold:g}): "
@@ -154,7 +163,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         "infer_ms": round(infer_ms, 1), "defects_in_frame": total,
         "publish": cfg.publish.endpoint,
         "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)",
-        "record": _check_record(cfg, spec.classes, root_note=as_user is None),
+        "record": _check_record(cfg, spec.classes, warnings, root_note=as_user is None),
         **({"user": as_user} if as_user else {}),
         "warnings": warnings, "result": "ok",
     }
@@ -197,8 +206,9 @@ def _check_user(cfg, user: str) -> tuple[str, list[str]]:
     return check_as_user(cfg, user, record_root)
 
 
-def _check_record(cfg, classes: list[str], root_note: bool = True) -> str:
-    """The recorder's start-up checks (folder writable, classes known): what it would record."""
+def _check_record(cfg, classes: list[str], warnings: list[str], root_note: bool = True) -> str:
+    """The recorder's start-up checks (folder writable, classes known): what it would record; a
+    folder another running recorder holds (the daemon would refuse to start) goes to ``warnings``."""
     if not cfg.record.enabled:
         return "off"
     from inspector.recorder import describe, preflight
@@ -207,7 +217,10 @@ def _check_record(cfg, classes: list[str], root_note: bool = True) -> str:
     root, notes = preflight(cfg.record, cfg.camera_id, classes, cfg.base_dir, cfg.source_file,
                             root_note=root_note)
     state = "" if root.is_dir() else ", created at the daemon's start"
-    return f"{describe(cfg.record)} into {root}{state}" + "".join(f"; {n}" for n in notes)
+    held = [n for n in notes if n.startswith("a running recorder holds")]
+    warnings += [f"record.dir: {n}: a second daemon of this camera_id would exit 2 (if it is this "
+                 "camera's own daemon, running while its config is checked, all is well)" for n in held]
+    return f"{describe(cfg.record)} into {root}{state}" + "".join(f"; {n}" for n in notes if n not in held)
 
 
 def _check_endpoint(cfg) -> list[str]:
@@ -231,6 +244,10 @@ def _check_endpoint(cfg) -> list[str]:
     return []
 
 
+#: how long `subscribe` without --timeout waits before saying, once, that nothing has come
+SUBSCRIBE_HINT_S = 5.0
+
+
 def cmd_subscribe(args: argparse.Namespace) -> int:
     import cv2
     import numpy as np
@@ -248,10 +265,21 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     except ValueError as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     n = 0
+    hinted = False
     try:
         while args.count is None or n < args.count:
+            # without --timeout it waits for ever, as a subscriber may; but a silent wait on a
+            # wrong port or topic looks like a hang, so say once what it waits for
+            first_wait = args.timeout is None and n == 0 and not hinted
             try:
-                msg = sub.recv(timeout_s=args.timeout)
+                msg = sub.recv(timeout_s=SUBSCRIBE_HINT_S if first_wait else args.timeout)
+                if msg is None and first_wait:
+                    hinted = True
+                    print(f"inspector subscribe: nothing from {args.endpoint}"
+                          + (f" on topic prefix {args.topic!r}" if args.topic else "")
+                          + f" after {SUBSCRIBE_HINT_S:g} s; still waiting (Ctrl-C stops; --timeout S "
+                          "gives up)", file=sys.stderr, flush=True)
+                    continue
                 if msg is not None:
                     h = msg.header
                     mask = msg.mask() if save else None
@@ -260,8 +288,10 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                 return _fail(f"{args.endpoint}: message {n + 1} is not an inspector defect message "
                              f"({e}); {n} received", EXIT_FAIL)
             if msg is None:
-                return _fail(f"no message from {args.endpoint} within {args.timeout}s "
-                             f"({n} received)", EXIT_FAIL)
+                return _fail(f"no message from {args.endpoint}"
+                             + (f" on topic prefix {args.topic!r}" if args.topic else "")
+                             + f" within {args.timeout}s ({n} received; nothing listening there, "
+                             "another topic, or not an inspector publisher)", EXIT_FAIL)
             n += 1
             if save:
                 name = save / f"{h['camera_id']}_{h['frame_id']:08d}.png"
@@ -592,6 +622,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from inspector.engines.onnxruntime import OnnxRuntimeConfig
     from inspector.evaluation.evaluate import evaluate_bundle
 
+    if args.overlays and not args.out:
+        return _fail("--overlays: needs --out (the folder the overlay PNGs go into)", EXIT_BAD_INPUT)
     out = _out_folder(args.out)
     try:
         ds = _data_args(args)

@@ -159,13 +159,19 @@ def check_classes(cfg: RecordConfig, class_names: list[str], config_file: str) -
     return {class_names.index(c) for c in cfg.classes}
 
 
+def _ordinal(n: int) -> str:
+    """2nd, 3rd, 11th, 21st, 500th."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
 def describe(cfg: RecordConfig) -> str:
     """What the config records, in words."""
     what = []
     if cfg.defects:
         what.append("frames with " + (f"{'/'.join(cfg.classes)} defects" if cfg.classes else "defects"))
     if cfg.normal_every:
-        what.append(f"every {cfg.normal_every}th frame without" if cfg.normal_every > 1
+        what.append(f"every {_ordinal(cfg.normal_every)} frame without" if cfg.normal_every > 1
                     else "every frame without")
     return " and ".join(what) or "nothing (record.defects false, record.normal_every 0)"
 

@@ -1,0 +1,108 @@
+"""What the commands say on the edges a first-time user walks into (from a README walkthrough):
+options that would be ignored are refused, messages point at the likely cause, sizes are HxW."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import DEMO_BUNDLE, run_cli, write_config
+from inspector.recorder import RecordConfig, Recorder, _ordinal, describe
+
+
+@pytest.mark.parametrize("n, said", [(2, "2nd"), (3, "3rd"), (4, "4th"), (11, "11th"), (12, "12th"),
+                                     (13, "13th"), (21, "21st"), (22, "22nd"), (111, "111th"),
+                                     (500, "500th")])
+def test_ordinals(n, said):
+    assert _ordinal(n) == said
+    assert f"every {said} frame without" in describe(RecordConfig(enabled=True, normal_every=n))
+
+
+def test_check_json_says_the_error_on_stdout_too(tmp_path):
+    bad = write_config(tmp_path / "cam.yaml", {"camera_id": "x", "source": {"type": "synthetic"},
+                                              "model": {"bundle": str(tmp_path / "none")}})
+    r = run_cli("check", "--config", str(bad), "--json")
+    assert r.returncode == 2
+    out = json.loads(r.stdout)
+    assert out["result"] == "error" and out["config"] == str(bad)
+    assert out["error"].startswith(f"{bad}: model.bundle: model bundle folder") and out["error"] in r.stderr
+
+
+def test_check_warns_of_a_folder_another_recorder_holds_and_normalises_the_bundle_path(synthetic_cfg,
+                                                                                       tmp_path):
+    cfg = synthetic_cfg(record={"enabled": True, "dir": str(tmp_path / "rec")})
+    cfg["model"]["bundle"] = str(DEMO_BUNDLE.parent / ".." / DEMO_BUNDLE.parent.name / DEMO_BUNDLE.name)
+    f = write_config(tmp_path / "cam.yaml", cfg)
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path / "rec")), "test", ["background", "a"])
+    try:
+        r = run_cli("check", "--config", str(f), "--json")
+    finally:
+        rec.close()
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["bundle"] == str(DEMO_BUNDLE)
+    held = [w for w in out["warnings"] if w.startswith("record.dir: a running recorder holds")]
+    assert len(held) == 1 and "would exit 2" in held[0]
+    assert "a running recorder holds" not in out["record"]
+
+
+def test_evaluate_overlays_without_a_folder_is_refused(tmp_path):
+    r = run_cli("evaluate", "--bundle", str(DEMO_BUNDLE), "--data", str(tmp_path), "--format", "neu-seg",
+                "--overlays", "3")
+    assert r.returncode == 2
+    assert "--overlays: needs --out" in r.stderr
+
+
+def test_calibrate_thresholds_format_without_defects_is_refused(tmp_path):
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    cv2.imwrite(str(normal / "a.png"), np.full((64, 64), 120, np.uint8))
+    r = run_cli("calibrate", "thresholds", "--bundle", str(DEMO_BUNDLE), "--normal", str(normal),
+                "--target-fpr", "0.1", "--format", "neu-seg", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "--format: the layout of --defects, which is not given" in r.stderr
+
+
+def test_subscribe_timeout_names_the_topic(tmp_path):
+    from conftest import free_endpoint
+
+    ep = free_endpoint()
+    r = run_cli("subscribe", "--endpoint", ep, "--topic", "defects.cam1", "--count", "1", "--timeout", "0.5")
+    assert r.returncode == 1
+    assert f"no message from {ep} on topic prefix 'defects.cam1' within 0.5s (0 received;" in r.stderr
+
+
+def test_flat_field_sizes_are_height_by_width(tmp_path):
+    frames = tmp_path / "normal"
+    frames.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(frames / f"{i}.png"), np.full((32, 96), 100 + i, np.uint8))
+    r = run_cli("calibrate", "flat-field", "--normal", str(frames), "--out", str(tmp_path / "ff.npz"))
+    assert r.returncode == 0, r.stderr
+    assert "flat-field 32x96 (HxW;" in r.stdout
+    cv2.imwrite(str(frames / "9.png"), np.full((40, 96), 100, np.uint8))
+    r = run_cli("calibrate", "flat-field", "--normal", str(frames), "--out", str(tmp_path / "ff2.npz"))
+    assert r.returncode == 2
+    assert "normal: 9 is 40x96 (HxW) but 0 is 32x96" in r.stderr
+
+
+def test_subscribe_without_timeout_says_once_what_it_waits_for(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, free_endpoint
+
+    ep = free_endpoint()
+    p = subprocess.Popen([sys.executable, "-m", "inspector", "subscribe", "--endpoint", ep, "--topic",
+                          "defects.cam1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = p.communicate(timeout=8)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        out, err = p.communicate(timeout=10)
+    assert (f"inspector subscribe: nothing from {ep} on topic prefix 'defects.cam1' after 5 s; still "
+            "waiting (Ctrl-C stops; --timeout S gives up)") in err
+    assert err.count("nothing from") == 1
