@@ -218,7 +218,9 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"])
-        msg = validator_message(err["msg"])
+        # worded as a camera config's errors are
+        msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(
+            err["type"], validator_message(err["msg"]))
         # a check across sections (BundleSpec's own validators) has no location: its message
         # names the keys itself
         raise BundleError(f"{meta}: {key}: {msg}" if key else f"{meta}: {msg}") from e

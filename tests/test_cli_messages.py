@@ -106,3 +106,20 @@ def test_subscribe_without_timeout_says_once_what_it_waits_for(tmp_path):
     assert (f"inspector subscribe: nothing from {ep} on topic prefix 'defects.cam1' after 5 s; still "
             "waiting (Ctrl-C stops; --timeout S gives up)") in err
     assert err.count("nothing from") == 1
+
+
+def test_a_typo_in_bundle_yaml_reads_as_in_a_camera_config(tmp_path):
+    import shutil
+
+    import yaml
+
+    from inspector.bundle import load_bundle
+    from inspector.errors import BundleError
+
+    b = tmp_path / "b"
+    shutil.copytree(DEMO_BUNDLE, b)
+    raw = yaml.safe_load((b / "bundle.yaml").read_text())
+    raw["tilling"] = raw.pop("tiling")
+    (b / "bundle.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(BundleError, match=r"bundle.yaml: tilling: unknown key"):
+        load_bundle(b)

@@ -96,7 +96,7 @@ def _drop_region_key(d):
     (lambda d: d["region"].update(threshold=0.0), r"region\.threshold: .*greater than 0"),
     (lambda d: d["region"].update(threshold=1.5), r"region\.threshold: .*less than or equal to 1"),
     (lambda d: d["region"].update(threshold=-0.2), r"region\.threshold: "),
-    (lambda d: d["region"].pop("name"), r"region\.name: Field required"),
+    (lambda d: d["region"].pop("name"), r"region\.name: required key is missing"),
     (lambda d: d["region"].update(colour="red"), r"region\.colour: "),
     (lambda d: d.update(region=None), r"outputs\.region: set, but the region key"),
 ], ids=["no-output", "no-key", "threshold-0", "threshold-1.5", "threshold-negative", "no-name",
