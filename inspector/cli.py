@@ -555,20 +555,22 @@ def _data_args(args: argparse.Namespace):
     prov = load_bundle(args.bundle, verify=False).spec.provenance or {}
     fractions = _bundle_split(args.bundle, prov) if args.split != "all" else DEFAULT_SPLIT
     ds = open_dataset(args.format, Path(args.data), split=args.split, fractions=fractions, **kw)
-    note = _trained_on_note(prov, args.split, ds.split_by)
+    note = _trained_on_note(prov, args.split, ds.split_by, args.format)
     if note:
         log.warning("%s", note)
         ds.notes.append(note)
     return ds
 
 
-def _trained_on_note(prov: dict, split: str, split_by: str) -> str | None:
+def _trained_on_note(prov: dict, split: str, split_by: str, fmt: str | None = None) -> str | None:
     """A warning where the split asked for is one the bundle's model was trained on (ARCD trains
     on the hash ``train`` + ``test`` shares; ``test`` is meant to be the data set's own test
     folder): on a root without that folder, ``--split test`` scored training images, silently."""
     data = (prov.get("training_config") or {}).get("data") or {}
     trained = data.get("train_splits") if isinstance(data, dict) else None
     if not trained or split_by != "hash" or (split != "all" and split not in trained):
+        return None
+    if fmt and data.get("source") not in (None, fmt):  # another data set's layout: not its training data
         return None
     return (f"split {split!r} {'holds' if split == 'all' else 'is'} the hash share(s) {list(trained)} this model "
             f"was trained on (provenance.training_config.data.train_splits) if --data is its training data "

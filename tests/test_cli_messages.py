@@ -123,3 +123,13 @@ def test_a_typo_in_bundle_yaml_reads_as_in_a_camera_config(tmp_path):
     (b / "bundle.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(BundleError, match=r"bundle.yaml: tilling: unknown key"):
         load_bundle(b)
+
+
+def test_the_trained_on_warning_is_only_for_the_training_data_sets_layout():
+    from inspector.cli import _trained_on_note
+
+    prov = {"training_config": {"data": {"source": "neu-seg", "root": "../shared/data/neu_seg",
+                                         "train_splits": ["train", "test"]}}}
+    assert "this model was trained on" in _trained_on_note(prov, "test", "hash", "neu-seg")
+    assert _trained_on_note(prov, "test", "hash", "magnetic-tile") is None
+    assert _trained_on_note(prov, "val", "hash", "neu-seg") is None
