@@ -358,6 +358,8 @@ def _export_bundle(run_dir: Path, out_dir: Path, name: str | None, opset: int, a
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
         "training_complete": bool(ck.get("done")),
+        # where an unfinished run stood, for `inspector check`'s warning
+        **({} if ck.get("done") else {"checkpoint_at": {"stage": ck.get("stage"), "step": ck.get("step")}}),
         "parity": {"tolerance": atol, "max_abs_diff": parity,
                    "provider": "CPUExecutionProvider"},
         "exporter": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,

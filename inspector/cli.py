@@ -117,7 +117,7 @@ def _check(args: argparse.Namespace) -> int:
     model = load_model(cfg)
     spec = model.bundle.spec
     _check_alarms(cfg, spec.classes)  # what `inspector daemon` refuses at start, exit 2
-    warnings = _check_endpoint(cfg) + hidden
+    warnings = _check_endpoint(cfg) + hidden + _unfinished_training(model.bundle)
     if as_user is None and os.geteuid() == 0:
         warnings.append("checked as root, who can open every file: add --user <the unit's User=> "
                         "to check the service user's access")
@@ -174,6 +174,21 @@ def _check(args: argparse.Namespace) -> int:
             for line in (v if k == "warnings" else [v]):
                 print(f"{'warning' if k == 'warnings' else k:>16}: {line}")
     return EXIT_OK
+
+
+def _unfinished_training(bundle) -> list[str]:
+    """A warning when the bundle was exported from a run that had not finished (its provenance
+    says so): stopped by a time limit as planned, or cut short before D saw a label."""
+    prov = bundle.spec.provenance or {}
+    if prov.get("training_complete") is not False:
+        return []
+    t, at = prov.get("training") or {}, prov.get("checkpoint_at") or {}
+    where = (f"stopped by {t.get('stopped_by') or 'a stop'} at iteration {t['iterations']} of "
+             f"{t['planned_iterations']}" if t.get("iterations") is not None and t.get("planned_iterations")
+             else f"at stage {at.get('stage')} step {at.get('step')}" if at else "")
+    return [f"model.bundle: {os.path.normpath(bundle.path)} was exported from a training run that "
+            f"had not finished{f' ({where})' if where else ''}: check its figures (`inspector "
+            "evaluate`) before trusting it on the line"]
 
 
 def _check_input(model, shape: tuple[int, ...]) -> str:
@@ -420,6 +435,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _export_tensorrt(args)
     if not (args.run_dir and args.out):
         return _fail("export onnx needs --run-dir and --out", EXIT_BAD_INPUT)
+    held = Path(args.out) / "bundle.yaml"
+    if args.format == "onnx" and held.is_file() and not args.replace:
+        # a shipped or evaluated bundle (its recorded evaluation, calibrated post-processing) is
+        # not overwritten by a mistyped --out
+        return _fail(f"--out {args.out}: holds a model bundle already ({held}); pass --replace to "
+                     "overwrite it, or export into a new folder", EXIT_BAD_INPUT)
     _needs_torch()
     if args.format == "onnx":
         from export.onnx_export import ExportParityError
@@ -866,6 +887,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default thresholds, no metrics in the bundle)")
     p.add_argument("--name", help="bundle name (default: the folder name)")
     p.add_argument("--opset", type=positive_int, default=17)
+    p.add_argument("--replace", action="store_true",
+                   help="onnx: overwrite a bundle already in --out (refused without it)")
     p.set_defaults(fn=cmd_export)
 
     _add_augment_commands(sub)

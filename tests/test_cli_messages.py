@@ -133,3 +133,26 @@ def test_the_trained_on_warning_is_only_for_the_training_data_sets_layout():
     assert "this model was trained on" in _trained_on_note(prov, "test", "hash", "neu-seg")
     assert _trained_on_note(prov, "test", "hash", "magnetic-tile") is None
     assert _trained_on_note(prov, "val", "hash", "neu-seg") is None
+
+
+def test_check_warns_of_a_bundle_from_an_unfinished_run(synthetic_cfg, tmp_path):
+    """The shipped fuzzy-mask bundle was cut by its time limit (as planned, recorded); an ARCD run
+    exported before it finished records where it stood. Either way `check` says so."""
+    from types import SimpleNamespace
+
+    from inspector.cli import _unfinished_training
+
+    fm = DEMO_BUNDLE.parent / "fuzzymask-mt"
+    cfg = synthetic_cfg(model={"bundle": str(fm)},
+                        source={"type": "synthetic", "width": 256, "height": 256, "fps": 0, "seed": 3})
+    r = run_cli("check", "--config", str(write_config(tmp_path / "fm.yaml", cfg)), "--json")
+    assert r.returncode == 0, r.stderr
+    (w,) = [w for w in json.loads(r.stdout)["warnings"] if "had not finished" in w]
+    assert w.startswith(f"model.bundle: {fm} was exported from a training run that had not finished "
+                        "(stopped by max_minutes at iteration 6278 of 10600)")
+    arcd = SimpleNamespace(path=tmp_path / "b", spec=SimpleNamespace(provenance={
+        "training_complete": False, "checkpoint_at": {"stage": 1, "step": 4}}))
+    assert "(at stage 1 step 4)" in _unfinished_training(arcd)[0]
+    done = SimpleNamespace(path=tmp_path / "b", spec=SimpleNamespace(provenance={"training_complete": True}))
+    assert _unfinished_training(done) == []
+    assert _unfinished_training(SimpleNamespace(path=DEMO_BUNDLE, spec=SimpleNamespace(provenance=None))) == []

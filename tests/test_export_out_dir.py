@@ -76,3 +76,44 @@ def test_export_parity_miss_leaves_no_out_folder_behind(tiny_run, tmp_path, caps
         assert pre.is_dir() and not (pre / "bundle.yaml").exists()
     assert [p.name for p in (tmp_path / "empty").iterdir()] == []
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
+
+
+
+@pytest.fixture(scope="module")
+def exportable_run(tmp_path_factory):
+    """The tiny run with an overlap its 32-px tile allows, so that it exports."""
+    from export.arcd.train import train
+
+    root = tmp_path_factory.mktemp("arcd-exportable")
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "evaluation": {**TINY["evaluation"], "overlap": 8}}))
+    return train(cfg, root / "run")
+
+
+def test_an_existing_bundle_is_not_overwritten_without_replace(exportable_run, tmp_path):
+    from inspector.cli import main as cli_main
+
+    out = tmp_path / "bundle"
+    assert cli_main(["export", "onnx", "--run-dir", str(exportable_run), "--out", str(out)]) == 0
+    (out / "note.txt").write_text("evaluated on the line")
+    before = (out / "bundle.yaml").read_text()
+    assert cli_main(["export", "onnx", "--run-dir", str(exportable_run), "--out", str(out)]) == 2
+    assert (out / "bundle.yaml").read_text() == before and (out / "note.txt").is_file()
+    assert cli_main(["export", "onnx", "--run-dir", str(exportable_run), "--out", str(out), "--replace"]) == 0
+
+
+def test_an_unfinished_arcd_run_records_where_it_stood(exportable_run, tmp_path):
+    import shutil
+
+    from export.arcd.train import load_checkpoint
+    from export.onnx_export import export_bundle
+    from inspector.bundle import load_bundle
+
+    run = tmp_path / "run"
+    shutil.copytree(exportable_run, run)
+    ck = load_checkpoint(run / "checkpoint.pt")
+    ck["done"] = False
+    torch.save(ck, run / "checkpoint.pt")
+    prov = load_bundle(export_bundle(run, tmp_path / "b", allow_stale_metrics=True)).spec.provenance
+    assert prov["training_complete"] is False
+    assert prov["checkpoint_at"] == {"stage": ck["stage"], "step": ck["step"]}
