@@ -31,7 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inspector.config import read_yaml_mapping
-from inspector.errors import CheckpointError, ConfigError, first_line
+from inspector.errors import CheckpointError, ConfigError, first_line, validator_message
 from inspector.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,23 @@ def validate_config(model: type[M], raw: dict, where: str) -> M:
         return model.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(where, key, err["msg"]) from e
+        msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(
+            err["type"], validator_message(err["msg"]))
+        raise ConfigError(where, _user_key(raw, err["loc"]) or None, msg) from e
+
+
+def _user_key(raw: Any, loc: tuple) -> str:
+    """The dotted key as the user wrote it: pydantic puts a tagged union's tag into the path
+    (``data.neu-seg.hflip``), which is no key of the file; a path element that the file's mapping
+    at that point lacks but holds as a value (``source: neu-seg``) is that tag, and is left out."""
+    parts, node = [], raw
+    for p in loc:
+        if isinstance(node, dict) and p not in node and p in node.values():
+            continue
+        parts.append(str(p))
+        node = node.get(p) if isinstance(node, dict) else (
+            node[p] if isinstance(node, list) and isinstance(p, int) and p < len(node) else None)
+    return ".".join(parts)
 
 
 def read_config(path: Path, model: type[M], set_base_dir: bool = True) -> M:
@@ -87,6 +102,15 @@ def read_config(path: Path, model: type[M], set_base_dir: bool = True) -> M:
     the file's folder (unless the YAML sets it), so relative data roots resolve against it."""
     path = Path(path)
     raw = read_yaml_mapping(path, "training config")
+    # a config of another trainer (clgan, fuzzymask, defectgan, ...) says so in `kind`: name that,
+    # not the first of its keys this trainer does not know
+    want = (model.model_fields.get("kind").default if "kind" in model.model_fields else "arcd")
+    if raw.get("kind") not in (None, want):
+        other = raw["kind"]
+        command = (f"inspector augment {other} train" if other in ("defectgan", "anomalyalign")
+                   else f"inspector train {other}")
+        raise ConfigError(str(path), "kind", f"a {other} training config, not {want}: train it with "
+                          f"`{command}`")
     if set_base_dir:
         raw.setdefault("base_dir", str(path.resolve().parent))
     return validate_config(model, raw, str(path))

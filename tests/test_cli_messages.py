@@ -156,3 +156,27 @@ def test_check_warns_of_a_bundle_from_an_unfinished_run(synthetic_cfg, tmp_path)
     done = SimpleNamespace(path=tmp_path / "b", spec=SimpleNamespace(provenance={"training_complete": True}))
     assert _unfinished_training(done) == []
     assert _unfinished_training(SimpleNamespace(path=DEMO_BUNDLE, spec=SimpleNamespace(provenance=None))) == []
+
+
+def test_training_config_errors_name_the_users_key_and_the_right_command(tmp_path):
+    from export.arcd.train import TrainConfig
+    from export.training import read_config, validate_config
+    from inspector.errors import ConfigError
+
+    for raw, said in [({"data": {"source": "neu-seg", "root": "x", "hflp": True}}, "t.yaml: data.hflp: unknown key"),
+                      ({"data": {"source": "magnetic-tile", "root": "x", "sqare_pad": "top"}},
+                       "t.yaml: data.sqare_pad: unknown key")]:
+        with pytest.raises(ConfigError) as e:
+            validate_config(TrainConfig, raw, "t.yaml")
+        assert str(e.value) == said
+    with pytest.raises(ConfigError) as e:
+        validate_config(TrainConfig, {"data": {"source": "neu-seg", "root": "x", "train_crop": [999, 999]}},
+                        "t.yaml")
+    assert str(e.value).startswith("t.yaml: data.train_crop [999, 999] must be a multiple of")
+    cfg = tmp_path / "g.yaml"
+    cfg.write_text("kind: clgan\nname: g\n")
+    with pytest.raises(ConfigError, match=r"g.yaml: kind: a clgan training config, not arcd: train it "
+                                          r"with `inspector train clgan`"):
+        read_config(cfg, TrainConfig, set_base_dir=False)
+    r = run_cli("train", "arcd", "--config", str(cfg), "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and not (tmp_path / "run").exists()
