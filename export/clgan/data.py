@@ -37,10 +37,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inspector.evaluation.datasets import SplitFractions, defect_free_windows, open_dataset
 
+# ARCD's error for training data that cannot be used (an InspectorError and a ValueError with
+# the dotted ``key`` to change): the trainers put it beside the config file, one line, exit 2
+from export.arcd.data import TrainingDataError
+
 log = logging.getLogger(__name__)
 
 __all__ = ["DataSource", "NormalImage", "load_normal_images", "CropPairs", "to_model_range",
-           "pad_small", "random_crop"]
+           "pad_small", "random_crop", "TrainingDataError", "NoNormalImages"]
+
+
+class NoNormalImages(TrainingDataError):
+    """The sources could all be read but hold no defect-free image (or, for NEU-Seg, no
+    defect-free window of the crop's size): ``key`` is ``data.sources``."""
 
 
 class DataSource(BaseModel):
@@ -79,22 +88,51 @@ def _to_channels(img: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(img[:, :, :1], channels, axis=2)  # grey data on an RGB model: replicate
 
 
+def _open_source(src: DataSource, root: Path, key: str, fractions: SplitFractions):
+    """``src``'s data set; a missing root or layout (``<key>.root``) or a category or subset the
+    root lacks (``<key>.categories``) is a :class:`TrainingDataError` naming the folder."""
+    kw = {}
+    if src.format == "magnetic-tile":
+        kw["categories"] = src.categories or ["MT_Free"]
+    elif src.format == "neu-seg" and src.categories:
+        kw["subsets"] = src.categories
+    try:
+        return open_dataset(src.format, root, split=src.split, fractions=fractions, **kw)
+    except TrainingDataError:
+        raise
+    except (OSError, ValueError) as e:
+        # the readers name the folder: "no folder(s) [...]" / "no subset folder(s) [...]" is a
+        # category the root lacks, anything else the root itself (missing, another layout)
+        what = "categories" if src.categories and "folder(s)" in str(e) else "root"
+        raise TrainingDataError(str(e), f"{key}.{what}") from e
+
+
 def load_normal_images(sources: list[DataSource], base_dir: Path, channels: int, crop: int,
                        fractions: SplitFractions) -> tuple[list[NormalImage], list[str]]:
-    """All defect-free training images of ``sources`` in memory (HxWxC uint8), and a description."""
+    """All defect-free training images of ``sources`` in memory (HxWxC uint8), and a description.
+
+    Every image (and mask) is read here, once: training reads nothing else, so the trainers call
+    this before they create the run folder. What cannot be used raises
+    :class:`TrainingDataError` with the dotted key of its source, ``data.sources.<i>.root`` (a
+    missing root, an unreadable image or mask, a mask of another size than its image) or
+    ``data.sources.<i>.categories``, the message naming the file or folder;
+    :class:`NoNormalImages` (key ``data.sources``) when none of the images is defect-free.
+    """
     images: list[NormalImage] = []
     desc: list[str] = []
-    for src in sources:
+    for i, src in enumerate(sources):
+        key = f"data.sources.{i}"
         root = Path(src.root)
         root = (root if root.is_absolute() else (base_dir / root)).resolve()
-        kw = {}
-        if src.format == "magnetic-tile":
-            kw["categories"] = src.categories or ["MT_Free"]
-        elif src.format == "neu-seg" and src.categories:
-            kw["subsets"] = src.categories
-        ds = open_dataset(src.format, root, split=src.split, fractions=fractions, **kw)
+        ds = _open_source(src, root, key, fractions)
         n0, skipped = len(images), 0
-        for s in ds:
+        for j in range(len(ds)):
+            try:
+                s = ds.load(j)
+            except ValueError as e:  # the reader's message names the file: unreadable, mis-sized mask
+                raise TrainingDataError(str(e), f"{key}.root") from e
+            except OSError as e:  # a file that vanished or a read error between listing and reading
+                raise TrainingDataError(f"{ds.entries[j].image}: {e}", f"{key}.root") from e
             img = _to_channels(s.image, channels)
             if src.format == "neu-seg":
                 win = defect_free_windows(s.mask, crop, src.stride)
@@ -110,7 +148,8 @@ def load_normal_images(sources: list[DataSource], base_dir: Path, channels: int,
         desc.append(f"{src.format} {root} split={src.split}: {len(images) - n0} images"
                     + (f" ({skipped} without a defect-free {crop}px window skipped)" if skipped else ""))
     if not images:
-        raise ValueError("no defect-free training images in data.sources: " + "; ".join(desc))
+        raise NoNormalImages("no defect-free training images: " + "; ".join(desc),
+                             "data.sources")
     return images, desc
 
 

@@ -13,7 +13,10 @@ checkpoint it exports), ``losses.jsonl`` and ``preview.png`` (fixed crops, their
 and residuals, refreshed at each checkpoint). ``--resume`` continues a run; pair ``i`` is a pure
 function of (seed, rank, i) and the PatchNCE locations of iteration ``i`` of (seed, i), so a
 resumed run computes what an uninterrupted one would (bit for bit on the CPU). A resume that
-changes an architecture key (:data:`ARCHITECTURE_KEYS`) is refused naming the key.
+changes an architecture key (:data:`ARCHITECTURE_KEYS`) is refused naming the key. Every image
+and mask training reads is read before the run folder is created: a missing data root, an unknown
+category, an unreadable image or a mask of another size than its image is one line
+``<config>: data.sources.<i>.root: <file>: <problem>`` (exit 2), with no run folder written.
 
 Multi-GPU: ``torchrun --nproc_per_node=N -m export.clgan.train --config ...``; each rank draws its
 own crops (batch_size per rank), gradients are averaged across ranks after every backward pass
@@ -44,7 +47,7 @@ from inspector.errors import CheckpointError, ConfigError
 from inspector.evaluation.datasets import SplitFractions
 from inspector.models.clgan import check_local_mean_window
 
-from export.clgan.data import CropPairs, DataSource, load_normal_images
+from export.clgan.data import CropPairs, DataSource, NormalImage, TrainingDataError, load_normal_images
 from export.clgan.loss import GANLoss, PatchNCE
 from export.clgan.torch_model import (DEFAULT_NCE_LAYERS, PatchGANDiscriminator, ProjectionHeads,
                                       ResnetGenerator, count_parameters)
@@ -65,7 +68,8 @@ ARCHITECTURE_KEYS = ("data.channels", "generator", "discriminator", "nce.nce_lay
 #: stream of :func:`export.training.step_generator` for the PatchNCE locations
 NCE_STREAM = 1
 
-__all__ = ["ClganTrainConfig", "load_config", "build_networks", "ClganTrainer", "train", "main"]
+__all__ = ["ClganTrainConfig", "load_config", "build_networks", "ClganTrainer", "open_training_images",
+           "train", "main"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +367,18 @@ def _preview(G: ResnetGenerator, pairs: CropPairs, start: int, path: Path, n: in
     return float(np.abs((crops - rec) * 127.5).mean())
 
 
+def open_training_images(cfg: ClganTrainConfig, config_path: Path) -> tuple[list[NormalImage], list[str]]:
+    """The training images of ``cfg`` (:func:`export.clgan.data.load_normal_images`: every file
+    read once, now); what cannot be used is a :class:`ConfigError` naming ``config_path``, the
+    dotted key (``data.sources.<i>.root`` or ``.categories``) and the file or folder."""
+    fractions = SplitFractions(cfg.data.split_test, cfg.data.split_val)
+    try:
+        return load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
+                                  cfg.data.crop, fractions)
+    except TrainingDataError as e:
+        raise ConfigError(str(config_path), e.key, str(e)) from e
+
+
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
           max_iters: int | None = None) -> Path:
     """Train CLGAN from ``config_path`` into ``run_dir``; returns the run folder.
@@ -373,12 +389,15 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     cfg = load_config(config_path)
     ranks, dev = start_ranks(cfg.device, cfg.threads, cfg.seed, config_path)
     world, rank, main_rank = ranks.world, ranks.rank, ranks.main
+    # the data before the run folder: every image (and mask) training reads is read here, so a
+    # missing root, an unknown category, an unreadable image or a mask of another size is one
+    # line naming the config file, the key and the file, with no run folder written; an existing
+    # run without --resume is refused before the data is read
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=False)
+    images, desc = open_training_images(cfg, config_path)
     run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=main_rank)
     ck_path = run_dir / CHECKPOINT
 
-    fractions = SplitFractions(cfg.data.split_test, cfg.data.split_val)
-    images, desc = load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
-                                      cfg.data.crop, fractions)
     pairs = CropPairs(images, cfg.data.crop, cfg.data.channels, cfg.seed, rank,
                       cfg.data.real_b_mode, cfg.data.flip, cfg.data.vflip)
     o = cfg.optim
@@ -501,6 +520,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a damaged checkpoint (CheckpointError) and bad training data (ConfigError, or a
+    # TrainingDataError, a ValueError) are export.training.USER_ERRORS: one line, exit 2
     return train_main(argv, kind="clgan", doc=__doc__, train=train, log=log, max_iters="iterations")
 
 

@@ -32,13 +32,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from export.clgan.data import DataSource, NormalImage, load_normal_images, pad_small, random_crop
+from export.clgan.data import (DataSource, NoNormalImages, NormalImage, TrainingDataError,
+                               load_normal_images, pad_small, random_crop)
 from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
 
 log = logging.getLogger(__name__)
 
 __all__ = ["DataSource", "NormalImage", "load_normal_images", "NormalCrops", "StepBatches",
-           "MASK_STREAM", "to_unit"]
+           "MASK_STREAM", "to_unit", "TrainingDataError", "NoNormalImages"]
 
 #: extra seed word that separates the mask draws from the crop draws
 MASK_STREAM = 0x6D61736B

@@ -14,6 +14,9 @@ crops have the runtime's tile side (``inference.tile``); with a NEU-Seg source a
 than ``data.crop`` the normal images are loaded a second time for them, so that every tau crop
 lies inside a defect-free window of the tile's size (:func:`load_tau_images`). That load happens
 before training: a tile no image has a defect-free window for is refused then, naming the keys.
+Every image and mask training reads is read before the run folder is created: a missing data
+root, an unknown category, an unreadable image or a mask of another size than its image is one
+line ``<config>: data.sources.<i>.root: <file>: <problem>`` (exit 2), with no run folder written.
 
 The run folder holds ``config.yaml`` (the resolved config with ``kind: fuzzymask``, which is how
 ``inspector export onnx`` recognises the run), ``checkpoint.pt`` (network, optimiser, step,
@@ -52,8 +55,8 @@ from torch.utils.data import DataLoader
 from inspector.errors import CheckpointError, ConfigError
 from inspector.evaluation.datasets import SplitFractions
 
-from export.fuzzymask.data import (DataSource, NormalCrops, NormalImage, StepBatches, load_normal_images,
-                                   worker_init)
+from export.fuzzymask.data import (DataSource, NoNormalImages, NormalCrops, NormalImage, StepBatches,
+                                   TrainingDataError, load_normal_images, worker_init)
 from export.fuzzymask.loss import TYPE_WEIGHTS, FuzzyMaskLoss, dissimilarity_map
 from export.fuzzymask.masking import FuzzyMaskConfig, fuzzy_mask
 from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
@@ -71,8 +74,8 @@ TAU_START = 2 * 10 ** 9
 PREVIEW_START = 10 ** 9
 
 __all__ = ["FuzzymaskTrainConfig", "load_config", "build_model", "ssim_weights", "build_loss",
-           "lr_at", "tau_needs_own_images", "load_tau_images", "compute_tau", "load_checkpoint", "train",
-           "main"]
+           "lr_at", "tau_needs_own_images", "load_tau_images", "open_training_images", "compute_tau",
+           "load_checkpoint", "train", "main"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +275,10 @@ def load_tau_images(cfg: FuzzymaskTrainConfig, where: str,
         tau_images, desc = load_normal_images(d.sources, Path(cfg.base_dir), d.channels, tile,
                                               SplitFractions(d.split_test, d.split_val))
     except ValueError as e:
-        if not tau_needs_own_images(cfg):
+        # a bad file or folder (TrainingDataError naming its data.sources key) is the data's
+        # fault, not the tile's: only "no defect-free window of the tile's size" names the tile
+        bad_file = isinstance(e, TrainingDataError) and not isinstance(e, NoNormalImages)
+        if not tau_needs_own_images(cfg) or bad_file:
             raise
         raise ConfigError(where, "inference.tile",
                           f"{tile}: tau (spec §4.5) is computed on {tile}x{tile} crops of defect-free "
@@ -281,6 +287,18 @@ def load_tau_images(cfg: FuzzymaskTrainConfig, where: str,
                           f"at most the largest defect-free window (data.crop {d.crop} has them), or "
                           f"add a source of defect-free images") from None
     return tau_images, desc
+
+
+def open_training_images(cfg: FuzzymaskTrainConfig, config_path: Path) -> tuple[list[NormalImage], list[str]]:
+    """The training images of ``cfg`` (:func:`export.clgan.data.load_normal_images`: every file
+    read once, now); what cannot be used is a :class:`ConfigError` naming ``config_path``, the
+    dotted key (``data.sources.<i>.root`` or ``.categories``) and the file or folder."""
+    d = cfg.data
+    try:
+        return load_normal_images(d.sources, Path(cfg.base_dir), d.channels, d.crop,
+                                  SplitFractions(d.split_test, d.split_val))
+    except TrainingDataError as e:
+        raise ConfigError(str(config_path), e.key, str(e)) from e
 
 
 @torch.no_grad()
@@ -367,15 +385,20 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     world, rank, main_rank = ranks.world, ranks.rank, ranks.main
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed crop size: let cuDNN pick its fastest convs
-    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=main_rank)
-    ck_path = run_dir / CHECKPOINT
-
-    fractions = SplitFractions(cfg.data.split_test, cfg.data.split_val)
-    images, desc = load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
-                                      cfg.data.crop, fractions)
+    # the data before the run folder: every image (and mask) training and tau read is read here,
+    # so a missing root, an unknown category, an unreadable image or a mask of another size is
+    # one line naming the config file, the key and the file, with no run folder written; an
+    # existing run without --resume is refused before the data is read
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=False)
+    images, desc = open_training_images(cfg, config_path)
     # the images tau's tile-sized crops come from, loaded now (on every rank, so that all of them
     # stop alike): a tile without a defect-free window fails before training, not after it
-    tau_images, tau_desc = load_tau_images(cfg, str(config_path), images)
+    try:
+        tau_images, tau_desc = load_tau_images(cfg, str(config_path), images)
+    except TrainingDataError as e:
+        raise ConfigError(str(config_path), e.key, str(e)) from e
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=main_rank)
+    ck_path = run_dir / CHECKPOINT
     if not main_rank:
         tau_images = []
     d = cfg.data
