@@ -595,7 +595,7 @@ def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[.
         log.error("%s", e)
         return 2
     except KeyboardInterrupt as e:
-        log.error("training stopped (%s); continue with --resume", e or "Ctrl-C")
+        log.error("training stopped (%s); continue with --resume", str(e) or "Ctrl-C")
         return EXIT_INTERRUPTED
     log.info("run folder: %s", out)
     return 0

@@ -392,7 +392,7 @@ def _stoppable(command: Callable[[argparse.Namespace], int], args: argparse.Name
         with sigterm_as_interrupt():
             return command(args)
     except KeyboardInterrupt as e:
-        return _fail(f"stopped ({e or 'Ctrl-C'}); the trainer's last log line says whether a "
+        return _fail(f"stopped ({str(e) or 'Ctrl-C'}); the trainer's last log line says whether a "
                      f"checkpoint was saved; continue with --resume", EXIT_INTERRUPTED)
 
 

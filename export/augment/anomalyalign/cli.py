@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from export.augment.cli_common import add_train_command
+from export.augment.cli_common import add_train_command, stoppable_sample
 from inspector.argtypes import positive_int
 
 __all__ = ["add_commands"]
@@ -60,4 +60,4 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch-size", type=positive_int, help="images per DDIM batch")
     q.add_argument("--threads", type=positive_int, help="torch threads (default: the run's threads)")
     q.add_argument("--grid", help="also write a PNG grid of the first 16 pairs with their masks")
-    q.set_defaults(augment_fn=cmd_sample)
+    q.set_defaults(augment_fn=stoppable_sample(cmd_sample))

@@ -1,7 +1,8 @@
 """AnomalyAlign training (``../shared/seeds/000_spec.md`` §2-§3, scaled down per §8.2).
 
-Three stages in one run (``--resume`` reloads the first two from the checkpoint, which is
-written from the diffusion stage on):
+Three stages in one run (``--resume`` reloads the first two from a checkpoint of the diffusion
+stage; a run stopped before it saved the segmenter's state instead, ``stage: segmenter``, and
+``--resume`` goes on training the segmenter from that step, then fits the prompts again):
 
 1. **Segmenter** (the alignment loss's frozen detector): a small U-Net trained on the labelled
    subset's real masks (focal + Dice, as ARCD's D), or loaded from ``segmenter.checkpoint``.
@@ -16,7 +17,7 @@ Data: only :func:`export.augment.dataset.labelled_subset` (the images ARCD sees 
 ``data.label_fraction``), resized to ``data.resolution``, random flips / 90° turns applied to
 image and mask alike. Batch ``i`` and its noise are a pure function of (seed, i), so a resumed
 run sees what an uninterrupted one would. Ctrl-C / SIGTERM takes effect between iterations
-(:func:`export.training.whole_step`), the checkpoint carries the running loss averages, and
+(the segmenter's and the diffusion's: :func:`export.training.whole_step`), the checkpoint carries the running loss averages, and
 ``--resume`` refuses another network or another image list (:func:`check_resume`): a resumed run
 ends with the weights, optimiser state and ``losses.jsonl`` rows of an uninterrupted one (bit for
 bit on the CPU; rows a dead run wrote past its last checkpoint are dropped on resume).
@@ -71,9 +72,20 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 SEGMENTER = "segmenter.pt"
+#: ``stage`` of a checkpoint saved when a run was stopped before its diffusion stage (the
+#: segmenter's weights and optimiser, no diffusion networks); one of the diffusion stage says
+#: ``diffusion`` (older ones say nothing)
+SEGMENTER_STAGE, DIFFUSION_STAGE = "segmenter", "diffusion"
+#: the keys a run stopped in its segmenter stage must keep on --resume: what picks and orders its
+#: images and the segmenter's own (its steps may change, like --max-iters); the diffusion
+#: network has not been built yet
+SEGMENTER_STAGE_RESUME_KEYS = ("seed", "data.resolution", "data.label_fraction", "data.label_seed",
+                               "segmenter.width", "segmenter.batch_size", "segmenter.lr",
+                               "segmenter.checkpoint")
 PROMPTS = "prompts.json"
 
-__all__ = ["AnomalyAlignConfig", "load_config", "TrainData", "load_train_data", "augment_batch",
+__all__ = ["AnomalyAlignConfig", "load_config", "TrainData", "load_train_data", "read_train_data",
+           "augment_batch", "SEGMENTER_STAGE", "DIFFUSION_STAGE",
            "train_segmenter", "DiffusionTrainer", "align_weight_at", "train", "main",
            "load_checkpoint", "make_scheduler"]
 
@@ -257,6 +269,19 @@ def from_arrays(images: list[np.ndarray], masks: list[np.ndarray], classes: list
                      list(classes), source)
 
 
+def read_train_data(cfg: DataConfig, config_path: Path) -> TrainData:
+    """:func:`load_train_data`, every image and mask read; a missing root, a folder not in the
+    NEU-Seg layout or a file that cannot be read is a :class:`ConfigError` naming
+    ``config_path`` and ``data.root`` (one line from the command, exit 2)."""
+    try:
+        return load_train_data(cfg)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(config_path), "data.root", str(e)) from e
+    except KeyboardInterrupt:
+        log.warning("interrupted while reading the training data: nothing new saved")
+        raise
+
+
 def load_train_data(cfg: DataConfig) -> TrainData:
     from export.augment.dataset import labelled_subset
 
@@ -296,9 +321,16 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------
 
 def train_segmenter(data: TrainData, cfg: SegmenterConfig, seed: int, flip: bool, rot90: bool,
-                    dev: torch.device) -> tuple[SegUNet, dict]:
+                    dev: torch.device, resume_from: dict | None = None,
+                    progress: dict | None = None) -> tuple[SegUNet, dict]:
     """A small U-Net on the real masks (focal + Dice, as ARCD's D); returns it frozen, in eval
-    mode, and its final train loss and per-class IoU on the (unaugmented) subset."""
+    mode, and its final train loss and per-class IoU on the (unaugmented) subset.
+
+    Ctrl-C / SIGTERM inside a step takes effect at its end (:func:`export.training.whole_step`).
+    ``progress`` (a dict) receives ``"state"``: a function returning the state reached (weights,
+    optimiser, loss average, steps done) for the checkpoint of a stopped run; ``resume_from``
+    (such a state) goes on from its step. Step ``i``'s batch is a pure function of (seed, i), so
+    the resumed segmenter is the uninterrupted one (bit for bit on the CPU)."""
     from export.arcd.loss import DiceLoss, FocalLoss
 
     torch.manual_seed(seed)
@@ -306,21 +338,38 @@ def train_segmenter(data: TrainData, cfg: SegmenterConfig, seed: int, flip: bool
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     focal, dice = FocalLoss(gamma=2.0), DiceLoss()
     ema: dict[str, float] = {}
+    step = 0
+    if resume_from is not None:
+        net.load_state_dict(resume_from["state_dict"])
+        opt.load_state_dict(resume_from["optimizer"])
+        ema = dict(resume_from.get("loss_ema") or {})
+        step = int(resume_from["step"])
+        log.info("resuming the segmenter at step %d of %d", step, cfg.steps)
+
+    def state() -> dict:
+        return {"step": step, "steps": cfg.steps, "width": cfg.width, "classes": len(data.classes),
+                "state_dict": net.state_dict(), "optimizer": opt.state_dict(), "loss_ema": dict(ema)}
+
+    if progress is not None:
+        progress["state"] = state
     net.train()
     t0 = time.monotonic()
-    for step in range(cfg.steps):
+    while step < cfg.steps:
         g = step_generator(seed, step, stream=1)
         pick = torch.randint(0, len(data), (min(cfg.batch_size, len(data)),), generator=g)
         x, m = augment_batch(data.images[pick], data.masks[pick], g, flip, rot90)
         x, m = (x.to(dev) + 1) / 2, m.to(dev)
-        logits = net(x)
-        loss = focal(logits, m) + dice(logits, m)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        update_ema(ema, {"seg": float(loss.detach())})
-        if (step + 1) % 50 == 0 or step + 1 == cfg.steps:
-            log.info("segmenter %d/%d loss %.4f", step + 1, cfg.steps, ema["seg"])
+        # the update, the step count and the loss average as one: a stop saves a whole step
+        with whole_step():
+            logits = net(x)
+            loss = focal(logits, m) + dice(logits, m)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            update_ema(ema, {"seg": float(loss.detach())})
+            step += 1
+            if step % 50 == 0 or step == cfg.steps:
+                log.info("segmenter %d/%d loss %.4f", step, cfg.steps, ema["seg"])
     freeze(net)
     iou = segmenter_iou(net, data.images, data.masks, len(data.classes), dev)
     log.info("segmenter trained in %s: train IoU per class %s", fmt_duration(time.monotonic() - t0),
@@ -351,6 +400,10 @@ def segmenter_iou(net: SegUNet, images: torch.Tensor, masks: torch.Tensor, k: in
 def load_segmenter(path: Path, classes: int) -> SegUNet:
     ck = read_checkpoint(path)
     if ck.get("kind") == "anomalyalign":
+        if ck.get("stage") == SEGMENTER_STAGE:
+            raise ValueError(f"{path}: a run stopped while training its segmenter (step "
+                             f"{_seg_step(ck)}): no finished segmenter yet; continue the run with "
+                             "--resume first")
         ck = ck["segmenter"]
     if ck.get("kind") != "anomalyalign-segmenter":
         raise ValueError(f"{path}: not an AnomalyAlign segmenter (segmenter.pt or checkpoint.pt)")
@@ -537,10 +590,23 @@ def build_diffusion(cfg: AnomalyAlignConfig, num_classes: int):
     return unet, controlnet
 
 
-def load_checkpoint(path: Path) -> dict:
+def _seg_step(ck: dict) -> str:
+    st = ck.get("segmenter_training") or {}
+    return f"{st.get('step', '?')} of {st.get('steps', '?')}"
+
+
+def load_checkpoint(path: Path, any_stage: bool = False) -> dict:
+    """An AnomalyAlign checkpoint. One written when a run was stopped in its first stage (the
+    segmenter: ``stage`` :data:`SEGMENTER_STAGE`) holds no diffusion networks and is refused
+    unless ``any_stage`` (the trainer's ``--resume``)."""
     ck = read_checkpoint(Path(path))
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "anomalyalign":
         raise CheckpointError(f"{path}: not an AnomalyAlign checkpoint of format {CHECKPOINT_FORMAT}")
+    if not any_stage and ck.get("stage") == SEGMENTER_STAGE:
+        raise CheckpointError(f"{path}: the run was stopped while training its segmenter (step "
+                              f"{_seg_step(ck)}), before the diffusion stage: no diffusion weights "
+                              "yet; continue it with `inspector augment anomalyalign train "
+                              "--resume`")
     return ck
 
 
@@ -649,12 +715,12 @@ RESUME_KEYS = ("model", "seed", "data.resolution", "data.label_fraction", "data.
 
 
 def check_resume(ck: dict, cfg: AnomalyAlignConfig, data: TrainData, config_path: Path,
-                 ck_path: Path) -> None:
+                 ck_path: Path, keys: tuple[str, ...] = RESUME_KEYS) -> None:
     """Refuse to resume ``ck`` with a config or training images other than its own: a
     :class:`ConfigError` naming the key (:data:`RESUME_KEYS`; ``data.root`` when the same
     keys select other images). The checkpoint's per-image prompt choice would otherwise index
     another image list (an IndexError, or images trained with other images' prompts)."""
-    check_resume_keys(saved_config(ck["config"], AnomalyAlignConfig), cfg.model_dump(mode="json"), RESUME_KEYS,
+    check_resume_keys(saved_config(ck["config"], AnomalyAlignConfig), cfg.model_dump(mode="json"), keys,
                       config_path, ck_path)
     saved = list(ck.get("train_stems") or [])
     if saved != list(data.stems):
@@ -682,78 +748,129 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     dev = pick_device(cfg.device, 0)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    run_dir = prepare_run_dir(run_dir, cfg.name, resume)
+    # a folder holding a run is refused here (unless resume); the folder is made only once the
+    # data has been read: a missing or bad data root leaves no empty run folder behind
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=False)
     ck_path = run_dir / CHECKPOINT
     if data is None:
-        data = load_train_data(cfg.data)
+        data = read_train_data(cfg.data, config_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
     log.info("data: %s at %d px; classes %s", data.source, cfg.data.resolution,
              {c: data.labels.count(c) for c in data.classes[1:]})
     k = len(data.classes) - 1
 
-    ck = None
+    ck = seg_ck = None  # a diffusion-stage checkpoint / one of a run stopped in its segmenter stage
     if resume and ck_path.exists():
-        ck = load_checkpoint(ck_path)
-        check_resume(ck, cfg, data, config_path, ck_path)
+        found = load_checkpoint(ck_path, any_stage=True)
+        if found.get("stage") == SEGMENTER_STAGE:
+            # no diffusion network yet: only what the segmenter and the image list depend on
+            check_resume(found, cfg, data, config_path, ck_path, SEGMENTER_STAGE_RESUME_KEYS)
+            seg_ck = found  # train_segmenter logs the step it resumes at
+        else:
+            check_resume(found, cfg, data, config_path, ck_path)
+            ck = found
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
     write_run_config(run_dir, cfg)
+    seg_elapsed = float(seg_ck["elapsed_s"]) if seg_ck is not None else 0.0  # before this start
 
-    # stage 1: segmenter
-    if ck is not None:
-        seg = load_segmenter(ck_path, k + 1)
-        seg_info = ck["segmenter"].get("info", {})
-    elif cfg.segmenter.checkpoint:
-        seg = load_segmenter(Path(cfg.segmenter.checkpoint), k + 1)
-        seg_info = {"loaded": cfg.segmenter.checkpoint,
-                    "train_iou": segmenter_iou(seg, data.images, data.masks, k + 1, torch.device("cpu"))}
-        log.info("segmenter loaded from %s: train IoU %s", cfg.segmenter.checkpoint, seg_info["train_iou"])
-    else:
-        seg, seg_info = train_segmenter(data, cfg.segmenter, cfg.seed, cfg.data.flip, cfg.data.rot90, dev)
-        seg = seg.cpu()
-    seg_rec = segmenter_record(seg, seg.width, k + 1, seg_info)
-    atomic_save(seg_rec, run_dir / SEGMENTER)
+    # Stages 1 and 2 and the diffusion networks' set-up: a stop here saves the segmenter's state
+    # (stage 1 has steps of its own, each finished before the stop: whole_step); the prompts are
+    # fitted again on --resume (a pure function of the seed and the images, and quick)
+    seg_progress: dict = {}
 
-    # stage 2: prompts
-    if ck is not None:
-        lib = PromptLibrary.from_dict(ck["library"])
-        clip = TinyClip(len(lib.vocab), lib.max_len, cfg.prompts.dim, cfg.prompts.image_width)
-        clip.load_state_dict(ck["clip"])
-        chosen, text_table, prompt_info = list(ck["prompt_idx"]), ck["text_emb"], ck["prompt_info"]
-    else:
-        lib, clip, chosen, text_table, prompt_info = fit_prompts(
-            data, cfg.prompts, cfg.seed, cfg.data.flip, cfg.data.rot90)
-    (run_dir / PROMPTS).write_text(json.dumps(
-        {"info": prompt_info, "library": lib.prompts,
-         "chosen": [{"stem": s, "class": c, "prompt": lib.prompts[j]}
-                    for s, c, j in zip(data.stems, data.labels, chosen)]}, indent=1))
-    prompt_idx = torch.tensor(chosen, dtype=torch.long)
+    def stopped_before_diffusion() -> None:
+        snapshot = seg_progress.get("state")
+        if snapshot is None:
+            if ck is not None:
+                log.warning("interrupted before iteration %d; the checkpoint of iteration %d is kept, "
+                            "continue with --resume", int(ck["step"]) + 1, int(ck["step"]))
+            elif seg_ck is not None:
+                log.warning("interrupted before the segmenter went on; the checkpoint of segmenter "
+                            "step %s is kept, continue with --resume", _seg_step(seg_ck))
+            else:
+                log.warning("interrupted before the first training step (the segmenter is loaded "
+                            "from segmenter.checkpoint): nothing saved; start the run again")
+            return
+        st = snapshot()
+        atomic_save({"format": CHECKPOINT_FORMAT, "kind": "anomalyalign", "stage": SEGMENTER_STAGE,
+                     "step": 0, "segmenter_training": st,
+                     "elapsed_s": seg_elapsed + time.monotonic() - t_start,
+                     "config": cfg.model_dump(mode="json"), "train_stems": data.stems,
+                     "train_labels": data.labels, "classes": data.classes,
+                     "data_source": data.source, "torch": str(torch.__version__)}, ck_path)
+        if st["step"] < st["steps"]:
+            log.warning("interrupted at segmenter step %d of %d (stage 1, before the diffusion "
+                        "stage); checkpoint saved, continue with --resume", st["step"], st["steps"])
+        else:
+            log.warning("interrupted after the segmenter (step %d of %d), before the diffusion "
+                        "stage; checkpoint saved, continue with --resume (the prompts are fitted "
+                        "again)", st["step"], st["steps"])
 
-    # stage 3: diffusion
-    unet, controlnet = build_diffusion(cfg, k)
-    unet.to(dev), controlnet.to(dev)
-    seg.to(dev)
-    trainer = DiffusionTrainer(cfg, unet, controlnet, seg, text_table, dev)
-    o = cfg.optim
-    ipe = max(1, len(data) // min(o.batch_size, len(data)))
-    total = max(1, int(round(o.epochs * ipe)))
-    step, elapsed, history = 0, 0.0, []
-    if ck is not None:
-        unet.load_state_dict(ck["unet"])
-        controlnet.load_state_dict(ck["controlnet"])
-        trainer.opt.load_state_dict(ck["optimizer"])
-        if trainer.ema:
-            # a checkpoint of a run without the weight EMA (optim.ema_decay 0): the EMA starts
-            # from the weights reached, not from the random ones it was copied from at build
-            src = ck.get("ema") or {"unet": ck["unet"], "controlnet": ck["controlnet"]}
-            trainer.ema["unet"].load_state_dict(src["unet"])
-            trainer.ema["controlnet"].load_state_dict(src["controlnet"])
-            if not ck.get("ema"):
-                log.warning("%s holds no weight EMA (trained with optim.ema_decay 0): the EMA "
-                            "starts from its weights at iteration %d", ck_path, int(ck["step"]))
-        step, elapsed, history = int(ck["step"]), float(ck["elapsed_s"]), list(ck.get("history", []))
-        log.info("resuming %s at iteration %d of %d", run_dir, step, total)
-    else:
-        elapsed = time.monotonic() - t_start  # the first two stages count as training time
+    try:
+        # stage 1: segmenter
+        if ck is not None:
+            seg = load_segmenter(ck_path, k + 1)
+            seg_info = ck["segmenter"].get("info", {})
+        elif cfg.segmenter.checkpoint and seg_ck is None:
+            seg = load_segmenter(Path(cfg.segmenter.checkpoint), k + 1)
+            seg_info = {"loaded": cfg.segmenter.checkpoint,
+                        "train_iou": segmenter_iou(seg, data.images, data.masks, k + 1, torch.device("cpu"))}
+            log.info("segmenter loaded from %s: train IoU %s", cfg.segmenter.checkpoint, seg_info["train_iou"])
+        else:
+            seg, seg_info = train_segmenter(
+                data, cfg.segmenter, cfg.seed, cfg.data.flip, cfg.data.rot90, dev,
+                resume_from=seg_ck["segmenter_training"] if seg_ck is not None else None,
+                progress=seg_progress)
+            seg = seg.cpu()
+        seg_rec = segmenter_record(seg, seg.width, k + 1, seg_info)
+        atomic_save(seg_rec, run_dir / SEGMENTER)
+
+        # stage 2: prompts
+        if ck is not None:
+            lib = PromptLibrary.from_dict(ck["library"])
+            clip = TinyClip(len(lib.vocab), lib.max_len, cfg.prompts.dim, cfg.prompts.image_width)
+            clip.load_state_dict(ck["clip"])
+            chosen, text_table, prompt_info = list(ck["prompt_idx"]), ck["text_emb"], ck["prompt_info"]
+        else:
+            lib, clip, chosen, text_table, prompt_info = fit_prompts(
+                data, cfg.prompts, cfg.seed, cfg.data.flip, cfg.data.rot90)
+        (run_dir / PROMPTS).write_text(json.dumps(
+            {"info": prompt_info, "library": lib.prompts,
+             "chosen": [{"stem": s, "class": c, "prompt": lib.prompts[j]}
+                        for s, c, j in zip(data.stems, data.labels, chosen)]}, indent=1))
+        prompt_idx = torch.tensor(chosen, dtype=torch.long)
+
+        # stage 3: diffusion
+        unet, controlnet = build_diffusion(cfg, k)
+        unet.to(dev), controlnet.to(dev)
+        seg.to(dev)
+        trainer = DiffusionTrainer(cfg, unet, controlnet, seg, text_table, dev)
+        o = cfg.optim
+        ipe = max(1, len(data) // min(o.batch_size, len(data)))
+        total = max(1, int(round(o.epochs * ipe)))
+        step, elapsed, history = 0, 0.0, []
+        if ck is not None:
+            unet.load_state_dict(ck["unet"])
+            controlnet.load_state_dict(ck["controlnet"])
+            trainer.opt.load_state_dict(ck["optimizer"])
+            if trainer.ema:
+                # a checkpoint of a run without the weight EMA (optim.ema_decay 0): the EMA starts
+                # from the weights reached, not from the random ones it was copied from at build
+                src = ck.get("ema") or {"unet": ck["unet"], "controlnet": ck["controlnet"]}
+                trainer.ema["unet"].load_state_dict(src["unet"])
+                trainer.ema["controlnet"].load_state_dict(src["controlnet"])
+                if not ck.get("ema"):
+                    log.warning("%s holds no weight EMA (trained with optim.ema_decay 0): the EMA "
+                                "starts from its weights at iteration %d", ck_path, int(ck["step"]))
+            step, elapsed, history = int(ck["step"]), float(ck["elapsed_s"]), list(ck.get("history", []))
+            log.info("resuming %s at iteration %d of %d", run_dir, step, total)
+        else:
+            # the first two stages count as training time (over the starts of a stopped stage 1)
+            elapsed = seg_elapsed + time.monotonic() - t_start
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM under `inspector augment`
+        stopped_before_diffusion()
+        raise
 
     log.info("run %s: UNet %.2f M params (%s), ControlNet %.2f M, segmenter %.3f M, TinyClip %.3f M; "
              "%d px, batch %d, %d iterations (%g epochs of %d), L_a weight %g for the first %d, "
@@ -764,7 +881,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
              dev, cfg.threads, f", at most {cfg.max_minutes:g} min" if cfg.max_minutes else "")
 
     def checkpoint() -> dict:
-        return {"format": CHECKPOINT_FORMAT, "kind": "anomalyalign", "step": step, "total": total,
+        return {"format": CHECKPOINT_FORMAT, "kind": "anomalyalign", "stage": DIFFUSION_STAGE,
+                "step": step, "total": total,
                 "elapsed_s": elapsed, "unet": unet.state_dict(), "controlnet": controlnet.state_dict(),
                 "ema": ({k_: v.state_dict() for k_, v in trainer.ema.items()} if trainer.ema else None),
                 "optimizer": trainer.opt.state_dict(), "segmenter": seg_rec,
@@ -859,7 +977,10 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
-    return train_main(argv, kind="augment.anomalyalign", doc=__doc__, train=train, log=log,
+    from export.augment.cli_common import naming_stops
+
+    # a bare Ctrl-C (outside a step) is named: train_main's line read "training stopped ()"
+    return train_main(argv, kind="augment.anomalyalign", doc=__doc__, train=naming_stops(train), log=log,
                       max_iters="iterations")
 
 

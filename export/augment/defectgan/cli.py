@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from export.augment.cli_common import add_train_command
+from export.augment.cli_common import add_train_command, stoppable_sample
 from inspector.argtypes import positive_int
 
 __all__ = ["add_commands"]
@@ -51,4 +51,4 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
     q.add_argument("--defects-per-image", type=positive_int, default=1, help="synthetic defects per image")
     q.add_argument("--threads", type=positive_int, default=1, help="torch threads (fixed for repeatability)")
     q.add_argument("--grid", help="also write a PNG grid of the first 16 pairs with their masks")
-    q.set_defaults(augment_fn=cmd_sample)
+    q.set_defaults(augment_fn=stoppable_sample(cmd_sample))

@@ -26,7 +26,17 @@ from export.augment.dataset import labelled_subset
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LabelledImages", "load_subset", "CropSampler", "to_tensor_range", "from_tensor_range"]
+__all__ = ["LabelledImages", "load_subset", "CropSampler", "DataError", "to_tensor_range",
+           "from_tensor_range"]
+
+
+class DataError(ValueError):
+    """The subset gives no training crops under the config's ``key`` (dotted): the trainer names
+    the config file and the key (a ValueError for the other callers)."""
+
+    def __init__(self, key: str, problem: str):
+        self.key = key
+        super().__init__(problem)
 
 
 def to_tensor_range(img: np.ndarray) -> np.ndarray:
@@ -86,14 +96,15 @@ class CropSampler:
             normals.append(np.concatenate([np.full((len(w), 1), i, np.int64), w], axis=1))
         self.normals = np.concatenate(normals) if normals else np.zeros((0, 3), np.int64)
         if len(self.normals) == 0:
-            raise ValueError(f"no defect-free {window}x{window} window in the {len(data.images)} "
-                             f"images: lower data.window")
+            raise DataError("data.window", f"no defect-free {window}x{window} window in the "
+                            f"{len(data.images)} images: lower data.window")
         # per class, the images showing it (a class absent from the subset is never drawn)
         self.by_class = {c: [i for i, m in enumerate(data.masks) if (m == c + 1).sum() >= min_class_px]
                          for c in range(self.n_classes)}
         self.classes_present = [c for c, v in self.by_class.items() if v]
         if not self.classes_present:
-            raise ValueError(f"no defect of at least {min_class_px} px in the {len(data.images)} images")
+            raise DataError("data.min_class_px", f"no defect of at least {min_class_px} px in the "
+                            f"{len(data.images)} images")
 
     def describe(self) -> str:
         per = ", ".join(f"class {c + 1}: {len(v)} images" for c, v in self.by_class.items())

@@ -41,11 +41,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from inspector.errors import CheckpointError, ConfigError
+from inspector.evaluation.datasets import SPLITS
 
-from export.augment.defectgan.data import CropSampler, from_tensor_range, load_subset
+from export.augment.defectgan.data import (CropSampler, DataError, LabelledImages, from_tensor_range,
+                                           load_subset)
 from export.augment.defectgan.model import (DefectDiscriminator, DefectGenerator,
                                             count_parameters, gradient_penalty)
 from export.training import RunSettings, CHECKPOINT, LOSSES, METRICS, PREVIEW
@@ -92,6 +94,17 @@ class DataConfig(BaseModel):
     min_class_px: int = Field(24, ge=1, description="pixels of a class in a crop for its label")
     normal_stride: int = Field(8, ge=1, description="grid of the defect-free windows")
     flip: bool = True
+
+    @field_validator("splits")
+    @classmethod
+    def _known_splits(cls, v: list[str]) -> list[str]:
+        # found when the config is read (it used to be a bare error after the run folder was made)
+        unknown = [s for s in v if s not in SPLITS]
+        if unknown or not v:
+            raise ValueError(f"{v}: {'unknown split(s) ' + str(unknown) if unknown else 'no split'}; "
+                             f"list one or more of {', '.join(SPLITS)} (hash shares of the "
+                             "NEU-Seg folders, as ARCD's data.train_splits)")
+        return v
 
     @property
     def crop(self) -> int:
@@ -321,6 +334,24 @@ def _preview(G: DefectGenerator, sampler: CropSampler, path: Path, n: int = 4) -
     return float(np.mean(ms))
 
 
+def read_data(cfg: DefectGanConfig, config_path: Path) -> tuple[LabelledImages, CropSampler]:
+    """The labelled subset, every image and mask read, and its crop sampler; what is wrong with
+    them is a :class:`ConfigError` naming ``config_path`` and the key to change (``data.root``
+    for a missing root, a folder not in the NEU-Seg layout or a file that cannot be read)."""
+    d = cfg.data
+    try:
+        data = load_subset(cfg.data_root(), d.label_fraction, d.label_seed, tuple(d.splits))
+        return data, CropSampler(data, d.crop, d.size, cfg.seed, d.min_class_px, d.normal_stride,
+                                 d.flip)
+    except DataError as e:
+        raise ConfigError(str(config_path), e.key, str(e)) from e
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(config_path), "data.root", str(e)) from e
+    except KeyboardInterrupt:
+        log.warning("interrupted while reading the training data: nothing new saved")
+        raise
+
+
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
           max_iters: int | None = None) -> Path:
     """Train Defect-GAN from ``config_path`` into ``run_dir``; returns the run folder.
@@ -331,11 +362,13 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     t_start = time.monotonic()
     cfg = load_config(config_path)
     _, dev = start_ranks(cfg.device, cfg.threads, cfg.seed, config_path)
-    run_dir = prepare_run_dir(run_dir, cfg.name, resume)
+    # a folder holding a run is refused here (unless resume); the folder is made only once the
+    # data has been read: a missing or bad data root leaves no empty run folder behind
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=False)
     ck_path = run_dir / CHECKPOINT
     d = cfg.data
-    data = load_subset(cfg.data_root(), d.label_fraction, d.label_seed, tuple(d.splits))
-    sampler = CropSampler(data, d.crop, d.size, cfg.seed, d.min_class_px, d.normal_stride, d.flip)
+    data, sampler = read_data(cfg, config_path)
+    run_dir.mkdir(parents=True, exist_ok=True)
     G, D = build_networks(cfg, data.n_classes)
     G.to(dev), D.to(dev)
     trainer = DefectGanTrainer(cfg, G, D)
@@ -464,7 +497,10 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
-    return train_main(argv, kind="augment.defectgan", doc=__doc__, train=train, log=log,
+    from export.augment.cli_common import naming_stops
+
+    # a bare Ctrl-C (outside a step) is named: train_main's line read "training stopped ()"
+    return train_main(argv, kind="augment.defectgan", doc=__doc__, train=naming_stops(train), log=log,
                       max_iters="iterations")
 
 
