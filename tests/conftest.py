@@ -172,3 +172,21 @@ def unloadable_graph_bundle(src: Path, dest: Path, how: str = "truncated") -> Pa
     meta["graphs"]["model"]["sha256"] = sha256_file(graph)
     (dest / "bundle.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
     return dest
+
+
+def checkpoint_differences(a, b, where: str = "") -> list[str]:
+    """Where two checkpoint parts differ: tensors bit for bit (torch.equal), the rest with ==
+    (for the resume tests: a resumed run must end with an uninterrupted run's weights)."""
+    import torch
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        if set(a) != set(b):
+            return [f"{where}: keys {sorted(map(str, set(a) ^ set(b)))}"]
+        return [d for k in a for d in checkpoint_differences(a[k], b[k], f"{where}.{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in checkpoint_differences(x, y, f"{where}[{i}]")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [] if a.dtype == b.dtype and torch.equal(a, b) else [where]
+    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, checkpoint_differences
 
 torch = pytest.importorskip("torch", reason="the trainers need the train extra (torch)")
 pytest.importorskip("diffusers", reason="AnomalyAlign needs the augment extra (diffusers)")
@@ -90,19 +90,6 @@ def load(run: Path) -> dict:
     return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
-def differences(a, b, where: str = "") -> list[str]:
-    """Where two checkpoint parts differ: tensors bit for bit, the rest with ==."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{where}: keys {sorted(map(str, set(a) ^ set(b)))}"]
-        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [f"{where}: length {len(a)} vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return [] if a.dtype == b.dtype and torch.equal(a, b) else [where]
-    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -111,7 +98,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     ca, cb = load(a), load(b)
     keys = ("step", "stage", "segmenter", "clip", "text_emb", "prompt_idx", "unet", "controlnet",
             "ema", "optimizer", "history", "loss_ema", "epoch_acc", "epoch_losses")
-    assert not differences({k: ca[k] for k in keys}, {k: cb[k] for k in keys})
+    assert not checkpoint_differences({k: ca[k] for k in keys}, {k: cb[k] for k in keys})
     rows = lambda run: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"}  # noqa: E731
                         for x in (run / "losses.jsonl").read_text().splitlines()]
     assert rows(a) == rows(b)

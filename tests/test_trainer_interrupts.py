@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, checkpoint_differences
 
 torch = pytest.importorskip("torch", reason="the trainers need the train extra (torch)")
 
@@ -65,19 +65,6 @@ def sigterm_after_update(module: str, at: int, *argv: str) -> subprocess.Complet
                           capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300)
 
 
-def differences(a: Any, b: Any, where: str = "") -> list[str]:
-    """Where two checkpoint parts differ: tensors bit for bit (torch.equal), the rest with ==."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return [f"{where}: keys {sorted(map(str, set(a) ^ set(b)))}"]
-        return [d for k in a for d in differences(a[k], b[k], f"{where}.{k}")]
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        if len(a) != len(b):
-            return [f"{where}: length {len(a)} vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return [] if a.dtype == b.dtype and torch.equal(a, b) else [where]
-    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
 
 
 def load(run: Path) -> dict:
@@ -129,7 +116,7 @@ def test_defectgan_sigterm_between_the_critic_and_the_generator_update(tmp_path)
     in_process(train, cfg, run, resume=True)
     a, b = load(whole), load(run)
     assert a["step"] == b["step"] == 8
-    assert not differences({k: a[k] for k in ("G", "D", "optimizers", "history", "ema", "first_g")},
+    assert not checkpoint_differences({k: a[k] for k in ("G", "D", "optimizers", "history", "ema", "first_g")},
                            {k: b[k] for k in ("G", "D", "optimizers", "history", "ema", "first_g")})
     assert adam_steps(b["optimizers"]["D"]) == {8.0} and adam_steps(b["optimizers"]["G"]) == {4.0}
     rows = [json.loads(x) for x in (run / "losses.jsonl").read_text().splitlines()]
@@ -154,7 +141,7 @@ def test_clgan_sigterm_between_the_d_and_the_g_update(tmp_path):
     assert a["step"] == b["step"] == 4
     # the loss averages (and with them history) are not in the checkpoint: weights and
     # optimisers only
-    assert not differences({k: a[k] for k in ("G", "D", "H", "optimizers")},
+    assert not checkpoint_differences({k: a[k] for k in ("G", "D", "H", "optimizers")},
                            {k: b[k] for k in ("G", "D", "H", "optimizers")})
     assert all(adam_steps(b["optimizers"][k]) == {4.0} for k in "GDH")
     check_stopped_after_the_step(r, saved, 2)
@@ -174,7 +161,7 @@ def test_fuzzymask_sigterm_after_the_update_before_the_counter(tmp_path):
     in_process(train, cfg, run, resume=True, max_iters=4 - saved)
     a, b = load(whole), load(run)
     assert a["step"] == b["step"] == 4
-    assert not differences({k: a[k] for k in ("model", "optimizer")},
+    assert not checkpoint_differences({k: a[k] for k in ("model", "optimizer")},
                            {k: b[k] for k in ("model", "optimizer")})
     assert adam_steps(b["optimizer"]) == {4.0}
     check_stopped_after_the_step(r, saved, 2)
@@ -210,7 +197,7 @@ def test_arcd_sigterm_after_the_update_before_the_schedule_and_the_counter(tmp_p
     a, b = load(whole), load(run)
     assert (a["stage"], a["step"], a["done"]) == (b["stage"], b["step"], b["done"]) == (2, 3, True)
     keys = ("reconstruction", "discrimination", "optimizer", "scheduler", "history")
-    assert not differences({k: a[k] for k in keys}, {k: b[k] for k in keys})
+    assert not checkpoint_differences({k: a[k] for k in keys}, {k: b[k] for k in keys})
     assert adam_steps(b["optimizer"]["stage1"]) == {4.0}
     check_stopped_after_the_step(r, saved, 2)
 
