@@ -20,7 +20,6 @@ on the disk ``--dir`` points at.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inspector.bench import machine_caption, machine_under_load
+from inspector.bench import (machine_caption, machine_under_load, save_figure, script_command,
+                             write_benchmark)
 from inspector.frame import Frame
 from inspector.recorder import Recorder, RecordConfig
 from inspector.sources.synthetic import SyntheticConfig, SyntheticSource
@@ -79,9 +79,7 @@ def plot(result: dict, path: Path) -> None:
     b.set_ylabel("KiB per record")
     h, w = result["frame_shape"][:2]
     fig.suptitle(f"recorder, {h}x{w} synthetic strip, {machine_caption(result['machine'])}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,12 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['writer_fps']:.1f} frames/s ({r['writer_ms_per_frame']:.1f} ms), "
                   f"{r['kib_per_record']:.0f} KiB/record", file=sys.stderr)
     result = {"what": "frame recorder write rate per PNG level (benchmarks/recorder_bench.py)",
-              "command": "python benchmarks/recorder_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": script_command("recorder_bench.py", argv),
               "frame_shape": list(frames[0].image.shape),
               "machine": machine_under_load(load),
               "levels": rows}
-    (out / "recorder-bench.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "recorder-bench.png")
+    write_benchmark(out, "recorder-bench", result, plot)
     return 0
 
 

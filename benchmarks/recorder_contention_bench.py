@@ -15,7 +15,6 @@ blocks, so a change in the machine's load spreads over every mode alike:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -25,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from inspector.bench import machine_caption, machine_under_load
+from inspector.bench import (machine_caption, machine_under_load, save_figure, script_command,
+                             write_benchmark)
 from inspector.config import load_config
 from inspector.pipeline import load_model
 from inspector.recorder import Recorder, RecordConfig
@@ -102,9 +102,7 @@ def plot(result: dict, path: Path) -> None:
     b.set_ylabel("records written / s meanwhile")
     fig.suptitle(f"inference beside a busy recorder (png {result['png_compression']}), "
                  f"{machine_caption(result['machine'])}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                      "writer_fps": round(n / s, 2) if s else None})
     result = {"what": "inference time beside a recorder kept busy, per record.writer_nice "
                       "(benchmarks/recorder_contention_bench.py)",
-              "command": "python benchmarks/recorder_contention_bench.py "
-                         + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": script_command("recorder_contention_bench.py", argv),
               "bundle": str(model.bundle.path), "engine": model.backend,
               "frame_shape": list(frames[0].image.shape), "png_compression": args.level,
               "machine": machine_under_load(load), "modes": rows}
-    (out / "recorder-contention-bench.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "recorder-contention-bench.png")
+    write_benchmark(out, "recorder-contention-bench", result, plot)
     for r in rows:
         print(f"{r['mode']}: infer p50 {r['infer_ms']['p50']} p99 {r['infer_ms']['p99']} ms, "
               f"writer {r['writer_fps']} records/s", file=sys.stderr)

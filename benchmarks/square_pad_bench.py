@@ -20,7 +20,6 @@ vanishes), which is why the line default stays tiling. Speed is measured here, n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -34,7 +33,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inspector.bench import machine_caption, machine_under_load  # noqa: E402
+from inspector.bench import (machine_caption, machine_under_load, save_figure, script_command,
+                             write_benchmark)  # noqa: E402
 from inspector.bundle import BUNDLE_FILE, load_bundle  # noqa: E402
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine  # noqa: E402
 from inspector.models import make_adapter  # noqa: E402
@@ -95,9 +95,7 @@ def plot(result: dict, path: Path) -> None:
     ax.legend()
     ax.set_title(f"{result['bundle']}, ORT CPU, {result['threads']} threads, "
                  f"{machine_caption(result['machine'])}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,12 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = {"what": "ARCD graph per frame: tiling against the thesis's squaring (benchmarks/square_pad_bench.py)",
-              "command": "python benchmarks/square_pad_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "command": script_command("square_pad_bench.py", argv),
               "bundle": bundle.name, "align": args.align, "threads": args.threads,
               "machine": machine_under_load(load),
               "runs": runs}
-    (out / "square-pad-bench.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / "square-pad-bench.png")
+    write_benchmark(out, "square-pad-bench", result, plot)
     return 0
 
 

@@ -96,6 +96,29 @@ def machine_caption(machine: dict) -> str:
     return f"{cores} CPUs, load {machine['load_before'][0]:.1f}"
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (PNG, 100 dpi) and close a benchmark's matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_benchmark(out: Path, stem: str, result: dict, plot) -> None:
+    """A benchmark script's output: ``<stem>.json`` and the plot ``<stem>.png`` drawn by
+    ``plot(result, path)``."""
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{stem}.png")
+
+
+def script_command(script: str, argv: list[str] | None) -> str:
+    """The command line a benchmark script was run with, as its JSON records it."""
+    import sys
+
+    return f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
 def machine_under_load(load_before: tuple[float, ...]) -> dict:
     """What a benchmark's JSON records of the machine: :func:`_machine` plus the load average
     before the measurement (``load_before``, from ``os.getloadavg()``) and now, after it."""
@@ -251,6 +274,4 @@ def _plot(result: dict, headers: list[dict], path: Path) -> None:
     tp = result.get("throughput", {}).get("fps")
     fig.suptitle(f"{result['model']} on {result['backend']} | frame {result['latency']['frame_shape']} | "
                  f"throughput {tp} fps | {result['machine']['cores']} cores", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
