@@ -291,6 +291,9 @@ class Pipeline:
             self.model = load_model(cfg)
         if self.source is None:
             self.source = make_source(cfg.source, cfg.camera_id, cfg.base_dir, cfg.source_file)
+        # the camera takes its settings now, not after the warm-up: a width beyond its sensor is
+        # an error in a second, not after a 15 s warm-up of a wide model (it streams only below)
+        self.source.prepare()
         if cfg.record.enabled and self.recorder is None:
             self.recorder = Recorder(cfg.record, cfg.camera_id, self.model.bundle.spec.classes,
                                      cfg.base_dir, cfg.source_file)
@@ -702,7 +705,11 @@ class Pipeline:
         return n
 
     def __enter__(self) -> "Pipeline":
-        self.open()
+        try:
+            self.open()
+        except BaseException:
+            self.close()  # `with` calls no __exit__ for a failed __enter__: release what opened
+            raise
         return self
 
     def __exit__(self, *exc) -> None:

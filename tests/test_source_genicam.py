@@ -384,3 +384,45 @@ def test_conversion_drops_row_padding_and_refuses_short_data():
         image_from_buffer("RGBa8", 3, 2, rows)
     with pytest.raises(ValueError, match="not supported"):
         image_from_buffer("BayerRG8", 3, 2, rows)
+
+
+@needs_viky
+def test_a_refused_value_is_reported_before_the_model_warms_up(tmp_path, monkeypatch):
+    """The camera takes its settings before the model's warm-up (which takes 15 s for a wide
+    model on a line PC's CPU): a width beyond the sensor fails at once, and the warm-up never
+    runs. A good config streams only after the warm-up (frames captured meanwhile would arrive
+    as a stale burst)."""
+    import yaml
+
+    from conftest import ROOT, free_endpoint, write_config
+    from inspector.config import load_config
+    from inspector.errors import ConfigError
+    from inspector.pipeline import Pipeline
+
+    order: list[str] = []
+    real_start = GenicamSource._start
+    monkeypatch.setattr(GenicamSource, "_start", lambda self: (order.append("stream"), real_start(self)))
+    raw = yaml.safe_load((ROOT / "configs" / "viky.yaml").read_text())
+    raw["model"]["bundle"] = str(ROOT / "deploy" / "models" / "demo-arcd")
+    raw["publish"] = {**raw.get("publish", {}), "endpoint": free_endpoint()}
+    raw["source"].update(cti=str(VIKY), width=5000)
+    cfg = load_config(write_config(tmp_path / "cam.yaml", raw))
+    pipe = Pipeline(cfg)
+    real_load = __import__("inspector.pipeline", fromlist=["load_model"]).load_model
+
+    def load_and_watch(c):
+        model = real_load(c)
+        warm = model.adapter.warmup
+        model.adapter.warmup = lambda shape: (order.append("warm-up"), warm(shape))[1]
+        return model
+
+    monkeypatch.setattr("inspector.pipeline.load_model", load_and_watch)
+    with pytest.raises(ConfigError, match=r"source.width: .*rejected Width=5000"):
+        pipe.open()
+    pipe.close()
+    assert order == []  # refused before the warm-up, and never streamed
+    raw["source"]["width"] = 320
+    raw["publish"]["endpoint"] = free_endpoint()  # ZeroMQ frees a closed port asynchronously
+    with Pipeline(load_config(write_config(tmp_path / "ok.yaml", raw))) as p:
+        assert p.source is not None
+    assert order == ["warm-up", "stream"]

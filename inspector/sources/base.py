@@ -25,6 +25,13 @@ class Source(abc.ABC):
 
     camera_id: str
 
+    def prepare(self) -> None:
+        """Connect and apply the configuration without streaming yet (``open()`` then starts).
+
+        The pipeline calls it before the model's warm-up, so that a value the camera refuses is
+        reported at once instead of after the warm-up; sources with nothing to set up do nothing.
+        """
+
     @abc.abstractmethod
     def open(self) -> None: ...
 

@@ -169,6 +169,7 @@ class GenicamSource(Source):
         self.config_file = config_file
         self._harvester: Any = None
         self._ia: Any = None
+        self._streaming = False  # prepared (acquirer made, nodes written) is not yet started
         self._next_id = 0
         self._strip_index = -1  # strip_frame_index of the last fetched buffer
         self._last_device_id: int | None = None  # baseline for the next delta; None right after open
@@ -197,10 +198,26 @@ class GenicamSource(Source):
         return path
 
     def open(self) -> None:
-        """Load the producer, pick the device, write the configured nodes and start streaming.
+        """Load the producer, pick the device, write the configured nodes (:meth:`prepare`, if
+        not done yet) and start streaming.
 
         Any failure releases what was already acquired, so a failed open leaves no device locked.
         """
+        self.prepare()
+        if self._streaming:
+            return
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        self._streaming = True
+        log.info("opened %s", self.describe())
+
+    def prepare(self) -> None:
+        """Load the producer, pick the device and write the configured nodes, not streaming yet:
+        a value the camera refuses is known before the model warms up. A failure releases what
+        was already acquired."""
         if self._ia is not None:
             return
         # A reopened (or power-cycled) camera may count from scratch: no delta across an open.
@@ -225,11 +242,9 @@ class GenicamSource(Source):
             self._label = f"{_device_label(self._harvester.device_info_list[index])} ({self.camera_id})"
             self._ia = self._create_acquirer(index)
             self._configure(self._node_map(), genapi.GenericException)
-            self._start()
         except BaseException:
             self.close()
             raise
-        log.info("opened %s", self.describe())
 
     def _load_producer(self, cti: Path) -> None:
         try:
@@ -491,6 +506,7 @@ class GenicamSource(Source):
         self._closing = True
         with self._lock:
             ia, self._ia = self._ia, None
+            self._streaming = False
             harvester, self._harvester = self._harvester, None
             self._closing = False
         if ia is not None:
