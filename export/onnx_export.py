@@ -167,8 +167,9 @@ def _real_tiles(cfg: TrainConfig, n: int = 4) -> np.ndarray | None:
 
 
 def check_parity(model: ARCDInference, onnx_path: Path, inputs: dict[str, np.ndarray],
-                 tol: float = PARITY_TOL) -> dict[str, dict[str, float]]:
-    """Max |torch - ORT| per output for each named input batch; raises above ``tol``."""
+                 tol: float = PARITY_TOL, named: Path | None = None) -> dict[str, dict[str, float]]:
+    """Max |torch - ORT| per output for each named input batch; raises above ``tol``, naming
+    ``named`` (the bundle's graph file a staged ``onnx_path`` would have become) or ``onnx_path``."""
     sess = _session(onnx_path)
     report: dict[str, dict[str, float]] = {}
     model = model.eval()
@@ -181,7 +182,7 @@ def check_parity(model: ARCDInference, onnx_path: Path, inputs: dict[str, np.nda
     worst = max((v, f"{label}/{n}") for label, d in report.items() for n, v in d.items())
     if not worst[0] <= tol:  # also catches NaN
         raise ExportParityError(
-            f"{onnx_path}: ONNX Runtime differs from torch by {worst[0]:.3g} on {worst[1]} "
+            f"{named or onnx_path}: ONNX Runtime differs from torch by {worst[0]:.3g} on {worst[1]} "
             f"(tolerance {tol:g}); full report {report}. The graph was not bundled.")
     return report
 
@@ -335,7 +336,8 @@ def _export_bundle(run_dir: Path, out_dir: Path, name: str | None, opset: int, a
         real = _real_tiles(cfg)
         if real is not None:
             inputs["real_tiles"] = real
-        parity = check_parity(model, tmp_graph, inputs, atol)
+        # a miss names the graph the bundle would have had, not the staged file, gone by then
+        parity = check_parity(model, tmp_graph, inputs, atol, named=out_dir / GRAPH_FILE)
         log.info("parity ok (tolerance %g): %s", atol, parity)
         tmp_graph.replace(out_dir / GRAPH_FILE)
 
@@ -358,6 +360,8 @@ def _export_bundle(run_dir: Path, out_dir: Path, name: str | None, opset: int, a
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "run_dir": str(run_dir),
         "training_complete": bool(ck.get("done")),
+        # a config changed on --resume: training_config is the last one, these the earlier values
+        **({"config_changes": ck["config_changes"]} if ck.get("config_changes") else {}),
         # where an unfinished run stood, for `inspector check`'s warning
         **({} if ck.get("done") else {"checkpoint_at": {"stage": ck.get("stage"), "step": ck.get("step")}}),
         "parity": {"tolerance": atol, "max_abs_diff": parity,

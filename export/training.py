@@ -194,6 +194,51 @@ def saved_config(saved: Any, config_cls: type[BaseModel]) -> dict:
         return dict(saved) if isinstance(saved, dict) else {}
 
 
+def config_changes(saved: dict, current: dict) -> dict[str, list]:
+    """Every dotted key whose value differs between a checkpoint's saved config and the config
+    a run resumes with, as ``{key: [saved, current]}`` in the current config's order (a key one
+    side lacks reads None); lists and tuples compare as lists, as YAML and JSON give them."""
+    out: dict[str, list] = {}
+    norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
+
+    def walk(a: Any, b: Any, key: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in list(b) + [k for k in a if k not in b]:
+                walk(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+        elif norm(a) != norm(b):
+            out[key] = [norm(a), norm(b)]
+
+    walk(saved, current, "")
+    return out
+
+
+#: config keys of how a run is executed, not of what it learns (changed on a resume without a
+#: warning: another machine, more threads)
+RUN_KEYS = ("name", "threads", "device", "data_workers", "channels_last", "log_every",
+            "checkpoint_every", "checkpoint_every_s", "max_minutes")
+
+
+def learnt_changes(changed: dict[str, list]) -> str:
+    """``key old -> new, ...`` of the :func:`config_changes` that change what is learnt (not
+    :data:`RUN_KEYS`); empty when there are none."""
+    return ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items()
+                     if k.split(".")[0] not in RUN_KEYS)
+
+
+def warn_config_changes(saved: dict, current: dict, config: str | Path, ck_path: Path,
+                        at: str) -> dict[str, list]:
+    """Warn when a resume's config differs from its checkpoint's in a key that changes what is
+    learnt (a resume used to rewrite config.yaml with the new values without a word, while the
+    steps before it were trained with the old); returns every change (:func:`config_changes`)."""
+    changed = config_changes(saved, current)
+    text = learnt_changes(changed)
+    if text:
+        log.warning("%s differs from the config of %s: %s; the steps from %s on use the new "
+                    "value(s), the earlier ones were trained with the old (config.yaml now holds "
+                    "this config)", config, ck_path, text, at)
+    return changed
+
+
 def check_resume_keys(saved: dict, current: dict, keys: Iterable[str], config: str | Path,
                       ck_path: Path) -> None:
     """Refuse a resume whose config changed one of ``keys`` (dotted; a section means every key

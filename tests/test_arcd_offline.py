@@ -540,6 +540,8 @@ def test_export_cli_parity_failure_is_one_line_and_the_tolerance_is_recorded(tin
     err = capsys.readouterr().err
     assert "differs from torch" in err and "tolerance 1e-12" in err and "--parity-tol" in err
     assert "Traceback" not in err and not (out / "bundle.yaml").exists()
+    # the graph the bundle would have had, not the staged temporary file (gone by then)
+    assert f"error: {out / 'model.onnx'}: ONNX Runtime differs" in err and ".export-" not in err
     assert cli_main(["export", "onnx", "--run-dir", str(run), "--out", str(tmp_path / "loose"),
                      "--parity-tol", "1e-3"]) == 0
     assert load_bundle(tmp_path / "loose").spec.provenance["parity"]["tolerance"] == 1e-3
@@ -747,3 +749,56 @@ def test_torchrun_a_stop_reaching_one_rank_stops_both_after_the_same_step(tmp_pa
     assert (ck["stage"], ck["step"]) == (2, stops[0]) and not ck["done"]
     assert len(ck["history"]["stage2"]) == stops[0]
     assert code != 0
+
+
+def test_resume_with_a_changed_training_key_is_warned_recorded_and_exported(
+        tiny_run, tmp_path, caplog, monkeypatch):
+    """A finished run resumed with another stage2.lr trains nothing: the log says the change
+    does nothing to the weights, and config.yaml, the checkpoint and the exported bundle agree,
+    the change recorded with where it happened (it used to rewrite config.yaml alone, silently,
+    while the bundle kept the old value). Resumed with more steps, the record says the later
+    steps trained with the new value, and the stage-1 schedule (over) is not logged as if used."""
+    import export.arcd.train as T
+    from export.arcd.train import train
+    from export.onnx_export import export_bundle
+    from inspector.bundle import load_bundle
+
+    monkeypatch.setattr(T, "_stage1_holdout", lambda state, data, n=64: None)
+    _, run = tiny_run
+    run2 = _copy_run(run, tmp_path / "run")
+    weights = torch.load(run2 / "checkpoint.pt", weights_only=True)["discrimination"]
+    cfg = tmp_path / "lr.yaml"
+    cfg.write_text(yaml.safe_dump(dict(TINY, threads=1, stage2=dict(TINY["stage2"], lr=0.05))))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="export.arcd.train"):
+        train(cfg, run2, resume=True)
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("nothing is trained: stage2.lr 0.005 -> 0.05 change(s) nothing in the weights"
+               in w for w in warned), warned
+    assert not any("threads" in w for w in warned)  # how it runs, not what it learns
+    ck = torch.load(run2 / "checkpoint.pt", weights_only=True)
+    for k, v in weights.items():
+        torch.testing.assert_close(ck["discrimination"][k], v)
+    change = {"resumed_at": {"stage": 2, "step": 12, "done": True}, "trained_after": False,
+              "changed": {"threads": [2, 1], "stage2.lr": [0.005, 0.05]}}
+    assert ck["config"]["stage2"]["lr"] == 0.05 and ck["config_changes"] == [change]
+    assert yaml.safe_load((run2 / "config.yaml").read_text())["stage2"]["lr"] == 0.05
+    assert json.loads((run2 / "metrics.json").read_text())["config_changes"] == [change]
+    prov = load_bundle(export_bundle(run2, tmp_path / "bundle")).spec.provenance
+    assert prov["training_config"]["stage2"]["lr"] == 0.05 and prov["config_changes"] == [change]
+
+    # more steps: the steps after the resume train with the new value, and the record says so
+    cfg2 = tmp_path / "longer.yaml"
+    cfg2.write_text(yaml.safe_dump(dict(TINY, stage2=dict(TINY["stage2"], steps=14, lr=0.02))))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="export.arcd.train"):
+        train(cfg2, run2, resume=True)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any("stage2.steps 12 -> 14, stage2.lr 0.05 -> 0.02; the steps from stage 2 step 12 on "
+               "use the new value(s)" in m for m in msgs), msgs
+    assert not any(m.startswith("stage 1: resumed schedule") for m in msgs), msgs
+    assert any(m.startswith("stage 2: resumed schedule") for m in msgs), msgs
+    ck = torch.load(run2 / "checkpoint.pt", weights_only=True)
+    assert [c["trained_after"] for c in ck["config_changes"]] == [False, True]
+    assert ck["config_changes"][1]["changed"] == {"threads": [1, 2], "stage2.steps": [12, 14],
+                                                  "stage2.lr": [0.05, 0.02]}

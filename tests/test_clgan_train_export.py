@@ -155,6 +155,7 @@ def test_a_refused_export_leaves_no_bundle_folder(trained_run, tmp_path):
     out = tmp_path / "new" / "bundle"
     r = cli("export", "onnx", "--run-dir", str(trained_run["run"]), "--out", str(out), "--parity-tol", "1e-15")
     assert r.returncode == 2 and "parity" in r.stderr.lower(), r.stderr[-2000:]
+    assert f"error: {out / 'model.onnx'}: ONNX and torch differ" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "new").exists()
 
 

@@ -253,7 +253,7 @@ def test_resume_is_bit_exact(tiny_run, tmp_path):
     assert noise and any(float(a["G"][k].abs()) > 0 for k in noise)
 
 
-def test_resume_refuses_other_data_or_schedule_naming_the_key(tmp_path, capsys):
+def test_resume_refuses_other_data_or_schedule_naming_the_key(tmp_path, capsys, caplog):
     """A resume used to compare only the network and data.size with the checkpoint: a changed
     label fraction, label seed, splits, window or planned iterations (the learning-rate decay)
     went on silently with other data or another schedule. Each is refused naming the dotted key,
@@ -288,8 +288,14 @@ def test_resume_refuses_other_data_or_schedule_naming_the_key(tmp_path, capsys):
     # a lower learning rate (what the NaN message advises) resumes
     lower = tmp_path / "lr.yaml"
     lower.write_text(yaml.safe_dump({**raw, "optim": {**raw["optim"], "lr": 1e-4}}))
-    assert torch.load(train(lower, run, resume=True, max_iters=1) / "checkpoint.pt",
-                      weights_only=True)["step"] == 2
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert torch.load(train(lower, run, resume=True, max_iters=1) / "checkpoint.pt",
+                          weights_only=True)["step"] == 2
+    # not silently: the log names the change and where it took effect
+    assert any(f"{lower} differs from the config of {run / 'checkpoint.pt'}: optim.lr "
+               in r.getMessage() and "-> 0.0001; the steps from iteration 1 on use the new value(s)"
+               in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -537,8 +537,9 @@ def _build_synthetic(cfg: SyntheticDataConfig, *, tile: tuple[int, int], channel
             return [p.sample(rng) for _ in range(n)]
         return frames
 
-    desc = (f"train: {defects.describe()}; stage 1 uses the same strip with defect rate 0 plus "
-            f"simulated anomalies; validation: {cfg.val_frames} frames, renderer seeds "
+    s1 = ("stage 1 uses the same strip with defect rate 0 plus simulated anomalies" if stage1_length > 0
+          else "no stage 1 (no R: the plain U-Net baseline)")
+    desc = (f"train: {defects.describe()}; {s1}; validation: {cfg.val_frames} frames, renderer seeds "
             f"{cfg.val_renderer_seeds}, contrast {cfg.eval_contrast:g}, defect rate "
             f"{cfg.eval_defect_rate:g}")
     return TrainingData(stage1, stage2, held_out(cfg.calib_renderer_seeds, cfg.calib_frames, 7),
@@ -859,9 +860,10 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
         stage1_info: dict = {"normal_source": cfg.normal_source, "windows": cfg.stage1_windows,
                              "mask_images": len(window_frames), "labelled_images": len(keep),
                              "train_images": len(train_ds)}
-        log.info("stage 1: defect-free %dx%d windows placed by the masks of %d images "
-                 "(data.stage1_windows %s; %d labelled for stage 2)", cfg.normal_patch,
-                 cfg.normal_patch, len(window_frames), cfg.stage1_windows, len(keep))
+        if stage1_length > 0:  # the plain U-Net has no stage 1 to describe
+            log.info("stage 1: defect-free %dx%d windows placed by the masks of %d images "
+                     "(data.stage1_windows %s; %d labelled for stage 2)", cfg.normal_patch,
+                     cfg.normal_patch, len(window_frames), cfg.stage1_windows, len(keep))
     else:
         if cfg.normal_source == "mt-free":
             nds = _union([_open_eval_dataset("magnetic-tile", cfg.root, s, categories=["MT_Free"])
@@ -933,8 +935,10 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
             out["mask_images_with_window"] = with_window
         return out
 
+    s1 = (f"{normal.describe()} plus simulated anomalies" if stage1_length > 0
+          else "none (no R: the plain U-Net baseline)")
     desc = (f"stage 2: {stage2_frames.describe()} (label rate {cfg.label_fraction:g}); stage 1: "
-            f"{normal.describe()} plus simulated anomalies; thresholds from {n_cal} and scores on "
+            f"{s1}; thresholds from {n_cal} and scores on "
             f"{n_val} images of split '{cfg.val_split}'")
     if square_fit is not None:
         desc += (f" (native images, each padded to a square ({square_fit.align}) and resized to "

@@ -51,7 +51,7 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
                                      discriminator_input, split_region_logits)
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
-from export.training import (atomic_save, check_resume_keys, quiet_worker, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+from export.training import (atomic_save, check_resume_keys, config_changes, learnt_changes, quiet_worker, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main,
                              validate_config, whole_step, write_run_config)
 
@@ -315,14 +315,16 @@ def _scheduler(opt: torch.optim.Optimizer, stage: _StageBase) -> torch.optim.lr_
     return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=ms, gamma=stage.lr_gamma)
 
 
-def _load_following_config(sched: torch.optim.lr_scheduler.MultiStepLR, saved: dict) -> None:
+def _load_following_config(sched: torch.optim.lr_scheduler.MultiStepLR, saved: dict,
+                           stage: int, report: bool = True) -> None:
     """Load a stage's scheduler state, but keep the schedule this run's config asks for.
 
     The learning rate is a function of (config, step): a checkpoint resumed with other step
     counts (a stage-1 checkpoint continued with a longer stage 2, a finished run trained longer)
     takes its milestones, base rates and gamma from the config, not from the run that wrote it,
     and its rate is recomputed for the step it resumes at. Otherwise a copied stage-1 checkpoint
-    silently decays the rate at the old run's milestones.
+    silently decays the rate at the old run's milestones. ``report``: say so in the log (not for
+    a stage that is over, whose schedule no step will use).
     """
     import bisect
 
@@ -330,9 +332,10 @@ def _load_following_config(sched: torch.optim.lr_scheduler.MultiStepLR, saved: d
     sched.load_state_dict(saved)
     if (list(sched.base_lrs), sched.milestones, sched.gamma) == (base, milestones, gamma):
         return  # the same schedule: the loaded rate is exactly an uninterrupted run's
-    log.info("resumed schedule follows this config: milestones %s (checkpoint: %s), base lr %s, "
-             "gamma %g", sorted(milestones.elements()), sorted(sched.milestones.elements()),
-             base, gamma)
+    if report:
+        log.info("stage %d: resumed schedule follows this config: milestones %s (checkpoint: %s), "
+                 "base lr %s, gamma %g", stage, sorted(milestones.elements()),
+                 sorted(sched.milestones.elements()), base, gamma)
     sched.base_lrs, sched.milestones, sched.gamma = base, milestones, gamma
     decays = bisect.bisect_right(sorted(milestones.elements()), sched.last_epoch)
     lrs = [b * gamma ** decays for b in base]
@@ -364,6 +367,10 @@ class _State:
         #: starts from a copied stage-1 checkpoint reports the data that trained its R, not what
         #: its own config would have used. None: a checkpoint older than this record
         self.stage1_data: dict | None = None
+        #: each resume whose config differed from the checkpoint's: where it resumed and what
+        #: changed, so config.yaml and a bundle's provenance (which show the last config) can be
+        #: read against the values the earlier steps were trained with
+        self.config_changes: list[dict] = []
         # the baseline's pass-through R has no parameters; Adam refuses an empty list, and a
         # stand-in keeps checkpoints of both variants in one format
         r_params = list(r.parameters()) or [torch.nn.Parameter(torch.zeros(1))]
@@ -408,6 +415,7 @@ class _State:
             "config": self.cfg.model_dump(mode="json"),
             "history": self.history, "elapsed_s": self.elapsed_s,
             "stage1_data": self.stage1_data,
+            "config_changes": self.config_changes,
             "torch": str(torch.__version__),
         }
 
@@ -416,12 +424,15 @@ class _State:
         self.d.load_state_dict(ck["discrimination"])
         self.opt1.load_state_dict(ck["optimizer"]["stage1"])
         self.opt2.load_state_dict(ck["optimizer"]["stage2"])
-        for sched, key in ((self.sched1, "stage1"), (self.sched2, "stage2")):
-            _load_following_config(sched, ck["scheduler"][key])
+        for n, sched in ((1, self.sched1), (2, self.sched2)):
+            # once stage 2 has begun, stage 1's schedule is never used again
+            _load_following_config(sched, ck["scheduler"][f"stage{n}"], n,
+                                   report=n == 2 or int(ck["stage"]) == 1)
         self.stage, self.step, self.done = int(ck["stage"]), int(ck["step"]), bool(ck["done"])
         self.history = ck.get("history", self.history)
         self.elapsed_s = float(ck.get("elapsed_s", 0.0))
         self.stage1_data = ck.get("stage1_data")
+        self.config_changes = list(ck.get("config_changes") or [])
 
 
 def weights_digest(reconstruction: dict, discrimination: dict) -> str:
@@ -828,6 +839,42 @@ def _stage1_holdout(state: _State, data: TrainingData, n: int = 64) -> dict:
     return res
 
 
+def _at(state: _State) -> dict[str, Any]:
+    return {"stage": state.stage, "step": state.step, "done": state.done}
+
+
+def _record_config_changes(state: _State, changed: dict[str, list], config_path: Path,
+                           ck_path: Path) -> None:
+    """Warn of, and keep with the weights, what a resume changed in the config.
+
+    The resumed run trains on with this config, and config.yaml, the checkpoint and the bundle's
+    ``provenance.training_config`` then show it; the steps before the resume were trained with
+    the checkpoint's values. The record (``config_changes``: where it resumed, each key's old and
+    new value, whether any step trained after it) keeps that readable. Used to be silent: a
+    finished run resumed with another ``stage2.lr`` rewrote config.yaml, trained nothing, and its
+    bundle kept the old rate.
+    """
+    if not changed:
+        return
+    state.config_changes.append({"resumed_at": _at(state), "trained_after": not state.done,
+                                 "changed": changed})
+    text = learnt_changes(changed)
+    if not text:
+        log.info("resumed with other run settings: %s",
+                 ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items()))
+    elif state.done:
+        log.warning("%s: %s had finished (stage %d step %d), so nothing is trained: %s change(s) "
+                    "nothing in the weights; metrics.json is computed again with this config's "
+                    "data and evaluation keys. config.yaml and the checkpoint now hold this config, "
+                    "the change is recorded in config_changes", config_path, ck_path, state.stage,
+                    state.step, text)
+    else:
+        log.warning("%s differs from the config of %s: %s; the steps from stage %d step %d on use "
+                    "the new value(s), the earlier ones were trained with the old; recorded in "
+                    "the checkpoint's and metrics.json's config_changes (and the bundle's "
+                    "provenance)", config_path, ck_path, text, state.stage, state.step)
+
+
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) -> Path:
     """Train ARCD from ``config_path`` into ``run_dir``; returns the run folder.
 
@@ -860,8 +907,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     state = _State(cfg, r, d)
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
-        check_resume_keys(saved_config(ck["config"], TrainConfig), cfg.model_dump(mode="json"), ("model",),
-                          config_path, ck_path)
+        saved_cfg = saved_config(ck["config"], TrainConfig)
+        check_resume_keys(saved_cfg, cfg.model_dump(mode="json"), ("model",), config_path, ck_path)
         if len(ck["optimizer"]["stage1"]["param_groups"]) != len(state.opt1.param_groups):
             # the stage-1 optimiser holds D only with train_d; a checkpoint of the other setting
             # cannot continue stage 1 with this config
@@ -887,9 +934,17 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
             log.warning("stage2.steps is %d, but this checkpoint already ran %d stage-2 steps: "
                         "nothing is undone; metrics.json records the %d steps run",
                         cfg.stage2.steps, state.step, state.step)
+        _record_config_changes(state, config_changes(saved_cfg, cfg.model_dump(mode="json")),
+                               config_path, ck_path)
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
     write_run_config(run_dir, cfg)
+    if state.done and state.rank == 0 and resume and ck_path.exists():
+        # nothing left to train, so no later save would give the checkpoint this config: save it
+        # now (same weights, so metrics.json still matches), and config.yaml, the checkpoint and
+        # an exported bundle agree, the change recorded beside them
+        if state.config_changes and state.config_changes[-1].get("resumed_at") == _at(state):
+            atomic_save(state.state_dict(), ck_path)
     if cfg.stage1.train_d and not cfg.model.reconstruction:
         log.info("stage1.train_d is ignored: the plain U-Net baseline has no stage 1")
     log.info("run %s: R %.3f M params, D %.3f M params, tile %s, %d channel(s)", run_dir,
@@ -939,6 +994,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         "params": {"reconstruction": count_parameters(r), "discrimination": count_parameters(d)},
         "train_seconds": round(state.elapsed_s, 1),
         "data": data.description,
+        **({"config_changes": state.config_changes} if state.config_changes else {}),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     for key, ran in (("stage1", ran1), ("stage2", ran2)):

@@ -82,8 +82,10 @@ def _probe_tiles(channels: int, tile: tuple[int, int], seed: int = 0) -> np.ndar
     return np.stack(tiles).astype(np.float32)
 
 
-def parity_check(G: ResnetGenerator, graph: Path, tile: tuple[int, int], atol: float = 1e-3) -> dict:
-    """Run the probe tiles through torch and onnxruntime; raise when they differ by > ``atol``."""
+def parity_check(G: ResnetGenerator, graph: Path, tile: tuple[int, int], atol: float = 1e-3,
+                 named: Path | None = None) -> dict:
+    """Run the probe tiles through torch and onnxruntime; raise when they differ by > ``atol``,
+    naming ``named`` (the bundle's graph a staged ``graph`` would have become) or ``graph``."""
     import onnxruntime as ort
 
     x = _probe_tiles(G.in_channels, tile)
@@ -96,7 +98,7 @@ def parity_check(G: ResnetGenerator, graph: Path, tile: tuple[int, int], atol: f
     diff = float(np.abs(got - ref).max())
     result = {"max_abs_diff": diff, "atol": atol, "tiles": int(len(x)) + 2, "tile": list(tile)}
     if not np.isfinite(diff) or diff > atol:
-        raise ExportParityError(f"{graph}: ONNX and torch differ by {diff:.3g} > {atol} on the parity "
+        raise ExportParityError(f"{named or graph}: ONNX and torch differ by {diff:.3g} > {atol} on the parity "
                                 "tiles; the graph was not bundled")
     return result
 
@@ -135,7 +137,7 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
         staged = export_generator(G, Path(tmp) / GRAPH, tile, opset)
-        parity = parity_check(G, staged, tile, atol)
+        parity = parity_check(G, staged, tile, atol, named=out / GRAPH)
         staged.replace(out / GRAPH)
     log.info("parity torch vs onnxruntime: max |diff| %.2e (atol %g)", parity["max_abs_diff"], atol)
     step, total = int(ck["step"]), int(ck["total"])

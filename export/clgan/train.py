@@ -56,7 +56,7 @@ from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PR
 from export.training import (atomic_save, release_held_signals, write_metrics, check_resume_keys, saved_config, end_ranks, fmt_duration,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, start_ranks,
                              step_generator, train_main, trim_losses, update_ema, whole_step,
-                             write_run_config)
+                             warn_config_changes, write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +429,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         ema_start = dict(ck.get("ema") or {})  # checkpoints before this record start afresh
         if main_rank:
             log.info("resuming %s at iteration %d of %d", run_dir, step, total)
+            warn_config_changes(saved_config(ck["config"], ClganTrainConfig), cfg.model_dump(mode="json"),
+                                config_path, ck_path, f"iteration {step}")
     elif resume and main_rank:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
 

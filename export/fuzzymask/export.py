@@ -154,9 +154,10 @@ def _real_tiles(cfg: FuzzymaskTrainConfig, n: int = 6) -> np.ndarray | None:
 
 
 def parity_check(net: FuzzyMaskNet, graph: Path, inputs: dict[str, np.ndarray],
-                 atol: float = PARITY_ATOL) -> dict[str, Any]:
+                 atol: float = PARITY_ATOL, named: Path | None = None) -> dict[str, Any]:
     """Max |torch - ORT| per named input batch (each run as one batch and tile by tile);
-    raises :class:`ExportParityError` above ``atol`` (NaN included)."""
+    raises :class:`ExportParityError` above ``atol`` (NaN included), naming ``named`` (the
+    bundle's graph a staged ``graph`` would have become) or ``graph``."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -173,7 +174,7 @@ def parity_check(net: FuzzyMaskNet, graph: Path, inputs: dict[str, np.ndarray],
         report[label] = float(max(np.abs(got - ref).max(), np.abs(single - ref[:1]).max()))
     worst = max(report.values())
     if not worst <= atol:
-        raise ExportParityError(f"{graph}: ONNX Runtime differs from torch by {worst:.3g} (tolerance "
+        raise ExportParityError(f"{named or graph}: ONNX Runtime differs from torch by {worst:.3g} (tolerance "
                                 f"{atol:g}): {report}. No bundle was written.")
     return {"max_abs_diff": worst, "per_input": report, "atol": atol,
             "provider": "CPUExecutionProvider", "tiles": int(sum(len(v) for v in inputs.values()))}
@@ -320,7 +321,7 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
             inputs["real"] = real
         else:
             log.warning("parity on real images skipped: the training data is not on this machine")
-        parity = parity_check(net, staged, inputs, atol)
+        parity = parity_check(net, staged, inputs, atol, named=out / GRAPH)
         staged.replace(out / GRAPH)
     log.info("parity torch vs onnxruntime: max |diff| %.2e (atol %g) over %d tiles",
              parity["max_abs_diff"], atol, parity["tiles"])

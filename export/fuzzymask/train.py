@@ -64,7 +64,8 @@ from export.fuzzymask.torch_model import FuzzyMaskNet, count_parameters
 from export.training import RunSettings, CHECKPOINT, CONFIG, LOSSES, METRICS, PREVIEW  # noqa: F401
 from export.training import (atomic_save, release_held_signals, check_resume_keys, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main, trim_losses,
-                             update_ema, whole_step, write_run_config)
+                             update_ema, warn_config_changes, whole_step,
+                             write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +431,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         ema_start = dict(ck.get("ema") or {})  # checkpoints before this record start afresh
         if main_rank:
             log.info("resuming %s at step %d of %d", run_dir, step, total)
+            warn_config_changes(saved_config(ck["config"], FuzzymaskTrainConfig),
+                                cfg.model_dump(mode="json"), config_path, ck_path, f"step {step}")
     elif resume and main_rank:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
 

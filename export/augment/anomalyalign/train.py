@@ -66,7 +66,8 @@ from export.augment.anomalyalign.prompts import (CATEGORIES, SYNONYMS, TEMPLATES
 from export.training import (CHECKPOINT, LOSSES, METRICS, PREVIEW, RunSettings, atomic_save, write_metrics,
                              check_device, check_resume_keys, saved_config, fmt_duration, pick_device,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, train_main,
-                             trim_losses, update_ema, whole_step, write_run_config)
+                             trim_losses, update_ema, warn_config_changes, whole_step,
+                             write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -769,6 +770,10 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         else:
             check_resume(found, cfg, data, config_path, ck_path)
             ck = found
+        found_at = (f"segmenter step {found.get('step', 0)}" if seg_ck is not None
+                    else f"iteration {found.get('step', 0)}")
+        warn_config_changes(saved_config(found["config"], AnomalyAlignConfig),
+                            cfg.model_dump(mode="json"), config_path, ck_path, found_at)
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
     write_run_config(run_dir, cfg)

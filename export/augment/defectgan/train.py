@@ -54,7 +54,7 @@ from export.training import RunSettings, CHECKPOINT, LOSSES, METRICS, PREVIEW
 from export.training import (atomic_save, check_resume_keys, saved_config, write_metrics, fmt_duration,
                              prepare_run_dir, rate_eta, read_checkpoint, read_config, start_ranks,
                              step_generator, train_main, trim_losses, update_ema, whole_step,
-                             write_run_config)
+                             warn_config_changes, write_run_config)
 
 log = logging.getLogger(__name__)
 
@@ -394,6 +394,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         step, elapsed, history = int(ck["step"]), float(ck["elapsed_s"]), list(ck.get("history", []))
         ema, first_g = dict(ck.get("ema") or {}), ck.get("first_g")
         log.info("resuming %s at iteration %d of %d", run_dir, step, o.iterations)
+        warn_config_changes(saved_config(ck["config"], DefectGanConfig), cfg.model_dump(mode="json"),
+                            config_path, ck_path, f"iteration {step}")
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
     # rows a run that died after its last checkpoint wrote are written again from here
