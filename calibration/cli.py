@@ -49,6 +49,15 @@ def _load_config(path: str, bundle: str | None = None):
     from inspector.config import load_config
 
     cfg = load_config(path)
+    if bundle and Path(bundle).resolve() != Path(cfg.model.bundle).resolve():
+        # allowed (calibrate a new bundle on the camera's own frames before switching it), but
+        # never unnoticed: the camera's overrides were set for the bundle it runs
+        overrides = dict(cfg.model.postprocess)
+        log.warning("--bundle %s is not the bundle %s runs (model.bundle %s): calibrating it on "
+                    "this camera's frames%s; the camera runs it only once its model.bundle names it",
+                    bundle, path, cfg.model.bundle,
+                    f", with the camera's model.postprocess overrides {overrides} (not written)"
+                    if overrides else "")
     if bundle:
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"bundle": str(Path(bundle).resolve())})})
     return cfg

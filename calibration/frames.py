@@ -30,7 +30,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 
 from inspector.errors import InspectorError
-from inspector.evaluation.datasets import (Dataset, Entry, hash_fraction, image_folder, open_dataset,
+from inspector.evaluation.datasets import (Dataset, hash_fraction, image_folder, open_dataset,
                                            read_image)
 
 log = logging.getLogger(__name__)
@@ -107,40 +107,20 @@ class FrameSet:
         return {"source": self.source, **self.counts(), "notes": list(self.notes)}
 
 
-def _drop_mask_siblings(entries: list[Entry]) -> tuple[list[Entry], int]:
-    """A ``.png`` beside an image of the same stem is that image's mask (the magnetic-tile
-    layout keeps ``<stem>.jpg`` and ``<stem>.png`` in one folder), not a second frame."""
-    by_stem: dict[str, list[Entry]] = {}
-    for e in entries:
-        by_stem.setdefault(e.stem, []).append(e)
-    kept, dropped = [], 0
-    for group in by_stem.values():
-        if len(group) > 1 and any(e.image.suffix.lower() != ".png" for e in group):
-            pngs = [e for e in group if e.image.suffix.lower() == ".png"]
-            dropped += len(pngs)
-            group = [e for e in group if e.image.suffix.lower() != ".png"]
-        kept.extend(group)
-    kept.sort(key=lambda e: e.stem)
-    return kept, dropped
-
-
 def normal_folder(root: str | Path, split: Split, arg: str = "--normal") -> FrameSet:
     """Every image under ``root`` (recursively) as a normal frame."""
     root = Path(root)
     if not root.is_dir():
         raise CalibrationInputError(f"{arg} {root}: folder not found")
-    ds = image_folder(root)
-    entries, dropped = _drop_mask_siblings(ds.entries)
+    ds = image_folder(root)  # a mask beside its image is no frame: left out there, with a note
+    entries = sorted(ds.entries, key=lambda e: e.stem)
     if not entries:
         raise CalibrationInputError(f"{arg} {root}: no images in it (expected .png/.jpg/.bmp/.tif files)")
     # The key image_folder splits by (path below root): the same folder evaluated or trained on
     # with `format: folder` gives the same parts, and equal names in two sub-folders split
     # independently. Files directly in root keep the bare stem as their key.
     items = [FrameItem(e.stem, split.part(e.stem), _loader(e.image), e.image) for e in entries]
-    fs = FrameSet("normal", str(root), items)
-    if dropped:
-        fs.notes.append(f"{dropped} .png file(s) beside a same-name image taken as masks and skipped")
-    return fs
+    return FrameSet("normal", str(root), items, notes=list(ds.notes))
 
 
 def _loader(path: Path) -> Callable[[], tuple[np.ndarray, None]]:

@@ -488,7 +488,7 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
     # what this camera runs with, so the check below uses it.
     to_write = PostprocessConfig.model_validate(
         own.model_dump(mode="json") | {k: v for k, v in chosen.model_dump(mode="json").items()
-                                       if k in res.KEYS})
+                                       if k in res.calibrated_keys(grid)})
     post = Postprocessor(chosen, model.classes)
     # phase 2: held-back part -> the runtime's own post-processing at the chosen setting
     fa, dm = FalseAlarm(), DefectPixelMetrics()
@@ -606,6 +606,13 @@ class _ResidualCalibration(_Calibration):
 
     #: the keys the choice sets (all of them: the floor holds only with the shape it was set for)
     KEYS = ("k1", "k2", "kernel_size", "min_area_px", "min_residual")
+
+    @staticmethod
+    def calibrated_keys(grid: SearchGrid) -> tuple[str, ...]:
+        """The keys this calibration chose: the floor, and those a grid searched. The others
+        are the camera's or the bundle's as they were; the bundle must not get an override of
+        one camera (a camera's min_area_px used to be written as if calibrated)."""
+        return ("min_residual", *grid.given())
 
     def __init__(self, model: CalibModel, target: float, grid: SearchGrid, confidence: float | None):
         super().__init__(model, target, confidence)  # tables: (name, {shape: CompTable})
@@ -763,6 +770,11 @@ class _ScoreCalibration(_Calibration):
 
     KEYS = ("score_threshold", "min_area_px")
 
+    @staticmethod
+    def calibrated_keys(grid: SearchGrid) -> tuple[str, ...]:
+        """The threshold, and min_area_px where a grid searched it (see the residual one)."""
+        return ("score_threshold", *grid.given())
+
     def __init__(self, model: CalibModel, target: float, grid: SearchGrid, confidence: float | None):
         super().__init__(model, target, confidence)  # tables: (name, {area: (alarm, detect score)})
         self.areas = grid.areas(model.pp)
@@ -841,6 +853,10 @@ class _ProbabilityCalibration:
 
     KEYS = ("threshold", "class_thresholds")
 
+    @staticmethod
+    def calibrated_keys(grid: SearchGrid) -> tuple[str, ...]:
+        return _ProbabilityCalibration.KEYS
+
     def __init__(self, model: CalibModel, target: float, min_threshold: float, confidence: float | None):
         if not 0 < min_threshold <= 1:
             raise CalibrationInputError(f"--min-threshold: must be in (0, 1], got {min_threshold}")
@@ -853,6 +869,7 @@ class _ProbabilityCalibration:
             p: {"normal": [], "defect": []} for p in ("calibration", "check")}
         self.k = 0
         self.thr: np.ndarray | None = None
+        self.saturated: list[str] = []  # classes whose chosen threshold is 1.0
         self.infeasible_reason = ""
         self.exact = model.pp.open_kernel <= 1 and model.pp.min_area_px <= 1
 
@@ -916,6 +933,13 @@ class _ProbabilityCalibration:
                 hi = mid - 1
         self.k = lo
         self.thr = np.minimum(self.thresholds(lo), 1.0)
+        self.saturated = [c for c, t in zip(self.names, self.thr) if t >= 1.0]
+        if self.saturated:
+            # not an error (the target is met), but a class that can all but never alarm again
+            # is what normal frames holding that defect produce: said, not written silently
+            log.warning("class(es) %s: threshold 1.0, so only a probability of exactly 1 alarms "
+                        "and the class will hardly ever be reported; the normal frames show it "
+                        "with high probability: are they defect-free?", self.saturated)
         return self.model.pp.model_copy(update={
             "threshold": float(min(self.thr)) if len(self.thr) else self.model.pp.threshold,
             "class_thresholds": {c: float(t) for c, t in zip(self.names, self.thr)}})
@@ -924,6 +948,7 @@ class _ProbabilityCalibration:
         return {"method": "per-class thresholds, equal false-alarm share per class; largest share k "
                           "whose union of alarming calibration frames stays within the target",
                 "per_class_allowance": self.k, "min_threshold": self.lo,
+                "classes_at_1": self.saturated,
                 "exact": self.exact,
                 "note": None if self.exact else "opening/min_area_px can only remove alarms: the "
                                                 "calibration FPR is an upper bound"}

@@ -332,12 +332,20 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from inspector.bench import run_bench
+    from inspector.errors import SourceConfigError
 
     cfg = _load(args.config)
     out = _out_folder(args.out)
     assert out is not None
-    result = run_bench(cfg, frames=args.frames, out_dir=out, fps=args.fps,
-                       throughput_frames=args.throughput_frames)
+    try:
+        result = run_bench(cfg, frames=args.frames, out_dir=out, fps=args.fps,
+                           throughput_frames=args.throughput_frames)
+    except SourceConfigError as e:
+        if args.fps is None or e.key != "source.fps" or cfg.source.type != "genicam":
+            raise
+        # --fps replaced the config's source.fps as the camera's AcquisitionFrameRate: the value
+        # refused is the option's, and the file does not hold it
+        return _fail(f"--fps: {e.problem}", EXIT_BAD_INPUT)
     print(json.dumps(result["summary"], indent=2))
     return EXIT_OK
 
@@ -677,6 +685,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         bad = [k for k in kind if f"kind_params.{k}:" in str(e)]
         if not bad:
             raise
+        detail = str(e).split(f"kind_params.{bad[0]}: ", 1)[1]
+        if "Extra inputs are not permitted" not in detail:
+            # a key the kind takes, with a value it refuses: say what is wrong with the value
+            return _fail(f"--set {bad[0]}: {detail}", EXIT_BAD_INPUT)
         return _fail(f"--set {bad[0]}: neither a post-processing key nor one the bundle's kind takes "
                      f"({e})", EXIT_BAD_INPUT)
     except ValueError as e:

@@ -201,8 +201,8 @@ def test_missing_data_root_names_the_config_key_and_makes_no_run_folder(kind, tm
     r = run_cli(*train_argv(kind, cfg, tmp_path / "run"), env=ENV)
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last == (f"inspector: error: {cfg}: data.root: {tmp_path / 'nope'}: expected images/ "
-                    "and annotations/ folders (NEU-Seg layout)")
+    assert last == (f"inspector: error: {cfg}: data.root: {tmp_path / 'nope'}: NEU-Seg root not "
+                    "found (expected images/ and annotations/ folders in it)")
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "run").exists()
 

@@ -509,3 +509,49 @@ def test_dual_threshold_write_refuses_a_tie_of_zeros_and_says_when_it_resets_the
     assert (f"note: the rows kept the bundle's min_residual floor 1e-06, calibrated for k1 5; writing "
             f"k1 {best:g} resets it to 0: run `inspector calibrate thresholds` again") in r.stdout
     assert load_bundle(bundle).spec.postprocess.min_residual == 0.0
+
+
+def test_a_residual_bundle_gets_the_floor_not_the_cameras_min_area(tmp_path):
+    """dual_threshold: without a --min-area-px grid, min_area_px is the camera's override, not a
+    calibrated value; the shared bundle keeps its own (the override used to be written into it,
+    for every camera sharing the bundle). A --bundle other than the camera's is calibrated on the
+    camera's frames with a warning naming both."""
+    from conftest import write_config
+
+    bundle = local_mean_clgan_bundle(tmp_path / "res")
+    other = local_mean_clgan_bundle(tmp_path / "other")
+    before = load_bundle(bundle).spec.postprocess
+    assert before.min_area_px != 4
+    cfg = write_config(tmp_path / "cam.yaml", {
+        "camera_id": "cal", "model": {"bundle": str(other), "postprocess": {"min_area_px": 4}},
+        "source": {"type": "synthetic", "width": 128, "height": 64, "fps": 0, "defect_rate": 0.0, "seed": 1}})
+    r = run_cli("calibrate", "thresholds", "--bundle", str(bundle), "--config", str(cfg), "--frames", "30",
+                "--target-fpr", "0.1", "--json", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    after = load_bundle(bundle).spec.postprocess
+    assert after.min_area_px == before.min_area_px and rep["effective"]["min_area_px"] == 4
+    assert set(rep["changed"]) == {"min_residual"} and after.min_residual == rep["chosen"]["min_residual"]
+    assert (f"--bundle {bundle} is not the bundle {cfg} runs (model.bundle {other})" in r.stderr
+            and "overrides {'min_area_px': 4} (not written)" in r.stderr), r.stderr[-2000:]
+    assert load_bundle(other).spec.postprocess == before  # the camera's own bundle untouched
+
+
+def test_a_class_pushed_to_threshold_1_is_warned_of(toy_bundle, tmp_path):
+    """Normal frames that hold a defect (every NEU-Seg image does) push that class's threshold
+    to 1.0, where it can hardly alarm again: the target is met, so it is no error, but the log
+    and the report say so (it used to be written without a word)."""
+    d = tmp_path / "n"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        img = rng.integers(120, 140, (128, 128), dtype=np.uint8)
+        img[40:52, 60:72] = 0  # a dark spot: the toy model's inclusion, in every "normal" frame
+        cv2.imwrite(str(d / f"f{i:03d}.png"), img)
+    r = run_cli("calibrate", "thresholds", "--bundle", str(toy_bundle), "--normal", str(d),
+                "--target-fpr", "0.1", "--dry-run", "--json", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["chosen"]["class_thresholds"]["inclusion"] == 1.0
+    assert rep["search"]["classes_at_1"] == ["inclusion"]
+    assert "class(es) ['inclusion']: threshold 1.0" in r.stderr and "are they defect-free?" in r.stderr

@@ -136,4 +136,5 @@ def test_training_on_a_missing_data_root_exits_2(tmp_path):
                              else line for line in text.splitlines()) + "\n")
     r = run_cli("train", "arcd", "--config", str(cfg), "--run-dir", str(tmp_path / "run"), timeout=120)
     assert r.returncode == 2, r.stderr
-    assert f"{tmp_path / 'no_such_data'}: expected images/ and annotations/" in r.stderr.strip().splitlines()[-1]
+    assert (f"{tmp_path / 'no_such_data'}: NEU-Seg root not found (expected images/ and annotations/"
+            in r.stderr.strip().splitlines()[-1])

@@ -319,6 +319,11 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
     # regions/ is optional for a data set; where it exists it labels every image (a partial
     # labelling would score the region on a silently chosen subset)
     with_regions = reg_root.is_dir()
+    if not root.is_dir():
+        # the usual case: a relative ../shared/data/... given from another working directory
+        rel = "" if root.is_absolute() else f"; a relative path is taken from {Path.cwd()}"
+        raise FileNotFoundError(f"{root}: NEU-Seg root not found (expected images/ and annotations/ "
+                                f"folders in it{rel})")
     if not img_root.is_dir() or not ann_root.is_dir():
         raise FileNotFoundError(f"{root}: expected images/ and annotations/ folders (NEU-Seg layout)")
     subs = sorted(p.name for p in img_root.iterdir() if p.is_dir())
@@ -374,15 +379,22 @@ def image_folder(root: str | Path, split: str = "all",
     _check_split(split)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: image folder not found")
+    from inspector.sources.replay import without_mask_twins
+
     entries = []
-    for img in _images_in(root, recursive=True):
+    images, twins = without_mask_twins(_images_in(root, recursive=True))
+    for img in images:
         rel = img.relative_to(root).with_suffix("").as_posix()
         ok, s = _in_split(rel, split, fractions)
         if ok:
             cat = img.parent.relative_to(root).as_posix() or "."
             entries.append(Entry(img, None, rel, cat, s, binary_class=0))
     entries.sort(key=lambda e: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", e.stem)])
-    return Dataset("folder", root, ["background", "defect"], entries, split)
+    ds = Dataset("folder", root, ["background", "defect"], entries, split)
+    if twins:
+        ds.notes.append(f"{twins} .png file(s) beside a same-name image taken as masks and skipped")
+        log.warning("%s: %s", root, ds.notes[-1])
+    return ds
 
 
 FORMATS: dict[str, Callable[..., Dataset]] = {

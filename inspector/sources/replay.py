@@ -68,6 +68,21 @@ def list_images(folder: Path, pattern: str = "*") -> list[Path]:
     return sorted(found, key=lambda p: _natural_key(p.relative_to(folder)))
 
 
+def without_mask_twins(files: list[Path]) -> tuple[list[Path], int]:
+    """``files`` less each ``.png`` that has an image of another type with the same name in the
+    same folder, and how many were left out.
+
+    Such a ``.png`` is that image's mask (the magnetic-tile layout keeps ``<stem>.jpg`` and
+    ``<stem>.png`` side by side), not a second frame: played, evaluated or calibrated on as
+    one, it doubled the frame count with black frames (a false-alarm rate halved) or, replayed,
+    frames of another size dropped as bad. The one rule for replay, ``--format folder`` and
+    ``calibrate --normal``.
+    """
+    others = {(p.parent, p.stem) for p in files if p.suffix.lower() != ".png"}
+    kept = [p for p in files if p.suffix.lower() != ".png" or (p.parent, p.stem) not in others]
+    return kept, len(files) - len(kept)
+
+
 class _ImageFolder:
     """Reads a list of image files one by one; a file that does not decode is a FrameError."""
 
@@ -186,7 +201,10 @@ class ReplaySource(Source):
         if not path.exists():
             raise SourceError(f"replay path not found: {path} (source.path)")
         if path.is_dir():
-            files = list_images(path, self.cfg.pattern)
+            files, twins = without_mask_twins(list_images(path, self.cfg.pattern))
+            if twins:
+                log.warning("%s (source.path): %d .png file(s) beside a same-name image taken as "
+                            "its mask and not played", path, twins)
             if not files:
                 raise SourceError(f"no images matching {self.cfg.pattern!r} (source.pattern) in {path} "
                                   f"(source.path); expected {', '.join(sorted(IMAGE_EXTENSIONS))}")
