@@ -276,7 +276,9 @@ def cmd_flat_field(args: argparse.Namespace) -> int:
         ff.save(tmp)
     png = _plot_flat_field(ff, frames.mean(axis=0), Path(str(out)[:-4] + ".png"))
     result = {"file": str(out), "plot": str(png), "shape": list(ff.shape), **ff.meta,
-              "config": {"preprocess": {"flat_field": str(out)}}}
+              "config": {"preprocess": {"flat_field": str(out)}},
+              # also logged by save(); here for whoever reads the JSON
+              **({"warning": ff.spread_warning()} if ff.spread_warning() else {})}
     if args.json:
         print(json.dumps(result, indent=2))
     else:

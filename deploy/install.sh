@@ -97,11 +97,18 @@ fi
 
 # -- venv and package ---------------------------------------------------------------------------
 VENV=$ROOT$PREFIX/venv
-if [ ! -x "$VENV/bin/python" ]; then
+VENV_HINT="on Debian/Ubuntu install the venv module (apt install python3-venv, or python3.11-venv), then run this again"
+if [ -x "$VENV/bin/python" ] && ! "$VENV/bin/python" -m pip --version >/dev/null 2>&1; then
+    # what a `python3 -m venv` that failed half-way leaves (no python3-venv: ensurepip missing):
+    # a venv without pip, which every later run would otherwise fail on
+    say "the venv $PREFIX/venv has no pip (left by a failed creation?): creating it again"
+    "$PYTHON" -m venv --clear "$VENV" || die "cannot create the venv $PREFIX/venv with $PYTHON; $VENV_HINT"
+elif [ ! -x "$VENV/bin/python" ]; then
     say "creating venv $PREFIX/venv with $PYTHON"
     mkdir -p "$ROOT$PREFIX"
-    "$PYTHON" -m venv "$VENV"
+    "$PYTHON" -m venv "$VENV" || die "cannot create the venv $PREFIX/venv with $PYTHON; $VENV_HINT"
 fi
+"$VENV/bin/python" -m pip --version >/dev/null 2>&1 || die "the venv $PREFIX/venv has no pip; $VENV_HINT"
 SPEC=$SOURCE
 [ -n "$EXTRAS" ] && SPEC="$SOURCE[$EXTRAS]"
 set -- --disable-pip-version-check --no-input
@@ -154,13 +161,30 @@ if [ -n "$ROOT" ]; then
 fi
 
 # -- models, docs, configs ----------------------------------------------------------------------
+# A bundle is changed on the line PC: `calibrate thresholds`, `dual-threshold --write` and
+# `evaluate --record` write into it. What install.sh copied is recorded (file checksums), so a re-run
+# replaces a bundle only while it is as installed; a changed one is kept, the shipped one put beside it.
 mkdir -p "$ROOT$PREFIX/models"
+MANIFESTS=$ROOT$PREFIX/models/.installed
+checksums() { (cd "$1" && find . -type f -print | LC_ALL=C sort | while read -r f; do sha256sum "$f"; done); }
 if [ -d "$MODELS" ]; then
+    mkdir -p "$MANIFESTS"
     for bundle in "$MODELS"/*/; do
         [ -f "$bundle/bundle.yaml" ] || continue
         name=$(basename "$bundle")
-        rm -rf "$ROOT$PREFIX/models/$name"
-        cp -R "$bundle" "$ROOT$PREFIX/models/$name"
+        dest=$ROOT$PREFIX/models/$name
+        if [ -d "$dest" ] && [ "$(checksums "$dest")" != "$(checksums "$bundle")" ] && \
+           { [ ! -f "$MANIFESTS/$name.sha256" ] || [ "$(checksums "$dest")" != "$(cat "$MANIFESTS/$name.sha256")" ]; }; then
+            rm -rf "$dest.shipped"
+            cp -R "$bundle" "$dest.shipped"
+            say "warning: $PREFIX/models/$name was changed here (calibrated?) since it was installed:" \
+                "kept as it is; the shipped bundle is in $PREFIX/models/$name.shipped (compare, then" \
+                "move it in place to use it)"
+            continue
+        fi
+        rm -rf "$dest" "$dest.shipped"
+        cp -R "$bundle" "$dest"
+        checksums "$dest" > "$MANIFESTS/$name.sha256"
         say "model bundle $PREFIX/models/$name"
     done
 fi

@@ -42,8 +42,37 @@ class Access:
     closed: str | None = None
 
     def refusal(self) -> str:
-        return f"{self.need} {self.what} {self.path}" + (
-            f" (the folder {self.closed} is closed to it)" if self.closed else "")
+        """``write the recordings folder /x (record.dir; owned by root:root, mode 0755)``: the key
+        and who owns what is in the way, so the fix (chown, chmod, a group) can be chosen."""
+        blocker = self.closed or str(self.path)
+        why = [self.key] if self.key else []
+        if self.closed:
+            why.append(f"the folder {self.closed} is closed to it")
+        owner = _owner(blocker)
+        if owner:
+            why.append(owner)
+        return f"{self.need} {self.what} {self.path}" + (f" ({'; '.join(why)})" if why else "")
+
+
+def _owner(path: str) -> str:
+    """``owned by user:group, mode 0755`` of ``path`` (empty when it cannot be stat'ed)."""
+    import grp
+    import pwd
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    try:
+        user = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        user = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"owned by {user}:{group}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
 def needed_access(cfg, record_root: Path | None) -> list[Access]:

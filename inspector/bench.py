@@ -130,6 +130,16 @@ def run_bench(cfg: InspectorConfig, frames: int = 200, out_dir: Path = Path("ben
               fps: float | None = None, throughput_frames: int = 100) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_model(cfg)
+    try:
+        return _bench(cfg, model, frames, out_dir, fps, throughput_frames)
+    finally:
+        # the phases borrow the model (a Pipeline given one leaves it open): release the engine
+        # here, also when a phase fails (a camera refusing --fps)
+        model.adapter.engine.close()
+
+
+def _bench(cfg: InspectorConfig, model, frames: int, out_dir: Path, fps: float | None,
+           throughput_frames: int) -> dict:
     result: dict = {"inspector": __version__, "config": cfg.source_file, "camera_id": cfg.camera_id,
                     "model": model.bundle.spec.name, "kind": model.bundle.spec.kind,
                     "backend": model.backend, "machine": _machine(),

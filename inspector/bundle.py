@@ -30,6 +30,7 @@ Every graph's sha256 is checked at load: a changed or truncated file is refused,
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -197,6 +198,43 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+#: the sections whose keys an unknown key is compared with, by their place in bundle.yaml
+_SECTIONS: dict[tuple, type[BaseModel]] = {(): BundleSpec, ("input",): InputSpec,
+                                           ("tiling",): TilingSpec, ("region",): RegionSpec,
+                                           ("postprocess",): PostprocessConfig}
+
+
+def _unknown_key(err: Any) -> str:
+    """``kidn: unknown key (did you mean kind?)`` for an ``extra_forbidden`` error."""
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    section = _SECTIONS.get(loc[:-1])
+    close = difflib.get_close_matches(str(loc[-1]), list(section.model_fields), n=1) if section else []
+    return f"{key}: unknown key" + (f" (did you mean {close[0]}?)" if close else "")
+
+
+def _spec_problem(e: ValidationError) -> str:
+    """The first problem of a bundle.yaml, worded as a camera config's errors are.
+
+    A misspelt key gives two errors, the unknown key and the required one now missing; the
+    unknown key goes first, with the key it is closest to, since that is where the typo is
+    (``kind: required key is missing`` alone sent people looking for a key they had written).
+    """
+    errs = e.errors()
+    unknown = [err for err in errs if err["type"] == "extra_forbidden"]
+    err = errs[0]
+    key = ".".join(str(p) for p in err["loc"])
+    msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(
+        err["type"], validator_message(err["msg"]))
+    # a check across sections (BundleSpec's own validators) has no location: its message
+    # names the keys itself
+    first = f"{key}: {msg}" if key else msg
+    if not unknown:
+        return first
+    text = _unknown_key(unknown[0])
+    return text if unknown[0] is err else f"{text}; {first}"
+
+
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and validate ``path/bundle.yaml``; check each graph exists and matches its sha256."""
     root = Path(path)
@@ -216,14 +254,7 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     try:
         spec = BundleSpec.model_validate(raw)
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(p) for p in err["loc"])
-        # worded as a camera config's errors are
-        msg = {"extra_forbidden": "unknown key", "missing": "required key is missing"}.get(
-            err["type"], validator_message(err["msg"]))
-        # a check across sections (BundleSpec's own validators) has no location: its message
-        # names the keys itself
-        raise BundleError(f"{meta}: {key}: {msg}" if key else f"{meta}: {msg}") from e
+        raise BundleError(f"{meta}: {_spec_problem(e)}") from e
     bundle = Bundle(root, spec)
     for key, ref in spec.graphs.items():
         gp = root / ref.file

@@ -22,6 +22,7 @@ from inspector import __version__
 from inspector.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
 from inspector.errors import (BindError, BundleError, ConfigError, EngineError, InspectorError, MissingPackageError,
                               SourceError)
+from inspector.logs import set_level
 from inspector.reload_state import request_reload, runtime_dir_from_env
 
 log = logging.getLogger("inspector")
@@ -32,6 +33,7 @@ EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 def _setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    set_level(level)
 
 
 def _fail(msg: str, code: int) -> int:
@@ -70,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     if args.log_level:
-        logging.getLogger().setLevel(args.log_level)
+        set_level(args.log_level)
     if cfg.alarms.rules or cfg.alarms.drivers or cfg.metrics.enabled:
         log.warning("%s: alarms and metrics run under `inspector daemon`, not `inspector run`",
                     cfg.source_file)
@@ -110,6 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     from inspector.pipeline import load_model
+    from inspector.postprocess import Geometry
     from inspector.sources import make_source
 
     cfg = _load(args.config)
@@ -117,7 +120,8 @@ def _check(args: argparse.Namespace) -> int:
     model = load_model(cfg)
     spec = model.bundle.spec
     _check_alarms(cfg, spec.classes)  # what `inspector daemon` refuses at start, exit 2
-    warnings = _check_endpoint(cfg) + hidden + _unfinished_training(model.bundle)
+    warnings = (_check_endpoint(cfg) + hidden + _unfinished_training(model.bundle)
+                + list(model.adapter.engine.warnings))
     if as_user is None and os.geteuid() == 0:
         warnings.append("checked as root, who can open every file: add --user <the unit's User=> "
                         "to check the service user's access")
@@ -151,6 +155,9 @@ def _check(args: argparse.Namespace) -> int:
         if out.release:
             out.release()
         described = src.describe()  # while open: a camera reports what it runs at
+    geometry = Geometry.of(cfg.geometry)
+    warnings.extend(f"{cfg.source_file}: {line}" for line in geometry.overridden_by(frame.meta))
+    used = geometry.for_frame(frame.meta)
     summary = {
         "config": cfg.source_file, "camera_id": cfg.camera_id,
         "source": described, "frame_shape": list(frame.image.shape),
@@ -161,6 +168,7 @@ def _check(args: argparse.Namespace) -> int:
                       f"{float((out_region >= spec.region.threshold).mean()):.1%} of this frame"}
            if spec.region is not None and out_region is not None else {}),
         "infer_ms": round(infer_ms, 1), "defects_in_frame": total,
+        "geometry": _describe_geometry(used, geometry, frame.meta),
         "publish": cfg.publish.endpoint,
         "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)",
         "record": _check_record(cfg, spec.classes, warnings, root_note=as_user is None),
@@ -174,6 +182,18 @@ def _check(args: argparse.Namespace) -> int:
             for line in (v if k == "warnings" else [v]):
                 print(f"{'warning' if k == 'warnings' else k:>16}: {line}")
     return EXIT_OK
+
+
+def _describe_geometry(used, configured, meta: dict) -> str:
+    """The pixel size areas and positions are measured with, and where it comes from."""
+    def one(key: str) -> str:
+        v = getattr(used, key)
+        return "-" if v is None else f"{v:.4g}"
+    if used.mm_per_px_across is None and used.mm_per_px_along is None:
+        return "not set: areas in px only, no positions along the strip (rules in mm² cannot fire)"
+    src = [k.split("_")[-1] for k in ("mm_per_px_across", "mm_per_px_along") if meta.get(k) is not None]
+    whence = (f"{' and '.join(src)} from the source" if src else "from geometry")
+    return f"{one('mm_per_px_across')} x {one('mm_per_px_along')} mm/px (across x along; {whence})"
 
 
 def _unfinished_training(bundle) -> list[str]:
@@ -357,7 +377,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     setup_logging(args.log_level or "INFO", journal)
     daemon = Daemon(args.config, runtime_dir=args.runtime_dir)
     daemon.log_level_override = args.log_level
-    logging.getLogger().setLevel(args.log_level or daemon.cfg.log_level)
+    set_level(args.log_level or daemon.cfg.log_level)
     return daemon.run()
 
 

@@ -37,6 +37,7 @@ from inspector import __version__
 from inspector.alarms import AlarmEngine, DriverWorker, make_drivers
 from inspector.config import InspectorConfig, load_config
 from inspector.errors import ConfigError, InspectorError, first_line
+from inspector.logs import set_level
 from inspector.metrics import Metrics
 from inspector.pipeline import BurstLog, LoadedModel, Pipeline, load_model
 from inspector.postprocess import Geometry
@@ -204,7 +205,7 @@ class Daemon:
             self.engine = AlarmEngine(cfg.alarms, classes, cfg.source_file, clock=self.clock)
         self.workers = make_drivers(cfg, self.engine)
         if cfg.metrics.enabled:
-            self.metrics = Metrics(cfg.metrics, cfg.camera_id)
+            self.metrics = Metrics(cfg.metrics, cfg.camera_id, cfg.source_file)
             self._consumers.append(self.metrics.observe)
         if self.engine is not None:
             self._consumers.append(self.engine.on_frame)
@@ -373,7 +374,7 @@ class Daemon:
             n.send("READY=1", f"STATUS=reload failed ({first_line(e)[:200]}); running on")
             self.reload_log.end(False, f"reload failed, the running model and rules stay: {e}")
             return False
-        logging.getLogger().setLevel(self.log_level_override or new.log_level)
+        set_level(self.log_level_override or new.log_level)
         # Sections that need a restart keep their running values, so the next reload compares
         # against what actually runs.
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in RESTART_ONLY}
@@ -456,4 +457,4 @@ def setup_logging(level: str = "INFO", journal: bool | None = None) -> None:
     for h in list(root.handlers):
         root.removeHandler(h)
     root.addHandler(handler)
-    root.setLevel(getattr(logging, level))
+    set_level(level)

@@ -23,6 +23,9 @@ Example::
 from __future__ import annotations
 
 import json
+import logging
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +35,20 @@ from inspector.errors import FrameError
 
 __all__ = ["FlatField", "FLAT_FIELD_FORMAT"]
 
+log = logging.getLogger(__name__)
+
 FLAT_FIELD_FORMAT = 1
+_ZIP_MAGIC = b"PK\x03\x04"  # np.savez writes a zip archive
+_NPY_MAGIC = b"\x93NUMPY"
+
+
+def _numpy_problem(e: Exception) -> str:
+    """numpy's reason in one line, without its advice to load pickles (``allow_pickle=True``
+    would run code from the file): such a member is simply not one of ours."""
+    text = str(e).strip() or type(e).__name__
+    if "pickle" in text.lower():
+        return "it holds pickled objects, which are never loaded"
+    return text.splitlines()[0]
 
 
 class FlatField:
@@ -64,12 +80,22 @@ class FlatField:
         p = Path(path)
         if not p.is_file():
             raise ValueError(f"{p}: flat-field file not found")
+        not_ours = f"{p}: not a flat-field .npz written by `inspector calibrate flat-field`"
+        try:
+            with open(p, "rb") as f:
+                magic = f.read(len(_NPY_MAGIC))
+        except OSError as e:
+            raise ValueError(f"{p}: flat-field file not readable ({e})") from None
+        if magic == _NPY_MAGIC:
+            raise ValueError(f"{p}: a single .npy array, expected an .npz with gain and offset")
+        if not magic.startswith(_ZIP_MAGIC):
+            # np.load takes anything else for a pickle, and its error then advises loading it
+            # with allow_pickle: running code from a file that is not ours at all
+            raise ValueError(f"{not_ours} (not an .npz archive)")
         try:
             z = np.load(p, allow_pickle=False)
-        except (OSError, EOFError, ValueError) as e:  # not a zip / npy, or truncated
-            raise ValueError(f"{p}: not a readable flat-field .npz ({e})") from None
-        if not hasattr(z, "files"):
-            raise ValueError(f"{p}: a single .npy array, expected an .npz with gain and offset")
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # damaged or truncated
+            raise ValueError(f"{not_ours} ({_numpy_problem(e)})") from None
         with z:
             missing = sorted({"gain", "offset"} - set(z.files))
             if missing:
@@ -81,11 +107,30 @@ class FlatField:
             try:
                 meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
                 gain, offset = z["gain"], z["offset"]
-            except (OSError, ValueError) as e:  # a damaged member
-                raise ValueError(f"{p}: not a readable flat-field .npz ({e})") from None
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                # a damaged member, or an object (pickled) one
+                raise ValueError(f"{not_ours} ({_numpy_problem(e)})") from None
         return cls(gain, offset, meta, str(p))
 
+    def spread_warning(self) -> str | None:
+        """One line when the maps' own figures (``meta``: the column brightness spread of the
+        calibration frames before and after correction, as ``inspector calibrate flat-field``
+        records them) say the correction makes that spread worse; None otherwise."""
+        before = self.meta.get("column_spread_before_pct")
+        after = self.meta.get("column_spread_after_pct")
+        if before is None or after is None or not after > before:
+            return None
+        return (f"the correction increases the column brightness spread of its own frames "
+                f"({before:.2f} % -> {after:.2f} %): were they frames of a uniform or moving "
+                "surface? A test pattern, a standing strip or a mark at one place in every frame "
+                "is learnt as lighting; check the plot before a camera config uses these maps")
+
     def save(self, path: str | Path) -> Path:
+        """Write the ``.npz``; maps that make their frames less flat are written all the same,
+        with a warning (:meth:`spread_warning`): whoever writes them is the one to tell."""
+        warning = self.spread_warning()
+        if warning:
+            log.warning("flat-field maps: %s", warning)
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
         with open(p, "wb") as f:  # a file object: np.savez would otherwise append .npz to any name

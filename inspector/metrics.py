@@ -67,11 +67,12 @@ class MetricsConfig(BaseModel):
 class Metrics:
     """One registry per daemon (tests run several in one process)."""
 
-    def __init__(self, cfg: MetricsConfig, camera_id: str):
+    def __init__(self, cfg: MetricsConfig, camera_id: str, config_file: str | None = None):
         from prometheus_client import CollectorRegistry, Counter, Histogram
 
         self.cfg = cfg
         self.camera = camera_id
+        self.config_file = config_file  # named with the key when the port cannot be bound
         self.registry = CollectorRegistry()
         self.latency = Histogram("inspector_stage_latency_seconds", "per-stage latency of published frames",
                                  ["camera", "stage"], buckets=[b / 1000 for b in sorted(cfg.buckets_ms)],
@@ -109,7 +110,8 @@ class Metrics:
         try:
             self._httpd, _ = start_http_server(self.cfg.port, self.cfg.address, registry=self.registry)
         except OSError as e:
-            raise OSError(f"metrics.port: cannot listen on {self.cfg.address}:{self.cfg.port}: "
+            where = f"{self.config_file}: " if self.config_file else ""
+            raise OSError(f"{where}metrics.port: cannot listen on {self.cfg.address}:{self.cfg.port}: "
                           f"{e.strerror or e}") from e
         port = self._httpd.server_address[1]
         log.info("metrics on http://%s:%d/metrics", self.cfg.address, port)

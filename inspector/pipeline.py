@@ -179,7 +179,7 @@ def load_model(cfg: InspectorConfig) -> LoadedModel:
                           f"the {pp.type} post-processing of {bundle.path.name} does not read it; "
                           f"it reads {', '.join(RECIPE_KEYS[pp.type])} and min_area_px, "
                           "connectivity, max_defects")
-    engine = make_engine(cfg.model.engine, bundle.graph_path("model"))
+    engine = make_engine(cfg.model.engine, bundle.graph_path("model"), cfg.source_file)
     adapter = make_adapter(bundle, engine, cfg.model.max_batch)
     misfit = recipe_misfit(pp.type, adapter.outputs)
     if misfit:
@@ -271,6 +271,7 @@ class Pipeline:
         self._frame_limit: int | None = None
         self._expected: tuple[tuple[int, ...], np.dtype] | None = None
         self._geometry = Geometry.of(cfg.geometry)
+        self._geometry_checked = False  # whether the first frame's source geometry was compared
         #: the post stage's region mask (uint8 0/1, HxW), reused frame after frame: the publisher
         #: encodes it into new bytes and the recorder copies it, so nothing keeps it past a frame
         self._region_buf: np.ndarray | None = None
@@ -546,8 +547,11 @@ class Pipeline:
                 label = model.post.mask(out.probs, out.residual, out.score_map)
                 g = self._geometry
                 f.strip_pos_mm = g.frame_pos_mm(f.frame_id, label.shape[0], f.meta, f.strip_pos_mm)
-                geo = Geometry(f.meta.get("mm_per_px_across", g.mm_per_px_across),
-                               f.meta.get("mm_per_px_along", g.mm_per_px_along))
+                geo = g.for_frame(f.meta)
+                if not self._geometry_checked:
+                    self._geometry_checked = True
+                    for line in g.overridden_by(f.meta):
+                        log.warning("%s: %s", self.cfg.source_file, line)
                 defects, total = model.post.defects(label, out.score_map, geo, f.strip_pos_mm)
                 if region_spec is not None:
                     # before out.release(): the probability map lives in the adapter's pool
@@ -641,6 +645,7 @@ class Pipeline:
         warmup_ms = model.adapter.warmup(shape)
         if geometry is not None:
             self._geometry = geometry
+            self._geometry_checked = False  # a reloaded geometry is compared with the source's again
         self.model = model
         log.info("model %s (%s) on %s swapped in, warm-up %.0f ms at %s", model.bundle.spec.name,
                  model.bundle.spec.kind, model.backend, warmup_ms, shape)

@@ -242,6 +242,26 @@ class Geometry:
                    getattr(cfg, "mm_per_encoder_count", None),
                    getattr(cfg, "encoder_key", "encoder_count"))
 
+    def for_frame(self, meta: dict) -> "Geometry":
+        """The pixel size a frame is measured with: the source's (``mm_per_px_*`` in its
+        metadata: a source that knows its own, or the source section's) over this one's."""
+        return Geometry(meta.get("mm_per_px_across", self.mm_per_px_across),
+                        meta.get("mm_per_px_along", self.mm_per_px_along),
+                        self.mm_per_encoder_count, self.encoder_key)
+
+    def overridden_by(self, meta: dict) -> list[str]:
+        """One line per ``geometry`` value the frame's source replaces with another (areas in
+        mm² and positions then follow the source's): a config that sets both used to have its
+        own silently ignored."""
+        out = []
+        for key in ("mm_per_px_across", "mm_per_px_along"):
+            mine, theirs = getattr(self, key), meta.get(key)
+            if mine is not None and theirs is not None and abs(float(theirs) - mine) > 1e-9 * mine:
+                out.append(f"geometry.{key}: {mine:g} in the config, but the source gives "
+                           f"{float(theirs):.6g} with its frames, which is used (areas in mm², "
+                           f"positions and the alarm rules' min_area_mm2 / per_m follow it)")
+        return out
+
     def frame_pos_mm(self, frame_id: int, rows: int, meta: dict, source_pos_mm: float) -> float:
         """Position of a frame's first row along the strip, mm.
 

@@ -83,7 +83,10 @@ def test_the_kernel_answers_as_the_user_for_each_kind_of_access(open_tree):
     refused = refused_as(user, wanted)
     assert [(a.path, a.closed) for a in refused] == [
         (closed / "model.onnx", str(closed)), (private, None), (ro, None)]
-    assert "(the folder " + str(closed) + " is closed to it)" in refused[0].refusal()
+    # the key, the closed folder and who owns it: what to chown / chmod
+    assert f"(model.bundle; the folder {closed} is closed to it; owned by root:root, mode 0700)" in \
+        refused[0].refusal(), refused[0].refusal()
+    assert refused[2].refusal() == f"write the recordings folder {ro} (record.dir; owned by root:root, mode 0755)"
     assert refused_as("root", wanted) == []  # the same questions as root (no switch): all open
 
 
@@ -160,7 +163,7 @@ def test_recording_folders_a_root_shell_made_are_caught(open_tree):
     images.chmod(0o755)
     done = run_cli("check", "--config", str(cfg), "--user", user)
     assert done.returncode == 2
-    assert f"cannot write the recordings folder {images};" in done.stderr
+    assert f"cannot write the recordings folder {images} (record.dir; owned by root:root, mode 0755);" in done.stderr
     assert f"recordings folder {images.parent};" not in done.stderr
 
 

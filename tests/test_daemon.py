@@ -520,7 +520,7 @@ def test_startup_fails_fast_naming_file_and_key(tmp_path, synthetic_cfg):
         port = busy.getsockname()[1]
         cfg = write_config(tmp_path / "cam2.yaml", synthetic_cfg(metrics={"enabled": True, "port": port}))
         r = run_cli("daemon", "--config", str(cfg), timeout=60)
-    assert r.returncode == 1 and f"metrics.port: cannot listen on 127.0.0.1:{port}" in r.stderr
+    assert r.returncode == 1 and f"{cfg}: metrics.port: cannot listen on 127.0.0.1:{port}" in r.stderr
 
 
 def test_startup_with_a_graph_onnxruntime_cannot_load_exits_2_naming_it(tmp_path, notify, synthetic_cfg,

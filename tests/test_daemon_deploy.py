@@ -493,3 +493,37 @@ def test_install_on_the_system_owns_a_statedir_outside_var_lib(installed, tmp_pa
     assert "chown -R inspector:inspector /srv/inspector" in calls
     assert "usermod -a -G video inspector" in calls and not any("render" in c for c in calls), calls
     assert "systemctl daemon-reload" in calls
+
+
+def test_a_rerun_keeps_a_bundle_calibrated_here_and_mends_a_venv_without_pip(
+        installed, fake_bin, inspector_wheel, toy_bundle, tmp_path):
+    """Re-running install.sh (an upgrade) replaced every installed bundle, losing the calibration
+    `calibrate thresholds` had written into it; and a venv left without pip by a failed creation
+    (no python3-venv) failed every later run. Now a bundle as installed is replaced, a changed one
+    is kept with the shipped one beside it, and a venv without pip is made again."""
+    root = tmp_path / "root"
+    shutil.copytree(installed, root, symlinks=True)
+    models = tmp_path / "models"
+    shutil.copytree(toy_bundle, models / "toy")
+    fake, _ = fake_bin
+    env = {"DESTDIR": str(root), "PYTHON": str(Path(sys.base_prefix) / "bin" / "python3"),
+           "MODELS": str(models), "PIP_ARGS": "--no-index --no-deps"}
+    toy = root / "opt/inspector/models/toy"
+    r = run_script("install.sh", env, fake, str(inspector_wheel))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "model bundle /opt/inspector/models/toy" in r.stdout and not (toy.parent / "toy.shipped").exists()
+    # calibrated on the line PC
+    calibrated = (toy / "bundle.yaml").read_text() + "# calibrated here\n"
+    (toy / "bundle.yaml").write_text(calibrated)
+    site = next((root / "opt/inspector/venv/lib").glob("python3*/site-packages"))
+    for p in site.glob("pip*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    r = run_script("install.sh", env, fake, str(inspector_wheel))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "has no pip (left by a failed creation?): creating it again" in r.stdout
+    assert "/opt/inspector/models/toy was changed here (calibrated?) since it was installed: kept" in r.stdout
+    assert (toy / "bundle.yaml").read_text() == calibrated
+    assert ((toy.parent / "toy.shipped" / "bundle.yaml").read_text()
+            == (toy_bundle / "bundle.yaml").read_text())
+    venv_python = root / "opt/inspector/venv/bin/python"
+    assert subprocess.run([str(venv_python), "-m", "pip", "--version"], capture_output=True).returncode == 0

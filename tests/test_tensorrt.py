@@ -406,7 +406,7 @@ def test_tensorrt_missing_names_the_gpu_extra_or_falls_back(toy_bundle, caplog):
     assert "tensorrt" not in sys.modules and "pycuda" not in sys.modules
 
 
-@pytest.mark.parametrize("providers", [["cuda", "cpu"], ["tensorrt", "cuda"], ["tensorrt"]])
+@pytest.mark.parametrize("providers", [["cuda", "cpu"], ["tensorrt", "cuda", "cpu"], ["tensorrt", "cpu"]])
 def test_ort_gpu_providers_fall_back_to_cpu_with_a_warning(toy_bundle, caplog, providers):
     import onnxruntime as ort
 

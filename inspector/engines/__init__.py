@@ -15,13 +15,15 @@ from inspector.engines.tensorrt import TensorRTConfig  # the config only: no ten
 EngineConfig = OnnxRuntimeConfig | TensorRTConfig
 
 
-def make_engine(cfg: EngineConfig, graph: str | Path) -> Engine:
+def make_engine(cfg: EngineConfig, graph: str | Path, config_file: str | None = None) -> Engine:
+    """``config_file``: the camera config ``cfg`` (its ``model.engine``) comes from; errors about
+    the engine section name it and the key."""
     if isinstance(cfg, OnnxRuntimeConfig):
         from inspector.engines.onnxruntime import OnnxRuntimeEngine
-        return OnnxRuntimeEngine(graph, cfg)
+        return OnnxRuntimeEngine(graph, cfg, config_file)
     if isinstance(cfg, TensorRTConfig):
         from inspector.engines.tensorrt import open_tensorrt
-        return open_tensorrt(graph, cfg)
+        return open_tensorrt(graph, cfg, config_file)
     raise TypeError(f"unknown engine config {type(cfg).__name__}")
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inspector.errors import EngineError
+from inspector.errors import ConfigError, EngineError, MissingPackageError
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,9 @@ class Engine(abc.ABC):
     outputs: list[TensorSpec]
     #: what actually ran, for logs and the status line, e.g. "onnxruntime:CPUExecutionProvider"
     backend: str
+    #: what ran other than the config asked (a provider skipped, a fallback taken), one line
+    #: each, for ``inspector check``'s warning lines; the log has them too
+    warnings: tuple[str, ...] = ()
 
     #: submissions ``run_async`` may have in flight at once; 0 = no asynchronous path (use ``run``)
     async_depth: int = 0
@@ -50,3 +53,17 @@ class Engine(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         pass
+
+
+class MissingPackageConfigError(MissingPackageError, ConfigError):
+    """An engine a camera config asks for (``model.engine.type``) whose package is not installed:
+    names the config file and key, and is exit 2 as either parent is."""
+
+    def __init__(self, file: str, key: str | None, problem: str):
+        ConfigError.__init__(self, file, key, problem)
+
+
+def config_where(config_file: str | None, key: str) -> str:
+    """``cam.yaml: model.engine.providers`` (the key alone where the file is not known), to start
+    an error message about a config's engine section."""
+    return f"{config_file}: {key}" if config_file else key

@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from inspector.engines.base import Engine, TensorSpec
+from inspector.engines.base import Engine, TensorSpec, config_where
 from inspector.errors import BundleError, EngineError
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,10 @@ class OnnxRuntimeConfig(BaseModel):
     """``model.engine`` for ``type: onnxruntime``.
 
     ``providers`` are tried in order; those this onnxruntime build lacks are skipped with a
-    warning, and CPU is always the last resort, so a GPU config still runs (slowly) on a PC
-    without a GPU. What actually ran is logged and shown by ``inspector check``.
+    warning. A list that names ``cpu`` falls back to it, so such a GPU config still runs
+    (slowly) on a PC without a GPU; a list of GPU providers only fails when none of them can
+    run (exit 1), rather than run 10-20x slower unnoticed. What actually ran is logged and shown
+    by ``inspector check``, with a warning line for each provider skipped.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -126,11 +128,14 @@ def describe_provider_options(options: dict[str, dict[str, str]]) -> str:
 class OnnxRuntimeEngine(Engine):
     """One onnxruntime InferenceSession over one graph."""
 
-    def __init__(self, graph: str | Path, cfg: OnnxRuntimeConfig | None = None):
+    def __init__(self, graph: str | Path, cfg: OnnxRuntimeConfig | None = None,
+                 config_file: str | None = None):
+        """``config_file``: the camera config ``cfg`` comes from, named in its errors."""
         import onnxruntime as ort
 
         cfg = cfg or OnnxRuntimeConfig()
         self.cfg = cfg
+        self.config_file = config_file
         graph = Path(graph)
         if not graph.is_file():
             raise EngineError(f"{graph}: ONNX graph not found")
@@ -146,7 +151,7 @@ class OnnxRuntimeEngine(Engine):
         opts.log_severity_level = 3
         opts.add_session_config_entry("session.intra_op.allow_spinning",
                                       "1" if cfg.allow_spinning else "0")
-        providers = self._providers(ort.get_available_providers())
+        providers = self._providers(ort.get_available_providers(), ort.__version__)
         try:
             self.session = ort.InferenceSession(str(graph), sess_options=opts, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types for corrupt graphs
@@ -158,8 +163,18 @@ class OnnxRuntimeEngine(Engine):
         ran = self.session.get_providers()
         self.backend = "onnxruntime:" + ",".join(ran)
         wanted = [p if isinstance(p, str) else p[0] for p in providers]
+        requested = [PROVIDER_NAMES[k] for k in cfg.providers]
+        if "cpu" not in cfg.providers and not set(requested) & set(ran):
+            # in the build but not started (CUDA libraries or driver missing): onnxruntime went
+            # on with the CPU alone, which the list did not ask for
+            raise EngineError(f"{config_where(config_file, 'model.engine.providers')}: onnxruntime "
+                              f"could not start {', '.join(requested)} (it would run on "
+                              f"{', '.join(ran)}; see its warning above); check the GPU driver and "
+                              "CUDA libraries, or add cpu to the list to run on the CPU meanwhile")
         if ran[0] != wanted[0]:
-            log.warning("asked onnxruntime for %s, it runs on %s", wanted[0], ran[0])
+            note = f"asked onnxruntime for {wanted[0]}, it runs on {ran[0]}"
+            log.warning("%s", note)
+            self.warnings = (*self.warnings, note)
         #: the options the GPU providers actually run with, as onnxruntime reports them
         self.provider_notes = describe_provider_options(self.session.get_provider_options())
         log.info("engine %s for %s%s", self.backend, graph.name,
@@ -170,13 +185,16 @@ class OnnxRuntimeEngine(Engine):
                         for o in self.session.get_outputs()]
         self._output_names = [o.name for o in self.outputs]
 
-    def _providers(self, available: list[str]) -> list:
+    def _providers(self, available: list[str], version: str = "") -> list:
+        """The ``providers`` argument for the session; sets ``warnings`` for those skipped."""
         chosen: list = []
+        skipped: list[str] = []
         for key in self.cfg.providers:
             name = PROVIDER_NAMES[key]
             if name not in available:
                 log.warning("onnxruntime provider %s requested but not in this build (%s); skipped",
                             name, ", ".join(available))
+                skipped.append(name)
                 continue
             if key == "tensorrt":
                 opts = {"device_id": self.cfg.device_id, "trt_fp16_enable": self.cfg.trt_fp16,
@@ -192,6 +210,18 @@ class OnnxRuntimeEngine(Engine):
                                       "cudnn_conv_algo_search": self.cfg.cuda_conv_algo_search.upper()}))
             else:
                 chosen.append(name)
+        if not chosen and "cpu" not in self.cfg.providers:
+            # a list of GPU providers only: running it on the CPU would be 10-20x slower with
+            # `check` saying ok. Exit 1, as the README has it for a provider that fails (a
+            # restart after the install is mended finds it)
+            where = config_where(getattr(self, "config_file", None), "model.engine.providers")
+            raise EngineError(
+                f"{where}: none of the requested providers ({', '.join(skipped)}) is in this "
+                f"onnxruntime{' ' + version if version else ''} build, which has "
+                f"{', '.join(available)}; install onnxruntime-gpu in place of onnxruntime "
+                "(EXTRAS=plc,ort-gpu deploy/install.sh), or add cpu to the list to run on the CPU")
+        self.warnings = tuple(f"model.engine.providers: {name} requested but not in this onnxruntime "
+                              f"build ({', '.join(available)}); skipped" for name in skipped)
         if not any((c if isinstance(c, str) else c[0]) == PROVIDER_NAMES["cpu"] for c in chosen):
             chosen.append(PROVIDER_NAMES["cpu"])
         return chosen

@@ -38,14 +38,14 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from inspector.engines.base import Engine, TensorSpec
+from inspector.engines.base import Engine, MissingPackageConfigError, TensorSpec
 from inspector.engines.trt_build import (GPU_EXTRA, BatchProfile, DeviceFacts, EngineCache,
                                          EngineSpec, build_serialized_engine, calibration_batches,
                                          calibration_files, calibration_id, engine_name,
                                          file_sha256,
                                          import_pycuda, import_tensorrt, make_entropy_calibrator,
                                          plan_batches, trt_logger)
-from inspector.errors import EngineError
+from inspector.errors import EngineError, MissingPackageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -575,19 +575,32 @@ def export_engine(bundle_dir: str | Path, cfg: TensorRTConfig) -> dict[str, Any]
         eng.close()
 
 
-def open_tensorrt(graph: str | Path, cfg: TensorRTConfig) -> Engine:
-    """The tensorrt engine, or with ``fallback: onnxruntime`` ONNX Runtime where it cannot run."""
+def open_tensorrt(graph: str | Path, cfg: TensorRTConfig, config_file: str | None = None) -> Engine:
+    """The tensorrt engine, or with ``fallback: onnxruntime`` ONNX Runtime where it cannot run.
+
+    ``config_file``: the camera config ``cfg`` comes from; a missing TensorRT or pycuda is then
+    reported naming it and ``model.engine.type`` (exit 2 either way)."""
     try:
         return TensorRTEngine(graph, cfg)
     except EngineError as e:
         if cfg.fallback != "onnxruntime":
+            if isinstance(e, MissingPackageError):
+                problem = (f"tensorrt, but {e}; or set model.engine.fallback: onnxruntime to run "
+                           "the graph in ONNX Runtime meanwhile")
+                if config_file:
+                    raise MissingPackageConfigError(config_file, "model.engine.type", problem) from None
+                raise MissingPackageError(f"model.engine.type: {problem}") from None
             raise
         from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine
 
         log.warning("TensorRT engine unavailable (%s); falling back to ONNX Runtime as "
                     "model.engine.fallback says", e)
-        return OnnxRuntimeEngine(graph, OnnxRuntimeConfig(providers=["cuda", "cpu"],
-                                                          device_id=cfg.device_id))
+        eng = OnnxRuntimeEngine(graph, OnnxRuntimeConfig(providers=["cuda", "cpu"],
+                                                         device_id=cfg.device_id), config_file)
+        # one line for what ran: the fallback's own provider notes name a key this config lacks
+        eng.warnings = (f"TensorRT engine unavailable ({first_line(e)}); running on {eng.backend} "
+                        "(model.engine.fallback)",)
+        return eng
 
 
 __all__ = ["TensorRTConfig", "TensorRTEngine", "StreamPipeline", "CudaContext", "open_tensorrt",

@@ -38,7 +38,12 @@ log = logging.getLogger(__name__)
 
 #: bumped when the cache's file layout or key changes; older records are then stale
 CACHE_FORMAT = 1
-GPU_EXTRA = "the `gpu` extra: pip install -e '.[gpu]' (TensorRT >= 10 and pycuda)"
+#: how to get TensorRT and pycuda. Not `pip install -e '.[gpu]'`: that puts onnxruntime-gpu beside
+#: the CPU onnxruntime the runtime requires, and the CPU build left there hides the GPU providers;
+#: install.sh swaps them, and the engine itself needs only the two packages
+GPU_EXTRA = ("the `gpu` extra (TensorRT >= 10 and pycuda): EXTRAS=plc,gpu deploy/install.sh, which "
+             "also puts onnxruntime-gpu in place of the CPU onnxruntime; or for this engine alone: "
+             "pip install 'tensorrt>=10' 'pycuda>=2024.1'")
 PRECISIONS = ("fp32", "fp16", "int8")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from inspector.errors import FrameError, SourceConfigError, SourceError, first_line
 from inspector.frame import Frame
@@ -51,6 +51,11 @@ _LAYOUTS: dict[str, tuple[int, int | None]] = {
     "BGRa8": (4, cv2.COLOR_BGRA2RGB),
 }
 SUPPORTED_PIXEL_FORMATS = tuple(_LAYOUTS)
+
+#: ``cti: builtin:viky`` names the simulated camera shipped inside the genicam wheel
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_VIKY = "builtin:viky"
+BUILTIN_PRODUCERS = (BUILTIN_VIKY,)
 
 
 class GenicamConfig(BaseModel):
@@ -87,6 +92,34 @@ class GenicamConfig(BaseModel):
     mm_per_px_along: float | None = Field(None, gt=0)
     frames: int | None = Field(None, ge=1, description="stop after this many frames; None = endless")
 
+    @field_validator("cti")
+    @classmethod
+    def _known_builtin(cls, value: str) -> str:
+        # "builtin:" is this program's prefix, not a path: a typo in the name would otherwise be
+        # looked for as a file called "builtin:foo" beside the config
+        if value.startswith(BUILTIN_PREFIX) and value not in BUILTIN_PRODUCERS:
+            name = value[len(BUILTIN_PREFIX):]
+            known = ", ".join(b[len(BUILTIN_PREFIX):] for b in BUILTIN_PRODUCERS)
+            raise ValueError(f"unknown built-in producer {name!r} (known: {known}); or give the "
+                             "path of the camera vendor's .cti file")
+        return value
+
+    @field_validator("serial", "device_id", mode="before")
+    @classmethod
+    def _number_as_text(cls, value: Any, info: ValidationInfo) -> Any:
+        # `serial: 12345678` unquoted is how most people write it, and YAML hands over an int.
+        # Its decimal text is the serial whenever it was written in plain decimal without a
+        # leading zero, which is what serials printed on cameras look like, so it is accepted.
+        # What the int cannot tell: YAML 1.1 reads 0-prefixed digits as octal (012 -> 10),
+        # 0x.. as hex and drops underscores, so such a serial comes out as another number. That
+        # is not refused here (the text is gone); a serial of digits that matches no device
+        # says to quote it (see _pick_device). A bool (`yes`, `on`) or a float has no sensible
+        # text at all: refused with the same advice.
+        if isinstance(value, (bool, float)):
+            raise ValueError(f"YAML read this as {type(value).__name__} {value!r}, not text: quote "
+                             f'it ({info.field_name}: "...")')
+        return str(value) if isinstance(value, int) else value
+
     @field_validator("pixel_format")
     @classmethod
     def _convertible_format(cls, value: str) -> str:
@@ -103,10 +136,6 @@ class GenicamConfig(BaseModel):
         if self.index is not None and (self.serial is not None or self.device_id is not None):
             raise ValueError("give source.index or source.serial/source.device_id, not both")
         return self
-
-
-#: ``cti: builtin:viky`` names the simulated camera shipped inside the genicam wheel
-BUILTIN_VIKY = "builtin:viky"
 
 
 def default_viky_cti() -> Path | None:
@@ -247,9 +276,11 @@ class GenicamSource(Source):
             raise
 
     def _load_producer(self, cti: Path) -> None:
+        _check_producer(cti, self.config_file)
         try:
-            self._harvester.add_file(str(cti), check_existence=True, check_validity=True)
-        except (OSError, FileNotFoundError) as e:
+            # validity checked above: harvesters' own check logs a traceback before raising
+            self._harvester.add_file(str(cti), check_existence=True, check_validity=False)
+        except OSError as e:  # the file went away since
             raise SourceError(f"cannot load GenTL producer {cti} (source.cti): {e}") from e
         try:
             self._harvester.update()
@@ -268,7 +299,11 @@ class GenicamSource(Source):
         if c.serial is None and c.device_id is None:
             index = c.index or 0
             if index >= len(infos):
-                raise SourceError(f"source.index={index} but only {len(infos)} device(s): {available}")
+                # the producer lists devices, just fewer: a wrong number, not a camera that is
+                # away (exit 2; an empty list, above, may be one unplugged: exit 1, restarted)
+                raise SourceConfigError(self.config_file, "source.index",
+                                        f"no device at source.index={index} (the producer lists "
+                                        f"{len(infos)}: indices 0..{len(infos) - 1}): {available}")
             return index
         for i, info in enumerate(infos):
             if c.serial is not None and _safe_attr(info, "serial_number") != c.serial:
@@ -276,9 +311,17 @@ class GenicamSource(Source):
             if c.device_id is not None and _safe_attr(info, "id_") != c.device_id:
                 continue
             return i
-        wanted = ", ".join(f"source.{k}={v!r}" for k, v in (("serial", c.serial), ("device_id", c.device_id))
-                           if v is not None)
-        raise SourceError(f"no device matches {wanted}; available: {available}")
+        picked = [(k, v) for k, v in (("serial", c.serial), ("device_id", c.device_id)) if v is not None]
+        wanted = ", ".join(f"source.{k}={v!r}" for k, v in picked)
+        # a typo and a camera unplugged or not booted yet look alike from here; the latter is
+        # mended by a restart, so exit 1 (SourceError), naming the file and key for the former
+        hint = ""
+        if c.serial is not None and c.serial.isdigit():
+            hint = ("; a serial written unquoted is read by YAML as a number, which loses leading "
+                    'zeros (and 0-prefixed digits are read as octal): quote it as printed on the '
+                    'camera, e.g. serial: "00123"')
+        raise SourceError(f"{self.config_file}: source.{picked[0][0]}: no device matches {wanted} "
+                          f"(a typo, or that camera is not connected); available: {available}{hint}")
 
     def _create_acquirer(self, index: int) -> Any:
         try:
@@ -573,6 +616,29 @@ def image_from_buffer(pixel_format: str, width: int, height: int,
     out = np.empty((height, width, 3), np.uint8)
     cv2.cvtColor(rows.reshape(height, width, bpp), conversion, dst=out)
     return out
+
+
+#: the entry point every GenTL producer exports (GenTL standard, GCInitLib)
+_GENTL_ENTRY = "GCInitLib"
+
+
+def _check_producer(cti: Path, config_file: str) -> None:
+    """Refuse a ``source.cti`` that exists but is no GenTL producer: not a shared library this
+    machine can load (a text file, another architecture, a missing dependency) or one without
+    the GenTL entry points. An install or config error no restart mends: exit 2, naming the
+    file and key (exit 1 had systemd restart the unit for ever)."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL(str(cti))
+    except OSError as e:
+        raise SourceConfigError(config_file, "source.cti", f"{cti} is not a loadable GenTL "
+                                f"producer ({first_line(e)}); give the camera vendor's .cti file, "
+                                "built for this machine") from None
+    if not hasattr(lib, _GENTL_ENTRY):
+        raise SourceConfigError(config_file, "source.cti", f"{cti} is a shared library but not a "
+                                f"GenTL producer (it has no {_GENTL_ENTRY}); give the camera "
+                                "vendor's .cti file")
 
 
 def _device_frame_id(buffer: Any) -> int | None:

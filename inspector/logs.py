@@ -1,0 +1,30 @@
+"""Log levels of the libraries the runtime drives.
+
+The PLC libraries log at INFO for every request (asyncua: each heartbeat write and acknowledge
+read, about 3 lines a second; its server: a thousand lines at start), and snap7 and pymodbus log
+each reconnect attempt. Under systemd that is a quarter of a million journal lines a day per
+camera, burying the inspector's own one line per state change. The drivers report every failure
+themselves (one line per outage, one when the PLC is back), so the libraries are held at WARNING
+(pymodbus, which repeats the driver's connection errors at ERROR, at CRITICAL) unless the log
+level is DEBUG, where their detail is what a commissioning engineer asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+
+#: library logger -> the level it is held at below DEBUG
+LIBRARY_LEVELS = {"asyncua": logging.WARNING, "snap7": logging.WARNING, "pymodbus": logging.CRITICAL}
+
+
+def quiet_libraries(level: int) -> None:
+    """Hold the PLC libraries' loggers at :data:`LIBRARY_LEVELS` unless ``level`` is DEBUG."""
+    for name, held in LIBRARY_LEVELS.items():
+        logging.getLogger(name).setLevel(logging.NOTSET if level <= logging.DEBUG else held)
+
+
+def set_level(level: str | int) -> None:
+    """The root logger's level (a name such as ``"INFO"``, or a number), the libraries' with it."""
+    root = logging.getLogger()
+    root.setLevel(level)
+    quiet_libraries(root.level)
