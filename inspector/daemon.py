@@ -108,7 +108,8 @@ def watchdog_interval_s() -> float | None:
 
 
 def status_text(p: Pipeline, engine: AlarmEngine | None) -> str:
-    """One line for ``STATUS=``: fps, latency, counters, camera, alarms."""
+    """One line for ``STATUS=``: fps, latency, counters, camera, alarms, and each PLC driver
+    whose states are not getting through (``plc: modbus down 25s``)."""
     s = p.stats.summary()
     c = p.counters.snapshot()
     drops = sum(c["dropped"].values())
@@ -123,6 +124,13 @@ def status_text(p: Pipeline, engine: AlarmEngine | None) -> str:
     if engine is not None:
         on = [n for n, a in engine.active().items() if a]
         text += f", alarms: {' '.join(on) if on else 'none'}"
+        # Without this a lost PLC is invisible here: "alarms: big_defect" reads as delivered.
+        kinds = [w.label.split()[0] for w in engine.drivers]
+        outages = [(kind if kinds.count(kind) == 1 else w.name, w.outage())
+                   for kind, w in zip(kinds, engine.drivers)]
+        down = [f"{name} {o}" for name, o in outages if o is not None]
+        if down:
+            text += f", plc: {', '.join(down)}"
     return text
 
 

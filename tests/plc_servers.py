@@ -118,15 +118,16 @@ class S7Plc:
     kind = "s7"
     DB = 100
 
-    def __init__(self, n_classes: int = 3):
+    def __init__(self, n_classes: int = 3, db_size: int = 256):
         self.port = free_port()
         self.n_classes = n_classes
+        self.db_size = db_size   # under 32 + 2 x classes: the CPU refuses the map's writes
         self.server = None
-        self.db = bytearray(256)
+        self.db = bytearray(db_size)
 
     def start(self) -> "S7Plc":
         import snap7
-        self.db = bytearray(256)
+        self.db = bytearray(self.db_size)
         self.server = snap7.Server(log=False)
         self.server.register_area(snap7.SrvArea.DB, self.DB, self.db)
         self.server.start_to("127.0.0.1", self.port)

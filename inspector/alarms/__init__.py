@@ -20,7 +20,7 @@ import logging
 
 from inspector.alarms.config import (AlarmsConfig, CameraDownRule, DefectRule, ModbusDriverConfig,
                                      OpcUaDriverConfig, OverloadRule, S7DriverConfig)
-from inspector.alarms.driver import DriverWorker, Link
+from inspector.alarms.driver import DriverWorker, Link, RefusedError
 from inspector.alarms.layout import PlcState
 from inspector.alarms.rules import AlarmEngine
 from inspector.errors import ConfigError
@@ -65,11 +65,12 @@ def make_drivers(cfg, engine: AlarmEngine | None) -> list[DriverWorker]:
         w = DriverWorker(link, d, on_ack=on_ack, name=f"{d.type}{i}")
         if engine is not None:
             engine.subscribe(w.submit)
+            engine.drivers.append(w)
             w.submit(engine.state())  # so the first connect writes a full map, not nothing
         workers.append(w)
     return workers
 
 
 __all__ = ["AlarmsConfig", "AlarmEngine", "CameraDownRule", "DefectRule", "DriverWorker", "Link",
-           "ModbusDriverConfig", "OpcUaDriverConfig", "OverloadRule", "PlcState", "S7DriverConfig",
+           "ModbusDriverConfig", "OpcUaDriverConfig", "OverloadRule", "PlcState", "RefusedError", "S7DriverConfig",
            "make_drivers", "make_link"]

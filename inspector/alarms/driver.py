@@ -10,20 +10,38 @@ thread behind a bounded queue:
 * a failed connect or write closes the link and retries with exponential backoff (reset only
   once a state reached the PLC, so a PLC that accepts connections but refuses writes is not
   hammered); after every (re)connect the current state is written first; an outage is logged
-  once when it starts and once when a state gets through again.
+  once when it starts and once when a state gets through again;
+* a write the PLC answers with a refusal (:class:`RefusedError`: area too small or missing, a
+  node missing) keeps the connection and retries the write with the same backoff: the link is
+  fine, only the PLC program must change;
+* the last write of a clean stop clears "running" and "camera ok" (a stopped inspector vouches
+  for neither) and keeps the alarm bits: an alarm the PLC has not acknowledged stays visible.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
+from dataclasses import replace
 from typing import Callable, Protocol
 
 from inspector.alarms.layout import PlcState
 from inspector.errors import first_line
 
 log = logging.getLogger(__name__)
+
+
+class RefusedError(IOError):
+    """The PLC answered and refused the request (its area too small or missing, a node missing):
+    the connection itself is fine. The message says what the PLC must provide."""
+
+
+def stopped_state(state: PlcState) -> PlcState:
+    """What a clean stop leaves on the PLC: not running, camera not vouched for; the alarm bits,
+    counters and last defect as they were."""
+    return replace(state, running=False, camera_ok=False)
 
 
 class Link(Protocol):
@@ -65,6 +83,12 @@ class DriverWorker:
         self.heartbeat = 0
         self.last_written: PlcState | None = None
         self._latest: PlcState | None = None
+        self._open = False        # the link is connected (it may be refusing writes)
+        #: monotonic time the current outage began (first failed connect or write), None while
+        #: states get through
+        self.down_since: float | None = None
+        #: the current outage is the PLC refusing writes (reachable, but its map is wrong)
+        self.refused = False
 
     # -- called from the pipeline side: never blocks ---------------------------------------------
     def submit(self, state: PlcState) -> None:
@@ -79,19 +103,29 @@ class DriverWorker:
     def state_name(self) -> str:
         return "connected" if self.connected else "down"
 
+    def outage(self, now: float | None = None) -> str | None:
+        """``"down 25s"`` (not reachable) or ``"refused 25s"`` (writes refused) while states do
+        not get through, else None; for status lines."""
+        since = self.down_since
+        if since is None:
+            return None
+        now = time.monotonic() if now is None else now
+        return f"{'refused' if self.refused else 'down'} {max(0.0, now - since):.0f}s"
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"plc-{self.name}", daemon=True)
         self._thread.start()
 
     def request_stop(self) -> None:
-        """Ask the thread to write the last submitted state (if connected), close and end; does
-        not wait (several drivers stop side by side, :meth:`stop` waits)."""
+        """Ask the thread to write the last submitted state as stopped (:func:`stopped_state`;
+        if connected), close and end; does not wait (several drivers stop side by side,
+        :meth:`stop` waits)."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Write the last submitted state if connected, close the link, end the thread."""
+        """Write the last submitted state as stopped if connected, close the link, end the thread."""
         self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout if timeout is not None else 2 * self.cfg.timeout_s + 2)
@@ -125,23 +159,27 @@ class DriverWorker:
             if not self.connected:
                 if stopping:
                     break
-                try:
-                    self.link.connect()
-                except Exception as e:
-                    self.errors += 1
-                    outage_failures += 1
-                    if not outage:
-                        log.error("%s: PLC not reachable: %s; retrying with backoff up to %gs",
-                                  self.label, first_line(e), longest)
-                        outage = True
-                    self._close_link()
-                    self._wait(backoff, for_states=False)
-                    backoff = min(longest, backoff * 2)
-                    continue
+                if not self._open:
+                    try:
+                        self.link.connect()
+                    except Exception as e:
+                        self.errors += 1
+                        outage_failures += 1
+                        if not outage:
+                            log.error("%s: PLC not reachable: %s; retrying with backoff up to %gs",
+                                      self.label, first_line(e), longest)
+                            outage = True
+                            self.down_since = time.monotonic()
+                        self.refused = False
+                        self._close_link()
+                        self._wait(backoff, for_states=False)
+                        backoff = min(longest, backoff * 2)
+                        continue
+                    self._open = True
+                    self.connects += 1
+                    if self.connects == 1:
+                        log.info("%s: connected", self.label)
                 self.connected = True
-                self.connects += 1
-                if self.connects == 1:
-                    log.info("%s: connected", self.label)
             else:
                 if not stopping:
                     self._wait(self.cfg.heartbeat_s, for_states=True)
@@ -149,11 +187,12 @@ class DriverWorker:
             with self._cv:
                 stopping = self._stopping
             if self._latest is not None:
+                state = stopped_state(self._latest) if stopping else self._latest
                 try:
                     self.heartbeat += 1
-                    self.link.write(self._latest, self.heartbeat)
+                    self.link.write(state, self.heartbeat)
                     self.writes += 1
-                    self.last_written = self._latest
+                    self.last_written = state
                     if self.cfg.acknowledge and self.on_ack is not None and not stopping:
                         acks = self.link.read_acks()
                         if acks:
@@ -161,15 +200,21 @@ class DriverWorker:
                 except Exception as e:
                     # A PLC that takes the connection but refuses the write (register area too
                     # small, wrong unit id, a node missing) must not be hammered: the same
-                    # backoff as a refused connection, and one log line per outage.
+                    # backoff as a refused connection, and one log line per outage. A refusal
+                    # keeps the connection (reconnecting would not change the PLC's answer);
+                    # anything else may have left the stream out of step, so it reconnects.
+                    refused = isinstance(e, RefusedError)
                     self.errors += 1
                     outage_failures += 1
                     self.connected = False
                     if not outage:
-                        log.error("%s: write failed: %s; reconnecting with backoff up to %gs",
-                                  self.label, first_line(e), longest)
+                        log.error("%s: write failed: %s; %s with backoff up to %gs", self.label,
+                                  first_line(e), "retrying" if refused else "reconnecting", longest)
                         outage = True
-                    self._close_link()
+                        self.down_since = time.monotonic()
+                    self.refused = refused
+                    if not refused:
+                        self._close_link()
                     if not stopping:
                         self._wait(backoff, for_states=False)
                         backoff = min(longest, backoff * 2)
@@ -179,6 +224,8 @@ class DriverWorker:
                          "; current alarm state written" if self._latest is not None else "")
                 outage = False
                 outage_failures = 0
+                self.down_since = None
+                self.refused = False
             backoff = first
             if stopping:
                 break
@@ -186,6 +233,7 @@ class DriverWorker:
         self.connected = False
 
     def _close_link(self) -> None:
+        self._open = False
         try:
             self.link.close()
         except Exception as e:  # already broken: nothing left to release

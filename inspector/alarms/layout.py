@@ -101,6 +101,25 @@ def encode_words(state: PlcState, heartbeat: int) -> list[int]:
     return w
 
 
+def decode_words(words: list[int], alarm_names: tuple[str, ...], classes: tuple[str, ...]
+                 ) -> tuple[PlcState, int]:
+    """The inverse of :func:`encode_words`: ``(state, heartbeat)`` read back from a PLC map.
+
+    Last defect position, area and score come back as written (integers; score / 1000)."""
+    bits = words[ALARMS] | (words[ALARMS + 1] << 16)
+    status = words[STATUS]
+    state = PlcState(alarm_names=tuple(alarm_names),
+                     alarms=tuple(bool(bits >> i & 1) for i in range(len(alarm_names))),
+                     classes=tuple(classes), counts=tuple(words[COUNTS:COUNTS + len(classes)]),
+                     frames=(words[FRAMES] << 16) | words[FRAMES + 1],
+                     defects_total=(words[DEFECTS] << 16) | words[DEFECTS + 1],
+                     running=bool(status & STATUS_RUNNING), camera_ok=bool(status & STATUS_CAMERA_OK),
+                     last_class=words[LAST_CLASS], last_pos_mm=(words[LAST_POS] << 16) | words[LAST_POS + 1],
+                     last_across_px=words[LAST_ACROSS], last_area=words[LAST_AREA],
+                     last_score=words[LAST_SCORE] / 1000)
+    return state, words[HEARTBEAT]
+
+
 def ack_indices(words: list[int]) -> list[int]:
     """Alarm indices whose acknowledge bit is set in the two acknowledge words."""
     bits = (words[0] & 0xFFFF) | ((words[1] & 0xFFFF) << 16)

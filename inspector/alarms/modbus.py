@@ -14,9 +14,16 @@ import inspect
 import logging
 
 from inspector.alarms.config import ModbusDriverConfig
-from inspector.alarms.layout import ACK, COUNTS, LAST_SCORE, PlcState, ack_indices, encode_words
+from inspector.alarms.driver import RefusedError
+from inspector.alarms.layout import (ACK, COUNTS, LAST_SCORE, PlcState, ack_indices, decode_words,
+                                     encode_words)
 
 log = logging.getLogger(__name__)
+
+#: Modbus exception codes a PLC answers with, in the words of the Modbus specification
+EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
+              4: "server device failure", 6: "server device busy",
+              10: "gateway path unavailable", 11: "gateway target device failed to respond"}
 
 
 class ModbusLink:
@@ -32,6 +39,7 @@ class ModbusLink:
         self._client = None
         self._mask_write = True   # FC22 until the PLC says it has none
         self._coils_written = 0   # widest coil block written so far (kept across reconnects)
+        self._needs = ""          # what the map needs of the PLC, for a refusal's message
 
     def connect(self) -> None:
         c = self.cfg
@@ -41,9 +49,22 @@ class ModbusLink:
             raise ConnectionError(f"cannot connect to {c.host}:{c.port}")
 
     def _check(self, rr, what: str):
-        if rr is None or rr.isError():
-            raise IOError(f"{what} refused by the PLC: {rr}")
+        if rr is None:
+            raise IOError(f"{what}: no answer from the PLC")
+        if rr.isError():
+            # An answer, not a broken link: say what the PLC must provide, so whoever sizes its
+            # register area need not look up the README's table.
+            code = getattr(rr, "exception_code", None)
+            why = f"exception {code}: {EXCEPTIONS[code]}" if code in EXCEPTIONS else str(rr)
+            raise RefusedError(f"{what} refused by the PLC ({why}){self._needs}")
         return rr
+
+    def _set_needs(self, n_words: int, n_coils: int) -> None:
+        c = self.cfg
+        coils = (f" and coil {c.coil_base}" if n_coils == 1 else
+                 f" and coils {c.coil_base}..{c.coil_base + n_coils - 1}" if n_coils else "")
+        self._needs = (f"; the map needs holding registers {c.register_base}.."
+                       f"{c.register_base + n_words - 1}{coils} on unit {c.unit_id}")
 
     def write(self, state: PlcState, heartbeat: int) -> None:
         c, cl = self.cfg, self._client
@@ -55,6 +76,7 @@ class ModbusLink:
         # more: the coils beyond may belong to another camera's daemon on the same PLC, or lie
         # past the end of the PLC's coil area.
         n = max(len(state.alarms), self._coils_written)
+        self._set_needs(len(words), n)
         if n:
             coils = list(state.alarms) + [False] * (n - len(state.alarms))
             self._check(cl.write_coils(c.coil_base, coils, **self._unit_kw),
@@ -77,6 +99,15 @@ class ModbusLink:
         if idx:
             self._clear_acks(words)
         return idx
+
+    def read_state(self, alarm_names: tuple[str, ...], classes: tuple[str, ...]) -> tuple[PlcState, int]:
+        """The map as the PLC holds it now, decoded (``inspector alarms test`` restores it)."""
+        c, cl = self.cfg, self._client
+        n = COUNTS + len(classes)
+        self._set_needs(n, len(alarm_names))
+        rr = self._check(cl.read_holding_registers(c.register_base, count=n, **self._unit_kw),
+                         f"read holding registers {c.register_base}..{c.register_base + n - 1}")
+        return decode_words(list(rr.registers), alarm_names, classes)
 
     def _clear_acks(self, seen: list[int]) -> None:
         """Clear the acknowledge bits taken, and only those: with Mask Write Register (FC22) a

@@ -36,6 +36,7 @@ import threading
 from typing import Any
 
 from inspector.alarms.config import OpcUaDriverConfig
+from inspector.alarms.driver import RefusedError
 from inspector.alarms.layout import PlcState
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ def node_values(state: PlcState, heartbeat: int) -> list[Any]:
              state.alarm_bits, cls, float(state.last_pos_mm), float(state.last_across_px),
              float(state.last_area), float(state.last_score)]
             + list(state.alarms) + [n & 0xFFFFFFFF for n in state.counts])
+
+
+class NodesMissing(RefusedError, LookupError):
+    """The PLC's server lacks nodes of the map (its program must add them)."""
 
 
 class _LoopThread:
@@ -148,15 +153,24 @@ class OpcUaLink:
         self._server = server
         log.info("%s: serving namespace %s, object %s", self.label, c.namespace, self.obj)
 
-    async def _acknowledge_method(self, parent, alarm) -> list:
+    async def _acknowledge_method(self, parent, *args) -> Any:
+        ua = self._ua
+        # asyncua turns an exception raised here into BadUnexpectedError (and logs a traceback);
+        # a returned CallMethodResult reaches the caller with its own status code.
+        if len(args) != 1:
+            code = ua.StatusCodes.BadArgumentsMissing if not args else ua.StatusCodes.BadTooManyArguments
+            return ua.CallMethodResult(StatusCode=ua.StatusCode(code))
+        alarm = args[0]
         name = alarm.Value if hasattr(alarm, "Value") else alarm
         names = list(self._layout[0]) if self._layout else []
         if name in ("", "*"):
             idx = list(range(len(names)))
-        elif name in names:
+        elif isinstance(name, str) and name in names:
             idx = [names.index(name)]
         else:
-            raise self._ua.UaStatusCodeError(self._ua.StatusCodes.BadInvalidArgument)
+            log.info("%s: Acknowledge(%r) refused: no such alarm; alarms are %s", self.label, name, names)
+            bad = ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
+            return ua.CallMethodResult(StatusCode=bad, InputArgumentResults=[bad])
         with self._ack_lock:
             self._method_acks.extend(idx)
         return []
@@ -205,7 +219,7 @@ class OpcUaLink:
             missing = [n.nodeid.to_string() for n, r in zip(self._nodes + self._ack_nodes, res)
                        if not r.StatusCode.is_good()]
             if missing:
-                raise LookupError(f"{len(missing)} node(s) missing on {self.cfg.endpoint}: "
+                raise NodesMissing(f"{len(missing)} node(s) missing on {self.cfg.endpoint}: "
                                   f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} "
                                   "(see README, PLC maps: OPC UA)")
         self._layout = layout
@@ -257,6 +271,26 @@ class OpcUaLink:
         else:
             for node, v in zip(self._nodes, values):
                 await self._server.write_attribute_value(node.nodeid, ua.DataValue(v))
+
+    def read_state(self, alarm_names: tuple[str, ...], classes: tuple[str, ...]) -> tuple[PlcState, int] | None:
+        """The map as the PLC's server holds it now (``inspector alarms test`` restores it);
+        None in server mode, whose nodes this link has just made."""
+        if self._client is None:
+            return None
+        return self._loop.run(self._read_state(tuple(alarm_names), tuple(classes)), self.cfg.timeout_s * 2)
+
+    async def _read_state(self, alarm_names: tuple[str, ...], classes: tuple[str, ...]) -> tuple[PlcState, int]:
+        await self._ensure_nodes(PlcState(alarm_names=alarm_names, classes=classes))
+        v = await self._client.read_values(self._nodes)
+        n = len(alarm_names)
+        cls = v[6]
+        state = PlcState(alarm_names=alarm_names, alarms=tuple(bool(a) for a in v[11:11 + n]),
+                         classes=classes, counts=tuple(int(c) for c in v[11 + n:]), frames=int(v[3]),
+                         defects_total=int(v[4]), running=bool(v[1]), camera_ok=bool(v[2]),
+                         last_class=classes.index(cls) + 1 if cls in classes else 0,
+                         last_pos_mm=float(v[7]), last_across_px=float(v[8]), last_area=float(v[9]),
+                         last_score=float(v[10]))
+        return state, int(v[0])
 
     def read_acks(self) -> list[int]:
         idx = self._loop.run(self._read_acks(), self.cfg.timeout_s * 2)

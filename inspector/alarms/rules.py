@@ -94,6 +94,8 @@ class AlarmEngine:
         self._last = (0, 0.0, 0.0, 0.0, 0.0)  # class index, pos mm, across px, area, score
         self._overload_hist: deque = deque()
         self._alarms: list[_Alarm] = []
+        #: the PLC drivers this engine feeds (:func:`inspector.alarms.make_drivers`), for status lines
+        self.drivers: list = []
         self.set_rules(cfg)
 
     # -- configuration --------------------------------------------------------------------------
@@ -144,6 +146,9 @@ class AlarmEngine:
             self.running = running
             if camera_ok is not None:
                 self.camera_ok = camera_ok
+            if not running:
+                # a stopped inspector cannot vouch for the camera (README, PLC maps: status)
+                self.camera_ok = False
         self._notify()
 
     def on_frame(self, header: dict) -> None:
