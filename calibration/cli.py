@@ -49,7 +49,8 @@ def _load_config(path: str, bundle: str | None = None):
     from inspector.config import load_config
 
     cfg = load_config(path)
-    if bundle and Path(bundle).resolve() != Path(cfg.model.bundle).resolve():
+    # model.bundle is relative to the config file, --bundle to the working directory
+    if bundle and Path(bundle).resolve() != cfg.resolve(cfg.model.bundle).resolve():
         # allowed (calibrate a new bundle on the camera's own frames before switching it), but
         # never unnoticed: the camera's overrides were set for the bundle it runs
         overrides = dict(cfg.model.postprocess)
@@ -131,7 +132,20 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     log.info("normal frames %s; defects %s", normals.counts(), defects.counts() if defects else None)
     report = calibrate_thresholds(model, normals, args.target_fpr, defects, grid, args.min_threshold,
                                   args.confidence)
-    if report["feasible"] and not args.dry_run:
+    own = (report.get("check") or {}).get("bundle_setting")
+    refused = None
+    if report["feasible"] and own is not None and not own["meets_target"]:
+        # the values suit this camera's overrides, not the bundle's own section that every other
+        # camera sharing the bundle runs: not written (the report still is)
+        measured = (f"alarms on {own['alarmed']} of {own['normal_images']} held-back normal frames "
+                    f"(FPR {own['fpr']}, target {args.target_fpr})" if own["normal_images"]
+                    else "cannot be measured: no held-back normal frame")
+        refused = (f"{cfg.source_file if cfg else 'config'}: model.postprocess: the camera's overrides "
+                   f"{own['camera_overrides_that_shape']} change what alarms, and the bundle's own "
+                   f"section with the values calibrated under them {measured}; nothing written to "
+                   f"{model.bundle.path}. Remove the overrides, give them as a search grid (e.g. "
+                   f"--min-area-px) to calibrate the bundle with them, or keep the report (--dry-run)")
+    if report["feasible"] and not args.dry_run and refused is None:
         make_out_dir(out)  # the folder the note points to exists before the bundle names it
         chk, cal = report["check"], report["calibration"]
         from inspector.postprocess import PostprocessConfig
@@ -159,6 +173,9 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
         print(f"inspector: error: target FPR {args.target_fpr} cannot be met: {report['reason']}",
               file=sys.stderr)
         return 1
+    if refused is not None and not args.dry_run:
+        print(f"inspector: error: {refused}", file=sys.stderr)
+        return 2
     return 0
 
 

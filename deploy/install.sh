@@ -162,8 +162,10 @@ fi
 
 # -- models, docs, configs ----------------------------------------------------------------------
 # A bundle is changed on the line PC: `calibrate thresholds`, `dual-threshold --write` and
-# `evaluate --record` write into it. What install.sh copied is recorded (file checksums), so a re-run
-# replaces a bundle only while it is as installed; a changed one is kept, the shipped one put beside it.
+# `evaluate --record` write into it. models/.installed/<name>.sha256 records the checksums of the
+# shipped copy install.sh last put there (in place, or beside it as <name>.shipped): a bundle
+# still equal to it is replaced by a newer shipped one; a changed one is kept, the new shipped one
+# put beside it. A release that did not change the bundle has nothing to offer: no word then.
 mkdir -p "$ROOT$PREFIX/models"
 MANIFESTS=$ROOT$PREFIX/models/.installed
 checksums() { (cd "$1" && find . -type f -print | LC_ALL=C sort | while read -r f; do sha256sum "$f"; done); }
@@ -173,18 +175,33 @@ if [ -d "$MODELS" ]; then
         [ -f "$bundle/bundle.yaml" ] || continue
         name=$(basename "$bundle")
         dest=$ROOT$PREFIX/models/$name
-        if [ -d "$dest" ] && [ "$(checksums "$dest")" != "$(checksums "$bundle")" ] && \
-           { [ ! -f "$MANIFESTS/$name.sha256" ] || [ "$(checksums "$dest")" != "$(cat "$MANIFESTS/$name.sha256")" ]; }; then
-            rm -rf "$dest.shipped"
-            cp -R "$bundle" "$dest.shipped"
-            say "warning: $PREFIX/models/$name was changed here (calibrated?) since it was installed:" \
-                "kept as it is; the shipped bundle is in $PREFIX/models/$name.shipped (compare, then" \
-                "move it in place to use it)"
+        manifest=$MANIFESTS/$name.sha256
+        shipped=$(checksums "$bundle")
+        recorded=$(cat "$manifest" 2>/dev/null || true)
+        if [ -d "$dest" ] && [ "$(checksums "$dest")" = "$shipped" ]; then
+            rm -rf "$dest.shipped"  # in place already (the same release again, or .shipped moved in)
+            printf '%s\n' "$shipped" > "$manifest"
+            continue
+        fi
+        if [ -d "$dest" ] && [ "$(checksums "$dest")" != "$recorded" ]; then
+            # changed here since install.sh put it there, or installed before checksums were kept
+            if [ "$shipped" != "$recorded" ]; then
+                rm -rf "$dest.shipped"
+                cp -R "$bundle" "$dest.shipped"
+                if [ -z "$recorded" ]; then
+                    why="differs from the shipped one and was installed before install.sh kept checksums, so whether it was changed here (calibrated?) cannot be told"
+                else
+                    why="was changed here (calibrated?) since it was installed"
+                fi
+                say "warning: $PREFIX/models/$name $why: kept as it is; the shipped bundle is in" \
+                    "$PREFIX/models/$name.shipped (compare, then move it in place to use it)"
+                printf '%s\n' "$shipped" > "$manifest"
+            fi
             continue
         fi
         rm -rf "$dest" "$dest.shipped"
         cp -R "$bundle" "$dest"
-        checksums "$dest" > "$MANIFESTS/$name.sha256"
+        printf '%s\n' "$shipped" > "$manifest"
         say "model bundle $PREFIX/models/$name"
     done
 fi

@@ -215,7 +215,10 @@ def config_changes(saved: dict, current: dict) -> dict[str, list]:
 #: config keys of how a run is executed, not of what it learns (changed on a resume without a
 #: warning: another machine, more threads)
 RUN_KEYS = ("name", "threads", "device", "data_workers", "channels_last", "log_every",
-            "checkpoint_every", "checkpoint_every_s", "max_minutes")
+            "checkpoint_every", "checkpoint_every_s", "max_minutes",
+            # the config file's folder, filled in by read_config: a run moved to another machine
+            # or clone changes it; the data it points to is compared by the trainers themselves
+            "base_dir")
 
 
 def learnt_changes(changed: dict[str, list]) -> str:
@@ -245,28 +248,13 @@ def check_resume_keys(saved: dict, current: dict, keys: Iterable[str], config: s
     in it), naming the first differing dotted key: the checkpoint's tensors have the saved
     network's shapes, and ``load_state_dict`` would fail with a traceback (or, for a key that
     changes no shape, silently train another network)."""
-    def walk(a: Any, b: Any, key: str) -> str | None:
-        if isinstance(a, dict) and isinstance(b, dict):
-            for k in list(b) + [k for k in a if k not in b]:
-                bad = walk(a.get(k), b.get(k), f"{key}.{k}")
-                if bad:
-                    return bad
-            return None
-        # YAML lists and JSON tuples compare as lists
-        norm = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731
-        return None if norm(a) == norm(b) else key
-
-    def get(d: dict, dotted: str) -> Any:
-        for part in dotted.split("."):
-            d = d.get(part) if isinstance(d, dict) else None
-        return d
-
+    changed = config_changes(saved, current)  # the one comparison, shared with the warnings
     for key in keys:
-        bad = walk(get(saved, key), get(current, key), key)
-        if bad:
-            raise ConfigError(str(config), bad, f"{get(current, bad)!r}, but the checkpoint {ck_path} "
-                              f"was trained with {get(saved, bad)!r}; a resumed run keeps its network "
-                              "(put the old value back, or train into a new --run-dir)")
+        for bad, (old, new) in changed.items():
+            if bad == key or bad.startswith(key + "."):
+                raise ConfigError(str(config), bad, f"{new!r}, but the checkpoint {ck_path} was "
+                                  f"trained with {old!r}; a resumed run keeps its network (put the "
+                                  "old value back, or train into a new --run-dir)")
 
 
 def trim_losses(path: Path, step: int, key: str = "it") -> int:

@@ -705,7 +705,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         bad = [k for k in kind if f"kind_params.{k}:" in str(e)]
         if not bad:
             raise
-        detail = str(e).split(f"kind_params.{bad[0]}: ", 1)[1]
+        detail = str(e).split(f"kind_params.{bad[0]}: ", 1)[1].removeprefix("Value error, ")
         if "Extra inputs are not permitted" not in detail:
             # a key the kind takes, with a value it refuses: say what is wrong with the value
             return _fail(f"--set {bad[0]}: {detail}", EXIT_BAD_INPUT)

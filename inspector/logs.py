@@ -18,9 +18,11 @@ LIBRARY_LEVELS = {"asyncua": logging.WARNING, "snap7": logging.WARNING, "pymodbu
 
 
 def quiet_libraries(level: int) -> None:
-    """Hold the PLC libraries' loggers at :data:`LIBRARY_LEVELS` unless ``level`` is DEBUG."""
+    """Hold the PLC libraries' loggers at :data:`LIBRARY_LEVELS` unless ``level`` is DEBUG; a
+    stricter ``level`` (ERROR) holds them there too: a level set on a logger is not filtered
+    again by the root's, so held at WARNING they would speak where the root was told not to."""
     for name, held in LIBRARY_LEVELS.items():
-        logging.getLogger(name).setLevel(logging.NOTSET if level <= logging.DEBUG else held)
+        logging.getLogger(name).setLevel(logging.NOTSET if level <= logging.DEBUG else max(held, level))
 
 
 def set_level(level: str | int) -> None:

@@ -773,14 +773,14 @@ def test_resume_with_a_changed_training_key_is_warned_recorded_and_exported(
     with caplog.at_level("INFO", logger="export.arcd.train"):
         train(cfg, run2, resume=True)
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any("nothing is trained: stage2.lr 0.005 -> 0.05 change(s) nothing in the weights"
+    assert any("so nothing is left to train: stage2.lr 0.005 -> 0.05 change(s) nothing in the weights"
                in w for w in warned), warned
     assert not any("threads" in w for w in warned)  # how it runs, not what it learns
     ck = torch.load(run2 / "checkpoint.pt", weights_only=True)
     for k, v in weights.items():
         torch.testing.assert_close(ck["discrimination"][k], v)
     change = {"resumed_at": {"stage": 2, "step": 12, "done": True}, "trained_after": False,
-              "changed": {"threads": [2, 1], "stage2.lr": [0.005, 0.05]}}
+              "changed": {"stage2.lr": [0.005, 0.05]}}  # threads: how it runs, not recorded
     assert ck["config"]["stage2"]["lr"] == 0.05 and ck["config_changes"] == [change]
     assert yaml.safe_load((run2 / "config.yaml").read_text())["stage2"]["lr"] == 0.05
     assert json.loads((run2 / "metrics.json").read_text())["config_changes"] == [change]
@@ -800,5 +800,16 @@ def test_resume_with_a_changed_training_key_is_warned_recorded_and_exported(
     assert any(m.startswith("stage 2: resumed schedule") for m in msgs), msgs
     ck = torch.load(run2 / "checkpoint.pt", weights_only=True)
     assert [c["trained_after"] for c in ck["config_changes"]] == [False, True]
-    assert ck["config_changes"][1]["changed"] == {"threads": [1, 2], "stage2.steps": [12, 14],
-                                                  "stage2.lr": [0.05, 0.02]}
+    assert ck["config_changes"][1]["changed"] == {"stage2.steps": [12, 14], "stage2.lr": [0.05, 0.02]}
+    # a run stopped at step 12 of 20 and resumed with 10 steps trains nothing: said, and recorded so
+    ck.update(done=False, step=12)
+    ck["config"]["stage2"]["steps"] = 20
+    torch.save(ck, run2 / "checkpoint.pt")
+    cfg3 = tmp_path / "fewer.yaml"
+    cfg3.write_text(yaml.safe_dump(dict(TINY, stage2=dict(TINY["stage2"], steps=10, lr=0.03))))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="export.arcd.train"):
+        train(cfg3, run2, resume=True)
+    assert any("is at stage 2 step 12, so nothing is left to train" in r.getMessage() for r in caplog.records)
+    ck = torch.load(run2 / "checkpoint.pt", weights_only=True)
+    assert ck["config_changes"][-1]["trained_after"] is False and ck["step"] == 12

@@ -555,3 +555,52 @@ def test_a_class_pushed_to_threshold_1_is_warned_of(toy_bundle, tmp_path):
     assert rep["chosen"]["class_thresholds"]["inclusion"] == 1.0
     assert rep["search"]["classes_at_1"] == ["inclusion"]
     assert "class(es) ['inclusion']: threshold 1.0" in r.stderr and "are they defect-free?" in r.stderr
+
+
+def test_a_floor_set_under_a_cameras_min_area_is_not_written_when_the_bundle_misses_the_target(tmp_path):
+    """The camera runs min_area_px 12 (an override no grid searched); the floor calibrated with
+    it lets the bundle's own min_area_px 0, which every other camera sharing the bundle runs,
+    alarm far above the target. It is measured on the held-back frames and not written (exit 2,
+    naming the overrides); --dry-run keeps the report; as a grid it is calibrated and written."""
+    import shutil
+
+    from conftest import write_config
+
+    bundle = local_mean_clgan_bundle(tmp_path / "b")
+    before = (bundle / "bundle.yaml").read_text()
+    normal, _ = make_sets(tmp_path / "data", normals=200, defects=2)
+    cam = write_config(tmp_path / "cam.yaml", {
+        "camera_id": "cal", "model": {"bundle": str(bundle), "postprocess": {"min_area_px": 12}},
+        "source": {"type": "replay", "path": str(normal), "fps": 0}})
+    args = ("calibrate", "thresholds", "--config", str(cam), "--frames", "200", "--target-fpr", "0.05",
+            "--json")
+    r = run_cli(*args, "--out", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr[-2000:]
+    own = json.loads(r.stdout)["check"]["bundle_setting"]
+    assert own["camera_overrides_that_shape"] == {"min_area_px": 12}
+    assert own["meets_target"] is False and own["fpr"] > 0.05
+    assert (f"{cam}: model.postprocess: the camera's overrides {{'min_area_px': 12}} change what alarms"
+            in r.stderr and "nothing written" in r.stderr)
+    assert (bundle / "bundle.yaml").read_text() == before
+    assert run_cli(*args, "--dry-run", "--out", str(tmp_path / "o2")).returncode == 0
+    # given as a grid, min_area_px is calibrated, and written with the floor
+    shutil.rmtree(tmp_path / "o")
+    r = run_cli(*args, "--min-area-px", "12", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    written = load_bundle(bundle).spec.postprocess
+    assert written.min_area_px == 12 and written.min_residual == json.loads(r.stdout)["chosen"]["min_residual"]
+
+
+def test_the_cameras_own_bundle_named_relative_to_its_config_is_no_other_bundle(tmp_path):
+    """model.bundle is relative to the config file, --bundle to the working directory: the same
+    bundle both ways is not warned of as another one."""
+    from conftest import write_config
+
+    bundle = local_mean_clgan_bundle(tmp_path / "cfgdir" / "b")
+    cam = write_config(tmp_path / "cfgdir" / "cam.yaml", {
+        "camera_id": "cal", "model": {"bundle": "b"},
+        "source": {"type": "synthetic", "width": 128, "height": 64, "fps": 0, "defect_rate": 0.0, "seed": 1}})
+    r = run_cli("calibrate", "thresholds", "--bundle", str(bundle), "--config", str(cam), "--frames", "20",
+                "--target-fpr", "0.2", "--dry-run", "--json", "--out", str(tmp_path / "o"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "is not the bundle" not in r.stderr

@@ -338,7 +338,7 @@ def test_evaluate_set_overrides_kind_params_for_one_run(exported):
     assert res["kind_params"]["local_mean_window"] == 7 and res["postprocess"]["k1"] == 2.5
     assert (bundle / "bundle.yaml").read_text() == before  # for this run only
     for bad, says in (("bogus=1", "--set bogus: neither a post-processing key"),
-                      ("local_mean_window=4", "kind_params.local_mean_window"),
+                      ("local_mean_window=4", "--set local_mean_window: must be 0 (off) or an odd side >= 3, got 4"),
                       ("k1=abc", "--set k1:")):
         r = cli(*args, "--set", bad)
         assert r.returncode == 2 and says in r.stderr, (bad, r.stderr)

@@ -499,8 +499,9 @@ def test_a_rerun_keeps_a_bundle_calibrated_here_and_mends_a_venv_without_pip(
         installed, fake_bin, inspector_wheel, toy_bundle, tmp_path):
     """Re-running install.sh (an upgrade) replaced every installed bundle, losing the calibration
     `calibrate thresholds` had written into it; and a venv left without pip by a failed creation
-    (no python3-venv) failed every later run. Now a bundle as installed is replaced, a changed one
-    is kept with the shipped one beside it, and a venv without pip is made again."""
+    (no python3-venv) failed every later run. Now a bundle as installed is replaced by a newer
+    shipped one, a changed one is kept with the new shipped one beside it, moving that in place
+    makes it "as installed" again, and a venv without pip is made again."""
     root = tmp_path / "root"
     shutil.copytree(installed, root, symlinks=True)
     models = tmp_path / "models"
@@ -509,21 +510,43 @@ def test_a_rerun_keeps_a_bundle_calibrated_here_and_mends_a_venv_without_pip(
     env = {"DESTDIR": str(root), "PYTHON": str(Path(sys.base_prefix) / "bin" / "python3"),
            "MODELS": str(models), "PIP_ARGS": "--no-index --no-deps"}
     toy = root / "opt/inspector/models/toy"
-    r = run_script("install.sh", env, fake, str(inspector_wheel))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "model bundle /opt/inspector/models/toy" in r.stdout and not (toy.parent / "toy.shipped").exists()
-    # calibrated on the line PC
+    shipped = toy.parent / "toy.shipped"
+
+    def install() -> str:
+        r = run_script("install.sh", env, fake, str(inspector_wheel))
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    def release(tag: str) -> str:
+        text = (toy_bundle / "bundle.yaml").read_text() + f"# {tag}\n"
+        (models / "toy" / "bundle.yaml").write_text(text)
+        return text
+
+    out = install()  # the same release again: nothing to do, nothing said
+    assert "toy" not in out and not shipped.exists()
     calibrated = (toy / "bundle.yaml").read_text() + "# calibrated here\n"
     (toy / "bundle.yaml").write_text(calibrated)
+    out = install()  # the same release after a calibration: nothing new to offer
+    assert "toy" not in out and not shipped.exists() and (toy / "bundle.yaml").read_text() == calibrated
+    v2 = release("v2")
     site = next((root / "opt/inspector/venv/lib").glob("python3*/site-packages"))
     for p in site.glob("pip*"):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-    r = run_script("install.sh", env, fake, str(inspector_wheel))
-    assert r.returncode == 0, r.stdout + r.stderr
-    assert "has no pip (left by a failed creation?): creating it again" in r.stdout
-    assert "/opt/inspector/models/toy was changed here (calibrated?) since it was installed: kept" in r.stdout
-    assert (toy / "bundle.yaml").read_text() == calibrated
-    assert ((toy.parent / "toy.shipped" / "bundle.yaml").read_text()
-            == (toy_bundle / "bundle.yaml").read_text())
+    out = install()
+    assert "has no pip (left by a failed creation?): creating it again" in out
+    assert "/opt/inspector/models/toy was changed here (calibrated?) since it was installed: kept" in out
+    assert (toy / "bundle.yaml").read_text() == calibrated and (shipped / "bundle.yaml").read_text() == v2
     venv_python = root / "opt/inspector/venv/bin/python"
     assert subprocess.run([str(venv_python), "-m", "pip", "--version"], capture_output=True).returncode == 0
+    # the user takes the shipped one (the warning's advice): the next release replaces it
+    shutil.rmtree(toy)
+    shipped.rename(toy)
+    v3 = release("v3")
+    out = install()
+    assert "model bundle /opt/inspector/models/toy" in out and (toy / "bundle.yaml").read_text() == v3
+    # an install from before the checksums were kept: cannot tell, so kept and said so
+    (root / "opt/inspector/models/.installed/toy.sha256").unlink()
+    release("v4")
+    out = install()
+    assert "installed before install.sh kept checksums, so whether it was changed here" in out
+    assert (toy / "bundle.yaml").read_text() == v3

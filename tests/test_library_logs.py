@@ -44,5 +44,9 @@ def test_debug_lets_the_library_lines_through_and_a_later_level_holds_them_again
         assert not logging.getLogger("asyncua.client.ua_session").isEnabledFor(logging.INFO)
         assert logging.getLogger("snap7.client").isEnabledFor(logging.WARNING)
         assert not logging.getLogger("pymodbus.logging").isEnabledFor(logging.ERROR)
+        # a stricter level holds them there too (a logger's own level is not filtered by the root's)
+        set_level("ERROR")
+        assert not logging.getLogger("asyncua.client.ua_client").isEnabledFor(logging.WARNING)
+        assert not logging.getLogger("snap7.client").isEnabledFor(logging.WARNING)
     finally:
         set_level(before)

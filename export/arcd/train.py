@@ -51,7 +51,7 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
                                      discriminator_input, split_region_logits)
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
-from export.training import (atomic_save, check_resume_keys, config_changes, learnt_changes, quiet_worker, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
+from export.training import (RUN_KEYS, atomic_save, check_resume_keys, config_changes, learnt_changes, quiet_worker, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
                              read_checkpoint, read_config, start_ranks, train_main,
                              validate_config, whole_step, write_run_config)
 
@@ -854,16 +854,19 @@ def _record_config_changes(state: _State, changed: dict[str, list], config_path:
     finished run resumed with another ``stage2.lr`` rewrote config.yaml, trained nothing, and its
     bundle kept the old rate.
     """
-    if not changed:
-        return
-    state.config_changes.append({"resumed_at": _at(state), "trained_after": not state.done,
-                                 "changed": changed})
     text = learnt_changes(changed)
     if not text:
-        log.info("resumed with other run settings: %s",
-                 ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items()))
-    elif state.done:
-        log.warning("%s: %s had finished (stage %d step %d), so nothing is trained: %s change(s) "
+        if changed:  # how the run executes (threads, device): nothing to record
+            log.info("resumed with other run settings: %s",
+                     ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changed.items()))
+        return
+    learnt = {k: v for k, v in changed.items() if k.split(".")[0] not in RUN_KEYS}
+    # a stopped run resumed with no more steps than it ran trains nothing either
+    trains = not state.done and (state.stage == 1 or state.step < state.cfg.stage2.steps)
+    state.config_changes.append({"resumed_at": _at(state), "trained_after": trains,
+                                 "changed": learnt})
+    if not trains:
+        log.warning("%s: %s is at stage %d step %d, so nothing is left to train: %s change(s) "
                     "nothing in the weights; metrics.json is computed again with this config's "
                     "data and evaluation keys. config.yaml and the checkpoint now hold this config, "
                     "the change is recorded in config_changes", config_path, ck_path, state.stage,

@@ -87,7 +87,7 @@ class OnnxRuntimeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["onnxruntime"] = "onnxruntime"
-    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(default_factory=lambda: ["cpu"])
+    providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(default_factory=lambda: ["cpu"], min_length=1)
     device_id: int = Field(0, ge=0)
     intra_op_threads: int = Field(0, ge=0, description="0 = onnxruntime's choice (all cores)")
     inter_op_threads: int = Field(1, ge=0)

@@ -292,18 +292,19 @@ class GenicamSource(Source):
         """Index of the configured device in the producer's list; the error lists what exists."""
         infos = list(self._harvester.device_info_list)
         if not infos:
-            raise SourceError(f"GenTL producer {cti} (source.cti) lists no devices: no camera "
-                              "connected, or the file is not a GenTL producer (see harvesters log)")
+            raise SourceError(f"{self.config_file}: source.cti: the GenTL producer {cti} lists no "
+                              "devices: no camera connected (or not powered, or on another network)")
         available = "; ".join(f"[{i}] {_device_label(d)}" for i, d in enumerate(infos))
         c = self.cfg
         if c.serial is None and c.device_id is None:
             index = c.index or 0
             if index >= len(infos):
-                # the producer lists devices, just fewer: a wrong number, not a camera that is
-                # away (exit 2; an empty list, above, may be one unplugged: exit 1, restarted)
-                raise SourceConfigError(self.config_file, "source.index",
-                                        f"no device at source.index={index} (the producer lists "
-                                        f"{len(infos)}: indices 0..{len(infos) - 1}): {available}")
+                # a wrong number, or on a line of several cameras one still booting: a restart
+                # finds it then, so exit 1 (restarted) like a serial that matches nothing
+                raise SourceError(f"{self.config_file}: source.index: no device at "
+                                  f"source.index={index} (the producer lists {len(infos)}: indices "
+                                  f"0..{len(infos) - 1}; a typo, or that camera is not up yet): "
+                                  f"{available}")
             return index
         for i, info in enumerate(infos):
             if c.serial is not None and _safe_attr(info, "serial_number") != c.serial:
