@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from inspector.config import read_yaml_mapping
 from inspector.errors import CheckpointError, ConfigError, first_line, validator_message
+from inspector.signals import sigterm_as_interrupt  # noqa: F401  (re-exported for the trainers)
 from inspector.fileio import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -443,33 +444,6 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileExistsError, FileNo
 #: exit status of a training command stopped by Ctrl-C or SIGTERM after saving its checkpoint
 #: (128 + SIGINT, what a shell reports for Ctrl-C)
 EXIT_INTERRUPTED = 130
-
-
-@contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM stops training the way Ctrl-C does.
-
-    The trainers catch ``KeyboardInterrupt``, save a checkpoint of the step reached and re-raise.
-    SIGTERM is how ``kill``, ``timeout``, systemd and batch schedulers stop a job, and a job
-    started in the background of a script ignores SIGINT, so without this a stopped run lost
-    everything since its last periodic checkpoint. The first SIGTERM puts the previous handler
-    back, so a second one ends the process at once (the checkpoint is written atomically: the
-    previous one survives). Outside the main thread signals cannot be handled; nothing changes.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def interrupt(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, previous)
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

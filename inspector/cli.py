@@ -397,9 +397,17 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_alarms(args: argparse.Namespace) -> int:
     from inspector.alarms.commission import run_alarm_test
+    from inspector.signals import sigterm_as_interrupt
 
     cfg = _load(args.config)
-    failed = run_alarm_test(cfg, hold_s=args.hold, out=lambda line: print(line, flush=True))
+    try:
+        # SIGTERM as Ctrl-C: the test's restore write runs either way (its lines say whether)
+        with sigterm_as_interrupt():
+            failed = run_alarm_test(cfg, hold_s=args.hold, out=lambda line: print(line, flush=True))
+    except KeyboardInterrupt as e:
+        # 130, as the training commands stopped the same way
+        return _fail(f"alarms test stopped ({str(e) or 'Ctrl-C'}); a map it had written to was "
+                     "restored, unless a line above says not", 130)
     return EXIT_FAIL if failed else EXIT_OK
 
 

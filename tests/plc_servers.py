@@ -57,6 +57,9 @@ class ModbusPlc:
         self.port = free_port()
         self.n_classes = n_classes
         self.n_registers = n_registers   # fewer than 16 + classes: every state write is refused
+        #: a Modbus exception code to answer every request with (a gateway whose PLC is off: 11),
+        #: None for normal answers; may be changed while the server runs
+        self.exception_code: int | None = None
         self._loop = _Loop()
         self.server = None
         self.writes: list[tuple[int, int, list]] = []   # (function code, address, values)
@@ -65,7 +68,11 @@ class ModbusPlc:
         from pymodbus.server import ModbusTcpServer
         from pymodbus.simulator import DataType, SimData, SimDevice
 
+        from pymodbus.constants import ExcCodes
+
         async def record(fc, start, address, count, regs, set_values):
+            if self.exception_code is not None:
+                return ExcCodes(self.exception_code)
             if set_values is not None:
                 self.writes.append((fc, address, list(set_values)))
             return None
@@ -246,6 +253,67 @@ class OpcUaPlc:
         async def go():
             await self.vars[f"Ack.{self.alarms[index]}"].write_value(ua.Variant(True, ua.VariantType.Boolean))
         self._loop.run(go())
+
+
+class Proxy:
+    """A TCP relay 127.0.0.1:``port`` -> ``target``; :meth:`cut` drops every connection through
+    it while the PLC behind keeps running with its memory (a switch reboot, a dropped session)."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                continue
+            try:
+                u = socket.create_connection(self.target, timeout=2)
+            except OSError:
+                c.close()
+                continue
+            with self._lock:
+                self._conns += [c, u]
+            for a, b in ((c, u), (u, c)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(4096):
+                b.sendall(data)
+        except OSError:
+            pass
+        for s in (a, b):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        a.close()  # each direction's thread closes its reading end: both get closed
+
+    def cut(self) -> None:
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.cut()
+        self.sock.close()
 
 
 class BlackHole:

@@ -14,8 +14,10 @@ thread behind a bounded queue:
 * a write the PLC answers with a refusal (:class:`RefusedError`: area too small or missing, a
   node missing) keeps the connection and retries the write with the same backoff: the link is
   fine, only the PLC program must change;
-* the last write of a clean stop clears "running" and "camera ok" (a stopped inspector vouches
-  for neither) and keeps the alarm bits: an alarm the PLC has not acknowledged stays visible.
+* the last write of a stop clears "running" and "camera ok" (a stopped inspector vouches
+  for neither) and keeps the alarm bits: an alarm the PLC has not acknowledged stays visible. A
+  stop that finds the link down (in backoff after a failure) makes one connect and that write,
+  bounded by ``timeout_s``: a PLC reachable again must not keep "running" like after a crash.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class RefusedError(IOError):
 
 
 def stopped_state(state: PlcState) -> PlcState:
-    """What a clean stop leaves on the PLC: not running, camera not vouched for; the alarm bits,
+    """What a stop leaves on the PLC: not running, camera not vouched for; the alarm bits,
     counters and last defect as they were."""
     return replace(state, running=False, camera_ok=False)
 
@@ -84,11 +86,11 @@ class DriverWorker:
         self.last_written: PlcState | None = None
         self._latest: PlcState | None = None
         self._open = False        # the link is connected (it may be refusing writes)
-        #: monotonic time the current outage began (first failed connect or write), None while
-        #: states get through
-        self.down_since: float | None = None
-        #: the current outage is the PLC refusing writes (reachable, but its map is wrong)
-        self.refused = False
+        # (monotonic time the outage began, the PLC refuses the writes) while states do not get
+        # through, else None. One attribute, assigned whole: the status thread reads it while this
+        # worker's thread changes it, and two fields could be seen half updated ("down" for a
+        # refusal).
+        self._outage: tuple[float, bool] | None = None
 
     # -- called from the pipeline side: never blocks ---------------------------------------------
     def submit(self, state: PlcState) -> None:
@@ -103,14 +105,33 @@ class DriverWorker:
     def state_name(self) -> str:
         return "connected" if self.connected else "down"
 
+    @property
+    def down_since(self) -> float | None:
+        """Monotonic time the current outage began (first failed connect or write), None while
+        states get through."""
+        o = self._outage
+        return None if o is None else o[0]
+
+    @property
+    def refused(self) -> bool:
+        """The current outage is the PLC refusing writes (reachable, but its map is wrong)."""
+        o = self._outage
+        return o is not None and o[1]
+
     def outage(self, now: float | None = None) -> str | None:
         """``"down 25s"`` (not reachable) or ``"refused 25s"`` (writes refused) while states do
         not get through, else None; for status lines."""
-        since = self.down_since
-        if since is None:
+        o = self._outage  # read once: since and kind from the same moment
+        if o is None:
             return None
+        since, refused = o
         now = time.monotonic() if now is None else now
-        return f"{'refused' if self.refused else 'down'} {max(0.0, now - since):.0f}s"
+        return f"{'refused' if refused else 'down'} {max(0.0, now - since):.0f}s"
+
+    def _set_outage(self, refused: bool) -> None:
+        """Record a failure: the outage keeps its start, and takes the latest failure's kind."""
+        o = self._outage
+        self._outage = (time.monotonic() if o is None else o[0], refused)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"plc-{self.name}", daemon=True)
@@ -118,14 +139,15 @@ class DriverWorker:
 
     def request_stop(self) -> None:
         """Ask the thread to write the last submitted state as stopped (:func:`stopped_state`;
-        if connected), close and end; does not wait (several drivers stop side by side,
-        :meth:`stop` waits)."""
+        one connect first if the link is down), close and end; does not wait (several drivers
+        stop side by side, :meth:`stop` waits)."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Write the last submitted state as stopped if connected, close the link, end the thread."""
+        """Write the last submitted state as stopped (one attempt), close the link, end the
+        thread; waits at most ``timeout`` (default 2 x ``timeout_s`` + 2 s)."""
         self.request_stop()
         if self._thread is not None:
             self._thread.join(timeout if timeout is not None else 2 * self.cfg.timeout_s + 2)
@@ -153,24 +175,37 @@ class DriverWorker:
         # outage is logged once, and "back" once, however many attempts it takes.
         outage = False
         outage_failures = 0
+        # The stop write is tried once: a stop must end within a connect and a write, however
+        # the PLC answers.
+        stop_tried = False
         while True:
             with self._cv:
                 stopping = self._stopping
             if not self.connected:
                 if stopping:
-                    break
+                    # Down or in backoff at the stop: the PLC may be reachable again (a switch
+                    # reboot, a dropped session) and would keep "running" like after a crash,
+                    # so one connect and stop write, unless there is nothing to write.
+                    with self._cv:
+                        pending = self._latest is not None or bool(self._q)
+                    if stop_tried or not pending:
+                        break
+                    stop_tried = True
                 if not self._open:
                     try:
                         self.link.connect()
                     except Exception as e:
                         self.errors += 1
                         outage_failures += 1
+                        if stopping:
+                            log.warning("%s: stop write not made, PLC not reachable: %s; running and "
+                                        "camera ok stay as last written", self.label, first_line(e))
+                            break
                         if not outage:
                             log.error("%s: PLC not reachable: %s; retrying with backoff up to %gs",
                                       self.label, first_line(e), longest)
                             outage = True
-                            self.down_since = time.monotonic()
-                        self.refused = False
+                        self._set_outage(False)
                         self._close_link()
                         self._wait(backoff, for_states=False)
                         backoff = min(longest, backoff * 2)
@@ -188,6 +223,7 @@ class DriverWorker:
                 stopping = self._stopping
             if self._latest is not None:
                 state = stopped_state(self._latest) if stopping else self._latest
+                stop_tried = stop_tried or stopping
                 try:
                     self.heartbeat += 1
                     self.link.write(state, self.heartbeat)
@@ -207,12 +243,15 @@ class DriverWorker:
                     self.errors += 1
                     outage_failures += 1
                     self.connected = False
-                    if not outage:
+                    if stopping:
+                        # not "write failed": that line is logged once per outage
+                        log.warning("%s: stop write not made: %s; running and camera ok stay as "
+                                    "last written", self.label, first_line(e))
+                    elif not outage:
                         log.error("%s: write failed: %s; %s with backoff up to %gs", self.label,
                                   first_line(e), "retrying" if refused else "reconnecting", longest)
                         outage = True
-                        self.down_since = time.monotonic()
-                    self.refused = refused
+                    self._set_outage(refused)
                     if not refused:
                         self._close_link()
                     if not stopping:
@@ -224,8 +263,7 @@ class DriverWorker:
                          "; current alarm state written" if self._latest is not None else "")
                 outage = False
                 outage_failures = 0
-                self.down_since = None
-                self.refused = False
+                self._outage = None
             backoff = first
             if stopping:
                 break

@@ -25,6 +25,17 @@ EXCEPTIONS = {1: "illegal function", 2: "illegal data address", 3: "illegal data
               4: "server device failure", 6: "server device busy",
               10: "gateway path unavailable", 11: "gateway target device failed to respond"}
 
+#: The codes that say the request itself does not fit the PLC's map (a refusal: the PLC program
+#: must change). The others (device failure, busy, a gateway with no PLC behind it) say the PLC
+#: is not answering properly now: the link counts as down, and the map is not blamed.
+MAP_REFUSALS = {1, 2, 3}
+
+#: what an exception code that is not a refusal means for the operator
+_NOT_ANSWERING = {4: "the PLC failed while handling the request",
+                  6: "the PLC is busy (a long program cycle?)",
+                  10: "the gateway has no path to the PLC (its routing or the unit id)",
+                  11: "the PLC behind the gateway does not answer (off, or its serial line down)"}
+
 
 class ModbusLink:
     def __init__(self, cfg: ModbusDriverConfig):
@@ -50,13 +61,22 @@ class ModbusLink:
 
     def _check(self, rr, what: str):
         if rr is None:
-            raise IOError(f"{what}: no answer from the PLC")
+            raise ConnectionError(f"{what}: no answer from the PLC")
         if rr.isError():
-            # An answer, not a broken link: say what the PLC must provide, so whoever sizes its
-            # register area need not look up the README's table.
             code = getattr(rr, "exception_code", None)
-            why = f"exception {code}: {EXCEPTIONS[code]}" if code in EXCEPTIONS else str(rr)
-            raise RefusedError(f"{what} refused by the PLC ({why}){self._needs}")
+            if code is None:
+                # pymodbus < 3.7 returns (does not raise) a ModbusIOException when the
+                # connection drops or nothing answers: a lost link, not the PLC's answer.
+                raise ConnectionError(f"{what}: {rr}")
+            name = EXCEPTIONS.get(code, "unknown exception")
+            if code in MAP_REFUSALS:
+                # An answer about the request: say what the PLC must provide, so whoever sizes
+                # its register area need not look up the README's table.
+                raise RefusedError(f"{what} refused by the PLC (exception {code}: {name}){self._needs}")
+            # Busy, failed, or a gateway without its PLC: the map is not at fault; the driver
+            # treats it as down (reconnects with backoff).
+            raise IOError(f"{what}: the PLC answered exception {code} ({name}): "
+                          f"{_NOT_ANSWERING.get(code, 'not a map problem')}")
         return rr
 
     def _set_needs(self, n_words: int, n_coils: int) -> None:

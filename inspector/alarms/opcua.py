@@ -71,7 +71,9 @@ class NodesMissing(RefusedError, LookupError):
 class _LoopThread:
     """An asyncio loop in its own thread; the link's sync methods submit coroutines to it."""
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, request_timeout: float):
+        #: the timeout asyncua applies itself (``timeout_s``), named when it is the one that ran out
+        self.request_timeout = request_timeout
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name=name, daemon=True)
         self.thread.start()
@@ -81,8 +83,10 @@ class _LoopThread:
         try:
             return fut.result(timeout)
         except TimeoutError:
+            # done: the coroutine's own timeout (asyncua's, timeout_s) ran out, before this bound
+            within = self.request_timeout if fut.done() else timeout
             fut.cancel()
-            raise TimeoutError(f"no answer within {timeout:g}s") from None
+            raise TimeoutError(f"no answer within {within:g}s") from None
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -119,7 +123,7 @@ class OpcUaLink:
     # -- connect / close -----------------------------------------------------------------------
     def connect(self) -> None:
         if self._loop is None:
-            self._loop = _LoopThread(f"opcua-{self.obj}")
+            self._loop = _LoopThread(f"opcua-{self.obj}", self.cfg.timeout_s)
         coro = self._start_server() if self.cfg.mode == "server" else self._connect_client()
         # server start loads the standard address space (seconds); never bound it by the request timeout
         self._loop.run(coro, max(self.cfg.timeout_s * 4, 30.0 if self.cfg.mode == "server" else 0))
