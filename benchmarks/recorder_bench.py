@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inspector.bench import (machine_caption, machine_under_load, save_figure, script_command,
+from inspector.bench import (benchmark_out, machine_caption, machine_under_load, save_figure, script_command,
                              write_benchmark)
 from inspector.frame import Frame
 from inspector.recorder import Recorder, RecordConfig
@@ -94,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="also measure each level with record.fsync: true")
     ap.add_argument("--out", required=True, help="folder for recorder-bench.json and .png")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = benchmark_out(args.out)
     src = SyntheticSource(SyntheticConfig(width=args.width, height=args.height, fps=0, seed=0,
                                           defect_rate=0.5), "bench")
     src.open()

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inspector.bench import (machine_caption, machine_under_load, save_figure, script_command,
+from inspector.bench import (benchmark_out, machine_caption, machine_under_load, save_figure, script_command,
                              write_benchmark)
 from inspector.config import load_config
 from inspector.pipeline import load_model
@@ -115,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", help="where the records go (default: a temporary folder)")
     ap.add_argument("--out", required=True, help="folder for recorder-contention-bench.json and .png")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = benchmark_out(args.out)
     cfg = load_config(args.config)
     model = load_model(cfg)
     classes = model.bundle.spec.classes

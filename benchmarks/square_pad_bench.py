@@ -33,9 +33,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from inspector.bench import (machine_caption, machine_under_load, save_figure, script_command,
-                             write_benchmark)  # noqa: E402
+from inspector.bench import (benchmark_out, machine_caption, machine_under_load, refuse, save_figure,
+                             script_command, write_benchmark)  # noqa: E402
 from inspector.bundle import BUNDLE_FILE, load_bundle  # noqa: E402
+from inspector.errors import BundleError  # noqa: E402
 from inspector.engines.onnxruntime import OnnxRuntimeConfig, OnnxRuntimeEngine  # noqa: E402
 from inspector.models import make_adapter  # noqa: E402
 
@@ -107,9 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     bundle = Path(args.bundle)
+    try:
+        kind = load_bundle(bundle).spec.kind
+    except (BundleError, OSError) as e:
+        refuse(f"--bundle {bundle}: {e}")
+    if kind != "arcd":
+        refuse(f"--bundle {bundle}: a bundle of kind {kind}; square_pad applies to arcd bundles only")
+    out = benchmark_out(args.out)
     load = os.getloadavg()
     runs = []
     tmp = Path(tempfile.mkdtemp(prefix="square-pad-bench-"))

@@ -28,6 +28,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 
@@ -110,6 +111,28 @@ def write_benchmark(out: Path, stem: str, result: dict, plot) -> None:
     ``plot(result, path)``."""
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"{stem}.png")
+
+
+def refuse(message: str) -> NoReturn:
+    """A benchmark script's bad input: one line on stderr, exit 2 (as the inspector commands)."""
+    import sys
+
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def benchmark_out(path: str | Path) -> Path:
+    """A benchmark script's ``--out`` folder, made before any measuring: one it cannot make (a
+    path below a file, a read-only place) is refused naming ``--out``, not a traceback after
+    the work."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        refuse(f"--out {path}: cannot make this folder ({e.strerror or e})")
+    if not os.access(out, os.W_OK | os.X_OK):
+        refuse(f"--out {path}: this folder is not writable")
+    return out
 
 
 def script_command(script: str, argv: list[str] | None) -> str:
