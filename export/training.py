@@ -110,8 +110,10 @@ def read_config(path: Path, model: type[M], set_base_dir: bool = True) -> M:
         other = raw["kind"]
         command = (f"inspector augment {other} train" if other in ("defectgan", "anomalyalign")
                    else f"inspector train {other}")
-        raise ConfigError(str(path), "kind", f"a {other} training config, not {want}: train it with "
-                          f"`{command}`")
+        article = "an" if str(other)[:1].lower() in "aeiou" else "a"
+        # read by trainers and by benchmark scripts on a run's config.yaml alike: no "train it"
+        raise ConfigError(str(path), "kind", f"{article} {other} training config, not {want} "
+                          f"(`{command}` is its trainer)")
     if set_base_dir:
         raw.setdefault("base_dir", str(path.resolve().parent))
     return validate_config(model, raw, str(path))
@@ -230,12 +232,35 @@ def learnt_changes(changed: dict[str, list]) -> str:
 
 
 def warn_config_changes(saved: dict, current: dict, config: str | Path, ck_path: Path,
-                        at: str) -> dict[str, list]:
+                        at: str, base_dirs: tuple[str | Path | None, str | Path | None] | None = None
+                        ) -> dict[str, list]:
     """Warn when a resume's config differs from its checkpoint's in a key that changes what is
     learnt (a resume used to rewrite config.yaml with the new values without a word, while the
-    steps before it were trained with the old); returns every change (:func:`config_changes`)."""
+    steps before it were trained with the old); returns every change (:func:`config_changes`).
+
+    A data folder (a key named ``root``: ``data.root``, ``data.sources.<i>.root``) that names
+    the same folder once resolved is not warned of: ``../data/x`` rewritten as ``/abs/data/x``
+    used to read as other training data. A relative one resolves against its config's
+    ``base_dir`` (the config file's folder, which ``read_config`` fills in), or against
+    ``base_dirs`` (saved, current) where given: a trainer whose relative roots are taken from
+    the working directory passes the one of the checkpoint's run and today's."""
     changed = config_changes(saved, current)
-    text = learnt_changes(changed)
+    bases = base_dirs or (saved.get("base_dir"), current.get("base_dir"))
+
+    def resolved(cfg: Any, base: str | Path | None) -> Any:
+        """``cfg`` with every ``root`` made an absolute, resolved path (lists of sources too;
+        resolve(): a symlinked shared/ and its target are the same folder)."""
+        if isinstance(cfg, dict):
+            return {k: (str((Path(base or ".") / Path(v).expanduser()).resolve())
+                        if k == "root" and isinstance(v, str) and v else resolved(v, base))
+                    for k, v in cfg.items()}
+        if isinstance(cfg, (list, tuple)):
+            return [resolved(v, base) for v in cfg]
+        return cfg
+
+    # keys that differ only in how a data folder is spelt (a list of sources is one key)
+    real = config_changes(resolved(saved, bases[0]), resolved(current, bases[1]))
+    text = learnt_changes({k: v for k, v in changed.items() if k in real})
     if text:
         log.warning("%s differs from the config of %s: %s; the steps from %s on use the new "
                     "value(s), the earlier ones were trained with the old (config.yaml now holds "
@@ -586,7 +611,8 @@ def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[.
     p.add_argument("--run-dir", type=Path, default=None, help="run folder (default runs/<name>-<time>)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --run-dir")
     if max_iters:
-        p.add_argument("--max-iters", type=int, default=None, help=f"stop after this many {max_iters}")
+        p.add_argument("--max-iters", type=int, default=None, help=f"stop after this many more {max_iters} in this invocation "
+                                                                   "(on --resume: more, not a total)")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     if a.resume and a.run_dir is None:

@@ -175,8 +175,13 @@ def test_training_config_errors_name_the_users_key_and_the_right_command(tmp_pat
     assert str(e.value).startswith("t.yaml: data.train_crop [999, 999] must be a multiple of")
     cfg = tmp_path / "g.yaml"
     cfg.write_text("kind: clgan\nname: g\n")
-    with pytest.raises(ConfigError, match=r"g.yaml: kind: a clgan training config, not arcd: train it "
-                                          r"with `inspector train clgan`"):
+    with pytest.raises(ConfigError, match=r"g.yaml: kind: a clgan training config, not arcd "
+                                          r"\(`inspector train clgan` is its trainer\)"):
         read_config(cfg, TrainConfig, set_base_dir=False)
+    cfg.write_text("kind: anomalyalign\nname: g\n")
+    with pytest.raises(ConfigError, match=r"kind: an anomalyalign training config, not arcd "
+                                          r"\(`inspector augment anomalyalign train` is its trainer\)"):
+        read_config(cfg, TrainConfig, set_base_dir=False)
+    cfg.write_text("kind: clgan\nname: g\n")
     r = run_cli("train", "arcd", "--config", str(cfg), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and not (tmp_path / "run").exists()

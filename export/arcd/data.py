@@ -976,6 +976,14 @@ def _synthetic_frames(cfg: FolderDataConfig, classes: Sequence[str], channels: i
     if got is not None and list(got) != list(classes):
         raise TrainingDataError(f"data.synthetic_root: {root / 'manifest.json'}: classes {got} "
                                 f"differ from the data set's {list(classes)}")
+    if man.get("training_complete") is False:  # older manifests lack the key: no warning
+        # the pairs are not refused (a short run can be a deliberate trial), but ARCD used to
+        # take them without a word
+        log.warning("data.synthetic_root: %s: its generator (%s) had not finished training "
+                    "(%s of %s iterations) when these pairs were sampled; finish it with `inspector "
+                    "augment %s train ... --resume` and sample again", root / "manifest.json",
+                    man.get("checkpoint", "?"), man.get("checkpoint_step", "?"),
+                    man.get("planned_iterations", "?"), man.get("generator", "<generator>"))
     n = len(ds) if not cfg.synthetic_limit else min(cfg.synthetic_limit, len(ds))
     return DatasetFrames(ds, channels, cfg.fit(), list(range(n)))
 

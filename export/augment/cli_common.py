@@ -12,13 +12,57 @@ from typing import Any, Callable, TypeVar
 
 from inspector.argtypes import positive_int
 
-__all__ = ["add_train_command", "named_stop", "naming_stops", "stoppable_sample", "EXIT_STOPPED"]
+__all__ = ["add_train_command", "named_stop", "naming_stops", "stoppable_sample", "EXIT_STOPPED",
+           "GENERATORS", "not_this_generator", "check_run_dir", "unfinished_run"]
 
 T = TypeVar("T")
 
 #: exit status of a command stopped by Ctrl-C or SIGTERM (``export.training.EXIT_INTERRUPTED``,
 #: not imported: this module is read while the parser is built, without torch)
 EXIT_STOPPED = 130
+
+
+#: the generators' checkpoint kinds and how their ``sample`` command and names read
+GENERATORS = {"defectgan": "Defect-GAN", "anomalyalign": "AnomalyAlign"}
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """``--run-dir`` of ``sample``: one message for both generators when it is not a folder."""
+    if not Path(run_dir).is_dir():
+        raise FileNotFoundError(f"--run-dir {run_dir}: no such folder")
+
+
+def _a(name: str) -> str:
+    """``name`` with its article ("an AnomalyAlign", "a Defect-GAN")."""
+    return f"{'an' if name[:1].lower() in 'aeiou' else 'a'} {name}"
+
+
+def not_this_generator(path: Path, ck: dict, want: str, fmt: int) -> str:
+    """The message for a checkpoint that is not ``want``'s (of format ``fmt``): a run of the
+    other generator names it and its command; a detector run (arcd, clgan, fuzzymask) says so."""
+    kind = ck.get("kind")
+    if kind in GENERATORS and kind != want:
+        return (f"{path}: {_a(GENERATORS[kind])} run (kind {kind}), not {GENERATORS[want]}: sample "
+                f"it with `inspector augment {kind} sample`")
+    if kind is not None and kind != want:
+        return f"{path}: a checkpoint of kind {kind}, not {_a(GENERATORS[want])} run"
+    return f"{path}: not {_a(GENERATORS[want])} checkpoint of format {fmt}"
+
+
+def unfinished_run(run_dir: Path, kind: str, step: int, total: int | None, what: str) -> bool:
+    """Log a WARNING when ``sample`` reads a run whose training stopped before its planned
+    ``total`` ``what`` (max_minutes, --max-iters, a stop): its pairs come from a generator that
+    had not finished, and sampling it was silent. Returns whether training was complete (True
+    when the checkpoint does not say how many were planned)."""
+    import logging
+
+    if total is None or step >= total:
+        return True
+    logging.getLogger(f"export.augment.{kind}.sample").warning(
+        "%s: training stopped at %s %d of %d (max_minutes, --max-iters or a stop): these pairs "
+        "come from an unfinished generator; finish it with `inspector augment %s train --config "
+        "<its config> --run-dir %s --resume`", run_dir, what, step, total, kind, run_dir)
+    return False
 
 
 def named_stop(e: KeyboardInterrupt) -> KeyboardInterrupt:
@@ -89,5 +133,7 @@ def add_train_command(sub: argparse._SubParsersAction, kind: str, iterations: st
     q.add_argument("--config", required=True, help=f"training YAML (kind: {kind})")
     q.add_argument("--run-dir", help="run folder (default: runs/<name>-<time>)")
     q.add_argument("--resume", action="store_true", help="continue from the checkpoint in --run-dir")
-    q.add_argument("--max-iters", type=positive_int, help=f"stop after this many {iterations}")
+    q.add_argument("--max-iters", type=positive_int,
+                   help=f"stop after this many {iterations} in this invocation (with --resume: "
+                        "this many more, not a total)")
     q.set_defaults(augment_fn=cmd_train)

@@ -22,22 +22,48 @@ def image_cap(text: str) -> int:
     return value
 
 
+def check_out(out: str) -> Path:
+    """``--out``: a file to write, refused before the measurement runs (a folder, or a path
+    under a file, used to fail after it with an errno line, exit 1 for the folder)."""
+    path = Path(out)
+    if path.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file name (e.g. {path / 'measure.json'})")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a folder; give a path "
+                                 "in a folder")
+            break
+    return path
+
+
 def cmd_measure(args: argparse.Namespace) -> int:
+    from export.augment.dataset import open_pairs
     from export.augment.measure import diversity
     from inspector.evaluation.datasets import open_dataset
 
     if args.max_images < 2:  # the command line refuses it; a caller building args may not
         raise ValueError(f"--max-images: must be >= 2, got {args.max_images}")
+    out_path = check_out(args.out) if args.out else None
     out: dict = {}
     for key, root, fmt, split in (("generated", args.pairs, "neu-seg", "all"),
                                   ("reference", args.reference, args.reference_format,
                                    args.reference_split)):
         if root is None:
             continue
+        flag = "--pairs" if key == "generated" else "--reference"
         if not Path(root).is_dir():
-            raise FileNotFoundError(f"--{'pairs' if key == 'generated' else 'reference'} {root}: "
-                                    f"folder not found")
-        ds = open_dataset(fmt, root, split=split)
+            raise FileNotFoundError(f"{flag} {root}: folder not found")
+        if key == "generated":
+            # the pairs data.synthetic_root would train on: only those its manifest lists, and
+            # a folder without a readable manifest refused the same way (real images are
+            # measured with --reference)
+            try:
+                ds, _ = open_pairs(root)
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"--pairs: {e} (measure real images with --reference)") from None
+        else:
+            ds = open_dataset(fmt, root, split=split)
         n = min(len(ds), args.max_images)
         if n < 2:
             raise ValueError(f"{root}: {len(ds)} image(s) in split {split}; diversity needs 2")
@@ -48,9 +74,9 @@ def cmd_measure(args: argparse.Namespace) -> int:
     if "generated" in out and "reference" in out:
         out["ratio"] = round(out["generated"]["diversity"] / out["reference"]["diversity"], 4)
     text = json.dumps(out, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(text)
     print(text)
     return 0
 
@@ -58,11 +84,12 @@ def cmd_measure(args: argparse.Namespace) -> int:
 def add_commands(gsub: argparse._SubParsersAction) -> None:
     p = gsub.add_parser("measure", help="diversity of generated pairs in a fixed feature space, "
                                         "against real images (mask alignment: inspector evaluate)")
-    p.add_argument("--pairs", help="generated pairs (NEU-Seg layout, as `sample` writes them)")
+    p.add_argument("--pairs", help="generated pairs: a folder `sample` wrote (only the pairs its "
+                                   "manifest.json lists, as data.synthetic_root reads them)")
     p.add_argument("--reference", help="real images to compare with, e.g. ../shared/data/neu_seg")
     p.add_argument("--reference-format", default="neu-seg", choices=["neu-seg", "magnetic-tile", "folder"])
     p.add_argument("--reference-split", default="val", choices=["train", "val", "test", "all"])
     p.add_argument("--max-images", type=image_cap, default=300,
                    help="images per set (the first N; at least 2)")
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--out", help="also write the JSON to this file")
     p.set_defaults(augment_fn=cmd_measure)

@@ -33,7 +33,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from export.augment.anomalyalign.sample import sample, write_grid
 
     path = sample(Path(args.run_dir), Path(args.out), args.n, args.seed, steps=args.steps,
-                  guidance=args.guidance, batch_size=args.batch_size, threads=args.threads)
+                  guidance=args.guidance, batch_size=args.batch_size, threads=args.threads,
+                  data_root=args.data_root)
     if args.grid:
         write_grid(Path(args.out), Path(args.grid))
     print(path)
@@ -60,4 +61,7 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
     q.add_argument("--batch-size", type=positive_int, help="images per DDIM batch")
     q.add_argument("--threads", type=positive_int, help="torch threads (default: the run's threads)")
     q.add_argument("--grid", help="also write a PNG grid of the first 16 pairs with their masks")
+    q.add_argument("--data-root", help="NEU-Seg folder the run was trained on (default: the run's "
+                                       "data.root; relative: from the folder it was trained in, "
+                                       "then from here)")
     q.set_defaults(augment_fn=stoppable_sample(cmd_sample))

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,14 @@ from export.augment.anomalyalign.nets import build_controlnet, build_unet
 from export.augment.anomalyalign.prompts import PromptLibrary
 from export.augment.anomalyalign.train import (SEGMENTER, AnomalyAlignConfig, ddim_sample,
                                                grid_image, load_checkpoint, load_segmenter)
+from export.augment.cli_common import check_run_dir, unfinished_run
 from export.augment.dataset import PairWriter, labelled_subset
+from inspector.errors import ConfigError
 from export.training import CHECKPOINT, fmt_duration
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SourceMasks", "load_sources", "plan_pair", "transform_mask", "place_mask", "load_model",
+__all__ = ["SourceMasks", "load_sources", "find_data_root", "plan_pair", "transform_mask", "place_mask", "load_model",
            "AlignmentMeter", "sample", "write_grid", "check_guidance"]
 
 
@@ -55,16 +58,50 @@ class SourceMasks:
     size: tuple[int, int]  # (H, W) of the written pairs
 
 
-def load_sources(ck: dict, cfg: AnomalyAlignConfig) -> SourceMasks:
-    """The checkpoint's training images' masks, re-read from the labelled subset (the checkpoint
-    keeps only their stems, in training order)."""
-    ds = labelled_subset(cfg.data.root, cfg.data.label_fraction, cfg.data.label_seed)
+def is_neu_root(path: Path) -> bool:
+    """The NEU-Seg layout's two folders are there (what the reader needs first)."""
+    return (path / "images").is_dir() and (path / "annotations").is_dir()
+
+
+def find_data_root(ck: dict, cfg: AnomalyAlignConfig, ck_path: Path,
+                   data_root: str | Path | None = None) -> Path:
+    """The NEU-Seg folder the run was trained on. ``data_root`` (``--data-root``) when given;
+    else the checkpoint's ``data.root``: absolute as it is, relative first from the folder the
+    run was trained in (its ``base_dir``, recorded since this was fixed), then from the working
+    directory (all an older checkpoint allows). It used to be taken from the working directory
+    only, so ``sample`` worked only from the folder the run was trained in, and the error named
+    neither the checkpoint nor the key."""
+    if data_root is not None:
+        root = Path(data_root).expanduser()
+        if not is_neu_root(root):
+            raise FileNotFoundError(f"--data-root {data_root}: NEU-Seg root not found (expected "
+                                    f"images/ and annotations/ folders in it)")
+        return root
+    saved = Path(cfg.data.root).expanduser()
+    tried = ([saved] if saved.is_absolute()
+             else ([Path(ck["base_dir"]) / saved] if ck.get("base_dir") else []) + [Path.cwd() / saved])
+    for root in tried:
+        if is_neu_root(root):
+            return root
+    raise ConfigError(str(ck_path), "data.root",
+                      f"{cfg.data.root}: the run's NEU-Seg folder is not found (looked in "
+                      f"{' and '.join(dict.fromkeys(os.path.normpath(t) for t in tried))}); pass `sample "
+                      "--data-root <NEU-Seg folder>` with the images the run was trained on")
+
+
+def load_sources(ck: dict, cfg: AnomalyAlignConfig, root: str | Path | None = None) -> SourceMasks:
+    """The checkpoint's training images' masks, re-read from the labelled subset of ``root``
+    (default: the config's ``data.root``; the checkpoint keeps only their stems, in training
+    order)."""
+    root = cfg.data.root if root is None else root
+    ds = labelled_subset(root, cfg.data.label_fraction, cfg.data.label_seed)
     by_stem = {e.stem: i for i, e in enumerate(ds.entries)}
     masks, stems, pidx = [], [], []
     for stem, j in zip(ck["train_stems"], ck["prompt_idx"]):
         if stem not in by_stem:
-            raise ValueError(f"{cfg.data.root}: training image {stem} of the checkpoint is missing; "
-                             f"the labelled subset changed since training")
+            raise ValueError(f"{root}: training image {stem} of the checkpoint is missing; "
+                             f"the labelled subset changed since training (or this is not the "
+                             f"run's data)")
         m = ds.load(by_stem[stem]).mask
         masks.append(m)
         stems.append(stem)
@@ -170,17 +207,23 @@ def check_guidance(guidance: float) -> float:
 
 def sample(run_dir: Path, out: Path, n: int, seed: int = 0, steps: int | None = None,
            guidance: float | None = None, batch_size: int | None = None,
-           threads: int | None = None, sources: SourceMasks | None = None) -> Path:
+           threads: int | None = None, sources: SourceMasks | None = None,
+           data_root: str | Path | None = None) -> Path:
     """Write ``n`` pairs from the run in ``run_dir`` to ``out``; returns the manifest path.
-    ``sources`` replaces the labelled subset's masks (tests)."""
+    ``sources`` replaces the labelled subset's masks (tests); ``data_root`` is where the run's
+    training images are (:func:`find_data_root`)."""
     run_dir, out = Path(run_dir), Path(out)
+    check_run_dir(run_dir)
     ck_path = run_dir / CHECKPOINT
     ck = load_checkpoint(ck_path)
     cfg = AnomalyAlignConfig.model_validate(ck["config"])
     # the run's thread count by default: more threads than free cores slows sampling many-fold
     torch.set_num_threads(threads or cfg.threads)
     dev = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
-    src = sources or load_sources(ck, cfg)
+    src = sources or load_sources(ck, cfg, find_data_root(ck, cfg, ck_path, data_root))
+    total = ck.get("total")
+    complete = unfinished_run(run_dir, "anomalyalign", int(ck["step"]),
+                              None if total is None else int(total), "diffusion iteration")
     lib = PromptLibrary.from_dict(ck["library"])
     unet, controlnet = load_model(ck, cfg, dev)
     text_table = ck["text_emb"].float()
@@ -195,8 +238,9 @@ def sample(run_dir: Path, out: Path, n: int, seed: int = 0, steps: int | None = 
     seg_path = run_dir / SEGMENTER
     meter = (AlignmentMeter(load_segmenter(seg_path, len(ck["classes"])), list(ck["classes"]))
              if seg_path.is_file() else None)
-    log.info("sampling %d pairs from %s (iteration %d) at %d px -> %dx%d, DDIM %d steps, guidance %g",
-             n, ck_path, ck["step"], r, w, h, steps, guidance)
+    log.info("sampling %d pairs from %s (iteration %d of %s) at %d px -> %dx%d, DDIM %d steps, "
+             "guidance %g", n, ck_path, ck["step"], total if total is not None else "?", r, w, h,
+             steps, guidance)
     t0 = time.monotonic()
     # the pairs go to a temporary folder that close() renames to `out`: an error or Ctrl-C before
     # that leaves no `out` (the writer's exit removes the folder)
@@ -222,6 +266,7 @@ def sample(run_dir: Path, out: Path, n: int, seed: int = 0, steps: int | None = 
             log.info("mask alignment (IoU of the run's segmenter on the generated images vs their "
                      "masks, at %d px): %s", r, alignment)
         return writer.close(checkpoint=str(ck_path), checkpoint_step=int(ck["step"]),
+                            planned_iterations=total, training_complete=complete,
                             subset=ck.get("data_source"), sampling=settings,
                             mask_alignment_iou=alignment,
                             segmenter_train_iou=ck["segmenter"].get("info", {}).get("train_iou"))

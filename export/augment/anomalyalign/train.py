@@ -323,7 +323,8 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 
 def train_segmenter(data: TrainData, cfg: SegmenterConfig, seed: int, flip: bool, rot90: bool,
                     dev: torch.device, resume_from: dict | None = None,
-                    progress: dict | None = None) -> tuple[SegUNet, dict]:
+                    progress: dict | None = None, deadline: float | None = None
+                    ) -> tuple[SegUNet | None, dict]:
     """A small U-Net on the real masks (focal + Dice, as ARCD's D); returns it frozen, in eval
     mode, and its final train loss and per-class IoU on the (unaugmented) subset.
 
@@ -331,7 +332,11 @@ def train_segmenter(data: TrainData, cfg: SegmenterConfig, seed: int, flip: bool
     ``progress`` (a dict) receives ``"state"``: a function returning the state reached (weights,
     optimiser, loss average, steps done) for the checkpoint of a stopped run; ``resume_from``
     (such a state) goes on from its step. Step ``i``'s batch is a pure function of (seed, i), so
-    the resumed segmenter is the uninterrupted one (bit for bit on the CPU)."""
+    the resumed segmenter is the uninterrupted one (bit for bit on the CPU).
+
+    ``deadline`` (``time.monotonic()``; the run's max_minutes) stops it before the next step
+    once passed: it returns ``(None, {})`` and the caller saves ``progress["state"]()`` as a
+    stopped run's (the segmenter stage used to run in full whatever max_minutes said)."""
     from export.arcd.loss import DiceLoss, FocalLoss
 
     torch.manual_seed(seed)
@@ -356,6 +361,8 @@ def train_segmenter(data: TrainData, cfg: SegmenterConfig, seed: int, flip: bool
     net.train()
     t0 = time.monotonic()
     while step < cfg.steps:
+        if deadline is not None and time.monotonic() >= deadline:
+            return None, {}
         g = step_generator(seed, step, stream=1)
         pick = torch.randint(0, len(data), (min(cfg.batch_size, len(data)),), generator=g)
         x, m = augment_batch(data.images[pick], data.masks[pick], g, flip, rot90)
@@ -602,7 +609,9 @@ def load_checkpoint(path: Path, any_stage: bool = False) -> dict:
     unless ``any_stage`` (the trainer's ``--resume``)."""
     ck = read_checkpoint(Path(path))
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != "anomalyalign":
-        raise CheckpointError(f"{path}: not an AnomalyAlign checkpoint of format {CHECKPOINT_FORMAT}")
+        from export.augment.cli_common import not_this_generator
+
+        raise CheckpointError(not_this_generator(Path(path), ck, "anomalyalign", CHECKPOINT_FORMAT))
     if not any_stage and ck.get("stage") == SEGMENTER_STAGE:
         raise CheckpointError(f"{path}: the run was stopped while training its segmenter (step "
                               f"{_seg_step(ck)}), before the diffusion stage: no diffusion weights "
@@ -755,6 +764,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     ck_path = run_dir / CHECKPOINT
     if data is None:
         data = read_train_data(cfg.data, config_path)
+    #: the folder a relative data.root (and the other relative paths) was taken from, recorded
+    #: with the checkpoint: `sample` run from another folder finds the data through it
+    base_dir = str(Path.cwd())
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("data: %s at %d px; classes %s", data.source, cfg.data.resolution,
              {c: data.labels.count(c) for c in data.classes[1:]})
@@ -772,8 +784,11 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             ck = found
         found_at = (f"segmenter step {found.get('step', 0)}" if seg_ck is not None
                     else f"iteration {found.get('step', 0)}")
+        # relative data roots are taken from the working directory: the checkpoint's (recorded
+        # since base_dir was; older ones: assume this one) and today's
         warn_config_changes(saved_config(found["config"], AnomalyAlignConfig),
-                            cfg.model_dump(mode="json"), config_path, ck_path, found_at)
+                            cfg.model_dump(mode="json"), config_path, ck_path, found_at,
+                            base_dirs=(found.get("base_dir") or str(Path.cwd()), str(Path.cwd())))
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
     write_run_config(run_dir, cfg)
@@ -783,6 +798,28 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     # (stage 1 has steps of its own, each finished before the stop: whole_step); the prompts are
     # fitted again on --resume (a pure function of the seed and the images, and quick)
     seg_progress: dict = {}
+
+    def save_segmenter_stage() -> dict:
+        """Save the segmenter's state reached as a ``stage: segmenter`` checkpoint; returns it."""
+        st = seg_progress["state"]()
+        atomic_save({"format": CHECKPOINT_FORMAT, "kind": "anomalyalign", "stage": SEGMENTER_STAGE,
+                     "step": 0, "segmenter_training": st,
+                     "elapsed_s": seg_elapsed + time.monotonic() - t_start,
+                     "config": cfg.model_dump(mode="json"), "train_stems": data.stems,
+                     "train_labels": data.labels, "classes": data.classes,
+                     "data_source": data.source, "base_dir": base_dir,
+                     "torch": str(torch.__version__)}, ck_path)
+        return st
+
+    def out_of_time_before_diffusion() -> bool:
+        """max_minutes reached in stage 1 (or right after it): save it as a stop does, say so."""
+        if deadline is None or time.monotonic() < deadline or "state" not in seg_progress:
+            return False
+        st = save_segmenter_stage()
+        log.info("max_minutes %g reached at segmenter step %d of %d (stage 1, before the prompts "
+                 "and the diffusion stage): stopping cleanly; checkpoint saved, continue with "
+                 "--resume", cfg.max_minutes, st["step"], st["steps"])
+        return True
 
     def stopped_before_diffusion() -> None:
         snapshot = seg_progress.get("state")
@@ -797,13 +834,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 log.warning("interrupted before the first training step (the segmenter is loaded "
                             "from segmenter.checkpoint): nothing saved; start the run again")
             return
-        st = snapshot()
-        atomic_save({"format": CHECKPOINT_FORMAT, "kind": "anomalyalign", "stage": SEGMENTER_STAGE,
-                     "step": 0, "segmenter_training": st,
-                     "elapsed_s": seg_elapsed + time.monotonic() - t_start,
-                     "config": cfg.model_dump(mode="json"), "train_stems": data.stems,
-                     "train_labels": data.labels, "classes": data.classes,
-                     "data_source": data.source, "torch": str(torch.__version__)}, ck_path)
+        st = save_segmenter_stage()
         if st["step"] < st["steps"]:
             log.warning("interrupted at segmenter step %d of %d (stage 1, before the diffusion "
                         "stage); checkpoint saved, continue with --resume", st["step"], st["steps"])
@@ -826,10 +857,16 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             seg, seg_info = train_segmenter(
                 data, cfg.segmenter, cfg.seed, cfg.data.flip, cfg.data.rot90, dev,
                 resume_from=seg_ck["segmenter_training"] if seg_ck is not None else None,
-                progress=seg_progress)
+                progress=seg_progress, deadline=deadline)
+            if seg is None:  # max_minutes ran out in stage 1
+                out_of_time_before_diffusion()
+                return run_dir
             seg = seg.cpu()
         seg_rec = segmenter_record(seg, seg.width, k + 1, seg_info)
         atomic_save(seg_rec, run_dir / SEGMENTER)
+        # ran out right after stage 1: stop before the prompts (refitted on --resume anyway)
+        if out_of_time_before_diffusion():
+            return run_dir
 
         # stage 2: prompts
         if ck is not None:
@@ -894,7 +931,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 "clip": clip.state_dict(), "library": lib.to_dict(), "prompt_idx": chosen,
                 "text_emb": text_table, "prompt_info": prompt_info, "train_stems": data.stems,
                 "train_labels": data.labels, "classes": data.classes, "data_source": data.source,
-                "config": cfg.model_dump(mode="json"), "history": history,
+                "base_dir": base_dir, "config": cfg.model_dump(mode="json"), "history": history,
                 "epoch_losses": epoch_losses, "loss_ema": dict(ema),
                 "epoch_acc": [epoch_sum, epoch_n], "torch": str(torch.__version__)}
 

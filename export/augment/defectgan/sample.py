@@ -27,6 +27,7 @@ import torch
 
 from inspector.evaluation.datasets import defect_free_windows, open_dataset
 
+from export.augment.cli_common import check_run_dir, unfinished_run
 from export.augment.dataset import MANIFEST, PairWriter
 from export.augment.defectgan.data import LabelledImages, from_tensor_range, load_subset, to_tensor_range
 from export.augment.defectgan.model import DefectGenerator
@@ -64,8 +65,8 @@ class DefectPainter:
 
     def __init__(self, run_dir: Path, device: str = "cpu"):
         run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise FileNotFoundError(f"--run-dir {run_dir}: no such folder")
+        check_run_dir(run_dir)
+        self.run_dir = run_dir
         self.ck_path = run_dir / CHECKPOINT
         ck = load_checkpoint(self.ck_path)
         self.cfg = DefectGanConfig.model_validate(ck["config"])
@@ -79,6 +80,8 @@ class DefectPainter:
         self.G.eval().to(device)
         self.device = torch.device(device)
         self.step = int(ck["step"])
+        #: the planned critic iterations (older checkpoints: the config's)
+        self.total = int(ck.get("total") or self.cfg.optim.iterations)
 
     @property
     def window(self) -> int:
@@ -120,28 +123,37 @@ def sample(run_dir: Path, out: Path, n: int, seed: int, classes: str | None = No
     if not 0 < thr < 1:
         raise ValueError(f"--threshold: must lie in (0, 1), got {thr}")
     want = parse_classes(classes, painter.classes)
+    win = painter.window
+    min_px = cfg.sample.min_defect_px if min_defect_px is None else min_defect_px
+    if min_px > win * win:
+        # no paste can reach it: every image would be tried in vain before an error blaming
+        # --threshold
+        where = ("--min-defect-px" if min_defect_px is not None
+                 else f"{painter.ck_path}: sample.min_defect_px")
+        raise ValueError(f"{where} {min_px}: at most {win * win} (a defect is drawn in the run's "
+                         f"{win}x{win}-px window)")
+    complete = unfinished_run(painter.run_dir, KIND, painter.step, painter.total, "critic iteration")
     d = cfg.data
     data: LabelledImages = load_subset(cfg.data_root(), d.label_fraction, d.label_seed, tuple(d.splits))
     rng = np.random.default_rng([seed, 101])
     gen = torch.Generator().manual_seed(int(seed))
-    win = painter.window
     # the pairs go to a temporary folder, renamed to `out` by close(): an error or Ctrl-C
     # before that leaves no `out` (PairWriter's exit removes the folder)
     with PairWriter(Path(out), KIND, config={
         "train_config": cfg.model_dump(mode="json"), "seed": seed, "threshold": thr,
         "classes": [painter.classes[c] for c in want], "defects_per_image": defects_per_image,
-        "place_stride": place_stride, "window": win, "n": n,
-        "min_defect_px": cfg.sample.min_defect_px if min_defect_px is None else min_defect_px},
+        "place_stride": place_stride, "window": win, "n": n, "min_defect_px": min_px},
         classes=painter.classes) as writer:
-        min_px = cfg.sample.min_defect_px if min_defect_px is None else min_defect_px
         order = rng.permutation(len(data.images))
         visits, attempts, rejected = 0, 0, 0
         max_visits = 20 * n + 2 * len(order)  # bounds a generator that draws nothing at this threshold
         while len(writer.pairs) < n:
             if visits >= max_visits:
-                raise ValueError(f"--threshold {thr:g}: only {len(writer.pairs)} of {n} pairs after "
-                                 f"{visits} images; the generator's maps rarely exceed it over "
-                                 f"{min_px} px (lower --threshold or train longer)")
+                raise ValueError(f"--threshold {thr:g} / --min-defect-px {min_px}: only "
+                                 f"{len(writer.pairs)} of {n} pairs after {visits} images; the "
+                                 f"generator's maps rarely exceed the threshold over that many "
+                                 f"pixels of its {win}x{win} window (lower --threshold or "
+                                 "--min-defect-px, or train longer)")
             i = int(order[visits % len(order)])
             visits += 1
             img, mask = data.images[i].copy(), data.masks[i].copy()
@@ -182,6 +194,7 @@ def sample(run_dir: Path, out: Path, n: int, seed: int, classes: str | None = No
                         cfg.sample.tries, per_class)
         path = writer.close(rejected_attempts=rejected, attempts=attempts, per_class=per_class,
                             checkpoint=str(painter.ck_path), checkpoint_step=painter.step,
+                            planned_iterations=painter.total, training_complete=complete,
                             subset={"root": str(data.dataset.root), "split": data.dataset.split,
                                     "images": len(data.images)})
     if grid is not None:

@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -295,9 +296,11 @@ class DefectGanTrainer:
 # ---------------------------------------------------------------------------------------------
 
 def load_checkpoint(path: Path) -> dict:
+    from export.augment.cli_common import not_this_generator
+
     ck = read_checkpoint(Path(path))
     if ck.get("format") != CHECKPOINT_FORMAT or ck.get("kind") != KIND:
-        raise CheckpointError(f"{path}: not a Defect-GAN checkpoint of format {CHECKPOINT_FORMAT}")
+        raise CheckpointError(not_this_generator(Path(path), ck, KIND, CHECKPOINT_FORMAT))
     return ck
 
 
@@ -352,6 +355,41 @@ def read_data(cfg: DefectGanConfig, config_path: Path) -> tuple[LabelledImages, 
         raise
 
 
+def subset_digests(data: LabelledImages) -> list[str]:
+    """Per subset image, a digest of its pixels and its mask (in :attr:`LabelledImages.names`
+    order): what ``--resume`` compares besides the names, so a same-named image whose content
+    changed is found. Decoded pixels, not file bytes: a copy re-saved losslessly is the same
+    data. About a millisecond per image (the subset is the small labelled share)."""
+    return [hashlib.sha1(np.ascontiguousarray(img).tobytes() + b"|"
+                         + np.ascontiguousarray(m).tobytes()).hexdigest()[:16]
+            for img, m in zip(data.images, data.masks)]
+
+
+def check_subset(ck: dict, data: LabelledImages, digests: list[str], cfg: DefectGanConfig,
+                 config_path: Path, ck_path: Path) -> None:
+    """Refuse to resume ``ck`` on a subset other than its own: other image names, or (for a
+    checkpoint that recorded them) the same names with other pixels or masks (``digests``:
+    :func:`subset_digests` of ``data``). A
+    :class:`ConfigError` naming ``config_path`` and ``data.root``; a checkpoint without the
+    digests (older trainers) is checked by name only."""
+    saved = ck.get("subset")
+    if saved is not None and list(saved) != list(data.names):
+        # same keys, other images: data.root names another folder
+        raise ConfigError(str(config_path), "data.root",
+                          f"{cfg.data_root()} gives a subset of {len(data.names)} image(s) other "
+                          f"than the {len(saved)} the checkpoint {ck_path} was trained on; "
+                          "point it at that run's data, or train into a new --run-dir")
+    old = ck.get("subset_digests")
+    if saved is not None and old is not None:
+        changed = [n for n, a, b in zip(data.names, old, digests) if a != b]
+        if changed:
+            raise ConfigError(str(config_path), "data.root",
+                              f"{cfg.data_root()}: {len(changed)} of the {len(data.names)} subset "
+                              f"image(s) the checkpoint {ck_path} was trained on have the same name "
+                              f"but other pixels or masks (first: {changed[0]}); point it at that "
+                              "run's data, or train into a new --run-dir")
+
+
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
           max_iters: int | None = None) -> Path:
     """Train Defect-GAN from ``config_path`` into ``run_dir``; returns the run folder.
@@ -368,6 +406,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     ck_path = run_dir / CHECKPOINT
     d = cfg.data
     data, sampler = read_data(cfg, config_path)
+    digests = subset_digests(data)  # recorded in the checkpoint, compared on --resume
     run_dir.mkdir(parents=True, exist_ok=True)
     G, D = build_networks(cfg, data.n_classes)
     G.to(dev), D.to(dev)
@@ -381,12 +420,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         ck = load_checkpoint(ck_path)
         check_resume_keys(saved_config(ck["config"], DefectGanConfig), cfg.model_dump(mode="json"), RESUME_KEYS, config_path,
                           ck_path)
-        if ck.get("subset") is not None and list(ck["subset"]) != list(data.names):
-            # same keys, other images: data.root names another folder (or its files changed)
-            raise ConfigError(str(config_path), "data.root",
-                              f"{cfg.data_root()} gives a subset of {len(data.names)} image(s) other "
-                              f"than the {len(ck['subset'])} the checkpoint {ck_path} was trained on; "
-                              "point it at that run's data, or train into a new --run-dir")
+        check_subset(ck, data, digests, cfg, config_path, ck_path)
         G.load_state_dict(ck["G"])
         D.load_state_dict(ck["D"])
         for k, opt in trainer.optimizers.items():
@@ -415,6 +449,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 "optimizers": {k: v.state_dict() for k, v in trainer.optimizers.items()},
                 "config": cfg.model_dump(mode="json"), "n_classes": data.n_classes,
                 "classes": list(data.dataset.classes), "subset": data.names,
+                "subset_digests": digests,
                 "history": history, "ema": ema, "first_g": first_g, "torch": str(torch.__version__)}
 
     stop = o.iterations if max_iters is None else min(o.iterations, step + max_iters)
