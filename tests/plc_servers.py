@@ -14,6 +14,16 @@ import threading
 import time
 
 
+#: the alarm set the PLC tests share: three NEU classes, a latched rule that fires on any defect
+#: and one that never fires (no defect is that large: its bit must stay 0 on the PLC)
+CLASSES = ["inclusion", "patches", "scratches"]
+RULES = [{"name": "any_defect", "latch": True, "off_delay_s": 0},
+         {"name": "huge_scratch", "classes": ["scratches"], "min_area_px": 10 ** 9}]
+NAMES = tuple(r["name"] for r in RULES)
+#: driver timings that keep the tests quick
+FAST = {"heartbeat_s": 0.1, "retry_backoff_s": [0.05, 0.3], "timeout_s": 1.0}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,17 +14,12 @@ import pytest
 from inspector.alarms import AlarmEngine, make_drivers
 from inspector.config import parse_config
 from inspector.pipeline import Pipeline
-from plc_servers import BlackHole, ModbusPlc, OpcUaPlc, S7Plc, free_port, wait_for
+from plc_servers import CLASSES, FAST, RULES, BlackHole, ModbusPlc, OpcUaPlc, S7Plc, free_port, wait_for
 
 pytest.importorskip("pymodbus")
 pytest.importorskip("asyncua")
 pytest.importorskip("snap7")
 
-CLASSES = ["inclusion", "patches", "scratches"]
-RULES = [{"name": "any_defect", "latch": True, "off_delay_s": 0},
-         # never fires: no defect is that large; its bit must stay 0 on the PLC
-         {"name": "huge_scratch", "classes": ["scratches"], "min_area_px": 10 ** 9}]
-FAST = {"heartbeat_s": 0.1, "retry_backoff_s": [0.05, 0.3], "timeout_s": 1.0}
 
 
 def make_plc(kind: str):

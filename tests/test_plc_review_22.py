@@ -30,17 +30,13 @@ from inspector.alarms.config import AlarmsConfig
 from inspector.alarms.driver import DriverWorker
 from inspector.alarms.layout import PlcState
 from inspector.config import parse_config
-from plc_servers import BlackHole, ModbusPlc, OpcUaPlc, Proxy, S7Plc, free_port, wait_for
+from plc_servers import (CLASSES, FAST, NAMES, RULES, BlackHole, ModbusPlc, OpcUaPlc, Proxy, S7Plc,
+                         free_port, wait_for)
 
 pytest.importorskip("pymodbus")
 pytest.importorskip("asyncua")
 pytest.importorskip("snap7")
 
-CLASSES = ["inclusion", "patches", "scratches"]
-RULES = [{"name": "any_defect", "latch": True, "off_delay_s": 0},
-         {"name": "huge_scratch", "classes": ["scratches"], "min_area_px": 10 ** 9}]
-NAMES = tuple(r["name"] for r in RULES)
-FAST = {"heartbeat_s": 0.1, "retry_backoff_s": [0.05, 0.3], "timeout_s": 1.0}
 #: what a stopped daemon left on the PLC: its counters, the second alarm still on, not running
 LEFT = PlcState(alarm_names=NAMES, alarms=(False, True), classes=tuple(CLASSES), counts=(5, 6, 7),
                 frames=1000, defects_total=18, last_class=2, last_pos_mm=1234.0)

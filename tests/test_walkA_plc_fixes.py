@@ -29,17 +29,12 @@ from inspector.alarms.config import AlarmsConfig
 from inspector.alarms.driver import DriverWorker
 from inspector.alarms.layout import PlcState
 from inspector.config import parse_config
-from plc_servers import ModbusPlc, OpcUaPlc, S7Plc, free_port, wait_for
+from plc_servers import CLASSES, FAST, NAMES, RULES, ModbusPlc, OpcUaPlc, S7Plc, free_port, wait_for
 
 pytest.importorskip("pymodbus")
 pytest.importorskip("asyncua")
 pytest.importorskip("snap7")
 
-CLASSES = ["inclusion", "patches", "scratches"]
-RULES = [{"name": "any_defect", "latch": True, "off_delay_s": 0},
-         {"name": "huge_scratch", "classes": ["scratches"], "min_area_px": 10 ** 9}]
-NAMES = tuple(r["name"] for r in RULES)
-FAST = {"heartbeat_s": 0.1, "retry_backoff_s": [0.05, 0.3], "timeout_s": 1.0}
 DEFECT = {"class": "inclusion", "class_id": 1, "score": 0.9, "area_px": 40, "area_mm2": None,
           "strip_pos_mm": 10.0, "centroid": [5.0, 5.0]}
 
@@ -109,17 +104,24 @@ def test_alarms_test_on_a_too_small_map_names_the_range_needed(kind, synthetic_c
 
 # -- C4: what a stop leaves ----------------------------------------------------------------------
 
+def _running_with_a_defect(plc, synthetic_cfg, **driver):
+    """The camera config, an alarm engine saying "running, camera ok" with one defect seen, and
+    its driver writing to ``plc``, started."""
+    cfg = parse_config(synthetic_cfg(alarms={"rules": RULES, "drivers": [plc.driver_cfg(**driver)]}), "t.yaml")
+    engine = AlarmEngine(cfg.alarms, ["background", *CLASSES], cfg.source_file)
+    [w] = make_drivers(cfg, engine)
+    w.start()
+    engine.set_running(True, camera_ok=True)
+    engine.on_frame({"frame_id": 0, "strip_pos_mm": 0.0, "defects": [DEFECT]})
+    return cfg, engine, w
+
+
 @pytest.mark.parametrize("kind", ["modbus", "opcua", "s7"])
 def test_a_clean_stop_clears_running_and_camera_ok_and_keeps_the_alarm_bits(kind, synthetic_cfg):
     plc = make_plc(kind).start()
     try:
-        cfg = parse_config(synthetic_cfg(alarms={"rules": RULES, "drivers": [plc.driver_cfg(**FAST)]}), "t.yaml")
-        engine = AlarmEngine(cfg.alarms, ["background", *CLASSES], cfg.source_file)
-        [w] = make_drivers(cfg, engine)
-        w.start()
+        cfg, engine, w = _running_with_a_defect(plc, synthetic_cfg, **FAST)
         try:
-            engine.set_running(True, camera_ok=True)
-            engine.on_frame({"frame_id": 0, "strip_pos_mm": 0.0, "defects": [DEFECT]})
             engine.on_frame({"frame_id": 1, "strip_pos_mm": 100.0, "defects": []})  # latched, unacknowledged
             wait_for(lambda: (lambda r: r["status"] & 3 == 3 and r["coils"] == [True, False])(plc.read(2)),
                      what="running, camera ok and the latched alarm on the PLC")
@@ -164,14 +166,9 @@ def test_alarms_test_leaves_the_map_as_found_marked_not_running(kind, synthetic_
 def test_alarms_test_refuses_a_map_a_running_inspector_writes(synthetic_cfg):
     plc = ModbusPlc(n_classes=len(CLASSES)).start()
     try:
-        drv = plc.driver_cfg(heartbeat_s=0.2, retry_backoff_s=[0.05, 0.3], timeout_s=1.0)
-        cfg = parse_config(synthetic_cfg(alarms={"rules": RULES, "drivers": [drv]}), "t.yaml")
-        engine = AlarmEngine(cfg.alarms, ["background", *CLASSES], cfg.source_file)
-        [w] = make_drivers(cfg, engine)
-        w.start()
+        cfg, engine, w = _running_with_a_defect(plc, synthetic_cfg, heartbeat_s=0.2,
+                                                retry_backoff_s=[0.05, 0.3], timeout_s=1.0)
         try:
-            engine.set_running(True, camera_ok=True)
-            engine.on_frame({"frame_id": 0, "strip_pos_mm": 0.0, "defects": [DEFECT]})
             wait_for(lambda: plc.read(2)["frames"] == 1, what="the daemon's state on the PLC")
             n_writes = len(plc.writes)
             out: list[str] = []
