@@ -205,6 +205,8 @@ def fake_onnxruntime(build: str, providers: list[str]) -> dict[str, str]:
                                        f"def get_available_providers():\n    return {providers!r}\n"}
 
 
+# a CPU rehearsal of GPU-machine tooling (12-18 s): `make test-slow`, before a device run
+@pytest.mark.slow
 def test_a_gpu_extra_replaces_the_cpu_onnxruntime(tmp_path, fake_bin, inspector_wheel):
     """Both onnxruntime builds install the package 'onnxruntime': the GPU one must be left alone.
 

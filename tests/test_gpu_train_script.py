@@ -66,6 +66,8 @@ def test_probe_with_too_few_log_lines_says_so(tmp_path):
 
 
 
+# a CPU rehearsal of GPU-machine tooling (12-18 s): `make test-slow`, before a device run
+@pytest.mark.slow
 def test_cpu_rehearsal_trains_exports_and_scores_each_job(tmp_path):
     """``--dry-run`` on the CPU with fixed steps: an ARCD job and its U-Net twin are trained,
     exported (parity-checked), scored by ``inspector evaluate --engine torch`` into

@@ -121,6 +121,8 @@ def test_pack_refuses_a_gpu_the_wheel_has_no_code_for_and_a_wheel_without_cuda(t
         pk.pack(truncated, 90, tmp_path / "out")
 
 
+# a CPU rehearsal of GPU-machine tooling (12-18 s): `make test-slow`, before a device run
+@pytest.mark.slow
 def test_gpu_check_joins_and_unpacks_the_parts_ahead_of_the_cpu_build(tmp_path):
     """The shell side: parts in --ort-parts are joined, unpacked and logged (no GPU needed)."""
     buf = io.BytesIO()

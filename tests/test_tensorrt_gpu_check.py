@@ -11,9 +11,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
+# a CPU rehearsal of GPU-machine tooling (12-18 s): `make test-slow`, before a device run
+@pytest.mark.slow
 def test_gpu_check_dry_run_records_what_ran_and_why_the_rest_did_not(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("OUT", None)
