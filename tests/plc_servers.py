@@ -352,3 +352,28 @@ class BlackHole:
         for c in self.conns:
             c.close()
         self.sock.close()
+
+
+def make_plc(kind: str):
+    """A server of ``kind`` (modbus, s7, opcua) holding the map of :data:`RULES` and
+    :data:`CLASSES`, not started."""
+    if kind == "modbus":
+        return ModbusPlc(n_classes=len(CLASSES))
+    if kind == "s7":
+        return S7Plc(n_classes=len(CLASSES))
+    return OpcUaPlc("test", list(NAMES), CLASSES)
+
+
+def record_write_attempts(link) -> list[float]:
+    """Wrap ``link.write`` so that each attempt's time is appended to the returned list (the
+    real link still does the work)."""
+    import time as _time
+
+    attempts: list[float] = []
+    real_write = link.write
+
+    def write(*a):
+        attempts.append(_time.monotonic())
+        return real_write(*a)
+    link.write = write
+    return attempts

@@ -14,20 +14,13 @@ import pytest
 from inspector.alarms import AlarmEngine, make_drivers
 from inspector.config import parse_config
 from inspector.pipeline import Pipeline
-from plc_servers import CLASSES, FAST, RULES, BlackHole, ModbusPlc, OpcUaPlc, S7Plc, free_port, wait_for
+from plc_servers import (CLASSES, FAST, RULES, BlackHole, ModbusPlc, OpcUaPlc, free_port, make_plc,
+                         record_write_attempts, wait_for)
 
 pytest.importorskip("pymodbus")
 pytest.importorskip("asyncua")
 pytest.importorskip("snap7")
 
-
-
-def make_plc(kind: str):
-    if kind == "modbus":
-        return ModbusPlc(n_classes=len(CLASSES))
-    if kind == "s7":
-        return S7Plc(n_classes=len(CLASSES))
-    return OpcUaPlc("test", [r["name"] for r in RULES], CLASSES)
 
 
 @pytest.fixture(params=["modbus", "opcua", "s7"])
@@ -160,13 +153,7 @@ def test_a_plc_that_refuses_writes_is_retried_with_backoff_and_logged_once(caplo
         drv = AlarmsConfig.model_validate({"rules": [{"name": "a"}], "drivers": [
             plc.driver_cfg(heartbeat_s=0.1, retry_backoff_s=[0.2, 0.4], timeout_s=1.0)]}).drivers[0]
         link = make_link(drv, "cam")
-        attempts: list[float] = []  # when each write was tried (the real link does the work)
-        real_write = link.write
-
-        def write(*a):
-            attempts.append(time.monotonic())
-            return real_write(*a)
-        link.write = write
+        attempts = record_write_attempts(link)  # when each write was tried
         w = DriverWorker(link, drv, name="modbus0")
         w.submit(PlcState(alarm_names=("a",), alarms=(True,), classes=("x", "y"), counts=(0, 0)))
         w.start()

@@ -30,8 +30,8 @@ from inspector.alarms.config import AlarmsConfig
 from inspector.alarms.driver import DriverWorker
 from inspector.alarms.layout import PlcState
 from inspector.config import parse_config
-from plc_servers import (CLASSES, FAST, NAMES, RULES, BlackHole, ModbusPlc, OpcUaPlc, Proxy, S7Plc,
-                         free_port, wait_for)
+from plc_servers import (CLASSES, FAST, NAMES, RULES, BlackHole, ModbusPlc, Proxy, free_port, make_plc,
+                         wait_for)
 
 pytest.importorskip("pymodbus")
 pytest.importorskip("asyncua")
@@ -46,14 +46,6 @@ LEFT = PlcState(alarm_names=NAMES, alarms=(False, True), classes=tuple(CLASSES),
 def _own_tempdir(tmp_path, monkeypatch):
     # the alarms test keeps what it found in the temporary folder until it restored the map
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-
-
-def make_plc(kind: str):
-    if kind == "modbus":
-        return ModbusPlc(n_classes=len(CLASSES))
-    if kind == "s7":
-        return S7Plc(n_classes=len(CLASSES))
-    return OpcUaPlc("test", list(NAMES), CLASSES)
 
 
 def _config(plc, synthetic_cfg, **driver):

@@ -18,7 +18,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -29,7 +28,8 @@ from inspector.alarms.config import AlarmsConfig
 from inspector.alarms.driver import DriverWorker
 from inspector.alarms.layout import PlcState
 from inspector.config import parse_config
-from plc_servers import CLASSES, FAST, NAMES, RULES, ModbusPlc, OpcUaPlc, S7Plc, free_port, wait_for
+from plc_servers import (CLASSES, FAST, NAMES, RULES, ModbusPlc, S7Plc, free_port, make_plc,
+                         record_write_attempts, wait_for)
 
 pytest.importorskip("pymodbus")
 pytest.importorskip("asyncua")
@@ -37,14 +37,6 @@ pytest.importorskip("snap7")
 
 DEFECT = {"class": "inclusion", "class_id": 1, "score": 0.9, "area_px": 40, "area_mm2": None,
           "strip_pos_mm": 10.0, "centroid": [5.0, 5.0]}
-
-
-def make_plc(kind: str):
-    if kind == "modbus":
-        return ModbusPlc(n_classes=len(CLASSES))
-    if kind == "s7":
-        return S7Plc(n_classes=len(CLASSES))
-    return OpcUaPlc("test", list(NAMES), CLASSES)
 
 
 # -- B3 / C7: refused writes ---------------------------------------------------------------------
@@ -57,13 +49,7 @@ def test_s7_refused_write_says_what_the_db_needs_once_and_keeps_the_connection(d
         drv = AlarmsConfig.model_validate({"drivers": [
             plc.driver_cfg(db=db, heartbeat_s=0.1, retry_backoff_s=[0.1, 0.2], timeout_s=1.0)]}).drivers[0]
         link = make_link(drv, "cam")
-        attempts: list[float] = []
-        real_write = link.write
-
-        def write(*a):
-            attempts.append(time.monotonic())
-            return real_write(*a)
-        link.write = write
+        attempts = record_write_attempts(link)
         w = DriverWorker(link, drv, name="s70")
         w.submit(PlcState(alarm_names=("a",), alarms=(True,), classes=tuple(CLASSES), counts=(0, 0, 0)))
         w.start()
