@@ -148,15 +148,23 @@ def test_alarms_test_sigterm_exits_130_with_the_map_restored(tmp_path, synthetic
     _as_found(r)
 
 
+def _test_with_a_failing_write(plc, synthetic_cfg, monkeypatch, **flaky):
+    """`alarms test` on ``plc`` (holding a stopped daemon's map) whose third write fails; it
+    must end with exit 1. Returns the config and the lines it printed."""
+    cfg = _config(plc, synthetic_cfg)
+    _leave(cfg)
+    real_make_link = commission.make_link
+    monkeypatch.setattr(commission, "make_link", lambda *a: _FlakyLink(real_make_link(*a), fail_at=3, **flaky))
+    out: list[str] = []
+    assert run_alarm_test(cfg, hold_s=0, out=out.append) == 1
+    return cfg, out
+
+
 def test_alarms_test_write_failing_part_way_restores_the_map(synthetic_cfg, monkeypatch):
     plc = ModbusPlc(n_classes=len(CLASSES)).start()
     try:
-        cfg = _config(plc, synthetic_cfg)
-        _leave(cfg)
         # the third write (the clear after the first SET) fails: the connection was reset
-        monkeypatch.setattr(commission, "make_link", lambda *a: _FlakyLink(make_link(*a), fail_at=3))
-        out: list[str] = []
-        assert run_alarm_test(cfg, hold_s=0, out=out.append) == 1
+        _, out = _test_with_a_failing_write(plc, synthetic_cfg, monkeypatch)
         r = plc.read(2)
     finally:
         plc.stop()
@@ -169,14 +177,9 @@ def test_alarms_test_write_failing_part_way_restores_the_map(synthetic_cfg, monk
 def test_a_test_that_could_not_restore_the_map_is_not_taken_for_the_found_state(synthetic_cfg, monkeypatch):
     plc = ModbusPlc(n_classes=len(CLASSES)).start()
     try:
-        cfg = _config(plc, synthetic_cfg)
-        _leave(cfg)
         real_make_link = commission.make_link
         # the PLC goes away after the first SET: nothing can restore the map
-        monkeypatch.setattr(commission, "make_link",
-                            lambda *a: _FlakyLink(real_make_link(*a), fail_at=3, stay_down=True))
-        out: list[str] = []
-        assert run_alarm_test(cfg, hold_s=0, out=out.append) == 1
+        cfg, out = _test_with_a_failing_write(plc, synthetic_cfg, monkeypatch, stay_down=True)
         assert "map NOT restored" in "\n".join(out) and "alarm any_defect may still be set" not in "\n".join(out)
         left = plc.read(2)
         assert left["status"] & 3 == 3, left   # the test's state: running, camera ok
