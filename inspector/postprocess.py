@@ -203,10 +203,17 @@ def threshold_probabilities(probs: np.ndarray, thresholds: np.ndarray, open_kern
             np.copyto(label, np.uint8(c), where=take)
             np.copyto(best, probs[c], where=take)
     elif cand.size:
-        sub = probs.reshape(k, -1)[1:, cand]
-        above = sub >= thr[:, None]
-        best = np.where(above, sub, np.float32(-1.0)).argmax(axis=0)
-        label.reshape(-1)[cand] = np.where(above.any(axis=0), best + 1, 0).astype(np.uint8)
+        # one class at a time over the candidates: a 1-D take per class is about 2.5x faster
+        # than gathering a (K-1) x N block and arg-maxing it (real NEU frames, 16-54k candidates)
+        flat = probs.reshape(k, -1)
+        best_c = np.full(cand.size, -1.0, np.float32)
+        label_c = np.zeros(cand.size, np.uint8)
+        for c in range(1, k):  # strict '>': a tie keeps the lower class, as argmax would
+            p = flat[c].take(cand)
+            take = (p >= thr[c - 1]) & (p > best_c)
+            label_c[take] = c
+            np.copyto(best_c, p, where=take)
+        label.reshape(-1)[cand] = label_c
     if open_kernel > 1 or close_kernel > 1:
         out = np.zeros_like(label)
         for cls in range(1, probs.shape[0]):
@@ -291,7 +298,7 @@ def components(label: np.ndarray, score_map: np.ndarray, class_names: list[str],
     ``score_map`` value inside it.
     """
     # Most frames of a strip have no defect: skip the labelling then, and otherwise label only
-    # the bounding box of the marked pixels (labelling costs ~3 ms on a whole 256x1600 frame).
+    # the bounding box of the marked pixels.
     rows = np.flatnonzero(label.any(axis=1))
     if rows.size == 0:
         return [], 0
@@ -299,42 +306,55 @@ def components(label: np.ndarray, score_map: np.ndarray, class_names: list[str],
     oy, ox = int(rows[0]), int(cols[0])
     label = label[oy:int(rows[-1]) + 1, ox:int(cols[-1]) + 1]
     score_map = score_map[oy:oy + label.shape[0], ox:ox + label.shape[1]]
-    binary = (label > 0).astype(np.uint8)
-    n, cc, stats, cents = cv2.connectedComponentsWithStats(binary, connectivity=connectivity)
-    stats[:, cv2.CC_STAT_LEFT] += ox
-    stats[:, cv2.CC_STAT_TOP] += oy
-    cents += (ox, oy)
-    # vectorised: a noisy map has tens of thousands of components, and a Python pass over them
-    # cost ~10 ms a frame; largest first, ties in label order
-    areas = stats[1:, cv2.CC_STAT_AREA]
-    kept = np.flatnonzero(areas >= max(min_area_px, 1))
+    # Labels only, with the statistics taken over the marked pixels here: OpenCV's own
+    # statistics pass visits every pixel of the box and cost ~2 ms of the ~2.5 ms a 256x1600
+    # frame with 60 defects took; the same figures (label order included) come out.
+    marked = label > 0
+    n, cc = cv2.connectedComponents(marked.view(np.uint8), connectivity=connectivity)
+    idx = np.flatnonzero(marked.ravel())
+    comp = cc.ravel()[idx]
+    area = np.bincount(comp, minlength=n)
+    kept = np.flatnonzero(area[1:] >= max(min_area_px, 1)) + 1
     total = int(kept.size)
-    order = (kept[np.argsort(-areas[kept], kind="stable")] + 1).tolist()
+    # largest first, ties in label order; a noisy map has tens of thousands of components
+    order = kept[np.argsort(-area[kept], kind="stable")][:max_defects]
+    if order.size == 0:
+        return [], total
+    h, w = label.shape
+    ys, xs = np.divmod(idx, w)
+    k = int(label.max()) + 1
+    # a component's class is its most frequent label (ties: the lower class)
+    cls_of = np.bincount(comp * k + label[marked], minlength=n * k).reshape(n, k).argmax(axis=1)
+    x0 = np.full(n, w, np.intp)
+    y0 = np.full(n, h, np.intp)
+    x1 = np.zeros(n, np.intp)
+    y1 = np.zeros(n, np.intp)
+    top = np.full(n, -np.inf, np.float32)
+    np.minimum.at(x0, comp, xs)
+    np.minimum.at(y0, comp, ys)
+    np.maximum.at(x1, comp, xs)
+    np.maximum.at(y1, comp, ys)
+    np.maximum.at(top, comp, score_map[marked])  # row-major, as idx
+    a = area[order]
+    cx = np.bincount(comp, weights=xs, minlength=n)[order] / a + ox
+    cy = np.bincount(comp, weights=ys, minlength=n)[order] / a + oy
     geo = geometry or Geometry()
+    along, across = geo.mm_per_px_along, geo.mm_per_px_across
     defects = []
-    for i in order[:max_defects]:
-        x, y, w, h, area = (int(v) for v in stats[i, :5])
-        ly, lx = y - oy, x - ox  # the crop's coordinates
-        sub = cc[ly:ly + h, lx:lx + w] == i
-        labels_in = label[ly:ly + h, lx:lx + w][sub]
-        cls = int(np.bincount(labels_in).argmax())
-        score = float(score_map[ly:ly + h, lx:lx + w][sub].max())
-        cx, cy = float(cents[i][0]), float(cents[i][1])
-        d = {
+    # plain Python numbers from here (tolist): Python's round, as the records always used
+    for area_px, cls, score, bx0, by0, bx1, by1, x, y in zip(
+            a.tolist(), cls_of[order].tolist(), top[order].tolist(), x0[order].tolist(),
+            y0[order].tolist(), x1[order].tolist(), y1[order].tolist(), cx.tolist(), cy.tolist()):
+        defects.append({
             "class": class_names[cls] if cls < len(class_names) else str(cls),
             "class_id": cls,
             "score": round(score, 4),
-            "bbox": [x, y, w, h],
-            "area_px": area,
-            "centroid": [round(cx, 1), round(cy, 1)],
-            "area_mm2": None,
-            "strip_pos_mm": None,
-        }
-        if geo.mm_per_px_across and geo.mm_per_px_along:
-            d["area_mm2"] = round(area * geo.mm_per_px_across * geo.mm_per_px_along, 2)
-        if geo.mm_per_px_along:
-            d["strip_pos_mm"] = round(strip_pos_mm + cy * geo.mm_per_px_along, 1)
-        defects.append(d)
+            "bbox": [bx0 + ox, by0 + oy, bx1 - bx0 + 1, by1 - by0 + 1],
+            "area_px": area_px,
+            "centroid": [round(x, 1), round(y, 1)],
+            "area_mm2": round(area_px * across * along, 2) if across and along else None,
+            "strip_pos_mm": round(strip_pos_mm + y * along, 1) if along else None,
+        })
     return defects, total
 
 

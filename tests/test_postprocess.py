@@ -137,6 +137,40 @@ def test_components_of_a_noisy_mask_largest_first_ties_in_label_order():
     assert d[0]["class"] == "b" and d[0]["area_px"] >= 200
 
 
+def _components_by_definition(lab, score, names, geometry, strip_pos_mm):
+    """Every field from OpenCV's own statistics, one component at a time."""
+    import cv2
+
+    n, cc, stats, cents = cv2.connectedComponentsWithStats((lab > 0).astype(np.uint8), connectivity=8)
+    out = []
+    for i in sorted(range(1, n), key=lambda i: -stats[i, 4]):
+        inside = cc == i
+        cls = int(np.bincount(lab[inside]).argmax())  # ties: the lower class
+        cy = float(cents[i][1])
+        out.append({"class": names[cls], "class_id": cls, "score": round(float(score[inside].max()), 4),
+                    "bbox": [int(v) for v in stats[i, :4]], "area_px": int(stats[i, 4]),
+                    "centroid": [round(float(cents[i][0]), 1), round(cy, 1)],
+                    "area_mm2": round(int(stats[i, 4]) * geometry.mm_per_px_across * geometry.mm_per_px_along, 2),
+                    "strip_pos_mm": round(strip_pos_mm + cy * geometry.mm_per_px_along, 1)})
+    return out
+
+
+def test_components_match_opencv_statistics_field_by_field():
+    # classes mixed inside components (majority and ties), scores and centroids everywhere
+    rng = np.random.default_rng(11)
+    names = ["background", "a", "b", "c"]
+    geo = Geometry(0.37, 0.53)
+    for _ in range(20):
+        lab = np.zeros((int(rng.integers(8, 120)), int(rng.integers(8, 300))), np.uint8)
+        for _ in range(int(rng.integers(1, 40))):
+            y, x = rng.integers(0, lab.shape[0]), rng.integers(0, lab.shape[1])
+            lab[y:y + rng.integers(1, 12), x:x + rng.integers(1, 15)] = rng.integers(1, 4)
+        score = rng.random(lab.shape, dtype=np.float32)
+        got, total = components(lab, score, names, max_defects=10**6, geometry=geo, strip_pos_mm=321.5)
+        want = _components_by_definition(lab, score, names, geo, 321.5)
+        assert total == len(want) and got == want
+
+
 def test_components_fields_and_geometry():
     lab = np.zeros((20, 30), np.uint8)
     lab[2:5, 3:9] = 3          # 18 px of class 3
