@@ -98,6 +98,10 @@ def _user_key(raw: Any, loc: tuple) -> str:
     return ".".join(parts)
 
 
+#: top-level sections only an ARCD training config has
+ARCD_ONLY_KEYS = frozenset({"stage1", "stage2", "simulation"})
+
+
 def read_config(path: Path, model: type[M], set_base_dir: bool = True) -> M:
     """Read and validate a training YAML. ``set_base_dir`` fills the config's ``base_dir`` with
     the file's folder (unless the YAML sets it), so relative data roots resolve against it."""
@@ -106,13 +110,16 @@ def read_config(path: Path, model: type[M], set_base_dir: bool = True) -> M:
     # a config of another trainer (clgan, fuzzymask, defectgan, ...) says so in `kind`: name that,
     # not the first of its keys this trainer does not know
     want = (model.model_fields.get("kind").default if "kind" in model.model_fields else "arcd")
-    if raw.get("kind") not in (None, want):
-        other = raw["kind"]
+    other = raw.get("kind")
+    if other is None and want != "arcd" and ARCD_ONLY_KEYS & set(raw):
+        other = "arcd"  # ARCD's configs carry no `kind`; its stage and simulation sections say it
+    if other not in (None, want):
         command = (f"inspector augment {other} train" if other in ("defectgan", "anomalyalign")
                    else f"inspector train {other}")
         article = "an" if str(other)[:1].lower() in "aeiou" else "a"
         # read by trainers and by benchmark scripts on a run's config.yaml alike: no "train it"
-        raise ConfigError(str(path), "kind", f"{article} {other} training config, not {want} "
+        key = "kind" if "kind" in raw else ", ".join(sorted(ARCD_ONLY_KEYS & set(raw)))
+        raise ConfigError(str(path), key, f"{article} {other} training config, not {want} "
                           f"(`{command}` is its trainer)")
     if set_base_dir:
         raw.setdefault("base_dir", str(path.resolve().parent))

@@ -185,3 +185,9 @@ def test_training_config_errors_name_the_users_key_and_the_right_command(tmp_pat
     cfg.write_text("kind: clgan\nname: g\n")
     r = run_cli("train", "arcd", "--config", str(cfg), "--run-dir", str(tmp_path / "run"))
     assert r.returncode == 2 and not (tmp_path / "run").exists()
+    # ARCD's configs have no `kind`: their stage sections name them for the other trainers
+    from export.clgan.train import ClganTrainConfig
+    cfg.write_text("name: a\nstage1: {steps: 3}\nmodel: {tile: 64}\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: stage1: an arcd training config, not clgan "
+                                          r"\(`inspector train arcd` is its trainer\)"):
+        read_config(cfg.rename(tmp_path / "a.yaml"), ClganTrainConfig, set_base_dir=False)
