@@ -426,3 +426,25 @@ def test_a_refused_value_is_reported_before_the_model_warms_up(tmp_path, monkeyp
     with Pipeline(load_config(write_config(tmp_path / "ok.yaml", raw))) as p:
         assert p.source is not None
     assert order == ["warm-up", "stream"]
+
+
+@needs_viky
+def test_ctrl_c_reaches_the_inspector_and_leaves_the_camera_running():
+    # harvesters' acquirer takes SIGINT for itself and destroys the acquisition: Ctrl-C on
+    # `inspector run` / the daemon looked like a lost camera and never stopped them
+    import os
+    import signal
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+    try:
+        with GenicamSource(viky_cfg(frames=None, fps=50.0), camera_id="c") as src:
+            assert src.read() is not None
+            os.kill(os.getpid(), signal.SIGINT)
+            deadline = time.monotonic() + 5
+            while not got and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert got == [signal.SIGINT]
+            assert src.read() is not None  # the acquisition was not torn down
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import signal
 import threading
 import time
 from pathlib import Path
@@ -325,10 +326,18 @@ class GenicamSource(Source):
                           f"(a typo, or that camera is not connected); available: {available}{hint}")
 
     def _create_acquirer(self, index: int) -> Any:
+        # harvesters' ImageAcquirer, made on the main thread, takes SIGINT for itself: its
+        # handler destroys the acquirer, so Ctrl-C looked like a lost camera (reopened, counted)
+        # and never reached the inspector's stop. The inspector's handler is put back.
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.getsignal(signal.SIGINT) if on_main else None
         try:
             return self._harvester.create(index)
         except Exception as e:  # in use by another process, access denied, ...
             raise SourceError(f"cannot open {self._label}: {first_line(e)}") from e
+        finally:
+            if on_main and previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+                signal.signal(signal.SIGINT, previous)
 
     def _node_map(self) -> Any:
         try:
