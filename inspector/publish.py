@@ -80,8 +80,17 @@ class PublishConfig(BaseModel):
         return v
 
 
+#: the PNG of an all-background mask, per shape: most frames of a strip have no defect, and
+#: deflating 400 k zero bytes still costs ~0.5 ms of the pipeline's CPU budget per 256x1600 frame
+_EMPTY_PNG: dict[tuple, bytes] = {}
+
+
 def encode_mask(mask: np.ndarray, encoding: str) -> bytes:
     if encoding == "png":
+        empty = not mask.any()
+        key = mask.shape + (mask.dtype.str,)
+        if empty and key in _EMPTY_PNG:
+            return _EMPTY_PNG[key]
         # Masks are mostly zeros: no row filter plus run-length deflate is about 4x faster than
         # OpenCV's default adaptive filtering, at a similar size (measured on 256x1600 masks).
         ok, buf = cv2.imencode(".png", mask, [cv2.IMWRITE_PNG_COMPRESSION, 1,
@@ -89,7 +98,10 @@ def encode_mask(mask: np.ndarray, encoding: str) -> bytes:
                                               cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_NONE])
         if not ok:
             raise ValueError("PNG encoding of the mask failed")
-        return buf.tobytes()
+        data = buf.tobytes()
+        if empty and len(_EMPTY_PNG) < 16:  # a few frame shapes per camera; bounded all the same
+            _EMPTY_PNG[key] = data
+        return data
     if encoding == "raw":
         return np.ascontiguousarray(mask, np.uint8).tobytes()
     raise ValueError(f"unknown mask encoding {encoding!r}")

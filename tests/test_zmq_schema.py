@@ -94,3 +94,20 @@ def test_after_a_stuck_subscriber_reset_every_frame_counted_as_sent_reaches_the_
         good.close(0)
         pub.close()
         ctx.term()
+
+
+def test_an_empty_mask_encodes_once_per_shape_and_decodes_like_any_other():
+    import numpy as np
+
+    from inspector.publish import decode_mask, encode_mask
+
+    empty = np.zeros((37, 91), np.uint8)
+    first, again = encode_mask(empty, "png"), encode_mask(empty.copy(), "png")
+    assert first is again  # kept, not deflated again
+    header = {"shape": [37, 91], "mask_encoding": "png"}
+    assert np.array_equal(decode_mask(again, header), empty)
+    marked = empty.copy()
+    marked[5, 7] = 3  # a mask of the same shape with a defect is encoded afresh
+    assert decode_mask(encode_mask(marked, "png"), header)[5, 7] == 3
+    other = np.zeros((37, 92), np.uint8)
+    assert decode_mask(encode_mask(other, "png"), {**header, "shape": [37, 92]}).shape == (37, 92)
