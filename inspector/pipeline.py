@@ -276,6 +276,7 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._frame_limit: int | None = None
         self._expected: tuple[tuple[int, ...], np.dtype] | None = None
+        self._shape_from = "pipeline.frame"  # what set the expected shape, for the drop message
         self._geometry = Geometry.of(cfg.geometry)
         self._geometry_checked = False  # whether the first frame's source geometry was compared
         #: the post stage's region mask (uint8 0/1, HxW), reused frame after frame: the publisher
@@ -384,11 +385,16 @@ class Pipeline:
                              f"expected uint8")
         if img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] != 3):
             raise FrameError(f"frame {frame.frame_id}: shape {img.shape}, expected HxW or HxWx3")
+        name = frame.meta.get("file") if frame.meta else None  # a replayed file's name
         if self._expected is None:
             self._expected = (img.shape, img.dtype)
-            log.info("frame shape locked to %s", img.shape)
+            self._shape_from = f"{name} (frame {frame.frame_id})" if name else f"frame {frame.frame_id}"
+            log.info("frame shape locked to %s by %s (pipeline.frame sets it instead)", img.shape,
+                     self._shape_from)
         elif img.shape != self._expected[0]:
-            raise FrameError(f"frame {frame.frame_id}: shape {img.shape}, expected {self._expected[0]}")
+            where = f" ({name})" if name else ""
+            raise FrameError(f"frame {frame.frame_id}{where}: shape {img.shape}, expected "
+                             f"{self._expected[0]} (set by {self._shape_from})")
         self._shape_matched = True
 
     def _refuse_configured_shape(self, frame: Frame) -> None:
@@ -409,7 +415,7 @@ class Pipeline:
         backoff, longest = self.cfg.pipeline.reopen_backoff_s
         while not self._stop.is_set():
             try:
-                return self.source.read()
+                frame = self.source.read()
             except FrameError:
                 raise
             except SourceError as e:
@@ -421,6 +427,13 @@ class Pipeline:
                 self.camera_state = "down"
                 self._reopen(backoff)
                 backoff = min(longest, backoff * 2)
+                continue
+            if frame is not None and self.camera_state == "down":
+                # back only once it delivers: a camera that opens but sends nothing (trigger or
+                # encoder stopped) would otherwise flap down/back at every reopen, and the
+                # camera_down alarm and the PLC's camera-ok bit with it
+                self.camera_state = "ok"
+            return frame
         return None
 
     def _reopen(self, wait_s: float) -> None:
@@ -436,8 +449,7 @@ class Pipeline:
             log.debug("reopen failed: %s", e)
             return
         self.counters.reopens += 1
-        self.camera_state = "ok"
-        log.warning("camera %s reopened", self.cfg.camera_id)
+        log.warning("camera %s reopened, waiting for its first frame", self.cfg.camera_id)
 
     def _grab_loop(self) -> None:
         # one log per kind: a burst of one kind must not hide the first of another (an unreadable

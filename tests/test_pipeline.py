@@ -87,7 +87,7 @@ def test_wrong_shape_or_dtype_mid_stream_is_dropped_and_loop_goes_on(synthetic_c
     # shape it had and the shape expected; the burst's count when the run ends (it is shorter
     # than a report's 10 s, so no later failure would have said it)
     assert dropped_frame_logs(caplog, "frame dropped") == [
-        "frame dropped: frame 2: shape (100, 512), expected (128, 512)",
+        "frame dropped: frame 2: shape (100, 512), expected (128, 512) (set by frame 0)",
         "frame dropped: +2 more since last report"]
     # the other two kinds of bad frame, as the grab stage's check words them
     from inspector.errors import FrameError
@@ -224,6 +224,53 @@ def test_lost_camera_is_reopened_and_reported(synthetic_cfg):
         c = p.run(frames=20)
     assert c["source_errors"] == 1 and c["reopens"] == 1 and src.opens == 2
     assert c["published"] + sum(c["dropped"].values()) == 20
+
+
+def test_a_replayed_frame_of_another_size_names_its_file_and_what_set_the_shape(synthetic_cfg, tmp_path, caplog):
+    import cv2
+
+    for name, h in (("a.png", 100), ("b.png", 128), ("c.png", 100)):
+        cv2.imwrite(str(tmp_path / name), np.full((h, 512), 120, np.uint8))
+    raw = synthetic_cfg(pipeline={"backpressure": True})
+    raw["source"] = {"type": "replay", "path": str(tmp_path), "fps": 0, "color": "gray"}
+    cfg = parse_config(raw, "t.yaml")
+    caplog.set_level(logging.INFO, logger="inspector.pipeline")
+    with Pipeline(cfg, on_report=lambda r: None) as p:
+        c = p.run()
+    assert c["dropped"]["bad_frame"] == 1
+    text = caplog.text
+    assert "frame shape locked to (100, 512) by a.png (frame 0) (pipeline.frame sets it instead)" in text
+    assert "frame 1 (b.png): shape (128, 512), expected (100, 512) (set by a.png (frame 0))" in text
+
+
+class SilentAfterOpenSource(ScriptedSource):
+    """Opens every time but sends nothing for a while (a stopped trigger or encoder)."""
+
+    def __init__(self, images, silent_reads: int):
+        super().__init__(images)
+        self.silent = silent_reads
+        self.states: list[str] = []   # the pipeline's camera state at each read
+        self.pipeline: Pipeline | None = None
+
+    def read(self):
+        self.states.append(self.pipeline.camera_state)
+        if self.silent > 0:
+            self.silent -= 1
+            from inspector.errors import SourceError
+            raise SourceError("timed out without a frame")
+        return super().read()
+
+
+def test_a_reopened_camera_is_back_only_once_it_delivers_a_frame(synthetic_cfg):
+    cfg = parse_config(synthetic_cfg(pipeline={"reopen_backoff_s": [0.01, 0.02]}), "t.yaml")
+    src = SilentAfterOpenSource([np.full((128, 512), 128, np.uint8)] * 3, silent_reads=5)
+    p = Pipeline(cfg, source=src)
+    src.pipeline = p
+    with p:
+        c = p.run()
+    # ok at the first read, then down through all five reopens (no flapping), ok once frames come
+    assert src.states[:7] == ["ok"] + ["down"] * 5 + ["ok"]
+    assert c["source_errors"] == 5 and c["reopens"] == 5 and c["published"] == 3
 
 
 def test_pipeline_on_the_viky_genicam_camera(synthetic_cfg):
@@ -519,6 +566,6 @@ def test_an_unreadable_frame_is_named_even_inside_a_burst_of_wrong_shapes(synthe
         c = p.run()
     assert c["dropped"]["bad_frame"] == 2 and c["dropped"]["incomplete_frame"] == 1
     assert dropped_frame_logs(caplog, "frame dropped") == [
-        "frame dropped: frame 1: shape (100, 512), expected (128, 512)",
+        "frame dropped: frame 1: shape (100, 512), expected (128, 512) (set by frame 0)",
         "frame dropped: cannot read image /data/zzz.jpg: not an image",
         "frame dropped: +1 more since last report"]
