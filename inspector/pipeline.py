@@ -78,10 +78,17 @@ class Counters:
         with self._lock:
             self.camera_skipped += n
 
-    def publish(self) -> None:
+    def publish_with(self, send: Callable[[], bool]) -> bool | None:
+        """``send()`` and count the frame published if it went, as one step against
+        :meth:`abandon`: once the counters are frozen nothing is sent (None), so a frame a
+        forced exit counted as ``stage_failed`` is never delivered as well."""
         with self._lock:
-            if not self.frozen:
+            if self.frozen:
+                return None
+            sent = send()
+            if sent:
                 self.published += 1
+            return sent
 
     def drop(self, reason: str) -> None:
         with self._lock:
@@ -524,6 +531,8 @@ class Pipeline:
                 fail.flush()
                 self._q_post.put(_END)
                 return
+            if self.counters.frozen:
+                continue  # a forced exit counted this frame as stage_failed: it must not appear
             job.t_queued = time.perf_counter() - job.t_queued
             # Read per frame: swap_model() may replace it; the job carries it on to post-processing.
             job.model = model = self.model
@@ -552,6 +561,12 @@ class Pipeline:
                 slow.flush()
                 self._done.set()
                 return
+            if self.counters.frozen:
+                # a forced exit counted it as stage_failed ("not published"): publishing it now
+                # would deliver a frame the counters call dropped
+                if job.out is not None and job.out.release:
+                    job.out.release()
+                continue
             if job.model is not model:  # first frame, or the first after swap_model()
                 model = job.model
                 spec = model.bundle.spec
@@ -611,15 +626,18 @@ class Pipeline:
             }
             if region_info is not None:
                 header["region"] = region_info
+            pub = self.publisher
             try:
                 # the 3-part call as before when there is no region (wrappers of send keep working)
-                sent = (self.publisher.send(header, mask_bytes) if region_bytes is None
-                        else self.publisher.send(header, mask_bytes, region_bytes))
+                sent = self.counters.publish_with(
+                    lambda: pub.send(header, mask_bytes) if region_bytes is None
+                    else pub.send(header, mask_bytes, region_bytes))
             except BaseException:  # socket closed under it, unserialisable header: the stage dies
                 self.counters.drop("stage_failed")
                 raise
+            if sent is None:
+                continue  # a forced exit counted it as stage_failed meanwhile: not sent
             if sent:
-                self.counters.publish()
                 fail.tick()
                 slow.tick()
             else:

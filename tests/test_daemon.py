@@ -604,3 +604,40 @@ def test_a_stop_with_a_hung_engine_ends_in_time_and_accounts_for_every_frame(tmp
     assert c["dropped"]["stage_failed"] >= 1, c
     time.sleep(1.0)  # the late frame is not counted twice, and is no failure of the pipeline's
     assert d.pipeline.counters.snapshot() == c and d.pipeline.error is None
+
+
+def test_frames_counted_not_published_at_a_forced_stop_are_not_sent_after_all(tmp_path, notify, synthetic_cfg):
+    # a slow engine, not a hung one: the stages went on after the stop timeout and published the
+    # frames the counters had just called stage_failed ("not published")
+    import zmq
+
+    raw = synthetic_cfg(source={"fps": 50}, pipeline={"queue_size": 8}, daemon={"stop_timeout_s": 0.05})
+    cfg = write_config(tmp_path / "cam.yaml", raw)
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(raw["publish"]["endpoint"])
+    d = Daemon(cfg, notifier=Notifier(notify.address))
+    out = {}
+    t = threading.Thread(target=lambda: out.update(rc=d.run()), daemon=True)
+    t.start()
+    try:
+        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        real = d.pipeline.model.adapter.infer
+
+        def slow(img):
+            time.sleep(0.1)
+            return real(img)
+        d.pipeline.model.adapter.infer = slow
+        time.sleep(1.5)  # the queue fills behind the slow engine
+        d.request_stop()
+        t.join(60)
+        c = d.pipeline.counters.snapshot()
+        received = 0
+        while sub.poll(500):
+            sub.recv_multipart()
+            received += 1
+    finally:
+        sub.close(linger=0)
+    assert c["dropped"]["stage_failed"] >= 1 and out.get("rc") == 1, c
+    assert c["grabbed"] == c["published"] + sum(c["dropped"].values()), c
+    assert received == c["published"], (received, c)
