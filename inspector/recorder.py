@@ -32,14 +32,18 @@ them. ``fsync: true`` flushes each file to the disk before it is renamed into pl
 folders after the rename, so a record that was counted survives a power cut; it costs the writer
 thread (never the inspection) a disk flush per file (``benchmarks/recorder_bench.py --fsync``).
 One recorder per camera folder: a second one (two configs with one ``camera_id``) is refused.
+A start refuses, too, a folder of the layout this user cannot write (a sub-folder left root's by a
+run as root), naming ``record.dir`` and the folder, as ``inspector check --user`` does.
 
 Inspection never waits for the disk: frames go through a bounded queue to one writer thread.
 A frame not recorded is counted by reason and logged once per burst, never silently: the queue
 was full (``queue_full``), the file system had less than ``min_free_gb`` free (``disk_low``),
 the write failed (``write_error``), or the recorder was closed before it got to it
-(``shutdown``). The folder is held under ``max_gb``, and the file system above ``min_free_gb``,
-by removing the oldest records first, in the order they were written (a clock stepped back does
-not make new records look old).
+(``shutdown``). The first record written once a burst's report interval has passed is logged
+with the burst's full count, so the log says how many and that recording works again. The folder
+is held under ``max_gb``, and the file system above ``min_free_gb``, by removing the oldest
+records first, in the order they were written (a clock stepped back does not make new records
+look old).
 
 Example::
 
@@ -68,6 +72,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from inspector.access_check import _owner
 from inspector.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -176,6 +181,39 @@ def describe(cfg: RecordConfig) -> str:
     return " and ".join(what) or "nothing (record.defects false, record.normal_every 0)"
 
 
+def _reasons(counts: dict[str, int]) -> str:
+    """``write_error 20, disk_low 6``: the reasons with a count."""
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v)
+
+
+def _by_reason(counts: dict[str, int]) -> str:
+    """``26 (write_error 26)``, ``0``: a total and its reasons, as the STATUS line says drops."""
+    total = sum(counts.values())
+    return f"{total} ({_reasons(counts)})" if total else "0"
+
+
+def _unwritable_folder(root: Path) -> Path | None:
+    """The first existing folder of the camera's layout (the kind folders and their sub-folders,
+    ``regions/`` too) this user cannot write, or None. The camera folder itself is left to the
+    caller (a start proves it with a file): a sub-folder left root's by a root run passes that
+    proof and would fail every record instead, so each is asked as ``inspector check --user``
+    asks (:mod:`inspector.access_check`), by ``os.access``."""
+    for kind, subs in KINDS.items():
+        for folder in [root / kind] + [root / kind / sub for sub in subs]:
+            if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+                return folder
+    return None
+
+
+def _sub_folder_error(config_file: str, root: Path, folder: Path) -> ConfigError:
+    owner = _owner(str(folder))
+    return ConfigError(config_file, "record.dir", f"cannot write recordings into {root}: its "
+                       f"sub-folder {folder} is not writable to this user"
+                       + (f" ({owner})" if owner else "") + "; every folder of the layout must be "
+                       "writable to the service's user (a run as root leaves the folders it made "
+                       "root's: chown them)")
+
+
 def _nearest_existing(path: Path) -> Path:
     p = path
     while not p.exists() and p != p.parent:
@@ -201,6 +239,10 @@ def preflight(cfg: RecordConfig, camera_id: str, class_names: list[str], base_di
     if not os.access(base, os.W_OK | os.X_OK):
         raise ConfigError(config_file, "record.dir", f"cannot write recordings into {root}: {base} is "
                           "not writable to this user")
+    if root.is_dir():
+        bad = _unwritable_folder(root)
+        if bad is not None:
+            raise _sub_folder_error(config_file, root, bad)
     if os.geteuid() == 0 and root_note:  # (not when the service user's access was checked itself)
         st = base.stat()
         notes.append(f"checked as root: the service user must be able to write {base} (owner uid "
@@ -231,6 +273,11 @@ def preflight(cfg: RecordConfig, camera_id: str, class_names: list[str], base_di
 class Recorder:
     """One camera's recorder (see module docs). Thread-safe ``offer``; one writer thread."""
 
+    #: a burst's report interval (s): a reason's skips are logged at most once per interval, and
+    #: the burst's count at the first record written once it has passed (the pipeline's drop log,
+    #: :class:`inspector.pipeline.BurstLog`, keeps the same rule)
+    report_every_s: float = 10.0
+
     def __init__(self, cfg: RecordConfig, camera_id: str, class_names: list[str],
                  base_dir: Path | None = None, config_file: str = "<memory>"):
         self.cfg = cfg
@@ -249,6 +296,8 @@ class Recorder:
         self._closed = False
         self._last_log = {r: -1e9 for r in SKIP_REASONS}
         self._quiet = {r: 0 for r in SKIP_REASONS}
+        self._burst = {r: 0 for r in SKIP_REASONS}  # skips since recording last worked
+        self._log_lock = threading.Lock()  # the skip log's state: the publish and writer threads
         self._trim_warned = -1e9
         self._room_warned = -1e9
         self._seq = 0                 # write order: what "oldest" means when removing
@@ -295,6 +344,11 @@ class Recorder:
                               "the folder must be writable to it)") from None
         if made and os.geteuid() == 0:
             self._give_to_parent_owner(made)
+        # before the stock-taking below, which removes files in these folders
+        bad = _unwritable_folder(self.root)
+        if bad is not None:
+            self._release()
+            raise _sub_folder_error(self.config_file, self.root, bad)
         # records in write order (oldest first): (seq, stem, kind, bytes); on disk, the files'
         # modification times stand for the order
         found: list[tuple[float, str, str, int]] = []
@@ -458,13 +512,31 @@ class Recorder:
 
     def _log_skip(self, reason: str, stem: str, why: str) -> None:
         now = time.monotonic()
-        if now - self._last_log[reason] >= 10.0:
+        with self._log_lock:
+            self._burst[reason] += 1
+            if now - self._last_log[reason] < self.report_every_s:
+                self._quiet[reason] += 1
+                return
             more = f" (+{self._quiet[reason]} more since last report)" if self._quiet[reason] else ""
-            log.warning("recorder: %s not recorded: %s%s", stem, why, more)
             self._last_log[reason] = now
             self._quiet[reason] = 0
-        else:
-            self._quiet[reason] += 1
+        log.warning("recorder: %s not recorded: %s%s", stem, why, more)
+
+    def _log_recovered(self) -> None:
+        """After a record was written: close a burst of skips whose report interval has passed
+        with its full count. Without it the skips quieted after the burst's last line appear only
+        in the stop's summary, and nothing says that recording works again."""
+        now = time.monotonic()
+        with self._log_lock:
+            burst = {r: n for r, n in self._burst.items() if n}
+            if not burst or now - max(self._last_log[r] for r in burst) < self.report_every_s:
+                return
+            for r in burst:
+                self._burst[r] = 0
+                self._quiet[r] = 0  # in the count said here
+                self._last_log[r] = -1e9  # a new burst's first skip is said at once
+        log.warning("recorder: recording again after %d frame(s) not recorded (%s)",
+                    sum(burst.values()), _reasons(burst))
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -610,6 +682,7 @@ class Recorder:
         heapq.heappush(self._heap, (self._seq, item.stem, item.kind, size))
         self._seq += 1
         self._trim()
+        self._log_recovered()
 
     def _encode(self, item: _Item) -> list[tuple[str, bytes]]:
         level = [cv2.IMWRITE_PNG_COMPRESSION, self.cfg.png_compression]
@@ -743,5 +816,5 @@ class Recorder:
         s = self.snapshot()
         log.info("recorder: %d defect frame(s) and %d normal frame(s) recorded, %d old record(s) "
                  "removed, skipped %s", s["recorded"]["defects"], s["recorded"]["normal"],
-                 s["removed"], {k: v for k, v in s["skipped"].items() if v} or 0)
+                 s["removed"], _by_reason(s["skipped"]))
         return left
