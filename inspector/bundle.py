@@ -190,6 +190,26 @@ class Bundle:
         return f"Bundle({self.path}, kind={self.spec.kind})"
 
 
+#: the end of the error for a bundle file the service user may not read (exit 2: the install's
+#: fault, which a restart would meet again, like an unreadable config)
+_DENIED = "cannot read: permission denied (the service runs as its own user: make the bundle readable to it)"
+
+
+def _present(path: Path, folder: bool = False) -> bool:
+    """Whether ``path`` is a file (``folder``: a folder). A look refused for lack of permission
+    (a folder on the way not searchable) is a BundleError naming it, not "missing": Python 3.11's
+    ``is_file()`` raises a bare PermissionError then (exit 1), later ones say False."""
+    try:
+        if path.is_dir() if folder else path.is_file():
+            return True
+        path.stat()
+    except PermissionError:
+        raise BundleError(f"{path}: {_DENIED}") from None
+    except OSError:
+        pass
+    return False
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -239,12 +259,14 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     """Read and validate ``path/bundle.yaml``; check each graph exists and matches its sha256."""
     root = Path(path)
     meta = root / BUNDLE_FILE
-    if not root.is_dir():
+    if not _present(root, folder=True):
         raise BundleError(f"{root}: model bundle folder not found")
-    if not meta.is_file():
+    if not _present(meta):
         raise BundleError(f"{meta}: missing (a bundle folder holds bundle.yaml and its graphs)")
     try:
         raw = yaml.safe_load(meta.read_text())
+    except PermissionError:
+        raise BundleError(f"{meta}: {_DENIED}") from None
     except yaml.YAMLError as e:
         raise BundleError(f"{meta}: {yaml_problem(e)}") from None
     except UnicodeDecodeError:
@@ -258,10 +280,13 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     bundle = Bundle(root, spec)
     for key, ref in spec.graphs.items():
         gp = root / ref.file
-        if not gp.is_file():
+        if not _present(gp):
             raise BundleError(f"{gp}: graph '{key}' named in {meta} is missing")
         if verify:
-            digest = sha256_file(gp)
+            try:
+                digest = sha256_file(gp)
+            except PermissionError:
+                raise BundleError(f"{gp}: {_DENIED}") from None
             if digest != ref.sha256:
                 raise BundleError(f"{gp}: sha256 {digest[:12]}… does not match {meta} "
                                   f"({ref.sha256[:12]}…): the file is corrupt or was replaced")

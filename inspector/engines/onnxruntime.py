@@ -16,6 +16,14 @@ from inspector.errors import BundleError, EngineError
 
 log = logging.getLogger(__name__)
 
+# onnxruntime (1.32 here) starts its telemetry when imported, and under a user without a writable
+# home (the unit's `inspector` user) warns on every start, in raw ANSI colour codes, that it
+# cannot persist a device ID: a line in the journal no log level here can stop, as it comes
+# before any session or logger setting. A line PC has no use for the upload either; the switch
+# is read at import, and every runtime import of onnxruntime comes after this module's (the
+# engines package imports it). An operator's own ORT_DISABLE_TELEMETRY is kept.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
 PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
     "cuda": "CUDAExecutionProvider",
