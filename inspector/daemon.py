@@ -113,7 +113,7 @@ def status_text(p: Pipeline, engine: AlarmEngine | None) -> str:
     s = p.stats.summary()
     c = p.counters.snapshot()
     drops = sum(c["dropped"].values())
-    why = ",".join(f"{k} {v}" for k, v in c["dropped"].items() if v)
+    why = ", ".join(f"{k} {v}" for k, v in c["dropped"].items() if v)
     lat = (f"p50 {s['p50_ms']:.0f} ms p99 {s['p99_ms']:.0f} ms" if s["p50_ms"] is not None else "latency -")
     text = (f"{s['fps']:.1f} fps, {lat}, published {c['published']}, dropped {drops}"
             + (f" ({why})" if why else "") + f", camera {p.camera_state}")
@@ -267,8 +267,9 @@ class Daemon:
             if self.metrics is not None:
                 self.metrics.stop()
         c = p.counters.snapshot()
-        log.info("stopped: grabbed %d published %d dropped %s", c["grabbed"], c["published"],
-                 {k: v for k, v in c["dropped"].items() if v} or 0)
+        why = ", ".join(f"{k} {v}" for k, v in c["dropped"].items() if v)
+        log.info("stopped: grabbed %d published %d dropped %d%s", c["grabbed"], c["published"],
+                 sum(c["dropped"].values()), f" ({why})" if why else "")
         if p.error is not None:
             log.error("pipeline failed: %s", p.error)
             # bad config found only once frames flow: exit 2, which the unit does not restart
@@ -371,6 +372,9 @@ class Daemon:
             if self.engine is not None:
                 self.engine.check_rules(new.alarms)
             elif new.alarms.rules:
+                # they run only after a restart, but rules the next start would refuse (exit 2,
+                # the unit stays down) must fail now, as with alarms on
+                AlarmEngine(new.alarms, model.bundle.spec.classes, new.source_file)
                 later.append("alarms.rules (alarms were off at start)")
             geometry = Geometry.of(new.geometry)
             warm = p.swap_model(model, geometry)

@@ -492,6 +492,11 @@ def test_sighup_with_a_corrupt_model_or_bad_config_keeps_the_old_model(tmp_path,
         proc.send_signal(signal.SIGHUP)
         notify.wait(lambda m: "READY=1" in m.split("\n") and "reload failed" in m and "record.classes" in m,
                     what="third reload failed")
+        # so do alarm rules naming an unknown class while alarms were off at start
+        write_config(cfg, {**raw, "alarms": {"rules": [{"name": "r", "classes": ["rust"]}]}})
+        proc.send_signal(signal.SIGHUP)
+        notify.wait(lambda m: "READY=1" in m.split("\n") and "reload failed" in m and "alarms.rules.0" in m,
+                    what="fourth reload failed")
         proc.send_signal(signal.SIGTERM)
         rc, err = finish(proc)
     finally:
@@ -502,6 +507,7 @@ def test_sighup_with_a_corrupt_model_or_bad_config_keeps_the_old_model(tmp_path,
     assert "sha256" in err and str(onnx) in err  # names the file that is wrong
     assert f"{cfg}: not valid YAML" in err
     assert f"{cfg}: record.classes: unknown class(es) ['rust']" in err
+    assert f"{cfg}: alarms.rules.0.classes: unknown class(es) ['rust']" in err
     ids = [h["frame_id"] for h in got]
     assert ids == list(range(len(ids)))
     assert len({h["model"]["sha256"] for h in got}) == 1
