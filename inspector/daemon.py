@@ -172,6 +172,9 @@ class Daemon:
     def request_stop(self, *_: object) -> None:
         self.stop_requested = True
         self._wake.set()
+        if self.pipeline is not None:
+            # also while it is still opening (waiting for subscribers): it starts nothing more
+            self.pipeline.stop()
 
     def request_reload(self, *_: object) -> None:
         self._reload_req.set()

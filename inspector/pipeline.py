@@ -321,7 +321,7 @@ class Pipeline:
         self.warmup_ms = self.model.adapter.warmup(shape)
         log.info("model %s (%s) on %s, warm-up %.0f ms at %s", self.model.bundle.spec.name,
                  self.model.bundle.spec.kind, self.model.backend, self.warmup_ms, shape)
-        n = self.publisher.wait_ready()
+        n = self.publisher.wait_ready(self._stop)
         self.source.open()
         self.camera_state = "ok"
         log.info("source %s; %d subscriber(s) at start", self.source.describe(), n)
@@ -366,6 +366,11 @@ class Pipeline:
                 return
             if isinstance(e, ConfigError):  # the config's fault, said in one line (exit 2)
                 log.error("stage %s stopped: %s", stage, e)
+            elif isinstance(e, SourceError) and stage == "grab":
+                # a lost camera with pipeline.reopen_source off: the documented end, not a bug
+                self.camera_state = "down"
+                log.error("camera %s lost, not reopened (pipeline.reopen_source is off): %s",
+                          self.cfg.camera_id, e)
             else:
                 log.exception("stage %s failed", stage)
             self.error = self.error or e

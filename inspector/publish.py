@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from dataclasses import dataclass
 import re
@@ -242,14 +243,23 @@ class Publisher:
                 self.subscribers = max(0, self.subscribers - 1)
                 log.info("subscriber left (%d subscribed)", self.subscribers)
 
-    def wait_ready(self) -> int:
-        """Before the first frame: let connected subscribers register; optionally wait for N."""
+    def wait_ready(self, stop: threading.Event | None = None) -> int:
+        """Before the first frame: let connected subscribers register; optionally wait for N,
+        unless ``stop`` is set meanwhile (a stop requested during the wait)."""
         self.poll_subscriptions(self.cfg.connect_grace_s)
-        if self.cfg.wait_for_subscribers:
+        want = self.cfg.wait_for_subscribers
+        if want and self.subscribers < want:
+            # said, or a daemon waiting here shows nothing but its warm-up line for up to
+            # wait_timeout_s
+            log.info("waiting up to %gs for %d subscriber(s) on %s (publish.wait_for_subscribers); "
+                     "%d so far", self.cfg.wait_timeout_s, want, self.endpoint, self.subscribers)
             deadline = time.monotonic() + self.cfg.wait_timeout_s
-            while self.subscribers < self.cfg.wait_for_subscribers and time.monotonic() < deadline:
+            while (self.subscribers < want and time.monotonic() < deadline
+                   and not (stop is not None and stop.is_set())):
                 self.poll_subscriptions(min(0.1, max(0.0, deadline - time.monotonic())))
-            if self.subscribers < self.cfg.wait_for_subscribers:
+            if stop is not None and stop.is_set():
+                return self.subscribers
+            if self.subscribers < want:
                 log.warning("only %d of %d subscribers after %.1fs; starting anyway",
                             self.subscribers, self.cfg.wait_for_subscribers, self.cfg.wait_timeout_s)
         return self.subscribers

@@ -647,3 +647,23 @@ def test_frames_counted_not_published_at_a_forced_stop_are_not_sent_after_all(tm
     assert c["dropped"]["stage_failed"] >= 1 and out.get("rc") == 1, c
     assert c["grabbed"] == c["published"] + sum(c["dropped"].values()), c
     assert received == c["published"], (received, c)
+
+
+def test_a_stop_while_waiting_for_subscribers_ends_the_wait_and_the_wait_is_said(tmp_path, notify, synthetic_cfg,
+                                                                                 caplog):
+    caplog.set_level(logging.INFO, logger="inspector.publish")
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(
+        publish={"wait_for_subscribers": 1, "wait_timeout_s": 60}))
+    d = Daemon(cfg, notifier=Notifier(notify.address))
+    out = {}
+    t = threading.Thread(target=lambda: out.update(rc=d.run()), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 30
+    while "publish.wait_for_subscribers" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "waiting up to 60s for 1 subscriber(s) on tcp://127.0.0.1:" in caplog.text
+    t0 = time.monotonic()
+    d.request_stop()
+    t.join(30)
+    assert not t.is_alive() and time.monotonic() - t0 < 10  # not the rest of the 60 s
+    assert out.get("rc") == 0 and d.pipeline.counters.snapshot()["grabbed"] == 0

@@ -305,7 +305,8 @@ class DeadSource(DyingSource):
 
 @pytest.mark.parametrize("backpressure", [True, False])
 def test_camera_lost_without_reopen_still_publishes_or_counts_every_grabbed_frame(
-        synthetic_cfg, backpressure):
+        synthetic_cfg, backpressure, caplog):
+    caplog.set_level(logging.ERROR, logger="inspector.pipeline")
     cfg = parse_config(synthetic_cfg(pipeline={"reopen_source": False, "queue_size": 8,
                                                "backpressure": backpressure}), "t.yaml")
     with Pipeline(cfg, source=DeadSource()) as p:
@@ -318,8 +319,12 @@ def test_camera_lost_without_reopen_still_publishes_or_counts_every_grabbed_fram
         with pytest.raises(Exception, match="cable pulled"):
             p.run(frames=100)
         c = p.counters.snapshot()
+        state = p.camera_state  # what the last status line says
     assert c["grabbed"] == 12 and p.counters.balanced, c
     assert c["published"] + sum(c["dropped"].values()) == 12
+    # the documented end of a run without reopening: one line, no traceback, camera down
+    assert "camera test lost, not reopened (pipeline.reopen_source is off): " in caplog.text
+    assert not any(r.exc_info for r in caplog.records) and state == "down"
 
 
 class StageDeath(BaseException):
@@ -399,9 +404,9 @@ def test_camera_opens_after_the_subscriber_grace_so_no_stale_frames_pile_up(synt
     events: list = []
     real_wait, real_poll = Publisher.wait_ready, Publisher.poll_subscriptions
 
-    def wait_ready(self):
+    def wait_ready(self, stop=None):
         events.append("wait_ready")
-        n = real_wait(self)
+        n = real_wait(self, stop)
         events.append("ready")
         return n
 

@@ -86,6 +86,22 @@ def test_corrupt_image_is_a_frame_error_then_replay_goes_on(folder: Path):
         assert src.read() is None
 
 
+def test_a_recording_that_goes_away_is_a_lost_camera_and_comes_back_with_it(folder: Path):
+    # one missing file stays a bad frame; the whole folder gone is the camera gone (the pipeline
+    # reopens with backoff and the camera_down alarm can fire), not a dropped frame per read
+    gone = folder.with_name("moved")
+    with replay(folder, loop=True) as src:
+        assert src.read().meta["file"] == "f1.png"
+        folder.rename(gone)
+        with pytest.raises(SourceError, match=r"replay path .* \(source.path\) is gone"):
+            src.read()
+        with pytest.raises(SourceError, match="not found"):
+            src.open()
+        gone.rename(folder)
+        src.open()
+        assert src.read().meta["file"] == "f1.png"
+
+
 def test_missing_path_and_empty_folder(tmp_path: Path):
     with pytest.raises(SourceError, match=r"source.path"):
         replay(tmp_path / "nope").open()

@@ -230,6 +230,12 @@ class ReplaySource(Source):
         try:
             item = self._next_item()
         except FrameError:
+            path = self.resolved_path()
+            if not path.exists():
+                # the recording itself is gone (a drive unmounted, a folder moved): that is a
+                # lost camera (reopened with backoff, camera_down), not one bad file per frame
+                self.close()
+                raise SourceError(f"replay path {path} (source.path) is gone") from None
             self._next_id += 1
             raise
         if item is None:
