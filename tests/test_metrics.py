@@ -81,6 +81,10 @@ def test_endpoint_reports_stages_drops_alarms_camera_and_plc(synthetic_cfg):
     assert one(s, "inspector_plc_writes_total", **cam) >= 1
     assert one(s, "inspector_model_info", name="toy", **cam) == 1.0
     assert one(s, "inspector_fps", **cam) > 0
+    # the process's own figures, for watching a leak on a line PC (Linux /proc)
+    assert one(s, "process_resident_memory_bytes") > 10e6
+    assert one(s, "process_open_fds") > 3
+    assert one(s, "process_cpu_seconds_total") > 0
 
 
 def test_camera_down_shows_in_metrics(synthetic_cfg):
