@@ -378,7 +378,10 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     daemon = Daemon(args.config, runtime_dir=args.runtime_dir)
     daemon.log_level_override = args.log_level
     set_level(args.log_level or daemon.cfg.log_level)
-    return daemon.run()
+    try:
+        return daemon.run()
+    finally:
+        daemon.notifier.close()  # else a ResourceWarning for it lands in the journal at exit
 
 
 def cmd_reload(args: argparse.Namespace) -> int:

@@ -667,3 +667,28 @@ def test_a_stop_while_waiting_for_subscribers_ends_the_wait_and_the_wait_is_said
     t.join(30)
     assert not t.is_alive() and time.monotonic() - t0 < 10  # not the rest of the 60 s
     assert out.get("rc") == 0 and d.pipeline.counters.snapshot()["grabbed"] == 0
+
+
+def test_a_reload_lets_go_of_the_model_it_swapped_out(tmp_path, notify, synthetic_cfg):
+    # the first model stayed referenced for the daemon's life: a reload left its memory in use
+    import gc
+    import weakref
+
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(source={"fps": 20}))
+    d = Daemon(cfg, notifier=Notifier(notify.address))
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
+        first = weakref.ref(d.pipeline.model)
+        d.request_reload()
+        notify.wait(lambda m: "STATUS=reloaded" in m, what="reloaded")
+        n0 = d.pipeline.counters.snapshot()["published"]
+        deadline = time.monotonic() + 20
+        while d.pipeline.counters.snapshot()["published"] < n0 + 5 and time.monotonic() < deadline:
+            time.sleep(0.05)  # the publish stage lets go of the old model at its next frame
+        gc.collect()
+        assert first() is None
+    finally:
+        d.request_stop()
+        t.join(30)
