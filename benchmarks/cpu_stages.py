@@ -77,6 +77,11 @@ def worker(args) -> dict:
                                   "engine": {"type": "onnxruntime", "providers": ["cpu"]}}},
                        "cpu_stages.yaml")
     model = load_model(cfg)
+    try:  # as the pipeline prepares its model (trees from before it had this step have not)
+        from inspector.pipeline import _for_publishing
+        _for_publishing(model)
+    except ImportError:
+        pass
     adapter, post = model.adapter, model.post
     frames = make_frames(args.frames, args.count, args.width, args.height)
     times: dict[str, list[float]] = {s: [] for s in STAGES}

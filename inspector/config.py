@@ -201,10 +201,16 @@ def parse_config(raw: Any, file: str = "<memory>", base_dir: Path | None = None,
 def _check_paths(cfg: InspectorConfig) -> None:
     f = cfg.source_file
     bundle = cfg.resolve(cfg.model.bundle)
-    if not bundle.is_dir():
-        raise ConfigError(f, "model.bundle", f"model bundle folder {bundle} not found")
-    if not (bundle / "bundle.yaml").is_file():
-        raise ConfigError(f, "model.bundle", f"{bundle} has no bundle.yaml (not a model bundle)")
+    try:
+        if not bundle.is_dir():
+            raise ConfigError(f, "model.bundle", f"model bundle folder {bundle} not found")
+        if not (bundle / "bundle.yaml").is_file():
+            raise ConfigError(f, "model.bundle", f"{bundle} has no bundle.yaml (not a model bundle)")
+    except PermissionError:
+        # a folder on the way this user may not search: the install's fault (exit 2), not a bare
+        # Errno 13 (exit 1, which systemd restarts for ever)
+        raise ConfigError(f, "model.bundle", f"{bundle}: cannot read: permission denied (the "
+                          "service runs as its own user: make the bundle readable to it)") from None
     src = cfg.source
     if isinstance(src, GenicamConfig):
         from inspector.sources.genicam import BUILTIN_VIKY, default_viky_cti

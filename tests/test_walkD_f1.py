@@ -164,3 +164,14 @@ def test_an_operators_own_telemetry_setting_is_kept(tmp_path):
             "print(os.environ['ORT_DISABLE_TELEMETRY'])\n")
     assert _python(code, tmp_path, ORT_DISABLE_TELEMETRY="0").stdout.strip() == "0"
     assert _python(code, tmp_path).stdout.strip() == "1"
+
+
+def test_a_bundle_folder_the_service_user_cannot_search_is_a_config_error(bundle_copy, synthetic_cfg, monkeypatch):
+    # Python 3.11's is_dir() raises EACCES for a folder on the way this user may not search
+    from inspector.config import parse_config
+    from inspector.errors import ConfigError
+
+    _refuse(monkeypatch, Path, "is_dir", bundle_copy)
+    with pytest.raises(ConfigError) as e:
+        parse_config(synthetic_cfg(model={"bundle": str(bundle_copy)}), "cam.yaml")
+    assert str(e.value) == f"cam.yaml: model.bundle: {bundle_copy}: {DENIED}"
