@@ -201,12 +201,6 @@ def load_model(cfg: InspectorConfig) -> LoadedModel:
     return LoadedModel(bundle, adapter, post, engine.backend)
 
 
-def _for_publishing(model: LoadedModel) -> None:
-    """The pipeline publishes masks, not probabilities: let the adapter skip the class planes
-    of frames where no pixel can pass a class threshold (``ModelAdapter.skip_probs_below``)."""
-    model.adapter.skip_probs_below = model.post.candidate_floor
-
-
 class Stats:
     """Rolling figures for the status line: fps, end-to-end latency, defects per frame."""
 
@@ -304,7 +298,6 @@ class Pipeline:
         self.publisher = Publisher(cfg.publish, cfg.camera_id)
         if self.model is None:
             self.model = load_model(cfg)
-        _for_publishing(self.model)
         if self.source is None:
             self.source = make_source(cfg.source, cfg.camera_id, cfg.base_dir, cfg.source_file)
         # the camera takes its settings now, not after the warm-up: a width beyond its sensor is
@@ -684,7 +677,6 @@ class Pipeline:
         fails.
         """
         shape = self._expected[0] if self._expected is not None else self._warmup_shape()
-        _for_publishing(model)
         warmup_ms = model.adapter.warmup(shape)
         if geometry is not None:
             self._geometry = geometry

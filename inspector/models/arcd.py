@@ -74,15 +74,8 @@ class ArcdAdapter(ModelAdapter):
             self._pools[(h, w)] = pool
         bufs = pool.acquire()
         probs, score = bufs[0], bufs[1]
-        # p(background) first: on most frames of a strip no pixel's defect score reaches the
-        # lowest class threshold, and the other K-1 planes (3/4 of the stitching, which is
-        # memory-bound: ~1 ms a 256x1600 frame) need not be read at all
-        self.stitch([c[:, :1] for c in chunks], g, probs[:1])
+        self.stitch(chunks, g, probs)
         np.subtract(1.0, probs[0], out=score)
-        floor = self.skip_probs_below
-        full = floor is None or bool((score >= floor).any())
-        if full:
-            self.stitch([c[:, 1:] for c in chunks], g, probs[1:])
         region = None
         if region_chunks is not None:
             # stitched through a 1 x H x W view, so the map handed out is the pooled buffer itself
@@ -93,5 +86,5 @@ class ArcdAdapter(ModelAdapter):
             probs, score = probs[:, :h, :w], score[:h, :w]
             if region is not None:
                 region = region[:h, :w]
-        return ModelOutput(score_map=score, probs=probs if full else None, region=region,
+        return ModelOutput(score_map=score, probs=probs, region=region,
                            release=lambda: pool.give_back(bufs))

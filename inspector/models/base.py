@@ -164,11 +164,6 @@ class ModelAdapter(abc.ABC):
         #: optional flat-field correction (config ``preprocess.flat_field``, set by load_model);
         #: applied to the frame before everything else, so decode() sees the corrected frame too
         self.flat_field: FlatField | None = None
-        #: set by the pipeline for a probability post-processing (its lowest class threshold):
-        #: a kind that outputs class probabilities may then leave ``probs`` None on a frame whose
-        #: defect score reaches this nowhere, since no class can pass its threshold there; the
-        #: evaluation and calibration leave it None and always get the full map
-        self.skip_probs_below: np.float32 | None = None
 
     def _check_fit(self) -> None:
         """The bundle's own validation refuses these too; a spec changed with ``model_copy``
