@@ -221,6 +221,8 @@ class Daemon:
         if self.engine is not None:
             self._consumers.append(self.engine.on_frame)
         p = self.pipeline = Pipeline(cfg, on_report=self._on_report, model=model, source=self._source)
+        if self.stop_requested:  # asked while the model loaded: start nothing that waits or grabs
+            p.stop()
         # the pipeline holds it from here: a reference kept in this frame, which lives as long as
         # the daemon, kept the first model (its onnxruntime arena, ~150 MiB for the demo bundle)
         # alive after a reload had swapped it out (measured with benchmarks/soak.py)

@@ -61,6 +61,7 @@ class Counters:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._send_lock = threading.Lock()  # publish_with against abandon
         self.grabbed = 0
         self.published = 0
         self.dropped = {r: 0 for r in DROP_REASONS}
@@ -81,13 +82,16 @@ class Counters:
     def publish_with(self, send: Callable[[], bool]) -> bool | None:
         """``send()`` and count the frame published if it went, as one step against
         :meth:`abandon`: once the counters are frozen nothing is sent (None), so a frame a
-        forced exit counted as ``stage_failed`` is never delivered as well."""
-        with self._lock:
+        forced exit counted as ``stage_failed`` is never delivered as well. The send holds a lock
+        of its own, not the counters': a send can wait (a stuck subscriber's reset), and the
+        grab stage, the status line and /metrics must not wait with it."""
+        with self._send_lock:
             if self.frozen:
                 return None
             sent = send()
             if sent:
-                self.published += 1
+                with self._lock:
+                    self.published += 1
             return sent
 
     def drop(self, reason: str) -> None:
@@ -99,7 +103,7 @@ class Counters:
         """Count what is still inside the pipeline as ``stage_failed`` and freeze the counters, so
         a stage thread that finishes its frame later cannot count it a second time. Returns how
         many frames were still inside."""
-        with self._lock:
+        with self._send_lock, self._lock:  # after a send under way: it is counted, or not sent
             n = self.grabbed - self.published - sum(self.dropped.values())
             if n > 0:
                 self.dropped["stage_failed"] += n

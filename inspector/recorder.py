@@ -77,6 +77,9 @@ from inspector.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+#: how long no frame may have been skipped before a record written counts as recording again
+RECOVERED_AFTER_S = 1.0
+
 GB = 1024 ** 3
 DEFAULT_DIR = "/var/lib/inspector/recordings"
 #: what a record is kept as, and the sub-folders of its files, in write order (the image last)
@@ -297,6 +300,7 @@ class Recorder:
         self._last_log = {r: -1e9 for r in SKIP_REASONS}
         self._quiet = {r: 0 for r in SKIP_REASONS}
         self._burst = {r: 0 for r in SKIP_REASONS}  # skips since recording last worked
+        self._last_skip = -1e9
         self._log_lock = threading.Lock()  # the skip log's state: the publish and writer threads
         self._trim_warned = -1e9
         self._room_warned = -1e9
@@ -513,6 +517,7 @@ class Recorder:
     def _log_skip(self, reason: str, stem: str, why: str) -> None:
         now = time.monotonic()
         with self._log_lock:
+            self._last_skip = now
             self._burst[reason] += 1
             if now - self._last_log[reason] < self.report_every_s:
                 self._quiet[reason] += 1
@@ -529,7 +534,11 @@ class Recorder:
         now = time.monotonic()
         with self._log_lock:
             burst = {r: n for r, n in self._burst.items() if n}
-            if not burst or now - max(self._last_log[r] for r in burst) < self.report_every_s:
+            # ... and only once the skips have stopped: frames still skipped now and then between
+            # records (a writer that keeps falling behind) are no recovery, and their burst keeps
+            # being counted by the skip lines themselves
+            if (not burst or now - max(self._last_log[r] for r in burst) < self.report_every_s
+                    or now - self._last_skip < min(RECOVERED_AFTER_S, self.report_every_s)):
                 return
             for r in burst:
                 self._burst[r] = 0

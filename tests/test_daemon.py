@@ -692,3 +692,36 @@ def test_a_reload_lets_go_of_the_model_it_swapped_out(tmp_path, notify, syntheti
     finally:
         d.request_stop()
         t.join(30)
+
+
+def test_a_stop_asked_while_the_model_loads_starts_no_wait_and_grabs_nothing(tmp_path, notify, synthetic_cfg):
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(
+        publish={"wait_for_subscribers": 1, "wait_timeout_s": 60}))
+    d = Daemon(cfg, notifier=Notifier(notify.address))
+    d.request_stop()  # before the pipeline exists, as a SIGTERM during the model's load
+    t0 = time.monotonic()
+    assert d.run() == 0
+    assert time.monotonic() - t0 < 20 and d.pipeline.counters.snapshot()["grabbed"] == 0
+
+
+def test_a_send_that_waits_does_not_hold_up_the_counters():
+    # the send holds its own lock: the grab stage and /metrics go on while a subscriber reset waits
+    from inspector.pipeline import Counters
+
+    c = Counters()
+    started = threading.Event()
+
+    def slow_send() -> bool:
+        started.set()
+        time.sleep(0.5)
+        return True
+    t = threading.Thread(target=lambda: c.publish_with(slow_send))
+    t.start()
+    started.wait(5)
+    t0 = time.monotonic()
+    c.grab()
+    c.snapshot()
+    assert time.monotonic() - t0 < 0.2
+    t.join()
+    assert c.snapshot()["published"] == 1
+    assert c.abandon() == 0 and c.publish_with(lambda: True) is None  # frozen: nothing sent

@@ -100,6 +100,11 @@ def test_a_recording_that_goes_away_is_a_lost_camera_and_comes_back_with_it(fold
         gone.rename(folder)
         src.open()
         assert src.read().meta["file"] == "f1.png"
+        # an unmounted drive leaves its mount folder behind, empty: gone all the same
+        for f in folder.iterdir():
+            f.rename(gone.parent / f"moved-{f.name}")
+        with pytest.raises(SourceError, match="is gone"):
+            src.read()
 
 
 def test_missing_path_and_empty_folder(tmp_path: Path):

@@ -192,6 +192,29 @@ def test_a_burst_of_write_errors_is_closed_with_its_full_count(tmp_path, monkeyp
                          "skipped 27 (write_error 27)"), stop
 
 
+def test_records_between_skips_that_go_on_are_no_recovery(tmp_path, monkeypatch, caplog):
+    clock = _Clock()
+    monkeypatch.setattr(recorder_mod, "time", clock)
+    rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0, queue_size=64), "c",
+                   CLASSES)
+    done = _count_writes(rec)
+    rec.start()
+    with caplog.at_level(logging.INFO, logger="inspector.recorder"):
+        _fail_meta_writes(monkeypatch, 1)
+        _offer(rec, done, [0], 1)           # the burst's first skip, said
+        clock.t += 9.5
+        _fail_meta_writes(monkeypatch, 1)
+        _offer(rec, done, [1], 2)           # skipped again, quietly: still failing
+        clock.t += 0.7
+        _offer(rec, done, [2], 3)           # 10.2 s after the line but 0.7 s after a skip: no recovery
+        assert not any("recording again" in r.getMessage() for r in caplog.records)
+        clock.t += 11
+        _offer(rec, done, [3], 4)           # no skip for 11 s: now it is
+        lines = [r.getMessage() for r in caplog.records]
+        rec.close()
+    assert sum("recording again after" in m for m in lines) == 1
+
+
 def test_recovery_line_with_a_shortened_interval_on_the_real_clock(tmp_path, monkeypatch, caplog):
     rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0, queue_size=64), "c",
                    CLASSES)

@@ -231,7 +231,8 @@ class ReplaySource(Source):
             item = self._next_item()
         except FrameError:
             path = self.resolved_path()
-            if not path.exists():
+            # an unmounted drive leaves its (empty) mount folder behind
+            if not path.exists() or (path.is_dir() and not has_images(path, self.cfg.pattern)):
                 # the recording itself is gone (a drive unmounted, a folder moved): that is a
                 # lost camera (reopened with backoff, camera_down), not one bad file per frame
                 self.close()
