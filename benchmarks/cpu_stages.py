@@ -176,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if min(args.count, args.reps, args.rounds) < 1:
         refuse("--count, --reps and --rounds must be at least 1")
+    if min(args.width, args.height) < 32:
+        refuse("--width and --height must be at least 32")
     if not (Path(args.bundle) / "bundle.yaml").is_file():
         refuse(f"--bundle {args.bundle}: no bundle.yaml there")
     import yaml

@@ -207,7 +207,7 @@ def log_levels(lines: list[str]) -> dict:
     return out
 
 
-def soak(args, work: Path) -> dict:
+def soak(args, work: Path, written: list[Path]) -> dict:
     from plc_servers import ModbusPlc
 
     plc = None if args.no_plc or args.config else ModbusPlc(n_classes=3).start()
@@ -224,8 +224,11 @@ def soak(args, work: Path) -> dict:
         metrics_port = free_port()
         cfg["metrics"] = {"enabled": True, "address": "127.0.0.1", "port": metrics_port}
         endpoint = (cfg.get("publish") or {}).get("endpoint", "tcp://127.0.0.1:5556")
-        path = work / "soak.yaml"
+        # beside the user's file: its relative paths (model.bundle, ...) resolve against its folder
+        path = (Path(args.config).resolve().parent / f".soak-{os.getpid()}.yaml" if args.config
+                else work / "soak.yaml")
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        written.append(path)
         sub = Subscriber(endpoint.replace("*", "127.0.0.1"))
         sub.start()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -292,6 +295,9 @@ def soak(args, work: Path) -> dict:
         "published_per_last_report": published,
         "lost_between_daemon_and_subscriber": published - sub.received if sub.runs == 1 else None,
         "frame_id_gaps": sub.missing,
+        # gaps the daemon's own drops do not explain: frames lost without a count
+        "frame_id_gaps_not_counted_dropped": (sub.missing - sum((last.get("dropped") or {}).values())
+                                              if sub.runs == 1 and sub.last_header else None),
         "dropped_per_last_report": last.get("dropped"),
         "grabbed_at_last_scrape": grabbed_at_scrape,
         "published_at_last_scrape": final.get("frames_published"),
@@ -309,7 +315,8 @@ def soak(args, work: Path) -> dict:
             "accounting": accounting, "log_lines": len(log_lines),
             "log_by_level": log_levels(log_lines),
             # alarms raised and cleared are the daemon's work, not a problem
-            "log_problems": [ln for ln in log_lines if (" WARNING " in ln or " ERROR " in ln)
+            "log_problems": [ln for ln in log_lines if (" WARNING " in ln or " ERROR " in ln
+                                                        or ln.startswith("inspector: error:"))
                              and "inspector.alarms.rules" not in ln][:50],
             "samples": samples}
 
@@ -370,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.minutes <= 0 or args.sample_s <= 0 or args.reload_every_min < 0:
         refuse("--minutes and --sample-s must be > 0, --reload-every-min >= 0")
+    if args.fps <= 0 or args.width < 32 or args.height < 32 or args.record_max_mb <= 0:
+        refuse("--fps and --record-max-mb must be > 0, --width and --height at least 32")
     if not Path("/proc/self/status").exists():
         refuse("needs Linux /proc to read the daemon's memory")
     if args.config and not Path(args.config).is_file():
@@ -378,8 +387,17 @@ def main(argv: list[str] | None = None) -> int:
         refuse(f"--bundle {args.bundle}: no bundle.yaml there")
     out = benchmark_out(args.out)
     load = os.getloadavg()
-    with tempfile.TemporaryDirectory() as tmp:
-        run = soak(args, Path(tmp))
+    written: list[Path] = []
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = soak(args, Path(tmp), written)
+    finally:
+        for p in written:
+            p.unlink(missing_ok=True)
+    if run["exit"] not in (0, None) and run["minutes"] * 60 < args.minutes * 60 - 2 * args.sample_s:
+        # the daemon ended on its own (a config it refused, a crash): no soak to report
+        refuse(f"the daemon exited {run['exit']} after {run['minutes'] * 60:.0f} s: "
+               + " | ".join(run["log_problems"][-3:] or ["(no error line)"]))
     result = {"what": "inspector daemon soak: memory, files, threads and frame accounting (benchmarks/soak.py)",
               "command": script_command("soak.py", argv), "machine": machine_under_load(load), "run": run}
     s, a = run["summary"], run["accounting"]
