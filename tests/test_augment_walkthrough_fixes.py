@@ -42,6 +42,8 @@ SIGNAL_AFTER_UPDATE = textwrap.dedent("""
     import os, signal, sys
     import torch
     at, sig, argv = int(sys.argv[1]), getattr(signal, sys.argv[2]), sys.argv[3:]
+    # Ctrl-C at a terminal: a suite started in a script's background inherits SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real, calls = torch.optim.Adam.step, [0]
 
     def step(self, *a, **kw):
