@@ -48,13 +48,13 @@ class Access:
         why = [self.key] if self.key else []
         if self.closed:
             why.append(f"the folder {self.closed} is closed to it")
-        owner = _owner(blocker)
+        owner = owner_text(blocker)
         if owner:
             why.append(owner)
         return f"{self.need} {self.what} {self.path}" + (f" ({'; '.join(why)})" if why else "")
 
 
-def _owner(path: str) -> str:
+def owner_text(path: str) -> str:
     """``owned by user:group, mode 0755`` of ``path`` (empty when it cannot be stat'ed)."""
     import grp
     import pwd

@@ -72,7 +72,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from inspector.access_check import _owner
+from inspector.access_check import owner_text
 from inspector.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _unwritable_folder(root: Path) -> Path | None:
 
 
 def _sub_folder_error(config_file: str, root: Path, folder: Path) -> ConfigError:
-    owner = _owner(str(folder))
+    owner = owner_text(str(folder))
     return ConfigError(config_file, "record.dir", f"cannot write recordings into {root}: its "
                        f"sub-folder {folder} is not writable to this user"
                        + (f" ({owner})" if owner else "") + "; every folder of the layout must be "
