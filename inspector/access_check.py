@@ -107,6 +107,9 @@ def needed_access(cfg, record_root: Path | None) -> list[Access]:
         cti = default_viky_cti() if src.cti == BUILTIN_VIKY else cfg.resolve(src.cti)
         if cti is not None:
             out.append(Access(Path(cti), "read", "source.cti", "the GenTL producer"))
+    latch = _latch_access(cfg)
+    if latch is not None:
+        out.append(latch)
     if record_root is not None:
         if record_root.is_dir():
             dirs = [record_root] + sorted(d for d in record_root.glob("*") if d.is_dir()) \
@@ -121,6 +124,21 @@ def needed_access(cfg, record_root: Path | None) -> list[Access]:
                 base = base.parent
             out.append(Access(base, "write", "record.dir", "the folder the recordings go into"))
     return out
+
+
+def _latch_access(cfg) -> Access | None:
+    """The latched-alarm file's folder (or the folder it will be made in), where a rule latches."""
+    from inspector.alarms.latch_store import latch_path
+
+    if not any(r.latch for r in cfg.alarms.rules):
+        return None
+    path = latch_path(cfg.alarms.latch_file, cfg.camera_id, cfg.base_dir)
+    if path is None:
+        return None
+    base = path.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    return Access(base, "write", "alarms.latch_file", "the latched-alarm folder")
 
 
 def _files_under(folder: Path) -> list[Path]:

@@ -170,7 +170,7 @@ def _check(args: argparse.Namespace) -> int:
         "infer_ms": round(infer_ms, 1), "defects_in_frame": total,
         "geometry": _describe_geometry(used, geometry, frame.meta),
         "publish": cfg.publish.endpoint,
-        "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)",
+        "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)" + _check_latch(cfg),
         "record": _check_record(cfg, spec.classes, warnings, root_note=as_user is None),
         **({"user": as_user} if as_user else {}),
         "warnings": warnings, "result": "ok",
@@ -230,6 +230,20 @@ def _check_alarms(cfg, classes: list[str]) -> None:
         AlarmEngine(cfg.alarms, classes, cfg.source_file)
     for i, d in enumerate(cfg.alarms.drivers):
         make_link(d, cfg.camera_id, cfg.source_file, i)
+
+
+def _check_latch(cfg) -> str:
+    """Where latched alarms are kept across a restart (said only when a rule latches); nothing is
+    created here: a folder made by root would be one the service user cannot write."""
+    from inspector.alarms.latch_store import STATE_ENV, latch_path
+
+    if not any(r.latch for r in cfg.alarms.rules):
+        return ""
+    path = latch_path(cfg.alarms.latch_file, cfg.camera_id, cfg.base_dir)
+    if path is None:
+        return (f"; latched alarms NOT kept across a restart here (no alarms.latch_file, {STATE_ENV} "
+                "unset; the unit sets it)")
+    return f"; latched alarms kept in {path}"
 
 
 def _check_user(cfg, user: str) -> tuple[str, list[str]]:

@@ -35,6 +35,7 @@ from typing import Callable
 
 from inspector import __version__
 from inspector.alarms import AlarmEngine, DriverWorker, make_drivers
+from inspector.alarms.latch_store import STATE_ENV, LatchStore, latch_path
 from inspector.config import InspectorConfig, load_config
 from inspector.errors import ConfigError, InspectorError, first_line
 from inspector.logs import set_level
@@ -139,6 +140,22 @@ def status_text(p: Pipeline, engine: AlarmEngine | None) -> str:
 STOP_TAIL_S = 5.0
 
 
+def latch_store_for(cfg: InspectorConfig) -> LatchStore | None:
+    """The store of the camera's latched alarms, checked writable (ConfigError naming the key);
+    None when no file is configured, said once when a rule latches."""
+    path = latch_path(cfg.alarms.latch_file, cfg.camera_id, cfg.base_dir)
+    if path is None:
+        latching = [r.name for r in cfg.alarms.rules if r.latch]
+        if latching:
+            log.warning("%s: alarms %s latch, but latched alarms are not kept across a restart: set "
+                        "alarms.latch_file (or %s, which the unit sets)", cfg.source_file,
+                        ", ".join(latching), STATE_ENV)
+        return None
+    store = LatchStore(path, cfg.source_file, cfg.alarms.latch_file)
+    store.check_writable()
+    return store
+
+
 class Daemon:
     """Runs one camera (see module docs). ``source`` replaces the configured one (tests)."""
 
@@ -213,7 +230,10 @@ class Daemon:
         model = load_model(cfg)
         classes = model.bundle.spec.classes
         if cfg.alarms.rules or cfg.alarms.drivers:
-            self.engine = AlarmEngine(cfg.alarms, classes, cfg.source_file, clock=self.clock)
+            self.engine = AlarmEngine(cfg.alarms, classes, cfg.source_file, clock=self.clock,
+                                      store=latch_store_for(cfg))
+            # before the drivers: their first write must carry what is still latched
+            self.engine.restore()
         self.workers = make_drivers(cfg, self.engine)
         if cfg.metrics.enabled:
             self.metrics = Metrics(cfg.metrics, cfg.camera_id, cfg.source_file)
@@ -268,6 +288,8 @@ class Daemon:
                 w.request_stop()
             for w in self.workers:
                 w.stop(timeout=max(0.2, tail_end - time.monotonic() - 1.0))
+            if self.engine is not None and self.engine.store is not None:
+                self.engine.store.close(timeout=max(0.2, tail_end - time.monotonic() - 0.5))
             if not drained:
                 # before close() releases the publisher and engine under the hung stage: from
                 # here its frames are counted, and what it trips over later is not reported
@@ -366,6 +388,8 @@ class Daemon:
             later = [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]
             if new.alarms.drivers != old.alarms.drivers:
                 later.append("alarms.drivers")
+            if new.alarms.latch_file != old.alarms.latch_file:
+                later.append("alarms.latch_file")
             model: LoadedModel = load_model(new)
             if model.bundle.spec.classes != p.model.bundle.spec.classes:
                 raise InspectorError(f"{new.source_file}: model.bundle: the new model's classes "
@@ -399,7 +423,8 @@ class Daemon:
         # Sections that need a restart keep their running values, so the next reload compares
         # against what actually runs.
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in RESTART_ONLY}
-                                  | {"alarms": new.alarms.model_copy(update={"drivers": old.alarms.drivers})})
+                                  | {"alarms": new.alarms.model_copy(update={"drivers": old.alarms.drivers,
+                                                                           "latch_file": old.alarms.latch_file})})
         self.reloads["ok"] += 1
         done = f"reload done: model {model.bundle.spec.name} warmed up in {warm:.0f} ms and swapped in"
         log.info("%s", done)

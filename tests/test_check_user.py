@@ -204,3 +204,27 @@ def test_bundle_files_behind_links_and_every_replay_image_are_asked(open_tree, t
         "model": {"bundle": str(top / "bundle")}})
     refused = refused_as(user, needed_access(load_config(replay), None))
     assert [a.path for a in refused if a.key == "source.path"] == [frames / "f1.png"]
+
+
+def test_a_latched_alarm_folder_the_user_cannot_write_is_caught(open_tree, synthetic_cfg):
+    """The daemon refuses to start (exit 2) where it cannot keep latched alarms: so does the check."""
+    import yaml
+
+    user = _nobody()
+    top, cfg = open_tree
+    state = top / "state"
+    state.mkdir(mode=0o755)  # root's: the service user cannot make alarms/ in it
+    raw = yaml.safe_load(cfg.read_text())
+    raw["alarms"] = {"rules": [{"name": "big", "latch": True}], "latch_file": str(state / "alarms" / "cam.json")}
+    cfg.write_text(yaml.safe_dump(raw))
+    done = run_cli("check", "--config", str(cfg), "--user", user)
+    assert done.returncode == 2
+    assert (f"cannot write the latched-alarm folder {state} (alarms.latch_file; owned by root:root, "
+            "mode 0755)") in done.stderr
+    state.chmod(0o1777)
+    done = run_cli("check", "--config", str(cfg), "--user", user)
+    assert "latched-alarm folder" not in done.stderr
+    done = run_cli("check", "--config", str(cfg), "--json")
+    assert done.returncode == 0, done.stderr
+    assert f"latched alarms kept in {state / 'alarms' / 'cam.json'}" in json.loads(done.stdout)["alarms"]
+    assert not (state / "alarms").exists()  # the check creates nothing

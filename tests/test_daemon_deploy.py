@@ -305,6 +305,7 @@ def test_default_unit_keeps_its_state_directory_and_names_the_engine_cache(insta
     # inspector/engines/tensorrt.py reads it for read-only bundles
     assert "Environment=INSPECTOR_ENGINE_CACHE=/var/lib/inspector/engines" in unit
     assert "Environment=INSPECTOR_RECORDINGS=/var/lib/inspector/recordings" in unit  # record.dir's default
+    assert "Environment=INSPECTOR_STATE=/var/lib/inspector" in unit  # alarms.latch_file's default
 
 
 def test_statedir_outside_var_lib_is_made_writable_not_a_state_directory(reinstall, fake_bin, tmp_path):
@@ -316,6 +317,7 @@ def test_statedir_outside_var_lib_is_made_writable_not_a_state_directory(reinsta
     assert "WorkingDirectory=/srv/inspector" in unit
     assert "Environment=INSPECTOR_ENGINE_CACHE=/srv/inspector/engines" in unit
     assert "Environment=INSPECTOR_RECORDINGS=/srv/inspector/recordings" in unit  # record.dir's default
+    assert "Environment=INSPECTOR_STATE=/srv/inspector" in unit
     assert not any("/var/lib/inspector" in line for line in unit if not line.startswith("#"))
     assert (root / "srv/inspector/engines").is_dir() and (root / "srv/inspector/recordings").is_dir()
     assert "d /srv/inspector 0750 inspector inspector -" in (root / "usr/lib/tmpfiles.d/inspector.conf").read_text()

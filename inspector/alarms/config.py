@@ -173,6 +173,9 @@ class AlarmsConfig(BaseModel):
 
     rules: list[Rule] = Field(default_factory=list)
     drivers: list[Driver] = Field(default_factory=list)
+    latch_file: str | None = Field(
+        None, description="where latched alarms are kept across a restart (relative to the config "
+                          "file); default $INSPECTOR_STATE/alarms/<camera_id>.json, which the unit sets")
 
     @field_validator("rules")
     @classmethod

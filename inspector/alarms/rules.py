@@ -9,7 +9,9 @@ Each alarm has a *cause* (the rule's raw condition), debounced by ``on_delay_s``
 that long) and ``off_delay_s`` (cause must be gone that long), and optionally a *latch*: a latched
 alarm stays on after its cause is gone until acknowledged (PLC acknowledge bit, OPC UA
 ``Acknowledge`` method). Acknowledging only releases the latch; an alarm whose cause is still
-there stays on until the cause goes.
+there stays on until the cause goes. With a :class:`~inspector.alarms.latch_store.LatchStore`,
+the latched set is kept in a file, and :meth:`AlarmEngine.restore` raises what a previous run left
+latched again at start.
 
 Example::
 
@@ -28,6 +30,7 @@ from collections import deque
 from typing import Callable, Iterable, Sequence
 
 from inspector.alarms.config import AlarmsConfig, CameraDownRule, DefectRule, OverloadRule
+from inspector.alarms.latch_store import LatchStore
 from inspector.alarms.layout import PlcState
 from inspector.errors import ConfigError
 
@@ -44,6 +47,7 @@ class _Alarm:
         self.t_cause = now          # when ``cause`` last changed
         self.cond = False           # debounced cause
         self.latched = False
+        self.latched_at = ""        # wall-clock time the latch was set (kept across a restart)
         self.active = False
         self.raised = 0             # times it went on
         self.window: deque = deque()
@@ -64,8 +68,9 @@ class _Alarm:
         held = now - self.t_cause
         if not self.cond and self.cause and held >= self.on_delay:
             self.cond = True
-            if self.rule.latch:
+            if self.rule.latch and not self.latched:
                 self.latched = True
+                self.latched_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         elif self.cond and not self.cause and held >= self.rule.off_delay_s:
             self.cond = False
         was = self.active
@@ -79,7 +84,7 @@ class AlarmEngine:
     """Evaluates ``alarms.rules`` (see module docs). Thread-safe."""
 
     def __init__(self, cfg: AlarmsConfig, classes: Sequence[str], source_file: str = "<memory>",
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, store: LatchStore | None = None):
         self.source_file = source_file
         self.clock = clock
         self.all_classes = list(classes)
@@ -96,6 +101,9 @@ class AlarmEngine:
         self._alarms: list[_Alarm] = []
         #: the PLC drivers this engine feeds (:func:`inspector.alarms.make_drivers`), for status lines
         self.drivers: list = []
+        #: where the latched set is kept across a restart (None: not kept)
+        self.store = store
+        self._kept: list[dict] = []
         self.set_rules(cfg)
 
     # -- configuration --------------------------------------------------------------------------
@@ -130,7 +138,39 @@ class AlarmEngine:
                 alarms.append(a)
             self._alarms = alarms
             self.cfg = cfg
+        self._keep_latched()
         self._notify()
+
+    def restore(self) -> list[str]:
+        """Raise again the alarms the previous run left latched (from the store); returns their
+        names. Call once, after the rules are set and before the drivers start."""
+        if self.store is None:
+            return []
+        records = self.store.load()
+        back: list[str] = []
+        with self._lock:
+            by_name = {a.rule.name: a for a in self._alarms}
+            for r in records:
+                a = by_name.get(r["name"])
+                if a is None or a.rule.type != r["type"] or not a.rule.latch:
+                    why = ("no rule has that name now" if a is None else
+                           f"the rule is of type {a.rule.type} now" if a.rule.type != r["type"] else
+                           "the rule no longer latches")
+                    log.warning("alarm %s was latched before the restart (since %s) but %s: dropped",
+                                r["name"], r["since"] or "?", why)
+                    continue
+                a.latched = True
+                a.latched_at = r["since"]
+                a.detail = f"latched before the restart, since {r['since'] or '?'}: {r['detail'] or '?'}"
+                if not a.active:
+                    a.active = True
+                    a.raised += 1
+                back.append(a.rule.name)
+        for name in back:
+            log.warning("alarm %s RAISED again: %s; not acknowledged yet", name, by_name[name].detail)
+        self._keep_latched()
+        self._notify()
+        return back
 
     @property
     def names(self) -> list[str]:
@@ -177,6 +217,8 @@ class AlarmEngine:
                     if a.update(now, cause):
                         changed.append(a)
         self._report(changed)
+        if changed:
+            self._keep_latched()
         self._notify()
 
     def tick(self, camera_state: str, counters: dict | None = None) -> None:
@@ -211,6 +253,8 @@ class AlarmEngine:
                 if a.update(now, cause):
                     changed.append(a)
         self._report(changed)
+        if changed:
+            self._keep_latched()
         if changed or status_changed:
             self._notify()
 
@@ -232,6 +276,7 @@ class AlarmEngine:
             log.info("alarm %s acknowledged%s", name, f" by {by}" if by else "")
         self._report(changed)
         if done:
+            self._keep_latched()
             self._notify()
         return done
 
@@ -358,6 +403,19 @@ class AlarmEngine:
     def raised_counts(self) -> dict[str, int]:
         with self._lock:
             return {a.rule.name: a.raised for a in self._alarms}
+
+    def _keep_latched(self) -> None:
+        # A latch is only ever set by an update that changed the output, released by ack(), or
+        # dropped with its rule by set_rules(): the callers of those run this after them.
+        if self.store is None:
+            return
+        with self._lock:
+            kept = [{"name": a.rule.name, "type": a.rule.type, "since": a.latched_at, "detail": a.detail}
+                    for a in self._alarms if a.latched]
+            if kept == self._kept:
+                return
+            self._kept = kept
+            self.store.submit(kept)
 
     def _notify(self) -> None:
         if not self._listeners:

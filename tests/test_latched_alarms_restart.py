@@ -1,0 +1,269 @@
+"""Latched alarms survive a restart of the inspector until they are acknowledged.
+
+Engine level on a hand-driven clock with a real file; daemon level against a real Modbus server on
+127.0.0.1: a latched alarm raised by one run is set on the PLC by the next run's first write, and a
+PLC acknowledge clears it for the runs after.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import pytest
+
+from conftest import write_config
+from inspector.alarms import AlarmEngine
+from inspector.alarms import latch_store as latch_mod
+from inspector.alarms.config import AlarmsConfig
+from inspector.alarms.latch_store import LatchStore, latch_path
+from inspector.daemon import Daemon, Notifier
+from inspector.errors import ConfigError
+
+CLASSES = ["background", "inclusion", "patches", "scratches"]
+RULES = [{"name": "any_defect", "latch": True, "off_delay_s": 0},
+         {"name": "scratch", "classes": ["scratches"], "off_delay_s": 0}]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def engine(path, rules=RULES):
+    store = LatchStore(path, "cam.yaml")
+    e = AlarmEngine(AlarmsConfig.model_validate({"rules": rules}), CLASSES, "cam.yaml", clock=Clock(), store=store)
+    return e, store
+
+
+def defect(cls="inclusion"):
+    return {"class": cls, "class_id": CLASSES.index(cls), "score": 0.9, "area_px": 40, "area_mm2": None,
+            "strip_pos_mm": 10.0, "centroid": [5.0, 5.0]}
+
+
+def wait_file(path, pred, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = json.loads(path.read_text())
+            if pred(data):
+                return data
+        except (FileNotFoundError, ValueError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"{path} never matched; it holds {path.read_text() if path.exists() else 'nothing'}")
+
+
+def test_a_latched_alarm_is_raised_again_by_the_next_engine_until_acknowledged(tmp_path, caplog):
+    path = tmp_path / "alarms" / "cam.json"
+    e, store = engine(path)
+    assert e.restore() == [] and not path.exists()  # nothing latched: no file at all
+    e.on_frame({"frame_id": 7, "strip_pos_mm": 0.0, "defects": [defect("scratches")]})
+    e.on_frame({"frame_id": 8, "strip_pos_mm": 0.0, "defects": []})
+    assert e.active() == {"any_defect": True, "scratch": False}  # latched; the other one went
+    data = wait_file(path, lambda d: d["latched"])
+    [rec] = data["latched"]
+    assert rec["name"] == "any_defect" and rec["type"] == "defect" and "frame 7" in rec["detail"]
+    assert rec["since"]
+    assert store.close()
+
+    # the next run: raised before anything is seen, with what raised it
+    caplog.set_level(logging.WARNING, logger="inspector.alarms.rules")
+    e2, store2 = engine(path)
+    assert e2.restore() == ["any_defect"]
+    assert e2.active() == {"any_defect": True, "scratch": False}
+    assert e2.state().alarms == (True, False)
+    assert e2.raised_counts() == {"any_defect": 1, "scratch": 0}
+    assert "alarm any_defect RAISED again: latched before the restart, since " in caplog.text
+    assert "frame 7" in caplog.text and "not acknowledged yet" in caplog.text
+    # a frame without defects does not clear it: the latch holds as before the restart
+    e2.on_frame({"frame_id": 0, "strip_pos_mm": 0.0, "defects": []})
+    assert e2.active()["any_defect"]
+    assert e2.ack_names(["any_defect"], by="test") == ["any_defect"]
+    assert not e2.active()["any_defect"]
+    wait_file(path, lambda d: d["latched"] == [])
+    assert store2.close()
+
+    e3, store3 = engine(path)
+    assert e3.restore() == [] and e3.active() == {"any_defect": False, "scratch": False}
+    store3.close()
+
+
+def test_records_whose_rule_went_or_stopped_latching_are_dropped_with_a_reason(tmp_path, caplog):
+    path = tmp_path / "cam.json"
+    path.write_text(json.dumps({"version": 1, "latched": [
+        {"name": "any_defect", "type": "defect", "since": "2026-11-28T10:00:00+0000", "detail": "d1"},
+        {"name": "gone", "type": "defect", "since": "t", "detail": ""},
+        {"name": "scratch", "type": "defect", "since": "t", "detail": ""},
+        {"name": "cam", "type": "defect", "since": "t", "detail": ""}]}))
+    rules = RULES + [{"name": "cam", "type": "camera_down", "after_s": 1, "latch": True}]
+    e, store = engine(path, rules)
+    assert e.restore() == ["any_defect"]
+    assert e.active() == {"any_defect": True, "scratch": False, "cam": False}
+    text = caplog.text
+    assert "alarm gone was latched before the restart (since t) but no rule has that name now: dropped" in text
+    assert "alarm scratch was latched before the restart (since t) but the rule no longer latches: dropped" in text
+    assert "alarm cam was latched before the restart (since t) but the rule is of type camera_down now" in text
+    # the file is rewritten to what is latched now, keeping the original time
+    data = wait_file(path, lambda d: len(d["latched"]) == 1)
+    assert data["latched"][0]["since"] == "2026-11-28T10:00:00+0000"
+    store.close()
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": 99, "latched": []}', '{"latched": [{"x": 1}], "version": 1}'])
+def test_a_corrupt_file_is_reported_kept_aside_and_the_engine_starts(tmp_path, caplog, content):
+    path = tmp_path / "cam.json"
+    path.write_text(content)
+    e, store = engine(path)
+    assert e.restore() == []
+    assert not path.exists() and (tmp_path / "cam.json.bad").read_text() == content
+    assert f"{path} is not a latched-alarm file" in caplog.text
+    assert "kept as" in caplog.text and "Alarms latched before the restart are unknown" in caplog.text
+    # and the engine keeps latching into a fresh file
+    e.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect()]})
+    wait_file(path, lambda d: [r["name"] for r in d["latched"]] == ["any_defect"])
+    store.close()
+
+
+def test_a_write_that_fails_is_said_once_and_retried_until_it_works(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(latch_mod, "RETRY_S", 0.05)
+    caplog.set_level(logging.INFO, logger="inspector.alarms.latch_store")
+    folder = tmp_path / "alarms"
+    path = folder / "cam.json"
+    e, store = engine(path)
+    store.check_writable()
+    folder.rmdir()
+    folder.write_text("a file where the folder was")  # the disk says no (ENOTDIR), as root too
+    e.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect()]})
+    deadline = time.monotonic() + 10
+    while "cannot write" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.3)  # several retries fail meanwhile
+    assert caplog.text.count("cannot write") == 1
+    assert "latched alarms will not survive a restart until it works again" in caplog.text
+    folder.unlink()
+    folder.mkdir()
+    # nothing changes in the engine: the retry alone brings the file up to date
+    wait_file(path, lambda d: [r["name"] for r in d["latched"]] == ["any_defect"])
+    deadline = time.monotonic() + 5
+    while "written again" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "written again" in caplog.text
+    store.close()
+
+
+def test_the_default_path_comes_from_the_units_state_folder(tmp_path, monkeypatch):
+    monkeypatch.delenv(latch_mod.STATE_ENV, raising=False)
+    assert latch_path(None, "line1-top", tmp_path) is None
+    monkeypatch.setenv(latch_mod.STATE_ENV, "/var/lib/inspector")
+    assert str(latch_path(None, "line1-top", tmp_path)) == "/var/lib/inspector/alarms/line1-top.json"
+    assert latch_path("state/l.json", "x", tmp_path) == tmp_path / "state/l.json"  # beside the config
+    assert str(latch_path("/srv/l.json", "x", tmp_path)) == "/srv/l.json"
+
+
+def test_a_folder_that_cannot_be_made_stops_the_start_naming_the_key(tmp_path, synthetic_cfg):
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(
+        alarms={"rules": RULES, "latch_file": "blocker/cam.json"}))
+    d = Daemon(cfg, notifier=Notifier(None))
+    with pytest.raises(ConfigError) as err:
+        d.run()
+    msg = str(err.value)
+    assert f"{cfg}: alarms.latch_file:" in msg and str(tmp_path / "blocker") in msg
+    assert "latched alarms would be lost at a restart" in msg
+
+
+def test_without_a_place_a_latching_rule_is_said_at_start(tmp_path, synthetic_cfg, monkeypatch, caplog):
+    from inspector.daemon import latch_store_for
+    from inspector.config import load_config
+
+    monkeypatch.delenv(latch_mod.STATE_ENV, raising=False)
+    cfg = load_config(write_config(tmp_path / "cam.yaml", synthetic_cfg(alarms={"rules": RULES})))
+    assert latch_store_for(cfg) is None
+    assert ("alarms any_defect latch, but latched alarms are not kept across a restart: set "
+            "alarms.latch_file (or INSPECTOR_STATE, which the unit sets)") in caplog.text
+
+
+def test_check_says_where_latched_alarms_are_kept_or_that_they_are_not(tmp_path, synthetic_cfg, monkeypatch):
+    from conftest import run_cli
+
+    cam = write_config(tmp_path / "cam.yaml", synthetic_cfg(alarms={"rules": RULES}))
+    monkeypatch.delenv(latch_mod.STATE_ENV, raising=False)
+    done = run_cli("check", "--config", str(cam), "--json")
+    assert done.returncode == 0, done.stderr
+    assert "latched alarms NOT kept across a restart here" in json.loads(done.stdout)["alarms"]
+    monkeypatch.setenv(latch_mod.STATE_ENV, str(tmp_path / "state"))
+    done = run_cli("check", "--config", str(cam), "--json")
+    assert (f"latched alarms kept in {tmp_path / 'state' / 'alarms' / 'test.json'}"
+            in json.loads(done.stdout)["alarms"])
+    assert not (tmp_path / "state").exists()
+
+
+def run_daemon(cfg, until, timeout=60.0):
+    """Run the daemon in a thread until ``until(daemon)`` holds, then stop it; its exit code."""
+    d = Daemon(cfg, notifier=Notifier(None))
+    rc: list[int] = []
+    t = threading.Thread(target=lambda: rc.append(d.run()), daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not until(d):
+            assert time.monotonic() < deadline and t.is_alive(), "daemon never got there"
+            time.sleep(0.05)
+    finally:
+        d.request_stop()
+        t.join(60)
+    assert rc == [0]
+    return d
+
+
+def test_a_restarted_daemon_sets_the_unacknowledged_alarm_on_the_plc_first_thing(tmp_path, synthetic_cfg,
+                                                                                 monkeypatch):
+    pytest.importorskip("pymodbus")
+    from plc_servers import FAST, make_plc
+
+    monkeypatch.setenv(latch_mod.STATE_ENV, str(tmp_path / "state"))
+    plc = make_plc("modbus").start()
+    try:
+        driver = plc.driver_cfg(**FAST)
+        cam = tmp_path / "cam.yaml"
+        write_config(cam, synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
+                                        alarms={"rules": RULES, "drivers": [driver]}))
+        kept = tmp_path / "state" / "alarms" / "test.json"
+        run_daemon(cam, lambda d: plc.read(2)["coils"][0] and kept.exists())
+        assert [r["name"] for r in json.loads(kept.read_text())["latched"]] == ["any_defect"]
+
+        plc.stop()
+        plc.start()  # the PLC's memory is fresh: whatever it shows now the next run wrote
+        assert plc.read(2)["coils"] == [False, False]
+        # no defects at all this time: only the kept latch can set the bit
+        write_config(cam, synthetic_cfg(source={"fps": 20, "defect_rate": 0.0},
+                                        alarms={"rules": RULES, "drivers": [driver]}))
+        seen = {}
+
+        def latched_on_plc(d):
+            s = plc.read(2)
+            if s["frames"] > 0 and s["status"] & 1:
+                seen.update(s)
+                return True
+            return False
+        d = run_daemon(cam, latched_on_plc)
+        assert seen["coils"][0] and seen["alarm_bits"] & 1, seen
+        assert d.engine.raised_counts()["any_defect"] == 1
+
+        # acknowledged by the PLC while the inspector is away: the next run takes the request
+        # (after its first write, which raises the kept alarm) and the file is emptied
+        plc.request_ack(0)
+        d = run_daemon(cam, lambda d: json.loads(kept.read_text())["latched"] == [])
+        assert not d.engine.active()["any_defect"]
+        plc.stop()
+        plc.start()
+        run_daemon(cam, lambda d: (lambda s: s["frames"] > 0 and s["status"] & 1)(plc.read(2)))
+        assert plc.read(2)["coils"] == [False, False]
+    finally:
+        plc.stop()
