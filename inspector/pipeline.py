@@ -35,7 +35,7 @@ import numpy as np
 from inspector.bundle import Bundle, load_bundle
 from inspector.config import InspectorConfig
 from inspector.engines import make_engine
-from inspector.errors import ConfigError, FrameError, SourceError
+from inspector.errors import BundleError, ConfigError, FrameError, SourceError
 from inspector.flatfield import FlatField
 from inspector.frame import Frame
 from inspector.models import ModelAdapter, ModelOutput, make_adapter
@@ -170,7 +170,12 @@ class LoadedModel:
 
 def load_model(cfg: InspectorConfig) -> LoadedModel:
     """Bundle + engine + adapter + post-processing for ``cfg`` (fails fast with clear errors)."""
-    bundle = load_bundle(cfg.resolve(cfg.model.bundle))
+    try:
+        bundle = load_bundle(cfg.resolve(cfg.model.bundle))
+    except BundleError as e:
+        # the file is named; so are the config and its key, which the line engineer edits to
+        # point at another bundle
+        raise BundleError(f"{cfg.source_file}: model.bundle: {e}") from None
     merged = bundle.spec.postprocess.model_dump() | cfg.model.postprocess
     try:
         pp = PostprocessConfig.model_validate(merged)

@@ -81,7 +81,8 @@ def test_inspector_check_on_an_unreadable_graph_exits_2_with_one_line(
     _refuse_open(monkeypatch, bundle_copy / "model.onnx")
     assert main(["check", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"inspector: error: {bundle_copy / 'model.onnx'}: {DENIED}", err
+    # and names the config and its key, which the engineer edits to point at another bundle
+    assert err[-1] == f"inspector: error: {cfg}: model.bundle: {bundle_copy / 'model.onnx'}: {DENIED}", err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a chmod 000 file; the tests above stand in")
