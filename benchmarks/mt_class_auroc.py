@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from inspector.errors import BundleError  # noqa: E402
-from inspector.evaluation.datasets import magnetic_tile  # noqa: E402
+from inspector.evaluation.datasets import magnetic_tile, trained_split  # noqa: E402
 from inspector.evaluation.evaluate import Runner  # noqa: E402
 from inspector.evaluation.metrics import auroc  # noqa: E402
 
@@ -41,7 +41,10 @@ def local_contrast(grey: np.ndarray, ksize: int = 31) -> np.ndarray:
 
 def class_auroc(bundle: Path, data: Path, split: str, stride: int = 2) -> dict:
     runner = Runner(bundle)
-    ds = magnetic_tile(data, split=split)
+    # the shares the model was trained with, as `inspector evaluate` splits: other fractions
+    # would put training images into the "test" set
+    fractions = trained_split(runner.bundle.spec.provenance or {})
+    ds = magnetic_tile(data, split=split, fractions=fractions)
     if len(ds) == 0:
         raise SystemExit(f"{data}: no magnetic-tile images in split '{split}'")
     scores: dict[str, dict[str, list[np.ndarray]]] = {}
@@ -62,7 +65,8 @@ def class_auroc(bundle: Path, data: Path, split: str, stride: int = 2) -> dict:
     if free is None:
         raise SystemExit(f"{data}: split '{split}' has no MT_Free images to rank against")
     total = sum(int(np.concatenate(v).sum()) for v in labels.values())
-    out: dict = {"bundle": str(bundle), "data": str(data), "split": split, "pixel_stride": stride,
+    out: dict = {"bundle": str(bundle), "data": str(data), "split": split,
+                 "split_fractions": {"test": fractions.test, "val": fractions.val}, "pixel_stride": stride,
                  "normal_images": len(free["model"]), "classes": {}}
     for cat in sorted(labels):
         lab = np.concatenate(labels[cat])

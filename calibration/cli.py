@@ -104,6 +104,16 @@ def _check_frame_sources(args: argparse.Namespace) -> None:
         raise CalibrationInputError(f"--normal {args.normal}: folder not found")
 
 
+def _warn_training_share(model, split, normal: str | None) -> None:
+    """Warn where --normal's calibration part may be the model's own training images."""
+    from calibration.frames import training_share_warning
+
+    if normal:
+        said = training_share_warning(model.bundle.spec.provenance or {}, split, f"--normal {normal}")
+        if said:
+            log.warning("%s", said)
+
+
 # -- thresholds -----------------------------------------------------------------------------------
 def cmd_thresholds(args: argparse.Namespace) -> int:
     from calibration.frames import CalibrationInputError, Split, defect_set, live_frames, normal_folder
@@ -124,6 +134,7 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
                       comma_ints(args.kernel_size, "--kernel-size"), comma_ints(args.min_area_px, "--min-area-px"))
     model, cfg = _model(args)
     check_recipe(model)  # before frames are grabbed
+    _warn_training_share(model, split, args.normal)
     normals = normal_folder(args.normal, split) if args.normal else live_frames(cfg, args.frames, split)
     defects = None
     if args.defects:
@@ -478,6 +489,7 @@ def cmd_convergence(args: argparse.Namespace) -> int:
     out = check_out_dir(args.out)
     split = Split(args.check_fraction, args.calib_fraction)
     model, cfg = _model(args)
+    _warn_training_share(model, split, args.normal)
     normals = normal_folder(args.normal, split) if args.normal else live_frames(cfg, args.frames, split)
     defects = defect_set(args.defects, args.format, split) if args.defects else None
     report = calibrate_convergence(model.adapter, normals, args.quantile, args.within, defects,

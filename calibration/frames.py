@@ -30,8 +30,8 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 
 from inspector.errors import InspectorError
-from inspector.evaluation.datasets import (Dataset, hash_fraction, image_folder, open_dataset,
-                                           read_image)
+from inspector.evaluation.datasets import (DEFAULT_SPLIT, Dataset, hash_fraction, image_folder,
+                                           open_dataset, read_image)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,29 @@ def normal_folder(root: str | Path, split: Split, arg: str = "--normal") -> Fram
     # independently. Files directly in root keep the bare stem as their key.
     items = [FrameItem(e.stem, split.part(e.stem), _loader(e.image), e.image) for e in entries]
     return FrameSet("normal", str(root), items, notes=list(ds.notes))
+
+
+def training_share_warning(provenance: dict, split: Split, normal: str) -> str | None:
+    """What to say when the calibration part of ``--normal`` may hold the images the bundle's
+    model was trained on (None: it cannot): a clgan / fuzzymask model trained on normal images
+    of a hash ``train`` share, and the default ``calib_fraction`` (every image not held back),
+    which takes that share too if ``--normal`` is its training folder. Its paths are not compared:
+    a training root is recorded as the training machine saw it."""
+    data = (provenance.get("training_config") or {}).get("data") or {}
+    if not isinstance(data, dict) or "sources" not in data or split.calib_fraction is not None:
+        return None
+    sf = provenance.get("split_fractions") or {"test": data.get("split_test", DEFAULT_SPLIT.test),
+                                                "val": data.get("split_val", DEFAULT_SPLIT.val)}
+    train_from = float(sf["test"]) + float(sf["val"])
+    if split.check_fraction >= train_from:
+        return None
+    trained = provenance.get("data")
+    trained = "; ".join(trained) if isinstance(trained, list) else str(trained or data["sources"])
+    return (f"{normal}: the calibration part is every image not held back (hash >= "
+            f"{split.check_fraction:g}), which includes the hash share 'train' (>= {train_from:g}) "
+            f"this model was trained on, if this is its training folder ({trained}); thresholds set "
+            f"on training images come out too low for new frames: pass --calib-fraction "
+            f"{train_from - split.check_fraction:g} to stop short of it")
 
 
 def _loader(path: Path) -> Callable[[], tuple[np.ndarray, None]]:

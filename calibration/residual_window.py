@@ -96,8 +96,11 @@ def sweep_window(bundle: str | Path, dataset: Dataset, windows: Sequence[int],
         for w in windows:
             residual = clgan_residual(img, rec.copy(), p.gauss_ksize, p.gauss_sigma, p.residual_mode,
                                       local_mean_window=w)
-            fr = FrameResult(label=dual_threshold(residual, pp.k1, pp.k2, pp.kernel_size),
-                             score_map=residual_score(residual))
+            label = dual_threshold(residual, pp.k1, pp.k2, pp.kernel_size)
+            score = residual_score(residual)
+            # the defect list too: false_alarm_rate_reported counts normal images with a reported
+            # defect (after min_area_px, as the runtime reports them), and was 0 without it
+            fr = FrameResult(label=label, score_map=score, defects=runner.post.defects(label, score)[0])
             for m in acc[w]:
                 m.update(s.mask, fr, s.name)
             scores[w].append(fr.score_map.ravel()[::stride].copy())

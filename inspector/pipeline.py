@@ -40,7 +40,7 @@ from inspector.flatfield import FlatField
 from inspector.frame import Frame
 from inspector.models import ModelAdapter, ModelOutput, make_adapter
 from inspector.postprocess import (RECIPE_KEYS, Geometry, PostprocessConfig, Postprocessor, keys_unused_by,
-                                   recipe_misfit)
+                                   recipe_misfit, shadowed_threshold)
 from inspector.publish import SCHEMA, Publisher, encode_mask, region_summary
 from inspector.recorder import Recorder
 from inspector.sources import Source, make_source
@@ -187,6 +187,9 @@ def load_model(cfg: InspectorConfig) -> LoadedModel:
             key = "model.postprocess." + ".".join(str(p) for p in err["loc"])
             raise ConfigError(cfg.source_file, key, err["msg"]) from None
         raise ConfigError(cfg.source_file, "model.postprocess", str(e)) from None
+    shadowed = shadowed_threshold(pp, cfg.model.postprocess, bundle.spec.classes)
+    if shadowed:
+        raise ConfigError(cfg.source_file, "model.postprocess.threshold", shadowed)
     unused = keys_unused_by(pp.type, cfg.model.postprocess)
     if unused:
         # e.g. `threshold: 0.95` against a residual model: accepted, it would change nothing, and

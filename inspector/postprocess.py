@@ -90,6 +90,24 @@ def keys_unused_by(recipe: str, keys) -> list[str]:
     return [k for k in keys if k not in COMMON_KEYS and k not in RECIPE_KEYS[recipe]]
 
 
+def shadowed_threshold(pp: PostprocessConfig, overrides, class_names: list[str]) -> str | None:
+    """Why an override of ``threshold`` would change nothing (None: it is read).
+
+    ``threshold`` is only the default of the classes ``class_thresholds`` leaves out; a trained
+    ARCD bundle sets a threshold for every class, so an engineer raising ``threshold`` to stop
+    false alarms would see nothing happen."""
+    if pp.type != "probability" or "threshold" not in overrides:
+        return None
+    defects = list(class_names[1:])
+    if not defects or any(c not in pp.class_thresholds for c in defects):
+        return None
+    have = ", ".join(f"{c}: {pp.class_thresholds[c]:g}" for c in defects)
+    want = ", ".join(f"{c}: {pp.threshold:g}" for c in defects)
+    return (f"never read: class_thresholds sets every class's threshold ({{{have}}}); threshold is "
+            f"only the default of classes it leaves out. Set class_thresholds instead, e.g. "
+            f"{{{want}}}")
+
+
 def _square(size: int) -> np.ndarray:
     return np.ones((size, size), np.uint8)
 

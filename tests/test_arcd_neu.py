@@ -85,11 +85,12 @@ def test_confusion_matrix_and_accumulator_grow_to_the_classes_seen():
 
 def test_readers_reject_bad_files_naming_them(tmp_path):
     root = neu_folder(tmp_path / "neu", n=3)
-    # missing annotation: skipped for evaluation, an error for training (strict)
+    # missing annotation: an error naming it (evaluation and training alike); skipped, and named,
+    # only where a caller asks for it
     (root / "annotations" / "training" / "000001.png").unlink()
     with pytest.raises(FileNotFoundError, match="000001"):
-        open_dataset("neu-seg", root, strict=True)
-    assert len(open_dataset("neu-seg", root)) == 2
+        open_dataset("neu-seg", root)
+    assert len(open_dataset("neu-seg", root, strict=False)) == 2
     # size mismatch
     cv2.imwrite(str(root / "annotations" / "training" / "000001.png"), np.zeros((10, 12), np.uint8))
     ds = open_dataset("neu-seg", root)
@@ -106,7 +107,10 @@ def test_readers_reject_bad_files_naming_them(tmp_path):
     mt.mkdir(parents=True)
     cv2.imwrite(str(mt / "exp1_num_1.jpg"), np.zeros((16, 16), np.uint8))
     with pytest.raises(FileNotFoundError, match="exp1_num_1"):
-        open_dataset("magnetic-tile", tmp_path / "mt", strict=True)
+        open_dataset("magnetic-tile", tmp_path / "mt")
+    lenient = open_dataset("magnetic-tile", tmp_path / "mt", strict=False)
+    assert len(lenient) == 0 and lenient.notes == [
+        "1 defect image(s) without a mask skipped: MT_Crack/Imgs/exp1_num_1.jpg"]
 
 
 def test_empty_folders_are_errors_naming_the_folder(tmp_path):

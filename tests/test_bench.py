@@ -161,3 +161,46 @@ def test_bench_on_a_camera_runs_at_the_pace_asked_and_says_what_ran(tmp_path):
     assert lat["wall_s"] >= 10 / 4, lat
     assert lat["counters"]["grabbed"] == 12
     assert lat["grabbed_fps"] == pytest.approx(12 / lat["wall_s"], abs=0.01), lat
+
+
+def test_mt_class_auroc_splits_as_the_bundle_was_trained(tmp_path):
+    """Its "test" set is evaluate's: the bundle's recorded fractions, not the defaults (which would
+    put training images of a model trained with smaller shares into it)."""
+    import shutil
+    import sys
+
+    import cv2
+    import numpy as np
+    import yaml
+
+    from conftest import ROOT
+    from inspector.evaluation.datasets import SplitFractions, magnetic_tile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mt_class_auroc import main
+
+    bundle = tmp_path / "b"
+    shutil.copytree(ROOT / "deploy" / "models" / "clgan-mt", bundle)
+    meta = yaml.safe_load((bundle / "bundle.yaml").read_text())
+    meta["provenance"]["split_fractions"] = {"test": 0.2, "val": 0.1}
+    (bundle / "bundle.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    rng = np.random.default_rng(0)
+    for cat, n in (("MT_Crack", 12), ("MT_Free", 40)):
+        d = tmp_path / "mt" / cat / "Imgs"
+        d.mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(100, 140, (64, 64), dtype=np.uint8)
+            mask = np.zeros_like(img)
+            if cat == "MT_Crack":
+                mask[30:33, 5:60] = 255
+            img[mask > 0] = 20
+            cv2.imwrite(str(d / f"{cat}_{i}.jpg"), img)
+            cv2.imwrite(str(d / f"{cat}_{i}.png"), mask)
+    out = tmp_path / "res.json"
+    assert main(["--bundle", str(bundle), "--data", str(tmp_path / "mt"), "--split", "test", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    trained = magnetic_tile(tmp_path / "mt", split="test", fractions=SplitFractions(0.2, 0.1))
+    default = magnetic_tile(tmp_path / "mt", split="test")
+    free = [e for e in trained.entries if e.category == "MT_Free"]
+    assert len(free) != sum(e.category == "MT_Free" for e in default.entries)  # the case matters here
+    assert res["normal_images"] == len(free) and res["split_fractions"] == {"test": 0.2, "val": 0.1}

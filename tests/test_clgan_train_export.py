@@ -303,6 +303,9 @@ def test_calibrate_residual_window_sweeps_writes_and_resets_the_floor(exported, 
     assert ev["kind_params"]["local_mean_window"] == best
     assert ev["f1"] == pytest.approx(row["f1"], abs=1e-9)
     assert ev["false_alarm_rate"] == pytest.approx(row["false_alarm_rate"])
+    # reported defects too (the sweep built no defect list: 0 where every normal image alarmed)
+    assert ev["false_alarm_rate_reported"] > 0
+    assert ev["false_alarm_rate_reported"] == pytest.approx(row["false_alarm_rate_reported"])
 
 
 @pytest.mark.parametrize("windows, says", [("0,4", "odd"), ("x", "comma list"), ("1", "odd side >= 3")])

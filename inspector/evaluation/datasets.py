@@ -43,9 +43,11 @@ from typing import Callable, Iterator, Literal, Sequence
 import cv2
 import numpy as np
 
+from inspector.image_file import decode_file
+
 log = logging.getLogger(__name__)
 
-__all__ = ["Sample", "Entry", "Dataset", "SplitFractions", "split_of", "hash_fraction",
+__all__ = ["Sample", "Entry", "Dataset", "SplitFractions", "split_of", "hash_fraction", "trained_split",
            "read_image", "open_dataset", "magnetic_tile", "neu_seg", "image_folder", "FORMATS",
            "MAGNETIC_TILE_CLASSES", "NEU_SEG_CLASSES", "SPLITS"]
 
@@ -75,6 +77,21 @@ def hash_fraction(stem: str) -> float:
     return int.from_bytes(hashlib.sha256(stem.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
 
 
+def trained_split(provenance: dict) -> SplitFractions:
+    """The hash-split fractions a bundle's model was trained with (``provenance.split_fractions``,
+    or the clgan / fuzzymask training config of bundles exported before that key); the defaults
+    for every other bundle. Scoring with other fractions than training used would score images
+    the model was trained on."""
+    sf = provenance.get("split_fractions")
+    if sf is None:
+        data = (provenance.get("training_config") or {}).get("data") or {}
+        if isinstance(data, dict) and "split_test" in data:
+            sf = {"test": data["split_test"], "val": data.get("split_val", DEFAULT_SPLIT.val)}
+    if not sf:
+        return DEFAULT_SPLIT
+    return SplitFractions(float(sf["test"]), float(sf["val"]))
+
+
 def split_of(stem: str, fractions: SplitFractions = DEFAULT_SPLIT) -> str:
     h = hash_fraction(stem)
     if h < fractions.test:
@@ -89,7 +106,7 @@ def read_image(path: Path, color: Literal["keep", "gray", "rgb"] = "keep") -> np
     RGB; JPEGs that are colour-coded but grey in content stay 3-channel (the model adapter
     converts to its own channel count, as it does for camera frames)."""
     flag = {"keep": cv2.IMREAD_UNCHANGED, "gray": cv2.IMREAD_GRAYSCALE, "rgb": cv2.IMREAD_COLOR}[color]
-    img = cv2.imread(str(path), flag)
+    img = decode_file(path, flag)
     if img is None:
         raise ValueError(f"{path}: cannot read the image (missing, truncated or not an image)")
     if img.dtype != np.uint8:
@@ -248,11 +265,12 @@ def _check_split(split: str) -> None:
 
 
 def magnetic_tile(root: str | Path, split: str = "all", categories: Sequence[str] | None = None,
-                  fractions: SplitFractions = DEFAULT_SPLIT, strict: bool = False) -> Dataset:
+                  fractions: SplitFractions = DEFAULT_SPLIT, strict: bool = True) -> Dataset:
     """The magnetic-tile layout (``MT_*/Imgs``). ``categories`` limits the folders, e.g.
     ``["MT_Free"]``. Folders beyond the five known defect kinds get classes of their own,
-    appended in name order, so the known class ids never change. ``strict``: a defect image
-    without its mask is an error naming it (training), not a skipped image (evaluation)."""
+    appended in name order, so the known class ids never change. ``strict`` (default): a defect
+    image without its mask is an error naming it (a score must not quietly leave images out);
+    ``strict=False`` skips it, naming it in a warning and the notes. MT_Free needs no masks."""
     root = Path(root)
     _check_split(split)
     if not root.is_dir():
@@ -271,7 +289,7 @@ def magnetic_tile(root: str | Path, split: str = "all", categories: Sequence[str
         if unknown:
             raise FileNotFoundError(f"{root}: no folder(s) {unknown} (has {[f.name for f in folders]})")
         folders = [f for f in folders if f.name in set(categories)]
-    entries, missing = [], 0
+    entries, missing = [], []
     for f in folders:
         cat = f.name[3:]
         cls = 0 if cat == "Free" else classes.index(cat)
@@ -286,14 +304,15 @@ def magnetic_tile(root: str | Path, split: str = "all", categories: Sequence[str
                 if cat != "Free":
                     if strict:
                         raise FileNotFoundError(f"{img}: no mask {mask.name} beside it")
-                    missing += 1
+                    missing.append(f"{f.name}/Imgs/{img.name}")
                     continue  # a defect image without its mask cannot be scored
                 mask = None
             entries.append(Entry(img, mask, img.stem, f.name, s, binary_class=cls))
     ds = Dataset("magnetic-tile", root, classes, entries, split)
     if missing:
-        ds.notes.append(f"{missing} defect image(s) without a mask skipped")
-        log.warning("%s: %d defect image(s) without a .png mask skipped", root, missing)
+        named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        ds.notes.append(f"{len(missing)} defect image(s) without a mask skipped: {named}")
+        log.warning("%s: %d defect image(s) without a .png mask skipped: %s", root, len(missing), named)
     return ds
 
 
@@ -302,11 +321,13 @@ NEU_SEG_TEST_SUBSET = "test"
 
 
 def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None = None,
-            fractions: SplitFractions = DEFAULT_SPLIT, strict: bool = False,
+            fractions: SplitFractions = DEFAULT_SPLIT, strict: bool = True,
             official_test: bool = True) -> Dataset:
     """The NEU-Seg layout (``images/<subset>/*.jpg``, ``annotations/<subset>/*.png``). All
     subsets present are read unless ``subsets`` names some (e.g. ``["training"]``).
-    ``strict``: an image without its annotation is an error naming both files.
+    ``strict`` (default): an image without its annotation is an error naming both files (a score
+    or a training set must not quietly leave images out); ``strict=False`` skips such images,
+    naming them in a warning and in the data set's notes.
 
     Where the root has the data set's own ``test`` subset and ``subsets`` is not given, split
     ``test`` is that whole folder (not a hash share of every folder, which would mix training
@@ -342,7 +363,7 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
                      img_root / NEU_SEG_TEST_SUBSET)
         elif split != "all":
             subs = [s for s in subs if s != NEU_SEG_TEST_SUBSET]
-    entries, missing = [], 0
+    entries, missing = [], []
     for sub in subs:
         for img in _images_in(img_root / sub):
             ok, s = (True, "test") if whole_test else _in_split(img.stem, split, fractions)
@@ -352,7 +373,7 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
             if not ann.is_file():
                 if strict:
                     raise FileNotFoundError(f"{img}: no annotation {ann}")
-                missing += 1
+                missing.append(img.name)
                 continue
             region = None
             if with_regions:
@@ -366,8 +387,9 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
     ds = Dataset("neu-seg", root, list(NEU_SEG_CLASSES), entries, split,
                  split_by="folder" if whole_test else "hash")
     if missing:
-        ds.notes.append(f"{missing} image(s) without annotation skipped")
-        log.warning("%s: %d image(s) without an annotation skipped", root, missing)
+        named = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        ds.notes.append(f"{len(missing)} image(s) without annotation skipped: {named}")
+        log.warning("%s: %d image(s) without an annotation skipped: %s", root, len(missing), named)
     return ds
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,7 +45,8 @@ from inspector.evaluation.metrics import (ClassConfusion, Counts, DefectPixelMet
                                           PerClassAUROC, PixelAUROC, RegionMetrics,
                                           confusion_matrix, scores)
 from inspector.models import ModelAdapter, make_adapter
-from inspector.postprocess import RECIPE_KEYS, PostprocessConfig, Postprocessor, keys_unused_by, recipe_misfit
+from inspector.postprocess import (RECIPE_KEYS, PostprocessConfig, Postprocessor, keys_unused_by, recipe_misfit,
+                                   shadowed_threshold)
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +86,9 @@ class Runner:
         spec = self.bundle.spec
         merged = spec.postprocess.model_dump() | (postprocess or {})
         self.pp_config = PostprocessConfig.model_validate(merged)
+        shadowed = shadowed_threshold(self.pp_config, postprocess or {}, spec.classes)
+        if shadowed:
+            raise BundleError(f"threshold (override): {shadowed}")
         unused = keys_unused_by(self.pp_config.type, postprocess or {})
         if unused:
             # a camera config refuses the same key: here it changed nothing and scored as if it had
@@ -212,7 +217,10 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
         out_dir.mkdir(parents=True, exist_ok=True)
         if overlays > 0:
             (out_dir / "overlays").mkdir(exist_ok=True)
-    per_image_f = open(out_dir / "per_image.jsonl", "w") if out_dir is not None else None
+    # written under another name and renamed with metrics.json: a run stopped part-way (Ctrl-C, a
+    # bad image) must not leave a per_image.jsonl that looks whole to compare_bundles.py
+    partial = out_dir / "per_image.jsonl.partial" if out_dir is not None else None
+    per_image_f = open(partial, "w") if partial is not None else None
     t0 = time.perf_counter()
     infer_ms: list[float] = []
     try:
@@ -249,9 +257,13 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
                 cv2.imwrite(str(out_dir / "overlays" / name), overlay(img, res.score_map, truth, res.label))
             if (i + 1) % 50 == 0:
                 log.info("evaluated %d/%d images", i + 1, len(dataset))
-    finally:
+    except BaseException:
         if per_image_f is not None:
             per_image_f.close()
+            partial.unlink(missing_ok=True)
+        raise
+    if per_image_f is not None:
+        per_image_f.close()
     if out_dir is not None and overlays > 0 and overlay_pick == "worst-best" and image_iou:
         # a second pass over a handful of images is cheaper than keeping every map in memory
         ranked = sorted(image_iou)
@@ -285,10 +297,10 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
     result.update({
         "bundle": str(runner.bundle.path), "kind": spec.kind,
         "data": {**dataset.summary(), "resize": list(resize) if resize else None, "notes": dataset.notes},
-        "postprocess": {"type": pp.type, "k1": pp.k1, "k2": pp.k2, "kernel_size": pp.kernel_size,
-                        "threshold": pp.threshold, "min_area_px": pp.min_area_px,
-                        "min_residual": pp.min_residual, "score_threshold": pp.score_threshold,
-                        "open_kernel": pp.open_kernel, "close_kernel": pp.close_kernel},
+        # what decided the figures: the keys its recipe reads (the class thresholds too), not
+        # the other recipes' defaults
+        "postprocess": {"type": pp.type,
+                        **{k: getattr(pp, k) for k in RECIPE_KEYS[pp.type]}, "min_area_px": pp.min_area_px},
         "images": len(dataset),
         # 1: the AUROCs are exact; N: of every N-th pixel of each image
         "auroc_stride": int(auroc_stride),
@@ -299,7 +311,12 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
         "seconds": round(time.perf_counter() - t0, 1),
     })
     if out_dir is not None:
+        os.replace(partial, out_dir / "per_image.jsonl")
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    if "min_area_px" in (postprocess or {}):
+        log.warning("min_area_px (override) thins the defect lists (per_image.jsonl's defects, "
+                    "false_alarm_rate_reported on normal images), not the mask: the pixel figures "
+                    "are of the mask before it, as the runtime publishes it")
     return result
 
 

@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inspector.errors import FrameError, SourceError
 from inspector.frame import Frame
+from inspector.image_file import decode_file
 from inspector.sources.base import Source
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ class _ImageFolder:
         path = self.files[self._pos]
         self._pos += 1
         try:
-            img = cv2.imread(str(path), self._flag)
+            img = decode_file(path, self._flag)
         except cv2.error as e:
             raise FrameError(f"cannot decode image {path}: {e}") from e
         if img is None:

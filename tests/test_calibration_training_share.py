@@ -1,0 +1,55 @@
+"""Calibrating on the model's own training images is warned about (walkthrough F13): with the
+default --calib-fraction the calibration part of --normal takes every image not held back,
+which holds the hash 'train' share a clgan / fuzzymask model was trained on."""
+
+from __future__ import annotations
+
+import shutil
+
+import cv2
+import numpy as np
+import yaml
+
+from calibration.frames import Split, training_share_warning
+from conftest import run_cli
+
+CLGAN_PROV = {"data": ["magnetic-tile /data/mt split=train: 321 images"],
+              "training_config": {"data": {"sources": [{"format": "magnetic-tile", "root": "mt",
+                                                        "split": "train"}],
+                                           "split_test": 0.3, "split_val": 0.2}}}
+
+
+def test_the_default_calibration_part_is_warned_and_the_readme_recipe_is_not():
+    said = training_share_warning(CLGAN_PROV, Split(0.3, None), "--normal mt/MT_Free/Imgs")
+    assert said.startswith("--normal mt/MT_Free/Imgs: the calibration part is every image not held "
+                           "back (hash >= 0.3), which includes the hash share 'train' (>= 0.5)")
+    assert "(magnetic-tile /data/mt split=train: 321 images)" in said
+    assert said.endswith("pass --calib-fraction 0.2 to stop short of it")
+    assert training_share_warning(CLGAN_PROV, Split(0.3, 0.2), "--normal x") is None  # README recipe
+    assert training_share_warning(CLGAN_PROV, Split(0.5, None), "--normal x") is None  # only held back
+    # the model's own fractions decide where its train share starts
+    other = {**CLGAN_PROV, "split_fractions": {"test": 0.2, "val": 0.1}}
+    assert "(>= 0.3)" in training_share_warning(other, Split(0.1, None), "--normal x")
+    # a model not trained on normal-image sources (ARCD: labelled defects), or none recorded
+    assert training_share_warning({"training_config": {"data": {"source": "neu-seg"}}}, Split(), "n") is None
+    assert training_share_warning({}, Split(), "n") is None
+
+
+def test_calibrate_thresholds_says_it_before_it_runs(tmp_path, toy_bundle):
+    bundle = tmp_path / "b"
+    shutil.copytree(toy_bundle, bundle)
+    meta = yaml.safe_load((bundle / "bundle.yaml").read_text())
+    meta["provenance"] = CLGAN_PROV
+    (bundle / "bundle.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        cv2.imwrite(str(normal / f"n{i:02d}.png"), rng.integers(120, 136, (128, 128), dtype=np.uint8))
+    done = run_cli("calibrate", "thresholds", "--bundle", str(bundle), "--normal", str(normal),
+                   "--target-fpr", "0.1", "--dry-run", "--out", str(tmp_path / "out"))
+    assert f"--normal {normal}: the calibration part is every image not held back" in done.stderr, done.stderr
+    done = run_cli("calibrate", "thresholds", "--bundle", str(bundle), "--normal", str(normal),
+                   "--target-fpr", "0.1", "--dry-run", "--out", str(tmp_path / "out2"),
+                   "--check-fraction", "0.3", "--calib-fraction", "0.2")
+    assert "the calibration part is every image" not in done.stderr
