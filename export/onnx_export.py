@@ -234,12 +234,32 @@ def _metrics_for(run_dir: Path, ck: dict, allow_stale: bool) -> tuple[dict | Non
     A metrics.json of another checkpoint (a finished run resumed longer and stopped before it
     wrote new metrics) would put the old network's thresholds and scores into the bundle: refused
     (:class:`StaleMetricsError`), or with ``allow_stale`` dropped, so the bundle gets default
-    thresholds and no metrics as when metrics.json is missing. A metrics.json written before the
-    trainer recorded its checkpoint is used as before, with a warning: it cannot be checked.
+    thresholds and no metrics as when metrics.json is missing. A finished checkpoint without
+    metrics.json (a run stopped in its final validation) is refused the same way: its bundle
+    would ship default thresholds marked ``training_complete``. An unfinished one without it
+    exports with default thresholds and a warning (``checkpoint_at`` says where it stood). A
+    metrics.json written before the trainer recorded its checkpoint is used as before, with a
+    warning: it cannot be checked.
     """
     path, ck_path = run_dir / METRICS, run_dir / CHECKPOINT
     metrics = read_metrics(run_dir)
     if metrics is None:
+        if ck.get("done"):
+            # a finished run writes metrics.json last, after its final validation chose the
+            # thresholds: one stopped there (Ctrl-C, SIGTERM) shipped default thresholds while
+            # saying training_complete, with nothing but a log line about it
+            why = (f"{path}: missing, but {ck_path} is finished (stage {ck.get('stage')} step "
+                   f"{ck.get('step')}): the run was stopped before its final validation wrote the "
+                   f"thresholds and metrics")
+            if not allow_stale:
+                raise StaleMetricsError(
+                    f"{why}. Finish the run (inspector train arcd --config <its config> --run-dir "
+                    f"{run_dir} --resume trains nothing and writes {METRICS}), or export without "
+                    f"them (default thresholds, no metrics): inspector export onnx ... "
+                    f"--allow-stale-metrics")
+            log.warning("%s; --allow-stale-metrics: the bundle gets default thresholds and no "
+                        "metrics", why)
+            return None, f"missing, dropped: {why}"
         log.warning("%s: missing; the bundle gets default thresholds and no metrics", path)
         return None, "missing"
     written = metrics.get("checkpoint")
@@ -406,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="max |torch - ONNX Runtime| allowed (recorded in the bundle)")
     p.add_argument("--allow-stale-metrics", action="store_true",
                    help="export even when metrics.json was written for another checkpoint (a "
-                        "resumed run stopped early): default thresholds, no metrics")
+                        "resumed run stopped early) or is missing beside a finished one (a run "
+                        "stopped in its final validation): default thresholds, no metrics")
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

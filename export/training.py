@@ -41,7 +41,7 @@ __all__ = ["RunSettings", "CHECKPOINT", "CONFIG", "METRICS", "LOSSES", "PREVIEW"
            "read_config", "prepare_run_dir", "write_run_config", "atomic_save", "write_metrics", "read_checkpoint",
            "fmt_duration", "rate_eta", "update_ema", "Ranks", "init_distributed", "pick_device",
            "start_ranks", "check_device", "end_ranks", "USER_ERRORS", "EXIT_INTERRUPTED",
-           "sigterm_as_interrupt", "whole_step", "quiet_worker", "saved_config", "train_main", "step_generator", "check_resume_keys",
+           "sigterm_as_interrupt", "whole_step", "TrainingStopped", "quiet_worker", "saved_config", "train_main", "step_generator", "check_resume_keys",
            "run_kind", "git_commit", "read_metrics", "metrics_for_checkpoint", "split_provenance",
            "trim_losses", "RESUME_NEEDS_RUN_DIR"]
 
@@ -478,8 +478,19 @@ USER_ERRORS: tuple[type[Exception], ...] = (ConfigError, FileExistsError, FileNo
 EXIT_INTERRUPTED = 130
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """A stop (Ctrl-C, SIGTERM) whose trainer says what it left on disk: ``reason`` is the
+    signal, ``saved`` the truthful state of the run folder ("no checkpoint saved (none yet)",
+    "checkpoint of stage 2 step 40 saved ...", "... --resume writes metrics.json"). The commands
+    print it as their one line instead of a generic "continue with --resume"."""
+
+    def __init__(self, reason: str, saved: str):
+        super().__init__(f"{reason}; {saved}")
+        self.reason, self.saved = reason, saved
+
+
 @contextmanager
-def whole_step() -> Iterator[None]:
+def whole_step(kept: Callable[[], str] | None = None) -> Iterator[None]:
     """Ctrl-C or SIGTERM arriving inside the block takes effect when the block ends.
 
     Wrap one training step in it: the optimiser update(s) and the step counter. A
@@ -489,7 +500,9 @@ def whole_step() -> Iterator[None]:
     the run an uninterrupted one would have been. Here the first signal is held and raised as
     ``KeyboardInterrupt`` once the step is complete; a second one during the same step gives up
     waiting and ends the process at once by the signal's default action (nothing is saved: the
-    last checkpoint, written atomically, survives). Outside the main thread nothing changes.
+    last checkpoint, written atomically, survives); ``kept``, where given, says which one that is
+    in the line logged then (the last line the user sees). Outside the main thread nothing
+    changes.
 
     Under torchrun the stop is agreed between the ranks when the step ends (one all-reduce of a
     flag, :func:`_any_rank_stops`): the signal reaches each worker at its own moment, and a rank
@@ -513,13 +526,23 @@ def whole_step() -> Iterator[None]:
 
         def hold(signum: int, frame: object) -> None:
             if held:
+                # the trainer's last words: the first signal's line promised a save after the step
+                what = ""
+                if kept is not None:
+                    try:
+                        what = f"; {kept()}"
+                    except Exception:  # never let the description keep the process alive
+                        what = ""
+                log.warning("%s again: stopping at once, nothing saved of this step%s",
+                            signal.Signals(signum).name, what)
                 for s, h in previous.items():
                     signal.signal(s, h)
                 signal.signal(signum, signal.SIG_DFL)
                 os.kill(os.getpid(), signum)
                 return
             held.append(signum)
-            log.warning("%s: stopping after this step", signal.Signals(signum).name)
+            log.warning("%s: stopping after this step (a second one stops at once, without saving)",
+                        signal.Signals(signum).name)
 
         for s in previous:
             signal.signal(s, hold)
@@ -634,6 +657,9 @@ def train_main(argv: list[str] | None, *, kind: str, doc: str, train: Callable[.
     except errors as e:
         log.error("%s", e)
         return 2
+    except TrainingStopped as e:  # the trainer says what it saved
+        log.error("training stopped (%s); %s", e.reason, e.saved)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt as e:
         log.error("training stopped (%s); continue with --resume", str(e) or "Ctrl-C")
         return EXIT_INTERRUPTED

@@ -9,6 +9,7 @@ Exit codes: 0 done; 1 runtime failure (camera, engine); 2 bad input (config, bun
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -28,6 +29,8 @@ from inspector.reload_state import request_reload, runtime_dir_from_env
 log = logging.getLogger("inspector")
 
 EXIT_OK, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
+#: a command stopped by Ctrl-C or SIGTERM (128 + SIGINT; the trainers' export.training too)
+EXIT_INTERRUPTED = 130
 
 
 def _setup_logging(level: str = "INFO") -> None:
@@ -439,11 +442,13 @@ def _needs_torch() -> None:
 def _stoppable(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a training-type command so that Ctrl-C and SIGTERM (kill, timeout, systemd) stop it
     after its trainer saved a checkpoint: one line, exit 130, instead of a traceback."""
-    from export.training import EXIT_INTERRUPTED, sigterm_as_interrupt
+    from export.training import TrainingStopped, sigterm_as_interrupt
 
     try:
         with sigterm_as_interrupt():
             return command(args)
+    except TrainingStopped as e:  # the trainer says what it saved (ARCD)
+        return _fail(f"stopped ({e.reason}); {e.saved}", EXIT_INTERRUPTED)
     except KeyboardInterrupt as e:
         return _fail(f"stopped ({str(e) or 'Ctrl-C'}); the trainer's last log line says whether a "
                      f"checkpoint was saved; continue with --resume", EXIT_INTERRUPTED)
@@ -458,7 +463,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _needs_torch()
     try:
         return _stoppable(_train, args)
-    except FileNotFoundError as e:  # a data root or run folder the user named: bad input
+    except (FileNotFoundError, FileExistsError) as e:
+        # a data root or run folder the user named; a --run-dir that holds a run already
         return _fail(str(e), EXIT_BAD_INPUT)
 
 
@@ -497,14 +503,44 @@ def cmd_export(args: argparse.Namespace) -> int:
     _needs_torch()
     if args.format == "onnx":
         from export.onnx_export import ExportParityError
+        from inspector.signals import sigterm_as_interrupt
+
+        before = _bundle_state(Path(args.out))
         try:
-            print(_export_onnx(args))
+            with sigterm_as_interrupt():
+                print(_export_onnx(args))
+        except KeyboardInterrupt as e:
+            return _fail(f"export stopped ({str(e) or 'Ctrl-C'}); {_export_left(Path(args.out), before)}",
+                         EXIT_INTERRUPTED)
         except ExportParityError as e:  # the message names the graph, the output and the tolerance
             return _fail(f"{e} (--parity-tol loosens the check, recorded in the bundle)", EXIT_BAD_INPUT)
         except FileNotFoundError as e:  # the run folder or its checkpoint
             return _fail(str(e), EXIT_BAD_INPUT)
         return EXIT_OK
     return _fail(f"unknown export format {args.format}", EXIT_BAD_INPUT)
+
+
+def _bundle_state(out: Path) -> bytes | None:
+    """``out/bundle.yaml``'s bytes (None: the folder or the file is not there), to tell what a
+    stopped export left in ``out``."""
+    try:
+        return (out / "bundle.yaml").read_bytes()
+    except OSError:
+        return None
+
+
+def _export_left(out: Path, before: bytes | None) -> str:
+    """What an export stopped part-way left in ``--out``, said as it is."""
+    now = _bundle_state(out)
+    if before is None:
+        if not out.exists():
+            return "nothing written (the --out folder it had made was removed)"
+        if now is None:
+            return f"no bundle written ({out} holds no bundle.yaml)"
+        return f"the bundle in {out} was written before the stop"
+    if now == before:
+        return f"{out} was left as it was (no bundle written)"
+    return f"{out}'s bundle.yaml was replaced before the stop: check it with inspector check"
 
 
 def _export_onnx(args: argparse.Namespace) -> Path:
@@ -646,7 +682,10 @@ def _trained_on_note(prov: dict, split: str, split_by: str, fmt: str | None = No
         return None
     if fmt and data.get("source") not in (None, fmt):  # another data set's layout: not its training data
         return None
-    return (f"split {split!r} {'holds' if split == 'all' else 'is'} the hash share(s) {list(trained)} this model "
+    shares = list(trained)
+    what = ("holds the hash share(s)" if split == "all" else "is the hash share" if shares == [split]
+            else "is one of the hash shares")
+    return (f"split {split!r} {what} {shares} this model "
             f"was trained on (provenance.training_config.data.train_splits) if --data is its training data "
             f"({data.get('root')}): those figures are on training images, not held-out ones")
 
@@ -717,12 +756,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return _fail(f"--engine torch needs the training extra (pip install -e '.[train]'): {e}",
                      EXIT_BAD_INPUT)
     bundle = engine[0] if engine else args.bundle
+    from inspector.signals import sigterm_as_interrupt
+
+    before = _files_in(out) if out is not None else {}
+
     try:
-        res = evaluate_bundle(bundle, ds, out_dir=out,
-                              overlays=args.overlays, postprocess=post, resize=size,
-                              engine=engine[1] if engine else OnnxRuntimeConfig(intra_op_threads=args.threads),
-                              overlay_pick=args.overlay_pick, kind_params=kind,
-                              auroc_stride=args.auroc_stride)
+        with sigterm_as_interrupt():
+            res = evaluate_bundle(bundle, ds, out_dir=out,
+                                  overlays=args.overlays, postprocess=post, resize=size,
+                                  engine=engine[1] if engine else OnnxRuntimeConfig(intra_op_threads=args.threads),
+                                  overlay_pick=args.overlay_pick, kind_params=kind,
+                                  auroc_stride=args.auroc_stride)
+    except KeyboardInterrupt as e:
+        # one line, as the trainers; --record runs after the evaluation: the bundle is unchanged
+        left = ""
+        if out is not None:
+            changed = [p for p, t in _files_in(out).items() if before.get(p) != t]
+            left = (f"; {out}: {len(changed)} file(s) written before the stop, incomplete (no "
+                    f"metrics.json of this evaluation)" if changed else f"; nothing written to {out}")
+        return _fail(f"evaluate stopped ({str(e) or 'Ctrl-C'}); no figures reported"
+                     f"{', nothing recorded in the bundle' if args.record else ''}{left}",
+                     EXIT_INTERRUPTED)
     except ValidationError as e:  # a post-processing value of --set
         err = e.errors()[0]
         return _fail(f"--set {'.'.join(str(x) for x in err['loc'])}: {err['msg']}", EXIT_BAD_INPUT)
@@ -763,6 +817,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 print(f"{'region':>24}: {reg['name']} (threshold {fmt(reg['threshold'])}): "
                       + ", ".join(f"{k} {fmt(reg[k])}" for k in ("mpa", "miou", "iou", "auroc")))
     return EXIT_OK
+
+
+def _files_in(folder: Path) -> dict[Path, int]:
+    """Every file under ``folder`` with its modification time (ns), to tell what a stopped
+    command wrote there."""
+    out: dict[Path, int] = {}
+    for p in Path(folder).rglob("*"):
+        with contextlib.suppress(OSError):
+            if p.is_file():
+                out[p] = p.stat().st_mtime_ns
+    return out
 
 
 def cmd_calibrate_window(args: argparse.Namespace) -> int:
@@ -940,8 +1005,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="tensorrt: build exactly what this camera config's engine loads")
     p.add_argument("--json", action="store_true", help="tensorrt: print the result as JSON")
     p.add_argument("--allow-stale-metrics", action="store_true",
-                   help="onnx, arcd: export although metrics.json belongs to another checkpoint "
-                        "(default thresholds, no metrics in the bundle)")
+                   help="onnx, arcd: export although metrics.json belongs to another checkpoint, "
+                        "or is missing beside a finished one (default thresholds, no metrics in "
+                        "the bundle)")
     p.add_argument("--name", help="bundle name (default: the folder name)")
     p.add_argument("--opset", type=positive_int, default=17)
     p.add_argument("--replace", action="store_true",

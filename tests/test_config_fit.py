@@ -139,7 +139,7 @@ def test_evaluate_flags_a_split_the_model_was_trained_on(tmp_path):
 
     hashed = neu_root(tmp_path / "hashed")
     got, err = notes(hashed, "test")
-    assert len(got) == 1 and "split 'test' is the hash share(s) ['train', 'test'] this model was trained on" in got[0]
+    assert len(got) == 1 and "split 'test' is one of the hash shares ['train', 'test'] this model was trained on" in got[0]
     assert "not held-out ones" in err  # and a warning on the terminal
     assert notes(hashed, "val")[0] == []
     assert notes(neu_root(tmp_path / "official", test_folder=True), "test")[0] == []  # its own test/ folder

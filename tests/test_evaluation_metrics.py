@@ -246,15 +246,17 @@ def test_magnetic_tile_reader(tmp_path):
     write_mt(tmp_path, "Free", [f"f{i}" for i in range(20)], defect=False)
     write_mt(tmp_path, "Crack", [f"c{i}" for i in range(10)], defect=True)
     write_mt(tmp_path, "Scuff", ["s0"], defect=True)  # an unknown category gets its own class
-    (tmp_path / "MT_Crack" / "Imgs" / "c9.png").unlink()  # a defect without mask is skipped
-    ds = open_dataset("magnetic-tile", tmp_path)
+    (tmp_path / "MT_Crack" / "Imgs" / "c9.png").unlink()  # a defect without its mask: named ...
+    with pytest.raises(FileNotFoundError, match="c9.jpg: no mask c9.png"):
+        open_dataset("magnetic-tile", tmp_path)
+    ds = open_dataset("magnetic-tile", tmp_path, strict=False)  # ... or skipped where asked
     assert ds.classes == list(MAGNETIC_TILE_CLASSES) + ["Scuff"]
     assert len(ds) == 30 and ds.notes
     crack = [ds.load(i) for i, e in enumerate(ds.entries) if e.category == "MT_Crack"]
     assert all(s.mask.max() == MAGNETIC_TILE_CLASSES.index("Crack") for s in crack)
     assert all(int((s.mask > 0).sum()) == 25 for s in crack)  # 100 < 128 is background
     assert all(not s.defective for s in ds.filter(lambda e: e.category == "MT_Free"))
-    parts = [open_dataset("magnetic-tile", tmp_path, split=k) for k in ("train", "val", "test")]
+    parts = [open_dataset("magnetic-tile", tmp_path, split=k, strict=False) for k in ("train", "val", "test")]
     assert sum(len(p) for p in parts) == 30
     assert all(e.split == p.split for p in parts for e in p.entries)
     only_free = open_dataset("magnetic-tile", tmp_path, categories=["MT_Free"])

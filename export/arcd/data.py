@@ -513,6 +513,29 @@ class TrainingData:
     #: and resized by it, as the bundle's ``input.fit: square_pad`` does on the line (scoring
     #: the padded, resized squares instead measured a resolution the line never runs)
     square_fit: "SquarePad | None" = None
+    #: ``description``'s parts: what stage 1 and stage 2 learn from as this config gives it, and
+    #: ``description`` with those two replaced by :data:`STAGE1_SLOT` / :data:`STAGE2_SLOT`. A
+    #: resumed run words its data with the checkpoint's record of them (:meth:`describe`): a
+    #: copied stage-1 checkpoint, or a finished run resumed with another root, trained on other
+    #: data than this config names
+    stage1_text: str = ""
+    stage2_text: str = ""
+    template: str = ""
+    #: images of the validation split left out of the scored frames, by category (magnetic-tile:
+    #: the split's MT_Free images; ``inspector evaluate --split val`` scores them too)
+    val_excluded: dict = field(default_factory=dict)
+
+    def describe(self, stage1: str | None = None, stage2: str | None = None) -> str:
+        """``description`` with stage 1's and stage 2's data worded as given (None: as this
+        config gives them)."""
+        if not self.template:
+            return self.description
+        return (self.template.replace(STAGE1_SLOT, self.stage1_text if stage1 is None else stage1)
+                .replace(STAGE2_SLOT, self.stage2_text if stage2 is None else stage2))
+
+
+#: placeholders of :attr:`TrainingData.template`
+STAGE1_SLOT, STAGE2_SLOT = "\x00stage1\x00", "\x00stage2\x00"
 
 
 def _build_synthetic(cfg: SyntheticDataConfig, *, tile: tuple[int, int], channels: int,
@@ -539,12 +562,15 @@ def _build_synthetic(cfg: SyntheticDataConfig, *, tile: tuple[int, int], channel
 
     s1 = ("stage 1 uses the same strip with defect rate 0 plus simulated anomalies" if stage1_length > 0
           else "no stage 1 (no R: the plain U-Net baseline)")
-    desc = (f"train: {defects.describe()}; {s1}; validation: {cfg.val_frames} frames, renderer seeds "
-            f"{cfg.val_renderer_seeds}, contrast {cfg.eval_contrast:g}, defect rate "
-            f"{cfg.eval_defect_rate:g}")
+    template = (f"train: {STAGE2_SLOT}; {STAGE1_SLOT}; validation: {cfg.val_frames} frames, renderer "
+                f"seeds {cfg.val_renderer_seeds}, contrast {cfg.eval_contrast:g}, defect rate "
+                f"{cfg.eval_defect_rate:g}")
+    s2 = defects.describe()
+    desc = template.replace(STAGE2_SLOT, s2).replace(STAGE1_SLOT, s1)
     return TrainingData(stage1, stage2, held_out(cfg.calib_renderer_seeds, cfg.calib_frames, 7),
                         held_out(cfg.val_renderer_seeds, cfg.val_frames, 11), CLASS_NAMES, desc,
-                        {"normal_source": "synthetic strip, defect rate 0", "mask_images": 0})
+                        {"normal_source": "synthetic strip, defect rate 0", "mask_images": 0},
+                        stage1_text=s1, stage2_text=s2, template=template)
 
 
 DATA_SOURCES: dict[str, Callable[..., TrainingData]] = {"synthetic": _build_synthetic}
@@ -937,14 +963,29 @@ def _build_folder(cfg: FolderDataConfig, *, tile: tuple[int, int], channels: int
 
     s1 = (f"{normal.describe()} plus simulated anomalies" if stage1_length > 0
           else "none (no R: the plain U-Net baseline)")
-    desc = (f"stage 2: {stage2_frames.describe()} (label rate {cfg.label_fraction:g}); stage 1: "
-            f"{s1}; thresholds from {n_cal} and scores on "
-            f"{n_val} images of split '{cfg.val_split}'")
+    s2 = f"{stage2_frames.describe()} (label rate {cfg.label_fraction:g})"
+    template = (f"stage 2: {STAGE2_SLOT}; stage 1: {STAGE1_SLOT}; thresholds from {n_cal} and "
+                f"scores on {n_val} images of split '{cfg.val_split}'")
+    val_excluded: dict[str, int] = {}
+    if cfg.source == "magnetic-tile":
+        # D has no class for a defect-free tile, so training and validation read the defect
+        # folders only; `inspector evaluate --split val` on the same root scores MT_Free too, and
+        # a user comparing the two figures must be able to see why they differ
+        free = (len(_open_eval_dataset(cfg.source, cfg.root, cfg.val_split, categories=["MT_Free"]))
+                if any(e.category == "MT_Free" for e in probe.entries) else 0)
+        if free:
+            val_excluded["MT_Free"] = free
+            template += (f" (its defect categories only: the split's {free} MT_Free image(s) are "
+                         f"left out; `inspector evaluate --split {cfg.val_split}` on this root "
+                         f"scores them too, so its figures differ; a copy of the root without "
+                         f"MT_Free gives these)")
     if square_fit is not None:
-        desc += (f" (native images, each padded to a square ({square_fit.align}) and resized to "
-                 f"{square_fit.side}x{square_fit.side} as the bundle runs them)")
+        template += (f" (native images, each padded to a square ({square_fit.align}) and resized to "
+                     f"{square_fit.side}x{square_fit.side} as the bundle runs them)")
+    desc = template.replace(STAGE2_SLOT, s2).replace(STAGE1_SLOT, s1)
     return TrainingData(stage1, stage2, calib, val, tuple(train_ds.classes), desc, stage1_info, check,
-                        has_regions=stage2.has_regions, square_fit=square_fit)
+                        has_regions=stage2.has_regions, square_fit=square_fit, stage1_text=s1,
+                        stage2_text=s2, template=template, val_excluded=val_excluded)
 
 
 def _scored_fit(cfg: FolderDataConfig) -> "tuple[SquarePad | None, tuple[int, int] | None]":

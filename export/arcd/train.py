@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -52,7 +53,7 @@ from export.arcd.torch_model import (ARCDInference, DiscriminativeSubNetwork, No
 # the run folder's file names stay importable from here (export.onnx_export takes them so)
 from export.training import CHECKPOINT, CONFIG, METRICS  # noqa: F401
 from export.training import (RUN_KEYS, atomic_save, check_resume_keys, config_changes, learnt_changes, quiet_worker, saved_config, write_metrics, end_ranks, fmt_duration, prepare_run_dir, rate_eta,
-                             read_checkpoint, read_config, start_ranks, train_main,
+                             read_checkpoint, read_config, start_ranks, train_main, TrainingStopped,
                              validate_config, whole_step, write_run_config)
 
 log = logging.getLogger(__name__)
@@ -371,6 +372,15 @@ class _State:
         #: changed, so config.yaml and a bundle's provenance (which show the last config) can be
         #: read against the values the earlier steps were trained with
         self.config_changes: list[dict] = []
+        #: the wording of the data each stage trained on, as ``[[first step, text], ...]`` per
+        #: stage (more than one entry: a resume changed the data mid-stage), kept with the
+        #: weights so metrics.json's ``data`` says what trained them (:func:`_settle_data_text`)
+        self.data_text: dict[str, list] = {}
+        #: where the last checkpoint.pt this process wrote stands (:func:`_at`); None: none yet.
+        #: What a stop reports as saved (:func:`_stop_report`)
+        self.saved_at: dict[str, Any] | None = None
+        #: where the checkpoint this run resumed from stood; None: a new run
+        self.resumed_at: dict[str, Any] | None = None
         # the baseline's pass-through R has no parameters; Adam refuses an empty list, and a
         # stand-in keeps checkpoints of both variants in one format
         r_params = list(r.parameters()) or [torch.nn.Parameter(torch.zeros(1))]
@@ -415,6 +425,7 @@ class _State:
             "config": self.cfg.model_dump(mode="json"),
             "history": self.history, "elapsed_s": self.elapsed_s,
             "stage1_data": self.stage1_data,
+            "data_text": self.data_text,
             "config_changes": self.config_changes,
             "torch": str(torch.__version__),
         }
@@ -432,6 +443,7 @@ class _State:
         self.history = ck.get("history", self.history)
         self.elapsed_s = float(ck.get("elapsed_s", 0.0))
         self.stage1_data = ck.get("stage1_data")
+        self.data_text = {k: [list(e) for e in v] for k, v in (ck.get("data_text") or {}).items()}
         self.config_changes = list(ck.get("config_changes") or [])
 
 
@@ -494,6 +506,26 @@ def _batches(ds: Dataset, batch: int, start_step: int, steps: int, workers: int,
         yield collate([ds[i] for i in range(first(s), first(s) + batch)])
 
 
+def _save(state: _State, ck_path: Path) -> None:
+    """Write the checkpoint (atomically) and note where it stands, for a stop's report."""
+    atomic_save(state.state_dict(), ck_path)
+    state.saved_at = _at(state)
+
+
+def _where(at: dict[str, Any]) -> str:
+    return f"stage {at['stage']} step {at['step']}" + (" (training finished)" if at["done"] else "")
+
+
+def _kept(state: _State, ck_path: Path) -> str:
+    """What the run folder holds when the process ends at once (a second Ctrl-C in a step)."""
+    if state.saved_at is not None:
+        return f"{ck_path} keeps the checkpoint of {_where(state.saved_at)}; --resume goes on from it"
+    if state.resumed_at is not None:
+        return (f"{ck_path} keeps the checkpoint of {_where(state.resumed_at)} this run resumed; "
+                "--resume goes on from it")
+    return "no checkpoint was saved (none yet): --resume starts the run afresh"
+
+
 def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev: torch.device) -> None:
     cfg = state.cfg
     sc: _StageBase
@@ -529,8 +561,11 @@ def _run_stage(state: _State, stage: int, data: TrainingData, run_dir: Path, dev
     try:
         _loop(state, stage, sc, ds, opt, sched, crit, dice, run_dir, dev, fmt, agnostic, region)
     except KeyboardInterrupt:
-        if state.rank == 0:  # the other ranks stop with it after the same step (whole_step)
-            atomic_save(state.state_dict(), run_dir / CHECKPOINT)
+        # a new run stopped before its first step has trained nothing: no checkpoint to save
+        untrained = state.saved_at is None and state.resumed_at is None and state.stage == 1 \
+            and state.step == 0
+        if state.rank == 0 and not untrained:  # the other ranks stop after the same step
+            _save(state, run_dir / CHECKPOINT)
             log.warning("interrupted at stage %d step %d; checkpoint saved, continue with --resume",
                         stage, state.step)
         raise
@@ -557,7 +592,7 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
         # statistics the checkpoint holds, the update, the schedule, the counter, the history):
         # the checkpoint _run_stage then saves is one of a whole step, and --resume does not
         # repeat the update
-        with whole_step():
+        with whole_step(kept=lambda: _kept(state, run_dir / CHECKPOINT)):
             x = batch["image"].to(dev, memory_format=fmt)
             if stage == 1:
                 rec = r_fwd(x)
@@ -608,7 +643,7 @@ def _loop(state: _State, stage: int, sc: _StageBase, ds: Dataset, opt: torch.opt
                          stage, state.step, sc.steps, lv, ema, extra, opt.param_groups[0]["lr"], rate,
                          fmt_duration(eta))
         if state.rank == 0 and state.step % cfg.checkpoint_every == 0 and state.step < sc.steps:
-            atomic_save(state.state_dict(), run_dir / CHECKPOINT)
+            _save(state, run_dir / CHECKPOINT)
 
 
 def _final(hist: list[list[float]], n: int = 20) -> float | None:
@@ -656,10 +691,16 @@ def _evaluate(state: _State, data: TrainingData) -> dict:
     val = data.val()
     vp = probs_of(val)
     res = evaluate(vp, val, names, per, ec.open_kernel, ec.close_kernel)
-    log.info("validation on %d frames: IoU %s, mean defect IoU %.3f (argmax %.3f)", len(val),
-             {k: (round(v, 3) if v is not None else None) for k, v in res.iou.items()},
+    excluded = "".join(f", {n} {cat} image(s) of split '{state.cfg.data.val_split}' left out"
+                       for cat, n in data.val_excluded.items())
+    log.info("validation on %d frames%s: IoU %s, mean defect IoU %.3f (argmax %.3f)", len(val),
+             excluded, {k: (round(v, 3) if v is not None else None) for k, v in res.iou.items()},
              res.mean_defect_iou, res.mean_defect_iou_argmax)
     out = res.as_dict()
+    if data.val_excluded:
+        # images of the split these figures leave out (magnetic-tile: MT_Free, which D has no
+        # class for); `inspector evaluate --split val` on the same root scores them too
+        out["excluded"] = dict(data.val_excluded)
     if fit:
         # a square-pad run's figures are of the native frames, as `inspector evaluate` scores
         # the bundle (runs before this key scored the padded, resized squares); tiled runs
@@ -785,6 +826,11 @@ def _settle_stage1_data(state: _State, data: TrainingData) -> None:
     """Record what stage 1 learns from in ``state`` (so in checkpoints and metrics.json), or,
     resuming after stage-1 steps were run, keep the checkpoint's record and warn where this
     config's data for stage 1 differs from it."""
+    if not state.cfg.model.reconstruction:
+        # the plain U-Net has no R and no stage 1: nothing learnt from any stage-1 data (its
+        # data text says "stage 1: none"; a record here read as a stage 1 that never ran)
+        state.stage1_data = None
+        return
     now = dict(data.stage1_info)
     if state.stage == 1 and state.step == 0:
         state.stage1_data = now
@@ -801,6 +847,59 @@ def _settle_stage1_data(state: _State, data: TrainingData) -> None:
                     "its remaining steps use this config's (metrics.json keeps the checkpoint's "
                     "record)" if state.stage == 1 else "R is not retrained (metrics.json records "
                                                        "the checkpoint's)")
+
+
+def _settle_data_text(state: _State, data: TrainingData) -> None:
+    """Word the data each stage trained on in ``state.data_text`` (kept in the checkpoint).
+
+    A stage not begun yet will train on this config's data. A stage begun keeps the checkpoint's
+    wording: a copied stage-1 checkpoint's R learnt from the data of the run that wrote it, and a
+    finished run resumed with another ``data.root`` trained nothing on it; where a resume goes
+    on training a stage with other data, the new wording is added from the next step on. A
+    checkpoint older than this record is worded from this config, saying so (stage 1: from its
+    ``stage1_data`` record where that differs from this config's)."""
+    cfg = state.cfg
+    for key, n, now, total in (("stage1", 1, data.stage1_text, cfg.stage1.steps),
+                               ("stage2", 2, data.stage2_text, cfg.stage2.steps)):
+        begun = state.stage > n or (state.stage == n and state.step > 0)
+        if not begun:
+            state.data_text[key] = [[1, now]]
+            continue
+        segs = state.data_text.get(key) or []
+        if not segs:
+            segs = [[1, _unrecorded_text(state, key, now, data.stage1_info)]]
+        trains = not state.done and state.stage == n and state.step < total
+        if trains and segs[-1][1] != now:
+            segs.append([state.step + 1, now])
+        state.data_text[key] = segs
+
+
+def _unrecorded_text(state: _State, key: str, now: str, now_info: dict) -> str:
+    """A begun stage's data wording for a checkpoint that holds none (written before the
+    record): this config's, saying so, or for stage 1 its ``stage1_data`` record where that
+    names other data than this config would use."""
+    rec = state.stage1_data or {}
+    keys = ("normal_source", "windows", "mask_images")
+    if (key == "stage1" and "note" not in rec and rec.get("normal_source") == "defect-free-regions"
+            and any(rec.get(k) != now_info.get(k) for k in keys)):
+        return (f"defect-free windows placed by the masks of {rec.get('mask_images')} images "
+                f"(data.stage1_windows {rec.get('windows')}; the checkpoint's record) plus "
+                "simulated anomalies")
+    return (f"{now} (as this config gives it: the checkpoint holds no record of the data its "
+            f"{'stage 1' if key == 'stage1' else 'stage 2'} used)")
+
+
+def _data_text(state: _State, key: str, ran: int) -> str:
+    """One stage's data wording for metrics.json: each entry of ``state.data_text[key]`` with
+    the steps it trained, where there is more than one."""
+    segs = [e for i, e in enumerate(state.data_text.get(key) or []) if i == 0 or e[0] <= ran]
+    if len(segs) <= 1:
+        return segs[0][1] if segs else ""
+    parts = []
+    for i, (first, text) in enumerate(segs):
+        last = segs[i + 1][0] - 1 if i + 1 < len(segs) else ran
+        parts.append(f"{text} (steps {first}-{last})")
+    return ", then ".join(parts)
 
 
 def _stage1_steps_run(state: _State) -> int:
@@ -885,6 +984,10 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     with ``resume=True`` (never silently overwritten); the network sizes of the config must match
     the checkpoint's, while step counts may change (to train longer, or a copied stage-1
     checkpoint with another stage 2); the learning-rate schedule always follows this config.
+    A stop (Ctrl-C, SIGTERM) raises :class:`TrainingStopped`, whose ``saved`` (also the last line
+    logged) says what the run folder holds: no checkpoint yet (a folder this run made is removed
+    again), the checkpoint of which step, or a finished checkpoint whose metrics.json is still to
+    be written by ``--resume``.
     """
     config_path = Path(config_path)
     cfg = load_config(config_path)
@@ -895,10 +998,82 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     # the data before the run folder: a missing root, an unreadable image or mask, an empty split
     # or classes other than the model's are refused with nothing written (they used to fail
     # after the folder existed, some only after training, when the validation images were read)
-    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=False,  # refuses an existing
-                              resume_flag="resume=True (--resume)")  # run before reading data
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=False)  # refuses an existing
+    run = _RunStop(run_dir)  # run before reading data; what a stop reports (_stop_report)
+    try:
+        return _train(cfg, config_path, run, resume, ranks, dev)
+    except KeyboardInterrupt as e:
+        raise _stopped(e, run) from None
+
+
+class _RunStop:
+    """What :func:`_stop_report` needs to say truthfully what a stopped run left behind."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.made_dir = False  # this run created the folder
+        self.state: _State | None = None
+        self.metrics_written = False
+        #: config.yaml written by this run: "new" (none was there), "replaced", or None
+        self.config_written: str | None = None
+
+
+def _stopped(e: KeyboardInterrupt, run: _RunStop) -> TrainingStopped:
+    """The trainer's last line for a stop (Ctrl-C, SIGTERM), logged, as the exception the
+    commands report: what was saved and how to go on, and a run folder this run made and left
+    nothing in removed again."""
+    reason = str(e) or "Ctrl-C"
+    if isinstance(e, TrainingStopped):
+        return e
+    saved = _stop_report(run)
+    log.warning("stopped (%s): %s", reason, saved)
+    return TrainingStopped(reason, saved)
+
+
+def _stop_report(run: _RunStop) -> str:
+    st, ck_path = run.state, run.run_dir / CHECKPOINT
+    if st is not None and st.rank != 0:
+        return "rank 0 reports what was saved"
+    at = st.saved_at if st is not None else None
+    if at is None and st is not None and st.resumed_at is not None:
+        at = st.resumed_at
+        if at["done"] and not run.metrics_written:
+            return (f"no new checkpoint: {ck_path} holds the finished training ({_where(at)}); "
+                    f"the final validation was not written: --resume (trains nothing) writes "
+                    f"{METRICS}")
+        return f"no new checkpoint: {ck_path} still holds {_where(at)}; continue with --resume"
+    if at is None:
+        what = "no checkpoint saved (stopped before the first step)"
+        if run.config_written == "new":  # this run's, nothing else had been there
+            with contextlib.suppress(OSError):
+                (run.run_dir / CONFIG).unlink()
+        if run.made_dir:
+            # the folder holds nothing this run did not put there: take it away again, so no
+            # empty run folder is left that looks like a run
+            try:
+                run.run_dir.rmdir()
+                return f"{what}; the run folder {run.run_dir} it had made was removed"
+            except OSError:
+                return f"{what}; {run.run_dir} holds no checkpoint"
+        if not run.run_dir.exists():
+            return f"{what}; no run folder was made"
+        if run.config_written == "replaced":
+            return f"{what}; {run.run_dir / CONFIG} now holds this config"
+        return f"{what}; {run.run_dir} was left as it was"
+    if at["done"] and not run.metrics_written:
+        return (f"training finished and its checkpoint ({_where(at)}) was saved in {ck_path}, but "
+                f"the final validation was not written: --resume (trains nothing) writes {METRICS}")
+    if at["done"]:
+        return f"checkpoint of {_where(at)} and {METRICS} saved in {run.run_dir}"
+    return f"checkpoint of {_where(at)} saved in {ck_path}; continue with --resume"
+
+
+def _train(cfg: TrainConfig, config_path: Path, run: _RunStop, resume: bool, ranks: Any,
+           dev: torch.device) -> Path:
+    run_dir = run.run_dir
     data = open_training_data(cfg, config_path, ranks.world)
-    run_dir = prepare_run_dir(run_dir, cfg.name, resume, resume_flag="resume=True (--resume)")
+    run.made_dir = not run_dir.exists()
+    run_dir = prepare_run_dir(run_dir, cfg.name, resume)
     ck_path = run_dir / CHECKPOINT
     if dev.type == "cuda":
         # fixed crop sizes per stage: cuDNN times its algorithms once per shape and keeps the fastest
@@ -908,6 +1083,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     r.to(dev, memory_format=fmt)
     d.to(dev, memory_format=fmt)
     state = _State(cfg, r, d)
+    run.state = state
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         saved_cfg = saved_config(ck["config"], TrainConfig)
@@ -919,6 +1095,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
                               f"{'on' if cfg.stage1.train_d else 'off'} here, but the checkpoint "
                               f"{ck_path} was trained with it {'off' if cfg.stage1.train_d else 'on'}")
         state.load(ck)
+        state.resumed_at = _at(state)
         prev = (cfg.stage1.steps if state.stage == 1 else cfg.stage2.steps)
         if state.done and state.step < prev:
             state.done = False  # the config asks for more steps than were run
@@ -941,13 +1118,14 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
                                config_path, ck_path)
     elif resume:
         log.warning("%s: nothing to resume, starting a new run", ck_path)
+    run.config_written = "replaced" if (run_dir / CONFIG).exists() else "new"
     write_run_config(run_dir, cfg)
     if state.done and state.rank == 0 and resume and ck_path.exists():
         # nothing left to train, so no later save would give the checkpoint this config: save it
         # now (same weights, so metrics.json still matches), and config.yaml, the checkpoint and
         # an exported bundle agree, the change recorded beside them
         if state.config_changes and state.config_changes[-1].get("resumed_at") == _at(state):
-            atomic_save(state.state_dict(), ck_path)
+            _save(state, ck_path)
     if cfg.stage1.train_d and not cfg.model.reconstruction:
         log.info("stage1.train_d is ignored: the plain U-Net baseline has no stage 1")
     log.info("run %s: R %.3f M params, D %.3f M params, tile %s, %d channel(s)", run_dir,
@@ -956,12 +1134,13 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
 
     log.info("data: %s", data.description)
     _settle_stage1_data(state, data)
+    _settle_data_text(state, data)
     if not state.done:
         if state.stage == 1:
             _run_stage(state, 1, data, run_dir, dev)
             state.stage, state.step = 2, 0
             if state.rank == 0:
-                atomic_save(state.state_dict(), ck_path)
+                _save(state, ck_path)
             if state.rank == 0 and cfg.stage1.steps:
                 # kept apart: stage 1 sees normal images only, so runs that differ only in
                 # stage 2 (labelled-data rates) can start from this file (copy it to
@@ -970,7 +1149,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         _run_stage(state, 2, data, run_dir, dev)
         state.done = True
         if state.rank == 0:
-            atomic_save(state.state_dict(), ck_path)
+            _save(state, ck_path)
     if state.world > 1:
         # same weights on every rank (DDP averaged the gradients of what each stage trained),
         # then leave the group together: rank 0 evaluates alone
@@ -996,7 +1175,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         "validation": _evaluate(state, data),
         "params": {"reconstruction": count_parameters(r), "discrimination": count_parameters(d)},
         "train_seconds": round(state.elapsed_s, 1),
-        "data": data.description,
+        # what trained these weights (a copied stage-1 checkpoint's R, a finished run resumed
+        # with another root: the checkpoint's record), scored as this config says
+        "data": data.describe(_data_text(state, "stage1", ran1), _data_text(state, "stage2", ran2)),
         **({"config_changes": state.config_changes} if state.config_changes else {}),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
@@ -1004,6 +1185,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
         if getattr(cfg, key).steps != ran:
             metrics[key]["config_steps"] = getattr(cfg, key).steps
     write_metrics(run_dir, metrics)
+    run.metrics_written = True
     log.info("done: %s (train time %s)", run_dir / METRICS, fmt_duration(state.elapsed_s))
     return run_dir
 
