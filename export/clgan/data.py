@@ -9,7 +9,8 @@ Sources (``DataSource.format``):
 
 * ``magnetic-tile``: the defect-free ``MT_Free`` images of the chosen split;
 * ``neu-seg``: crops whose mask is background everywhere (NEU-Seg has no defect-free image);
-* ``folder``: every image, all taken as normal.
+* ``folder``: every image under the root, all taken as normal (``categories`` on a folder
+  source is an error naming ``data.sources.<i>.categories``).
 
 Pair ``i`` (Real_A, Real_B) is drawn from ``numpy.random.default_rng([seed, rank, i])``, so any
 pair can be regenerated on its own: a resumed run sees the data an uninterrupted one would have.
@@ -62,7 +63,8 @@ class DataSource(BaseModel):
     split: Literal["train", "val", "test", "all"] = Field(
         "train", description="hash split of the stems (inspector.evaluation.datasets.split_of)")
     categories: list[str] | None = Field(
-        None, description="magnetic-tile folders (default [MT_Free]); neu-seg subsets (default all)")
+        None, description="magnetic-tile folders (default [MT_Free]); neu-seg subsets (default all); "
+                          "not for folder sources (an error: they take every image under root)")
     stride: int = Field(8, ge=1, description="neu-seg: grid step of the defect-free crop search")
 
 
@@ -91,6 +93,13 @@ def _to_channels(img: np.ndarray, channels: int) -> np.ndarray:
 def _open_source(src: DataSource, root: Path, key: str, fractions: SplitFractions):
     """``src``'s data set; a missing root or layout (``<key>.root``) or a category or subset the
     root lacks (``<key>.categories``) is a :class:`TrainingDataError` naming the folder."""
+    if src.format == "folder" and src.categories:
+        # a folder source takes every image under its root: a categories list it ignored would
+        # train on images the user meant to leave out
+        raise TrainingDataError(
+            f"{list(src.categories)}: categories selects magnetic-tile folders or neu-seg subsets; "
+            f"a folder source takes every image under its root ({root}): remove the key, or point "
+            f"root at the subfolder to train on", f"{key}.categories")
     kw = {}
     if src.format == "magnetic-tile":
         kw["categories"] = src.categories or ["MT_Free"]
@@ -145,8 +154,10 @@ def load_normal_images(sources: list[DataSource], base_dir: Path, channels: int,
                     skipped += 1  # a mask on a "normal" image: never train on it
                     continue
                 images.append(NormalImage(img, None, s.name))
+        why = (f"without a defect-free {crop}px window" if src.format == "neu-seg"
+               else "defect images (their masks mark defects)")
         desc.append(f"{src.format} {root} split={src.split}: {len(images) - n0} images"
-                    + (f" ({skipped} without a defect-free {crop}px window skipped)" if skipped else ""))
+                    + (f" ({skipped} {why} skipped)" if skipped else ""))
     if not images:
         raise NoNormalImages("no defect-free training images: " + "; ".join(desc),
                              "data.sources")

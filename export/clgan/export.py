@@ -13,7 +13,9 @@ maximum is recorded in the bundle's provenance.
 The training figures come from the run's ``metrics.json`` only when its ``checkpoint_step`` is
 the exported checkpoint's step; otherwise (a run stopped after a later ``--resume``) they are
 dropped with a warning and the provenance keeps what the checkpoint itself says (iterations,
-train time, ``training_complete``). ``provenance.split_fractions`` records the run's hash split.
+train time, ``training_complete``). A checkpoint before the planned last iteration exports with a
+warning and ``provenance.checkpoint_at`` (its step and the planned iterations), as ARCD's exporter
+records where an unfinished run stood. ``provenance.split_fractions`` records the run's hash split.
 
 Example::
 
@@ -110,6 +112,13 @@ def detection_kind_params(cfg: ClganTrainConfig) -> dict[str, Any]:
             "output_range": [-1.0, 1.0]}
 
 
+def checkpoint_at(step: int, total: int) -> dict[str, int]:
+    """``provenance.checkpoint_at`` of a run exported before it finished: the checkpoint's step
+    and the planned steps (ARCD's records ``stage`` and ``step``; CLGAN and fuzzymask have one
+    stage)."""
+    return {"step": int(step), "planned": int(total)}
+
+
 def _metrics_status(metrics: dict, fresh: bool | None) -> str:
     """How the bundle's training figures relate to the checkpoint, for the provenance."""
     if fresh is None:
@@ -148,8 +157,9 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
                     "are left out of the bundle; finish the run with --resume for fresh ones",
                     run_dir / METRICS, metrics.get("checkpoint_step"), run_dir / CHECKPOINT, step)
         metrics = {}
-    training = {k: metrics.get(k) for k in ("iterations", "train_seconds", "device", "threads",
-                                            "params", "final_losses_ema", "preview_abs_error_grey")}
+    training = {k: metrics.get(k) for k in ("iterations", "stopped_by", "train_seconds", "device",
+                                            "threads", "params", "final_losses_ema",
+                                            "preview_abs_error_grey")}
     # what the checkpoint itself knows: right even when metrics.json is stale or missing
     training.update(iterations=step, planned_iterations=total, checkpoint_step=step,
                     metrics_json=_metrics_status(metrics, fresh))
@@ -176,6 +186,8 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
             "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
             "training": training,
             "training_complete": step >= total,
+            # where an unfinished run stood (as ARCD's exporter records it), for `inspector check`
+            **({} if step >= total else {"checkpoint_at": checkpoint_at(step, total)}),
             "split_fractions": split_provenance(cfg.data.split_test, cfg.data.split_val,
                                                 str(run_dir / CHECKPOINT)),
             "commit": git_commit(Path(__file__).resolve().parents[2])[0],

@@ -68,8 +68,8 @@ ARCHITECTURE_KEYS = ("data.channels", "generator", "discriminator", "nce.nce_lay
 #: stream of :func:`export.training.step_generator` for the PatchNCE locations
 NCE_STREAM = 1
 
-__all__ = ["ClganTrainConfig", "load_config", "build_networks", "ClganTrainer", "open_training_images",
-           "train", "main"]
+__all__ = ["ClganTrainConfig", "load_config", "planned_iterations", "build_networks", "ClganTrainer",
+           "open_training_images", "train", "main"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +203,27 @@ def load_config(path: Path) -> ClganTrainConfig:
             .feature_channels(cfg.nce.nce_layers)
     except ValueError as e:
         raise ConfigError(str(path), "nce.nce_layers", str(e)) from e
+    o = cfg.optim
+    if o.n_epochs + o.n_epochs_decay <= 0:
+        # a run of 0 iterations would "complete" with no checkpoint to export
+        raise ConfigError(str(path), "optim.n_epochs",
+                          f"n_epochs {o.n_epochs:g} + n_epochs_decay {o.n_epochs_decay:g} is 0 epochs: "
+                          "nothing would be trained; set at least one of them above 0")
     return cfg
+
+
+def planned_iterations(cfg: ClganTrainConfig, n_images: int, config_path: Path) -> tuple[int, int]:
+    """(iterations per epoch, planned iterations) for ``n_images`` training images; a schedule
+    that rounds to 0 iterations is a :class:`ConfigError` naming ``optim.n_epochs``."""
+    o = cfg.optim
+    ipe = o.iters_per_epoch or max(1, n_images // o.batch_size)
+    total = int(round((o.n_epochs + o.n_epochs_decay) * ipe))
+    if total < 1:
+        raise ConfigError(str(config_path), "optim.n_epochs",
+                          f"n_epochs {o.n_epochs:g} + n_epochs_decay {o.n_epochs_decay:g} epochs of "
+                          f"{ipe} iteration(s) is {total} iterations: nothing would be trained; "
+                          "raise them")
+    return ipe, total
 
 
 def build_networks(cfg: ClganTrainConfig) -> tuple[ResnetGenerator, PatchGANDiscriminator, ProjectionHeads]:
@@ -344,7 +364,13 @@ def lr_at(it: int, cfg: OptimConfig, iters_per_epoch: int) -> float:
     return cfg.lr * max(0.0, 1.0 - (it - const) / decay)
 
 
-def _preview(G: ResnetGenerator, pairs: CropPairs, start: int, path: Path, n: int = 4) -> float:
+#: fixed held-out crops in preview.png and in its |I - G(I)| figure: the same number at every
+#: checkpoint and in metrics.json's preview_abs_error_grey, so the last checkpoint's log line and
+#: the metrics give one figure for one network
+PREVIEW_CROPS = 8
+
+
+def _preview(G: ResnetGenerator, pairs: CropPairs, start: int, path: Path, n: int = PREVIEW_CROPS) -> float:
     """Input | reconstruction | 4x residual for ``n`` fixed crops; returns their mean |I - G(I)|
     in grey levels (how much of a normal surface the generator fails to keep)."""
     import cv2
@@ -395,14 +421,13 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     # run without --resume is refused before the data is read
     run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=False)
     images, desc = open_training_images(cfg, config_path)
+    o = cfg.optim
+    ipe, total = planned_iterations(cfg, len(images), config_path)  # refused before the folder too
     run_dir = prepare_run_dir(run_dir, cfg.name, resume, create=main_rank)
     ck_path = run_dir / CHECKPOINT
 
     pairs = CropPairs(images, cfg.data.crop, cfg.data.channels, cfg.seed, rank,
                       cfg.data.real_b_mode, cfg.data.flip, cfg.data.vflip)
-    o = cfg.optim
-    ipe = o.iters_per_epoch or max(1, len(images) // o.batch_size)
-    total = int(round((o.n_epochs + o.n_epochs_decay) * ipe))
 
     G, D, H = build_networks(cfg)
     for m in (G, D, H):
@@ -487,7 +512,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             if step % cfg.checkpoint_every == 0 or step == stop:
                 err = _preview(G, pairs, preview_start, run_dir / PREVIEW)
                 atomic_save(checkpoint(), ck_path)
-                log.info("checkpoint at %d: preview crops |I - G(I)| %.2f grey levels", step, err)
+                log.info("checkpoint at %d: preview crops (%d) |I - G(I)| %.2f grey levels", step,
+                         PREVIEW_CROPS, err)
     except KeyboardInterrupt:
         if main_rank:
             atomic_save(checkpoint(), ck_path)
@@ -501,7 +527,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         release_held_signals()
 
     if main_rank:
-        err = _preview(G, pairs, preview_start, run_dir / PREVIEW, n=8)
+        err = _preview(G, pairs, preview_start, run_dir / PREVIEW)  # = the last checkpoint's line
         final = {k: round(v, 4) for k, v in ema.items()}
         metrics = {
             # checkpoint_step: the export compares it with the checkpoint's step (a run stopped
@@ -509,13 +535,14 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             "name": cfg.name, "kind": "clgan", "iterations": step, "checkpoint_step": step,
             "planned_iterations": total, "stopped_by": "completed" if step >= total else "max_iters",
             "iters_per_epoch": ipe, "world_size": world, "final_losses_ema": final,
-            "preview_abs_error_grey": round(err, 3),
+            "preview_abs_error_grey": round(err, 3), "preview_crops": PREVIEW_CROPS,
             "params": {"G": count_parameters(G), "D": count_parameters(D), "H": count_parameters(H)},
             "train_seconds": round(elapsed, 1), "device": str(dev), "threads": cfg.threads,
             "data": desc, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         write_metrics(run_dir, metrics)
-        log.info("done: %d iterations in %s; %s", step, fmt_duration(elapsed), run_dir / METRICS)
+        log.info("done: %d iterations in %s; preview crops (%d) |I - G(I)| %.2f grey levels; %s", step,
+                 fmt_duration(elapsed), PREVIEW_CROPS, err, run_dir / METRICS)
     if world > 1:
         end_ranks(G, world, dev, "generator", log)
     return run_dir

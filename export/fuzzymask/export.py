@@ -23,7 +23,8 @@ without it the export is refused, naming metrics.json and both steps). Post-proc
 still needs a threshold: the first ``score_threshold`` is then the same train-envelope tau (the
 99th percentile of the normal crops' per-crop maximum of D), never 0 (D >= 0: a threshold of 0
 marks every pixel). ``provenance.split_fractions`` records the run's hash split (warned about
-when it is not the evaluation commands' default).
+when it is not the evaluation commands' default). A checkpoint before the planned last step
+exports with a warning and ``provenance.checkpoint_at`` (its step and the planned steps).
 
 Example::
 
@@ -297,13 +298,16 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
     training = {k: metrics.get(k) for k in (
         "iterations", "planned_iterations", "epochs_done", "stopped_by", "train_seconds",
         "device", "world_size", "params", "final_losses_ema", "last_epoch_loss",
-        "preview_abs_error_grey")}
+        "last_epoch_loss_steps", "preview_abs_error_grey")}
     # what the checkpoint itself knows: right even when metrics.json is stale or missing
     training.update(iterations=step, planned_iterations=total, checkpoint_step=step,
                     metrics_json=("unchecked (no checkpoint_step)" if metrics else "missing")
                     if fresh is None else ("current" if fresh else "stale: left out"))
     if training["train_seconds"] is None:
         training["train_seconds"] = round(float(ck.get("elapsed_s", 0.0)), 1)
+    if step < total:  # as export.clgan.export warns
+        log.warning("%s: training has not finished (step %d of %d); exporting it anyway",
+                    run_dir / CHECKPOINT, step, total)
     split = split_provenance(cfg.data.split_test, cfg.data.split_val, str(run_dir / CHECKPOINT))
     params = kind_params(cfg, tau)
     ic, n, tile = cfg.inference, cfg.data.channels, cfg.tile()
@@ -352,6 +356,8 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
                                         else "train_envelope tau"}},
             # from the checkpoint: a stale metrics.json must not call a preempted run complete
             "training_complete": step >= total,
+            # where an unfinished run stood (as the ARCD and CLGAN exporters record it)
+            **({} if step >= total else {"checkpoint_at": {"step": step, "planned": total}}),
             "split_fractions": split,
             "run_dir": str(run_dir),
             "commit": commit, "commit_dirty": dirty,

@@ -420,6 +420,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     #: the running loss averages (metrics' final_losses_ema) continue over a resume, so a resumed
     #: run reports what an uninterrupted one would, not an average of its last steps alone
     ema_start: dict[str, float] = {}
+    #: likewise the current epoch's loss sum and the last finished epoch's mean (last_epoch_loss)
+    epoch_start: dict[str, Any] = {}
     if resume and ck_path.exists():
         ck = load_checkpoint(ck_path)
         check_resume_keys(saved_config(ck["config"], FuzzymaskTrainConfig), cfg.model_dump(mode="json"),
@@ -429,6 +431,7 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         opt.load_state_dict(ck["optimizer"])
         step, elapsed, history = int(ck["step"]), float(ck["elapsed_s"]), list(ck.get("history", []))
         ema_start = dict(ck.get("ema") or {})  # checkpoints before this record start afresh
+        epoch_start = dict(ck.get("epoch_loss") or {})
         if main_rank:
             log.info("resuming %s at step %d of %d", run_dir, step, total)
             warn_config_changes(saved_config(ck["config"], FuzzymaskTrainConfig),
@@ -456,6 +459,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
         return {"format": CHECKPOINT_FORMAT, "kind": "fuzzymask", "step": step, "total": total,
                 "elapsed_s": elapsed, "model": net.state_dict(), "optimizer": opt.state_dict(),
                 "config": cfg.model_dump(mode="json"), "history": history, "ema": dict(ema),
+                # last_epoch_loss's running sums: a resumed run records what an uninterrupted one does
+                "epoch_loss": {"sum": epoch_sum, "n": epoch_n, "last": last_epoch_loss,
+                               "last_steps": last_epoch_steps},
                 "torch": str(torch.__version__)}
 
     stop = total if max_iters is None else min(total, step + max_iters)
@@ -468,7 +474,17 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
     net.train()
     t_rate, first, ema = time.monotonic(), step, dict(ema_start)
     t_prev = t_rate
-    epoch_sum, epoch_n, last_epoch_loss = 0.0, 0, None
+    if epoch_start:
+        epoch_sum, epoch_n = float(epoch_start["sum"]), int(epoch_start["n"])
+        last_epoch_loss = None if epoch_start.get("last") is None else float(epoch_start["last"])
+        last_epoch_steps = epoch_start.get("last_steps")
+    else:
+        # a checkpoint written before the sums were checkpointed: its resume averages the
+        # steps from here (metrics.json's last_epoch_loss_steps says how many)
+        epoch_sum, epoch_n, last_epoch_loss, last_epoch_steps = 0.0, 0, None, None
+        if step and main_rank:
+            log.warning("%s holds no epoch loss sums (an older checkpoint): last_epoch_loss covers "
+                        "only the steps from %d", ck_path, step)
     stopped_by = "completed" if stop == total else "max_iters"
     losses_f = open(run_dir / LOSSES, "a") if main_rank else None
     try:
@@ -496,7 +512,8 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
                 update_ema(ema, vals)
                 epoch_sum, epoch_n = epoch_sum + vals["loss"], epoch_n + 1
                 if step % ipe == 0:
-                    last_epoch_loss, epoch_sum, epoch_n = epoch_sum / epoch_n, 0.0, 0
+                    last_epoch_loss, last_epoch_steps = epoch_sum / epoch_n, epoch_n
+                    epoch_sum, epoch_n = 0.0, 0
                 out_of_time = _any_rank(deadline is not None and now >= deadline, world, dev)
                 if main_rank and (step % cfg.log_every == 0 or step == stop or out_of_time):
                     rate, eta = rate_eta(step - first, now - t_rate, stop - step)
@@ -549,6 +566,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
             "epochs_done": round(step / ipe, 3), "iters_per_epoch": ipe, "world_size": world,
             "stopped_by": stopped_by, "final_losses_ema": {k: round(v, 6) for k, v in ema.items()},
             "last_epoch_loss": None if last_epoch_loss is None else round(last_epoch_loss, 6),
+            # the steps that mean covers: iters_per_epoch, fewer only after resuming an older
+            # checkpoint without the epoch sums mid-epoch
+            "last_epoch_loss_steps": last_epoch_steps,
             "final_lr": lr_at(max(0, step - 1), o, ipe),
             "preview_abs_error_grey": round(err, 3), "tau": tau["tau"], "tau_stats": tau,
             "ssim_weights": list(ssim_weights(cfg)), "params": count_parameters(net),
