@@ -136,13 +136,23 @@ def prepare_run_dir(run_dir: Path | None, name: str, resume: bool, create: bool 
     if run_dir is None:
         run_dir = Path("runs") / f"{name}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir}: is a file, not a folder; choose another run folder")
     ck_path = run_dir / CHECKPOINT
     if ck_path.exists() and not resume:
-        raise FileExistsError(f"{ck_path}: a run is already here; pass {resume_flag} to continue it "
-                              f"or choose another run folder")
+        raise RunDirError(f"{ck_path}: a run is already here; pass {resume_flag} to continue it "
+                          f"or choose another run folder")
     if create:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # a parent that is a file, a folder this user may not write
+            raise RunDirError(f"--run-dir {run_dir}: cannot create the folder ({e.strerror or e})") from None
     return run_dir
+
+
+class RunDirError(FileExistsError):
+    """A ``--run-dir`` that cannot take this run (a run already there, a file, not writable): bad
+    input, exit 2 (a FileExistsError, which the commands already treat so)."""
 
 
 def write_run_config(run_dir: Path, cfg: BaseModel) -> None:

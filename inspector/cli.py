@@ -206,9 +206,16 @@ def _unfinished_training(bundle) -> list[str]:
     if prov.get("training_complete") is not False:
         return []
     t, at = prov.get("training") or {}, prov.get("checkpoint_at") or {}
-    where = (f"stopped by {t.get('stopped_by') or 'a stop'} at iteration {t['iterations']} of "
-             f"{t['planned_iterations']}" if t.get("iterations") is not None and t.get("planned_iterations")
-             else f"at stage {at.get('stage')} step {at.get('step')}" if at else "")
+    # stopped_by is absent where the run recorded no reason (stopped before it wrote metrics.json)
+    why = f"stopped by {t['stopped_by']}" if t.get("stopped_by") else "stopped, no reason recorded,"
+    if t.get("iterations") is not None and t.get("planned_iterations"):
+        where = f"{why} at iteration {t['iterations']} of {t['planned_iterations']}"
+    elif at.get("stage") is not None:
+        where = f"at stage {at['stage']} step {at.get('step')}"
+    elif at.get("step") is not None:
+        where = f"{why} at step {at['step']}" + (f" of {at['planned']}" if at.get("planned") else "")
+    else:
+        where = ""
     return [f"model.bundle: {os.path.normpath(bundle.path)} was exported from a training run that "
             f"had not finished{f' ({where})' if where else ''}: check its figures (`inspector "
             "evaluate`) before trusting it on the line"]
@@ -450,8 +457,9 @@ def _stoppable(command: Callable[[argparse.Namespace], int], args: argparse.Name
     except TrainingStopped as e:  # the trainer says what it saved (ARCD)
         return _fail(f"stopped ({e.reason}); {e.saved}", EXIT_INTERRUPTED)
     except KeyboardInterrupt as e:
-        return _fail(f"stopped ({str(e) or 'Ctrl-C'}); the trainer's last log line says whether a "
-                     f"checkpoint was saved; continue with --resume", EXIT_INTERRUPTED)
+        return _fail(f"stopped ({str(e) or 'Ctrl-C'}); the trainer's log says which checkpoint it saved, "
+                     "if any (its 'checkpoint saved' / 'checkpoint at N' lines); continue with --resume",
+                     EXIT_INTERRUPTED)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -505,6 +513,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         from export.onnx_export import ExportParityError
         from inspector.signals import sigterm_as_interrupt
 
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            return _fail(f"--out {args.out}: is a file, not a folder (a bundle is a folder)", EXIT_BAD_INPUT)
         before = _bundle_state(Path(args.out))
         try:
             with sigterm_as_interrupt():
@@ -856,9 +866,18 @@ def cmd_calibrate_window(args: argparse.Namespace) -> int:
             print(f"window {r['local_mean_window']:3d}  AUROC class mean {au(r['class_mean_auroc'])} "
                   f"pooled {au(r['pixel_auroc'])}  F1 {pct(r['f1'])}  IoU {pct(r['iou'])}"
                   f"  false alarms {pct(r['false_alarm_rate'])} of normals")
-        print(f"best local_mean_window = {res['best_value']} by {args.objective}"
-              + (" (at the edge of the list: extend it)" if res["at_edge"] else "")
-              + f"; plot {files['png']}" + (f"; written to {args.bundle}" if "written" in res else ""))
+        if res["best_value"] is None:
+            # e.g. data without a defect pixel: no AUROC, nothing to rank the windows by
+            print(f"no local_mean_window could be scored by {args.objective} on these images (it "
+                  f"needs defect pixels in --data): nothing chosen"
+                  f"{', nothing written' if args.write else ''}; plot {files['png']}")
+        else:
+            print(f"best local_mean_window = {res['best_value']} by {args.objective}"
+                  + (" (at the edge of the list: extend it)" if res["at_edge"] else "")
+                  + f"; plot {files['png']}" + (f"; written to {args.bundle}" if "written" in res else ""))
+    if args.write and res["best_value"] is None:
+        return _fail(f"--write: no local_mean_window could be scored by {args.objective}; the bundle "
+                     "is unchanged", EXIT_FAIL)
     return EXIT_OK
 
 

@@ -251,3 +251,72 @@ def test_F16_clgan_last_checkpoint_line_and_metrics_agree(clgan_run, tmp_path, c
     assert logged == pytest.approx(metrics["preview_abs_error_grey"], abs=0.006), (lines[-1], metrics)
     # the finished run's bundle has no checkpoint_at
     assert "checkpoint_at" not in _provenance(export_bundle(run, tmp_path / "b-whole"))
+
+
+# ---------------------------------------------------------------------------------------------
+# F6, F7, F10, F11: what the commands say
+# ---------------------------------------------------------------------------------------------
+
+def test_F6_an_unfinished_bundle_without_a_recorded_reason_is_not_said_stopped_by_a_stop():
+    from types import SimpleNamespace
+
+    from inspector.cli import _unfinished_training
+
+    def said(prov):
+        return _unfinished_training(SimpleNamespace(path="b", spec=SimpleNamespace(provenance=prov)))[0]
+    no_reason = said({"training_complete": False, "training": {"iterations": 76, "planned_iterations": 228}})
+    assert "(stopped, no reason recorded, at iteration 76 of 228)" in no_reason and "a stop" not in no_reason
+    assert "(stopped by max_iters at iteration 5 of 9)" in said(
+        {"training_complete": False, "training": {"iterations": 5, "planned_iterations": 9, "stopped_by": "max_iters"}})
+    # counts missing: checkpoint_at says where it stood
+    assert "(stopped, no reason recorded, at step 4 of 12)" in said(
+        {"training_complete": False, "training": {}, "checkpoint_at": {"step": 4, "planned": 12}})
+    assert "(at stage 2 step 30)" in said({"training_complete": False, "checkpoint_at": {"stage": 2, "step": 30}})
+
+
+def test_F7_residual_window_write_with_nothing_to_score_says_so_and_exits_1(tmp_path, data):
+    from conftest import ROOT
+
+    bundle = tmp_path / "b"
+    shutil.copytree(ROOT / "deploy" / "models" / "clgan-mt", bundle)
+    before = (bundle / "bundle.yaml").read_bytes()
+    r = run_cli("calibrate", "residual-window", "--bundle", str(bundle), "--data", str(data / "plain"),
+                "--format", "folder", "--split", "all", "--windows", "0,7", "--write", "--out",
+                str(tmp_path / "out"), env=ENV)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "no local_mean_window could be scored by class_mean_auroc on these images (it needs defect " \
+           "pixels in --data): nothing chosen, nothing written" in r.stdout
+    assert r.stderr.strip().splitlines()[-1] == ("inspector: error: --write: no local_mean_window could be "
+                                                "scored by class_mean_auroc; the bundle is unchanged")
+    assert (bundle / "bundle.yaml").read_bytes() == before
+
+
+def test_F10_a_run_dir_or_out_that_is_a_file_is_bad_input_naming_the_option(tmp_path, data):
+    from export.training import prepare_run_dir
+
+    _link_data(tmp_path, data)
+    config = _config("clgan", tmp_path)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    r = run_cli("train", "clgan", "--config", str(config), "--run-dir", str(afile), env=ENV)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (f"inspector: error: --run-dir {afile}: is a file, not a "
+                                                "folder; choose another run folder")
+    with pytest.raises(FileExistsError, match=f"--run-dir {afile / 'run'}: cannot create the folder"):
+        prepare_run_dir(afile / "run", "x", resume=False)
+    r = run_cli("export", "onnx", "--run-dir", str(tmp_path), "--out", str(afile), env=ENV)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (f"inspector: error: --out {afile}: is a file, not a "
+                                                "folder (a bundle is a folder)")
+
+
+def test_F11_fuzzymask_says_its_checkpoint_is_saved_before_tau(tmp_path, data, caplog):
+    from export.fuzzymask.train import train
+
+    _link_data(tmp_path, data)
+    config = _config("fuzzymask", tmp_path)
+    caplog.set_level(logging.INFO, logger="export.fuzzymask.train")
+    train(config, tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if r.name == "export.fuzzymask.train"]
+    ended = next(i for i, m in enumerate(lines) if m.startswith("training ended at step 6: checkpoint saved"))
+    assert any(m.startswith("tau (train_envelope") for m in lines[ended:])  # said before tau

@@ -552,6 +552,9 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,
 
     if main_rank:
         atomic_save(checkpoint(), ck_path)
+        # tau can take minutes: a stop from here keeps these weights, and the line says so
+        log.info("training ended at step %d: checkpoint saved; preview and tau next (a stop now "
+                 "loses only those: --resume recomputes them and writes metrics.json)", step)
         err = _preview(net, crops, cfg, run_dir / PREVIEW, dev)
         t_tau = time.monotonic()
         tau_crops = NormalCrops(tau_images, cfg.tile(), d.channels, cfg.seed, 0, d.flip, d.vflip)
