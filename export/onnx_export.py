@@ -35,8 +35,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from inspector.bundle import (BundleSpec, GraphRef, InputSpec, RegionSpec, TilingSpec, load_bundle,
-                             write_bundle)
+from inspector.bundle import (BundleSpec, GraphRef, InputSpec, RegionSpec, TilingSpec, export_left,
+                             folder_state, load_bundle, write_bundle)
 from inspector.errors import InspectorError
 from inspector.postprocess import PostprocessConfig
 from inspector.sources.synthetic import CLASS_NAMES, StripRenderer
@@ -431,12 +431,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from inspector.signals import sigterm_as_interrupt
+
+    before = folder_state(a.out)
     try:
-        out = export_bundle(a.run_dir, a.out, a.name, a.opset, a.parity_tol,
-                            allow_stale_metrics=a.allow_stale_metrics)
+        with sigterm_as_interrupt():
+            out = export_bundle(a.run_dir, a.out, a.name, a.opset, a.parity_tol,
+                                allow_stale_metrics=a.allow_stale_metrics)
     except (FileNotFoundError, ExportParityError, ValueError) as e:
         log.error("%s", e)
         return 2
+    except KeyboardInterrupt as e:  # one line, as `inspector export onnx`, not a traceback
+        log.error("export stopped (%s); %s", str(e) or "Ctrl-C", export_left(a.out, before))
+        return 130
     if a.bench:
         b = load_bundle(out)
         th, tw = b.spec.input.tile

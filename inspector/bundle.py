@@ -210,6 +210,31 @@ def _present(path: Path, folder: bool = False) -> bool:
     return False
 
 
+def folder_state(folder: Path) -> dict[str, tuple[int, int]] | None:
+    """Size and modification time of each file directly in ``folder`` (None: no such folder): to
+    tell what an export stopped part-way changed in a bundle folder, graphs included."""
+    try:
+        return {p.name: (st.st_size, st.st_mtime_ns) for p in Path(folder).iterdir()
+                if p.is_file() and not p.name.startswith(".") for st in [p.stat()]}
+    except OSError:
+        return None
+
+
+def export_left(out: Path, before: dict[str, tuple[int, int]] | None) -> str:
+    """What an export stopped part-way left in ``out``, given :func:`folder_state` before it."""
+    now = folder_state(out)
+    if before is None:
+        if now is None:
+            return "nothing written (the --out folder it had made was removed)"
+        if BUNDLE_FILE not in now:
+            return f"no bundle written ({out} holds no {BUNDLE_FILE})"
+        return f"the bundle in {out} was written before the stop"
+    if now == before:
+        return f"{out} was left as it was (no bundle written)"
+    return (f"{out} was partly or wholly replaced before the stop: check it with `inspector check` "
+            "(a graph that does not match its bundle.yaml is refused at load), or export again")
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -515,12 +515,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         if Path(args.out).exists() and not Path(args.out).is_dir():
             return _fail(f"--out {args.out}: is a file, not a folder (a bundle is a folder)", EXIT_BAD_INPUT)
-        before = _bundle_state(Path(args.out))
+        from inspector.bundle import export_left, folder_state
+
+        before = folder_state(Path(args.out))
         try:
             with sigterm_as_interrupt():
                 print(_export_onnx(args))
         except KeyboardInterrupt as e:
-            return _fail(f"export stopped ({str(e) or 'Ctrl-C'}); {_export_left(Path(args.out), before)}",
+            return _fail(f"export stopped ({str(e) or 'Ctrl-C'}); {export_left(Path(args.out), before)}",
                          EXIT_INTERRUPTED)
         except ExportParityError as e:  # the message names the graph, the output and the tolerance
             return _fail(f"{e} (--parity-tol loosens the check, recorded in the bundle)", EXIT_BAD_INPUT)
@@ -528,29 +530,6 @@ def cmd_export(args: argparse.Namespace) -> int:
             return _fail(str(e), EXIT_BAD_INPUT)
         return EXIT_OK
     return _fail(f"unknown export format {args.format}", EXIT_BAD_INPUT)
-
-
-def _bundle_state(out: Path) -> bytes | None:
-    """``out/bundle.yaml``'s bytes (None: the folder or the file is not there), to tell what a
-    stopped export left in ``out``."""
-    try:
-        return (out / "bundle.yaml").read_bytes()
-    except OSError:
-        return None
-
-
-def _export_left(out: Path, before: bytes | None) -> str:
-    """What an export stopped part-way left in ``--out``, said as it is."""
-    now = _bundle_state(out)
-    if before is None:
-        if not out.exists():
-            return "nothing written (the --out folder it had made was removed)"
-        if now is None:
-            return f"no bundle written ({out} holds no bundle.yaml)"
-        return f"the bundle in {out} was written before the stop"
-    if now == before:
-        return f"{out} was left as it was (no bundle written)"
-    return f"{out}'s bundle.yaml was replaced before the stop: check it with inspector check"
 
 
 def _export_onnx(args: argparse.Namespace) -> Path:

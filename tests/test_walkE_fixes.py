@@ -311,6 +311,44 @@ def test_e7_a_stopped_export_is_one_line_exit_130(tmp_path, finished):
     assert not out.exists()
 
 
+def test_e7_a_replace_stopped_after_the_graph_moved_in_says_the_bundle_changed(tmp_path, finished):
+    # the graph is in place, bundle.yaml not yet rewritten: "left as it was" would be untrue
+    from export.onnx_export import export_bundle
+
+    out = export_bundle(finished, tmp_path / "b")
+    patch = """
+        import export.onnx_export as x
+        def write_bundle(*a, **k):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        x.write_bundle = write_bundle
+    """
+    before = (out / "bundle.yaml").read_bytes()
+    r = run_patched(patch, ["export", "onnx", "--run-dir", str(finished), "--out", str(out), "--replace"])
+    assert r.returncode == 130, r.stderr
+    [line] = error_lines(r.stderr)
+    assert line.startswith(f"inspector: error: export stopped (Ctrl-C); {out} was partly or wholly "
+                           "replaced before the stop: check it with `inspector check`"), line
+    assert (out / "bundle.yaml").read_bytes() == before  # only the graph moved
+
+
+def test_e7_python_m_export_stopped_is_one_line_exit_130(tmp_path, finished):
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        import export.onnx_export as x
+        def parity(*a, **k):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        x.check_parity = parity
+        sys.exit(x.main(["--run-dir", {str(finished)!r}, "--out", {str(tmp_path / "b")!r}]))
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "export stopped (signal SIGTERM); nothing written (the --out folder it had made was removed)")
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, finished) -> Path:
     from export.onnx_export import export_bundle
