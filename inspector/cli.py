@@ -119,6 +119,7 @@ def _check(args: argparse.Namespace) -> int:
     from inspector.sources import make_source
 
     cfg = _load(args.config)
+    unit_env = _unit_environment() if args.user else []
     as_user, hidden = _check_user(cfg, args.user) if args.user else (None, [])  # before root opens anything
     model = load_model(cfg)
     spec = model.bundle.spec
@@ -176,6 +177,7 @@ def _check(args: argparse.Namespace) -> int:
         "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)" + _check_latch(cfg),
         "record": _check_record(cfg, spec.classes, warnings, root_note=as_user is None),
         **({"user": as_user} if as_user else {}),
+        **({"unit_environment": ", ".join(unit_env)} if unit_env else {}),
         "warnings": warnings, "result": "ok",
     }
     if args.json:
@@ -245,15 +247,47 @@ def _check_alarms(cfg, classes: list[str]) -> None:
 def _check_latch(cfg) -> str:
     """Where latched alarms are kept across a restart (said only when a rule latches); nothing is
     created here: a folder made by root would be one the service user cannot write."""
-    from inspector.alarms.latch_store import STATE_ENV, latch_path
+    from inspector.alarms.latch_store import STATE_ENV, latch_path, _where
 
     if not any(r.latch for r in cfg.alarms.rules):
         return ""
     path = latch_path(cfg.alarms.latch_file, cfg.camera_id, cfg.base_dir)
     if path is None:
-        return (f"; latched alarms NOT kept across a restart here (no alarms.latch_file, {STATE_ENV} "
-                "unset; the unit sets it)")
+        return (f"; latched alarms NOT kept across a restart when run like this (no alarms.latch_file, "
+                f"{STATE_ENV} unset; the unit sets it: --user reads it from the installed unit)")
+    if path.is_dir():  # the daemon refuses it at start (exit 2)
+        raise ConfigError(cfg.source_file, _where(cfg.alarms.latch_file), f"{path} is a folder: name a "
+                          f"file in it, such as {path / (cfg.camera_id + '.json')}")
     return f"; latched alarms kept in {path}"
+
+
+#: the unit's environment a `check --user` takes where the shell does not set it: the paths the
+#: service's defaults come from (recordings, latched alarms)
+UNIT_ENV_KEYS = ("INSPECTOR_STATE", "INSPECTOR_RECORDINGS", "INSPECTOR_ENGINE_CACHE")
+#: where install.sh puts the unit (UNITDIR); INSPECTOR_UNIT names another
+DEFAULT_UNIT = "/etc/systemd/system/inspector@.service"
+
+
+def _unit_environment() -> list[str]:
+    """``check --user`` asks as the service: take the installed unit's ``Environment=`` paths
+    that this shell does not set (a root shell has none of them), so the defaults resolve as
+    under the unit. Returns what was taken, for the summary."""
+    unit = Path(os.environ.get("INSPECTOR_UNIT", DEFAULT_UNIT))
+    try:
+        lines = unit.read_text().splitlines()
+    except OSError:
+        return []
+    taken = []
+    for line in lines:
+        if not line.startswith("Environment="):
+            continue
+        key, _, value = line[len("Environment="):].partition("=")
+        if key in UNIT_ENV_KEYS and key not in os.environ:
+            os.environ[key] = value  # a one-shot command: the rest of the check resolves with it
+            taken.append(f"{key}={value}")
+    if taken:
+        log.info("check --user: from %s: %s", unit, ", ".join(taken))
+    return taken
 
 
 def _check_user(cfg, user: str) -> tuple[str, list[str]]:

@@ -141,18 +141,27 @@ STOP_TAIL_S = 5.0
 
 
 def latch_store_for(cfg: InspectorConfig) -> LatchStore | None:
-    """The store of the camera's latched alarms, checked writable (ConfigError naming the key);
-    None when no file is configured, said once when a rule latches."""
+    """The store of the camera's latched alarms, opened (ConfigError naming the key where a rule
+    latches and the file cannot be kept); None when no file is configured, said once when a rule
+    latches. With no latching rule the store only clears what an earlier config left latched, and
+    a folder it cannot use then is a warning, not a refused start."""
     path = latch_path(cfg.alarms.latch_file, cfg.camera_id, cfg.base_dir)
+    latching = [r.name for r in cfg.alarms.rules if r.latch]
     if path is None:
-        latching = [r.name for r in cfg.alarms.rules if r.latch]
         if latching:
             log.warning("%s: alarms %s latch, but latched alarms are not kept across a restart: set "
                         "alarms.latch_file (or %s, which the unit sets)", cfg.source_file,
                         ", ".join(latching), STATE_ENV)
         return None
     store = LatchStore(path, cfg.source_file, cfg.alarms.latch_file)
-    store.check_writable()
+    try:
+        store.open()
+    except ConfigError as e:
+        if latching:
+            raise
+        if path.exists():  # something an earlier config latched may be in it
+            log.warning("%s; no rule latches now, so it is left as it is", e)
+        return None
     return store
 
 
@@ -390,6 +399,13 @@ class Daemon:
                 later.append("alarms.drivers")
             if new.alarms.latch_file != old.alarms.latch_file:
                 later.append("alarms.latch_file")
+                held = self.engine.latched_names() if self.engine is not None else []
+                if held and self.engine.store is not None:
+                    # the next start reads the new file: what is latched now would not come back
+                    log.warning("reload: alarms.latch_file changed; %s latched now %s kept in %s, and "
+                                "a restart reads the new file: copy it there to carry %s over",
+                                ", ".join(held), "is" if len(held) == 1 else "are",
+                                self.engine.store.path, "it" if len(held) == 1 else "them")
             model: LoadedModel = load_model(new)
             if model.bundle.spec.classes != p.model.bundle.spec.classes:
                 raise InspectorError(f"{new.source_file}: model.bundle: the new model's classes "

@@ -346,3 +346,30 @@ def test_opcua_clears_a_removed_rule_also_when_the_link_reconnected_in_between()
         link.close()
     finally:
         plc.stop()
+
+
+def test_opcua_says_a_removed_rule_is_cleared_once_while_the_plc_lacks_the_new_nodes(caplog):
+    # a reload renamed b to z; the PLC program has no z yet: every reconnect fails on the missing
+    # node, and the "no longer configured" line came again with each (every 10 s, for ever)
+    from inspector.alarms.config import OpcUaDriverConfig
+    from inspector.alarms.layout import PlcState
+    from inspector.alarms.opcua import NodesMissing, OpcUaLink
+
+    caplog.set_level("INFO", logger="inspector.alarms.opcua")
+    plc = OpcUaPlc("cam1", ["a", "b"], ["c"]).start()
+    try:
+        def state(names, alarms):
+            return PlcState(alarm_names=names, alarms=alarms, classes=("c",), counts=(0,))
+        link = OpcUaLink(OpcUaDriverConfig(**plc.driver_cfg()), "cam1")
+        link.connect()
+        link.write(state(("a", "b"), (False, True)), 1)
+        for hb in (2, 3, 4):
+            with pytest.raises(NodesMissing):
+                link.write(state(("a", "z"), (False, False)), hb)
+            link.close()
+            link.connect()
+        link.close()
+        assert plc.read(2)["coils"] == [False, False]  # b was switched off
+        assert caplog.text.count("alarm b is no longer configured") == 1
+    finally:
+        plc.stop()

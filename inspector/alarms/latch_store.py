@@ -13,17 +13,23 @@ install's state folder). Without either, nothing is kept, and the daemon says so
 rule latches.
 
 Writes go through a thread of their own: they are rare, but an fsync on a busy or slow disk must
-not hold up the publish thread that raised the alarm. The newest state always wins.
+not hold up the publish thread that raised the alarm. The newest state always wins. A running
+daemon holds ``<file>.lock``: a second daemon with the same file (two configs with one camera_id)
+would raise the other's alarms on its PLC after a restart, and is refused. Folders and files a root
+shell creates (``inspector daemon`` run by hand) are given to the owner of the folder above, as the
+recorder does, so that the service user can still write them.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from inspector.errors import ConfigError
 from inspector.fileio import atomic_write_text
@@ -62,51 +68,84 @@ class LatchStore:
         self.key = _where(latch_file)
         self._cond = threading.Condition()
         self._pending: list[dict] | None = None
-        self._written: list[dict] | None = None
+        #: what the file holds (as read at start or last written)
+        self._written: list[dict] = []
+        #: what should be in the file (the last set submitted to the writer)
+        self._wanted: list[dict] | None = None
         self._closed = False
         self._failing = False
         self._thread: threading.Thread | None = None
+        self._lock_fh: IO[str] | None = None
+        #: (uid, gid) to give created files to: a root process writing into the service's folder
+        self._owner: tuple[int, int] | None = None
 
     # -- start ------------------------------------------------------------------------------------
-    def check_writable(self) -> None:
-        """ConfigError naming the key when the folder cannot be made or written (at start, as the
-        recorder does: an alarm that cannot be kept must not be found out about after a restart)."""
+    def open(self) -> None:
+        """Make the folder, take the file's lock and prove the folder writable; a ConfigError
+        naming the key otherwise (at start, as the recorder does: an alarm that cannot be kept
+        must not be found out about after a restart)."""
+        if self.path.is_dir():
+            raise ConfigError(self.source_file, self.key, f"{self.path} is a folder: name a file in "
+                              f"it, such as {self.path / 'camera.json'}")
         folder = self.path.parent
+        above = _nearest_existing(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            if os.geteuid() == 0:
+                self._owner = _give_to_owner_of(above, folder)
+            fh = open(self.path.with_name(self.path.name + ".lock"), "a+")
+        except OSError as e:
+            raise self._unwritable(folder, e) from None
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            pid = fh.read().strip() or "?"
+            fh.close()
+            raise ConfigError(self.source_file, self.key, f"{self.path} is in use by another running "
+                              f"daemon (pid {pid}): two cameras with one camera_id? Each needs its "
+                              "own file, or the other's alarms come back on this PLC") from None
+        self._lock_fh = fh
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            self._chown(Path(fh.name))
             probe = folder / f".{self.path.name}.{os.getpid()}.probe"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as e:
-            raise ConfigError(self.source_file, self.key,
-                              f"cannot write the latched-alarm file's folder {folder} "
-                              f"({e.strerror or e}); latched alarms would be lost at a restart. "
-                              "Make it writable by the service user, or set alarms.latch_file") from None
+            self._release()
+            raise self._unwritable(folder, e) from None
+
+    def _unwritable(self, folder: Path, e: OSError) -> ConfigError:
+        from inspector.access_check import owner_text
+
+        where = _nearest_existing(folder)
+        owner = owner_text(str(where))
+        return ConfigError(self.source_file, self.key,
+                           f"cannot write the latched-alarm file's folder {folder} ({e.strerror or e}"
+                           f"{f'; {where} is {owner}' if owner else ''}); latched alarms would be "
+                           "lost at a restart. Make it writable by the service user (a root shell's "
+                           "run may have left it root's: chown it), or set alarms.latch_file")
 
     def load(self) -> list[dict]:
         """The alarms latched when the previous run last wrote; [] when there is no file. A file
-        that cannot be read is kept aside as ``<name>.bad`` and reported: its alarms are unknown."""
+        that cannot be read as one is kept aside as ``<name>.<time>.bad`` and reported: its
+        alarms are unknown."""
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return []
-        except OSError as e:
-            log.error("%s: %s: cannot read %s (%s): alarms latched before the restart are unknown",
-                      self.source_file, self.key, self.path, e.strerror or e)
+        except (OSError, UnicodeDecodeError) as e:
+            log.error("%s: %s: cannot read %s (%s): alarms latched before the restart are unknown: "
+                      "check the line", self.source_file, self.key, self.path, getattr(e, "strerror", None) or e)
             return []
         try:
-            data = json.loads(text)
-            records = data["latched"]
-            if data.get("version") != FORMAT_VERSION or not isinstance(records, list):
-                raise ValueError(f"version {data.get('version')!r}, expected {FORMAT_VERSION}")
-            out = []
-            for r in records:
-                if not isinstance(r, dict) or not isinstance(r.get("name"), str):
-                    raise ValueError(f"entry {r!r} has no alarm name")
-                out.append({"name": r["name"], "type": str(r.get("type", "defect")),
-                            "since": str(r.get("since", "")), "detail": str(r.get("detail", ""))})
-        except (ValueError, KeyError, TypeError) as e:
-            bad = self.path.with_name(self.path.name + ".bad")
+            out = _parse(text)
+        except ValueError as e:
+            bad = self.path.with_name(f"{self.path.name}.{time.strftime('%Y%m%dT%H%M%S')}.bad")
             try:
                 os.replace(self.path, bad)
                 kept = f"kept as {bad}"
@@ -116,8 +155,19 @@ class LatchStore:
                       "restart are unknown: check the line", self.source_file, self.key, self.path,
                       e, kept)
             return []
-        self._written = out
-        return out
+        names = [r["name"] for r in out]
+        for name in sorted({n for n in names if names.count(n) > 1}):
+            log.warning("%s: alarm %s is listed more than once; the first entry is kept", self.path, name)
+        first: dict[str, dict] = {}
+        for r in out:
+            first.setdefault(r["name"], r)
+        self._written = list(first.values()) if len(first) == len(out) else out
+        return list(first.values())
+
+    @property
+    def held(self) -> list[dict]:
+        """What the file holds now (as read at start, duplicates included, or as last written)."""
+        return list(self._written)
 
     # -- while running ------------------------------------------------------------------------------
     def submit(self, records: list[dict]) -> None:
@@ -132,18 +182,24 @@ class LatchStore:
             self._cond.notify()
 
     def close(self, timeout: float = 2.0) -> bool:
-        """Write what is pending and stop; False when the write did not finish in time."""
+        """Write what is pending, stop and let go of the lock; False (and an error line saying
+        what the file holds) when the file is not up to date."""
         with self._cond:
             self._closed = True
             self._cond.notify()
             t = self._thread
-        if t is None:
-            return True
-        t.join(timeout)
-        if t.is_alive():
-            log.error("%s: latched alarms not written within %gs at stop", self.path, timeout)
-            return False
-        return True
+        ok = True
+        if t is not None:
+            t.join(timeout)
+            if t.is_alive():
+                log.error("%s: latched alarms not written within %gs at stop", self.path, timeout)
+                ok = False
+            elif self._failing:
+                log.error("%s: %s: latched alarms NOT written at stop: %s", self.source_file, self.key,
+                          self._owed_text())
+                ok = False
+        self._release()
+        return ok
 
     def _run(self) -> None:
         owed: list[dict] | None = None  # what a failed write still owes the file
@@ -160,6 +216,7 @@ class LatchStore:
             if records is not None:
                 if records == self._written:
                     self._failing = False  # the file already holds it
+                    self._wanted = records
                 else:
                     self._write(records)
                 owed = records if self._failing else None
@@ -167,17 +224,95 @@ class LatchStore:
                 return
 
     def _write(self, records: list[dict]) -> None:
+        self._wanted = records
         text = json.dumps({"version": FORMAT_VERSION, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                            "latched": records}, indent=1) + "\n"
         try:
             atomic_write_text(self.path, text)
+            self._chown(self.path)
         except OSError as e:
             if not self._failing:
-                log.error("%s: %s: cannot write %s (%s): latched alarms will not survive a restart "
-                          "until it works again", self.source_file, self.key, self.path, e.strerror or e)
+                log.error("%s: %s: cannot write %s (%s); retrying every %gs: %s", self.source_file,
+                          self.key, self.path, e.strerror or e, RETRY_S, self._owed_text())
             self._failing = True
             return
         if self._failing:
             log.info("%s: %s: %s written again", self.source_file, self.key, self.path)
         self._failing = False
         self._written = records
+
+    def _owed_text(self) -> str:
+        """What the file holds against what is latched, and what a restart now would do."""
+        held = [r["name"] for r in self._written]
+        now = [r["name"] for r in (self._wanted if self._wanted is not None else self._written)]
+        back = [n for n in held if n not in now]
+        lost = [n for n in now if n not in held]
+        what = []
+        if back:
+            what.append(f"raise {', '.join(back)} again, although acknowledged")
+        if lost:
+            what.append(f"not raise {', '.join(lost)}, latched and not acknowledged")
+        return (f"the file holds {held or 'none'}, latched now {now or 'none'}"
+                + (f": a restart now would {' and '.join(what)}" if what else ""))
+
+    def _chown(self, path: Path) -> None:
+        if self._owner is not None:
+            try:
+                os.chown(path, *self._owner)
+            except OSError:
+                pass
+
+    def _release(self) -> None:
+        fh, self._lock_fh = self._lock_fh, None
+        if fh is not None:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
+            except OSError:
+                pass
+
+
+def _nearest_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _give_to_owner_of(above: Path, folder: Path) -> tuple[int, int] | None:
+    """Folders a root process made below ``above`` go to ``above``'s owner (the service user's
+    state folder); returns that owner for the files written later (None: root's own folder)."""
+    st = above.stat()
+    if st.st_uid == 0:
+        return None
+    p = folder
+    while p != above and p != p.parent:
+        try:
+            if p.stat().st_uid == 0:
+                os.chown(p, st.st_uid, st.st_gid)
+        except OSError:
+            break
+        p = p.parent
+    return st.st_uid, st.st_gid
+
+
+def _parse(text: str) -> list[dict]:
+    """The records of a latched-alarm file; ValueError saying what is wrong with it."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    if data.get("version") != FORMAT_VERSION:
+        raise ValueError(f"version {data.get('version')!r}; this inspector reads version {FORMAT_VERSION}")
+    records = data.get("latched")
+    if not isinstance(records, list):
+        raise ValueError("'latched' is not a list")
+    out = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not isinstance(r.get("name"), str) or not r["name"]:
+            raise ValueError(f"entry {i} has no alarm name")
+        out.append({"name": r["name"], "type": str(r.get("type") or "defect"),
+                    "since": str(r.get("since") or ""), "detail": str(r.get("detail") or "")})
+    return out

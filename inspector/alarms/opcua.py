@@ -207,6 +207,9 @@ class OpcUaLink:
         removed = self._alarms_written - set(state.alarm_names)
         if removed:
             await self._clear_removed_alarms(removed)
+            # cleared (or gone from the PLC too): once, not again at every reconnect while the
+            # PLC program still lacks the nodes of the new layout
+            self._alarms_written -= removed
         names = node_names(*layout)
         acks = [f"Ack.{a}" for a in state.alarm_names]
         if self._server is not None:

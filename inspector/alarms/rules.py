@@ -48,6 +48,7 @@ class _Alarm:
         self.cond = False           # debounced cause
         self.latched = False
         self.latched_at = ""        # wall-clock time the latch was set (kept across a restart)
+        self.latch_detail = ""      # what set the latch (kept across a restart, as it was)
         self.active = False
         self.raised = 0             # times it went on
         self.window: deque = deque()
@@ -71,6 +72,7 @@ class _Alarm:
             if self.rule.latch and not self.latched:
                 self.latched = True
                 self.latched_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+                self.latch_detail = self.detail
         elif self.cond and not self.cause and held >= self.rule.off_delay_s:
             self.cond = False
         was = self.active
@@ -122,11 +124,14 @@ class AlarmEngine:
         """(Re)load the rules; alarms whose name stays keep their state (SIGHUP reload)."""
         self.check_rules(cfg)
         now = self.clock()
+        dropped: list[tuple[_Alarm, str]] = []
         with self._lock:
             old = {a.rule.name: a for a in self._alarms}
             alarms = []
             for i, rule in enumerate(cfg.rules):
                 a = old.get(rule.name)
+                if a is not None and type(a.rule) is not type(rule) and a.latched:
+                    dropped.append((a, f"the rule is of type {rule.type} now"))
                 if a is None or type(a.rule) is not type(rule):
                     a = _Alarm(i, rule, now)
                 else:
@@ -136,8 +141,15 @@ class AlarmEngine:
                         a.window.clear()
                     a.index, a.rule = i, rule
                 alarms.append(a)
+            names = {r.name for r in cfg.rules}
+            dropped += [(a, "no rule has that name now") for a in self._alarms
+                        if a.latched and a.rule.name not in names]
             self._alarms = alarms
             self.cfg = cfg
+        for a, why in dropped:
+            # an unacknowledged alarm leaves the PLC with this reload: say so, as a restart does
+            log.warning("alarm %s was latched and not acknowledged (since %s) but %s: dropped by "
+                        "the reload", a.rule.name, a.latched_at or "?", why)
         self._keep_latched()
         self._notify()
 
@@ -149,6 +161,8 @@ class AlarmEngine:
         records = self.store.load()
         back: list[str] = []
         with self._lock:
+            # what the file holds: a record dropped below, or listed twice, rewrites it
+            self._kept = self.store.held
             by_name = {a.rule.name: a for a in self._alarms}
             for r in records:
                 a = by_name.get(r["name"])
@@ -161,6 +175,7 @@ class AlarmEngine:
                     continue
                 a.latched = True
                 a.latched_at = r["since"]
+                a.latch_detail = r["detail"]  # kept as it was: the file must not grow per restart
                 a.detail = f"latched before the restart, since {r['since'] or '?'}: {r['detail'] or '?'}"
                 if not a.active:
                     a.active = True
@@ -400,6 +415,10 @@ class AlarmEngine:
         with self._lock:
             return {a.rule.name: a.active for a in self._alarms}
 
+    def latched_names(self) -> list[str]:
+        with self._lock:
+            return [a.rule.name for a in self._alarms if a.latched]
+
     def raised_counts(self) -> dict[str, int]:
         with self._lock:
             return {a.rule.name: a.raised for a in self._alarms}
@@ -410,8 +429,8 @@ class AlarmEngine:
         if self.store is None:
             return
         with self._lock:
-            kept = [{"name": a.rule.name, "type": a.rule.type, "since": a.latched_at, "detail": a.detail}
-                    for a in self._alarms if a.latched]
+            kept = [{"name": a.rule.name, "type": a.rule.type, "since": a.latched_at,
+                     "detail": a.latch_detail} for a in self._alarms if a.latched]
             if kept == self._kept:
                 return
             self._kept = kept
