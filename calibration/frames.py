@@ -126,24 +126,39 @@ def normal_folder(root: str | Path, split: Split, arg: str = "--normal") -> Fram
 def training_share_warning(provenance: dict, split: Split, normal: str) -> str | None:
     """What to say when the calibration part of ``--normal`` may hold the images the bundle's
     model was trained on (None: it cannot): a clgan / fuzzymask model trained on normal images
-    of a hash ``train`` share, and the default ``calib_fraction`` (every image not held back),
-    which takes that share too if ``--normal`` is its training folder. Its paths are not compared:
-    a training root is recorded as the training machine saw it."""
+    of its sources' hash shares (``split`` of each source: ``train`` by default, or ``all``),
+    against the calibration part's hash range. Its paths are not compared (a training root is
+    recorded as the training machine saw it), so the warning says "if"."""
     data = (provenance.get("training_config") or {}).get("data") or {}
-    if not isinstance(data, dict) or "sources" not in data or split.calib_fraction is not None:
+    if not isinstance(data, dict) or not isinstance(data.get("sources"), list):
         return None
+    trained = {str(src.get("split", "train")) for src in data["sources"] if isinstance(src, dict)}
+    desc = provenance.get("data")
+    desc = "; ".join(desc) if isinstance(desc, list) else str(desc or data["sources"])
+    if "all" in trained:
+        return (f"{normal}: this model was trained on every image of its sources (split all: "
+                f"{desc}); if this is one of those folders, every image calibrated or checked here "
+                "is a training image and the thresholds come out too low for new frames: "
+                "calibrate on normal images it never saw")
     sf = provenance.get("split_fractions") or {"test": data.get("split_test", DEFAULT_SPLIT.test),
                                                 "val": data.get("split_val", DEFAULT_SPLIT.val)}
-    train_from = float(sf["test"]) + float(sf["val"])
-    if split.check_fraction >= train_from:
+    t, v = float(sf["test"]), float(sf["val"])
+    share = {"test": (0.0, t), "val": (t, t + v), "train": (t + v, 1.0)}
+    lo = split.check_fraction
+    hi = 1.0 if split.calib_fraction is None else min(1.0, lo + split.calib_fraction)
+    hit = [k for k in ("test", "val", "train") if k in share and k in trained
+           and min(hi, share[k][1]) > max(lo, share[k][0])]
+    if not hit:
         return None
-    trained = provenance.get("data")
-    trained = "; ".join(trained) if isinstance(trained, list) else str(trained or data["sources"])
-    return (f"{normal}: the calibration part is every image not held back (hash >= "
-            f"{split.check_fraction:g}), which includes the hash share 'train' (>= {train_from:g}) "
-            f"this model was trained on, if this is its training folder ({trained}); thresholds set "
-            f"on training images come out too low for new frames: pass --calib-fraction "
-            f"{train_from - split.check_fraction:g} to stop short of it")
+    ranges = ", ".join(f"'{k}' [{share[k][0]:g}, {share[k][1]:g})" for k in hit)
+    part = ("every image not held back" if split.calib_fraction is None
+            else f"hash [{lo:g}, {hi:g})")
+    advice = (f"pass --calib-fraction {t + v - lo:g} to stop short of it"
+              if hit == ["train"] and t + v > lo else
+              "choose --check-fraction / --calib-fraction clear of those shares")
+    return (f"{normal}: the calibration part is {part}, which includes the hash share(s) {ranges} "
+            f"this model was trained on, if this is its training folder ({desc}); thresholds set "
+            f"on training images come out too low for new frames: {advice}")
 
 
 def _loader(path: Path) -> Callable[[], tuple[np.ndarray, None]]:

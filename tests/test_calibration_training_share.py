@@ -22,17 +22,36 @@ CLGAN_PROV = {"data": ["magnetic-tile /data/mt split=train: 321 images"],
 def test_the_default_calibration_part_is_warned_and_the_readme_recipe_is_not():
     said = training_share_warning(CLGAN_PROV, Split(0.3, None), "--normal mt/MT_Free/Imgs")
     assert said.startswith("--normal mt/MT_Free/Imgs: the calibration part is every image not held "
-                           "back (hash >= 0.3), which includes the hash share 'train' (>= 0.5)")
+                           "back, which includes the hash share(s) 'train' [0.5, 1)")
     assert "(magnetic-tile /data/mt split=train: 321 images)" in said
     assert said.endswith("pass --calib-fraction 0.2 to stop short of it")
     assert training_share_warning(CLGAN_PROV, Split(0.3, 0.2), "--normal x") is None  # README recipe
-    assert training_share_warning(CLGAN_PROV, Split(0.5, None), "--normal x") is None  # only held back
+    # holding back test + val leaves the calibration part all 'train' (the first version said nothing)
+    assert "'train' [0.5, 1)" in training_share_warning(CLGAN_PROV, Split(0.5, None), "--normal x")
     # the model's own fractions decide where its train share starts
     other = {**CLGAN_PROV, "split_fractions": {"test": 0.2, "val": 0.1}}
-    assert "(>= 0.3)" in training_share_warning(other, Split(0.1, None), "--normal x")
+    assert "'train' [0.3, 1)" in training_share_warning(other, Split(0.1, None), "--normal x")
     # a model not trained on normal-image sources (ARCD: labelled defects), or none recorded
     assert training_share_warning({"training_config": {"data": {"source": "neu-seg"}}}, Split(), "n") is None
     assert training_share_warning({}, Split(), "n") is None
+
+
+def _prov(split):
+    return {**CLGAN_PROV, "training_config": {"data": {**CLGAN_PROV["training_config"]["data"], "sources": [
+        {"format": "folder", "root": "normal", "split": split}]}}}
+
+
+def test_a_model_trained_on_other_shares_is_warned_by_the_share_it_trained_on():
+    # split all: every image is a training image, whatever the fractions (the advice to stop
+    # short of 'train' would have silenced the warning and still calibrated on training images)
+    for sp in (Split(0.3, None), Split(0.3, 0.2)):
+        said = training_share_warning(_prov("all"), sp, "--normal n")
+        assert "trained on every image of its sources (split all" in said and "--calib-fraction" not in said
+    # split val: the README recipe's calibration part is exactly that share
+    said = training_share_warning(_prov("val"), Split(0.3, 0.2), "--normal n")
+    assert "hash [0.3, 0.5), which includes the hash share(s) 'val' [0.3, 0.5)" in said
+    assert said.endswith("choose --check-fraction / --calib-fraction clear of those shares")
+    assert training_share_warning(_prov("test"), Split(0.3, 0.2), "--normal n") is None
 
 
 def test_calibrate_thresholds_says_it_before_it_runs(tmp_path, toy_bundle):

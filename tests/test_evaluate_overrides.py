@@ -96,6 +96,20 @@ def test_a_stopped_evaluation_leaves_no_per_image_file(tmp_path, toy_bundle, mon
     with pytest.raises(KeyboardInterrupt):
         evaluate_bundle(toy_bundle, ds, out_dir=out)
     assert sorted(p.name for p in out.iterdir()) == []  # neither per_image.jsonl nor its partial
+    # stopped after the image loop, in the overlay pass (which runs the model again)
+    seen.clear()
+
+    def run_then_stop_in_the_overlays(self, image, keep_maps=False):
+        seen.append(1)
+        if len(seen) == 7:  # 6 images scored, then the first overlay re-run
+            raise KeyboardInterrupt
+        return real_run(self, image, keep_maps)
+    monkeypatch.setattr(Runner, "run", run_then_stop_in_the_overlays)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_bundle(toy_bundle, ds, out_dir=out, overlays=2)
+    assert len(seen) == 7
+    assert sorted(p.name for p in out.iterdir()) == ["overlays"]
+    shutil.rmtree(out / "overlays")
     monkeypatch.setattr(Runner, "run", real_run)
     evaluate_bundle(toy_bundle, ds, out_dir=out)
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "per_image.jsonl"]

@@ -29,12 +29,29 @@ def test_a_truncated_jpeg_is_an_error_naming_it_and_a_padded_one_reads(tmp_path)
     cut.write_bytes(data[: len(data) // 2])
     # what OpenCV alone makes of it: an image, its lower half invented
     assert cv2.imread(str(cut), cv2.IMREAD_GRAYSCALE) is not None
-    with pytest.raises(ValueError, match=f"{cut}: cannot read the image \\(missing, truncated"):
+    with pytest.raises(ValueError, match=f"{cut}: cannot read the image \\(truncated JPEG: no end-of-image"):
         read_image(cut)
-    padded = tmp_path / "padded.jpg"
-    padded.write_bytes(data + b"\0" * 16)  # some writers pad after the end marker
-    assert np.array_equal(read_image(padded), read_image(good))
+    for trailer in (b"\0" * 16, b"\0" * 4000, b"SEFT" + bytes(range(256)) * 8):
+        padded = tmp_path / "padded.jpg"  # sector padding, a vendor trailer after the end marker
+        padded.write_bytes(data + trailer)
+        assert np.array_equal(read_image(padded), read_image(good))
     assert read_image(good).shape == (96, 128)
+    # a JPEG inside the header (an EXIF thumbnail) ends with a marker of its own: not the image's
+    thumb = cv2.imencode(".jpg", np.zeros((8, 8), np.uint8))[1].tobytes()
+    payload = b"Exif\0\0" + thumb
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    with_thumb = data[:2] + app1 + data[2:]
+    (tmp_path / "thumb.jpg").write_bytes(with_thumb)
+    assert np.array_equal(read_image(tmp_path / "thumb.jpg"), read_image(good))
+    (tmp_path / "thumb_cut.jpg").write_bytes(with_thumb[: len(with_thumb) - len(data) // 2])
+    with pytest.raises(ValueError, match="truncated JPEG"):
+        read_image(tmp_path / "thumb_cut.jpg")
+    # the reason, not a guess among three
+    with pytest.raises(ValueError, match="gone.jpg: cannot read the image \\(No such file or directory\\)"):
+        read_image(tmp_path / "gone.jpg")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="text.png: cannot read the image \\(not an image OpenCV can decode\\)"):
+        read_image(tmp_path / "text.png")
 
 
 def test_a_folder_data_set_with_a_truncated_jpeg_names_it_on_load(tmp_path):
@@ -57,6 +74,6 @@ def test_the_replay_source_drops_a_truncated_frame_naming_its_file(tmp_path):
     src = ReplaySource(ReplayConfig(path=str(tmp_path), fps=0), "cam")
     with src:
         assert src.read().meta["file"] == "f0.jpg"
-        with pytest.raises(FrameError, match="f1.jpg: missing, truncated or not an image"):
+        with pytest.raises(FrameError, match="f1.jpg: truncated JPEG: no end-of-image marker"):
             src.read()
         assert src.read().meta["file"] == "f2.jpg"

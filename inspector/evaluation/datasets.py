@@ -43,7 +43,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import cv2
 import numpy as np
 
-from inspector.image_file import decode_file
+from inspector.image_file import UnreadableImage, decode_file
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,10 @@ def read_image(path: Path, color: Literal["keep", "gray", "rgb"] = "keep") -> np
     RGB; JPEGs that are colour-coded but grey in content stay 3-channel (the model adapter
     converts to its own channel count, as it does for camera frames)."""
     flag = {"keep": cv2.IMREAD_UNCHANGED, "gray": cv2.IMREAD_GRAYSCALE, "rgb": cv2.IMREAD_COLOR}[color]
-    img = decode_file(path, flag)
-    if img is None:
-        raise ValueError(f"{path}: cannot read the image (missing, truncated or not an image)")
+    try:
+        img = decode_file(path, flag)
+    except UnreadableImage as e:
+        raise ValueError(f"{path}: cannot read the image ({e})") from None
     if img.dtype != np.uint8:
         if img.dtype == np.uint16:  # 16-bit scans: keep the top 8 bits
             img = (img >> 8).astype(np.uint8)

@@ -180,6 +180,21 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
     ``overlay_pick``: ``"spread"`` draws the ``overlays`` images evenly over the data set,
     ``"worst-best"`` the defective images with the lowest and highest defect IoU (half each,
     named ``worst_NN_*`` / ``best_NN_*``); default worst-best for class-probability kinds."""
+    try:
+        return _evaluate_bundle(bundle, dataset, out_dir, overlays, postprocess, resize, engine,
+                                auroc_stride, overlay_pick, kind_params)
+    except BaseException:
+        # stopped or failed anywhere (the image loop, the overlay pass, the final figures): no
+        # per_image file that looks whole, and no partial one left either
+        if out_dir is not None:
+            (out_dir / "per_image.jsonl.partial").unlink(missing_ok=True)
+        raise
+
+
+def _evaluate_bundle(bundle, dataset: Dataset, out_dir: Path | None, overlays: int,
+                     postprocess: dict[str, Any] | None, resize: tuple[int, int] | None,
+                     engine: OnnxRuntimeConfig | None, auroc_stride: int, overlay_pick: str | None,
+                     kind_params: dict[str, Any] | None) -> dict[str, Any]:
     if int(auroc_stride) < 1:
         raise ValueError(f"auroc_stride {auroc_stride}: expected 1 (every pixel) or more")
     runner = bundle if isinstance(bundle, Runner) else Runner(bundle, postprocess, engine,
@@ -257,13 +272,9 @@ def evaluate_bundle(bundle: str | Path | Bundle | Runner, dataset: Dataset, out_
                 cv2.imwrite(str(out_dir / "overlays" / name), overlay(img, res.score_map, truth, res.label))
             if (i + 1) % 50 == 0:
                 log.info("evaluated %d/%d images", i + 1, len(dataset))
-    except BaseException:
+    finally:
         if per_image_f is not None:
             per_image_f.close()
-            partial.unlink(missing_ok=True)
-        raise
-    if per_image_f is not None:
-        per_image_f.close()
     if out_dir is not None and overlays > 0 and overlay_pick == "worst-best" and image_iou:
         # a second pass over a handful of images is cheaper than keeping every map in memory
         ranked = sorted(image_iou)

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inspector.errors import FrameError, SourceError
 from inspector.frame import Frame
-from inspector.image_file import decode_file
+from inspector.image_file import UnreadableImage, decode_file
 from inspector.sources.base import Source
 
 log = logging.getLogger(__name__)
@@ -106,8 +106,8 @@ class _ImageFolder:
             img = decode_file(path, self._flag)
         except cv2.error as e:
             raise FrameError(f"cannot decode image {path}: {e}") from e
-        if img is None:
-            raise FrameError(f"cannot read image {path}: missing, truncated or not an image")
+        except UnreadableImage as e:
+            raise FrameError(f"cannot read image {path}: {e}") from None
         if self._rgb:
             cv2.cvtColor(img, cv2.COLOR_BGR2RGB, dst=img)  # in place: no second buffer per frame
         return img, {"file": path.name}
