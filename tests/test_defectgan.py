@@ -229,6 +229,27 @@ def test_sampled_label_is_the_thresholded_map_as_the_chosen_class(tiny_run, tmp_
         outside[y:y + w, x:x + w] = False
         # JPEG re-encoding only: the pixels outside the place are the real image's
         assert np.abs(s.image[outside].astype(int) - real_img[outside]).mean() < 3
+        # a map of 1 labels everything it painted: no halo
+        assert (d["halo_px"], d["halo_px_ge8"], d["halo_max_gl"]) == (0, 0, 0)
+    assert man["halo"]["defects"] == 3 and man["halo"]["halo_px"] == 0
+
+
+def test_the_paste_halo_counts_what_changed_outside_the_label():
+    from export.augment.defectgan.sample import halo_summary, paste_halo
+
+    before = np.full((8, 8), 100, np.uint8)
+    after = before.copy()
+    labelled = np.zeros((8, 8), bool)
+    labelled[2:4, 2:4] = True
+    after[2:4, 2:4] = 20        # the defect, labelled
+    after[4, 2:4] = 91          # its soft rim: 9 grey levels, not labelled
+    after[0, 0] = 101           # 1 grey level: not counted
+    after[7, 7] = 97            # 3: a faint change
+    h = paste_halo(before, after, labelled)
+    assert h == {"halo_px": 3, "halo_px_ge8": 2, "halo_max_gl": 9}
+    s = halo_summary([{"defect_px": 4, **h}, {"defect_px": 4, "halo_px": 0, "halo_px_ge8": 0, "halo_max_gl": 0}])
+    assert s["halo_per_labelled_px"] == 0.375 and s["halo_ge8_per_labelled_px"] == 0.25
+    assert s["defects_with_halo_ge8"] == 0.5 and s["median_halo_px"] == 1.5 and s["max_gl"] == 9
 
 
 def test_resume_is_bit_exact(tiny_run, tmp_path):
@@ -389,3 +410,25 @@ def test_a_failed_sample_leaves_no_output_folder(tiny_run, tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
     sample(tiny_run, tmp_path / "out", 2, seed=0, threshold=0.05, min_defect_px=1)
     assert len(open_dataset("neu-seg", tmp_path / "out", split="all")) == 2
+
+
+def test_the_halo_benchmark_writes_its_json_and_plot(tiny_run, tmp_path):
+    import sys
+
+    from conftest import ROOT
+
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = torch.load(tiny_run / "checkpoint.pt", weights_only=True)
+    ck["G"]["out.weight"].zero_()
+    ck["G"]["out.bias"].copy_(torch.tensor([0.0, 20.0]))  # a map of 1: labels all it paints
+    torch.save(ck, run / "checkpoint.pt")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from defectgan_halo import main
+
+    out = tmp_path / "out"
+    assert main(["--run-dir", str(run), "--n", "3", "--thresholds", "0.5,0.1", "--out", str(out)]) == 0
+    res = json.loads((out / "defectgan-halo.json").read_text())
+    assert [r["threshold"] for r in res["rows"]] == [0.5, 0.1]
+    assert all(r["defects"] == 3 and r["halo_px"] == 0 for r in res["rows"])
+    assert res["rim"]["pastes"] == 3 and (out / "defectgan-halo.png").stat().st_size > 5000

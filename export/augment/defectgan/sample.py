@@ -179,11 +179,13 @@ def sample(run_dir: Path, out: Path, n: int, seed: int, classes: str | None = No
                     rejected += 1
                     continue
                 px, y, x, painted, m, tries = best
+                halo = paste_halo(img[y:y + win, x:x + win], painted, m > thr)
                 img[y:y + win, x:x + win] = painted
                 region = mask[y:y + win, x:x + win]
                 region[(m > thr) & (region == 0)] = cls
                 placed.append({"class": painter.classes[cls], "y": y, "x": x, "size": win,
-                               "defect_px": px, "map_mean": round(float(m.mean()), 4), "tries": tries})
+                               "defect_px": px, "map_mean": round(float(m.mean()), 4), "tries": tries,
+                               **halo})
             if placed:
                 writer.add(img, mask, source=data.names[i], defects=placed)
         per_class = {painter.classes[c]: sum(d["class"] == painter.classes[c] for it in writer.pairs
@@ -192,7 +194,16 @@ def sample(run_dir: Path, out: Path, n: int, seed: int, classes: str | None = No
             log.warning("%d of %d defect attempts drew under %d px over threshold %g in %d tries and "
                         "were not pasted; written per class: %s", rejected, attempts, min_px, thr,
                         cfg.sample.tries, per_class)
-        path = writer.close(rejected_attempts=rejected, attempts=attempts, per_class=per_class,
+        halo = halo_summary([d for it in writer.pairs for d in it["defects"]])
+        log.info("paste halo (pixels the paste changed but labelled background): %s", halo)
+        if halo.get("halo_ge8_per_labelled_px", 0) > HALO_WARN:
+            # the soft map fades out beyond its thresholded label: faint defect under a
+            # background label, which the min_defect_px rule was meant to keep out
+            log.warning("the pasted defects changed %.2f pixels by 8 grey levels or more outside their "
+                        "labels per labelled pixel (threshold %g): faint defect under background "
+                        "labels; a lower --threshold labels more of what was painted (manifest: halo)",
+                        halo["halo_ge8_per_labelled_px"], thr)
+        path = writer.close(rejected_attempts=rejected, attempts=attempts, per_class=per_class, halo=halo,
                             checkpoint=str(painter.ck_path), checkpoint_step=painter.step,
                             planned_iterations=painter.total, training_complete=complete,
                             subset={"root": str(data.dataset.root), "split": data.dataset.split,
@@ -200,6 +211,39 @@ def sample(run_dir: Path, out: Path, n: int, seed: int, classes: str | None = No
     if grid is not None:
         write_grid(Path(out), Path(grid))
     return path
+
+
+#: grey-level changes counted as a halo: any visible change, and a clear one
+HALO_GL = (2, 8)
+#: clear halo pixels per labelled pixel above which sampling warns
+HALO_WARN = 0.5
+
+
+def paste_halo(before: np.ndarray, after: np.ndarray, labelled: np.ndarray) -> dict[str, int]:
+    """What a paste changed outside its label: the pixels of the window whose grey level moved by
+    at least 2 and by at least 8 (``x·(1−m) + f·m`` changes every pixel where m > 0, and only
+    m > threshold is labelled), and the largest such change. Measured on the composition, before
+    the JPEG that writes the pair adds its own noise everywhere."""
+    diff = np.abs(after.astype(np.int16) - before.astype(np.int16))
+    outside = diff[~labelled]
+    return {"halo_px": int((outside >= HALO_GL[0]).sum()), "halo_px_ge8": int((outside >= HALO_GL[1]).sum()),
+            "halo_max_gl": int(outside.max()) if outside.size else 0}
+
+
+def halo_summary(defects: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The paste halo over the pasted defects: totals against the labelled pixels, the share of
+    defects with a clear (>= 8 grey levels) halo, and the median halo per defect."""
+    if not defects:
+        return {"defects": 0}
+    labelled = sum(d["defect_px"] for d in defects)
+    halo = [d["halo_px"] for d in defects]
+    clear = [d["halo_px_ge8"] for d in defects]
+    return {"defects": len(defects), "labelled_px": labelled,
+            "halo_px": int(sum(halo)), "halo_px_ge8": int(sum(clear)),
+            "halo_per_labelled_px": round(sum(halo) / max(labelled, 1), 4),
+            "halo_ge8_per_labelled_px": round(sum(clear) / max(labelled, 1), 4),
+            "defects_with_halo_ge8": round(sum(c > 0 for c in clear) / len(defects), 4),
+            "median_halo_px": float(np.median(halo)), "max_gl": max(d["halo_max_gl"] for d in defects)}
 
 
 def _overlay(img: np.ndarray, mask: np.ndarray, boxes: Sequence[dict[str, Any]]) -> np.ndarray:
