@@ -428,3 +428,33 @@ def test_check_user_takes_the_state_folder_from_the_installed_unit(tmp_path, syn
     out = json.loads(done.stdout)
     assert f"latched alarms kept in {tmp_path / 'st' / 'alarms' / 'test.json'}" in out["alarms"]
     assert out["unit_environment"] == f"INSPECTOR_STATE={tmp_path / 'st'}"
+
+
+def test_a_reload_that_moves_the_file_says_which_alarms_stay_in_the_old_one(tmp_path, synthetic_cfg, caplog):
+    import yaml
+
+    cam = tmp_path / "cam.yaml"
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
+                        alarms={"rules": RULES, "latch_file": "st/test.json"})
+    write_config(cam, raw)
+    d = Daemon(cam, notifier=Notifier(None))
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (d.engine is not None and d.engine.latched_names()):
+            assert time.monotonic() < deadline and t.is_alive(), "no latch"
+            time.sleep(0.05)
+        raw["alarms"]["latch_file"] = "st2/test.json"
+        cam.write_text(yaml.safe_dump(raw))
+        d.request_reload()
+        deadline = time.monotonic() + 60
+        while d.reloads["ok"] + d.reloads["failed"] == 0:
+            assert time.monotonic() < deadline, "no reload"
+            time.sleep(0.05)
+        assert d.reloads["ok"] == 1
+    finally:
+        d.request_stop()
+        t.join(60)
+    assert (f"reload: alarms.latch_file changed; any_defect latched now is kept in {tmp_path / 'st' / 'test.json'}, "
+            "and a restart reads the new file: copy it there to carry it over") in caplog.text
