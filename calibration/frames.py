@@ -146,19 +146,31 @@ def training_share_warning(provenance: dict, split: Split, normal: str) -> str |
     share = {"test": (0.0, t), "val": (t, t + v), "train": (t + v, 1.0)}
     lo = split.check_fraction
     hi = 1.0 if split.calib_fraction is None else min(1.0, lo + split.calib_fraction)
-    hit = [k for k in ("test", "val", "train") if k in share and k in trained
-           and min(hi, share[k][1]) > max(lo, share[k][0])]
-    if not hit:
+
+    def hits(a: float, b: float) -> list[str]:
+        return [k for k in ("test", "val", "train") if k in trained and min(b, share[k][1]) > max(a, share[k][0])]
+
+    def ranges(keys: list[str]) -> str:
+        return ", ".join(f"'{k}' [{share[k][0]:g}, {share[k][1]:g})" for k in keys)
+    said = []
+    hit = hits(lo, hi)
+    if hit:
+        part = ("every image not held back" if split.calib_fraction is None
+                else f"hash [{lo:g}, {hi:g})")
+        advice = (f"pass --calib-fraction {t + v - lo:g} to stop short of it"
+                  if hit == ["train"] and t + v > lo else
+                  "choose --check-fraction / --calib-fraction clear of those shares")
+        said.append(f"the calibration part is {part}, which includes the hash share(s) {ranges(hit)} "
+                    f"this model was trained on; thresholds set on training images come out too low "
+                    f"for new frames: {advice}")
+    held = hits(0.0, lo)
+    if held:
+        said.append(f"the held-back check part (hash [0, {lo:g})) includes the hash share(s) "
+                    f"{ranges(held)} this model was trained on: its false-alarm figure is then "
+                    "measured on training images, lower than on new frames")
+    if not said:
         return None
-    ranges = ", ".join(f"'{k}' [{share[k][0]:g}, {share[k][1]:g})" for k in hit)
-    part = ("every image not held back" if split.calib_fraction is None
-            else f"hash [{lo:g}, {hi:g})")
-    advice = (f"pass --calib-fraction {t + v - lo:g} to stop short of it"
-              if hit == ["train"] and t + v > lo else
-              "choose --check-fraction / --calib-fraction clear of those shares")
-    return (f"{normal}: the calibration part is {part}, which includes the hash share(s) {ranges} "
-            f"this model was trained on, if this is its training folder ({desc}); thresholds set "
-            f"on training images come out too low for new frames: {advice}")
+    return f"{normal}: if this is the model's training folder ({desc}): " + "; and ".join(said)
 
 
 def _loader(path: Path) -> Callable[[], tuple[np.ndarray, None]]:

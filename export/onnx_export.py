@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
@@ -37,6 +38,7 @@ from torch import nn
 
 from inspector.bundle import (BundleSpec, GraphRef, InputSpec, RegionSpec, TilingSpec, export_left,
                              folder_state, load_bundle, write_bundle)
+from inspector.signals import signals_held
 from inspector.errors import InspectorError
 from inspector.postprocess import PostprocessConfig
 from inspector.sources.synthetic import CLASS_NAMES, StripRenderer
@@ -342,71 +344,75 @@ def _export_bundle(run_dir: Path, out_dir: Path, name: str | None, opset: int, a
     # before anything is written: a refused export leaves no bundle folder behind
     metrics, metrics_check = _metrics_for(run_dir, ck, allow_stale_metrics)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
-        tmp_graph = Path(tmp) / GRAPH_FILE
-        export_onnx(model, tmp_graph, mc.in_channels, tuple(mc.tile), opset)
-        rng = np.random.default_rng(0)
-        th, tw = mc.tile
-        rand01 = rng.random((2, mc.in_channels, th, tw), dtype=np.float32)
-        mean = np.broadcast_to(np.asarray(mc.mean, np.float32), (mc.in_channels,)).reshape(1, -1, 1, 1)
-        std = np.broadcast_to(np.asarray(mc.std, np.float32), (mc.in_channels,)).reshape(1, -1, 1, 1)
-        inputs = {"random": ((rand01 - mean) / std).astype(np.float32),
-                  "synthetic_tiles": _synthetic_tiles(cfg)}
-        real = _real_tiles(cfg)
-        if real is not None:
-            inputs["real_tiles"] = real
-        # a miss names the graph the bundle would have had, not the staged file, gone by then
-        parity = check_parity(model, tmp_graph, inputs, atol, named=out_dir / GRAPH_FILE)
-        log.info("parity ok (tolerance %g): %s", atol, parity)
-        tmp_graph.replace(out_dir / GRAPH_FILE)
+    # from the graph moved in to bundle.yaml written, a stop waits: a stopped --replace
+    # must not leave the new graph beside the old bundle.yaml (refused at load)
+    with ExitStack() as hold:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+            tmp_graph = Path(tmp) / GRAPH_FILE
+            export_onnx(model, tmp_graph, mc.in_channels, tuple(mc.tile), opset)
+            rng = np.random.default_rng(0)
+            th, tw = mc.tile
+            rand01 = rng.random((2, mc.in_channels, th, tw), dtype=np.float32)
+            mean = np.broadcast_to(np.asarray(mc.mean, np.float32), (mc.in_channels,)).reshape(1, -1, 1, 1)
+            std = np.broadcast_to(np.asarray(mc.std, np.float32), (mc.in_channels,)).reshape(1, -1, 1, 1)
+            inputs = {"random": ((rand01 - mean) / std).astype(np.float32),
+                      "synthetic_tiles": _synthetic_tiles(cfg)}
+            real = _real_tiles(cfg)
+            if real is not None:
+                inputs["real_tiles"] = real
+            # a miss names the graph the bundle would have had, not the staged file, gone by then
+            parity = check_parity(model, tmp_graph, inputs, atol, named=out_dir / GRAPH_FILE)
+            log.info("parity ok (tolerance %g): %s", atol, parity)
+            hold.enter_context(signals_held())
+            tmp_graph.replace(out_dir / GRAPH_FILE)
 
-    g, per = _thresholds(metrics, cfg)
-    ec = cfg.evaluation
-    pp = PostprocessConfig(type="probability", threshold=g,
-                           class_thresholds={k: v for k, v in per.items() if k in mc.classes},
-                           open_kernel=ec.open_kernel, close_kernel=ec.close_kernel,
-                           min_area_px=ec.min_area_px)
-    import onnxruntime
+        g, per = _thresholds(metrics, cfg)
+        ec = cfg.evaluation
+        pp = PostprocessConfig(type="probability", threshold=g,
+                               class_thresholds={k: v for k, v in per.items() if k in mc.classes},
+                               open_kernel=ec.open_kernel, close_kernel=ec.close_kernel,
+                               min_area_px=ec.min_area_px)
+        import onnxruntime
 
-    commit, dirty = git_commit(Path(__file__).resolve().parent)
-    provenance: dict[str, Any] = {
-        "data": metrics.get("data") if metrics else cfg.data.model_dump(mode="json"),
-        "training_config": cfg.model_dump(mode="json"),
-        "commit": commit,
-        "commit_dirty": dirty,
-        "metrics": metrics,
-        "metrics_check": metrics_check,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "run_dir": str(run_dir),
-        "training_complete": bool(ck.get("done")),
-        # a config changed on --resume: training_config is the last one, these the earlier values
-        **({"config_changes": ck["config_changes"]} if ck.get("config_changes") else {}),
-        # where an unfinished run stood, for `inspector check`'s warning
-        **({} if ck.get("done") else {"checkpoint_at": {"stage": ck.get("stage"), "step": ck.get("step")}}),
-        "parity": {"tolerance": atol, "max_abs_diff": parity,
-                   "provider": "CPUExecutionProvider"},
-        "exporter": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                     "opset": opset},
-    }
-    classes = list(mc.classes)
-    if mc.in_channels == 1 and classes != list(CLASS_NAMES):
-        log.info("classes %s differ from the synthetic strip's %s", classes, list(CLASS_NAMES))
-    spec = BundleSpec(
-        name=name or cfg.name,
-        kind="arcd",
-        graphs={"model": GraphRef(file=GRAPH_FILE, sha256="")},
-        input=InputSpec(name=INPUT_NAME, tile=tuple(mc.tile), channels=mc.in_channels,
-                        mean=list(mc.mean), std=list(mc.std), batch=0, **_fit(cfg)),
-        outputs={"probabilities": "probs", "reconstruction": "reconstruction",
-                 **({"region": REGION_OUTPUT} if mc.region_head else {})},
-        region=_region_spec(metrics, cfg),
-        classes=classes,
-        tiling=TilingSpec(overlap=ec.overlap),
-        postprocess=pp,
-        provenance=provenance,
-    )
-    write_bundle(out_dir, spec)
+        commit, dirty = git_commit(Path(__file__).resolve().parent)
+        provenance: dict[str, Any] = {
+            "data": metrics.get("data") if metrics else cfg.data.model_dump(mode="json"),
+            "training_config": cfg.model_dump(mode="json"),
+            "commit": commit,
+            "commit_dirty": dirty,
+            "metrics": metrics,
+            "metrics_check": metrics_check,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "run_dir": str(run_dir),
+            "training_complete": bool(ck.get("done")),
+            # a config changed on --resume: training_config is the last one, these the earlier values
+            **({"config_changes": ck["config_changes"]} if ck.get("config_changes") else {}),
+            # where an unfinished run stood, for `inspector check`'s warning
+            **({} if ck.get("done") else {"checkpoint_at": {"stage": ck.get("stage"), "step": ck.get("step")}}),
+            "parity": {"tolerance": atol, "max_abs_diff": parity,
+                       "provider": "CPUExecutionProvider"},
+            "exporter": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
+                         "opset": opset},
+        }
+        classes = list(mc.classes)
+        if mc.in_channels == 1 and classes != list(CLASS_NAMES):
+            log.info("classes %s differ from the synthetic strip's %s", classes, list(CLASS_NAMES))
+        spec = BundleSpec(
+            name=name or cfg.name,
+            kind="arcd",
+            graphs={"model": GraphRef(file=GRAPH_FILE, sha256="")},
+            input=InputSpec(name=INPUT_NAME, tile=tuple(mc.tile), channels=mc.in_channels,
+                            mean=list(mc.mean), std=list(mc.std), batch=0, **_fit(cfg)),
+            outputs={"probabilities": "probs", "reconstruction": "reconstruction",
+                     **({"region": REGION_OUTPUT} if mc.region_head else {})},
+            region=_region_spec(metrics, cfg),
+            classes=classes,
+            tiling=TilingSpec(overlap=ec.overlap),
+            postprocess=pp,
+            provenance=provenance,
+        )
+        write_bundle(out_dir, spec)
     load_bundle(out_dir)  # what the runtime will do: fails here rather than on the line
     log.info("bundle written: %s (%.2f MB graph)", out_dir,
              (out_dir / GRAPH_FILE).stat().st_size / 1e6)

@@ -38,7 +38,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from inspector.errors import BundleError, validator_message, yaml_problem
+from inspector.errors import BundleError, InspectorError, validator_message, yaml_problem
 from inspector.fileio import atomic_write_text
 from inspector.postprocess import PostprocessConfig
 
@@ -231,8 +231,11 @@ def export_left(out: Path, before: dict[str, tuple[int, int]] | None) -> str:
         return f"the bundle in {out} was written before the stop"
     if now == before:
         return f"{out} was left as it was (no bundle written)"
-    return (f"{out} was partly or wholly replaced before the stop: check it with `inspector check` "
-            "(a graph that does not match its bundle.yaml is refused at load), or export again")
+    try:
+        load_bundle(out)
+    except InspectorError as e:
+        return f"{out} was partly replaced before the stop and does not load ({e}): export again"
+    return f"{out} holds the new bundle, written whole before the stop took effect (it loads)"
 
 
 def sha256_file(path: Path) -> str:

@@ -119,7 +119,7 @@ def _check(args: argparse.Namespace) -> int:
     from inspector.sources import make_source
 
     cfg = _load(args.config)
-    unit_env = _unit_environment() if args.user else []
+    unit_env = _unit_environment(args.config) if args.user else []
     as_user, hidden = _check_user(cfg, args.user) if args.user else (None, [])  # before root opens anything
     model = load_model(cfg)
     spec = model.bundle.spec
@@ -268,25 +268,59 @@ UNIT_ENV_KEYS = ("INSPECTOR_STATE", "INSPECTOR_RECORDINGS", "INSPECTOR_ENGINE_CA
 DEFAULT_UNIT = "/etc/systemd/system/inspector@.service"
 
 
-def _unit_environment() -> list[str]:
+def _unit_environment(config: str | None = None) -> list[str]:
     """``check --user`` asks as the service: take the installed unit's ``Environment=`` paths
     that this shell does not set (a root shell has none of them), so the defaults resolve as
-    under the unit. Returns what was taken, for the summary."""
+    under the unit. The unit file, then its drop-ins (``inspector@.service.d/*.conf`` and the
+    camera's own ``inspector@<config stem>.service.d/*.conf``), as systemd reads them: the
+    ``[Service]`` section only, quoted and several assignments per line, the last one winning,
+    an empty ``Environment=`` clearing what came before. Returns what was taken, for the summary."""
+    import shlex
+
     unit = Path(os.environ.get("INSPECTOR_UNIT", DEFAULT_UNIT))
-    try:
-        lines = unit.read_text().splitlines()
-    except OSError:
-        return []
-    taken = []
-    for line in lines:
-        if not line.startswith("Environment="):
+    files = [unit]
+    dropins = [unit.with_name(unit.name + ".d")]
+    if config:
+        dropins.append(unit.with_name(unit.name.replace("@.", f"@{Path(config).stem}.") + ".d"))
+    for d in dropins:
+        files += sorted(d.glob("*.conf")) if d.is_dir() else []
+    env: dict[str, str] = {}
+    read = []
+    for f in files:
+        try:
+            lines = f.read_text().splitlines()
+        except OSError:
             continue
-        key, _, value = line[len("Environment="):].partition("=")
-        if key in UNIT_ENV_KEYS and key not in os.environ:
-            os.environ[key] = value  # a one-shot command: the rest of the check resolves with it
-            taken.append(f"{key}={value}")
+        read.append(f)
+        section = ""
+        for line in lines:
+            line = line.strip()
+            if not line or line[0] in "#;":
+                continue
+            if line.startswith("["):
+                section = line
+                continue
+            if section != "[Service]" or not line.startswith("Environment="):
+                continue
+            value = line[len("Environment="):]
+            if not value.strip():
+                env.clear()  # systemd: an empty assignment resets the list
+                continue
+            try:
+                words = shlex.split(value)
+            except ValueError:
+                continue  # unbalanced quotes: systemd refuses the line as well
+            for w in words:
+                key, eq, val = w.partition("=")
+                if eq:
+                    env[key] = val
+    taken = []
+    for key in UNIT_ENV_KEYS:
+        if key in env and key not in os.environ:
+            os.environ[key] = env[key]  # a one-shot command: the rest of the check resolves with it
+            taken.append(f"{key}={env[key]}")
     if taken:
-        log.info("check --user: from %s: %s", unit, ", ".join(taken))
+        log.info("check --user: from %s: %s", ", ".join(str(f) for f in read), ", ".join(taken))
     return taken
 
 

@@ -391,6 +391,7 @@ class Daemon:
                "STATUS=reloading")
         log.info("reload: reading %s", self.path)
         old = self.cfg
+        new_store: LatchStore | None = None
         try:
             check_installed_version()
             new = load_config(self.path)
@@ -418,6 +419,14 @@ class Daemon:
                 from inspector.recorder import preflight
                 preflight(new.record, new.camera_id, model.bundle.spec.classes, new.base_dir,
                           new.source_file)
+            if any(r.latch for r in new.alarms.rules) and (self.engine is None or self.engine.store is None):
+                # a rule latches now where this run keeps no file: what the next start would
+                # refuse (exit 2, the unit stays down) fails the reload now; a file it can keep
+                # is taken from here on
+                new_store = latch_store_for(new)
+                if self.engine is None and new_store is not None:
+                    new_store.close()  # alarms were off at start: they run after a restart
+                    new_store = None
             if self.engine is not None:
                 self.engine.check_rules(new.alarms)
             elif new.alarms.rules:
@@ -428,8 +437,13 @@ class Daemon:
             geometry = Geometry.of(new.geometry)
             warm = p.swap_model(model, geometry)
             if self.engine is not None:
+                if new_store is not None:
+                    self.engine.store = new_store
+                    log.info("reload: latched alarms are kept in %s from now on", new_store.path)
                 self.engine.set_rules(new.alarms)
         except Exception as e:
+            if new_store is not None and (self.engine is None or self.engine.store is not new_store):
+                new_store.close()  # the reload failed after taking the file: let it go
             self.reloads["failed"] += 1
             log.error("reload failed, the running model and rules stay: %s", e)
             n.send("READY=1", f"STATUS=reload failed ({first_line(e)[:200]}); running on")

@@ -12,6 +12,7 @@ import numpy as np
 
 #: JPEG end-of-image marker; a file cut short (a copy interrupted, a full disk) lacks it
 _JPEG_EOI = b"\xff\xd9"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 class UnreadableImage(ValueError):
@@ -35,6 +36,8 @@ def decode_file(path: Path, flag: int) -> np.ndarray:
     raw = data.tobytes()
     if raw[:2] == b"\xff\xd8" and _jpeg_truncated(raw):
         raise UnreadableImage("truncated JPEG: no end-of-image marker after its image data")
+    if raw[:8] == _PNG_SIGNATURE and raw.rfind(b"IEND") < 0:
+        raise UnreadableImage("truncated PNG: no IEND chunk")
     img = cv2.imdecode(data, flag)
     if img is None:
         raise UnreadableImage("not an image OpenCV can decode")

@@ -33,3 +33,43 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C or SIGTERM arriving inside the block take effect when it ends: for a few steps
+    that must happen together (a bundle's graph moved in and its ``bundle.yaml`` written, so a
+    stopped ``export --replace`` never leaves one without the other). A second signal gives up
+    waiting and stops at once. Outside the main thread nothing changes; an ignored signal stays
+    ignored."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) or signal.SIG_DFL for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = {s: h for s, h in previous.items() if h is not signal.SIG_IGN}
+    held: list[int] = []
+
+    def restore() -> None:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+    def hold(signum: int, frame: object) -> None:
+        if held:  # asked twice: at once
+            restore()
+            raise _interrupt(signum)
+        held.append(signum)
+
+    for s in previous:
+        signal.signal(s, hold)
+    try:
+        yield
+    finally:
+        restore()
+    if held:
+        raise _interrupt(held[0])
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    # Ctrl-C reads as a bare KeyboardInterrupt, as Python raises it; SIGTERM names itself
+    return KeyboardInterrupt() if signum == signal.SIGINT else \
+        KeyboardInterrupt(f"signal {signal.Signals(signum).name}")

@@ -21,9 +21,9 @@ CLGAN_PROV = {"data": ["magnetic-tile /data/mt split=train: 321 images"],
 
 def test_the_default_calibration_part_is_warned_and_the_readme_recipe_is_not():
     said = training_share_warning(CLGAN_PROV, Split(0.3, None), "--normal mt/MT_Free/Imgs")
-    assert said.startswith("--normal mt/MT_Free/Imgs: the calibration part is every image not held "
-                           "back, which includes the hash share(s) 'train' [0.5, 1)")
-    assert "(magnetic-tile /data/mt split=train: 321 images)" in said
+    assert said.startswith("--normal mt/MT_Free/Imgs: if this is the model's training folder "
+                           "(magnetic-tile /data/mt split=train: 321 images): the calibration part is "
+                           "every image not held back, which includes the hash share(s) 'train' [0.5, 1)")
     assert said.endswith("pass --calib-fraction 0.2 to stop short of it")
     assert training_share_warning(CLGAN_PROV, Split(0.3, 0.2), "--normal x") is None  # README recipe
     # holding back test + val leaves the calibration part all 'train' (the first version said nothing)
@@ -51,7 +51,10 @@ def test_a_model_trained_on_other_shares_is_warned_by_the_share_it_trained_on():
     said = training_share_warning(_prov("val"), Split(0.3, 0.2), "--normal n")
     assert "hash [0.3, 0.5), which includes the hash share(s) 'val' [0.3, 0.5)" in said
     assert said.endswith("choose --check-fraction / --calib-fraction clear of those shares")
-    assert training_share_warning(_prov("test"), Split(0.3, 0.2), "--normal n") is None
+    # split test: the held-back check part is the training share (the first version said nothing)
+    said = training_share_warning(_prov("test"), Split(0.3, 0.2), "--normal n")
+    assert "the calibration part" not in said
+    assert "the held-back check part (hash [0, 0.3)) includes the hash share(s) 'test' [0, 0.3)" in said
 
 
 def test_calibrate_thresholds_says_it_before_it_runs(tmp_path, toy_bundle):
@@ -67,8 +70,9 @@ def test_calibrate_thresholds_says_it_before_it_runs(tmp_path, toy_bundle):
         cv2.imwrite(str(normal / f"n{i:02d}.png"), rng.integers(120, 136, (128, 128), dtype=np.uint8))
     done = run_cli("calibrate", "thresholds", "--bundle", str(bundle), "--normal", str(normal),
                    "--target-fpr", "0.1", "--dry-run", "--out", str(tmp_path / "out"))
-    assert f"--normal {normal}: the calibration part is every image not held back" in done.stderr, done.stderr
+    assert f"--normal {normal}: if this is the model's training folder" in done.stderr, done.stderr
+    assert "the calibration part is every image not held back" in done.stderr
     done = run_cli("calibrate", "thresholds", "--bundle", str(bundle), "--normal", str(normal),
                    "--target-fpr", "0.1", "--dry-run", "--out", str(tmp_path / "out2"),
                    "--check-fraction", "0.3", "--calib-fraction", "0.2")
-    assert "the calibration part is every image" not in done.stderr
+    assert "training folder" not in done.stderr

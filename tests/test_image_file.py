@@ -49,6 +49,10 @@ def test_a_truncated_jpeg_is_an_error_naming_it_and_a_padded_one_reads(tmp_path)
     # the reason, not a guess among three
     with pytest.raises(ValueError, match="gone.jpg: cannot read the image \\(No such file or directory\\)"):
         read_image(tmp_path / "gone.jpg")
+    png = cv2.imencode(".png", np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8))[1].tobytes()
+    (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
+    with pytest.raises(ValueError, match="cut.png: cannot read the image \\(truncated PNG: no IEND chunk\\)"):
+        read_image(tmp_path / "cut.png")
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(ValueError, match="text.png: cannot read the image \\(not an image OpenCV can decode\\)"):
         read_image(tmp_path / "text.png")

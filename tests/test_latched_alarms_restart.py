@@ -458,3 +458,75 @@ def test_a_reload_that_moves_the_file_says_which_alarms_stay_in_the_old_one(tmp_
         t.join(60)
     assert (f"reload: alarms.latch_file changed; any_defect latched now is kept in {tmp_path / 'st' / 'test.json'}, "
             "and a restart reads the new file: copy it there to carry it over") in caplog.text
+
+
+def _reload_with(d, cam, raw):
+    import yaml
+
+    cam.write_text(yaml.safe_dump(raw))
+    n = d.reloads["ok"] + d.reloads["failed"]
+    d.request_reload()
+    deadline = time.monotonic() + 60
+    while d.reloads["ok"] + d.reloads["failed"] == n:
+        assert time.monotonic() < deadline, "no reload"
+        time.sleep(0.05)
+
+
+def test_a_reload_that_turns_a_latch_on_is_checked_as_the_next_start_would_be(tmp_path, synthetic_cfg,
+                                                                             monkeypatch, caplog):
+    # started without a latching rule and with no usable state folder: a reload turning the latch
+    # on was accepted, the alarm was never kept, and the next start exited 2 (the unit stayed down)
+    monkeypatch.delenv(latch_mod.STATE_ENV, raising=False)
+    caplog.set_level(logging.INFO, logger="inspector.daemon")
+    (tmp_path / "blocker").write_text("a file")
+    cam = tmp_path / "cam.yaml"
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
+                        alarms={"rules": RULES[1:], "latch_file": "blocker/test.json"})
+    write_config(cam, raw)
+    d = Daemon(cam, notifier=Notifier(None))
+    t = threading.Thread(target=d.run, daemon=True)
+    t.start()
+    try:
+        deadline = time.monotonic() + 60
+        while d.pipeline is None or d.pipeline.counters.snapshot()["published"] < 2:
+            assert time.monotonic() < deadline and t.is_alive(), "not started"
+            time.sleep(0.05)
+        _reload_with(d, cam, {**raw, "alarms": {**raw["alarms"], "rules": RULES}})
+        assert d.reloads == {"ok": 0, "failed": 1}
+        assert "reload failed, the running model and rules stay: " in caplog.text
+        assert (f"alarms.latch_file: cannot write the latched-alarm file's folder {tmp_path / 'blocker'} "
+                f"({tmp_path / 'blocker'} is a file, not a folder)") in caplog.text
+        # a file it can keep: taken from this reload on
+        _reload_with(d, cam, {**raw, "alarms": {"rules": RULES, "latch_file": "st/test.json"}})
+        assert d.reloads == {"ok": 1, "failed": 1}
+        wait_file(tmp_path / "st" / "test.json", lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+    finally:
+        d.request_stop()
+        t.join(60)
+    assert f"reload: latched alarms are kept in {tmp_path / 'st' / 'test.json'} from now on" in caplog.text
+
+
+def test_the_units_environment_is_read_as_systemd_reads_it(tmp_path, monkeypatch):
+    from inspector.cli import _unit_environment
+
+    unit = tmp_path / "inspector@.service"
+    unit.write_text("[Unit]\nEnvironment=INSPECTOR_STATE=/not/service\n"
+                    "[Service]\n# Environment=INSPECTOR_STATE=/commented\n"
+                    "Environment=INSPECTOR_STATE=/first\n"
+                    'Environment="INSPECTOR_STATE=/srv/st" PYTHONUNBUFFERED=1\n'
+                    "Environment='INSPECTOR_RECORDINGS=/srv/rec dir'\n"
+                    "[Install]\nEnvironment=INSPECTOR_ENGINE_CACHE=/not/service\n")
+    (tmp_path / "inspector@.service.d").mkdir()
+    (tmp_path / "inspector@.service.d" / "10-site.conf").write_text("[Service]\nEnvironment=INSPECTOR_ENGINE_CACHE=/srv/eng\n")
+    (tmp_path / "inspector@line1.service.d").mkdir()
+    (tmp_path / "inspector@line1.service.d" / "override.conf").write_text("[Service]\nEnvironment=INSPECTOR_STATE=/srv/line1\n")
+    monkeypatch.setenv("INSPECTOR_UNIT", str(unit))
+    for k in ("INSPECTOR_STATE", "INSPECTOR_RECORDINGS", "INSPECTOR_ENGINE_CACHE"):
+        monkeypatch.delenv(k, raising=False)
+    assert _unit_environment("/etc/inspector/cameras/line1.yaml") == [
+        "INSPECTOR_STATE=/srv/line1", "INSPECTOR_RECORDINGS=/srv/rec dir", "INSPECTOR_ENGINE_CACHE=/srv/eng"]
+    monkeypatch.setenv("INSPECTOR_STATE", "/from/shell")  # the shell's own value stays
+    monkeypatch.delenv("INSPECTOR_RECORDINGS")
+    monkeypatch.delenv("INSPECTOR_ENGINE_CACHE")
+    assert _unit_environment("other.yaml")[0] == "INSPECTOR_RECORDINGS=/srv/rec dir"
+    assert os.environ["INSPECTOR_STATE"] == "/from/shell"

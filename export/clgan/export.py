@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 import torch
 
 from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, write_bundle
+from inspector.signals import signals_held
 from inspector.postprocess import PostprocessConfig
 
 from export.clgan.torch_model import ResnetGenerator
@@ -143,61 +145,65 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
     G.load_state_dict(ck["G"])
     G.eval()
     tile = tuple(tile or cfg.detection.tile)
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        staged = export_generator(G, Path(tmp) / GRAPH, tile, opset)
-        parity = parity_check(G, staged, tile, atol, named=out / GRAPH)
-        staged.replace(out / GRAPH)
-    log.info("parity torch vs onnxruntime: max |diff| %.2e (atol %g)", parity["max_abs_diff"], atol)
-    step, total = int(ck["step"]), int(ck["total"])
-    metrics, fresh = metrics_for_checkpoint(run_dir, ck)
-    if fresh is False:
-        log.warning("%s describes iteration %s but %s is at iteration %d (the run went on after "
-                    "its metrics were written and stopped before writing new ones): its figures "
-                    "are left out of the bundle; finish the run with --resume for fresh ones",
-                    run_dir / METRICS, metrics.get("checkpoint_step"), run_dir / CHECKPOINT, step)
-        metrics = {}
-    training = {k: metrics.get(k) for k in ("iterations", "stopped_by", "train_seconds", "device",
-                                            "threads", "params", "final_losses_ema",
-                                            "preview_abs_error_grey")}
-    # what the checkpoint itself knows: right even when metrics.json is stale or missing
-    training.update(iterations=step, planned_iterations=total, checkpoint_step=step,
-                    metrics_json=_metrics_status(metrics, fresh))
-    if training["train_seconds"] is None:
-        training["train_seconds"] = round(float(ck.get("elapsed_s", 0.0)), 1)
-    if step < total:
-        log.warning("%s: training has not finished (iteration %d of %d); exporting it anyway",
-                    run_dir / CHECKPOINT, step, total)
-    d = cfg.detection
-    n = cfg.data.channels
-    spec = BundleSpec(
-        name=name or out.name, kind="clgan",
-        graphs={"model": GraphRef(file=GRAPH, sha256="")},
-        input=InputSpec(name="image", tile=tile, channels=n, mean=[0.5] * n, std=[0.5] * n, batch=0),
-        outputs={"reconstruction": "reconstruction"},
-        classes=["background", "defect"],
-        tiling=TilingSpec(overlap=d.overlap),
-        postprocess=PostprocessConfig(type="dual_threshold", k1=d.k1, k2=d.k2, kernel_size=d.kernel_size),
-        kind_params=detection_kind_params(cfg),
-        provenance={
-            "method": "CLGAN (../shared/seeds/002_spec.md): contrastive GAN reconstruction, "
-                      "trained on defect-free images only",
-            "data": metrics.get("data") or [s.model_dump(mode="json") for s in cfg.data.sources],
-            "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
-            "training": training,
-            "training_complete": step >= total,
-            # where an unfinished run stood (as ARCD's exporter records it), for `inspector check`
-            **({} if step >= total else {"checkpoint_at": checkpoint_at(step, total)}),
-            "split_fractions": split_provenance(cfg.data.split_test, cfg.data.split_val,
-                                                str(run_dir / CHECKPOINT)),
-            "commit": git_commit(Path(__file__).resolve().parents[2])[0],
-            "parity": parity,
-            "opset": opset,
-            "torch": str(torch.__version__),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "metrics": {},
-        },
-    )
-    write_bundle(out, spec)
+    # from the graph moved in to bundle.yaml written, a stop waits: a stopped --replace
+    # must not leave the new graph beside the old bundle.yaml (refused at load)
+    with ExitStack() as hold:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out) as tmp:
+            staged = export_generator(G, Path(tmp) / GRAPH, tile, opset)
+            parity = parity_check(G, staged, tile, atol, named=out / GRAPH)
+            hold.enter_context(signals_held())
+            staged.replace(out / GRAPH)
+        log.info("parity torch vs onnxruntime: max |diff| %.2e (atol %g)", parity["max_abs_diff"], atol)
+        step, total = int(ck["step"]), int(ck["total"])
+        metrics, fresh = metrics_for_checkpoint(run_dir, ck)
+        if fresh is False:
+            log.warning("%s describes iteration %s but %s is at iteration %d (the run went on after "
+                        "its metrics were written and stopped before writing new ones): its figures "
+                        "are left out of the bundle; finish the run with --resume for fresh ones",
+                        run_dir / METRICS, metrics.get("checkpoint_step"), run_dir / CHECKPOINT, step)
+            metrics = {}
+        training = {k: metrics.get(k) for k in ("iterations", "stopped_by", "train_seconds", "device",
+                                                "threads", "params", "final_losses_ema",
+                                                "preview_abs_error_grey")}
+        # what the checkpoint itself knows: right even when metrics.json is stale or missing
+        training.update(iterations=step, planned_iterations=total, checkpoint_step=step,
+                        metrics_json=_metrics_status(metrics, fresh))
+        if training["train_seconds"] is None:
+            training["train_seconds"] = round(float(ck.get("elapsed_s", 0.0)), 1)
+        if step < total:
+            log.warning("%s: training has not finished (iteration %d of %d); exporting it anyway",
+                        run_dir / CHECKPOINT, step, total)
+        d = cfg.detection
+        n = cfg.data.channels
+        spec = BundleSpec(
+            name=name or out.name, kind="clgan",
+            graphs={"model": GraphRef(file=GRAPH, sha256="")},
+            input=InputSpec(name="image", tile=tile, channels=n, mean=[0.5] * n, std=[0.5] * n, batch=0),
+            outputs={"reconstruction": "reconstruction"},
+            classes=["background", "defect"],
+            tiling=TilingSpec(overlap=d.overlap),
+            postprocess=PostprocessConfig(type="dual_threshold", k1=d.k1, k2=d.k2, kernel_size=d.kernel_size),
+            kind_params=detection_kind_params(cfg),
+            provenance={
+                "method": "CLGAN (../shared/seeds/002_spec.md): contrastive GAN reconstruction, "
+                          "trained on defect-free images only",
+                "data": metrics.get("data") or [s.model_dump(mode="json") for s in cfg.data.sources],
+                "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
+                "training": training,
+                "training_complete": step >= total,
+                # where an unfinished run stood (as ARCD's exporter records it), for `inspector check`
+                **({} if step >= total else {"checkpoint_at": checkpoint_at(step, total)}),
+                "split_fractions": split_provenance(cfg.data.split_test, cfg.data.split_val,
+                                                    str(run_dir / CHECKPOINT)),
+                "commit": git_commit(Path(__file__).resolve().parents[2])[0],
+                "parity": parity,
+                "opset": opset,
+                "torch": str(torch.__version__),
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "metrics": {},
+            },
+        )
+        write_bundle(out, spec)
     log.info("bundle %s written (kind clgan, tile %s, %d channel(s))", out, list(tile), n)
     return out

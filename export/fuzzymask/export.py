@@ -37,6 +37,7 @@ import copy
 import logging
 import tempfile
 import warnings
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ import torch
 import torch.nn as nn
 
 from inspector.bundle import BundleSpec, GraphRef, InputSpec, TilingSpec, load_bundle, write_bundle
+from inspector.signals import signals_held
 from inspector.errors import CheckpointError
 from inspector.evaluation.datasets import SplitFractions
 from inspector.postprocess import PostprocessConfig
@@ -315,60 +317,64 @@ def _export_bundle(run_dir: Path, out: Path, name: str | None, opset: int, atol:
         "type": "score_threshold", "score_threshold": threshold,
         "open_kernel": ic.open_kernel, "close_kernel": ic.close_kernel, "min_area_px": ic.min_area_px})
 
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
-        staged = export_graph(net, Path(tmp) / GRAPH, tile, opset)
-        inputs = {"probe": _probe_tiles(n, tile),
-                  "random_batch": np.random.default_rng(1).random((3, n, tile, tile), dtype=np.float32)}
-        real = _real_tiles(cfg)
-        if real is not None:
-            inputs["real"] = real
-        else:
-            log.warning("parity on real images skipped: the training data is not on this machine")
-        parity = parity_check(net, staged, inputs, atol, named=out / GRAPH)
-        staged.replace(out / GRAPH)
-    log.info("parity torch vs onnxruntime: max |diff| %.2e (atol %g) over %d tiles",
-             parity["max_abs_diff"], atol, parity["tiles"])
+    # from the graph moved in to bundle.yaml written, a stop waits: a stopped --replace
+    # must not leave the new graph beside the old bundle.yaml (refused at load)
+    with ExitStack() as hold:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
+            staged = export_graph(net, Path(tmp) / GRAPH, tile, opset)
+            inputs = {"probe": _probe_tiles(n, tile),
+                      "random_batch": np.random.default_rng(1).random((3, n, tile, tile), dtype=np.float32)}
+            real = _real_tiles(cfg)
+            if real is not None:
+                inputs["real"] = real
+            else:
+                log.warning("parity on real images skipped: the training data is not on this machine")
+            parity = parity_check(net, staged, inputs, atol, named=out / GRAPH)
+            hold.enter_context(signals_held())
+            staged.replace(out / GRAPH)
+        log.info("parity torch vs onnxruntime: max |diff| %.2e (atol %g) over %d tiles",
+                 parity["max_abs_diff"], atol, parity["tiles"])
 
-    import onnxruntime
+        import onnxruntime
 
-    commit, dirty = git_commit(Path(__file__).resolve().parents[2])
-    spec = BundleSpec(
-        name=name or out.name, kind="fuzzymask",
-        graphs={"model": GraphRef(file=GRAPH, sha256="")},
-        input=InputSpec(name=INPUT_NAME, tile=(tile, tile), channels=n, mean=[0.0] * n, std=[1.0] * n,
-                        batch=0),
-        outputs={"reconstruction": OUTPUT_NAME},
-        classes=["background", "defect"],
-        tiling=TilingSpec(overlap=ic.overlap),
-        postprocess=pp,
-        kind_params=params,
-        provenance={
-            "method": "fuzzy-mask inpainter with multi-branch dynamic inference "
-                      "(../shared/seeds/001_spec.md), trained on defect-free images only",
-            "data": metrics.get("data") or [s.model_dump(mode="json") for s in cfg.data.sources],
-            "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
-            "training": training,
-            "tau": {"value": tau, "mode": ic.tau_mode, "stats": tau_stats,
-                    # what the first postprocess.score_threshold is (calibrate thresholds replaces it)
-                    "score_threshold": {"value": threshold,
-                                        "from": "inference.tau" if ic.tau_mode == "fixed"
-                                        else "train_envelope tau"}},
-            # from the checkpoint: a stale metrics.json must not call a preempted run complete
-            "training_complete": step >= total,
-            # where an unfinished run stood (as the ARCD and CLGAN exporters record it)
-            **({} if step >= total else {"checkpoint_at": {"step": step, "planned": total}}),
-            "split_fractions": split,
-            "run_dir": str(run_dir),
-            "commit": commit, "commit_dirty": dirty,
-            "parity": parity,
-            "exporter": {"torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__,
-                         "opset": opset},
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "metrics": {},
-        },
-    )
-    write_bundle(out, spec)
+        commit, dirty = git_commit(Path(__file__).resolve().parents[2])
+        spec = BundleSpec(
+            name=name or out.name, kind="fuzzymask",
+            graphs={"model": GraphRef(file=GRAPH, sha256="")},
+            input=InputSpec(name=INPUT_NAME, tile=(tile, tile), channels=n, mean=[0.0] * n, std=[1.0] * n,
+                            batch=0),
+            outputs={"reconstruction": OUTPUT_NAME},
+            classes=["background", "defect"],
+            tiling=TilingSpec(overlap=ic.overlap),
+            postprocess=pp,
+            kind_params=params,
+            provenance={
+                "method": "fuzzy-mask inpainter with multi-branch dynamic inference "
+                          "(../shared/seeds/001_spec.md), trained on defect-free images only",
+                "data": metrics.get("data") or [s.model_dump(mode="json") for s in cfg.data.sources],
+                "training_config": cfg.model_dump(mode="json", exclude={"base_dir"}),
+                "training": training,
+                "tau": {"value": tau, "mode": ic.tau_mode, "stats": tau_stats,
+                        # what the first postprocess.score_threshold is (calibrate thresholds replaces it)
+                        "score_threshold": {"value": threshold,
+                                            "from": "inference.tau" if ic.tau_mode == "fixed"
+                                            else "train_envelope tau"}},
+                # from the checkpoint: a stale metrics.json must not call a preempted run complete
+                "training_complete": step >= total,
+                # where an unfinished run stood (as the ARCD and CLGAN exporters record it)
+                **({} if step >= total else {"checkpoint_at": {"step": step, "planned": total}}),
+                "split_fractions": split,
+                "run_dir": str(run_dir),
+                "commit": commit, "commit_dirty": dirty,
+                "parity": parity,
+                "exporter": {"torch": str(torch.__version__), "onnxruntime": onnxruntime.__version__,
+                             "opset": opset},
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "metrics": {},
+            },
+        )
+        write_bundle(out, spec)
     load_bundle(out)  # what the runtime does first: fail here rather than on the line
     log.info("bundle %s written (kind fuzzymask, tile %d, %d channel(s), graph %.2f MB, tau %s)", out,
              tile, n, (out / GRAPH).stat().st_size / 1e6, tau)

@@ -123,12 +123,16 @@ class LatchStore:
         from inspector.access_check import owner_text
 
         where = _nearest_existing(folder)
-        owner = owner_text(str(where))
+        if where.exists() and not where.is_dir():
+            why = f"{where} is a file, not a folder"
+        else:
+            owner = owner_text(str(where))
+            why = f"{e.strerror or e}" + (f"; {where} is {owner}" if owner else "")
         return ConfigError(self.source_file, self.key,
-                           f"cannot write the latched-alarm file's folder {folder} ({e.strerror or e}"
-                           f"{f'; {where} is {owner}' if owner else ''}); latched alarms would be "
-                           "lost at a restart. Make it writable by the service user (a root shell's "
-                           "run may have left it root's: chown it), or set alarms.latch_file")
+                           f"cannot write the latched-alarm file's folder {folder} ({why}); latched "
+                           "alarms would be lost at a restart. Make it writable by the service user "
+                           "(a root shell's run may have left it root's: chown it), or set "
+                           "alarms.latch_file")
 
     def load(self) -> list[dict]:
         """The alarms latched when the previous run last wrote; [] when there is no file. A file

@@ -200,9 +200,9 @@ def sample(run_dir: Path, out: Path, n: int, seed: int, classes: str | None = No
             # the soft map fades out beyond its thresholded label: faint defect under a
             # background label, which the min_defect_px rule was meant to keep out
             log.warning("the pasted defects changed %.2f pixels by 8 grey levels or more outside their "
-                        "labels per labelled pixel (threshold %g): faint defect under background "
-                        "labels; a lower --threshold labels more of what was painted (manifest: halo)",
-                        halo["halo_ge8_per_labelled_px"], thr)
+                        "labels per labelled pixel (label threshold %g on the map; warned above %g): "
+                        "faint defect under background labels; a lower --threshold labels more of "
+                        "what was painted (manifest: halo)", halo["halo_ge8_per_labelled_px"], thr, HALO_WARN)
         path = writer.close(rejected_attempts=rejected, attempts=attempts, per_class=per_class, halo=halo,
                             checkpoint=str(painter.ck_path), checkpoint_step=painter.step,
                             planned_iterations=painter.total, training_complete=complete,
