@@ -9,12 +9,13 @@ is atomic only within one file system), is flushed to disk, and then replaces th
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "nearest_existing", "unlock_and_close"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -65,3 +66,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> Path:
     """Write ``text`` to ``path`` atomically (see module doc); returns ``path`` as a Path."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` or the nearest folder above it that exists (where a folder to be made would go)."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def unlock_and_close(fh) -> None:
+    """Let go of a lock file taken with ``flock`` (at a stop: never raises)."""
+    if fh is None:
+        return
+    with contextlib.suppress(OSError):
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()

@@ -74,6 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from inspector.access_check import owner_text
 from inspector.errors import ConfigError
+from inspector.fileio import nearest_existing, unlock_and_close
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +218,6 @@ def _sub_folder_error(config_file: str, root: Path, folder: Path) -> ConfigError
                        "root's: chown them)")
 
 
-def _nearest_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def preflight(cfg: RecordConfig, camera_id: str, class_names: list[str], base_dir: Path | None = None,
               config_file: str = "<memory>", root_note: bool = True) -> tuple[Path, list[str]]:
     """The start-up checks without touching the disk (``inspector check``, a reload): the classes,
@@ -235,7 +229,7 @@ def preflight(cfg: RecordConfig, camera_id: str, class_names: list[str], base_di
     if not cfg.dir and not os.environ.get("INSPECTOR_RECORDINGS"):
         notes.append(f"record.dir not set: {DEFAULT_DIR} here; the unit uses its own "
                      "INSPECTOR_RECORDINGS (<STATEDIR>/recordings)")
-    base = _nearest_existing(root)
+    base = nearest_existing(root)
     if not base.is_dir():
         raise ConfigError(config_file, "record.dir", f"cannot write recordings into {root}: {base} "
                           "is not a folder")
@@ -423,7 +417,7 @@ class Recorder:
     def _give_to_parent_owner(self, made: list[Path]) -> None:
         """Folders a root shell created (``inspector run`` by hand) belong to whoever owns the
         folder above them (the service user's state folder), or the service could not write them."""
-        owner = _nearest_existing(made[0].parent).stat()
+        owner = nearest_existing(made[0].parent).stat()
         if owner.st_uid == 0:
             return
         for p in made:
@@ -439,12 +433,7 @@ class Recorder:
     def _release(self) -> None:
         with self._lock:  # close() and a writer that outlived it may both get here
             fh, self._lock_fh = self._lock_fh, None
-        if fh is not None:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-                fh.close()
-            except OSError:
-                pass
+        unlock_and_close(fh)
 
     def describe(self) -> str:
         return describe(self.cfg)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import IO
 
 from inspector.errors import ConfigError
-from inspector.fileio import atomic_write_text
+from inspector.fileio import atomic_write_text, nearest_existing, unlock_and_close
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class LatchStore:
             raise ConfigError(self.source_file, self.key, f"{self.path} is a folder: name a file in "
                               f"it, such as {self.path / 'camera.json'}")
         folder = self.path.parent
-        above = _nearest_existing(folder)
+        above = nearest_existing(folder)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:
@@ -122,7 +122,7 @@ class LatchStore:
     def _unwritable(self, folder: Path, e: OSError) -> ConfigError:
         from inspector.access_check import owner_text
 
-        where = _nearest_existing(folder)
+        where = nearest_existing(folder)
         if where.exists() and not where.is_dir():
             why = f"{where} is a file, not a folder"
         else:
@@ -268,19 +268,7 @@ class LatchStore:
 
     def _release(self) -> None:
         fh, self._lock_fh = self._lock_fh, None
-        if fh is not None:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-                fh.close()
-            except OSError:
-                pass
-
-
-def _nearest_existing(path: Path) -> Path:
-    p = path
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
+        unlock_and_close(fh)
 
 
 def _give_to_owner_of(above: Path, folder: Path) -> tuple[int, int] | None:
