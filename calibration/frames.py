@@ -30,8 +30,8 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 
 from inspector.errors import InspectorError
-from inspector.evaluation.datasets import (DEFAULT_SPLIT, Dataset, hash_fraction, image_folder,
-                                           open_dataset, read_image)
+from inspector.evaluation.datasets import (Dataset, hash_fraction, image_folder, open_dataset,
+                                           read_image, trained_split)
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,8 @@ def training_share_warning(provenance: dict, split: Split, normal: str) -> str |
                 f"{desc}); if this is one of those folders, every image calibrated or checked here "
                 "is a training image and the thresholds come out too low for new frames: "
                 "calibrate on normal images it never saw")
-    sf = provenance.get("split_fractions") or {"test": data.get("split_test", DEFAULT_SPLIT.test),
-                                                "val": data.get("split_val", DEFAULT_SPLIT.val)}
-    t, v = float(sf["test"]), float(sf["val"])
+    fr = trained_split(provenance)
+    t, v = fr.test, fr.val
     share = {"test": (0.0, t), "val": (t, t + v), "train": (t + v, 1.0)}
     lo = split.check_fraction
     hi = 1.0 if split.calib_fraction is None else min(1.0, lo + split.calib_fraction)

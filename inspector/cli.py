@@ -689,20 +689,12 @@ def _export_tensorrt(args: argparse.Namespace) -> int:
 
 
 def _bundle_split(bundle_dir: str | Path, prov: dict):
-    """The hash-split fractions the bundle's model was trained with (``provenance.
-    split_fractions``, or the clgan / fuzzymask training config of bundles exported before that
-    key); the defaults for every other bundle. Splitting with other fractions than training did
-    would score images the model was trained on."""
-    from inspector.evaluation.datasets import DEFAULT_SPLIT, SplitFractions
+    """The hash-split fractions the bundle's model was trained with (``inspector.evaluation.
+    datasets.trained_split``), said when they are not the defaults: splitting with other
+    fractions than training did would score images the model was trained on."""
+    from inspector.evaluation.datasets import DEFAULT_SPLIT, trained_split
 
-    sf = prov.get("split_fractions")
-    if sf is None:
-        data = (prov.get("training_config") or {}).get("data") or {}
-        if isinstance(data, dict) and "split_test" in data:
-            sf = {"test": data["split_test"], "val": data.get("split_val", DEFAULT_SPLIT.val)}
-    if not sf:
-        return DEFAULT_SPLIT
-    fr = SplitFractions(float(sf["test"]), float(sf["val"]))
+    fr = trained_split(prov)
     if fr != DEFAULT_SPLIT:
         log.warning("splitting --data with the fractions %s was trained with: test %g, val %g",
                     bundle_dir, fr.test, fr.val)
