@@ -17,6 +17,7 @@ import time
 import pytest
 
 from conftest import write_config
+from test_alarms_rules import Clock
 from inspector.alarms import AlarmEngine
 from inspector.alarms import latch_store as latch_mod
 from inspector.alarms.config import AlarmsConfig
@@ -27,14 +28,6 @@ from inspector.errors import ConfigError
 CLASSES = ["background", "inclusion", "patches", "scratches"]
 RULES = [{"name": "any_defect", "latch": True, "off_delay_s": 0},
          {"name": "scratch", "classes": ["scratches"], "off_delay_s": 0}]
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
 
 
 def engine(path, rules=RULES):
@@ -210,8 +203,9 @@ def test_check_says_where_latched_alarms_are_kept_or_that_they_are_not(tmp_path,
     assert not (tmp_path / "state").exists()
 
 
-def run_daemon(cfg, until, timeout=60.0):
-    """Run the daemon in a thread until ``until(daemon)`` holds, then stop it; its exit code."""
+def run_daemon(cfg, until, timeout=60.0, then=None):
+    """Run the daemon in a thread until ``until(daemon)`` holds, call ``then(daemon)`` (a reload,
+    say) where given, then stop it; the daemon, after checking it exited 0."""
     d = Daemon(cfg, notifier=Notifier(None))
     rc: list[int] = []
     t = threading.Thread(target=lambda: rc.append(d.run()), daemon=True)
@@ -221,6 +215,8 @@ def run_daemon(cfg, until, timeout=60.0):
         while not until(d):
             assert time.monotonic() < deadline and t.is_alive(), "daemon never got there"
             time.sleep(0.05)
+        if then is not None:
+            then(d)
     finally:
         d.request_stop()
         t.join(60)
@@ -430,36 +426,6 @@ def test_check_user_takes_the_state_folder_from_the_installed_unit(tmp_path, syn
     assert out["unit_environment"] == f"INSPECTOR_STATE={tmp_path / 'st'}"
 
 
-def test_a_reload_that_moves_the_file_says_which_alarms_stay_in_the_old_one(tmp_path, synthetic_cfg, caplog):
-    import yaml
-
-    cam = tmp_path / "cam.yaml"
-    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
-                        alarms={"rules": RULES, "latch_file": "st/test.json"})
-    write_config(cam, raw)
-    d = Daemon(cam, notifier=Notifier(None))
-    t = threading.Thread(target=d.run, daemon=True)
-    t.start()
-    try:
-        deadline = time.monotonic() + 60
-        while not (d.engine is not None and d.engine.latched_names()):
-            assert time.monotonic() < deadline and t.is_alive(), "no latch"
-            time.sleep(0.05)
-        raw["alarms"]["latch_file"] = "st2/test.json"
-        cam.write_text(yaml.safe_dump(raw))
-        d.request_reload()
-        deadline = time.monotonic() + 60
-        while d.reloads["ok"] + d.reloads["failed"] == 0:
-            assert time.monotonic() < deadline, "no reload"
-            time.sleep(0.05)
-        assert d.reloads["ok"] == 1
-    finally:
-        d.request_stop()
-        t.join(60)
-    assert (f"reload: alarms.latch_file changed; any_defect latched now is kept in {tmp_path / 'st' / 'test.json'}, "
-            "and a restart reads the new file: copy it there to carry it over") in caplog.text
-
-
 def _reload_with(d, cam, raw):
     import yaml
 
@@ -470,6 +436,20 @@ def _reload_with(d, cam, raw):
     while d.reloads["ok"] + d.reloads["failed"] == n:
         assert time.monotonic() < deadline, "no reload"
         time.sleep(0.05)
+
+
+def test_a_reload_that_moves_the_file_says_which_alarms_stay_in_the_old_one(tmp_path, synthetic_cfg, caplog):
+    cam = tmp_path / "cam.yaml"
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
+                        alarms={"rules": RULES, "latch_file": "st/test.json"})
+    write_config(cam, raw)
+
+    def move(d):
+        _reload_with(d, cam, {**raw, "alarms": {**raw["alarms"], "latch_file": "st2/test.json"}})
+        assert d.reloads["ok"] == 1
+    run_daemon(cam, lambda d: d.engine is not None and d.engine.latched_names(), then=move)
+    assert (f"reload: alarms.latch_file changed; any_defect latched now is kept in {tmp_path / 'st' / 'test.json'}, "
+            "and a restart reads the new file: copy it there to carry it over") in caplog.text
 
 
 def test_a_reload_that_turns_a_latch_on_is_checked_as_the_next_start_would_be(tmp_path, synthetic_cfg,
@@ -483,14 +463,8 @@ def test_a_reload_that_turns_a_latch_on_is_checked_as_the_next_start_would_be(tm
     raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
                         alarms={"rules": RULES[1:], "latch_file": "blocker/test.json"})
     write_config(cam, raw)
-    d = Daemon(cam, notifier=Notifier(None))
-    t = threading.Thread(target=d.run, daemon=True)
-    t.start()
-    try:
-        deadline = time.monotonic() + 60
-        while d.pipeline is None or d.pipeline.counters.snapshot()["published"] < 2:
-            assert time.monotonic() < deadline and t.is_alive(), "not started"
-            time.sleep(0.05)
+
+    def reloads(d):
         _reload_with(d, cam, {**raw, "alarms": {**raw["alarms"], "rules": RULES}})
         assert d.reloads == {"ok": 0, "failed": 1}
         assert "reload failed, the running model and rules stay: " in caplog.text
@@ -500,9 +474,8 @@ def test_a_reload_that_turns_a_latch_on_is_checked_as_the_next_start_would_be(tm
         _reload_with(d, cam, {**raw, "alarms": {"rules": RULES, "latch_file": "st/test.json"}})
         assert d.reloads == {"ok": 1, "failed": 1}
         wait_file(tmp_path / "st" / "test.json", lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
-    finally:
-        d.request_stop()
-        t.join(60)
+    run_daemon(cam, lambda d: d.pipeline is not None and d.pipeline.counters.snapshot()["published"] >= 2,
+               then=reloads)
     assert f"reload: latched alarms are kept in {tmp_path / 'st' / 'test.json'} from now on" in caplog.text
 
 
