@@ -471,6 +471,19 @@ def test_shipped_neu_bundles_segment_held_out_images(name):
     assert res["miou"] > 0.6 and res["pixel_auroc"] > 0.95, res
 
 
+@pytest.mark.parametrize("name", ["arcd-neu", "unet-neu", "demo-arcd"])
+def test_shipped_arcd_bundles_say_stage_1_only_where_an_r_trained(name):
+    """A user comparing the shipped pair reads in provenance what each learnt from: the plain
+    U-Net (no R, zero stage-1 steps) must not claim a stage 1 of simulated anomalies."""
+    from inspector.bundle import load_bundle
+
+    prov = load_bundle(Path(__file__).resolve().parents[1] / "deploy" / "models" / name).spec.provenance
+    tc = prov["training_config"]
+    has_r = tc["model"].get("reconstruction", True) and tc["stage1"]["steps"] > 0
+    stage1 = prov["data"].split("stage 1", 1)[1]
+    assert ("simulated anomalies" in stage1) == bool(has_r), prov["data"]
+
+
 def test_evaluate_engine_torch_without_torch_says_what_to_install(tmp_path, toy_bundle):
     """A line PC has the runtime only: --engine torch there is one line naming the extra, and the
     default engine still runs (torch made unimportable by a shadowing module)."""
