@@ -381,6 +381,60 @@ class Daemon:
         self._reload_thread = threading.Thread(target=self.reload, name="reload", daemon=True)
         self._reload_thread.start()
 
+    def _latch_move(self, new: InspectorConfig, later: list[str]) -> tuple[str | None, LatchStore | None]:
+        """A reload changed ``alarms.latch_file``: the store the running latched set moves to
+        (opened: a file the next start would refuse fails the reload, naming the key), with the
+        ``latch_file`` the daemon then runs with; ``later`` gets the key where it is not moved."""
+        old = self.cfg.alarms.latch_file
+        cur = self.engine.store if self.engine is not None else None
+        path = latch_path(new.alarms.latch_file, new.camera_id, new.base_dir)
+        if cur is None:
+            if self.engine is not None and any(r.latch for r in new.alarms.rules):
+                return new.alarms.latch_file, None  # taken below (new_store), as a start would
+            later.append("alarms.latch_file")  # nothing is kept now: the next start takes it
+            return old, None
+        if path is not None and path.resolve() == cur.path.resolve():
+            return new.alarms.latch_file, None  # another spelling of the same file
+        if path is None:
+            held = self.engine.latched_names()
+            later.append("alarms.latch_file")
+            if held:
+                log.warning("reload: alarms.latch_file no longer names a file and %s is not set: "
+                            "%s latched now stay%s in %s until a restart, which keeps nothing",
+                            STATE_ENV, ", ".join(held), "s" if len(held) == 1 else "", cur.path)
+            return old, None
+        store = latch_store_for(new)
+        if store is None:  # no rule latches and the new folder cannot be used: said as a warning
+            later.append("alarms.latch_file")
+            return old, None
+        return new.alarms.latch_file, store
+
+    def _move_latched(self, to: LatchStore) -> bool:
+        """Write the latched set into ``to``, switch the engine to it and remove the old file;
+        False (logged, the old file kept in use) when ``to`` cannot be written."""
+        engine = self.engine
+        found = [r["name"] for r in to.load()]
+        kept = engine.latched_records()
+        err = to.write_now(kept)
+        if err is not None:
+            to.close()
+            log.error("reload: %s: alarms.latch_file: cannot write %s (%s); latched alarms stay in "
+                      "%s until a restart, which reads the new file", self.cfg.source_file, to.path,
+                      err.strerror or err, engine.store.path)
+            return False
+        names = [r["name"] for r in kept]
+        gone = [n for n in found if n not in names]
+        if gone:
+            log.warning("reload: %s held %s, not latched in this run: replaced by what is latched now",
+                        to.path, ", ".join(gone))
+        was = engine.move_store(to)
+        if was is not None:
+            was.close()
+            was.remove()
+        log.info("reload: latched alarms (%s) moved from %s to %s", ", ".join(names) or "none",
+                 was.path if was is not None else "-", to.path)
+        return True
+
     def reload(self) -> bool:
         """Re-read the config file, load and warm up its model, swap it in; True on success.
         On any error the running model and rules stay and the error is logged."""
@@ -392,6 +446,8 @@ class Daemon:
         log.info("reload: reading %s", self.path)
         old = self.cfg
         new_store: LatchStore | None = None
+        move_to: LatchStore | None = None  # the file a changed alarms.latch_file moves the latched set to
+        latch_file = old.alarms.latch_file  # as the running daemon keeps it
         try:
             check_installed_version()
             new = load_config(self.path)
@@ -399,14 +455,7 @@ class Daemon:
             if new.alarms.drivers != old.alarms.drivers:
                 later.append("alarms.drivers")
             if new.alarms.latch_file != old.alarms.latch_file:
-                later.append("alarms.latch_file")
-                held = self.engine.latched_names() if self.engine is not None else []
-                if held and self.engine.store is not None:
-                    # the next start reads the new file: what is latched now would not come back
-                    log.warning("reload: alarms.latch_file changed; %s latched now %s kept in %s, and "
-                                "a restart reads the new file: copy it there to carry %s over",
-                                ", ".join(held), "is" if len(held) == 1 else "are",
-                                self.engine.store.path, "it" if len(held) == 1 else "them")
+                latch_file, move_to = self._latch_move(new, later)
             model: LoadedModel = load_model(new)
             if model.bundle.spec.classes != p.model.bundle.spec.classes:
                 raise InspectorError(f"{new.source_file}: model.bundle: the new model's classes "
@@ -441,9 +490,16 @@ class Daemon:
                     self.engine.store = new_store
                     log.info("reload: latched alarms are kept in %s from now on", new_store.path)
                 self.engine.set_rules(new.alarms)
+                if move_to is not None:
+                    if not self._move_latched(move_to):
+                        latch_file = old.alarms.latch_file
+                        later.append("alarms.latch_file")
+                    move_to = None
         except Exception as e:
             if new_store is not None and (self.engine is None or self.engine.store is not new_store):
                 new_store.close()  # the reload failed after taking the file: let it go
+            if move_to is not None:
+                move_to.close()
             self.reloads["failed"] += 1
             log.error("reload failed, the running model and rules stay: %s", e)
             n.send("READY=1", f"STATUS=reload failed ({first_line(e)[:200]}); running on")
@@ -454,7 +510,7 @@ class Daemon:
         # against what actually runs.
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in RESTART_ONLY}
                                   | {"alarms": new.alarms.model_copy(update={"drivers": old.alarms.drivers,
-                                                                           "latch_file": old.alarms.latch_file})})
+                                                                           "latch_file": latch_file})})
         self.reloads["ok"] += 1
         done = f"reload done: model {model.bundle.spec.name} warmed up in {warm:.0f} ms and swapped in"
         log.info("%s", done)

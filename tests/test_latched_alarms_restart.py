@@ -438,18 +438,59 @@ def _reload_with(d, cam, raw):
         time.sleep(0.05)
 
 
-def test_a_reload_that_moves_the_file_says_which_alarms_stay_in_the_old_one(tmp_path, synthetic_cfg, caplog):
+def test_a_reload_that_moves_the_file_carries_the_latched_alarms_over(tmp_path, synthetic_cfg, caplog):
+    # it used to take effect at the next start only, which read the new (empty) file: the alarm
+    # latched now did not come back after a restart
+    caplog.set_level(logging.INFO, logger="inspector.daemon")
     cam = tmp_path / "cam.yaml"
     raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
                         alarms={"rules": RULES, "latch_file": "st/test.json"})
     write_config(cam, raw)
+    old, new = tmp_path / "st" / "test.json", tmp_path / "st2" / "test.json"
+    (tmp_path / "st2").mkdir()
+    new.write_text(json.dumps({"version": 1, "latched": [{"name": "scratch", "type": "defect",
+                                                          "since": None, "detail": "old"}]}))
 
     def move(d):
+        wait_file(old, lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
         _reload_with(d, cam, {**raw, "alarms": {**raw["alarms"], "latch_file": "st2/test.json"}})
-        assert d.reloads["ok"] == 1
+        assert d.reloads == {"ok": 1, "failed": 0}
+        assert [r["name"] for r in json.loads(new.read_text())["latched"]] == ["any_defect"]
+        assert not old.exists() and not old.with_name("test.json.lock").exists()
+        # from now on the new file follows the latched set: a reload dropping the rule empties it
+        _reload_with(d, cam, {**raw, "alarms": {"rules": RULES[1:], "latch_file": "st2/test.json"}})
+        assert d.reloads == {"ok": 2, "failed": 0}
+        wait_file(new, lambda data: data["latched"] == [])
+        assert not old.exists()
     run_daemon(cam, lambda d: d.engine is not None and d.engine.latched_names(), then=move)
-    assert (f"reload: alarms.latch_file changed; any_defect latched now is kept in {tmp_path / 'st' / 'test.json'}, "
-            "and a restart reads the new file: copy it there to carry it over") in caplog.text
+    assert f"reload: latched alarms (any_defect) moved from {old} to {new}" in caplog.text
+    assert f"reload: {new} held scratch, not latched in this run: replaced by what is latched now" in caplog.text
+    assert "alarms.latch_file changed; that takes effect after a restart" not in caplog.text
+
+
+def test_a_reload_that_moves_the_file_to_one_it_cannot_keep_fails_and_keeps_the_old(tmp_path, synthetic_cfg,
+                                                                                   caplog):
+    cam = tmp_path / "cam.yaml"
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
+                        alarms={"rules": RULES, "latch_file": "st/test.json"})
+    write_config(cam, raw)
+    old = tmp_path / "st" / "test.json"
+    other = LatchStore(tmp_path / "st2" / "test.json", "other.yaml")
+    other.open()  # another running daemon holds it
+
+    def move(d):
+        wait_file(old, lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+        _reload_with(d, cam, {**raw, "alarms": {**raw["alarms"], "latch_file": "st2/test.json"}})
+        assert d.reloads == {"ok": 0, "failed": 1}
+        assert d.engine.store.path == old and old.exists()
+        # the running value stays what it was: the same reload again is compared against it
+        assert d.cfg.alarms.latch_file == "st/test.json"
+    try:
+        run_daemon(cam, lambda d: d.engine is not None and d.engine.latched_names(), then=move)
+    finally:
+        other.close()
+    assert (f"reload failed, the running model and rules stay: {cam}: alarms.latch_file: "
+            f"{tmp_path / 'st2' / 'test.json'} is in use by another running daemon") in caplog.text
 
 
 def test_a_reload_that_turns_a_latch_on_is_checked_as_the_next_start_would_be(tmp_path, synthetic_cfg,

@@ -227,12 +227,40 @@ class LatchStore:
             if closed:
                 return
 
+    def write_now(self, records: list[dict]) -> OSError | None:
+        """Write ``records`` in the calling thread, before the writer thread has run (a reload
+        moving the file must know it is written before it lets go of the old one); the error,
+        not logged, when it is not."""
+        with self._cond:
+            if self._thread is not None or self._closed:
+                raise RuntimeError("write_now after the writer started")
+        self._wanted = records
+        try:
+            atomic_write_text(self.path, _text(records))
+            self._chown(self.path)
+        except OSError as e:
+            return e
+        self._written = records
+        return None
+
+    def remove(self) -> None:
+        """Delete the file and its lock file once closed (its alarms moved to another file), so
+        that a config pointing here again later does not raise them again."""
+        if self._lock_fh is not None or (self._thread is not None and self._thread.is_alive()):
+            raise RuntimeError("remove before close")
+        for f in (self.path, self.path.with_name(self.path.name + ".lock")):
+            try:
+                f.unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                log.warning("%s: cannot remove %s (%s): a config naming it again would raise what "
+                            "it holds", self.source_file, f, e.strerror or e)
+
     def _write(self, records: list[dict]) -> None:
         self._wanted = records
-        text = json.dumps({"version": FORMAT_VERSION, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                           "latched": records}, indent=1) + "\n"
         try:
-            atomic_write_text(self.path, text)
+            atomic_write_text(self.path, _text(records))
             self._chown(self.path)
         except OSError as e:
             if not self._failing:
@@ -286,6 +314,11 @@ def _give_to_owner_of(above: Path, folder: Path) -> tuple[int, int] | None:
             break
         p = p.parent
     return st.st_uid, st.st_gid
+
+
+def _text(records: list[dict]) -> str:
+    return json.dumps({"version": FORMAT_VERSION, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "latched": records}, indent=1) + "\n"
 
 
 def _parse(text: str) -> list[dict]:

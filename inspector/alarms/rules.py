@@ -423,14 +423,35 @@ class AlarmEngine:
         with self._lock:
             return {a.rule.name: a.raised for a in self._alarms}
 
+    def latched_records(self) -> list[dict]:
+        """The latched set as the store keeps it."""
+        with self._lock:
+            return self._records()
+
+    def _records(self) -> list[dict]:
+        return [{"name": a.rule.name, "type": a.rule.type, "since": a.latched_at,
+                 "detail": a.latch_detail} for a in self._alarms if a.latched]
+
+    def move_store(self, new: LatchStore) -> LatchStore | None:
+        """Keep the latched set in ``new`` from now on (a reload moving the file; ``new`` holds
+        what :meth:`latched_records` gave, written); returns the old store, for the caller to
+        close. What latched or cleared since goes to ``new``, never to the old one."""
+        with self._lock:
+            old, self.store = self.store, new
+            self._kept = new.held
+            kept = self._records()
+            if kept != self._kept:
+                self._kept = kept
+                new.submit(kept)
+        return old
+
     def _keep_latched(self) -> None:
         # A latch is only ever set by an update that changed the output, released by ack(), or
         # dropped with its rule by set_rules(): the callers of those run this after them.
         if self.store is None:
             return
         with self._lock:
-            kept = [{"name": a.rule.name, "type": a.rule.type, "since": a.latched_at,
-                     "detail": a.latch_detail} for a in self._alarms if a.latched]
+            kept = self._records()
             if kept == self._kept:
                 return
             self._kept = kept
