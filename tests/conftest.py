@@ -1,8 +1,8 @@
 from __future__ import annotations
 
+import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "deploy" / "models" / "demo-arcd"
@@ -33,10 +35,22 @@ logging.getLogger().setLevel(logging.INFO)
 """
 
 
+@pytest.fixture(autouse=True)
+def _inspector_environment_left_as_found():
+    """The INSPECTOR_* variables name folders every later test in the process (and every CLI run
+    it starts) would write to: a test that leaves one set sends them to a fixed host path."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("INSPECTOR_")}
+    yield
+    after = {k: v for k, v in os.environ.items() if k.startswith("INSPECTOR_")}
+    if after != before:
+        os.environ.update(before)
+        for k in set(after) - set(before):
+            del os.environ[k]
+        pytest.fail(f"the test changed the environment: {before} -> {after}")
+
+
 def free_endpoint() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 def write_config(path: Path, cfg: dict) -> Path:

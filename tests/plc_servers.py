@@ -13,6 +13,8 @@ import socket
 import threading
 import time
 
+from ports import free_port
+
 
 #: the alarm set the PLC tests share: three NEU classes, a latched rule that fires on any defect
 #: and one that never fires (no defect is that large: its bit must stay 0 on the PLC)
@@ -24,10 +26,6 @@ NAMES = tuple(r["name"] for r in RULES)
 FAST = {"heartbeat_s": 0.1, "retry_backoff_s": [0.05, 0.3], "timeout_s": 1.0}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(pred, timeout: float = 30.0, what: str = "condition", every: float = 0.05):

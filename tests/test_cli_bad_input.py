@@ -4,19 +4,15 @@ and the right exit code, never a traceback or a run that silently does nothing."
 
 from __future__ import annotations
 
-import socket
 import threading
 
 import pytest
 import zmq
 
 from conftest import run_cli
+from ports import free_port
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_bad_endpoint_is_named():
@@ -53,14 +49,14 @@ def test_counts_and_durations_must_make_sense(args, why):
 def test_unwritable_mask_folder_is_named(tmp_path):
     blocker = tmp_path / "masks"
     blocker.write_text("a file where the folder should be")
-    r = run_cli("subscribe", "--endpoint", f"tcp://127.0.0.1:{_free_port()}", "--count", "1",
+    r = run_cli("subscribe", "--endpoint", f"tcp://127.0.0.1:{free_port()}", "--count", "1",
                 "--save-masks", str(blocker), timeout=60)
     assert r.returncode == 2 and f"--save-masks {blocker}: cannot create the folder" in r.stderr, r.stderr
 
 
 def test_foreign_publisher_is_one_line_not_a_traceback():
     """Pointed at a ZeroMQ publisher that is not an inspector (wrong port, another system)."""
-    port = _free_port()
+    port = free_port()
     ctx = zmq.Context()
     pub = ctx.socket(zmq.PUB)
     pub.setsockopt(zmq.LINGER, 0)
