@@ -808,8 +808,10 @@ def git_commit(start: Path) -> tuple[str | None, bool | None]:
     ``start``, for a bundle's provenance; None where git or the checkout is absent."""
     def git(*args: str) -> str | None:
         try:
+            # its own session: a terminal's Ctrl-C reaches the whole foreground group, and an
+            # export holding that stop until its bundle is whole must not lose its commit to it
             out = subprocess.run(["git", *args], cwd=start, capture_output=True, text=True,
-                                 timeout=10, check=True)
+                                 timeout=10, check=True, start_new_session=True)
         except (OSError, subprocess.SubprocessError):
             return None
         return out.stdout.strip()

@@ -119,7 +119,7 @@ def _check(args: argparse.Namespace) -> int:
     from inspector.sources import make_source
 
     cfg = _load(args.config)
-    unit_env = _unit_environment(args.config) if args.user else []
+    unit_env = _take_unit_environment(args.config) if args.user else []
     as_user, hidden = _check_user(cfg, args.user) if args.user else (None, [])  # before root opens anything
     model = load_model(cfg)
     spec = model.bundle.spec
@@ -268,25 +268,61 @@ UNIT_ENV_KEYS = ("INSPECTOR_STATE", "INSPECTOR_RECORDINGS", "INSPECTOR_ENGINE_CA
 DEFAULT_UNIT = "/etc/systemd/system/inspector@.service"
 
 
-def _unit_environment(config: str | None = None) -> list[str]:
-    """``check --user`` asks as the service: take the installed unit's ``Environment=`` paths
-    that this shell does not set (a root shell has none of them), so the defaults resolve as
-    under the unit. The unit file, then its drop-ins (``inspector@.service.d/*.conf`` and the
-    camera's own ``inspector@<config stem>.service.d/*.conf``), as systemd reads them: the
-    ``[Service]`` section only, quoted and several assignments per line, the last one winning,
-    an empty ``Environment=`` clearing what came before. Returns what was taken, for the summary."""
+#: systemd's specifiers for a system unit that a path in Environment= may use (systemd.unit(5));
+#: %i and the unit names are filled in from the camera
+_SYSTEM_SPECIFIERS = {"%": "%", "S": "/var/lib", "C": "/var/cache", "L": "/var/log", "t": "/run",
+                      "T": "/tmp", "V": "/var/tmp", "p": "inspector", "P": "inspector"}
+
+
+def _unit_files(unit: Path, instance: str | None) -> list[Path]:
+    """The unit file, then its drop-ins as systemd orders them: the ``*.conf`` of the camera's
+    own ``inspector@<instance>.service.d`` and the template's ``inspector@.service.d`` sorted
+    together by file name, a name in the camera's folder hiding the template's."""
+    dirs = []
+    if instance:
+        dirs.append(unit.with_name(unit.name.replace("@.", f"@{instance}.") + ".d"))
+    dirs.append(unit.with_name(unit.name + ".d"))
+    by_name: dict[str, Path] = {}
+    for d in dirs:
+        for f in (d.glob("*.conf") if d.is_dir() else []):
+            by_name.setdefault(f.name, f)
+    return [unit] + [by_name[n] for n in sorted(by_name)]
+
+
+def _expand_specifiers(value: str, instance: str | None) -> str | None:
+    """``value`` with systemd's specifiers filled in; None when it uses one not known here."""
+    spec = dict(_SYSTEM_SPECIFIERS)
+    if instance:
+        spec.update({"i": instance, "I": instance, "n": f"inspector@{instance}.service",
+                     "N": f"inspector@{instance}"})
+    out, i = [], 0
+    while i < len(value):
+        c = value[i]
+        if c != "%":
+            out.append(c)
+            i += 1
+            continue
+        key = value[i + 1:i + 2]
+        if key not in spec:
+            return None
+        out.append(spec[key])
+        i += 2
+    return "".join(out)
+
+
+def _unit_environment(config: str | None = None) -> tuple[dict[str, str], list[Path]]:
+    """What the installed unit sets of the paths the service's defaults come from
+    (:data:`UNIT_ENV_KEYS`), and the files read. The unit file, then its drop-ins
+    (:func:`_unit_files`), as systemd reads them: the ``[Service]`` section only, quoted and
+    several assignments per line, the last one winning, an empty ``Environment=`` clearing what
+    came before, specifiers (``%S``, ``%i``, ``%%``, ...) filled in."""
     import shlex
 
     unit = Path(os.environ.get("INSPECTOR_UNIT", DEFAULT_UNIT))
-    files = [unit]
-    dropins = [unit.with_name(unit.name + ".d")]
-    if config:
-        dropins.append(unit.with_name(unit.name.replace("@.", f"@{Path(config).stem}.") + ".d"))
-    for d in dropins:
-        files += sorted(d.glob("*.conf")) if d.is_dir() else []
+    instance = Path(config).stem if config else None
     env: dict[str, str] = {}
     read = []
-    for f in files:
+    for f in _unit_files(unit, instance):
         try:
             lines = f.read_text().splitlines()
         except OSError:
@@ -312,13 +348,30 @@ def _unit_environment(config: str | None = None) -> list[str]:
                 continue  # unbalanced quotes: systemd refuses the line as well
             for w in words:
                 key, eq, val = w.partition("=")
-                if eq:
-                    env[key] = val
+                if not eq:
+                    continue
+                expanded = _expand_specifiers(val, instance)
+                if expanded is None:
+                    if key in UNIT_ENV_KEYS:
+                        log.warning("check --user: %s: %s=%s uses a specifier this check does not "
+                                    "know; set %s in the shell to check that folder", f, key, val, key)
+                    env.pop(key, None)
+                    continue
+                env[key] = expanded
+    return {k: env[k] for k in UNIT_ENV_KEYS if k in env}, read
+
+
+def _take_unit_environment(config: str | None) -> list[str]:
+    """``check --user`` asks as the service: take the installed unit's paths (see
+    :func:`_unit_environment`) that this shell does not set (a root shell has none of them), so
+    the defaults resolve as under the unit; a one-shot command, so into ``os.environ``. Returns
+    what was taken, for the summary."""
+    env, read = _unit_environment(config)
     taken = []
-    for key in UNIT_ENV_KEYS:
-        if key in env and key not in os.environ:
-            os.environ[key] = env[key]  # a one-shot command: the rest of the check resolves with it
-            taken.append(f"{key}={env[key]}")
+    for key, val in env.items():
+        if key not in os.environ:
+            os.environ[key] = val
+            taken.append(f"{key}={val}")
     if taken:
         log.info("check --user: from %s: %s", ", ".join(str(f) for f in read), ", ".join(taken))
     return taken

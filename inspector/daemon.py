@@ -410,17 +410,19 @@ class Daemon:
         return new.alarms.latch_file, store
 
     def _move_latched(self, to: LatchStore) -> bool:
-        """Write the latched set into ``to``, switch the engine to it and remove the old file;
-        False (logged, the old file kept in use) when ``to`` cannot be written."""
+        """Write the latched set into ``to`` (a file a reload takes: what it held before is
+        replaced, and said), switch the engine to it and remove the old file; False (logged, the
+        old file kept in use) when ``to`` cannot be written."""
         engine = self.engine
         found = [r["name"] for r in to.load()]
         kept = engine.latched_records()
         err = to.write_now(kept)
         if err is not None:
             to.close()
-            log.error("reload: %s: alarms.latch_file: cannot write %s (%s); latched alarms stay in "
-                      "%s until a restart, which reads the new file", self.cfg.source_file, to.path,
-                      err.strerror or err, engine.store.path)
+            log.error("reload: %s: alarms.latch_file: cannot write %s (%s); %s", self.cfg.source_file,
+                      to.path, err.strerror or err,
+                      f"latched alarms stay in {engine.store.path} until a restart, which reads the "
+                      "new file" if engine.store is not None else "latched alarms are not kept")
             return False
         names = [r["name"] for r in kept]
         gone = [n for n in found if n not in names]
@@ -428,11 +430,13 @@ class Daemon:
             log.warning("reload: %s held %s, not latched in this run: replaced by what is latched now",
                         to.path, ", ".join(gone))
         was = engine.move_store(to)
-        if was is not None:
-            was.close()
-            was.remove()
+        if was is None:
+            log.info("reload: latched alarms are kept in %s from now on", to.path)
+            return True
+        was.close()
+        was.remove()
         log.info("reload: latched alarms (%s) moved from %s to %s", ", ".join(names) or "none",
-                 was.path if was is not None else "-", to.path)
+                 was.path, to.path)
         return True
 
     def reload(self) -> bool:
@@ -486,20 +490,15 @@ class Daemon:
             geometry = Geometry.of(new.geometry)
             warm = p.swap_model(model, geometry)
             if self.engine is not None:
-                if new_store is not None:
-                    self.engine.store = new_store
-                    log.info("reload: latched alarms are kept in %s from now on", new_store.path)
                 self.engine.set_rules(new.alarms)
-                if move_to is not None:
-                    if not self._move_latched(move_to):
-                        latch_file = old.alarms.latch_file
-                        later.append("alarms.latch_file")
-                    move_to = None
+                take, new_store, move_to = new_store or move_to, None, None
+                if take is not None and not self._move_latched(take):
+                    latch_file = old.alarms.latch_file
+                    later.append("alarms.latch_file")
         except Exception as e:
-            if new_store is not None and (self.engine is None or self.engine.store is not new_store):
-                new_store.close()  # the reload failed after taking the file: let it go
-            if move_to is not None:
-                move_to.close()
+            for taken in (new_store, move_to):
+                if taken is not None:
+                    taken.close()  # the reload failed after taking the file: let it go
             self.reloads["failed"] += 1
             log.error("reload failed, the running model and rules stay: %s", e)
             n.send("READY=1", f"STATUS=reload failed ({first_line(e)[:200]}); running on")

@@ -36,12 +36,24 @@ def decode_file(path: Path, flag: int) -> np.ndarray:
     raw = data.tobytes()
     if raw[:2] == b"\xff\xd8" and _jpeg_truncated(raw):
         raise UnreadableImage("truncated JPEG: no end-of-image marker after its image data")
-    if raw[:8] == _PNG_SIGNATURE and raw.rfind(b"IEND") < 0:
+    if raw[:8] == _PNG_SIGNATURE and _png_truncated(raw):
         raise UnreadableImage("truncated PNG: no IEND chunk")
     img = cv2.imdecode(data, flag)
     if img is None:
         raise UnreadableImage("not an image OpenCV can decode")
     return img
+
+
+def _png_truncated(raw: bytes) -> bool:
+    """Whether a PNG's chunks, walked by their lengths, run out before its IEND chunk (the four
+    letters alone may occur inside a text chunk or the compressed data of a file cut short)."""
+    at = len(_PNG_SIGNATURE)
+    while at + 8 <= len(raw):
+        length = int.from_bytes(raw[at:at + 4], "big")
+        if raw[at + 4:at + 8] == b"IEND":
+            return False
+        at += 12 + length  # length, type, data, CRC
+    return True
 
 
 def _jpeg_truncated(raw: bytes) -> bool:

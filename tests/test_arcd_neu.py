@@ -480,8 +480,9 @@ def test_shipped_arcd_bundles_say_stage_1_only_where_an_r_trained(name):
     prov = load_bundle(Path(__file__).resolve().parents[1] / "deploy" / "models" / name).spec.provenance
     tc = prov["training_config"]
     has_r = tc["model"].get("reconstruction", True) and tc["stage1"]["steps"] > 0
-    stage1 = prov["data"].split("stage 1", 1)[1]
-    assert ("simulated anomalies" in stage1) == bool(has_r), prov["data"]
+    for text in (prov["data"], prov["metrics"]["data"]):
+        stage1 = text.split("stage 1", 1)[1]
+        assert ("simulated anomalies" in stage1) == bool(has_r), text
 
 
 def test_evaluate_engine_torch_without_torch_says_what_to_install(tmp_path, toy_bundle):

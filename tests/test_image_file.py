@@ -3,6 +3,8 @@ data-set readers (training, evaluation, calibration) and by the replay source.""
 
 from __future__ import annotations
 
+import zlib
+
 import cv2
 import numpy as np
 import pytest
@@ -53,6 +55,15 @@ def test_a_truncated_jpeg_is_an_error_naming_it_and_a_padded_one_reads(tmp_path)
     (tmp_path / "cut.png").write_bytes(png[: len(png) // 2])
     with pytest.raises(ValueError, match="cut.png: cannot read the image \\(truncated PNG: no IEND chunk\\)"):
         read_image(tmp_path / "cut.png")
+    # the four letters inside a text chunk ahead of the image data do not make a cut file whole
+    text = b"Comment\0an IEND inside"
+    chunk = len(text).to_bytes(4, "big") + b"tEXt" + text + zlib.crc32(b"tEXt" + text).to_bytes(4, "big")
+    with_text = png[:33] + chunk + png[33:]  # after the signature and IHDR
+    (tmp_path / "text_ok.png").write_bytes(with_text)
+    assert read_image(tmp_path / "text_ok.png").shape[:2] == (64, 64)
+    (tmp_path / "text_cut.png").write_bytes(with_text[: len(with_text) // 2])
+    with pytest.raises(ValueError, match="text_cut.png: cannot read the image \\(truncated PNG: no IEND chunk\\)"):
+        read_image(tmp_path / "text_cut.png")
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(ValueError, match="text.png: cannot read the image \\(not an image OpenCV can decode\\)"):
         read_image(tmp_path / "text.png")

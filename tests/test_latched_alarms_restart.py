@@ -511,17 +511,29 @@ def test_a_reload_that_turns_a_latch_on_is_checked_as_the_next_start_would_be(tm
         assert "reload failed, the running model and rules stay: " in caplog.text
         assert (f"alarms.latch_file: cannot write the latched-alarm file's folder {tmp_path / 'blocker'} "
                 f"({tmp_path / 'blocker'} is a file, not a folder)") in caplog.text
-        # a file it can keep: taken from this reload on
+        # a file it can keep: taken from this reload on; what an earlier run left in it is
+        # replaced at once (it was neither raised now nor meant to come back at the next start)
+        st = tmp_path / "st" / "test.json"
+        st.parent.mkdir()
+        st.write_text(json.dumps({"version": 1, "latched": [
+            {"name": "scratch", "type": "defect", "since": "2026-10-01T00:00:00+0000", "detail": "old run"}]}))
         _reload_with(d, cam, {**raw, "alarms": {"rules": RULES, "latch_file": "st/test.json"}})
         assert d.reloads == {"ok": 1, "failed": 1}
-        wait_file(tmp_path / "st" / "test.json", lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+        assert "scratch" not in [r["name"] for r in json.loads(st.read_text())["latched"]]
+        wait_file(st, lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+        assert d.cfg.alarms.latch_file == "st/test.json"  # what runs, for the next reload to compare
+        _reload_with(d, cam, {**raw, "alarms": {"rules": RULES, "latch_file": "st/test.json"}})
+        assert d.reloads == {"ok": 2, "failed": 1}
     run_daemon(cam, lambda d: d.pipeline is not None and d.pipeline.counters.snapshot()["published"] >= 2,
                then=reloads)
-    assert f"reload: latched alarms are kept in {tmp_path / 'st' / 'test.json'} from now on" in caplog.text
+    st = tmp_path / "st" / "test.json"
+    assert f"reload: latched alarms are kept in {st} from now on" in caplog.text
+    assert f"reload: {st} held scratch, not latched in this run: replaced by what is latched now" in caplog.text
+    assert "alarms.latch_file changed" not in caplog.text
 
 
 def test_the_units_environment_is_read_as_systemd_reads_it(tmp_path, monkeypatch):
-    from inspector.cli import _unit_environment
+    from inspector.cli import _take_unit_environment, _unit_environment
 
     unit = tmp_path / "inspector@.service"
     unit.write_text("[Unit]\nEnvironment=INSPECTOR_STATE=/not/service\n"
@@ -530,17 +542,37 @@ def test_the_units_environment_is_read_as_systemd_reads_it(tmp_path, monkeypatch
                     'Environment="INSPECTOR_STATE=/srv/st" PYTHONUNBUFFERED=1\n'
                     "Environment='INSPECTOR_RECORDINGS=/srv/rec dir'\n"
                     "[Install]\nEnvironment=INSPECTOR_ENGINE_CACHE=/not/service\n")
-    (tmp_path / "inspector@.service.d").mkdir()
-    (tmp_path / "inspector@.service.d" / "10-site.conf").write_text("[Service]\nEnvironment=INSPECTOR_ENGINE_CACHE=/srv/eng\n")
-    (tmp_path / "inspector@line1.service.d").mkdir()
-    (tmp_path / "inspector@line1.service.d" / "override.conf").write_text("[Service]\nEnvironment=INSPECTOR_STATE=/srv/line1\n")
+    template, camera = tmp_path / "inspector@.service.d", tmp_path / "inspector@line1.service.d"
+    template.mkdir()
+    camera.mkdir()
+    (template / "10-site.conf").write_text("[Service]\nEnvironment=INSPECTOR_ENGINE_CACHE=%S/inspector/engines\n")
+    (camera / "50-camera.conf").write_text("[Service]\nEnvironment=INSPECTOR_STATE=/srv/line1\n")
     monkeypatch.setenv("INSPECTOR_UNIT", str(unit))
+    assert _unit_environment("/etc/inspector/cameras/line1.yaml")[0] == {
+        "INSPECTOR_STATE": "/srv/line1", "INSPECTOR_RECORDINGS": "/srv/rec dir",
+        "INSPECTOR_ENGINE_CACHE": "/var/lib/inspector/engines"}
+    # systemd sorts the drop-ins of both folders together by name: the template's 90-site.conf
+    # comes after the camera's 50-camera.conf, and a name in the camera's folder hides the template's
+    (template / "90-site.conf").write_text("[Service]\nEnvironment=INSPECTOR_STATE=/srv/site/%i-%%x\n")
+    (template / "20-rec.conf").write_text("[Service]\nEnvironment=INSPECTOR_RECORDINGS=/srv/template-rec\n")
+    (camera / "20-rec.conf").write_text("[Service]\n")
+    env, read = _unit_environment("/etc/inspector/cameras/line1.yaml")
+    assert env == {"INSPECTOR_STATE": "/srv/site/line1-%x", "INSPECTOR_RECORDINGS": "/srv/rec dir",
+                   "INSPECTOR_ENGINE_CACHE": "/var/lib/inspector/engines"}
+    assert read == [unit, template / "10-site.conf", camera / "20-rec.conf", camera / "50-camera.conf",
+                    template / "90-site.conf"]
+    # another camera reads the template's folder only
+    assert _unit_environment("other.yaml")[0]["INSPECTOR_RECORDINGS"] == "/srv/template-rec"
+    # a specifier this check cannot fill in is not guessed at
+    (template / "95-odd.conf").write_text("[Service]\nEnvironment=INSPECTOR_STATE=%H/st\n")
+    assert "INSPECTOR_STATE" not in _unit_environment("other.yaml")[0]
+
+    # what check --user takes: only what the shell does not set; the shell's own value stays
+    (template / "95-odd.conf").unlink()
     for k in ("INSPECTOR_STATE", "INSPECTOR_RECORDINGS", "INSPECTOR_ENGINE_CACHE"):
-        monkeypatch.delenv(k, raising=False)
-    assert _unit_environment("/etc/inspector/cameras/line1.yaml") == [
-        "INSPECTOR_STATE=/srv/line1", "INSPECTOR_RECORDINGS=/srv/rec dir", "INSPECTOR_ENGINE_CACHE=/srv/eng"]
-    monkeypatch.setenv("INSPECTOR_STATE", "/from/shell")  # the shell's own value stays
-    monkeypatch.delenv("INSPECTOR_RECORDINGS")
-    monkeypatch.delenv("INSPECTOR_ENGINE_CACHE")
-    assert _unit_environment("other.yaml")[0] == "INSPECTOR_RECORDINGS=/srv/rec dir"
+        monkeypatch.setenv(k, "x")  # so that monkeypatch restores the variables check --user sets
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("INSPECTOR_STATE", "/from/shell")
+    assert _take_unit_environment("other.yaml") == [
+        "INSPECTOR_RECORDINGS=/srv/template-rec", "INSPECTOR_ENGINE_CACHE=/var/lib/inspector/engines"]
     assert os.environ["INSPECTOR_STATE"] == "/from/shell"
