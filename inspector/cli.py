@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -274,27 +275,41 @@ _SYSTEM_SPECIFIERS = {"%": "%", "S": "/var/lib", "C": "/var/cache", "L": "/var/l
                       "T": "/tmp", "V": "/var/tmp", "p": "inspector", "P": "inspector"}
 
 
+#: where systemd looks for a system unit's drop-ins, highest priority first (systemd.unit(5))
+_SYSTEM_UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/usr/local/lib/systemd/system",
+                     "/usr/lib/systemd/system")
+
+
 def _unit_files(unit: Path, instance: str | None) -> list[Path]:
     """The unit file, then its drop-ins as systemd orders them: the ``*.conf`` of the camera's
-    own ``inspector@<instance>.service.d`` and the template's ``inspector@.service.d`` sorted
-    together by file name, a name in the camera's folder hiding the template's."""
-    dirs = []
-    if instance:
-        dirs.append(unit.with_name(unit.name.replace("@.", f"@{instance}.") + ".d"))
-    dirs.append(unit.with_name(unit.name + ".d"))
+    own ``inspector@<instance>.service.d``, the template's ``inspector@.service.d`` and the
+    ``service.d`` of every service, in each unit folder (the installed unit's, and for the
+    default unit systemd's other folders), sorted together by file name, a name in a folder of
+    higher priority hiding the others of that name."""
+    roots = [unit.parent]
+    if "INSPECTOR_UNIT" not in os.environ:
+        roots += [Path(d) for d in _SYSTEM_UNIT_DIRS if Path(d) != unit.parent]
+    names = ([unit.name.replace("@.", f"@{instance}.")] if instance else []) + [unit.name]
     by_name: dict[str, Path] = {}
-    for d in dirs:
-        for f in (d.glob("*.conf") if d.is_dir() else []):
-            by_name.setdefault(f.name, f)
+    for root in roots:
+        for d in [root / f"{n}.d" for n in names] + [root / "service.d"]:
+            for f in (sorted(d.glob("*.conf")) if d.is_dir() else []):
+                by_name.setdefault(f.name, f)
     return [unit] + [by_name[n] for n in sorted(by_name)]
+
+
+def _unescape_instance(instance: str) -> str:
+    """``%I``: systemd's unescaping of an instance name ("-" is "/", ``\\xNN`` a byte)."""
+    out = re.sub(r"\\x([0-9a-fA-F]{2})", lambda m: chr(int(m.group(1), 16)), instance.replace("-", "/"))
+    return out
 
 
 def _expand_specifiers(value: str, instance: str | None) -> str | None:
     """``value`` with systemd's specifiers filled in; None when it uses one not known here."""
     spec = dict(_SYSTEM_SPECIFIERS)
     if instance:
-        spec.update({"i": instance, "I": instance, "n": f"inspector@{instance}.service",
-                     "N": f"inspector@{instance}"})
+        spec.update({"i": instance, "I": _unescape_instance(instance),
+                     "n": f"inspector@{instance}.service", "N": f"inspector@{instance}"})
     out, i = [], 0
     while i < len(value):
         c = value[i]
@@ -310,17 +325,67 @@ def _expand_specifiers(value: str, instance: str | None) -> str | None:
     return "".join(out)
 
 
+def _assignments(words: list[str], instance: str | None, where: Path, env: dict[str, str]) -> None:
+    """``KEY=value`` words into ``env``, specifiers filled in; one with a specifier this check
+    does not know is skipped, as systemd skips an assignment it cannot resolve."""
+    for w in words:
+        key, eq, val = w.partition("=")
+        if not eq:
+            continue
+        expanded = _expand_specifiers(val, instance)
+        if expanded is None:
+            if key in UNIT_ENV_KEYS:
+                log.warning("check --user: %s: %s=%s uses a specifier this check does not know; "
+                            "set %s in the shell to check that folder", where, key, val, key)
+            continue
+        env[key] = expanded
+
+
+def _environment_file(spec: str, instance: str | None, where: Path) -> tuple[dict[str, str], Path | None]:
+    """The variables of one ``EnvironmentFile=`` (``-`` in front: a missing file is no error)."""
+    import shlex
+
+    optional = spec.startswith("-")
+    name = _expand_specifiers(spec.lstrip("-"), instance)
+    env: dict[str, str] = {}
+    if name is None:
+        return env, None
+    path = Path(name)
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        if not optional:
+            log.warning("check --user: %s: EnvironmentFile=%s cannot be read (%s): systemd would not "
+                        "start the service", where, spec, e.strerror or e)
+        return env, None
+    for line in lines:
+        line = line.strip()
+        if not line or line[0] in "#;":
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError:
+            continue
+        for w in words:  # the file's values are taken as they are: no specifiers there
+            key, eq, val = w.partition("=")
+            if eq:
+                env[key] = val
+    return env, path
+
+
 def _unit_environment(config: str | None = None) -> tuple[dict[str, str], list[Path]]:
     """What the installed unit sets of the paths the service's defaults come from
     (:data:`UNIT_ENV_KEYS`), and the files read. The unit file, then its drop-ins
     (:func:`_unit_files`), as systemd reads them: the ``[Service]`` section only, quoted and
     several assignments per line, the last one winning, an empty ``Environment=`` clearing what
-    came before, specifiers (``%S``, ``%i``, ``%%``, ...) filled in."""
+    came before, specifiers (``%S``, ``%i``, ``%%``, ...) filled in, and the files
+    ``EnvironmentFile=`` names read last, over ``Environment=``."""
     import shlex
 
     unit = Path(os.environ.get("INSPECTOR_UNIT", DEFAULT_UNIT))
     instance = Path(config).stem if config else None
     env: dict[str, str] = {}
+    env_files: list[tuple[str, Path]] = []
     read = []
     for f in _unit_files(unit, instance):
         try:
@@ -336,7 +401,16 @@ def _unit_environment(config: str | None = None) -> tuple[dict[str, str], list[P
             if line.startswith("["):
                 section = line
                 continue
-            if section != "[Service]" or not line.startswith("Environment="):
+            if section != "[Service]":
+                continue
+            if line.startswith("EnvironmentFile="):
+                value = line[len("EnvironmentFile="):].strip()
+                if value:
+                    env_files.append((value, f))
+                else:
+                    env_files.clear()
+                continue
+            if not line.startswith("Environment="):
                 continue
             value = line[len("Environment="):]
             if not value.strip():
@@ -346,18 +420,12 @@ def _unit_environment(config: str | None = None) -> tuple[dict[str, str], list[P
                 words = shlex.split(value)
             except ValueError:
                 continue  # unbalanced quotes: systemd refuses the line as well
-            for w in words:
-                key, eq, val = w.partition("=")
-                if not eq:
-                    continue
-                expanded = _expand_specifiers(val, instance)
-                if expanded is None:
-                    if key in UNIT_ENV_KEYS:
-                        log.warning("check --user: %s: %s=%s uses a specifier this check does not "
-                                    "know; set %s in the shell to check that folder", f, key, val, key)
-                    env.pop(key, None)
-                    continue
-                env[key] = expanded
+            _assignments(words, instance, f, env)
+    for spec, where in env_files:
+        more, path = _environment_file(spec, instance, where)
+        env.update(more)
+        if path is not None:
+            read.append(path)
     return {k: env[k] for k in UNIT_ENV_KEYS if k in env}, read
 
 

@@ -382,22 +382,24 @@ class Daemon:
         self._reload_thread.start()
 
     def _latch_move(self, new: InspectorConfig, later: list[str]) -> tuple[str | None, LatchStore | None]:
-        """A reload changed ``alarms.latch_file``: the store the running latched set moves to
+        """A reload changed ``alarms.latch_file`` or ``camera_id`` (which names the default
+        file): the store the running latched set moves to
         (opened: a file the next start would refuse fails the reload, naming the key), with the
         ``latch_file`` the daemon then runs with; ``later`` gets the key where it is not moved."""
         old = self.cfg.alarms.latch_file
+        key = ["alarms.latch_file"] if new.alarms.latch_file != old else []
         cur = self.engine.store if self.engine is not None else None
         path = latch_path(new.alarms.latch_file, new.camera_id, new.base_dir)
         if cur is None:
             if self.engine is not None and any(r.latch for r in new.alarms.rules):
                 return new.alarms.latch_file, None  # taken below (new_store), as a start would
-            later.append("alarms.latch_file")  # nothing is kept now: the next start takes it
+            later += key  # nothing is kept now: the next start takes it
             return old, None
         if path is not None and path.resolve() == cur.path.resolve():
             return new.alarms.latch_file, None  # another spelling of the same file
         if path is None:
             held = self.engine.latched_names()
-            later.append("alarms.latch_file")
+            later += key
             if held:
                 log.warning("reload: alarms.latch_file no longer names a file and %s is not set: "
                             "%s latched now stay%s in %s until a restart, which keeps nothing",
@@ -405,7 +407,7 @@ class Daemon:
             return old, None
         store = latch_store_for(new)
         if store is None:  # no rule latches and the new folder cannot be used: said as a warning
-            later.append("alarms.latch_file")
+            later += key
             return old, None
         return new.alarms.latch_file, store
 
@@ -433,8 +435,7 @@ class Daemon:
         if was is None:
             log.info("reload: latched alarms are kept in %s from now on", to.path)
             return True
-        was.close()
-        was.remove()
+        was.retire()
         log.info("reload: latched alarms (%s) moved from %s to %s", ", ".join(names) or "none",
                  was.path, to.path)
         return True
@@ -458,7 +459,8 @@ class Daemon:
             later = [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]
             if new.alarms.drivers != old.alarms.drivers:
                 later.append("alarms.drivers")
-            if new.alarms.latch_file != old.alarms.latch_file:
+            if new.alarms.latch_file != old.alarms.latch_file or new.camera_id != old.camera_id:
+                # the default file is named by the camera id: a rename moves it as well
                 latch_file, move_to = self._latch_move(new, later)
             model: LoadedModel = load_model(new)
             if model.bundle.spec.classes != p.model.bundle.spec.classes:

@@ -12,14 +12,25 @@ import os
 import random
 import socket
 
-LOW, HIGH = 20000, 32000  # below Linux's default ip_local_port_range (32768-60999)
+LOW = 20000
+
+
+def _ephemeral_low() -> int:
+    """Where the kernel's own range starts (ip_local_port_range; Linux's default 32768)."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _slice() -> range:
+    high = max(LOW + 1000, min(32000, _ephemeral_low()))
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    count = max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
-    index = int(worker[2:]) if worker[2:].isdigit() else 0
-    size = (HIGH - LOW) // count
+    count = min(max(1, int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))), 100)
+    # a worker that replaces a crashed one is numbered past the count: it takes the slot the
+    # crashed one left
+    index = (int(worker[2:]) if worker[2:].isdigit() else 0) % count
+    size = (high - LOW) // count
     return range(LOW + index * size, LOW + (index + 1) * size)
 
 

@@ -468,6 +468,62 @@ def test_a_reload_that_moves_the_file_carries_the_latched_alarms_over(tmp_path, 
     assert "alarms.latch_file changed; that takes effect after a restart" not in caplog.text
 
 
+def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(tmp_path, monkeypatch):
+    # retiring the old file while its writer sits in a slow write: used to raise "remove before
+    # close" after the swap (a reload reported failed that had taken effect), and the old writer
+    # then put the file back
+    old, new = tmp_path / "st" / "cam.json", tmp_path / "st2" / "cam.json"
+    e, store = engine(old)
+    slow = threading.Event()
+    real = latch_mod.atomic_write_text
+
+    def write(path, text):
+        if path == old:
+            slow.set()
+            time.sleep(0.5)
+        real(path, text)
+    monkeypatch.setattr(latch_mod, "atomic_write_text", write)
+    e.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect()]})
+    assert slow.wait(5)  # the old writer is inside its write
+    to = LatchStore(new, "cam.yaml")
+    to.open()
+    assert to.write_now(e.latched_records()) is None
+    t0 = time.monotonic()
+    e.move_store(to).retire()
+    assert time.monotonic() - t0 < 0.3  # the reload does not wait for the slow disk
+    deadline = time.monotonic() + 5
+    while (old.exists() or old.with_name("cam.json.lock").exists()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    assert not old.exists() and not old.with_name("cam.json.lock").exists()
+    assert [r["name"] for r in json.loads(new.read_text())["latched"]] == ["any_defect"]
+    e.ack_names(["any_defect"], by="test")
+    wait_file(new, lambda data: data["latched"] == [])
+    assert not old.exists()
+    to.close()
+
+
+def test_a_reload_that_renames_the_camera_moves_its_default_file(tmp_path, synthetic_cfg, monkeypatch, caplog):
+    # the default file is named by camera_id: the restart a rename asks for read the new id's
+    # (empty) file and the unacknowledged alarm was gone, without a word
+    caplog.set_level(logging.INFO, logger="inspector.daemon")
+    monkeypatch.setenv(latch_mod.STATE_ENV, str(tmp_path / "state"))
+    cam = tmp_path / "cam.yaml"
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0}, alarms={"rules": RULES})
+    write_config(cam, raw)
+    old, new = tmp_path / "state" / "alarms" / "test.json", tmp_path / "state" / "alarms" / "line2.json"
+
+    def rename(d):
+        wait_file(old, lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+        _reload_with(d, cam, {**raw, "camera_id": "line2"})
+        assert d.reloads == {"ok": 1, "failed": 0}
+        assert [r["name"] for r in json.loads(new.read_text())["latched"]] == ["any_defect"]
+        assert not old.exists()
+    run_daemon(cam, lambda d: d.engine is not None and d.engine.latched_names(), then=rename)
+    assert f"reload: latched alarms (any_defect) moved from {old} to {new}" in caplog.text
+    assert "reload: camera_id changed; that takes effect after a restart" in caplog.text
+
+
 def test_a_reload_that_moves_the_file_to_one_it_cannot_keep_fails_and_keeps_the_old(tmp_path, synthetic_cfg,
                                                                                    caplog):
     cam = tmp_path / "cam.yaml"
@@ -563,12 +619,22 @@ def test_the_units_environment_is_read_as_systemd_reads_it(tmp_path, monkeypatch
                     template / "90-site.conf"]
     # another camera reads the template's folder only
     assert _unit_environment("other.yaml")[0]["INSPECTOR_RECORDINGS"] == "/srv/template-rec"
-    # a specifier this check cannot fill in is not guessed at
+    # a specifier this check cannot fill in is not guessed at: the assignment is skipped, as
+    # systemd skips one it cannot resolve; %I is the unescaped instance name
     (template / "95-odd.conf").write_text("[Service]\nEnvironment=INSPECTOR_STATE=%H/st\n")
-    assert "INSPECTOR_STATE" not in _unit_environment("other.yaml")[0]
+    assert _unit_environment("line1-top.yaml")[0]["INSPECTOR_STATE"] == "/srv/site/line1-top-%x"
+    (template / "95-odd.conf").write_text("[Service]\nEnvironment=INSPECTOR_STATE=/srv/%I\n")
+    assert _unit_environment("line1-top.yaml")[0]["INSPECTOR_STATE"] == "/srv/line1/top"
+    # EnvironmentFile= is read after every Environment=, and wins; "-": a missing file is no error
+    (tmp_path / "site.env").write_text("# site paths\nINSPECTOR_STATE='/srv/from file'\n")
+    (template / "96-file.conf").write_text(f"[Service]\nEnvironmentFile=-{tmp_path / 'none.env'}\n"
+                                           f"EnvironmentFile={tmp_path / 'site.env'}\n")
+    env, read = _unit_environment("line1-top.yaml")
+    assert env["INSPECTOR_STATE"] == "/srv/from file" and read[-1] == tmp_path / "site.env"
 
     # what check --user takes: only what the shell does not set; the shell's own value stays
     (template / "95-odd.conf").unlink()
+    (template / "96-file.conf").unlink()
     for k in ("INSPECTOR_STATE", "INSPECTOR_RECORDINGS", "INSPECTOR_ENGINE_CACHE"):
         monkeypatch.setenv(k, "x")  # so that monkeypatch restores the variables check --user sets
         monkeypatch.delenv(k)

@@ -46,7 +46,8 @@ def test_a_ctrl_c_to_the_terminals_group_does_not_cost_the_held_export_its_commi
 
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "git").write_text("#!/bin/sh\nsleep 1\necho 0123abcd\n")
+    started = tmp_path / "git-started"
+    (fake / "git").write_text(f"#!/bin/sh\ntouch {started}\nsleep 1\necho 0123abcd\n")
     (fake / "git").chmod(0o755)
     script = ("import signal, sys\n"
               "from pathlib import Path\n"
@@ -62,7 +63,10 @@ def test_a_ctrl_c_to_the_terminals_group_does_not_cost_the_held_export_its_commi
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env,
                              cwd=os.path.dirname(os.path.dirname(__file__)), start_new_session=True)
     assert child.stdout.readline().strip() == "held"
-    time.sleep(0.3)  # git is running
+    deadline = time.monotonic() + 20
+    while not started.exists():  # the first git is running
+        assert time.monotonic() < deadline, "git never started"
+        time.sleep(0.01)
     os.killpg(child.pid, signal.SIGINT)
     out, _ = child.communicate(timeout=30)
     # (the fake git answers `status` with a line, so the checkout reads as changed: True)

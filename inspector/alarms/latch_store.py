@@ -73,6 +73,10 @@ class LatchStore:
         #: what should be in the file (the last set submitted to the writer)
         self._wanted: list[dict] | None = None
         self._closed = False
+        #: moved to another file (retire): nothing more is written, the file goes
+        self._retired = False
+        #: the writer thread has ended (or is about to)
+        self._exited = False
         self._failing = False
         self._thread: threading.Thread | None = None
         self._lock_fh: IO[str] | None = None
@@ -206,6 +210,17 @@ class LatchStore:
         return ok
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            with self._cond:
+                self._exited = True
+                retired = self._retired
+            if retired:  # retire() came while a write was under way: it is done now
+                self._remove_files()
+                self._release()
+
+    def _loop(self) -> None:
         owed: list[dict] | None = None  # what a failed write still owes the file
         while True:
             with self._cond:
@@ -215,6 +230,8 @@ class LatchStore:
                     self._cond.wait(RETRY_S if owed is not None else None)
                 records, self._pending = self._pending, None
                 closed = self._closed
+                if self._retired:
+                    return
             if records is None:
                 records = owed
             if records is not None:
@@ -243,11 +260,21 @@ class LatchStore:
         self._written = records
         return None
 
-    def remove(self) -> None:
-        """Delete the file and its lock file once closed (its alarms moved to another file), so
-        that a config pointing here again later does not raise them again."""
-        if self._lock_fh is not None or (self._thread is not None and self._thread.is_alive()):
-            raise RuntimeError("remove before close")
+    def retire(self) -> None:
+        """Stop keeping this file, its alarms moved to another: nothing pending is written, and
+        the file and its lock file are removed, so that a config naming it again later does not
+        raise them again; by the writer thread once a write it is in the middle of has ended (a
+        slow disk must not hold up the reload, nor the file come back after it was removed)."""
+        with self._cond:
+            self._closed = self._retired = True
+            self._pending = None
+            self._cond.notify()
+            busy = self._thread is not None and not self._exited
+        if not busy:
+            self._remove_files()
+            self._release()
+
+    def _remove_files(self) -> None:
         for f in (self.path, self.path.with_name(self.path.name + ".lock")):
             try:
                 f.unlink()
