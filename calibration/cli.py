@@ -23,26 +23,13 @@ __all__ = ["add_calibrate_commands", "comma_floats", "comma_ints"]
 
 
 def comma_floats(text: str | None, arg: str) -> list[float] | None:
-    from calibration.frames import CalibrationInputError
-    if text is None:
-        return None
-    try:
-        vals = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        vals = []
-    if not vals:
-        raise CalibrationInputError(f"{arg}: expected a comma list of numbers, got {text!r}")
-    return vals
+    from calibration.values import comma_floats as parse
+    return parse(text, arg)
 
 
 def comma_ints(text: str | None, arg: str) -> list[int] | None:
-    from calibration.frames import CalibrationInputError
-    vals = comma_floats(text, arg)
-    if vals is None:
-        return None
-    if any(v != int(v) or v < 0 for v in vals):
-        raise CalibrationInputError(f"{arg}: expected whole numbers >= 0, got {text!r}")
-    return [int(v) for v in vals]
+    from calibration.values import comma_ints as parse
+    return parse(text, arg)
 
 
 def _load_config(path: str, bundle: str | None = None):
@@ -92,9 +79,11 @@ def _model(args: argparse.Namespace):
 def _check_frame_sources(args: argparse.Namespace) -> None:
     """The argument checks ``thresholds`` and ``convergence`` share (before any model load)."""
     from calibration.frames import CalibrationInputError
+    from calibration.values import check_count
+    check_count(args.frames, "--frames")  # 0 is a value refused, not "required"
     if not args.bundle and not args.config:
         raise CalibrationInputError("--bundle: required (or --config, whose model.bundle is used)")
-    if args.config and not args.frames:
+    if args.config and args.frames is None:
         raise CalibrationInputError("--frames: required with --config (how many frames to grab)")
     if args.defects and not args.format:
         raise CalibrationInputError("--format: required with --defects (magnetic-tile or neu-seg)")
@@ -102,6 +91,15 @@ def _check_frame_sources(args: argparse.Namespace) -> None:
         raise CalibrationInputError("--format: the layout of --defects, which is not given")
     if args.normal and not Path(args.normal).is_dir():
         raise CalibrationInputError(f"--normal {args.normal}: folder not found")
+
+
+def _check_bundle_writable(args: argparse.Namespace, model, cfg) -> None:
+    """The bundle a run without --dry-run writes must be writable, before any frame is read."""
+    from calibration.outputs import check_bundle_writable
+    if args.dry_run:
+        return
+    arg = "--bundle" if args.bundle else f"{cfg.source_file if cfg else args.config}: model.bundle"
+    check_bundle_writable(model.bundle.path, arg, "; --dry-run reports without writing it")
 
 
 def _warn_training_share(model, split, normal: str | None) -> None:
@@ -120,20 +118,28 @@ def cmd_thresholds(args: argparse.Namespace) -> int:
     from calibration.outputs import check_out_dir, make_out_dir
     from calibration.thresholds import (SearchGrid, calibrate_thresholds, check_recipe, save_report,
                                         write_postprocess_section)
+    from calibration.values import MAX_AREA_PX, MAX_KERNEL_SIZE, check_k, check_number, check_values
 
     # cheap checks first: a typo should not cost a model load
     if not 0 < args.target_fpr < 1:
         raise CalibrationInputError(f"--target-fpr: must be in (0, 1), got {args.target_fpr}")
     if args.confidence is not None and not 0 < args.confidence < 1:
         raise CalibrationInputError(f"--confidence: must be in (0, 1), got {args.confidence}")
+    check_number(args.min_threshold, "--min-threshold", 0, False, 1, True)
     _check_frame_sources(args)
+    # every value a search can write into the bundle is checked here, whatever the bundle's own
+    # validation says later: a k1 of nan used to be written and then found nothing at all
+    grid = SearchGrid(check_k(comma_floats(args.k1, "--k1"), "--k1"), check_k(comma_floats(args.k2, "--k2"), "--k2"),
+                      check_values(comma_ints(args.kernel_size, "--kernel-size"), "--kernel-size", 0, True,
+                                   MAX_KERNEL_SIZE),
+                      check_values(comma_ints(args.min_area_px, "--min-area-px"), "--min-area-px", 0, True,
+                                   MAX_AREA_PX))
     # the report must be writable before anything is computed or the bundle is touched
     out = check_out_dir(args.out)
     split = Split(args.check_fraction, args.calib_fraction)
-    grid = SearchGrid(comma_floats(args.k1, "--k1"), comma_floats(args.k2, "--k2"),
-                      comma_ints(args.kernel_size, "--kernel-size"), comma_ints(args.min_area_px, "--min-area-px"))
     model, cfg = _model(args)
     check_recipe(model)  # before frames are grabbed
+    _check_bundle_writable(args, model, cfg)
     _warn_training_share(model, split, args.normal)
     normals = normal_folder(args.normal, split) if args.normal else live_frames(cfg, args.frames, split)
     defects = None
@@ -255,10 +261,18 @@ def cmd_flat_field(args: argparse.Namespace) -> int:
     from calibration.outputs import check_out_file
     from inspector.fileio import atomic_path
 
+    from calibration.values import check_count, check_number
+
     modes = [m for m in ("bright", "normal", "config") if getattr(args, m)]
     if len(modes) != 1:
         raise CalibrationInputError("give exactly one of --bright DIR (with --dark DIR: references), "
                                     "--normal DIR or --config F --frames N (median of normal frames)")
+    # before any frame is read: nan used to be taken as no smoothing (and written into the .npz
+    # as NaN), a huge value crashed in OpenCV, a max gain of nan crashed on the maps
+    check_count(args.frames, "--frames")
+    check_number(args.smooth_px, "--smooth-px", 0, True)
+    check_number(args.max_gain, "--max-gain", 1, False)
+    check_number(args.target_level, "--target-level", 0, False, 255, True)
     if not str(args.out).endswith(".npz"):
         raise CalibrationInputError(f"--out {args.out}: expected a file name ending in .npz")
     check_out_file(args.out)  # before the frames are read (the .png goes beside it)
@@ -278,7 +292,7 @@ def cmd_flat_field(args: argparse.Namespace) -> int:
             it = _folder_frames(args.normal, "--normal")
             src = str(args.normal)
         else:
-            if not args.frames:
+            if args.frames is None:
                 raise CalibrationInputError("--frames: required with --config (how many frames to grab)")
             cfg = _load_config(args.config)
             fs = live_frames(cfg, args.frames, Split())
@@ -346,11 +360,13 @@ def _plot_flat_field(ff, mean_frame, path: Path) -> Path:
 def cmd_geometry(args: argparse.Namespace) -> int:
     from calibration.frames import CalibrationInputError
     from calibration.geometry import (GeometryResult, across_from_strip, across_from_target,
-                                      along_from_encoder, along_from_speed, snippet)
+                                      along_from_encoder, along_from_speed, check_result, snippet)
     from calibration.outputs import check_out_file
     from inspector.evaluation.datasets import read_image
     from inspector.fileio import atomic_write_text
 
+    from calibration.values import check_count
+    check_count(args.frame_height, "--frame-height")  # 0 was taken as "not given"
     if args.out:
         check_out_file(args.out)
     image = None
@@ -359,7 +375,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
             image = read_image(Path(args.image))
         except ValueError as e:
             raise CalibrationInputError(f"--image {e}") from None
-    height = args.frame_height or (image.shape[0] if image is not None else None)
+    height = args.frame_height if args.frame_height is not None else (image.shape[0] if image is not None else None)
     res = GeometryResult()
     if args.strip_width_mm is not None and args.target_mm is not None:
         raise CalibrationInputError("give --strip-width-mm or --target-mm, not both")
@@ -406,6 +422,7 @@ def cmd_geometry(args: argparse.Namespace) -> int:
     if res.mm_per_px_across is None and res.mm_per_px_along is None and res.mm_per_encoder_count is None:
         raise CalibrationInputError("nothing to calibrate: give --strip-width-mm or --target-mm (across) "
                                     "and/or --line-speed-m-min, --encoder-mm-per-count (along)")
+    check_result(res)  # a finite, positive size, or no file and no snippet
     text = snippet(res)
     if args.out:
         atomic_write_text(args.out, text)
@@ -427,8 +444,11 @@ def cmd_int8_set(args: argparse.Namespace) -> int:
     from calibration.outputs import check_out_dir
     from inspector.flatfield import FlatField
 
+    from calibration.values import check_count
+
     if args.count < 1:
         raise CalibrationInputError(f"--count: must be >= 1, got {args.count}")
+    check_count(args.pool, "--pool")  # it was named --frames, and 0 meant the default
     check_out_dir(args.out)  # before a pool is grabbed (select_int8_set checks what it holds)
     transform = None
     if args.source:
@@ -438,7 +458,7 @@ def cmd_int8_set(args: argparse.Namespace) -> int:
         ff_path = args.flat_field
     else:
         cfg = _load_config(args.config)
-        n = args.pool or 10 * args.count
+        n = args.pool if args.pool is not None else 10 * args.count
         fs = live_frames(cfg, n, Split())
         pool = []
         for it in fs.items:
@@ -484,11 +504,15 @@ def cmd_convergence(args: argparse.Namespace) -> int:
         raise CalibrationInputError(f"--quantile: must be in (0, 1], got {args.quantile}")
     if args.within < 1:
         raise CalibrationInputError(f"--within: must be >= 1, got {args.within}")
+    if args.passes is not None and args.passes < args.within:
+        # the passes measured include those m is chosen within: fewer (0, -1) were taken silently
+        raise CalibrationInputError(f"--passes: must be >= --within ({args.within}), got {args.passes}")
     _check_frame_sources(args)
     # the report must be writable before anything is computed or the bundle is touched
     out = check_out_dir(args.out)
     split = Split(args.check_fraction, args.calib_fraction)
     model, cfg = _model(args)
+    _check_bundle_writable(args, model, cfg)
     _warn_training_share(model, split, args.normal)
     normals = normal_folder(args.normal, split) if args.normal else live_frames(cfg, args.frames, split)
     defects = defect_set(args.defects, args.format, split) if args.defects else None

@@ -150,7 +150,7 @@ def calibrate_convergence(adapter: ModelAdapter, normals: FrameSet, quantile: fl
         log.warning("%s", note)
     parts: dict[str, list[np.ndarray]] = {"calibration": [], "check": []}
     for part in parts:
-        for it, image, _ in iterate(normals.part(part), f"{part} normals"):
+        for it, image, _ in iterate(normals.part(part), f"{part} normals", arg=normals.arg):
             try:
                 seq, _ = conv_sequences(adapter, image, passes)
             except Exception as e:  # a frame the model cannot take is named, not fatal
@@ -179,7 +179,7 @@ def calibrate_convergence(adapter: ModelAdapter, normals: FrameSet, quantile: fl
     }
     if defects is not None:
         dseqs = []
-        for it, image, truth in iterate(defects.part("check"), "check defect images"):
+        for it, image, truth in iterate(defects.part("check"), "check defect images", arg=defects.arg):
             seq, has = conv_sequences(adapter, image, passes, truth)
             dseqs.append(seq[has])
         d = np.concatenate(dseqs) if dseqs else np.zeros((0, passes))

@@ -37,7 +37,7 @@ from typing import Any, Literal, Sequence
 
 import numpy as np
 from calibration.outputs import make_out_dir
-from calibration.postprocess_history import replace_postprocess, reset_floor
+from calibration.postprocess_history import replace_postprocess, reset_floor, warn_floor_reset
 from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
 from inspector.evaluation.evaluate import Runner
@@ -47,37 +47,52 @@ from inspector.postprocess import Postprocessor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["parse_range", "sweep", "plot_sweep", "write_k", "save_result", "DEFAULT_RANGE"]
+__all__ = ["parse_range", "sweep", "plot_sweep", "write_k", "save_result", "DEFAULT_RANGE", "MAX_RANGE_VALUES"]
 
 DEFAULT_RANGE = "2.0:4.0:0.1"
+#: the most values one --range may hold
+MAX_RANGE_VALUES = 1000
 
 
 def parse_range(text: str) -> list[float]:
-    """``start:stop:step`` (inclusive stop) or a comma list, e.g. ``2:4:0.25`` or ``2.5,3,3.5``."""
+    """``start:stop:step`` (inclusive stop) or a comma list, e.g. ``2:4:0.25`` or ``2.5,3,3.5``.
+
+    Each value is a k (threshold = mean + k x std): finite and > 0. At most
+    :data:`MAX_RANGE_VALUES` values: every one is a pass of the post-processing over every image,
+    and ``2:100000:0.0001`` (10^9 values) used to fill the memory before anything was printed."""
     if ":" in text:
         try:
             start, stop, step = (float(t) for t in text.split(":"))
         except ValueError:
-            raise ValueError(f"range {text!r}: expected start:stop:step (three numbers) or a comma "
+            raise ValueError(f"--range {text!r}: expected start:stop:step (three numbers) or a comma "
                              f"list of numbers") from None
         if not all(np.isfinite((start, stop, step))):
-            raise ValueError(f"range {text!r}: start, stop and step must be finite numbers")
+            raise ValueError(f"--range {text!r}: start, stop and step must be finite numbers")
         if not step > 0:
-            raise ValueError(f"range {text!r}: step {step:g} must be > 0")
+            raise ValueError(f"--range {text!r}: step {step:g} must be > 0")
         if stop < start:
-            raise ValueError(f"range {text!r}: start {start:g} is above stop {stop:g} "
+            raise ValueError(f"--range {text!r}: start {start:g} is above stop {stop:g} "
                              f"(start:stop:step counts up from start to stop)")
-        n = int(np.floor((stop - start) / step + 1e-9)) + 1
-        return [round(start + i * step, 6) for i in range(n)]
-    try:
-        vals = [float(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        vals = []
-    if not vals:
-        raise ValueError(f"range {text!r}: expected start:stop:step with step > 0 or a comma list "
-                         f"of numbers")
+        count = np.floor((stop - start) / step + 1e-9) + 1  # a float: inf for a step of 1e-320
+        if not count <= MAX_RANGE_VALUES:
+            raise ValueError(f"--range {text!r}: {count:.4g} values; at most {MAX_RANGE_VALUES} "
+                             f"(use a larger step)")
+        vals = [round(start + i * step, 6) for i in range(int(count))]
+    else:
+        try:
+            vals = [float(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            vals = []
+        if not vals:
+            raise ValueError(f"--range {text!r}: expected start:stop:step with step > 0 or a comma list "
+                             f"of numbers")
+        if len(vals) > MAX_RANGE_VALUES:
+            raise ValueError(f"--range: {len(vals)} values; at most {MAX_RANGE_VALUES}")
+    bad = [v for v in vals if not (np.isfinite(v) and v > 0)]
+    if bad:
+        # nan was swept and, with --write, stored as k1: .nan (the model then found nothing)
+        raise ValueError(f"--range {text!r}: every k must be a finite number > 0, got {bad[0]:g}")
     return vals
-
 
 def sweep(bundle: str | Path, dataset: Dataset, values: Sequence[float],
           param: Literal["k1", "k2"] = "k1", objective: Literal["f1", "iou"] = "f1") -> dict[str, Any]:
@@ -190,8 +205,9 @@ def write_k(bundle: str | Path, param: Literal["k1", "k2"], value: float, note: 
     spec = b.spec
     old = spec.postprocess.model_dump(mode="json")
     pp = None
+    why = f"it was calibrated with {param} {old[param]:g}"
     if float(value) != float(old[param]):
-        pp = reset_floor(spec, b.path / BUNDLE_FILE, f"it was calibrated with {param} {old[param]:g}")
+        pp = reset_floor(spec, b.path / BUNDLE_FILE, why)
     floor_reset = pp is not None
     pp = {**(pp or old), param: float(value)}
     update = replace_postprocess(
@@ -199,7 +215,10 @@ def write_k(bundle: str | Path, param: Literal["k1", "k2"], value: float, note: 
         + (" (min_residual reset to 0: calibrated on the old components)" if floor_reset else ""),
         datetime.now(timezone.utc).isoformat(timespec="seconds"), calibration=note)
     new = BundleSpec.model_validate({**spec.model_dump(mode="json"), **update})
-    return write_bundle(b.path, new)
+    path = write_bundle(b.path, new)
+    if floor_reset:
+        warn_floor_reset(spec, path, why)
+    return path
 
 
 def save_result(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:

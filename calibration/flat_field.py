@@ -79,8 +79,14 @@ def compute_flat_field(bright: np.ndarray, dark: np.ndarray | None, settings: Fl
     """Maps from a bright image (mean of references, or median of normal frames) and an
     optional dark image, both float32 HxW."""
     s = settings
-    if s.max_gain <= 1:
-        raise CalibrationInputError(f"--max-gain: must be > 1, got {s.max_gain}")
+    if not (np.isfinite(s.max_gain) and s.max_gain > 1):  # nan crashed on the maps
+        raise CalibrationInputError(f"--max-gain: must be a finite number > 1, got {s.max_gain}")
+    if not (np.isfinite(s.smooth_px) and s.smooth_px >= 0):  # nan and -1 were taken as 0
+        raise CalibrationInputError(f"--smooth-px: must be a finite number >= 0, got {s.smooth_px}")
+    if s.smooth_px > bright.shape[1]:
+        # a Gaussian wider than the frame is a flat mean; far wider crashed in OpenCV
+        raise CalibrationInputError(f"--smooth-px: must be at most the frame width ({bright.shape[1]} px), "
+                                    f"got {s.smooth_px:g}")
     offset = np.zeros_like(bright) if dark is None else dark.astype(np.float32)
     if offset.shape != bright.shape:
         raise CalibrationInputError(f"--dark: dark frames are {offset.shape[1]}x{offset.shape[0]}, bright "

@@ -93,6 +93,8 @@ class FrameSet:
     source: str
     items: list[FrameItem]
     notes: list[str] = field(default_factory=list)
+    #: the option that named the files (``--normal``, ``--defects``); None for grabbed frames
+    arg: str | None = None
 
     def part(self, part: Part) -> list[FrameItem]:
         return [it for it in self.items if it.part == part]
@@ -120,7 +122,7 @@ def normal_folder(root: str | Path, split: Split, arg: str = "--normal") -> Fram
     # with `format: folder` gives the same parts, and equal names in two sub-folders split
     # independently. Files directly in root keep the bare stem as their key.
     items = [FrameItem(e.stem, split.part(e.stem), _loader(e.image), e.image) for e in entries]
-    return FrameSet("normal", str(root), items, notes=list(ds.notes))
+    return FrameSet("normal", str(root), items, notes=list(ds.notes), arg=arg)
 
 
 def training_share_warning(provenance: dict, split: Split, normal: str) -> str | None:
@@ -238,7 +240,7 @@ def defect_set(root: str | Path, fmt: str, split: Split, categories: list[str] |
         raise CalibrationInputError(f"--defects {root}: no labelled images ({fmt} layout)")
     items = [FrameItem(f"{e.category}/{e.stem}", split.part(e.stem), _sample_loader(ds, i))
              for i, e in enumerate(ds.entries)]
-    fs = FrameSet("defect", f"{root} ({fmt})", items, list(ds.notes))
+    fs = FrameSet("defect", f"{root} ({fmt})", items, list(ds.notes), arg="--defects")
     return fs
 
 
@@ -249,14 +251,18 @@ def _sample_loader(ds: Dataset, i: int) -> Callable[[], tuple[np.ndarray, np.nda
     return load
 
 
-def iterate(items: list[FrameItem], what: str, every: int = 50) -> Iterator[tuple[FrameItem, np.ndarray, np.ndarray | None]]:
-    """Load ``items`` one by one, logging progress; unreadable files are named and skipped."""
+def iterate(items: list[FrameItem], what: str, every: int = 50, arg: str | None = None
+            ) -> Iterator[tuple[FrameItem, np.ndarray, np.ndarray | None]]:
+    """Load ``items`` one by one, logging progress. An unreadable file (not an image, cut short,
+    not readable to this user) is bad input naming ``arg`` and the file, as in every other
+    reader: skipping it calibrated on fewer frames than were given and wrote the result."""
     for n, it in enumerate(items, 1):
         try:
             image, truth = it.load()
-        except ValueError as e:
-            log.warning("%s: skipped: %s", it.name, e)
-            continue
+        except CalibrationInputError:
+            raise
+        except ValueError as e:  # read_image names the file and what is wrong with it
+            raise CalibrationInputError(f"{arg} {e}" if arg else str(e)) from None
         yield it, image, truth
         if n % every == 0:
             log.info("%s: %d/%d images", what, n, len(items))

@@ -36,7 +36,7 @@ from calibration.flat_field import grey
 from calibration.frames import CalibrationInputError
 
 __all__ = ["strip_edges", "target_size_px", "GeometryResult", "across_from_strip", "across_from_target",
-           "along_from_speed", "along_from_encoder", "snippet"]
+           "along_from_speed", "along_from_encoder", "check_result", "snippet"]
 
 
 def _otsu(values: np.ndarray) -> float:
@@ -125,9 +125,18 @@ class GeometryResult:
 
 
 def _pos(name: str, v: float | None) -> float:
-    if v is None or not v > 0:
-        raise CalibrationInputError(f"{name}: must be > 0, got {v}")
+    if v is None or not (v > 0 and np.isfinite(v)):  # inf gave an mm per px of inf (`check` took it)
+        raise CalibrationInputError(f"{name}: must be a finite number > 0, got {v}")
     return float(v)
+
+
+def check_result(res: GeometryResult) -> None:
+    """Each size found is a finite number > 0: inputs that are each in range can still divide to
+    inf or 0 (``--strip-width-mm 1e308 --strip-width-px 1e-300``)."""
+    for k, v in res.section().items():
+        if not (np.isfinite(v) and v > 0):
+            raise CalibrationInputError(f"{k} comes out as {v:g} ({res.how.get(k, 'from the values given')}): "
+                                        f"the values given are out of any real range")
 
 
 def across_from_strip(width_mm: float, width_px: float | None = None,
@@ -148,6 +157,8 @@ def across_from_target(size_mm: tuple[float, float | None], size_px: float | Non
     """mm per px across (and along, when the target's height is known and measured)."""
     w_mm, h_mm = size_mm
     _pos("--target-mm", w_mm)
+    if h_mm is not None:
+        _pos("--target-mm", h_mm)  # a negative or inf height gave a negative or inf size along
     if size_px is not None:
         return w_mm / _pos("--target-px", size_px), None, {}
     if image is None:

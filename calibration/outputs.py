@@ -11,11 +11,27 @@ the report is written, with the same one-line error should it fail after all.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from calibration.frames import CalibrationInputError
 
-__all__ = ["check_out_dir", "check_out_file", "make_out_dir"]
+__all__ = ["check_out_dir", "check_out_file", "make_out_dir", "check_bundle_writable"]
+
+
+def unwritable(folder: Path) -> str | None:
+    """Why no file can be created in the existing folder ``folder`` (None: one can). A real
+    file is made and removed: permission bits alone miss a read-only mount or a folder such as
+    /proc, where the write then failed after the work with a bare errno on a temp-file name."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"{folder} is not writable"
+    try:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".inspector-write-check-")
+    except OSError as e:
+        return f"{folder}: {e.strerror or e}"
+    os.close(fd)
+    os.unlink(name)
+    return None
 
 
 def _check_creatable(folder: Path, arg: str, shown: Path, name: str = "the folder") -> None:
@@ -31,9 +47,10 @@ def _check_creatable(folder: Path, arg: str, shown: Path, name: str = "the folde
         p = parent
     if not p.is_dir():
         raise CalibrationInputError(f"{arg} {shown}: cannot create {name} ({p} is a file, not a folder)")
-    if not os.access(p, os.W_OK | os.X_OK):
+    why = unwritable(p)
+    if why:
         what = f"write to {name}" if p == folder else f"create {name}"
-        raise CalibrationInputError(f"{arg} {shown}: cannot {what} ({p} is not writable)")
+        raise CalibrationInputError(f"{arg} {shown}: cannot {what} ({why})")
 
 
 def check_out_dir(out: str | Path, arg: str = "--out") -> Path:
@@ -63,3 +80,15 @@ def make_out_dir(out: str | Path, arg: str = "--out") -> Path:
     except OSError as e:
         raise CalibrationInputError(f"{arg} {path}: cannot create the folder ({e.strerror or e})") from None
     return path
+
+
+def check_bundle_writable(bundle: str | Path, arg: str = "--bundle", hint: str = "") -> Path:
+    """Refuse, before any work, a bundle folder the calibration could not write ``bundle.yaml``
+    into (it is replaced through a temporary file beside it): a read-only install of a bundle
+    used to cost the whole run and end in a bare ``[Errno 13]`` on the temporary name, exit 1."""
+    folder = Path(bundle)
+    why = unwritable(folder) if folder.is_dir() else None
+    if why:
+        raise CalibrationInputError(f"{arg} {folder}: cannot write bundle.yaml into the bundle folder "
+                                    f"({why}){hint}")
+    return folder

@@ -33,9 +33,15 @@ def replace_postprocess(spec: BundleSpec, new_pp: dict[str, Any], replaced_by: s
 
 def reset_floor(spec: BundleSpec, bundle_yaml: Path, why: str) -> dict[str, Any] | None:
     """The post-processing section with ``min_residual`` 0, or None when there is no floor: it
-    was calibrated on components the change (``why``) no longer makes."""
+    was calibrated on components the change (``why``) no longer makes. Nothing is said here:
+    the caller calls :func:`warn_floor_reset` once the bundle is written (the warning used to
+    come first, and stood alone when the write then failed)."""
     if not spec.postprocess.min_residual:
         return None
+    return {**spec.postprocess.model_dump(mode="json"), "min_residual": 0.0}
+
+
+def warn_floor_reset(spec: BundleSpec, bundle_yaml: Path, why: str) -> None:
+    """Say that the floor of ``spec`` (the section before the write) was reset in ``bundle_yaml``."""
     log.warning("%s: min_residual %.4g reset to 0 (%s); run `inspector calibrate thresholds` again",
                 bundle_yaml, spec.postprocess.min_residual, why)
-    return {**spec.postprocess.model_dump(mode="json"), "min_residual": 0.0}

@@ -41,7 +41,7 @@ import numpy as np
 from calibration.cli import comma_ints
 from calibration.dual_threshold import finish_sweep_plot
 from calibration.outputs import make_out_dir
-from calibration.postprocess_history import replace_postprocess, reset_floor
+from calibration.postprocess_history import replace_postprocess, reset_floor, warn_floor_reset
 from inspector.bundle import BUNDLE_FILE, BundleSpec, load_bundle, write_bundle
 from inspector.evaluation.datasets import Dataset
 from inspector.evaluation.evaluate import Runner
@@ -55,18 +55,23 @@ log = logging.getLogger(__name__)
 __all__ = ["parse_windows", "sweep_window", "write_window", "save_result", "DEFAULT_WINDOWS"]
 
 DEFAULT_WINDOWS = "0,15,31,63"
+#: the widest local_mean_window tried
+MAX_WINDOW = 4095
 Objective = Literal["class_mean_auroc", "pixel_auroc", "f1", "iou"]
 OBJECTIVES = ("class_mean_auroc", "pixel_auroc", "f1", "iou")
 
 
 def parse_windows(text: str) -> list[int]:
-    """Comma list of window sides, each 0 (off) or odd >= 3, e.g. ``0,15,31,63``."""
+    """Comma list of window sides, each 0 (off) or odd >= 3 and at most :data:`MAX_WINDOW`,
+    e.g. ``0,15,31,63``."""
     vals = comma_ints(text, "--windows")
     for v in vals:
         try:
             check_local_mean_window(v)
         except ValueError as e:
-            raise ValueError(f"windows {text!r}: {e}") from None
+            raise ValueError(f"--windows {text!r}: {e}") from None
+        if v > MAX_WINDOW:  # a Gaussian that side is a flat mean of any frame; far larger crashed OpenCV
+            raise ValueError(f"--windows {text!r}: a side of at most {MAX_WINDOW}, got {v}")
     return sorted(set(vals))
 
 
@@ -163,8 +168,8 @@ def write_window(bundle: str | Path, value: int, note: dict[str, Any]) -> dict[s
     if hist:
         prov["residual_window_calibration_history"] = hist
     update: dict[str, Any] = {"kind_params": kp, "provenance": prov}
-    pp = reset_floor(spec, b.path / BUNDLE_FILE, f"it was calibrated on the residual with window {old}") \
-        if int(value) != old else None
+    why = f"it was calibrated on the residual with window {old}"
+    pp = reset_floor(spec, b.path / BUNDLE_FILE, why) if int(value) != old else None
     floor_reset = pp is not None
     if floor_reset:
         update |= replace_postprocess(spec.model_copy(update={"provenance": prov}), pp,
@@ -172,6 +177,8 @@ def write_window(bundle: str | Path, value: int, note: dict[str, Any]) -> dict[s
                                       "calibrated on the old residual", ts)
     new = BundleSpec.model_validate({**spec.model_dump(mode="json"), **update})
     path = write_bundle(b.path, new)
+    if floor_reset:
+        warn_floor_reset(spec, path, why)
     load_bundle(b.path)  # what was written loads and verifies
     return {"bundle_yaml": str(path), "previous": old, "local_mean_window": int(value),
             "min_residual_reset": floor_reset, "time": ts}

@@ -463,9 +463,9 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
                                     "one value each")
     hist = _PixelHist(model.recipe)
     # phase 1: calibration part -> statistics of every candidate setting
-    for it, image, truth in iterate(calib_n, "calibration normals"):
+    for it, image, truth in iterate(calib_n, "calibration normals", arg=normals.arg):
         res.add("calibration", it, image, None, hist)
-    for it, image, truth in iterate(calib_d, "calibration defects"):
+    for it, image, truth in iterate(calib_d, "calibration defects", arg=defects.arg if defects else None):
         if truth is None or not truth.any():
             continue
         res.add("calibration", it, image, truth, hist)
@@ -511,7 +511,8 @@ def calibrate_thresholds(model: CalibModel, normals: FrameSet, target_fpr: float
     check_def_alarm: list[bool] = []
     worst: list[tuple[float, str]] = []
     for part_items, is_defect in ((check_n, False), (check_d, True)):
-        for it, image, truth in iterate(part_items, "check defects" if is_defect else "check normals"):
+        for it, image, truth in iterate(part_items, "check defects" if is_defect else "check normals",
+                                         arg=defects.arg if is_defect and defects else normals.arg):
             if is_defect and (truth is None or not truth.any()):
                 continue
 
