@@ -244,7 +244,14 @@ def _metrics_for(run_dir: Path, ck: dict, allow_stale: bool) -> tuple[dict | Non
     warning: it cannot be checked.
     """
     path, ck_path = run_dir / METRICS, run_dir / CHECKPOINT
-    metrics = read_metrics(run_dir)
+    # the advice for a damaged one must hold when followed: a finished checkpoint without
+    # metrics.json is refused below (it said "delete it, the exporter then works from the checkpoint")
+    deleted = (f"restore it, or delete it and then either finish the run (inspector train arcd "
+               f"--config <its config> --run-dir {run_dir} --resume trains nothing and writes "
+               f"{METRICS} again) or export without it (default thresholds, no metrics): "
+               f"inspector export onnx ... --allow-stale-metrics" if ck.get("done") else
+               "restore it, or delete it (the bundle then gets default thresholds and no metrics)")
+    metrics = read_metrics(run_dir, deleted)
     if metrics is None:
         if ck.get("done"):
             # a finished run writes metrics.json last, after its final validation chose the
@@ -420,12 +427,14 @@ def _export_bundle(run_dir: Path, out_dir: Path, name: str | None, opset: int, a
 
 
 def main(argv: list[str] | None = None) -> int:
+    from inspector.evaluation.options import onnx_opset
+
     p = argparse.ArgumentParser(prog="python -m export.onnx_export",
                                 description="Export a trained ARCD run to a model bundle")
     p.add_argument("--run-dir", required=True, type=Path, help="training run folder")
     p.add_argument("--out", required=True, type=Path, help="bundle folder to write")
     p.add_argument("--name", default=None, help="bundle name (default: the training config's)")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=onnx_opset, default=17)
     p.add_argument("--bench", type=int, default=0, metavar="N",
                    help="after export, time ORT CPU on N synthetic tiles (logged, not stored)")
     p.add_argument("--parity-tol", type=float, default=PARITY_TOL,

@@ -316,21 +316,29 @@ def trim_losses(path: Path, step: int, key: str = "it") -> int:
     if not path.is_file():
         return 0
     keep: list[str] = []
+    corrupt: list[int] = []  # 1-based line numbers of rows that are no JSON row with the step
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and isinstance(row.get(key), int) and row[key] <= step:
+            row = None
+        if not (isinstance(row, dict) and isinstance(row.get(key), int)):
+            corrupt.append(number)
+        elif row[key] <= step:
             keep.append(line)
     dropped = len(lines) - len(keep)
     if dropped or (text and not text.endswith("\n")):  # no next row glued to an unended line
         atomic_write_text(path, "".join(f"{line}\n" for line in keep))
-    if dropped:
+    if corrupt:
+        # they were reported as rows "past step N", which a corrupt row before the checkpoint is not
+        shown = ", ".join(str(n) for n in corrupt[:10]) + (", ..." if len(corrupt) > 10 else "")
+        log.warning("%s: dropped %d corrupt row(s) (not a JSON object with an integer %r) at "
+                    "line(s) %s of %d", path, len(corrupt), key, shown, len(lines))
+    if dropped - len(corrupt):
         log.info("%s: dropped %d row(s) past step %d (written after the checkpoint this run "
-                 "goes on from)", path, dropped, step)
+                 "goes on from)", path, dropped - len(corrupt), step)
     return dropped
 
 
@@ -748,17 +756,19 @@ def run_kind(run_dir: Path) -> object:
     return None  # nothing readable: the ARCD exporter reports the missing checkpoint, as before
 
 
-def read_metrics(run_dir: Path) -> dict | None:
+def read_metrics(run_dir: Path, deleted: str | None = None) -> dict | None:
     """``run_dir/metrics.json`` as a dict, None when there is none; a damaged one is a one-line
-    :class:`CheckpointError` naming it."""
+    :class:`CheckpointError` naming it. ``deleted``: what deleting a damaged one leads to (the
+    advice of the error), where it is not "the exporter then works from the checkpoint"."""
     path = Path(run_dir) / METRICS
     if not path.is_file():
         return None
     try:
         metrics = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e}); delete it (the exporter then works "
-                              "from the checkpoint) or restore it") from e
+        raise CheckpointError(f"{path}: not valid JSON ({e}); " + (deleted or (
+            "restore it, or delete it (the exporter then works from the checkpoint alone: no "
+            "figures of the run in the bundle)"))) from e
     if not isinstance(metrics, dict):
         raise CheckpointError(f"{path}: holds a {type(metrics).__name__}, not the run's metrics")
     return metrics

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from inspector.errors import CheckpointError, ConfigError
@@ -129,6 +129,15 @@ class ModelConfig(BaseModel):
         """What tile and training-crop sides must be a multiple of (both networks' strides)."""
         r = 2 ** (self.r_depth - 1) if self.reconstruction else 1
         return max(r, input_multiple(self.d_backbone, self.d_depth))
+
+    @field_validator("tile")
+    @classmethod
+    def _tile_positive(cls, tile: tuple[int, int]) -> tuple[int, int]:
+        # a tile of 0 px used to pass the multiple-of check (0 % n == 0), train for the whole
+        # schedule, and fail only in export onnx (the runtime refuses it in a bundle too)
+        if min(tile) < 1:
+            raise ValueError(f"sides must be >= 1 px, got {list(tile)}")
+        return tile
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -475,6 +484,15 @@ def checkpoint_ref(ck: dict) -> dict[str, Any]:
 def load_checkpoint(path: Path) -> dict:
     """Load ``checkpoint.pt`` (tensors and plain data only)."""
     ck = read_checkpoint(path)
+    other = ck.get("kind") if isinstance(ck, dict) else None
+    if other not in (None, "arcd"):
+        # another trainer's run (clgan, fuzzymask, ...): a resume used to dump this config's model
+        # section and say the checkpoint "was trained with None"
+        command = (f"inspector augment {other} train" if other in ("defectgan", "anomalyalign")
+                   else f"inspector train {other}")
+        article = "an" if str(other)[:1].lower() in "aeiou" else "a"
+        raise CheckpointError(f"{path}: {article} {other} checkpoint, not an ARCD one; `{command}` "
+                              "trains and resumes it (or choose another --run-dir)")
     if ck.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {ck.get('format')!r}, expected {CHECKPOINT_FORMAT}")
     return ck
@@ -991,6 +1009,15 @@ def train(config_path: Path, run_dir: Path | None = None, resume: bool = False) 
     """
     config_path = Path(config_path)
     cfg = load_config(config_path)
+    if cfg.stage1.steps + cfg.stage2.steps == 0:
+        # it trained nothing, exited 0, and export onnx made a bundle of the untrained networks
+        # (clgan's optim.n_epochs and defectgan's optim.iterations refuse a schedule of 0 too)
+        keys = "stage2.steps" if not cfg.model.reconstruction else "stage1.steps and stage2.steps"
+        raise ConfigError(str(config_path), "stage2.steps",
+                          f"{keys} are 0: nothing would be trained; set stage2.steps (the "
+                          "labelled defect stage) above 0" if cfg.model.reconstruction else
+                          f"{keys} is 0 (a plain U-Net has no stage 1): nothing would be trained; "
+                          "set it above 0")
     # before the run folder exists: a device this machine lacks is refused by name; under torchrun
     # each process joins the group and drives GPU LOCAL_RANK; one seed on every rank, so DDP
     # starts from identical weights

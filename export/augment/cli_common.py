@@ -13,7 +13,8 @@ from typing import Any, Callable, TypeVar
 from inspector.argtypes import positive_int
 
 __all__ = ["add_train_command", "named_stop", "naming_stops", "stoppable_sample", "EXIT_STOPPED",
-           "GENERATORS", "not_this_generator", "check_run_dir", "unfinished_run"]
+           "GENERATORS", "not_this_generator", "check_run_dir", "unfinished_run", "seed_value",
+           "check_sample_paths", "SEED_MAX", "writable_place"]
 
 T = TypeVar("T")
 
@@ -24,6 +25,67 @@ EXIT_STOPPED = 130
 
 #: the generators' checkpoint kinds and how their ``sample`` command and names read
 GENERATORS = {"defectgan": "Defect-GAN", "anomalyalign": "AnomalyAlign"}
+
+
+#: the largest ``--seed``: numpy's and torch's generators both take it (a negative seed, or one
+#: past 2**64, failed deep inside them with their own words)
+SEED_MAX = 2 ** 32 - 1
+
+
+def seed_value(text: str) -> int:
+    """``--seed``: a whole number 0..SEED_MAX."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"must be 0..{SEED_MAX}, got {text}")
+    return value
+
+
+seed_value.__name__ = "seed"
+
+
+def writable_place(path: Path, option: str) -> None:
+    """Refuse ``path`` (a file or folder still to be written) when the folder it would go in
+    cannot take it: a parent that is a file, or a place nothing can be created in (``/proc``, a
+    read-only or unwritable folder). Probed by making and removing a hidden folder in the
+    nearest existing parent: nothing is left behind."""
+    import errno
+    import os
+    import tempfile
+
+    for parent in Path(path).parents:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise ValueError(f"{option} {path}: {parent} is a file, not a folder")
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".probe-", dir=parent))
+        except OSError as e:
+            raise ValueError(f"{option} {path}: cannot write in {parent} "
+                             f"({os.strerror(e.errno or errno.EIO)})") from None
+        return
+
+
+def check_sample_paths(out: str | Path, grid: str | Path | None) -> None:
+    """``sample``'s ``--out`` and ``--grid``, before anything is sampled: a bad ``--grid`` was
+    found after the pairs were written (exit 2, and the rerun refused the now full --out), and an
+    --out under a file or in /proc failed with a bare errno on an internal temp-folder name."""
+    from export.augment.dataset import check_output_folder
+
+    check_output_folder(Path(out))
+    writable_place(Path(out), "--out")
+    if grid is None:
+        return
+    g = Path(grid)
+    if g.is_dir():
+        raise ValueError(f"--grid {grid}: is a folder; give a PNG file name (e.g. {g / 'grid.png'})")
+    if g.suffix.lower() != ".png":
+        raise ValueError(f"--grid {grid}: expected a .png file name (the grid is a PNG)")
+    if g.absolute() == Path(out).absolute() or Path(out).absolute() in g.absolute().parents:
+        raise ValueError(f"--grid {grid}: inside --out {out}, which must hold the pairs only")
+    writable_place(g, "--grid")
 
 
 def check_run_dir(run_dir: Path) -> None:

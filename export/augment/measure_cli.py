@@ -34,6 +34,8 @@ def check_out(out: str) -> Path:
                 raise ValueError(f"--out {out}: {parent} is a file, not a folder; give a path "
                                  "in a folder")
             break
+    from export.augment.cli_common import writable_place
+    writable_place(path, "--out")  # /proc, a read-only folder: a bare errno after the measurement
     return path
 
 

@@ -399,10 +399,30 @@ def open_training_images(cfg: ClganTrainConfig, config_path: Path) -> tuple[list
     dotted key (``data.sources.<i>.root`` or ``.categories``) and the file or folder."""
     fractions = SplitFractions(cfg.data.split_test, cfg.data.split_val)
     try:
-        return load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
-                                  cfg.data.crop, fractions)
+        images, desc = load_normal_images(cfg.data.sources, Path(cfg.base_dir), cfg.data.channels,
+                                          cfg.data.crop, fractions)
     except TrainingDataError as e:
         raise ConfigError(str(config_path), e.key, str(e)) from e
+    check_crop_fits(images, cfg.data.crop, config_path)
+    return images, desc
+
+
+def check_crop_fits(images: list[NormalImage], crop: int, config_path: Path) -> None:
+    """Refuse a ``data.crop`` that no training image holds: an image smaller than the crop is
+    reflect-padded to it, which is meant for the odd small image, but with a crop larger than
+    every image each crop is padding, not the surface, and ``data.crop: 100000`` padded every
+    image to 100000 x 100000 px (all the memory, an out-of-memory kill, an empty run folder)."""
+    if not images or any(im.windows is not None for im in images):
+        return  # neu-seg windows are cut inside their image (defect_free_windows)
+    sizes = [im.image.shape[:2] for im in images]
+    fit = max(min(h, w) for h, w in sizes)
+    if crop <= fit:
+        return
+    small = min(sizes, key=lambda s: s[0] * s[1])
+    raise ConfigError(str(config_path), "data.crop",
+                      f"{crop} px is larger than every training image (the smallest is "
+                      f"{small[0]}x{small[1]} px, and none holds a {crop}x{crop} window): set it "
+                      f"to at most {fit}")
 
 
 def train(config_path: Path, run_dir: Path | None = None, resume: bool = False,

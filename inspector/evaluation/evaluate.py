@@ -353,8 +353,12 @@ def record_metrics(bundle: str | Path, result: dict[str, Any], key: str | None =
 
     from inspector.bundle import BundleSpec, write_bundle
 
+    from inspector.evaluation.options import check_record_key
+
     b = load_bundle(bundle)
     d = result["data"]
+    # never over an entry the exporter wrote (the trainer's validation record and the like)
+    check_record_key(key, (b.spec.provenance or {}).get("metrics"), str(bundle))
     key = key or f"{d['format']}/{d['split']}"
     entry = {k: result.get(k) for k in RECORD_KEYS}
     entry.update(postprocess=result["postprocess"], data_root=d["root"], images=result["images"],

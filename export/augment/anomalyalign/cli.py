@@ -9,9 +9,10 @@ ConfigError naming the argument or file; ``inspector augment`` turns them into e
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
-from export.augment.cli_common import add_train_command, stoppable_sample
+from export.augment.cli_common import add_train_command, seed_value, stoppable_sample
 from inspector.argtypes import positive_int
 
 __all__ = ["add_commands"]
@@ -26,12 +27,16 @@ def guidance_scale(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value >= 1:  # NaN fails too
         raise argparse.ArgumentTypeError(f"must be >= 1 (1 = no classifier-free guidance), got {text}")
+    if not math.isfinite(value):  # inf sampled NaN pixels, written as all-black images, exit 0
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
     return value
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from export.augment.anomalyalign.sample import sample, write_grid
+    from export.augment.cli_common import check_sample_paths
 
+    check_sample_paths(args.out, args.grid)
     path = sample(Path(args.run_dir), Path(args.out), args.n, args.seed, steps=args.steps,
                   guidance=args.guidance, batch_size=args.batch_size, threads=args.threads,
                   data_root=args.data_root)
@@ -54,7 +59,8 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
     q.add_argument("--run-dir", required=True, help="trained run folder (checkpoint.pt)")
     q.add_argument("--out", required=True, help="output folder (new, or empty; written whole at the end)")
     q.add_argument("--n", type=positive_int, required=True, help="pairs to write")
-    q.add_argument("--seed", type=int, default=0, help="everything random derives from it")
+    q.add_argument("--seed", type=seed_value, default=0, help="everything random derives from it "
+                                                                "(0..2**32-1)")
     q.add_argument("--steps", type=positive_int, help="DDIM steps (default: the run's sample.steps)")
     q.add_argument("--guidance", type=guidance_scale, help="classifier-free guidance scale, >= 1 "
                                                            "(default: the run's sample.guidance_scale; 1 = off)")

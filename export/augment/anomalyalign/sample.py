@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -202,6 +203,8 @@ def check_guidance(guidance: float) -> float:
     the manifest recorded the value given."""
     if not guidance >= 1:
         raise ValueError(f"--guidance: must be >= 1 (1 = no classifier-free guidance), got {guidance:g}")
+    if not math.isfinite(guidance):  # inf: NaN pixels, written as all-black images
+        raise ValueError(f"--guidance: must be a finite number, got {guidance:g}")
     return float(guidance)
 
 
@@ -228,6 +231,10 @@ def sample(run_dir: Path, out: Path, n: int, seed: int = 0, steps: int | None = 
     unet, controlnet = load_model(ck, cfg, dev)
     text_table = ck["text_emb"].float()
     steps = steps or cfg.sample.steps
+    if steps > cfg.diffusion.train_timesteps:  # diffusers' own words named no option
+        raise ValueError(f"--steps {steps}: more than the {cfg.diffusion.train_timesteps} diffusion "
+                         f"timesteps this run was trained with (diffusion.train_timesteps); DDIM "
+                         f"takes at most that many")
     guidance = cfg.sample.guidance_scale if guidance is None else check_guidance(guidance)
     bs = batch_size or cfg.sample.batch_size
     r = cfg.data.resolution

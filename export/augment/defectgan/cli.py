@@ -11,15 +11,17 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from export.augment.cli_common import add_train_command, stoppable_sample
+from export.augment.cli_common import add_train_command, seed_value, stoppable_sample
 from inspector.argtypes import positive_int
 
 __all__ = ["add_commands"]
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    from export.augment.cli_common import check_sample_paths
     from export.augment.defectgan.sample import sample
 
+    check_sample_paths(args.out, args.grid)
     path = sample(Path(args.run_dir), Path(args.out), args.n, args.seed, classes=args.classes,
                   threshold=args.threshold, defects_per_image=args.defects_per_image,
                   threads=args.threads, grid=Path(args.grid) if args.grid else None,
@@ -41,7 +43,8 @@ def add_commands(gsub: argparse._SubParsersAction) -> None:
     q.add_argument("--run-dir", required=True, help="trained run folder (checkpoint.pt)")
     q.add_argument("--out", required=True, help="output folder (new, or empty; written whole at the end)")
     q.add_argument("--n", type=positive_int, required=True, help="pairs to write")
-    q.add_argument("--seed", type=int, default=0, help="everything random derives from it")
+    q.add_argument("--seed", type=seed_value, default=0, help="everything random derives from it "
+                                                                "(0..2**32-1)")
     q.add_argument("--classes", help="comma list of defect classes to synthesise, taken in turn "
                                      "(default: all, e.g. inclusion,patches,scratches)")
     q.add_argument("--threshold", type=float, help="distribution map -> mask (default: the run's "
