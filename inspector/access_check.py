@@ -162,12 +162,22 @@ def _files_under(folder: Path) -> list[Path]:
 
 def user_ids(name: str) -> tuple[int, int, list[int]]:
     """uid, primary gid and all group ids of ``name``, as a login (or systemd's ``User=``) gets them."""
+    if not name.strip():
+        # `--user "$SVC_USER"` with the variable unset skipped the very check it asked for
+        raise InspectorError("--user: empty; give the unit's User= (a user name or a numeric UID)")
     try:
         pw = pwd.getpwnam(name)
     except KeyError:
-        raise InspectorError(f"--user {name}: no such user on this machine (the unit's User=; "
-                             "deploy/install.sh creates it)") from None
-    return pw.pw_uid, pw.pw_gid, os.getgrouplist(name, pw.pw_gid)
+        if not name.isdigit():
+            raise InspectorError(f"--user {name}: no such user on this machine (the unit's User=; "
+                                 "deploy/install.sh creates it)") from None
+        # systemd's User= takes a numeric UID too
+        try:
+            pw = pwd.getpwuid(int(name))
+        except (KeyError, OverflowError):
+            raise InspectorError(f"--user {name}: no user with UID {name} on this machine (the "
+                                 "unit's User=; deploy/install.sh creates it)") from None
+    return pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
 
 
 def refused_as(user: str, wanted: list[Access], timeout_s: float = 30.0) -> list[Access]:

@@ -288,11 +288,18 @@ def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
     root = Path(path)
     meta = root / BUNDLE_FILE
     if not _present(root, folder=True):
+        if _present(root):
+            raise BundleError(f"{root}: is a file, not a model bundle folder")
         raise BundleError(f"{root}: model bundle folder not found")
+    if _present(meta, folder=True):
+        raise BundleError(f"{meta}: is a folder, expected the bundle's YAML file")
     if not _present(meta):
         raise BundleError(f"{meta}: missing (a bundle folder holds bundle.yaml and its graphs)")
+    from inspector.config import _UniqueKeyLoader  # here: inspector.config imports this module's users
+
     try:
-        raw = yaml.safe_load(meta.read_text())
+        # a key given twice is refused, as in a camera config (plain YAML kept the last one)
+        raw = yaml.load(meta.read_text(), Loader=_UniqueKeyLoader)
     except PermissionError:
         raise BundleError(f"{meta}: {_DENIED}") from None
     except yaml.YAMLError as e:

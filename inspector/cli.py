@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from inspector import __version__
-from inspector.argtypes import non_negative_float, non_negative_int, positive_float, positive_int
+from inspector.argtypes import (finite_float_at_most, non_negative_int, positive_finite_float, positive_float,
+                                positive_int)
 from inspector.errors import (BindError, BundleError, ConfigError, EngineError, InspectorError, MissingPackageError,
                               SourceError)
+from inspector.evaluation.options import onnx_opset, resize_size
 from inspector.logs import set_level
 from inspector.reload_state import request_reload, runtime_dir_from_env
 
@@ -119,6 +121,9 @@ def _check(args: argparse.Namespace) -> int:
     from inspector.postprocess import Geometry
     from inspector.sources import make_source
 
+    if args.user is not None and not args.user.strip():
+        # `--user "$SVC_USER"` with the variable unset quietly skipped the check it asked for
+        raise InspectorError("--user: empty; give the unit's User= (a user name or a numeric UID)")
     cfg = _load(args.config)
     unit_env = _take_unit_environment(args.config) if args.user else []
     as_user, hidden = _check_user(cfg, args.user) if args.user else (None, [])  # before root opens anything
@@ -494,6 +499,21 @@ def _check_endpoint(cfg) -> list[str]:
 
 #: how long `subscribe` without --timeout waits before saying, once, that nothing has come
 SUBSCRIBE_HINT_S = 5.0
+#: the longest --timeout (subscribe, reload): ZeroMQ polls in whole milliseconds of a C int
+SUBSCRIBE_MAX_TIMEOUT_S = 1e6
+#: the longest `alarms test --hold`: the drivers put the clear time on the clock
+ALARM_TEST_MAX_HOLD_S = 86400.0
+
+
+def _why_unwritable(folder: Path) -> str:
+    """The errno text of a failed write into ``folder`` (cv2.imwrite only says False)."""
+    import tempfile
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".inspector-subscribe-"):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return "the PNG encoder failed, or the disk is full"
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
@@ -503,11 +523,24 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     from inspector.publish import Subscriber
 
     save = Path(args.save_masks) if args.save_masks else None
+    m = re.match(r"^tcp://.*:(\d+)$", args.endpoint)
+    if m and not 1 <= int(m.group(1)) <= 65535:  # ZeroMQ would connect and wait for ever
+        return _fail(f"--endpoint {args.endpoint}: port {m.group(1)} is out of range 1-65535", EXIT_BAD_INPUT)
     if save:
+        if save.exists() and not save.is_dir():
+            return _fail(f"--save-masks {save}: cannot create the folder (it is a file, not a folder)",
+                         EXIT_BAD_INPUT)
         try:
             save.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             return _fail(f"--save-masks {save}: cannot create the folder ({e.strerror or e})", EXIT_BAD_INPUT)
+        try:  # found now, not at the first mask after a long wait
+            import tempfile
+            with tempfile.TemporaryFile(dir=save, prefix=".inspector-subscribe-"):
+                pass
+        except OSError as e:
+            return _fail(f"--save-masks {save}: cannot write into the folder ({e.strerror or e})",
+                         EXIT_BAD_INPUT)
     try:
         sub = Subscriber(args.endpoint, args.topic)
     except ValueError as e:
@@ -544,12 +577,14 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             if save:
                 name = save / f"{h['camera_id']}_{h['frame_id']:08d}.png"
                 if not cv2.imwrite(str(name), mask):
-                    return _fail(f"--save-masks: could not write {name}; {n} received", EXIT_FAIL)
+                    return _fail(f"--save-masks: could not write {name} ({_why_unwritable(save)}); "
+                                 f"{n} received", EXIT_FAIL)
                 if region is not None:
                     # 0/255, viewable as is (the recorder's regions/ PNGs are the same)
                     name = save / f"{h['camera_id']}_{h['frame_id']:08d}_region.png"
                     if not cv2.imwrite(str(name), region * np.uint8(255)):
-                        return _fail(f"--save-masks: could not write {name}; {n} received", EXIT_FAIL)
+                        return _fail(f"--save-masks: could not write {name} ({_why_unwritable(save)}); "
+                                     f"{n} received", EXIT_FAIL)
             if args.json:
                 print(json.dumps(h), flush=True)
             else:
@@ -563,29 +598,80 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _remove_empty_folders(made: Path | None, top: Path) -> None:
+    """Remove the folder ``made`` for a command's output, and the parents made with it up to
+    ``top`` (which existed before), where each is still empty."""
+    p = made
+    while p is not None and p != top and top in p.parents:
+        try:
+            p.rmdir()
+        except OSError:
+            return
+        p = p.parent
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from inspector.bench import run_bench
     from inspector.errors import SourceConfigError
 
+    from inspector.fileio import nearest_existing
+
     cfg = _load(args.config)
+    want = Path(args.out)
+    if want.exists() and not want.is_dir():
+        return _fail(f"--out {want}: cannot create the folder (it is a file, not a folder)", EXIT_BAD_INPUT)
+    made = None if want.exists() else want.absolute()  # removed again if the run writes nothing
+    top = nearest_existing(want.absolute())
     out = _out_folder(args.out)
     assert out is not None
     try:
         result = run_bench(cfg, frames=args.frames, out_dir=out, fps=args.fps,
                            throughput_frames=args.throughput_frames)
     except SourceConfigError as e:
+        _remove_empty_folders(made, top)
         if args.fps is None or e.key != "source.fps" or cfg.source.type != "genicam":
             raise
         # --fps replaced the config's source.fps as the camera's AcquisitionFrameRate: the value
         # refused is the option's, and the file does not hold it
         return _fail(f"--fps: {e.problem}", EXIT_BAD_INPUT)
+    except BaseException:
+        _remove_empty_folders(made, top)  # a bundle or source that fails left an empty --out
+        raise
     print(json.dumps(result["summary"], indent=2))
     return EXIT_OK
+
+
+def _runtime_dir_problem(folder: Path | None, write: bool) -> str | None:
+    """Why ``--runtime-dir`` cannot hold (``write``) or give (not ``write``) the reload record;
+    None when it can. One line naming the option: a daemon that only warned ran on, and every
+    `inspector reload` (the unit's ExecReload=) then failed with "no reload record"."""
+    if folder is None:
+        return None
+    env = runtime_dir_from_env()
+    option = "--runtime-dir" + (" (RUNTIME_DIRECTORY)" if env is not None and env == folder else "")
+    if folder.exists() and not folder.is_dir():
+        return f"{option} {folder}: is not a folder"
+    if not write:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        return f"{option} {folder}: cannot create the folder ({e.strerror or e})"
+    try:
+        import tempfile
+        with tempfile.TemporaryFile(dir=folder, prefix=".inspector-daemon-"):
+            pass
+    except OSError as e:
+        return f"{option} {folder}: cannot write the reload record there ({e.strerror or e})"
+    return None
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
     from inspector.daemon import Daemon, setup_logging
 
+    problem = _runtime_dir_problem(args.runtime_dir, write=True)
+    if problem:
+        return _fail(problem, EXIT_BAD_INPUT)
     journal = {"auto": None, "journal": True, "text": False}[args.log_format]
     setup_logging(args.log_level or "INFO", journal)
     daemon = Daemon(args.config, runtime_dir=args.runtime_dir)
@@ -601,6 +687,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if args.runtime_dir is None:
         return _fail("--runtime-dir is needed outside systemd (under the unit, RUNTIME_DIRECTORY "
                      "names it)", EXIT_BAD_INPUT)
+    problem = _runtime_dir_problem(args.runtime_dir, write=False)
+    if problem:
+        return _fail(problem, EXIT_BAD_INPUT)
     try:
         record = request_reload(args.pid, args.runtime_dir, args.timeout)
     except InspectorError as e:
@@ -704,6 +793,11 @@ def cmd_export(args: argparse.Namespace) -> int:
 
         if Path(args.out).exists() and not Path(args.out).is_dir():
             return _fail(f"--out {args.out}: is a file, not a folder (a bundle is a folder)", EXIT_BAD_INPUT)
+        from export.augment.cli_common import writable_place
+        try:  # under a file, or in /proc: it was a bare errno (exit 1), after the checkpoint was read
+            writable_place(Path(args.out), "--out")
+        except ValueError as e:
+            return _fail(str(e), EXIT_BAD_INPUT)
         from inspector.bundle import export_left, folder_state
 
         before = folder_state(Path(args.out))
@@ -913,9 +1007,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         ds = _data_args(args)
         post, kind = _split_overrides(args.set)
-        size = tuple(int(v) for v in args.resize.lower().split("x")) if args.resize else None
-        if size is not None and len(size) != 2:
-            raise ValueError(f"--resize {args.resize!r}: expected HxW, e.g. 256x256")
+        size = args.resize  # (h, w), range-checked by its argparse type
+        if args.record:  # before the evaluation: a refused key used to be found after it, or
+            # silently replaced the exporter's training record
+            from inspector.bundle import load_bundle as _lb
+            from inspector.evaluation.options import check_record_key
+            check_record_key(args.record_key, (_lb(args.bundle, verify=False).spec.provenance or {}).get("metrics"),
+                             args.bundle)
+        elif args.record_key is not None:
+            raise ValueError("--record-key: applies with --record only")
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     try:
@@ -955,6 +1055,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not bad:
             raise
         detail = str(e).split(f"kind_params.{bad[0]}: ", 1)[1].removeprefix("Value error, ")
+        if "takes no kind_params" in detail:  # it read as if --set itself were refused
+            from inspector.postprocess import PostprocessConfig
+            return _fail(f"--set {bad[0]}: unknown key: not a post-processing key, and the "
+                         f"bundle's {detail}; --set takes "
+                         f"{', '.join(sorted(PostprocessConfig.model_fields))}", EXIT_BAD_INPUT)
         if "Extra inputs are not permitted" not in detail:
             # a key the kind takes, with a value it refuses: say what is wrong with the value
             return _fail(f"--set {bad[0]}: {detail}", EXIT_BAD_INPUT)
@@ -1001,12 +1106,19 @@ def _files_in(folder: Path) -> dict[Path, int]:
 
 
 def cmd_calibrate_window(args: argparse.Namespace) -> int:
+    from calibration.outputs import check_bundle_writable, check_out_dir
     from calibration.residual_window import parse_windows, save_result, sweep_window, write_window
 
-    _out_folder(args.out)
+    try:
+        windows = parse_windows(args.windows)  # before any image is read
+    except ValueError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    # an --out or a bundle that cannot be written: refused now, not after the sweep (exit 1, Errno 13)
+    check_out_dir(args.out)
+    if args.write:
+        check_bundle_writable(args.bundle, "--bundle", "; without --write the sweep only reports")
     try:
         ds = _data_args(args)
-        windows = parse_windows(args.windows)
         res = sweep_window(args.bundle, ds, windows, objective=args.objective, stride=args.stride)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
@@ -1043,11 +1155,18 @@ def cmd_calibrate_window(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from calibration.dual_threshold import parse_range, save_result, sweep, write_k
+    from calibration.outputs import check_bundle_writable, check_out_dir
 
-    _out_folder(args.out)
+    try:
+        values = parse_range(args.range)  # before any image is read (and at most MAX_RANGE_VALUES)
+    except ValueError as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    # an --out or a bundle that cannot be written: refused now, not after the sweep (exit 1, Errno 13)
+    check_out_dir(args.out)
+    if args.write:
+        check_bundle_writable(args.bundle, "--bundle", "; without --write the sweep only reports")
     try:
         ds = _data_args(args)
-        values = parse_range(args.range)
         res = sweep(args.bundle, ds, values, param=args.param, objective=args.objective)
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
@@ -1113,7 +1232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--endpoint", default="tcp://127.0.0.1:5556")
     p.add_argument("--topic", default="", help="topic prefix, e.g. defects.cam1")
     p.add_argument("--count", type=positive_int, help="exit after this many messages")
-    p.add_argument("--timeout", type=positive_float, help="fail if no message arrives within this many seconds")
+    p.add_argument("--timeout", type=finite_float_at_most(SUBSCRIBE_MAX_TIMEOUT_S),
+                   help="fail if no message arrives within this many seconds")
     p.add_argument("--json", action="store_true", help="one header JSON per line")
     p.add_argument("--save-masks", metavar="DIR", help="write each mask as PNG into DIR "
                    "(<camera>_<frame>.png; with a region head also <camera>_<frame>_region.png, 0/255)")
@@ -1123,7 +1243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.add_argument("--frames", type=positive_int, default=200, help="frames in the latency phase")
     p.add_argument("--throughput-frames", type=positive_int, default=100, help="frames in the throughput phase")
-    p.add_argument("--fps", type=positive_float, help="pace of the latency phase (default: 70%% of throughput)")
+    p.add_argument("--fps", type=positive_finite_float, help="pace of the latency phase (default: 70%% of throughput)")
     p.add_argument("--out", default="bench-out", help="folder for bench.json and bench.png")
     p.set_defaults(fn=cmd_bench)
 
@@ -1145,7 +1265,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pid", type=positive_int, required=True, help="the daemon's PID ($MAINPID)")
     p.add_argument("--runtime-dir", type=Path, default=runtime_dir_from_env(), metavar="DIR",
                    help="the daemon's --runtime-dir (default: RUNTIME_DIRECTORY, set by systemd)")
-    p.add_argument("--timeout", type=positive_float, default=590.0,
+    p.add_argument("--timeout", type=finite_float_at_most(SUBSCRIBE_MAX_TIMEOUT_S), default=590.0,
                    help="seconds to wait (the unit's TimeoutStartSec, 600 s, also bounds a reload)")
     p.set_defaults(fn=cmd_reload)
 
@@ -1153,7 +1273,8 @@ def build_parser() -> argparse.ArgumentParser:
     asub = p.add_subparsers(dest="action", required=True)
     q = asub.add_parser("test", help="set and clear each alarm once on every configured PLC (commissioning)")
     q.add_argument("--config", required=True, help="camera config YAML")
-    q.add_argument("--hold", type=non_negative_float, default=1.0, help="seconds each alarm stays set")
+    q.add_argument("--hold", type=finite_float_at_most(ALARM_TEST_MAX_HOLD_S, inclusive_zero=True), default=1.0,
+                   help="seconds each alarm stays set")
     q.set_defaults(fn=cmd_alarms)
 
     p = sub.add_parser("train", help="train a model (needs the train extra)")
@@ -1188,7 +1309,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or is missing beside a finished one (default thresholds, no metrics in "
                         "the bundle)")
     p.add_argument("--name", help="bundle name (default: the folder name)")
-    p.add_argument("--opset", type=positive_int, default=17)
+    p.add_argument("--opset", type=onnx_opset, default=17,
+                   help="ONNX opset of the graph (default 17; the range this torch exports)")
     p.add_argument("--replace", action="store_true",
                    help="onnx: overwrite a bundle already in --out (refused without it)")
     p.set_defaults(fn=cmd_export)
@@ -1216,7 +1338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a post-processing or kind_params key of the bundle for this run, "
                         "e.g. k1=3.5 or local_mean_window=31 (repeatable)")
-    p.add_argument("--resize", metavar="HxW", help="resize images (masks nearest) before the model")
+    p.add_argument("--resize", metavar="HxW", type=resize_size,
+                   help="resize images (masks nearest) before the model; sides 1..16384 px")
     p.add_argument("--threads", type=non_negative_int, default=0, help="onnxruntime intra-op threads (0 = all)")
     p.add_argument("--auroc-stride", type=positive_int, default=1, metavar="N",
                    help="the pixel and per-class AUROC of every N-th pixel of each image (row-major): "

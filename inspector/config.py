@@ -8,6 +8,7 @@ Relative paths in the file resolve against the file's own folder.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -92,7 +93,7 @@ class GeometryConfig(BaseModel):
     """Pixel size on the strip; a source that knows better (frame metadata) wins.
     ``inspector calibrate geometry`` prints this section from strip width, line speed, etc."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # .inf passed gt=0
     mm_per_px_across: float | None = Field(None, gt=0)
     mm_per_px_along: float | None = Field(None, gt=0)
     mm_per_encoder_count: float | None = Field(
@@ -161,6 +162,9 @@ def validation_error(file: str, e: ValidationError) -> ConfigError:
         msg = "unknown key"
     elif err["type"] == "missing":
         msg = "required key is missing"
+    elif isinstance(err.get("input"), float) and math.isnan(err["input"]):
+        # "Input should be greater than 0 (got nan)" described a range nan is not outside
+        msg = "must be a finite number (got nan)"
     elif "input" in err and not isinstance(err["input"], (dict, list)):
         msg = f"{msg} (got {err['input']!r})"
     if err["type"] == "union_tag_invalid":
@@ -185,6 +189,7 @@ def parse_config(raw: Any, file: str = "<memory>", base_dir: Path | None = None,
         cfg = InspectorConfig.model_validate(raw)
     except ValidationError as e:
         raise validation_error(file, e) from None
+    _check_postprocess_overrides(file, cfg.model.postprocess)
     cfg.base_dir = base_dir or Path.cwd()
     cfg.source_file = file
     if isinstance(cfg.source, GenicamConfig) and cfg.pipeline.backpressure:
@@ -198,11 +203,25 @@ def parse_config(raw: Any, file: str = "<memory>", base_dir: Path | None = None,
     return cfg
 
 
+def _check_postprocess_overrides(file: str, overrides: dict[str, Any]) -> None:
+    """Each ``model.postprocess`` override holds what the bundle's own section may hold (k1: .nan
+    or -3 was taken, and the model then found nothing); the key named is the override's."""
+    for key, value in overrides.items():
+        try:
+            PostprocessConfig.model_validate({key: value})
+        except ValidationError as e:
+            err = validation_error(file, e)
+            raise ConfigError(file, f"model.postprocess.{err.key}" if err.key else "model.postprocess",
+                              err.problem) from None
+
+
 def _check_paths(cfg: InspectorConfig) -> None:
     f = cfg.source_file
     bundle = cfg.resolve(cfg.model.bundle)
     try:
         if not bundle.is_dir():
+            if bundle.exists():
+                raise ConfigError(f, "model.bundle", f"{bundle} is a file, not a model bundle folder")
             raise ConfigError(f, "model.bundle", f"model bundle folder {bundle} not found")
         if not (bundle / "bundle.yaml").is_file():
             raise ConfigError(f, "model.bundle", f"{bundle} has no bundle.yaml (not a model bundle)")
@@ -219,6 +238,9 @@ def _check_paths(cfg: InspectorConfig) -> None:
         if not cti.is_file():
             raise ConfigError(f, "source.cti", f"GenTL producer {cti} not found (expected a .cti file)")
     ff = cfg.preprocess.flat_field
+    if ff and cfg.resolve(ff).is_dir():
+        raise ConfigError(f, "preprocess.flat_field", f"{cfg.resolve(ff)} is a folder, expected an .npz "
+                          "file from `inspector calibrate flat-field`")
     if ff and not cfg.resolve(ff).is_file():
         raise ConfigError(f, "preprocess.flat_field", f"flat-field file {cfg.resolve(ff)} not found "
                           f"(expected an .npz from `inspector calibrate flat-field`)")
@@ -232,6 +254,11 @@ def _check_paths(cfg: InspectorConfig) -> None:
                 # exit 2 at start, not 1: under systemd an exit 1 is restarted every 5 s for ever
                 raise ConfigError(f, "source.pattern", f"no images matching {src.pattern!r} in {p} "
                                   "(source.path)")
+        else:
+            from inspector.sources.replay import IMAGE_EXTENSIONS, video_problem
+            problem = None if p.suffix.lower() in IMAGE_EXTENSIONS else video_problem(p)
+            if problem:  # bad input, exit 2: not a camera fault to restart for
+                raise ConfigError(f, "source.path", problem)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -262,7 +289,12 @@ def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict:
     try:
         text = p.read_text()
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except IsADirectoryError:
+        raise ConfigError(file, None, f"is a folder, expected the {what} (a YAML file)") from None
+    except NotADirectoryError:
+        raise ConfigError(file, None, f"{what} not found (a part of the path is a file, not a "
+                          "folder)") from None
+    except FileNotFoundError:
         raise ConfigError(file, None, f"{what} not found") from None
     except PermissionError:
         # exit 2, not 1: a file the service user cannot read is the install's fault, and

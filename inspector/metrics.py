@@ -41,7 +41,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 if TYPE_CHECKING:  # the runtime imports these modules anyway; only the type checker needs them here
     from inspector.alarms import AlarmEngine, DriverWorker
@@ -62,6 +62,34 @@ class MetricsConfig(BaseModel):
     port: int = Field(9108, ge=0, le=65535, description="one port per camera; 0 = any free port")
     buckets_ms: list[float] = Field(default_factory=lambda: list(DEFAULT_BUCKETS_MS), min_length=1,
                                     description="latency histogram bucket bounds, ms")
+
+    @field_validator("address")
+    @classmethod
+    def _address_resolves(cls, v: str, info: ValidationInfo) -> str:
+        # found at load (`check` passed it), not as the daemon starts, and blamed on the address
+        # (it was reported as a metrics.port problem, exit 1)
+        problem = address_problem(v) if info.data.get("enabled") else None
+        if problem:
+            raise ValueError(problem)
+        return v
+
+
+def address_problem(address: str) -> str | None:
+    """Why ``address`` is no interface to listen on (None: an IP address, or a name that resolves)."""
+    import ipaddress
+    import socket
+
+    try:
+        ipaddress.ip_address(address)
+        return None
+    except ValueError:
+        pass
+    try:
+        socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        return (f"{address!r} does not resolve ({getattr(e, 'strerror', None) or e}); expected an IP "
+                "address of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all interfaces")
+    return None
 
 
 class Metrics:
@@ -113,6 +141,10 @@ class Metrics:
         try:
             self._httpd, _ = start_http_server(self.cfg.port, self.cfg.address, registry=self.registry)
         except OSError as e:
+            problem = address_problem(self.cfg.address)
+            if problem:  # bad input, exit 2: no restart makes the name resolve
+                from inspector.errors import ConfigError
+                raise ConfigError(self.config_file or "<memory>", "metrics.address", problem) from None
             where = f"{self.config_file}: " if self.config_file else ""
             raise OSError(f"{where}metrics.port: cannot listen on {self.cfg.address}:{self.cfg.port}: "
                           f"{e.strerror or e}") from e

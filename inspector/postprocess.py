@@ -40,7 +40,9 @@ GREY_WEIGHTS_RGB = (0.299, 0.587, 0.114)
 class PostprocessConfig(BaseModel):
     """Post-processing parameters; the bundle's section, optionally overridden per camera."""
 
-    model_config = ConfigDict(extra="forbid")
+    # nan or inf in any value (k1: .nan thresholds nothing, score_threshold: .inf finds nothing)
+    # is refused with "Input should be a finite number", naming the key
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["probability", "dual_threshold", "score_threshold"] = "probability"
     # probability recipe (open_kernel, close_kernel also serve score_threshold)
@@ -49,8 +51,8 @@ class PostprocessConfig(BaseModel):
     open_kernel: int = Field(0, ge=0, description="opening kernel size (0 = off)")
     close_kernel: int = Field(0, ge=0, description="closing kernel size (0 = off)")
     # dual-threshold recipe (paper values)
-    k1: float = Field(3.0, description="first (per-channel) threshold: mean + k1*std")
-    k2: float = Field(1.0, description="second (grey) threshold: mean + k2*std")
+    k1: float = Field(3.0, ge=0, description="first (per-channel) threshold: mean + k1*std")
+    k2: float = Field(1.0, ge=0, description="second (grey) threshold: mean + k2*std")
     kernel_size: int = Field(3, ge=0, description="closing kernel of the dual-threshold recipe")
     min_residual: float = Field(0.0, ge=0, description="dual-threshold recipe: keep a component only "
                                 "if its highest score reaches this absolute floor (0 = off)")

@@ -109,14 +109,42 @@ def read_record(folder: Path) -> ReloadRecord | None:
     path = folder / RECORD_NAME
     try:
         data = json.loads(path.read_text())
-        return ReloadRecord(**data)
     except FileNotFoundError:
         return None
     except PermissionError as e:
         raise InspectorError(f"{path}: cannot read the reload record ({e.strerror}); run as root or "
                              "as the service user") from None
-    except (OSError, ValueError, TypeError) as e:
-        raise InspectorError(f"{path}: not a reload record: {e}") from None
+    except IsADirectoryError:
+        raise InspectorError(f"{path}: is a folder, not a reload record") from None
+    except NotADirectoryError:
+        raise InspectorError(f"{folder}: is not a folder (--runtime-dir)") from None
+    except OSError as e:
+        raise InspectorError(f"{path}: cannot read the reload record ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError):
+        raise InspectorError(f"{path}: not a reload record (not valid JSON); the daemon rewrites it "
+                             "at its next start or reload") from None
+    return _record_of(path, data)
+
+
+_RECORD_TYPES = {"pid": (int,), "started": (int,), "finished": (int,), "ok": (bool, type(None)),
+                 "message": (str,)}
+
+
+def _record_of(path: Path, data: object) -> ReloadRecord:
+    """A record from the JSON ``data``; anything else is named in one line (a list gave
+    "argument after ** must be a mapping, not list")."""
+    expected = "expected a JSON object with " + ", ".join(_RECORD_TYPES)
+    if not isinstance(data, dict):
+        raise InspectorError(f"{path}: not a reload record ({expected}, found a {type(data).__name__})")
+    unknown = sorted(set(data) - set(_RECORD_TYPES))
+    if unknown or "pid" not in data:
+        what = f"unknown key(s) {unknown}" if unknown else "no pid"
+        raise InspectorError(f"{path}: not a reload record ({what}; {expected})")
+    for key, value in data.items():
+        if not isinstance(value, _RECORD_TYPES[key]) or (isinstance(value, bool) and bool not in _RECORD_TYPES[key]):
+            raise InspectorError(f"{path}: not a reload record ({key}: {value!r} is not a "
+                                 f"{' or '.join(t.__name__ for t in _RECORD_TYPES[key])})")
+    return ReloadRecord(**data)
 
 
 def _alive(pid: int) -> bool:

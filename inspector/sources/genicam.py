@@ -67,7 +67,7 @@ class GenicamConfig(BaseModel):
     (and, where the camera has them, set to 0 before the size is written: see ``_configure``).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # fps: .inf passed ge=0
 
     type: Literal["genicam"] = "genicam"
     cti: str = Field(..., description="path to the GenTL producer (.cti), relative to the config file; "

@@ -18,6 +18,7 @@ recordings play in order whether or not their numbers are zero-padded.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 class ReplayConfig(BaseModel):
     """Settings of a replay source (``source.type: replay``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # fps: .inf passed ge=0
 
     type: Literal["replay"] = "replay"
     path: str = Field(..., description="folder of images or a video file; relative to the config file")
@@ -167,6 +168,27 @@ class _Video:
         if self._cap is not None:
             self._cap.release()
             self._cap = None
+
+
+def video_problem(path: Path) -> str | None:
+    """Why ``path`` (a file, not an image) cannot be replayed as a video; None when OpenCV
+    decodes its first frame. Asked when the config is loaded, so a file that is not a video is
+    bad input (exit 2, naming source.path), not a camera fault that systemd restarts for ever."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror or e}"
+    # ffmpeg's own lines ("moov atom not found") would come before the one line naming the key;
+    # read once, at ffmpeg's first use in the process (set OPENCV_FFMPEG_LOGLEVEL to see them)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    try:
+        video = _Video(path, "gray")
+    except SourceError:
+        return (f"{path} is not a video OpenCV can decode (expected a video file, or a folder of "
+                f"images: {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    video.close()
+    return None
 
 
 class ReplaySource(Source):

@@ -41,7 +41,7 @@ CLASS_NAMES = ("background", "inclusion", "patches", "scratches")
 class SyntheticConfig(BaseModel):
     """Settings of the synthetic strip (``source.type: synthetic``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # fps: .inf passed ge=0
 
     type: Literal["synthetic"] = "synthetic"
     width: int = Field(1600, ge=32, le=16384, description="pixels across the strip")
