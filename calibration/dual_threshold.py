@@ -57,7 +57,7 @@ MAX_RANGE_VALUES = 1000
 def parse_range(text: str) -> list[float]:
     """``start:stop:step`` (inclusive stop) or a comma list, e.g. ``2:4:0.25`` or ``2.5,3,3.5``.
 
-    Each value is a k (threshold = mean + k x std): finite and > 0. At most
+    Each value is a k (threshold = mean + k x std): finite and >= 0. At most
     :data:`MAX_RANGE_VALUES` values: every one is a pass of the post-processing over every image,
     and ``2:100000:0.0001`` (10^9 values) used to fill the memory before anything was printed."""
     if ":" in text:
@@ -88,10 +88,10 @@ def parse_range(text: str) -> list[float]:
                              f"of numbers")
         if len(vals) > MAX_RANGE_VALUES:
             raise ValueError(f"--range: {len(vals)} values; at most {MAX_RANGE_VALUES}")
-    bad = [v for v in vals if not (np.isfinite(v) and v > 0)]
+    bad = [v for v in vals if not (np.isfinite(v) and v >= 0)]
     if bad:
         # nan was swept and, with --write, stored as k1: .nan (the model then found nothing)
-        raise ValueError(f"--range {text!r}: every k must be a finite number > 0, got {bad[0]:g}")
+        raise ValueError(f"--range {text!r}: every k must be a finite number >= 0, got {bad[0]:g}")
     return vals
 
 def sweep(bundle: str | Path, dataset: Dataset, values: Sequence[float],

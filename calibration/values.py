@@ -66,9 +66,9 @@ def check_values(vals: list[float] | None, arg: str, lo: float | None = None, lo
 
 
 def check_k(vals: list[float] | None, arg: str) -> list[float] | None:
-    """Dual-threshold coefficients k (threshold = mean + k x std of the residual): finite and > 0
-    (0 or less marks every pixel from the mean down; no calibration means that)."""
-    return check_values(vals, arg, 0.0, False)
+    """Dual-threshold coefficients k (threshold = mean + k x std of the residual): finite and
+    >= 0, as the bundle's postprocess section takes them."""
+    return check_values(vals, arg, 0.0, True)
 
 
 def comma_floats(text: str | None, arg: str) -> list[float] | None:

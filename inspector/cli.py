@@ -130,7 +130,7 @@ def _check(args: argparse.Namespace) -> int:
     model = load_model(cfg)
     spec = model.bundle.spec
     _check_alarms(cfg, spec.classes)  # what `inspector daemon` refuses at start, exit 2
-    warnings = (_check_endpoint(cfg) + hidden + _unfinished_training(model.bundle)
+    warnings = (_check_endpoint(cfg) + _check_metrics_address(cfg) + hidden + _unfinished_training(model.bundle)
                 + list(model.adapter.engine.warnings))
     if as_user is None and os.geteuid() == 0:
         warnings.append("checked as root, who can open every file: add --user <the unit's User=> "
@@ -474,6 +474,19 @@ def _check_record(cfg, classes: list[str], warnings: list[str], root_note: bool 
     warnings += [f"record.dir: {n}: a second daemon of this camera_id would exit 2 (if it is this "
                  "camera's own daemon, running while its config is checked, all is well)" for n in held]
     return f"{describe(cfg.record)} into {root}{state}" + "".join(f"; {n}" for n in notes if n not in held)
+
+
+def _check_metrics_address(cfg) -> list[str]:
+    """``metrics.address`` resolved as the daemon's start will: a name DNS says does not exist is
+    bad config (exit 2), one DNS does not answer for yet a warning (the daemon retries)."""
+    from inspector.metrics import address_problem
+
+    problem = address_problem(cfg.metrics.address) if cfg.metrics.enabled else None
+    if problem is None:
+        return []
+    if problem[1]:
+        raise ConfigError(cfg.source_file, "metrics.address", problem[0])
+    return [f"metrics.address: {problem[0]}; the daemon exits 1 and is restarted until it resolves"]
 
 
 def _check_endpoint(cfg) -> list[str]:
@@ -1003,7 +1016,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     if args.overlays and not args.out:
         return _fail("--overlays: needs --out (the folder the overlay PNGs go into)", EXIT_BAD_INPUT)
-    out = _out_folder(args.out)
     try:
         ds = _data_args(args)
         post, kind = _split_overrides(args.set)
@@ -1018,6 +1030,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise ValueError("--record-key: applies with --record only")
     except (ValueError, FileNotFoundError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
+    out = _out_folder(args.out)  # after the checks: a refused run leaves no new folder
     try:
         engine = _evaluation_engine(args)
     except (BundleError, EngineError) as e:

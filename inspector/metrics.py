@@ -65,30 +65,50 @@ class MetricsConfig(BaseModel):
 
     @field_validator("address")
     @classmethod
-    def _address_resolves(cls, v: str, info: ValidationInfo) -> str:
-        # found at load (`check` passed it), not as the daemon starts, and blamed on the address
-        # (it was reported as a metrics.port problem, exit 1)
-        problem = address_problem(v) if info.data.get("enabled") else None
+    def _address_is_a_name(cls, v: str, info: ValidationInfo) -> str:
+        # the form only: a config load must not wait on DNS, nor refuse (exit 2: no restart) a
+        # name that resolves once the network is up; `check` and the start resolve it
+        problem = address_form_problem(v) if info.data.get("enabled") else None
         if problem:
             raise ValueError(problem)
         return v
 
 
-def address_problem(address: str) -> str | None:
-    """Why ``address`` is no interface to listen on (None: an IP address, or a name that resolves)."""
+_EXPECTED = "expected an IP address of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all interfaces"
+
+
+def address_form_problem(address: str) -> str | None:
+    """Why ``address`` cannot be an interface to listen on, by its form alone (None: an IP
+    address, or a well-formed host name)."""
     import ipaddress
-    import socket
+    import re
 
     try:
         ipaddress.ip_address(address)
         return None
     except ValueError:
         pass
+    label = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+    if len(address) <= 253 and re.fullmatch(rf"{label}(\.{label})*\.?", address):
+        return None
+    return f"{address!r} is neither an IP address nor a host name; {_EXPECTED}"
+
+
+def address_problem(address: str) -> tuple[str, bool] | None:
+    """Why ``address`` is no interface to listen on, and whether that lasts (a name DNS says does
+    not exist) or may pass (no answer yet: a line PC started before its network); None: an IP
+    address, or a name that resolves."""
+    import socket
+
+    form = address_form_problem(address)
+    if form:
+        return form, True
     try:
         socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)
     except (OSError, UnicodeError) as e:
-        return (f"{address!r} does not resolve ({getattr(e, 'strerror', None) or e}); expected an IP "
-                "address of this machine, e.g. 127.0.0.1, or 0.0.0.0 for all interfaces")
+        lasting = isinstance(e, socket.gaierror) and e.errno == socket.EAI_NONAME
+        return (f"{address!r} does not resolve ({getattr(e, 'strerror', None) or e}); {_EXPECTED}",
+                lasting)
     return None
 
 
@@ -142,10 +162,12 @@ class Metrics:
             self._httpd, _ = start_http_server(self.cfg.port, self.cfg.address, registry=self.registry)
         except OSError as e:
             problem = address_problem(self.cfg.address)
-            if problem:  # bad input, exit 2: no restart makes the name resolve
-                from inspector.errors import ConfigError
-                raise ConfigError(self.config_file or "<memory>", "metrics.address", problem) from None
             where = f"{self.config_file}: " if self.config_file else ""
+            if problem and problem[1]:  # bad input, exit 2: no restart makes the name exist
+                from inspector.errors import ConfigError
+                raise ConfigError(self.config_file or "<memory>", "metrics.address", problem[0]) from None
+            if problem:  # no answer from DNS yet: a runtime fault, which systemd retries
+                raise OSError(f"{where}metrics.address: {problem[0]}") from e
             raise OSError(f"{where}metrics.port: cannot listen on {self.cfg.address}:{self.cfg.port}: "
                           f"{e.strerror or e}") from e
         port = self._httpd.server_address[1]

@@ -77,7 +77,7 @@ def test_flat_field_out_where_no_file_can_be_made_is_refused_naming_out(tmp_path
 
 
 # -- B6: values a threshold search can write ------------------------------------------------------
-@pytest.mark.parametrize("opt, value", [("--k1", "nan"), ("--k1", "-1"), ("--k1", "inf"), ("--k1", "0"),
+@pytest.mark.parametrize("opt, value", [("--k1", "nan"), ("--k1", "-1"), ("--k1", "inf"), ("--k1", "-0.5"),
                                         ("--k2", "3,nan"), ("--kernel-size", "1e20"),
                                         ("--min-area-px", "inf"), ("--min-threshold", "nan")])
 def test_thresholds_refuse_a_search_value_that_cannot_be_written(opt, value, clgan, tmp_path, capsys):
@@ -109,7 +109,7 @@ def mt(clgan, tmp_path):
     return mt
 
 
-@pytest.mark.parametrize("rng", ["nan,3", "2,3,-1", "0:2:0.5", "2:100000:0.0001"])
+@pytest.mark.parametrize("rng", ["nan,3", "2,3,-1", "-1:2:0.5", "2:100000:0.0001"])
 def test_dual_threshold_refuses_a_range_value_before_the_sweep(rng, clgan, mt, tmp_path, capsys):
     bundle, _ = clgan
     before = (bundle / "bundle.yaml").read_text()

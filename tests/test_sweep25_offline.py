@@ -118,12 +118,13 @@ def demo_copy(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("key", ["validation", "params", "finished"])
-def test_b7_record_key_of_the_training_record_is_refused_before_the_evaluation(demo_copy, neu, key):
+def test_b7_record_key_of_the_training_record_is_refused_before_the_evaluation(demo_copy, neu, key, tmp_path):
     before = (demo_copy / "bundle.yaml").read_bytes()
     res = run_cli("evaluate", "--bundle", str(demo_copy), "--format", "neu-seg", "--data", str(neu),
-                  "--record", "--record-key", key)
+                  "--record", "--record-key", key, "--out", str(tmp_path / "eval-out"))
     one_error(res, "--record-key", "training record")
     assert (demo_copy / "bundle.yaml").read_bytes() == before
+    assert not (tmp_path / "eval-out").exists()  # the refusal leaves no new --out folder
 
 
 def test_b7_record_key_empty_or_with_a_newline_is_refused(demo_copy, neu):

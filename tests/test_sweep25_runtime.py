@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import run_cli, write_config
+from inspector.errors import ConfigError
 
 
 def one_clean_line(r: subprocess.CompletedProcess, code: int = 2) -> str:
@@ -258,6 +259,30 @@ def test_metrics_start_names_the_address():
     with pytest.raises(ConfigError) as e:
         m.start()
     assert e.value.key == "metrics.address"
+
+
+def test_a_config_load_never_waits_on_dns_and_a_name_dns_cannot_answer_yet_is_retried(tmp_path, synthetic_cfg,
+                                                                                        monkeypatch):
+    # review 25c H1: the lookup at every config load made a line PC that boots before its DNS
+    # exit 2, which the unit never restarts: the camera stayed down for good
+    import socket
+
+    from inspector.config import load_config
+    from inspector.metrics import Metrics
+
+    def no_dns(*a, **k):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    p = write_config(tmp_path / "cam.yaml",
+                     synthetic_cfg(metrics={"enabled": True, "address": "metrics-host.plant", "port": 0}))
+    cfg = load_config(p)  # the form only
+    with pytest.raises(OSError, match=r"cam.yaml: metrics.address: 'metrics-host.plant' does not resolve "
+                                      r"\(Temporary failure in name resolution\)") as e:
+        Metrics(cfg.metrics, "cam", str(p)).start()
+    assert not isinstance(e.value, ConfigError)  # exit 1: systemd retries
+    bad = write_config(tmp_path / "bad.yaml", synthetic_cfg(metrics={"enabled": True, "address": "not a host"}))
+    with pytest.raises(ConfigError, match="metrics.address: 'not a host' is neither an IP address nor a host name"):
+        load_config(bad)
 
 
 # --- C17: check --user -----------------------------------------------------------------------------

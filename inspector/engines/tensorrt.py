@@ -120,11 +120,12 @@ def graph_input(graph: Path) -> tuple[Path, str, tuple[int, int, int], str, Any]
     a bare graph is asked through ONNX Runtime, and must have a fixed C, H and W.
     """
     from inspector.bundle import BUNDLE_FILE, Bundle, BundleSpec
+    from inspector.config import _UniqueKeyLoader  # as load_bundle reads it: a key twice is refused
 
     meta = graph.parent / BUNDLE_FILE
     if meta.is_file():
         try:
-            spec = BundleSpec.model_validate(yaml.safe_load(meta.read_text()))
+            spec = BundleSpec.model_validate(yaml.load(meta.read_text(), Loader=_UniqueKeyLoader))
         except Exception as e:
             raise EngineError(f"{meta}: not a valid bundle description ({e})") from e
         sha = next((g.sha256 for g in spec.graphs.values() if g.file == graph.name), None)

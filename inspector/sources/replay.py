@@ -18,7 +18,6 @@ recordings play in order whether or not their numbers are zero-padded.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -179,9 +178,6 @@ def video_problem(path: Path) -> str | None:
             pass
     except OSError as e:
         return f"cannot read {path}: {e.strerror or e}"
-    # ffmpeg's own lines ("moov atom not found") would come before the one line naming the key;
-    # read once, at ffmpeg's first use in the process (set OPENCV_FFMPEG_LOGLEVEL to see them)
-    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     try:
         video = _Video(path, "gray")
     except SourceError:
