@@ -369,6 +369,18 @@ def test_one_file_is_one_daemons_and_a_folder_is_not_a_file(tmp_path):
         LatchStore(tmp_path / "dir", "c.yaml", "dir").open()
 
 
+def test_a_link_to_another_cameras_file_is_that_file(tmp_path):
+    # the lock went by the path's spelling: a link to the other camera's file opened in both
+    # daemons, and each would raise the other's alarms after a restart
+    a = LatchStore(tmp_path / "a" / "cam.json", "a.yaml")
+    a.open()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "cam.json").symlink_to(tmp_path / "a" / "cam.json")
+    with pytest.raises(ConfigError, match="is in use by another running daemon"):
+        LatchStore(tmp_path / "b" / "cam.json", "b.yaml").open()
+    a.close()
+
+
 def test_a_stop_with_the_file_behind_says_what_a_restart_would_do(tmp_path, caplog):
     folder = tmp_path / "alarms"
     path = folder / "cam.json"

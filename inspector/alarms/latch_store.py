@@ -97,7 +97,7 @@ class LatchStore:
             folder.mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:
                 self._owner = _give_to_owner_of(above, folder)
-            fh = open(self.path.with_name(self.path.name + ".lock"), "a+")
+            fh = open(self._lock_path(), "a+")
         except OSError as e:
             raise self._unwritable(folder, e) from None
         try:
@@ -122,6 +122,12 @@ class LatchStore:
         except OSError as e:
             self._release()
             raise self._unwritable(folder, e) from None
+
+    def _lock_path(self) -> Path:
+        """``<file>.lock`` beside the file the path leads to: a latch file that is a link to
+        another camera's file is that file, and must be refused as one while the other runs."""
+        target = self.path.resolve()
+        return target.with_name(target.name + ".lock")
 
     def _unwritable(self, folder: Path, e: OSError) -> ConfigError:
         from inspector.access_check import owner_text
@@ -275,7 +281,7 @@ class LatchStore:
             self._release()
 
     def _remove_files(self) -> None:
-        for f in (self.path, self.path.with_name(self.path.name + ".lock")):
+        for f in (self.path, self._lock_path()):
             try:
                 f.unlink()
             except FileNotFoundError:
