@@ -516,3 +516,20 @@ def test_a_missing_package_and_a_missing_library_are_told_apart(tmp_path, monkey
     if importlib.util.find_spec("pycuda") is None:
         with pytest.raises(MissingPackageError, match="gpu"):
             import_pycuda()
+
+
+def test_the_graph_facts_come_from_the_bundle_as_every_reader_takes_it(tmp_path, toy_bundle):
+    """graph_input reads bundle.yaml through load_bundle: the graph's input, and the same clear
+    refusal of a key given twice (its own parse used to keep the last one)."""
+    import shutil
+
+    from inspector.engines.tensorrt import graph_input
+
+    b = shutil.copytree(toy_bundle, tmp_path / "b")
+    graph = b / "model.onnx"
+    folder, name, chw, sha, bundle = graph_input(graph)
+    assert folder == b and bundle.spec.input.name == name and len(chw) == 3 and len(sha) == 64
+    meta = b / "bundle.yaml"
+    meta.write_text(meta.read_text() + "name: again\n")
+    with pytest.raises(EngineError, match="bundle.yaml.*duplicate key 'name'"):
+        graph_input(graph)

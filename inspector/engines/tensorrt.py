@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from inspector.engines.base import Engine, MissingPackageConfigError, TensorSpec
@@ -45,7 +44,7 @@ from inspector.engines.trt_build import (GPU_EXTRA, BatchProfile, DeviceFacts, E
                                          file_sha256,
                                          import_pycuda, import_tensorrt, make_entropy_calibrator,
                                          plan_batches, trt_logger)
-from inspector.errors import EngineError, MissingPackageError, first_line
+from inspector.errors import EngineError, InspectorError, MissingPackageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -119,18 +118,17 @@ def graph_input(graph: Path) -> tuple[Path, str, tuple[int, int, int], str, Any]
     From ``bundle.yaml`` beside the graph where there is one (its sha256 was checked at load);
     a bare graph is asked through ONNX Runtime, and must have a fixed C, H and W.
     """
-    from inspector.bundle import BUNDLE_FILE, Bundle, BundleSpec
-    from inspector.config import _UniqueKeyLoader  # as load_bundle reads it: a key twice is refused
+    from inspector.bundle import BUNDLE_FILE, load_bundle
 
-    meta = graph.parent / BUNDLE_FILE
-    if meta.is_file():
-        try:
-            spec = BundleSpec.model_validate(yaml.load(meta.read_text(), Loader=_UniqueKeyLoader))
-        except Exception as e:
-            raise EngineError(f"{meta}: not a valid bundle description ({e})") from e
+    if (graph.parent / BUNDLE_FILE).is_file():
+        try:  # read as every other reader of a bundle reads it (its errors name the file and key)
+            bundle = load_bundle(graph.parent, verify=False)
+        except InspectorError as e:
+            raise EngineError(str(e)) from e
+        spec = bundle.spec
         sha = next((g.sha256 for g in spec.graphs.values() if g.file == graph.name), None)
         chw = (spec.input.channels, *spec.input.tile)
-        return graph.parent, spec.input.name, chw, sha or file_sha256(graph), Bundle(graph.parent, spec)
+        return graph.parent, spec.input.name, chw, sha or file_sha256(graph), bundle
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
