@@ -486,13 +486,13 @@ def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(t
     # then put the file back
     old, new = tmp_path / "st" / "cam.json", tmp_path / "st2" / "cam.json"
     e, store = engine(old)
-    slow = threading.Event()
+    slow, go_on = threading.Event(), threading.Event()
     real = latch_mod.atomic_write_text
 
     def write(path, text):
         if path == old:
             slow.set()
-            time.sleep(0.5)
+            assert go_on.wait(10)  # a disk that answers only when the test says so
         real(path, text)
     monkeypatch.setattr(latch_mod, "atomic_write_text", write)
     e.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect()]})
@@ -500,9 +500,9 @@ def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(t
     to = LatchStore(new, "cam.yaml")
     to.open()
     assert to.write_now(e.latched_records()) is None
-    t0 = time.monotonic()
-    e.move_store(to).retire()
-    assert time.monotonic() - t0 < 0.3  # the reload does not wait for the slow disk
+    e.move_store(to).retire()  # returns with the old write still blocked: the reload does not wait
+    assert not go_on.is_set()
+    go_on.set()
     deadline = time.monotonic() + 5
     while (old.exists() or old.with_name("cam.json.lock").exists()) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -513,6 +513,23 @@ def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(t
     wait_file(new, lambda data: data["latched"] == [])
     assert not old.exists()
     to.close()
+
+
+def test_retiring_a_file_whose_writer_is_idle_removes_it_before_returning(tmp_path):
+    # the usual reload: the writer waits for the next set. The files used to be removed by that
+    # thread after it woke, so a reload had returned with the old file still there (CI saw it)
+    old, new = tmp_path / "st" / "cam.json", tmp_path / "st2" / "cam.json"
+    for _ in range(20):
+        e, store = engine(old)
+        e.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect()]})
+        wait_file(old, lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+        to = LatchStore(new, "cam.yaml")
+        to.open()
+        assert to.write_now(e.latched_records()) is None
+        e.move_store(to).retire()
+        assert not old.exists() and not old.with_name("cam.json.lock").exists()
+        to.retire()
+        assert not new.exists()
 
 
 def test_a_reload_that_renames_the_camera_moves_its_default_file(tmp_path, synthetic_cfg, monkeypatch, caplog):

@@ -75,8 +75,10 @@ class LatchStore:
         self._closed = False
         #: moved to another file (retire): nothing more is written, the file goes
         self._retired = False
-        #: the writer thread has ended (or is about to)
-        self._exited = False
+        #: the writer thread is between taking a set and having written it (a disk write)
+        self._writing = False
+        #: retire() came during a write: the writer thread removes the files once it has ended
+        self._remove_when_done = False
         self._failing = False
         self._thread: threading.Thread | None = None
         self._lock_fh: IO[str] | None = None
@@ -220,9 +222,9 @@ class LatchStore:
             self._loop()
         finally:
             with self._cond:
-                self._exited = True
-                retired = self._retired
-            if retired:  # retire() came while a write was under way: it is done now
+                self._writing = False
+                deferred = self._remove_when_done
+            if deferred:  # retire() came while a write was under way: it is done now
                 self._remove_files()
                 self._release()
 
@@ -238,6 +240,7 @@ class LatchStore:
                 closed = self._closed
                 if self._retired:
                     return
+                self._writing = True
             if records is None:
                 records = owed
             if records is not None:
@@ -247,6 +250,8 @@ class LatchStore:
                 else:
                     self._write(records)
                 owed = records if self._failing else None
+            with self._cond:
+                self._writing = False
             if closed:
                 return
 
@@ -275,8 +280,10 @@ class LatchStore:
             self._closed = self._retired = True
             self._pending = None
             self._cond.notify()
-            busy = self._thread is not None and not self._exited
-        if not busy:
+            # an idle writer (the usual case) takes no more sets once retired: the files go now,
+            # so the reload that moved them has them gone when it returns
+            self._remove_when_done = self._writing
+        if not self._remove_when_done:
             self._remove_files()
             self._release()
 
