@@ -416,7 +416,7 @@ class Daemon:
         replaced, and said), switch the engine to it and remove the old file; False (logged, the
         old file kept in use) when ``to`` cannot be written."""
         engine = self.engine
-        found = [r["name"] for r in to.load()]
+        found = [r["name"] for r in to.load(reload=True)]
         kept = engine.latched_records()
         err = to.write_now(kept)
         if err is not None:

@@ -711,17 +711,20 @@ def test_a_send_that_waits_does_not_hold_up_the_counters():
     c = Counters()
     started = threading.Event()
 
+    sent = threading.Event()
+
     def slow_send() -> bool:
         started.set()
-        time.sleep(0.5)
+        assert sent.wait(10)  # a send that ends only when the test says so
         return True
     t = threading.Thread(target=lambda: c.publish_with(slow_send))
     t.start()
-    started.wait(5)
-    t0 = time.monotonic()
-    c.grab()
-    c.snapshot()
-    assert time.monotonic() - t0 < 0.2
+    assert started.wait(5)
+    other = threading.Thread(target=lambda: (c.grab(), c.snapshot()))
+    other.start()
+    other.join(5)
+    assert not other.is_alive(), "grab/snapshot waited for a send in progress"
+    sent.set()
     t.join()
     assert c.snapshot()["published"] == 1
     assert c.abandon() == 0 and c.publish_with(lambda: True) is None  # frozen: nothing sent

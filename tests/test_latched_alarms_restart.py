@@ -532,6 +532,30 @@ def test_retiring_a_file_whose_writer_is_idle_removes_it_before_returning(tmp_pa
         assert not new.exists()
 
 
+def test_a_reload_onto_a_corrupt_file_says_it_is_replaced_not_that_a_restart_lost_alarms(
+        tmp_path, synthetic_cfg, caplog):
+    # the start's wording ("latched before the restart are unknown: check the line") sent the
+    # engineer looking for alarms that a reload never lost
+    cam = tmp_path / "cam.yaml"
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
+                        alarms={"rules": RULES, "latch_file": "st/test.json"})
+    write_config(cam, raw)
+    old, new = tmp_path / "st" / "test.json", tmp_path / "st2" / "test.json"
+    new.parent.mkdir()
+    new.write_text("{not json")
+
+    def move(d):
+        wait_file(old, lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+        _reload_with(d, cam, {**raw, "alarms": {**raw["alarms"], "latch_file": "st2/test.json"}})
+        assert d.reloads == {"ok": 1, "failed": 0}
+        assert [r["name"] for r in json.loads(new.read_text())["latched"]] == ["any_defect"]
+    run_daemon(cam, lambda d: d.engine is not None and d.engine.latched_names(), then=move)
+    assert f"{new} is not a latched-alarm file" in caplog.text
+    assert "What it held is replaced by what is latched now" in caplog.text
+    assert "before the restart" not in caplog.text
+    assert list(new.parent.glob("test.json.*.bad"))  # kept aside, as at a start
+
+
 def test_a_reload_that_renames_the_camera_moves_its_default_file(tmp_path, synthetic_cfg, monkeypatch, caplog):
     # the default file is named by camera_id: the restart a rename asks for read the new id's
     # (empty) file and the unacknowledged alarm was gone, without a word

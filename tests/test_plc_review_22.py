@@ -272,7 +272,7 @@ def test_a_stop_during_reconnect_backoff_makes_the_stop_write():
         plc.stop()
     assert r["status"] & 3 == 0, r                     # running and camera ok cleared
     assert r["alarm_bits"] == 1 and r["coils"] == [True, False] and r["frames"] == 5, r
-    assert took < 2.5, took                            # not the 5 s backoff
+    assert took < 4.0, took                            # not the 5 s backoff (room for a loaded box)
 
 
 @pytest.mark.parametrize("plc_kind", ["nothing_listening", "hung"])
@@ -292,7 +292,8 @@ def test_a_stop_with_the_plc_unreachable_stays_bounded(plc_kind):
     finally:
         if hole is not None:
             hole.close()
-    assert not w._thread.is_alive() and took < 2.0, took   # one connect and write, each 0.5 s at most
+    # one connect and write, each 0.5 s at most, not the 5 s backoff (room for a loaded box)
+    assert not w._thread.is_alive() and took < 4.0, took
 
 
 # -- L1: Modbus answers that are not about the map -----------------------------------------------

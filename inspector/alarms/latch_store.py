@@ -146,17 +146,20 @@ class LatchStore:
                            "(a root shell's run may have left it root's: chown it), or set "
                            "alarms.latch_file")
 
-    def load(self) -> list[dict]:
+    def load(self, reload: bool = False) -> list[dict]:
         """The alarms latched when the previous run last wrote; [] when there is no file. A file
         that cannot be read as one is kept aside as ``<name>.<time>.bad`` and reported: its
-        alarms are unknown."""
+        alarms are unknown (at a start), or replaced by the running set (``reload``: the file a
+        reload moves the latched set into)."""
+        unknown = ("what it held is replaced by what is latched now" if reload else
+                   "alarms latched before the restart are unknown: check the line")
         try:
             text = self.path.read_text(encoding="utf-8")
         except FileNotFoundError:
             return []
         except (OSError, UnicodeDecodeError) as e:
-            log.error("%s: %s: cannot read %s (%s): alarms latched before the restart are unknown: "
-                      "check the line", self.source_file, self.key, self.path, getattr(e, "strerror", None) or e)
+            log.error("%s: %s: cannot read %s (%s): %s", self.source_file, self.key, self.path,
+                      getattr(e, "strerror", None) or e, unknown)
             return []
         try:
             out = _parse(text)
@@ -167,9 +170,8 @@ class LatchStore:
                 kept = f"kept as {bad}"
             except OSError as e2:
                 kept = f"could not be moved aside ({e2.strerror or e2})"
-            log.error("%s: %s: %s is not a latched-alarm file (%s); %s. Alarms latched before the "
-                      "restart are unknown: check the line", self.source_file, self.key, self.path,
-                      e, kept)
+            log.error("%s: %s: %s is not a latched-alarm file (%s); %s. %s", self.source_file,
+                      self.key, self.path, e, kept, unknown[0].upper() + unknown[1:])
             return []
         names = [r["name"] for r in out]
         for name in sorted({n for n in names if names.count(n) > 1}):
