@@ -63,7 +63,7 @@ class RunSettings(BaseModel):
     """The keys every trainer's YAML has at its top (a trainer redeclares one to change its
     default); ``extra="forbid"`` so a key a trainer does not read is an error, not ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     seed: int = 0
     threads: int = Field(2, ge=1, description="torch CPU threads")

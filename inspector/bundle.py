@@ -49,13 +49,13 @@ TileSide = Annotated[int, Field(ge=1)]
 
 
 class GraphRef(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     file: str
     sha256: str
 
 
 class InputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     name: str = "image"
     tile: tuple[TileSide, TileSide] = (256, 256)
     channels: Literal[1, 3] = 1
@@ -87,7 +87,7 @@ class InputSpec(BaseModel):
 
 
 class TilingSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     overlap: int = Field(32, ge=0)
 
 
@@ -95,14 +95,14 @@ class RegionSpec(BaseModel):
     """The optional second sub-task of an arcd bundle (the thesis's machine-region map): the graph
     output ``outputs.region`` holds p(region) per pixel; a pixel is region where p >= threshold."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     #: what the region is, free text; published with every frame
     name: str = Field(min_length=1)
     threshold: float = Field(0.5, gt=0.0, le=1.0)
 
 
 class BundleSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     format: Literal[1] = 1
     name: str
     kind: Literal["arcd", "clgan", "fuzzymask"]

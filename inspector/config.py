@@ -44,7 +44,7 @@ _TAGS = {"genicam", "replay", "synthetic", "onnxruntime", "tensorrt"} | _ALARM_T
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bundle: str = Field(..., description="model bundle folder; relative to the config file")
     engine: EngineConfig = Field(default_factory=OnnxRuntimeConfig)
@@ -65,14 +65,14 @@ class ModelConfig(BaseModel):
 class FrameSpec(BaseModel):
     """The frame shape the pipeline expects; frames of another shape or dtype are dropped."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     height: int = Field(..., ge=1)
     width: int = Field(..., ge=1)
     channels: Literal[1, 3] = 1
 
 
 class PipelineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     queue_size: int = Field(4, ge=1, le=1024, description="frames waiting for the engine")
     backpressure: bool = Field(False, description="grab waits for a free queue slot instead of dropping "
@@ -104,13 +104,13 @@ class GeometryConfig(BaseModel):
 class PreprocessConfig(BaseModel):
     """Corrections applied to each frame before the model (and before its residual)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     flat_field: str | None = Field(None, description="gain/offset maps (.npz from `inspector calibrate "
                                                      "flat-field`); relative to the config file")
 
 
 class StatusConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     interval_s: float = Field(1.0, gt=0)
     window: int = Field(256, ge=8, description="frames the fps and latency figures cover")
 
@@ -118,7 +118,7 @@ class StatusConfig(BaseModel):
 class InspectorConfig(BaseModel):
     """The whole configuration of one camera's daemon."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     camera_id: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
     source: SourceConfig

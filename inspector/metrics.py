@@ -55,7 +55,7 @@ DEFAULT_BUCKETS_MS = (1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000
 class MetricsConfig(BaseModel):
     """``metrics:`` section of a camera config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = False
     address: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 = all)")

@@ -52,7 +52,7 @@ SCHEMA = "inspector.defects/1"
 class PublishConfig(BaseModel):
     """``publish:`` section of a camera config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     endpoint: str = Field("tcp://127.0.0.1:5556", pattern=r"^(tcp|ipc|inproc)://.+",
                           description="ZeroMQ endpoint the publisher binds")

@@ -96,7 +96,7 @@ _END = object()
 class RecordConfig(BaseModel):
     """``record:`` section of a camera config (off unless ``enabled``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     enabled: bool = False
     dir: str | None = Field(None, description="recordings root; the camera writes <dir>/<camera_id>/; "

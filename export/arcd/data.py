@@ -453,7 +453,7 @@ def collate(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 class SyntheticDataConfig(BaseModel):
     """``data:`` section for ``source: synthetic`` (the procedural strip)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     source: Literal["synthetic"] = "synthetic"
     frame_size: tuple[int, int] = Field((256, 1600), description="rendered frame H, W")
@@ -596,7 +596,7 @@ class FolderDataConfig(BaseModel):
     training, the runtime's ``inspector evaluate`` and every machine agree on the held-out images.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     source: Literal["neu-seg", "magnetic-tile"]
     root: str = Field(..., description="data set root (NEU-Seg: images/ + annotations/)")

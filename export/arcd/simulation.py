@@ -64,7 +64,7 @@ __all__ = [
 class SimulationConfig(BaseModel):
     """Parameters of the anomaly simulator (spec §2.2 / §8 defaults)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     perlin_scale_exponents: tuple[int, int] = Field(
         (0, 5), description="per-axis Perlin scale 2**s, s drawn independently from this range")

@@ -73,7 +73,7 @@ class MFLMOptions(BaseModel):
     """MFLM's internals (spec §3.1; the defaults are the spec's: SSPCAB's kernel 3 and
     dilation 1, SSMCTB's 5 summed heads of 64, one block, no residual add)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kernel: int = Field(3, ge=1, description="masked dilated conv: each corner conv's size k")
     dilation: int = Field(1, ge=1, description="gap d between the hidden centre and the corners")
@@ -86,7 +86,7 @@ class MFLMOptions(BaseModel):
 class ModelConfig(BaseModel):
     """Network sizes and the input contract. Defaults are the thesis networks (RGB)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     in_channels: Literal[1, 3] = 3
     classes: list[str] = Field(default_factory=lambda: list(CLASS_NAMES))
@@ -161,7 +161,7 @@ class ModelConfig(BaseModel):
 
 
 class _StageBase(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(..., ge=0, description="optimiser steps")
     batch_size: int = Field(8, ge=1)
@@ -201,7 +201,7 @@ class Stage2Config(_StageBase):
 class EvalConfig(BaseModel):
     """Held-out evaluation and the post-processing written into the bundle."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     overlap: int = Field(32, ge=0, description="tile overlap, as the bundle's tiling.overlap")
     threshold_candidates: list[float] = Field(
@@ -216,7 +216,7 @@ class EvalConfig(BaseModel):
 class TrainConfig(BaseModel):
     """The whole training YAML."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = "arcd"
     seed: int = 0

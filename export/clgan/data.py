@@ -56,7 +56,7 @@ class NoNormalImages(TrainingDataError):
 class DataSource(BaseModel):
     """One folder of training images; ``root`` is relative to the training config file."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     format: Literal["magnetic-tile", "neu-seg", "folder"]
     root: str

@@ -77,7 +77,7 @@ __all__ = ["ClganTrainConfig", "load_config", "planned_iterations", "build_netwo
 # ---------------------------------------------------------------------------------------------
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sources: list[DataSource] = Field(..., min_length=1)
     crop: int = Field(256, ge=16, description="training crop side (spec: 256x256 images)")
@@ -96,7 +96,7 @@ class DataConfig(BaseModel):
 
 
 class GeneratorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     ngf: int = Field(64, ge=1)
     n_resblocks: int = Field(9, ge=0)
@@ -106,7 +106,7 @@ class GeneratorConfig(BaseModel):
 
 
 class DiscriminatorConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     ndf: int = Field(64, ge=1)
     n_layers_D: int = Field(3, ge=1)
@@ -116,7 +116,7 @@ class DiscriminatorConfig(BaseModel):
 
 
 class NCEConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     nce_layers: list[str] = Field(default_factory=lambda: list(DEFAULT_NCE_LAYERS))
     num_patches: int = Field(256, ge=2)
@@ -128,7 +128,7 @@ class NCEConfig(BaseModel):
 
 
 class LossConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lambda_X: float = Field(1.0, ge=0)
     lambda_Y: float = Field(1.0, ge=0)
@@ -138,7 +138,7 @@ class LossConfig(BaseModel):
 
 
 class OptimConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
@@ -151,7 +151,7 @@ class OptimConfig(BaseModel):
 class DetectionConfig(BaseModel):
     """Run-time detection written into the bundle (spec §2.3)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     tile: tuple[int, int] = (256, 256)
     overlap: int = Field(32, ge=0)

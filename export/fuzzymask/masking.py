@@ -47,7 +47,7 @@ Rng = np.random.Generator | torch.Generator
 class FuzzyMaskConfig(BaseModel):
     """Masking parameters; every value the paper leaves open is a spec [DEFAULT]."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cell: int = Field(16, ge=2, description="k: cell side in pixels (paper 16; 8 and 32 tested)")
     n_partitions: int | None = Field(None, ge=1, description="cell groups per batch (None = batch size)")

@@ -84,7 +84,7 @@ __all__ = ["FuzzymaskTrainConfig", "load_config", "build_model", "ssim_weights",
 # ---------------------------------------------------------------------------------------------
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     sources: list[DataSource] = Field(..., min_length=1)
     crop: int = Field(256, ge=32, description="training crop side, native scale (spec: 256x256)")
@@ -102,7 +102,7 @@ class DataConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     width: int = Field(64, ge=2, description="encoder base width (spec ResNet34: 64)")
     blocks: tuple[int, int, int, int] = Field((3, 4, 6, 3), description="BasicBlocks per layer")
@@ -116,7 +116,7 @@ class ModelConfig(BaseModel):
 
 
 class LossConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lambda_inpaint: float = Field(0.1, ge=0, description="lambda of eq. (5): repair term weight")
     ssim_type: Literal["I", "II", "III"] = Field("I", description="Table 1 weights: I textures, "
@@ -140,7 +140,7 @@ class LossConfig(BaseModel):
 
 
 class OptimConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lr: float = Field(2e-4, gt=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -154,7 +154,7 @@ class OptimConfig(BaseModel):
 class InferenceConfig(BaseModel):
     """Dynamic inference (spec §4) and post-processing written into the bundle."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     tile: int | None = Field(None, ge=32, description="runtime tile side (default: data.crop)")
     overlap: int = Field(32, ge=0)

@@ -37,7 +37,7 @@ _NAME = r"^[A-Za-z][A-Za-z0-9_]{0,31}$"
 
 
 class _Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(..., pattern=_NAME, description="alarm name (letters, digits, _)")
     latch: bool = Field(False, description="stays on until acknowledged, even after the cause is gone")
@@ -105,7 +105,7 @@ Rule = Annotated[Union[Annotated[DefectRule, Tag("defect")], Annotated[CameraDow
 
 
 class _Driver(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     queue_size: int = Field(16, ge=1, le=1024, description="alarm states waiting for the PLC; "
                                                            "beyond that the oldest is dropped")
@@ -169,7 +169,7 @@ UNION_TAGS = frozenset({"defect", "camera_down", "overload", "modbus", "opcua", 
 class AlarmsConfig(BaseModel):
     """``alarms:`` — rules (order = bit order in the PLC maps) and the drivers that carry them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     rules: list[Rule] = Field(default_factory=list)
     drivers: list[Driver] = Field(default_factory=list)

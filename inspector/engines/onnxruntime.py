@@ -92,7 +92,7 @@ class OnnxRuntimeConfig(BaseModel):
     by ``inspector check``, with a warning line for each provider skipped.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["onnxruntime"] = "onnxruntime"
     providers: list[Literal["tensorrt", "cuda", "cpu"]] = Field(default_factory=lambda: ["cpu"], min_length=1)

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 class TensorRTConfig(BaseModel):
     """``model.engine`` for ``type: tensorrt``. Relative paths resolve against the bundle folder."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     type: Literal["tensorrt"] = "tensorrt"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"

@@ -44,7 +44,7 @@ __all__ = ["ClganParams", "ClganAdapter", "clgan_residual", "residual_score",
 class ClganParams(BaseModel):
     """``kind_params`` of a clgan bundle (spec §2.3 defaults)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     gauss_ksize: int = Field(3, ge=1, description="side of the Gaussian kernel of all three blurs")
     gauss_sigma: float = Field(0.0, ge=0, description="0 = OpenCV's choice from the size (0.8 for 3)")

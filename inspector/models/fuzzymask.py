@@ -79,7 +79,7 @@ def _self_blur_kernel() -> np.ndarray:
 class FuzzymaskParams(BaseModel):
     """``kind_params`` of a fuzzymask bundle (spec defaults; the contract's keys, nothing else)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     cell: int = Field(16, ge=2, description="k: side of the suspicious-cell grid (and training mask cell)")
     # weighted SSIM of the dissimilarity D (spec §3.2; default type I, textured surfaces)

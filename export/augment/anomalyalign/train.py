@@ -96,7 +96,7 @@ __all__ = ["AnomalyAlignConfig", "load_config", "TrainData", "load_train_data", 
 # ---------------------------------------------------------------------------------------------
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     root: str = Field("../shared/data/neu_seg", description="NEU-Seg folder (relative: to the cwd)")
     label_fraction: float = Field(0.1, gt=0, le=1, description="ARCD's data.label_fraction")
@@ -113,7 +113,7 @@ class DataConfig(BaseModel):
 
 
 class SegmenterConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     checkpoint: str | None = Field(None, description="a segmenter.pt or AnomalyAlign checkpoint.pt "
                                                      "to load instead of training one")
@@ -124,7 +124,7 @@ class SegmenterConfig(BaseModel):
 
 
 class PromptConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dim: int = Field(64, ge=8, description="text/image embedding size = cross_attention_dim")
     image_width: int = Field(16, ge=4)
@@ -138,7 +138,7 @@ class PromptConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     widths: list[int] = Field(default_factory=lambda: [16, 32, 64, 64])
     attention: list[bool] = Field(default_factory=lambda: [False, False, True, True])
@@ -160,7 +160,7 @@ class ModelConfig(BaseModel):
 
 
 class DiffusionConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     train_timesteps: int = Field(1000, ge=10)
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
@@ -170,7 +170,7 @@ class DiffusionConfig(BaseModel):
 
 
 class OptimConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lr: float = Field(2e-4, gt=0, description="from scratch; the paper's 1e-5 is for fine-tuning")
     weight_decay: float = Field(0.0, ge=0)
@@ -185,7 +185,7 @@ class OptimConfig(BaseModel):
 
 
 class SampleConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     steps: int = Field(20, ge=1, description="DDIM steps")
     eta: float = Field(0.0, ge=0)

@@ -82,7 +82,7 @@ __all__ = ["DefectGanConfig", "load_config", "build_networks", "DefectGanTrainer
 # ---------------------------------------------------------------------------------------------
 
 class DataConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     root: str = Field(..., description="NEU-Seg folder (relative: to the config file's folder)")
     label_fraction: float = Field(0.1, gt=0, le=1, description="ARCD's data.label_fraction")
@@ -113,7 +113,7 @@ class DataConfig(BaseModel):
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     ngf: int = Field(64, ge=1)
     n_res_enc: int = Field(3, ge=0)
@@ -126,7 +126,7 @@ class ModelConfig(BaseModel):
 
 
 class LossConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lambda_cls_real: float = Field(2.0, ge=0)
     lambda_cls_fake: float = Field(5.0, ge=0)
@@ -137,7 +137,7 @@ class LossConfig(BaseModel):
 
 
 class OptimConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     lr: float = Field(2e-4, gt=0)
     lr_end: float = Field(1e-6, ge=0)
@@ -149,7 +149,7 @@ class OptimConfig(BaseModel):
 
 
 class SampleConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     threshold: float = Field(0.5, gt=0, lt=1, description="distribution map -> mask")
     min_defect_px: int = Field(20, ge=1, description="a paste whose mask is smaller is redrawn")
