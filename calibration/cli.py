@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from inspector.argtypes import non_negative_int
+from inspector.fileio import missing_folder
 
 log = logging.getLogger("inspector.calibrate")
 
@@ -90,7 +91,7 @@ def _check_frame_sources(args: argparse.Namespace) -> None:
     if args.format and not args.defects:
         raise CalibrationInputError("--format: the layout of --defects, which is not given")
     if args.normal and not Path(args.normal).is_dir():
-        raise CalibrationInputError(f"--normal {args.normal}: folder not found")
+        raise CalibrationInputError(f"--normal {args.normal}: {missing_folder(args.normal, 'folder')}")
 
 
 def _check_bundle_writable(args: argparse.Namespace, model, cfg) -> None:

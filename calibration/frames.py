@@ -30,6 +30,7 @@ from typing import Callable, Iterator, Literal
 import numpy as np
 
 from inspector.errors import InspectorError
+from inspector.fileio import missing_folder
 from inspector.evaluation.datasets import (Dataset, hash_fraction, image_folder, open_dataset,
                                            read_image, trained_split)
 
@@ -113,7 +114,7 @@ def normal_folder(root: str | Path, split: Split, arg: str = "--normal") -> Fram
     """Every image under ``root`` (recursively) as a normal frame."""
     root = Path(root)
     if not root.is_dir():
-        raise CalibrationInputError(f"{arg} {root}: folder not found")
+        raise CalibrationInputError(f"{arg} {root}: {missing_folder(root, 'folder')}")
     ds = image_folder(root)  # a mask beside its image is no frame: left out there, with a note
     entries = sorted(ds.entries, key=lambda e: e.stem)
     if not entries:

@@ -15,7 +15,8 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "nearest_existing", "unlock_and_close"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "missing_folder", "nearest_existing",
+           "unlock_and_close"]
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -83,3 +84,14 @@ def unlock_and_close(fh) -> None:
     with contextlib.suppress(OSError):
         fcntl.flock(fh, fcntl.LOCK_UN)
         fh.close()
+
+
+def missing_folder(path: str | Path, what: str) -> str:
+    """Why ``path`` is not the folder ``what`` names ("NEU-Seg root"): "not found" misleads
+    someone whose ``ls`` shows the path (a file given where the folder was meant)."""
+    p = Path(path)
+    if p.exists():
+        return f"is a file, not {'an' if what[:1] in 'aeiouAEIOU' else 'a'} {what}"
+    if p.is_symlink():
+        return f"{what} not found (a link to a path that does not exist)"
+    return f"{what} not found"

@@ -78,6 +78,8 @@ class FlatField:
     def load(cls, path: str | Path) -> "FlatField":
         """Read an ``.npz`` written by :meth:`save`; ValueError names the file and what is wrong."""
         p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"{p}: is a folder, expected a flat-field .npz file")
         if not p.is_file():
             raise ValueError(f"{p}: flat-field file not found")
         not_ours = f"{p}: not a flat-field .npz written by `inspector calibrate flat-field`"

@@ -386,5 +386,5 @@ def test_a_run_of_the_other_generator_names_its_kind_and_command(dg_run, aa_run,
     msg = err("defectgan", aa_run)
     assert "(kind anomalyalign), not Defect-GAN: sample it with `inspector augment anomalyalign sample`" in msg
     for kind in ("defectgan", "anomalyalign"):  # one message for a missing --run-dir
-        assert f"inspector: error: --run-dir {tmp_path / 'nope'}: no such folder" in err(
+        assert f"inspector: error: --run-dir {tmp_path / 'nope'}: run folder not found" in err(
             kind, tmp_path / "nope")

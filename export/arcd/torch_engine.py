@@ -69,6 +69,9 @@ class TorchArcdEngine(Engine):
             self.weights = f"checkpoint {checkpoint}"
         elif allow_random:
             self.weights = "random (timing only)"
+        elif checkpoint is not None and Path(checkpoint).is_dir():
+            raise EngineError(f"{where}: training checkpoint {checkpoint} is a folder, expected the "
+                              f"{CHECKPOINT} file in a run folder (inspector evaluate --checkpoint)")
         else:
             raise EngineError(f"{where}: training checkpoint {checkpoint or '(provenance names no run_dir)'} "
                               "not found; pass checkpoint= (inspector evaluate --checkpoint)")

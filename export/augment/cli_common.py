@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from inspector.argtypes import positive_int
+from inspector.fileio import missing_folder
 
 __all__ = ["add_train_command", "named_stop", "naming_stops", "stoppable_sample", "EXIT_STOPPED",
            "GENERATORS", "not_this_generator", "check_run_dir", "unfinished_run", "seed_value",
@@ -91,7 +92,7 @@ def check_sample_paths(out: str | Path, grid: str | Path | None) -> None:
 def check_run_dir(run_dir: Path) -> None:
     """``--run-dir`` of ``sample``: one message for both generators when it is not a folder."""
     if not Path(run_dir).is_dir():
-        raise FileNotFoundError(f"--run-dir {run_dir}: no such folder")
+        raise FileNotFoundError(f"--run-dir {run_dir}: {missing_folder(run_dir, 'run folder')}")
 
 
 def _a(name: str) -> str:

@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 
 from inspector.evaluation.datasets import NEU_SEG_CLASSES, Dataset, open_dataset
+from inspector.fileio import missing_folder
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +167,7 @@ def open_pairs(root: str | Path) -> tuple[Dataset, dict[str, Any]]:
     root = Path(root)
     path = root / MANIFEST
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such folder")
+        raise FileNotFoundError(f"{root}: {missing_folder(root, 'folder of generated pairs')}")
     if not path.is_file():
         raise FileNotFoundError(f"{root}: no {MANIFEST}: not a folder of generated pairs, or "
                                 "one whose `sample` did not finish; sample again into a new --out")

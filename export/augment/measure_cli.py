@@ -43,6 +43,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
     from export.augment.dataset import open_pairs
     from export.augment.measure import diversity
     from inspector.evaluation.datasets import open_dataset
+    from inspector.fileio import missing_folder
 
     if args.max_images < 2:  # the command line refuses it; a caller building args may not
         raise ValueError(f"--max-images: must be >= 2, got {args.max_images}")
@@ -55,7 +56,7 @@ def cmd_measure(args: argparse.Namespace) -> int:
             continue
         flag = "--pairs" if key == "generated" else "--reference"
         if not Path(root).is_dir():
-            raise FileNotFoundError(f"{flag} {root}: folder not found")
+            raise FileNotFoundError(f"{flag} {root}: {missing_folder(root, 'folder')}")
         if key == "generated":
             # the pairs data.synthetic_root would train on: only those its manifest lists, and
             # a folder without a readable manifest refused the same way (real images are

@@ -32,7 +32,7 @@ import numpy as np
 
 from inspector.engines.base import Engine, TensorSpec
 from inspector.errors import EngineError, MissingPackageError
-from inspector.fileio import atomic_write_bytes
+from inspector.fileio import atomic_write_bytes, missing_folder
 
 log = logging.getLogger(__name__)
 
@@ -429,7 +429,8 @@ class EngineCache:
 def calibration_files(folder: str | Path) -> list[Path]:
     root = Path(folder)
     if not root.is_dir():
-        raise EngineError(f"{root}: INT8 calibration folder not found (expected a folder of frames)")
+        raise EngineError(f"{root}: {missing_folder(root, 'INT8 calibration folder')} (expected a "
+                          "folder of frames)")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise EngineError(f"{root}: no calibration frames in it (expected {', '.join(IMAGE_SUFFIXES)})")

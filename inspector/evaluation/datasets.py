@@ -43,6 +43,7 @@ from typing import Callable, Iterator, Literal, Sequence
 import cv2
 import numpy as np
 
+from inspector.fileio import missing_folder
 from inspector.image_file import UnreadableImage, decode_file
 
 log = logging.getLogger(__name__)
@@ -275,7 +276,8 @@ def magnetic_tile(root: str | Path, split: str = "all", categories: Sequence[str
     root = Path(root)
     _check_split(split)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: magnetic-tile root not found (expected MT_*/Imgs/ folders)")
+        raise FileNotFoundError(f"{root}: {missing_folder(root, 'magnetic-tile root')} (expected "
+                                "MT_*/Imgs/ folders)")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("MT_")
                      and (p / "Imgs").is_dir())
     if not folders:
@@ -344,7 +346,7 @@ def neu_seg(root: str | Path, split: str = "all", subsets: Sequence[str] | None 
     if not root.is_dir():
         # the usual case: a relative ../shared/data/... given from another working directory
         rel = "" if root.is_absolute() else f"; a relative path is taken from {Path.cwd()}"
-        raise FileNotFoundError(f"{root}: NEU-Seg root not found (expected images/ and annotations/ "
+        raise FileNotFoundError(f"{root}: {missing_folder(root, 'NEU-Seg root')} (expected images/ and annotations/ "
                                 f"folders in it{rel})")
     if not img_root.is_dir() or not ann_root.is_dir():
         raise FileNotFoundError(f"{root}: expected images/ and annotations/ folders (NEU-Seg layout)")
@@ -401,7 +403,7 @@ def image_folder(root: str | Path, split: str = "all",
     root = Path(root)
     _check_split(split)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root}: image folder not found")
+        raise FileNotFoundError(f"{root}: {missing_folder(root, 'image folder')}")
     from inspector.sources.replay import without_mask_twins
 
     entries = []

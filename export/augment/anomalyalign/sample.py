@@ -75,8 +75,11 @@ def find_data_root(ck: dict, cfg: AnomalyAlignConfig, ck_path: Path,
     if data_root is not None:
         root = Path(data_root).expanduser()
         if not is_neu_root(root):
-            raise FileNotFoundError(f"--data-root {data_root}: NEU-Seg root not found (expected "
-                                    f"images/ and annotations/ folders in it)")
+            from inspector.fileio import missing_folder
+
+            why = "not a NEU-Seg root" if root.is_dir() else missing_folder(root, "NEU-Seg root")
+            raise FileNotFoundError(f"--data-root {data_root}: {why} (expected images/ and "
+                                    f"annotations/ folders in it)")
         return root
     saved = Path(cfg.data.root).expanduser()
     tried = ([saved] if saved.is_absolute()
