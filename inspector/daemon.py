@@ -501,10 +501,12 @@ class Daemon:
             for taken in (new_store, move_to):
                 if taken is not None:
                     taken.close()  # the reload failed after taking the file: let it go
-            self.reloads["failed"] += 1
             log.error("reload failed, the running model and rules stay: %s", e)
-            n.send("READY=1", f"STATUS=reload failed ({first_line(e)[:200]}); running on")
+            # the record first: whoever sees the counter or READY=1 (systemctl reload returns
+            # on it) reads this reload's outcome, not the one before
             self.reload_log.end(False, f"reload failed, the running model and rules stay: {e}")
+            self.reloads["failed"] += 1
+            n.send("READY=1", f"STATUS=reload failed ({first_line(e)[:200]}); running on")
             return False
         set_level(self.log_level_override or new.log_level)
         # Sections that need a restart keep their running values, so the next reload compares
@@ -512,14 +514,14 @@ class Daemon:
         self.cfg = new.model_copy(update={k: getattr(old, k) for k in RESTART_ONLY}
                                   | {"alarms": new.alarms.model_copy(update={"drivers": old.alarms.drivers,
                                                                            "latch_file": latch_file})})
-        self.reloads["ok"] += 1
         done = f"reload done: model {model.bundle.spec.name} warmed up in {warm:.0f} ms and swapped in"
         log.info("%s", done)
         if later:
             log.warning("reload: %s changed; that takes effect after a restart", ", ".join(later))
             done += f"; {', '.join(later)} changed: that takes effect after a restart"
-        n.send("READY=1", f"STATUS=reloaded: model {model.bundle.spec.name}, warm-up {warm:.0f} ms")
         self.reload_log.end(True, done)
+        self.reloads["ok"] += 1
+        n.send("READY=1", f"STATUS=reloaded: model {model.bundle.spec.name}, warm-up {warm:.0f} ms")
         return True
 
 

@@ -174,8 +174,10 @@ def test_a_plc_that_refuses_writes_is_retried_with_backoff_and_logged_once(caplo
         plc.n_registers = 256  # the PLC program fixed: the next attempt gets through
         plc.start()
         wait_for(lambda: w.writes > 0 and plc.read(1)["alarm_bits"] == 1, what="the state on the fixed PLC")
+        # the worker says so and ends the outage just after counting the write
+        wait_for(lambda: w.outage() is None and not w.refused, what="the outage to end")
+        wait_for(lambda: any("PLC back after" in r.getMessage() for r in caplog.records), what="PLC back")
         assert sum("PLC back after" in r.getMessage() for r in caplog.records) == 1
-        assert w.outage() is None and not w.refused
         w.stop()
     finally:
         plc.stop()

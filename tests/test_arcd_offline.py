@@ -470,7 +470,10 @@ def test_torchrun_two_ranks_on_cpu_train_both_stages_in_step(tmp_path, reconstru
                model=dict(TINY["model"], reconstruction=reconstruction))
     path = tmp_path / "ddp.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([str(torchrun), "--nproc_per_node=2", "-m", "export.arcd.train", "--config",
+    from ports import free_port  # torchrun's default 29500 lies in a test worker's port slice
+
+    r = subprocess.run([str(torchrun), "--nproc_per_node=2", f"--master-port={free_port()}", "-m",
+                        "export.arcd.train", "--config",
                         str(path), "--run-dir", str(tmp_path / "run")],
                        capture_output=True, text=True, timeout=300, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
@@ -714,7 +717,10 @@ def test_torchrun_a_stop_reaching_one_rank_stops_both_after_the_same_step(tmp_pa
     path.write_text(yaml.safe_dump(cfg))
     log = tmp_path / "torchrun.log"
     with open(log, "w") as err:
-        p = subprocess.Popen([str(torchrun), "--nproc_per_node=2", "-m", "export.arcd.train",
+        from ports import free_port  # torchrun's default 29500 lies in a test worker's port slice
+
+        p = subprocess.Popen([str(torchrun), "--nproc_per_node=2", f"--master-port={free_port()}", "-m",
+                              "export.arcd.train",
                               "--config", str(path), "--run-dir", str(tmp_path / "run")],
                              stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
                              env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})

@@ -4,6 +4,8 @@ options that would be ignored are refused, messages point at the likely cause, s
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import cv2
 import numpy as np
@@ -98,11 +100,22 @@ def test_subscribe_without_timeout_says_once_what_it_waits_for(tmp_path):
     ep = free_endpoint()
     p = subprocess.Popen([sys.executable, "-m", "inspector", "subscribe", "--endpoint", ep, "--topic",
                           "defects.cam1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # read until the line comes (5 s after the process has started, however slow its start
+    # on a loaded box), then a little longer: it must come once
+    want = "nothing from"
+    err_lines: list[str] = []
+    reader = threading.Thread(target=lambda: err_lines.extend(p.stderr), daemon=True)
+    reader.start()
     try:
-        out, err = p.communicate(timeout=8)
-    except subprocess.TimeoutExpired:
+        deadline = time.monotonic() + 60
+        while not any(want in ln for ln in err_lines) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(2.0)  # room for a second line, which must not come
+    finally:
         p.terminate()
-        out, err = p.communicate(timeout=10)
+        p.wait(10)
+        reader.join(10)
+    err = "".join(err_lines)
     assert (f"inspector subscribe: nothing from {ep} on topic prefix 'defects.cam1' after 5 s; still "
             "waiting (Ctrl-C stops; --timeout S gives up)") in err
     assert err.count("nothing from") == 1

@@ -201,7 +201,9 @@ def test_watchdog_pings_stop_while_the_source_stalls_and_resume_after(tmp_path, 
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
     caplog.set_level("ERROR", logger="inspector.daemon")
-    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(daemon={"watchdog_stall_s": 1.0}))
+    # backpressure: a scheduling hiccup on a loaded box must not turn a frame into queue_full
+    cfg = write_config(tmp_path / "cam.yaml", synthetic_cfg(daemon={"watchdog_stall_s": 1.0},
+                                                            pipeline={"backpressure": True}))
     src = StallingSource(good=15)
     d = Daemon(cfg, source=src, notifier=Notifier(notify.address))
     result = {}
@@ -210,7 +212,8 @@ def test_watchdog_pings_stop_while_the_source_stalls_and_resume_after(tmp_path, 
     try:
         notify.wait(lambda m: "READY=1" in m.split("\n"), what="READY=1")
         assert src.stalled.wait(30)
-        assert notify.count("WATCHDOG=1") >= 1  # it pinged while frames flowed
+        # it pinged while frames flowed (the datagram may still be on its way)
+        notify.wait(lambda m: "WATCHDOG=1" in m.split("\n"), timeout=10, what="a ping before the stall")
         # the daemon says when it stops pinging (watchdog_stall_s after the last frame) ...
         deadline = time.monotonic() + 30
         while not any("watchdog pings stop" in r.getMessage() for r in caplog.records):
@@ -444,7 +447,7 @@ def test_sighup_with_a_changed_threshold_takes_effect_without_dropping_the_strea
         notify.wait(lambda m: "RELOADING=1" in m.split("\n"), what="RELOADING=1")
         notify.wait(lambda m: "READY=1" in m.split("\n") and "reloaded" in m, what="READY=1 after reload")
         n_at_reload = len(got)
-        wait_frames(got, n_at_reload + 20)
+        wait_frames(got, n_at_reload + 30)
         proc.send_signal(signal.SIGTERM)
         rc, err = finish(proc)
     finally:
@@ -453,8 +456,10 @@ def test_sighup_with_a_changed_threshold_takes_effect_without_dropping_the_strea
     assert rc == 0, err[-3000:]
     ids = [h["frame_id"] for h in got]
     assert ids == list(range(len(ids))), "frames were lost across the reload"
-    after = got[n_at_reload + 8:]  # frames still in the queues finish on the old model
-    assert len(after) >= 12 and all(h["defects"] == [] for h in after)
+    # frames still in the queues finish on the old model (4 at most), and the collecting thread
+    # may be a few behind when READY is seen: room for 8 more on a loaded box (0.4 s at 20 fps)
+    after = got[n_at_reload + 12:]
+    assert len(after) >= 18 and all(h["defects"] == [] for h in after)
     assert all(sum(h["counters"]["dropped"].values()) == 0 for h in got)
     assert "reload done" in err and "reload failed" not in err
 
@@ -617,7 +622,10 @@ def test_frames_counted_not_published_at_a_forced_stop_are_not_sent_after_all(tm
     # frames the counters had just called stage_failed ("not published")
     import zmq
 
-    raw = synthetic_cfg(source={"fps": 50}, pipeline={"queue_size": 8}, daemon={"stop_timeout_s": 0.05})
+    # the first frame waits for the subscription: one sent before it arrives is counted as
+    # published and never received (a test race, not the product's)
+    raw = synthetic_cfg(source={"fps": 50}, pipeline={"queue_size": 8}, daemon={"stop_timeout_s": 0.05},
+                        publish={"wait_for_subscribers": 1, "wait_timeout_s": 60})
     cfg = write_config(tmp_path / "cam.yaml", raw)
     sub = zmq.Context.instance().socket(zmq.SUB)
     sub.setsockopt(zmq.SUBSCRIBE, b"")

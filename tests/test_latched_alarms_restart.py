@@ -523,6 +523,11 @@ def test_retiring_a_file_whose_writer_is_idle_removes_it_before_returning(tmp_pa
         e, store = engine(old)
         e.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect()]})
         wait_file(old, lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+        # the file is in place before its folder's flush ends: wait for the writer to be idle
+        deadline = time.monotonic() + 10
+        while store._writing:
+            assert time.monotonic() < deadline, "the writer never finished"
+            time.sleep(0.005)
         to = LatchStore(new, "cam.yaml")
         to.open()
         assert to.write_now(e.latched_records()) is None
