@@ -76,7 +76,9 @@ class RecordingSource(SyntheticSource):
 
 
 def test_demo_model_finds_the_injected_defects(tmp_path, demo_bundle):
-    path, endpoint = demo_config(tmp_path, backpressure=True, fps=0, seed=12345, defect_rate=1.0)
+    # the first frame waits for the subscription: one sent before it arrives is lost to ZeroMQ
+    path, endpoint = demo_config(tmp_path, backpressure=True, fps=0, seed=12345, defect_rate=1.0,
+                                 publish={"wait_for_subscribers": 1, "wait_timeout_s": 60})
     cfg = load_config(path)
     src = RecordingSource(cfg.source, cfg.camera_id)
     sub = Subscriber(endpoint)

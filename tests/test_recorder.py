@@ -33,7 +33,10 @@ def test_records_defect_frames_and_every_nth_normal_frame_as_published(synthetic
     cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True},
                                      source={"defect_rate": 0.5},
                                      record={"enabled": True, "dir": str(tmp_path / "rec"),
-                                             "normal_every": 2}), "t.yaml")
+                                             "normal_every": 2},
+                                     # frame 0 waits for the subscription: one sent before it is
+                                     # dropped by ZeroMQ yet counted as published
+                                     publish={"wait_for_subscribers": 1, "wait_timeout_s": 60}), "t.yaml")
     got, t = subscribed(cfg.publish.endpoint, 24)
     with Pipeline(cfg) as p:
         counters = p.run(frames=24)
@@ -391,14 +394,18 @@ def _thread_nice(tid: int) -> int:
 def test_the_writer_thread_alone_yields_the_cpu_to_inspection(tmp_path):
     base = os.getpriority(os.PRIO_PROCESS, 0)
     for nice, expected in ((10, min(19, base + 10)), (0, base)):
-        rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path / str(nice)), writer_nice=nice),
-                       "c", CLASSES)
+        rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path / str(nice)), writer_nice=nice,
+                                    min_free_gb=0), "c", CLASSES)
         rec.start()
         try:
-            deadline = time.monotonic() + 10
-            while rec._thread.native_id is None and time.monotonic() < deadline:
+            # the thread lowers itself first thing, before its first frame: once a frame is
+            # recorded that is done (nice 0 included, where nothing may change), however slowly
+            # a loaded box ran the thread
+            rec.offer(*_tiny(0))
+            deadline = time.monotonic() + 30
+            while rec.snapshot()["recorded"]["defects"] == 0:
+                assert time.monotonic() < deadline, rec.snapshot()
                 time.sleep(0.01)
-            time.sleep(0.1)  # the thread lowers itself first thing
             assert _thread_nice(rec._thread.native_id) == expected
             assert _thread_nice(threading.get_native_id()) == base  # the caller's is untouched
         finally:
@@ -426,16 +433,21 @@ def _lock_is_free(folder: Path) -> bool:
 def test_a_frame_the_writer_skipped_is_not_counted_again_by_the_stop(tmp_path, monkeypatch):
     rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=1e6), "c", CLASSES)
     real = rec._skip
+    counted, stop_gave_up = threading.Event(), threading.Event()
 
     def preempted_after_counting(*a, **k):
         real(*a, **k)
-        time.sleep(0.5)
+        if k.get("writer"):
+            counted.set()
+            stop_gave_up.wait(30)  # preempted until the stop below has given up on it
     monkeypatch.setattr(rec, "_skip", preempted_after_counting)
     rec.start()
     assert rec.offer(*_tiny(0)) == "defects"
-    time.sleep(0.1)  # the writer has counted disk_low and sleeps
+    assert counted.wait(30)  # the writer has counted disk_low and is held
     rec.close(timeout_s=0.1)
-    rec._thread.join(5)
+    stop_gave_up.set()
+    rec._thread.join(30)
+    assert not rec._thread.is_alive()
     s = rec.snapshot()
     assert s["skipped"] == {"queue_full": 0, "disk_low": 1, "write_error": 0, "shutdown": 0}
     assert sum(s["recorded"].values()) == 0
@@ -446,13 +458,17 @@ def test_the_folder_lock_is_freed_when_the_writer_ends_just_after_the_stop_gave_
 
     rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0), "c", CLASSES)
     real_write = rec._write
-    rec._write = lambda item: (time.sleep(0.3), real_write(item))
+    rec._write = lambda item: (time.sleep(0.3), real_write(item))  # a slow write
     real_get = rec._queue.get
+    took_mark, stop_returned = threading.Event(), threading.Event()
 
     def get(*a, **k):
         item = real_get(*a, **k)
         if item is module._END:
-            time.sleep(1.0)  # the writer, done, is preempted between the end mark and its exit
+            took_mark.set()
+            # the writer, done, is preempted between the end mark and its exit until the stop
+            # has given up on it and returned
+            stop_returned.wait(30)
         return item
     rec._queue.get = get
     rec.start()
@@ -461,12 +477,13 @@ def test_the_folder_lock_is_freed_when_the_writer_ends_just_after_the_stop_gave_
     def join(timeout=None):
         real_join(timeout)
         if timeout is not None and timeout < 1:
-            time.sleep(0.4)  # close() preempted after its join timed out: the writer takes the mark
+            # close() preempted after its join timed out: the writer finishes and takes the mark
+            assert took_mark.wait(30)
     rec._thread.join = join
     rec.offer(*_tiny(0))
-    time.sleep(0.05)
     rec.close(timeout_s=0.2)
-    real_join(5)
+    stop_returned.set()
+    real_join(30)
     assert not rec._thread.is_alive()
     assert rec.snapshot()["recorded"]["defects"] == 1
     assert _lock_is_free(tmp_path)
@@ -475,20 +492,39 @@ def test_the_folder_lock_is_freed_when_the_writer_ends_just_after_the_stop_gave_
 def test_a_writer_that_emptied_a_full_queue_before_the_end_mark_still_ends(tmp_path):
     rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0, queue_size=1), "c", CLASSES)
     real_write = rec._write
-    rec._write = lambda item: (time.sleep(0.3 if item.stem.endswith("0") else 0), real_write(item))
+    writing_0, finish_0 = threading.Event(), threading.Event()
+
+    def write(item):
+        if item.header["frame_id"] == 0:
+            writing_0.set()
+            finish_0.wait(30)  # a slow write, until the stop has found the queue full
+        real_write(item)
+    rec._write = write
+    real_get = rec._queue.get
+    gets = []
+    waits_again = threading.Event()
+
+    def get(*a, **k):
+        gets.append(1)
+        if len(gets) == 3:  # both frames taken: the writer waits for what comes next
+            waits_again.set()
+        return real_get(*a, **k)
+    rec._queue.get = get
     rec.start()
-    for i in range(2):
-        rec.offer(*_tiny(i))
-        time.sleep(0.05)
+    assert rec.offer(*_tiny(0)) == "defects"
+    assert writing_0.wait(30)  # the writer has taken frame 0: the queue has room for frame 1
+    assert rec.offer(*_tiny(1)) == "defects"  # ... and is full with it, while frame 0 is written
     real_join = rec._thread.join
 
     def join(timeout=None):
         real_join(timeout)
         if timeout is not None and timeout < 1:
-            time.sleep(0.5)  # the queue was full for the end mark; the writer empties it meanwhile
+            # the queue was full for the end mark; the writer empties it meanwhile
+            finish_0.set()
+            assert waits_again.wait(30)
     rec._thread.join = join
     rec.close(timeout_s=0.2)
-    real_join(3)
+    real_join(30)
     assert not rec._thread.is_alive()  # it used to wait in get() for good
     assert rec.snapshot()["recorded"]["defects"] == 2
     assert _lock_is_free(tmp_path)
@@ -496,20 +532,25 @@ def test_a_writer_that_emptied_a_full_queue_before_the_end_mark_still_ends(tmp_p
 
 def test_the_figures_said_at_the_stop_stay_when_a_late_folder_flush_fails(tmp_path, monkeypatch):
     real_fsync = os.fsync
+    flushing, stop_said = threading.Event(), threading.Event()
 
     def slow_failing_dir_fsync(fd: int) -> None:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
-            time.sleep(0.5)
+            # only after the image's rename: slow until the stop has said its figures, then failing
+            flushing.set()
+            stop_said.wait(30)
             raise OSError(5, "Input/output error")
         real_fsync(fd)
     monkeypatch.setattr(os, "fsync", slow_failing_dir_fsync)
     rec = Recorder(RecordConfig(enabled=True, dir=str(tmp_path), min_free_gb=0, fsync=True), "c", CLASSES)
     rec.start()
     rec.offer(*_tiny(0))
-    time.sleep(0.2)  # the image has landed; its folders' flush is under way
+    assert flushing.wait(30)  # the image has landed; its folders' flush is under way
     rec.close(timeout_s=0.1)
     said = rec.snapshot()
-    rec._thread.join(5)
+    stop_said.set()
+    rec._thread.join(30)
+    assert not rec._thread.is_alive()
     assert said["recorded"]["defects"] == 1
     assert rec.snapshot()["recorded"] == said["recorded"] and rec.snapshot()["skipped"] == said["skipped"]
     assert sorted(_records(tmp_path / "c", "defects")) == [0]  # on disk, as the figures say
@@ -527,10 +568,18 @@ def test_a_process_already_niced_gets_a_smaller_gap_and_is_told(tmp_path):
         "from inspector.recorder import Recorder, RecordConfig\n"
         f"rec = Recorder(RecordConfig(enabled=True, dir={str(tmp_path)!r}), 'c', "
         "['background', 'x'])\n"
-        "rec.start(); time.sleep(0.3)\n"
-        "stat = open(f'/proc/self/task/{rec._thread.native_id}/stat').read()\n"
-        "print(int(stat.rsplit(')', 1)[1].split()[16])); rec.close()\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+        "rec.start()\n"
+        # the thread lowers itself when it runs: polled, as a niced process on a loaded box may
+        # not run it for a while
+        "deadline = time.monotonic() + 30\n"
+        "while True:\n"
+        "    stat = open(f'/proc/self/task/{rec._thread.native_id}/stat').read()\n"
+        "    nice = int(stat.rsplit(')', 1)[1].split()[16])\n"
+        "    if nice != 15 or time.monotonic() > deadline:\n"
+        "        break\n"
+        "    time.sleep(0.01)\n"
+        "print(nice); rec.close(timeout_s=60)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["19"]
     assert "the writer runs at nice 19, 4 step(s) below inspection's 15, not record.writer_nice 10" \

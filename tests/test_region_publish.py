@@ -29,6 +29,9 @@ from inspector.recorder import GB, Recorder, RecordConfig
 from inspector.sources.base import Source
 
 DARK, BRIGHT = 100, 200  # region_bundle: p(region) ~0.013 at grey 100, ~1.0 at grey 200
+#: the first frame waits for the test's subscription (the product's own option): ZeroMQ drops what
+#: is sent before a subscription arrives, yet the frame counts as published
+WAIT_FOR_SUBSCRIBER = {"wait_for_subscribers": 1, "wait_timeout_s": 60}
 
 
 class ListSource(Source):
@@ -76,6 +79,7 @@ def region_cfg(synthetic_cfg, bundle: Path, h: int, w: int, **over):
 
 
 def run_frames(cfg, images: list[np.ndarray], n_msgs: int | None = None):
+    assert cfg.publish.wait_for_subscribers == 1, "give region_cfg publish=WAIT_FOR_SUBSCRIBER"
     got, t = subscribed(cfg.publish.endpoint, len(images) if n_msgs is None else n_msgs, timeout_s=60)
     reports: list[dict] = []
     bufs: list[int] = []
@@ -90,7 +94,7 @@ def test_region_png_header_block_and_fourth_part(synthetic_cfg, region_model):
     h, w = 128, 256
     box = (30, 20, 110, 60)
     images = [bright_frame(h, w, box), bright_frame(h, w, None), bright_frame(h, w, (0, 0, w, h))]
-    cfg = region_cfg(synthetic_cfg, region_model, h, w)
+    cfg = region_cfg(synthetic_cfg, region_model, h, w, publish=WAIT_FOR_SUBSCRIBER)
     got, counters, bufs, _ = run_frames(cfg, images)
     assert counters["published"] == 3 and len(got) == 3
     assert len(set(bufs)) == 1, "the region mask buffer is reused, not allocated per frame"
@@ -124,7 +128,7 @@ def test_region_raw_encoding_on_a_frame_smaller_than_a_tile(synthetic_cfg, regio
     h, w = 48, 200
     box = (150, 10, 200, 48)
     images = [bright_frame(h, w, box), bright_frame(h, w, (5, 5, 6, 6))]
-    cfg = region_cfg(synthetic_cfg, region_model, h, w, publish={"mask_encoding": "raw"})
+    cfg = region_cfg(synthetic_cfg, region_model, h, w, publish={"mask_encoding": "raw", **WAIT_FOR_SUBSCRIBER})
     got, counters, _, _ = run_frames(cfg, images)
     assert counters["published"] == 2
     m0, m1 = got
@@ -144,7 +148,7 @@ def test_threshold_comes_from_the_bundle(synthetic_cfg, tmp_path):
     bundle = region_bundle(tmp_path / "strict", tile=64, threshold=0.95, name="roll")
     img = np.full((64, 128), 140, np.uint8)
     img[:, 100:] = BRIGHT
-    cfg = region_cfg(synthetic_cfg, bundle, 64, 128)
+    cfg = region_cfg(synthetic_cfg, bundle, 64, 128, publish=WAIT_FOR_SUBSCRIBER)
     got, _, _, _ = run_frames(cfg, [img])
     block = got[0].header["region"]
     assert block["name"] == "roll" and block["threshold"] == 0.95
@@ -154,7 +158,7 @@ def test_threshold_comes_from_the_bundle(synthetic_cfg, tmp_path):
 
 def test_bundle_without_region_sends_three_parts_and_no_key(synthetic_cfg):
     # the toy (dark spot) bundle has no region head: the message is as before, 3 parts
-    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}), "t.yaml")
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}, publish=WAIT_FOR_SUBSCRIBER), "t.yaml")
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.setsockopt(zmq.LINGER, 0)
@@ -181,8 +185,8 @@ def test_bundle_without_region_sends_three_parts_and_no_key(synthetic_cfg):
 
 
 def test_client_returns_none_region_for_three_part_messages(synthetic_cfg):
-    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}), "t.yaml")
-    got, t = subscribed(cfg.publish.endpoint, 2)
+    cfg = parse_config(synthetic_cfg(pipeline={"backpressure": True}, publish=WAIT_FOR_SUBSCRIBER), "t.yaml")
+    got, t = subscribed(cfg.publish.endpoint, 2, timeout_s=60)
     with Pipeline(cfg) as p:
         p.run(frames=2)
     t.join()
@@ -271,7 +275,7 @@ def test_recorder_writes_the_region_png_beside_the_others(synthetic_cfg, region_
     spotted[30:34, 50:54] = 10
     images = [spotted, bright_frame(h, w, (0, 10, 256, 12)), bright_frame(h, w, (100, 0, 101, 64))]
     rec_dir = tmp_path / "rec"
-    cfg = region_cfg(synthetic_cfg, region_model, h, w,
+    cfg = region_cfg(synthetic_cfg, region_model, h, w, publish=WAIT_FOR_SUBSCRIBER,
                      record={"enabled": True, "dir": str(rec_dir), "normal_every": 1})
     got, counters, _, p = run_frames(cfg, images)
     assert counters["published"] == 3
@@ -341,8 +345,7 @@ def test_doc_snippet_reads_the_region(synthetic_cfg, region_model):
     h, w = 64, 128
     img = bright_frame(h, w, (10, 20, 30, 40))
     # the first frame waits for the snippet's subscription (no sleep to guess a connect time)
-    cfg = region_cfg(synthetic_cfg, region_model, h, w,
-                     publish={"wait_for_subscribers": 1, "wait_timeout_s": 60})
+    cfg = region_cfg(synthetic_cfg, region_model, h, w, publish=WAIT_FOR_SUBSCRIBER)
     snippet = snippet.replace("tcp://127.0.0.1:5556", cfg.publish.endpoint)
     scope: dict = {}
     # a daemon thread: a snippet that never gets its message fails the test, not pytest's exit
@@ -358,8 +361,7 @@ def test_doc_snippet_reads_the_region(synthetic_cfg, region_model):
 def test_subscribe_command_saves_the_region_png(synthetic_cfg, region_model, tmp_path):
     h, w = 64, 128
     img = bright_frame(h, w, (64, 0, 128, 64))
-    cfg = region_cfg(synthetic_cfg, region_model, h, w,
-                     publish={"wait_for_subscribers": 1, "wait_timeout_s": 60})
+    cfg = region_cfg(synthetic_cfg, region_model, h, w, publish=WAIT_FOR_SUBSCRIBER)
     out = tmp_path / "masks"
     proc = subprocess.Popen([sys.executable, "-m", "inspector", "subscribe", "--endpoint",
                              cfg.publish.endpoint, "--count", "2", "--timeout", "60", "--json",
@@ -391,7 +393,7 @@ def test_a_hot_swap_between_bundles_with_and_without_a_region(synthetic_cfg, reg
     plain = dark_spot_bundle(tmp_path / "plain", tile=64, classes=("background", "dark"))
     h, w = 64, 128
     over = {"record": {"enabled": True, "dir": str(tmp_path / "rec"), "normal_every": 1, "min_free_gb": 0}}
-    cfg = region_cfg(synthetic_cfg, plain, h, w, **over)
+    cfg = region_cfg(synthetic_cfg, plain, h, w, publish=WAIT_FOR_SUBSCRIBER, **over)
     swaps = {3: region_model, 6: plain}
     holder: list[Pipeline] = []
     published: list[int] = []

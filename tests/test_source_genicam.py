@@ -242,9 +242,10 @@ def test_close_from_another_thread_ends_the_grab_loop_and_leaves_the_camera_usab
 
 @needs_viky
 def test_strip_position_follows_the_device_frame_id_across_frames_the_producer_dropped(caplog):
-    # 20 fps and a 1 s stall after 4 frames: the producer's few buffers fill and it drops the
-    # rest, so the device frame id jumps. Frame ids count fetched buffers only; positions and the
-    # skipped count must follow the device id, or every later defect is placed short.
+    # 20 fps and a stall after 4 frames: the producer's few buffers fill (waited for), then for
+    # 1 s more it drops what it makes, so the device frame id jumps. Frame ids count fetched
+    # buffers only; positions and the skipped count must follow the device id, or every later
+    # defect is placed short.
     cfg = viky_cfg(width=200, height=100, fps=20.0, frames=None, mm_per_px_along=0.5)
     src = GenicamSource(cfg, camera_id="cam1")
     frames = []
@@ -252,12 +253,18 @@ def test_strip_position_follows_the_device_frame_id_across_frames_the_producer_d
         with src:
             for i in range(10):
                 if i == 4:
+                    ds = src._ia.data_streams[0]
+                    deadline = time.monotonic() + 30
+                    while ds.num_awaiting_delivery < ds.num_announced:
+                        assert time.monotonic() < deadline, (ds.num_awaiting_delivery, ds.num_announced)
+                        time.sleep(0.01)
                     time.sleep(1.0)
                 frames.append(src.read())
         with src:  # a reopen is a new baseline: the camera may count from scratch again
             after = [src.read(), src.read()]
     dev = [f.meta["device_frame_id"] for f in frames]
-    assert dev[-1] - dev[0] >= len(frames) + 5, f"no drop to test with: {dev}"
+    # at least one lost frame: how many the producer thread makes in that second depends on load
+    assert dev[-1] - dev[0] > len(frames) - 1, f"no drop to test with: {dev}"
     assert [f.frame_id for f in frames] == list(range(10))
     for f, d in zip(frames, dev):
         assert f.meta["strip_frame_index"] == d - dev[0]

@@ -11,7 +11,9 @@ from inspector.pipeline import Pipeline
 def test_doc_snippet_reads_a_live_stream(synthetic_cfg):
     doc = (ROOT / "docs" / "zmq-schema.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
-    cfg = parse_config(synthetic_cfg(source={"fps": 20}), "t.yaml")
+    # the first frame waits for the snippet's subscription, however late its thread connects
+    cfg = parse_config(synthetic_cfg(source={"fps": 20},
+                                     publish={"wait_for_subscribers": 1, "wait_timeout_s": 60}), "t.yaml")
     snippet = snippet.replace("tcp://127.0.0.1:5556", cfg.publish.endpoint)
     snippet = snippet.replace("print(", "result.append((").replace("m.shape)", "m.shape))")
     result: list = []
