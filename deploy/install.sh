@@ -283,6 +283,14 @@ if [ -n "$RUNNING" ]; then
     # the version they started with, and refuse a reload (it would mix the two versions' code).
     say "running instances keep the version they started with; restart them when the line allows:"
     say "  systemctl restart $RUNNING"
+    # a newer version may refuse a config the old one took, and a refused start (exit 2) is not
+    # retried: found now, while the old version still inspects, not at the restart
+    say "first check that the new version takes each of their configs (the camera is left alone):"
+    for unit in $RUNNING; do
+        name=${unit#inspector@}
+        name=${name%.service}
+        say "  $PREFIX/venv/bin/inspector check --no-source --config $CONFDIR/cameras/$name.yaml"
+    done
 fi
 say "done. Put a camera config in $CONFDIR/cameras/<name>.yaml (see example.yaml.sample), then:"
 say "  $PREFIX/venv/bin/inspector check --user $SERVICE_USER --config $CONFDIR/cameras/<name>.yaml"

@@ -135,6 +135,8 @@ def _check(args: argparse.Namespace) -> int:
     if as_user is None and os.geteuid() == 0:
         warnings.append("checked as root, who can open every file: add --user <the unit's User=> "
                         "to check the service user's access")
+    if args.no_source:
+        return _check_report(args, _static_summary(cfg, model, warnings, as_user, unit_env))
     src = make_source(cfg.source, cfg.camera_id, cfg.base_dir, cfg.source_file)
     with src:
         frame, problem = None, "the source ended before its first frame"
@@ -186,6 +188,35 @@ def _check(args: argparse.Namespace) -> int:
         **({"unit_environment": ", ".join(unit_env)} if unit_env else {}),
         "warnings": warnings, "result": "ok",
     }
+    return _check_report(args, summary)
+
+
+def _static_summary(cfg, model, warnings: list[str], as_user: str | None, unit_env: list[str]) -> dict:
+    """``check --no-source``: what the next start would refuse, without the camera (a running
+    daemon holds it) and without a frame: the config, the model loaded on its engine, the alarm
+    rules and PLC maps, the recorder and the latch file."""
+    from inspector.postprocess import Geometry
+
+    spec = model.bundle.spec
+    fs = cfg.pipeline.frame
+    geometry = Geometry.of(cfg.geometry)
+    return {
+        "config": cfg.source_file, "camera_id": cfg.camera_id,
+        "source": f"{cfg.source.type}: not opened (--no-source)",
+        "bundle": os.path.normpath(model.bundle.path), "model": f"{spec.name} ({spec.kind})",
+        "classes": spec.classes, "engine": model.backend,
+        **({"input": _check_input(model, (fs.height, fs.width))} if fs is not None else {}),
+        "geometry": _describe_geometry(geometry, geometry, {}),
+        "publish": cfg.publish.endpoint,
+        "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)" + _check_latch(cfg),
+        "record": _check_record(cfg, spec.classes, warnings, root_note=as_user is None),
+        **({"user": as_user} if as_user else {}),
+        **({"unit_environment": ", ".join(unit_env)} if unit_env else {}),
+        "warnings": warnings, "result": "ok",
+    }
+
+
+def _check_report(args: argparse.Namespace, summary: dict) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
@@ -1239,6 +1270,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", metavar="NAME", help="also check, as this user (the unit's User=; needs "
                    "root), that it can read the config, runtime, bundle and inputs and write the "
                    "recordings")
+    p.add_argument("--no-source", action="store_true", help="do not open the camera (a running "
+                   "daemon holds it) nor run a frame: check the config, model, alarms, recorder and "
+                   "latch file as the next start would (after an upgrade, before the restart)")
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("subscribe", help="print (and save) the defect stream")

@@ -204,3 +204,25 @@ def test_training_config_errors_name_the_users_key_and_the_right_command(tmp_pat
     with pytest.raises(ConfigError, match=r"a.yaml: stage1: an arcd training config, not clgan "
                                           r"\(`inspector train arcd` is its trainer\)"):
         read_config(cfg.rename(tmp_path / "a.yaml"), ClganTrainConfig, set_base_dir=False)
+
+
+def test_check_no_source_leaves_the_camera_alone_and_still_refuses_what_the_next_start_would(
+        synthetic_cfg, tmp_path):
+    # after an upgrade the daemon still runs and holds the camera: `check --no-source` says whether
+    # the new version will start on this config, before the restart that would find out
+    cfg = synthetic_cfg(alarms={"rules": [{"name": "any", "off_delay_s": 2.0}]})
+    cfg["source"] = {"type": "genicam", "cti": "builtin:viky", "serial": "NO-SUCH-CAMERA"}
+    f = write_config(tmp_path / "cam.yaml", cfg)
+    r = run_cli("check", "--config", str(f))
+    assert r.returncode != 0 and "NO-SUCH-CAMERA" in r.stderr, r.stderr  # the camera is not there
+    r = run_cli("check", "--no-source", "--config", str(f), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["result"] == "ok" and out["source"] == "genicam: not opened (--no-source)"
+    assert out["model"] == "toy (arcd)" and out["alarms"].startswith("1 rule(s)")
+    assert "infer_ms" not in out and "frame_shape" not in out
+    # what a stricter version refuses (here .inf, which a bound such as "above 0" let through)
+    cfg["alarms"]["rules"][0]["off_delay_s"] = float("inf")
+    write_config(f, cfg)
+    r = run_cli("check", "--no-source", "--config", str(f))
+    assert r.returncode == 2 and "alarms.rules.0.off_delay_s" in r.stderr and "finite" in r.stderr, r.stderr
