@@ -502,6 +502,10 @@ def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(t
     assert to.write_now(e.latched_records()) is None
     e.move_store(to).retire()  # returns with the old write still blocked: the reload does not wait
     assert not go_on.is_set()
+    # a reload back to the old file meanwhile is refused, and not as "another running daemon"
+    back = LatchStore(old, "cam.yaml")
+    with pytest.raises(ConfigError, match="still being written and removed by this daemon's previous move"):
+        back.open()
     go_on.set()
     deadline = time.monotonic() + 5
     while (old.exists() or old.with_name("cam.json.lock").exists()) and time.monotonic() < deadline:
@@ -556,7 +560,7 @@ def test_a_reload_onto_a_corrupt_file_says_it_is_replaced_not_that_a_restart_los
         assert [r["name"] for r in json.loads(new.read_text())["latched"]] == ["any_defect"]
     run_daemon(cam, lambda d: d.engine is not None and d.engine.latched_names(), then=move)
     assert f"{new} is not a latched-alarm file" in caplog.text
-    assert "What it held is replaced by what is latched now" in caplog.text
+    assert "What it held is set aside; the alarms latched now are to be written in its place" in caplog.text
     assert "before the restart" not in caplog.text
     assert list(new.parent.glob("test.json.*.bad"))  # kept aside, as at a start
 

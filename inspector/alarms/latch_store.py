@@ -59,6 +59,11 @@ def _where(latch_file: str | None) -> str:
     return "alarms.latch_file" if latch_file else f"alarms.latch_file (default from ${STATE_ENV})"
 
 
+#: lock files of stores this process has moved off while a write to them was under way: held
+#: until that write ends, then removed (an open meanwhile is told so, not "another daemon")
+_RETIRING: set[Path] = set()
+
+
 class LatchStore:
     """Reads the latched alarms a previous run left and keeps the file up to date."""
 
@@ -79,6 +84,7 @@ class LatchStore:
         self._writing = False
         #: retire() came during a write: the writer thread removes the files once it has ended
         self._remove_when_done = False
+        self._retiring_lock: Path | None = None
         self._failing = False
         self._thread: threading.Thread | None = None
         self._lock_fh: IO[str] | None = None
@@ -108,6 +114,12 @@ class LatchStore:
             fh.seek(0)
             pid = fh.read().strip() or "?"
             fh.close()
+            if self._lock_path() in _RETIRING:
+                # a reload moved the latched set off this file while a write to it was under way
+                # (a slow disk): it is let go once that write has ended
+                raise ConfigError(self.source_file, self.key, f"{self.path} is still being written "
+                                  "and removed by this daemon's previous move of the latched alarms "
+                                  "(a slow disk): reload again in a moment") from None
             raise ConfigError(self.source_file, self.key, f"{self.path} is in use by another running "
                               f"daemon (pid {pid}): two cameras with one camera_id? Each needs its "
                               "own file, or the other's alarms come back on this PLC") from None
@@ -151,7 +163,8 @@ class LatchStore:
         that cannot be read as one is kept aside as ``<name>.<time>.bad`` and reported: its
         alarms are unknown (at a start), or replaced by the running set (``reload``: the file a
         reload moves the latched set into)."""
-        unknown = ("what it held is replaced by what is latched now" if reload else
+        unknown = ("what it held is set aside; the alarms latched now are to be written in its place"
+                   if reload else
                    "alarms latched before the restart are unknown: check the line")
         try:
             text = self.path.read_text(encoding="utf-8")
@@ -229,6 +242,7 @@ class LatchStore:
             if deferred:  # retire() came while a write was under way: it is done now
                 self._remove_files()
                 self._release()
+                _RETIRING.discard(self._retiring_lock)
 
     def _loop(self) -> None:
         owed: list[dict] | None = None  # what a failed write still owes the file
@@ -285,6 +299,10 @@ class LatchStore:
             # an idle writer (the usual case) takes no more sets once retired: the files go now,
             # so the reload that moved them has them gone when it returns
             self._remove_when_done = self._writing
+            if self._remove_when_done:
+                # taken now: a link's target is not found again once the link is removed
+                self._retiring_lock = self._lock_path()
+                _RETIRING.add(self._retiring_lock)
         if not self._remove_when_done:
             self._remove_files()
             self._release()
