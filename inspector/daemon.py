@@ -35,7 +35,7 @@ from typing import Callable
 
 from inspector import __version__
 from inspector.alarms import AlarmEngine, DriverWorker, make_drivers
-from inspector.alarms.latch_store import STATE_ENV, LatchStore, latch_path
+from inspector.alarms.latch_store import STATE_ENV, LatchStore, latch_path, wait_for_retired
 from inspector.config import InspectorConfig, load_config
 from inspector.errors import ConfigError, InspectorError, first_line
 from inspector.logs import set_level
@@ -299,6 +299,10 @@ class Daemon:
                 w.stop(timeout=max(0.2, tail_end - time.monotonic() - 1.0))
             if self.engine is not None and self.engine.store is not None:
                 self.engine.store.close(timeout=max(0.2, tail_end - time.monotonic() - 0.5))
+            for left in wait_for_retired(max(0.2, tail_end - time.monotonic() - 0.5)):
+                log.error("%s: the last write to this latch file, which a reload moved off, has not "
+                          "ended: where it lands, the file holds alarms moved to the file in use; remove "
+                          "it before a config names it again, or they come back", left)
             if not drained:
                 # before close() releases the publisher and engine under the hung stage: from
                 # here its frames are counted, and what it trips over later is not reported

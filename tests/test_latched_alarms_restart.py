@@ -519,6 +519,34 @@ def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(t
     to.close()
 
 
+def test_a_stop_waits_for_the_write_still_ending_on_a_file_moved_off(tmp_path, monkeypatch):
+    # without the wait, a stop during that write left the old file holding the moved alarms:
+    # a config naming it again raised them, though acknowledged meanwhile (review 26 L2)
+    old, new = tmp_path / "st" / "cam.json", tmp_path / "st2" / "cam.json"
+    e, store = engine(old)
+    slow, go_on = threading.Event(), threading.Event()
+    real = latch_mod.atomic_write_text
+
+    def write(path, text):
+        if path == old:
+            slow.set()
+            assert go_on.wait(10)
+        real(path, text)
+    monkeypatch.setattr(latch_mod, "atomic_write_text", write)
+    e.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect()]})
+    assert slow.wait(5)
+    to = LatchStore(new, "cam.yaml")
+    to.open()
+    assert to.write_now(e.latched_records()) is None
+    e.move_store(to).retire()
+    assert latch_mod.wait_for_retired(0.1) == [old]  # the write has not ended: named
+    threading.Timer(0.2, go_on.set).start()
+    assert latch_mod.wait_for_retired(10) == []  # ended within the time given: removed
+    assert not old.exists() and not old.with_name("cam.json.lock").exists()
+    assert not latch_mod._RETIRING
+    to.close()
+
+
 def test_retiring_a_file_whose_writer_is_idle_removes_it_before_returning(tmp_path):
     # the usual reload: the writer waits for the next set. The files used to be removed by that
     # thread after it woke, so a reload had returned with the old file still there (CI saw it)

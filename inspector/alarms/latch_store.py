@@ -61,7 +61,7 @@ def _where(latch_file: str | None) -> str:
 
 #: lock files of stores this process has moved off while a write to them was under way: held
 #: until that write ends, then removed (an open meanwhile is told so, not "another daemon")
-_RETIRING: set[Path] = set()
+_RETIRING: dict[Path, "LatchStore"] = {}
 
 
 class LatchStore:
@@ -242,7 +242,7 @@ class LatchStore:
             if deferred:  # retire() came while a write was under way: it is done now
                 self._remove_files()
                 self._release()
-                _RETIRING.discard(self._retiring_lock)
+                _RETIRING.pop(self._retiring_lock, None)
 
     def _loop(self) -> None:
         owed: list[dict] | None = None  # what a failed write still owes the file
@@ -302,7 +302,7 @@ class LatchStore:
             if self._remove_when_done:
                 # taken now: a link's target is not found again once the link is removed
                 self._retiring_lock = self._lock_path()
-                _RETIRING.add(self._retiring_lock)
+                _RETIRING[self._retiring_lock] = self
         if not self._remove_when_done:
             self._remove_files()
             self._release()
@@ -357,6 +357,18 @@ class LatchStore:
     def _release(self) -> None:
         fh, self._lock_fh = self._lock_fh, None
         unlock_and_close(fh)
+
+
+def wait_for_retired(timeout: float) -> list[Path]:
+    """At stop: let the writes still ending on files a reload moved off (a slow disk) end, so
+    that those files are removed; the ones still there after ``timeout`` (they hold alarms that
+    were moved, and a config naming them again would raise those)."""
+    end = time.monotonic() + timeout
+    for store in list(_RETIRING.values()):
+        t = store._thread
+        if t is not None:
+            t.join(max(0.0, end - time.monotonic()))
+    return [store.path for store in list(_RETIRING.values())]  # their removal has not happened
 
 
 def _give_to_owner_of(above: Path, folder: Path) -> tuple[int, int] | None:
