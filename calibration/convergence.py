@@ -39,12 +39,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 
 from calibration.frames import CalibrationInputError, FrameSet, iterate
 from calibration.outputs import make_out_dir
 from inspector.bundle import BundleSpec, load_bundle, write_bundle
+from inspector.errors import BundleError
 from inspector.fileio import atomic_write_text
 from inspector.models.base import ModelAdapter
+from inspector.models.fuzzymask import FuzzymaskParams
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +166,12 @@ def calibrate_convergence(adapter: ModelAdapter, normals: FrameSet, quantile: fl
                                     f"left none; lower --check-fraction)")
     chk = np.concatenate(parts["check"]) if parts["check"] else np.zeros((0, passes))
     m = choose_m(cal, quantile, within_rt, first)
+    if not np.isfinite(m):
+        # a network that emits inf or NaN on these frames: no m means anything, and the bundle
+        # would be refused at the next load
+        raise BundleError(f"{adapter.bundle.path}: the model's reconstructions of the calibration "
+                          f"frames give m = {m}: nothing written; check the bundle (`inspector "
+                          "evaluate`) and the frames")
     metric = _METRIC[p.conv_metric]
     report: dict[str, Any] = {
         "bundle": str(adapter.bundle.path), "kind": "fuzzymask",
@@ -197,6 +206,13 @@ def write_m(bundle: str | Path, m: float, note: dict[str, Any]) -> dict[str, Any
     kp = dict(spec.kind_params)
     old = kp.get("m")
     kp["m"] = m
+    try:  # what the runtime's adapter will read: refused here, not at the daemon's next start
+        FuzzymaskParams.model_validate(kp)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(x) for x in err["loc"])
+        raise BundleError(f"{b.path}: kind_params.{key}: {err['msg']} (got {err.get('input')!r}): "
+                          "nothing written") from None
     prov = dict(spec.provenance)
     hist = list(prov.get("convergence_calibration_history", []))
     if "convergence_calibration" in prov:

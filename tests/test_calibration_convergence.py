@@ -240,3 +240,24 @@ def test_an_out_that_cannot_be_written_is_refused_before_the_bundle_is_touched(t
     err = r.stderr.strip().splitlines()[-1]
     assert err.startswith(f"inspector: error: --out {afile / 'cv'}: ") and "Errno" not in err, err
     assert (bundle / "bundle.yaml").read_text() == before
+
+
+def test_a_non_finite_m_is_never_written(tmp_path, monkeypatch):
+    # a network emitting inf/NaN gives no meaningful m; written, the bundle was refused only at
+    # the daemon's next start (review 26 L5)
+    import yaml
+
+    import calibration.convergence as conv
+    from calibration.convergence import write_m
+    from inspector.errors import BundleError
+
+    bundle = fuzzymask_toy_bundle(tmp_path / "toy", tile=TILE)
+    before = (bundle / "bundle.yaml").read_text()
+    for bad in (float("inf"), float("nan"), -1.0):
+        with pytest.raises(BundleError, match=r"kind_params\.m: .*nothing written"):
+            write_m(bundle, bad, {})
+    assert (bundle / "bundle.yaml").read_text() == before
+    monkeypatch.setattr(conv, "choose_m", lambda *a, **k: float("nan"))
+    with pytest.raises(BundleError, match="give m = nan: nothing written"):
+        calibrate_convergence(runner_for(bundle).adapter, frame_set(normal_frames()[:1]), 0.9, 2, passes=2)
+    assert yaml.safe_load((bundle / "bundle.yaml").read_text()) == yaml.safe_load(before)
