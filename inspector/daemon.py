@@ -504,7 +504,7 @@ class Daemon:
         except Exception as e:
             for taken in (new_store, move_to):
                 if taken is not None:
-                    taken.close()  # the reload failed after taking the file: let it go
+                    taken.abandon()  # the reload failed after taking the file: let it go
             log.error("reload failed, the running model and rules stay: %s", e)
             # the record first: whoever sees the counter or READY=1 (systemctl reload returns
             # on it) reads this reload's outcome, not the one before

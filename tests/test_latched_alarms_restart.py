@@ -639,6 +639,27 @@ def test_a_reload_that_moves_the_file_to_one_it_cannot_keep_fails_and_keeps_the_
             f"{tmp_path / 'st2' / 'test.json'} is in use by another running daemon") in caplog.text
 
 
+def test_a_reload_that_fails_after_taking_a_new_file_leaves_nothing_of_it(tmp_path, synthetic_cfg, caplog):
+    # it left the folders it made and a .lock beside a file that never was
+    cam = tmp_path / "cam.yaml"
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
+                        alarms={"rules": RULES, "latch_file": "st/test.json"})
+    write_config(cam, raw)
+    old = tmp_path / "st" / "test.json"
+    kept = tmp_path / "kept"
+    kept.mkdir()  # a folder that was there before stays
+
+    def move(d):
+        wait_file(old, lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+        bad_rules = RULES + [{"name": "nothing", "classes": ["no_such_class"]}]
+        _reload_with(d, cam, {**raw, "alarms": {"rules": bad_rules, "latch_file": "kept/a/b/test.json"}})
+        assert d.reloads == {"ok": 0, "failed": 1}
+        assert d.engine.store.path == old and old.exists()
+        assert list(kept.iterdir()) == []
+    run_daemon(cam, lambda d: d.engine is not None and d.engine.latched_names(), then=move)
+    assert "no_such_class" in caplog.text
+
+
 def test_a_reload_that_turns_a_latch_on_is_checked_as_the_next_start_would_be(tmp_path, synthetic_cfg,
                                                                              monkeypatch, caplog):
     # started without a latching rule and with no usable state folder: a reload turning the latch

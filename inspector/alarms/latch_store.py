@@ -85,6 +85,8 @@ class LatchStore:
         #: retire() came during a write: the writer thread removes the files once it has ended
         self._remove_when_done = False
         self._retiring_lock: Path | None = None
+        #: the folder that existed above the file's at open, where open made the ones below
+        self._made_below: Path | None = None
         self._failing = False
         self._thread: threading.Thread | None = None
         self._lock_fh: IO[str] | None = None
@@ -101,6 +103,7 @@ class LatchStore:
                               f"it, such as {self.path / 'camera.json'}")
         folder = self.path.parent
         above = nearest_existing(folder)
+        self._made_below = above if above != folder else None
         try:
             folder.mkdir(parents=True, exist_ok=True)
             if os.geteuid() == 0:
@@ -231,6 +234,25 @@ class LatchStore:
                 ok = False
         self._release()
         return ok
+
+    def abandon(self) -> None:
+        """Let go of a file opened and never written (a reload that failed after taking it): its
+        lock file and the folders ``open`` made go too, so the failed reload leaves nothing."""
+        self.close()
+        if self.path.exists():
+            return  # a file this store did not write (an earlier run's): kept, with its lock file
+        try:
+            self._lock_path().unlink(missing_ok=True)
+        except OSError:
+            return
+        if self._made_below is not None:
+            d = self.path.parent
+            while d != self._made_below and d != d.parent:
+                try:
+                    d.rmdir()  # empty folders only
+                except OSError:
+                    break
+                d = d.parent
 
     def _run(self) -> None:
         try:
