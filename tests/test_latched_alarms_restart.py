@@ -480,19 +480,19 @@ def test_a_reload_that_moves_the_file_carries_the_latched_alarms_over(tmp_path, 
     assert "alarms.latch_file changed; that takes effect after a restart" not in caplog.text
 
 
-def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(tmp_path, monkeypatch):
-    # retiring the old file while its writer sits in a slow write: used to raise "remove before
-    # close" after the swap (a reload reported failed that had taken effect), and the old writer
-    # then put the file back
+def moved_during_a_held_write(tmp_path, monkeypatch):
+    """An engine latching into st/cam.json whose write to it is held (a disk that answers only
+    when the test sets the returned event), moved to st2/cam.json and retired meanwhile: (engine,
+    old path, new path, new store, the event that lets the held write go on)."""
     old, new = tmp_path / "st" / "cam.json", tmp_path / "st2" / "cam.json"
-    e, store = engine(old)
+    e, _ = engine(old)
     slow, go_on = threading.Event(), threading.Event()
     real = latch_mod.atomic_write_text
 
     def write(path, text):
         if path == old:
             slow.set()
-            assert go_on.wait(10)  # a disk that answers only when the test says so
+            assert go_on.wait(10)
         real(path, text)
     monkeypatch.setattr(latch_mod, "atomic_write_text", write)
     e.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect()]})
@@ -501,6 +501,14 @@ def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(t
     to.open()
     assert to.write_now(e.latched_records()) is None
     e.move_store(to).retire()  # returns with the old write still blocked: the reload does not wait
+    return e, old, new, to, go_on
+
+
+def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(tmp_path, monkeypatch):
+    # retiring the old file while its writer sits in a slow write: used to raise "remove before
+    # close" after the swap (a reload reported failed that had taken effect), and the old writer
+    # then put the file back
+    e, old, new, to, go_on = moved_during_a_held_write(tmp_path, monkeypatch)
     assert not go_on.is_set()
     # a reload back to the old file meanwhile is refused, and not as "another running daemon"
     back = LatchStore(old, "cam.yaml")
@@ -522,23 +530,7 @@ def test_a_move_while_the_old_file_is_still_being_written_leaves_nothing_of_it(t
 def test_a_stop_waits_for_the_write_still_ending_on_a_file_moved_off(tmp_path, monkeypatch):
     # without the wait, a stop during that write left the old file holding the moved alarms:
     # a config naming it again raised them, though acknowledged meanwhile (review 26 L2)
-    old, new = tmp_path / "st" / "cam.json", tmp_path / "st2" / "cam.json"
-    e, store = engine(old)
-    slow, go_on = threading.Event(), threading.Event()
-    real = latch_mod.atomic_write_text
-
-    def write(path, text):
-        if path == old:
-            slow.set()
-            assert go_on.wait(10)
-        real(path, text)
-    monkeypatch.setattr(latch_mod, "atomic_write_text", write)
-    e.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [defect()]})
-    assert slow.wait(5)
-    to = LatchStore(new, "cam.yaml")
-    to.open()
-    assert to.write_now(e.latched_records()) is None
-    e.move_store(to).retire()
+    e, old, new, to, go_on = moved_during_a_held_write(tmp_path, monkeypatch)
     assert latch_mod.wait_for_retired(0.1) == [old]  # the write has not ended: named
     threading.Timer(0.2, go_on.set).start()
     assert latch_mod.wait_for_retired(10) == []  # ended within the time given: removed
