@@ -7,6 +7,7 @@ pipeline publishes every frame; a hanging PLC never slows inspection down.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -375,3 +376,83 @@ def test_opcua_says_a_removed_rule_is_cleared_once_while_the_plc_lacks_the_new_n
         assert caplog.text.count("alarm b is no longer configured") == 1
     finally:
         plc.stop()
+
+
+class _ShownLink:
+    """A link that keeps what it wrote and hands out the acknowledge indices the test sets: the
+    interleaving of a PLC request and a reload is forced, not waited for."""
+
+    label = "stub"
+
+    def __init__(self):
+        self.written: list = []
+        self.acks: list[int] = []
+        self.lock = threading.Lock()
+
+    def connect(self) -> None:
+        pass
+
+    def write(self, state, heartbeat: int) -> None:
+        with self.lock:
+            self.written.append(state)
+
+    def read_acks(self) -> list[int]:
+        with self.lock:
+            out, self.acks = self.acks, []
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_plc_acknowledge_made_before_a_reload_reordered_the_rules_releases_the_alarm_it_named():
+    # the PLC's request is an index into the alarms it shows; read after the write of a reload's
+    # new order it released the alarm now at that index: "small" went, "big" stayed latched
+    from test_alarms_rules import Clock
+
+    from inspector.alarms.config import AlarmsConfig, ModbusDriverConfig
+    from inspector.alarms.driver import DriverWorker
+
+    classes = ["background", "inclusion", "patches", "scratches"]
+
+    big = {"name": "big", "classes": ["inclusion"], "latch": True, "off_delay_s": 0}
+    small = {"name": "small", "classes": ["scratches"], "latch": True, "off_delay_s": 0}
+    engine = AlarmEngine(AlarmsConfig.model_validate({"rules": [big, small]}), classes, "cam.yaml",
+                         clock=Clock())
+    d = {"score": 0.9, "area_px": 40, "area_mm2": None, "strip_pos_mm": 1.0, "centroid": [1.0, 1.0]}
+    engine.on_frame({"frame_id": 1, "strip_pos_mm": 0.0, "defects": [
+        {**d, "class": "inclusion", "class_id": 1}, {**d, "class": "scratches", "class_id": 3}]})
+    engine.on_frame({"frame_id": 2, "strip_pos_mm": 1.0, "defects": []})
+    assert engine.latched_names() == ["big", "small"]
+    link = _ShownLink()
+    cfg = ModbusDriverConfig(type="modbus", host="127.0.0.1", port=1, heartbeat_s=30, retry_backoff_s=[0.1, 0.1])
+    w = DriverWorker(link, cfg, on_ack=lambda names, by: engine.ack_names(names, by, unknown_ok=True),
+                     name="stub")
+    engine.subscribe(w.submit)
+    w.submit(engine.state())
+    w.start()
+    try:
+        wait_for(lambda: link.written and link.written[-1].alarm_names == ("big", "small"), what="the layout")
+        with link.lock:
+            link.acks = [0]  # the operator acknowledges "big", first on the PLC's screen
+        engine.set_rules(AlarmsConfig.model_validate({"rules": [small, big]}))  # the reload
+        wait_for(lambda: len(engine.latched_names()) < 2, what="the acknowledge")
+        assert engine.latched_names() == ["small"]
+        wait_for(lambda: link.written[-1].alarm_names == ("small", "big")
+                 and link.written[-1].alarms == (True, False), what="the new layout, big released")
+    finally:
+        w.stop()
+
+
+def test_a_plc_acknowledge_of_an_alarm_a_reload_removed_is_ignored_and_said(caplog):
+    from test_alarms_rules import Clock
+
+    from inspector.alarms.config import AlarmsConfig
+
+    rules = [{"name": "a", "latch": True, "off_delay_s": 0}]
+    engine = AlarmEngine(AlarmsConfig.model_validate({"rules": rules}), CLASSES, "cam.yaml", clock=Clock())
+    caplog.set_level("INFO", logger="inspector.alarms.rules")
+    assert engine.ack_names(["gone"], by="modbus0", unknown_ok=True) == []
+    assert "acknowledge of gone by modbus0 ignored: no such alarm since the last reload" in caplog.text
+    with pytest.raises(KeyError):
+        engine.ack_names(["gone"])

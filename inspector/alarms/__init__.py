@@ -61,7 +61,8 @@ def make_drivers(cfg, engine: AlarmEngine | None) -> list[DriverWorker]:
     workers = []
     for i, d in enumerate(cfg.alarms.drivers):
         link = make_link(d, cfg.camera_id, cfg.source_file, i)
-        on_ack = (lambda idx, by, e=engine: e.ack(idx, by)) if engine is not None else None
+        on_ack = ((lambda names, by, e=engine: e.ack_names(names, by, unknown_ok=True))
+                  if engine is not None else None)
         w = DriverWorker(link, d, on_ack=on_ack, name=f"{d.type}{i}")
         if engine is not None:
             engine.subscribe(w.submit)

@@ -57,7 +57,8 @@ class Link(Protocol):
     def write(self, state: PlcState, heartbeat: int) -> None: ...
 
     def read_acks(self) -> list[int]:
-        """Alarm indices the PLC asked to acknowledge since the last call (request then cleared)."""
+        """Alarm indices the PLC asked to acknowledge since the last call (request then cleared),
+        in the order of the alarms the link wrote last."""
         ...
 
     def close(self) -> None: ...
@@ -66,7 +67,7 @@ class Link(Protocol):
 class DriverWorker:
     """Runs one :class:`Link` in a thread (see module docs)."""
 
-    def __init__(self, link: Link, cfg, on_ack: Callable[[list[int], str], object] | None = None,
+    def __init__(self, link: Link, cfg, on_ack: Callable[[list[str], str], object] | None = None,
                  name: str = "plc"):
         self.link = link
         self.cfg = cfg
@@ -222,17 +223,24 @@ class DriverWorker:
             with self._cv:
                 stopping = self._stopping
             if self._latest is not None:
-                state = stopped_state(self._latest) if stopping else self._latest
                 stop_tried = stop_tried or stopping
                 try:
+                    shown = self.last_written
+                    if (self.cfg.acknowledge and self.on_ack is not None and not stopping
+                            and shown is not None):
+                        # before this write: the PLC set its requests against the alarms it shows
+                        # (the last write); read after a write with the rules of a reload, they
+                        # would name other alarms. Passed on by name, for the same reason.
+                        acks = self.link.read_acks()
+                        names = [shown.alarm_names[i] for i in acks if i < len(shown.alarm_names)]
+                        if names:
+                            self.on_ack(names, self.label)
+                            self._take_latest()  # the state with those alarms released
+                    state = stopped_state(self._latest) if stopping else self._latest
                     self.heartbeat += 1
                     self.link.write(state, self.heartbeat)
                     self.writes += 1
                     self.last_written = state
-                    if self.cfg.acknowledge and self.on_ack is not None and not stopping:
-                        acks = self.link.read_acks()
-                        if acks:
-                            self.on_ack(acks, self.label)
                 except Exception as e:
                     # A PLC that takes the connection but refuses the write (register area too
                     # small, wrong unit id, a node missing) must not be hammered: the same

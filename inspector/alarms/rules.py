@@ -275,18 +275,27 @@ class AlarmEngine:
 
     def ack(self, indices: Iterable[int] | None = None, by: str = "") -> list[str]:
         """Release the latch of the given alarms (all when None); returns the names released."""
-        done: list[str] = []
-        changed: list[_Alarm] = []
         with self._lock:
             wanted = set(range(len(self._alarms))) if indices is None else set(indices)
-            for a in self._alarms:
-                if a.index in wanted and a.latched:
-                    a.latched = False
-                    done.append(a.rule.name)
-                    was = a.active
-                    a.active = a.cond
-                    if was != a.active:
-                        changed.append(a)
+            done, changed = self._release(wanted)
+        return self._released(done, changed, by)
+
+    def _release(self, wanted: set[int]) -> tuple[list[str], list[_Alarm]]:
+        """Under the lock: unlatch the alarms at ``wanted``; their names, and those whose state
+        changed."""
+        done: list[str] = []
+        changed: list[_Alarm] = []
+        for a in self._alarms:
+            if a.index in wanted and a.latched:
+                a.latched = False
+                done.append(a.rule.name)
+                was = a.active
+                a.active = a.cond
+                if was != a.active:
+                    changed.append(a)
+        return done, changed
+
+    def _released(self, done: list[str], changed: list[_Alarm], by: str) -> list[str]:
         for name in done:
             log.info("alarm %s acknowledged%s", name, f" by {by}" if by else "")
         self._report(changed)
@@ -295,12 +304,22 @@ class AlarmEngine:
             self._notify()
         return done
 
-    def ack_names(self, names: Iterable[str], by: str = "") -> list[str]:
-        index = {a.rule.name: a.index for a in self._alarms}
-        unknown = [n for n in names if n not in index]
+    def ack_names(self, names: Iterable[str], by: str = "", unknown_ok: bool = False) -> list[str]:
+        """Release the latch of the alarms named; a name no rule has now is a KeyError, or with
+        ``unknown_ok`` (a PLC's request made before a reload removed that rule) a log line. The
+        names are resolved against the rules under the same lock as the release: a reload that
+        reorders the rules in between cannot make a request release another alarm."""
+        names = list(names)
+        with self._lock:
+            index = {a.rule.name: a.index for a in self._alarms}
+            unknown = [n for n in names if n not in index]
+            if unknown and not unknown_ok:
+                raise KeyError(f"unknown alarm(s) {unknown}; alarms are {list(index)}")
+            done, changed = self._release({index[n] for n in names if n in index})
         if unknown:
-            raise KeyError(f"unknown alarm(s) {unknown}; alarms are {list(index)}")
-        return self.ack([index[n] for n in names], by)
+            log.info("acknowledge of %s%s ignored: no such alarm since the last reload",
+                     ", ".join(unknown), f" by {by}" if by else "")
+        return self._released(done, changed, by)
 
     # -- rules ----------------------------------------------------------------------------------
     def _matches(self, a: _Alarm, d: dict) -> bool:
