@@ -114,7 +114,7 @@ class OpcUaLink:
         self._nodes: list = []
         self._types: list = []
         self._ack_nodes: list = []
-        self._method_acks: list[int] = []      # server mode: requests from the Acknowledge method
+        self._method_acks: list[str] = []      # server mode: alarms named by the Acknowledge method
         self._ack_lock = threading.Lock()
 
     def _nid(self, name: str):
@@ -168,15 +168,16 @@ class OpcUaLink:
         name = alarm.Value if hasattr(alarm, "Value") else alarm
         names = list(self._layout[0]) if self._layout else []
         if name in ("", "*"):
-            idx = list(range(len(names)))
+            asked = names
         elif isinstance(name, str) and name in names:
-            idx = [names.index(name)]
+            asked = [name]
         else:
             log.info("%s: Acknowledge(%r) refused: no such alarm; alarms are %s", self.label, name, names)
             bad = ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
             return ua.CallMethodResult(StatusCode=bad, InputArgumentResults=[bad])
         with self._ack_lock:
-            self._method_acks.extend(idx)
+            # by name: a write with a reload's new order may come before the driver reads them
+            self._method_acks.extend(asked)
         return []
 
     def close(self) -> None:
@@ -301,8 +302,9 @@ class OpcUaLink:
 
     def read_acks(self) -> list[int]:
         idx = self._loop.run(self._read_acks(), self.cfg.timeout_s * 2)
+        names = list(self._layout[0]) if self._layout else []
         with self._ack_lock:
-            idx += self._method_acks
+            idx += [names.index(n) for n in self._method_acks if n in names]
             self._method_acks.clear()
         return sorted(set(idx))
 
