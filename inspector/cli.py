@@ -28,6 +28,7 @@ from inspector.errors import (BindError, BundleError, ConfigError, EngineError, 
 from inspector.evaluation.options import onnx_opset, resize_size
 from inspector.logs import set_level
 from inspector.reload_state import request_reload, runtime_dir_from_env
+from inspector.signals import relay_signals
 
 log = logging.getLogger("inspector")
 
@@ -92,9 +93,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     pipe = Pipeline(cfg)
-    stop = lambda *_: pipe.stop()  # noqa: E731 - Ctrl-C and SIGTERM drain, then exit 0
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    # Ctrl-C and SIGTERM drain, then exit 0
+    relay_signals({signal.SIGINT: pipe.stop, signal.SIGTERM: pipe.stop})
     try:
         pipe.open()
         counters = pipe.run(frames=args.frames, seconds=args.seconds, tick=tick,

@@ -43,6 +43,7 @@ from inspector.metrics import Metrics
 from inspector.pipeline import BurstLog, LoadedModel, Pipeline, load_model
 from inspector.postprocess import Geometry
 from inspector.reload_state import ReloadLog
+from inspector.signals import relay_signals
 from inspector.sources import Source
 
 log = logging.getLogger(__name__)
@@ -207,11 +208,9 @@ class Daemon:
         self._wake.set()
 
     def _install_signals(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return  # tests drive an in-process daemon through request_*()
-        signal.signal(signal.SIGTERM, self.request_stop)
-        signal.signal(signal.SIGINT, self.request_stop)
-        signal.signal(signal.SIGHUP, self.request_reload)
+        # in the main thread only; tests drive an in-process daemon through request_*()
+        relay_signals({signal.SIGTERM: self.request_stop, signal.SIGINT: self.request_stop,
+                       signal.SIGHUP: self.request_reload})
 
     # -- the frame hook -------------------------------------------------------------------------
     def _on_report(self, header: dict) -> None:

@@ -1,11 +1,42 @@
-"""SIGTERM as Ctrl-C, for commands that must finish a step or restore something when stopped."""
+"""SIGTERM as Ctrl-C, for commands that must finish a step or restore something when stopped;
+signals relayed to a thread, for the long-running commands whose stop sets events."""
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
+
+
+def relay_signals(actions: dict[int, Callable[[], None]]) -> None:
+    """Run ``actions[signum]`` in a thread of its own when that signal comes (main thread only;
+    elsewhere nothing changes). A Python handler runs in the main thread between two bytecodes:
+    setting an Event there waits for that Event's lock, which the main thread may hold at that
+    moment (in its own wait on it), and the loop would hang for good. The kernel's wakeup byte
+    carries the signal over a pipe instead, and the handlers themselves do nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    r, w = os.pipe()
+    os.set_blocking(w, False)  # set_wakeup_fd's requirement: a full pipe drops, never blocks
+
+    def relay() -> None:
+        while True:
+            try:
+                got = os.read(r, 64)
+            except InterruptedError:
+                continue
+            if not got:
+                return
+            for num in got:
+                act = actions.get(num)
+                if act is not None:
+                    act()
+    threading.Thread(target=relay, name="signals", daemon=True).start()
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    for num in actions:
+        signal.signal(num, lambda *_: None)  # replaces the default (exit, KeyboardInterrupt)
 
 
 @contextmanager

@@ -71,3 +71,38 @@ def test_a_ctrl_c_to_the_terminals_group_does_not_cost_the_held_export_its_commi
     out, _ = child.communicate(timeout=30)
     # (the fake git answers `status` with a line, so the checkout reads as changed: True)
     assert out.strip() == "commit ('0123abcd', True)", out
+
+
+def test_relayed_signals_run_their_action_in_a_thread_of_their_own(tmp_path):
+    # a handler that sets an Event runs in the main thread between two bytecodes; the main thread
+    # may hold that Event's lock just then (in its own wait on it) and would wait on itself for
+    # ever (review 26b L1). The relay runs the action elsewhere, however the signals fall.
+    import subprocess
+    import sys
+
+    script = tmp_path / "relay.py"
+    script.write_text(
+        "import os, signal, threading, time\n"
+        "from inspector.signals import relay_signals\n"
+        "ev = threading.Event()\n"
+        "where = []\n"
+        "def act():\n"
+        "    where.append(threading.current_thread() is threading.main_thread())\n"
+        "    ev.set()\n"
+        "relay_signals({signal.SIGUSR1: act})\n"
+        "pid = os.getpid()\n"
+        "def storm():\n"
+        "    for _ in range(2000):\n"
+        "        os.kill(pid, signal.SIGUSR1)\n"
+        "t = threading.Thread(target=storm); t.start()\n"
+        "end = time.monotonic() + 2\n"
+        "while time.monotonic() < end:  # the main thread busy in the Event's own lock\n"
+        "    ev.wait(0.0001); ev.clear()\n"
+        "t.join()\n"
+        "os.kill(pid, signal.SIGUSR1)\n"
+        "assert ev.wait(10)\n"
+        "print('ok', len(where) > 0 and not any(where))\n")
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["ok", "True"]
