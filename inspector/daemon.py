@@ -290,6 +290,14 @@ class Daemon:
             # within stop_timeout_s + STOP_TAIL_S, inside the unit's TimeoutStopSec (30 s) with
             # the default 20 s; each part waiting its own timeout could take 35 s and be killed.
             tail_end = time.monotonic() + STOP_TAIL_S
+            reloading = self._reload_thread
+            if reloading is not None and reloading.is_alive():
+                # it ends at its next step (it sees the stop) and lets go of a latch file it took;
+                # one stuck in a model load is left to the exit
+                reloading.join(max(0.2, (tail_end - time.monotonic()) / 2))
+                if reloading.is_alive():
+                    log.warning("stop: a reload is still loading its model; it is left unfinished "
+                                "(nothing of it was applied)")
             if self.engine is not None:
                 self.engine.set_running(False)
             for w in self.workers:  # all at once: a slow PLC must not eat the others' time
@@ -493,6 +501,11 @@ class Daemon:
                 AlarmEngine(new.alarms, model.bundle.spec.classes, new.source_file)
                 later.append("alarms.rules (alarms were off at start)")
             geometry = Geometry.of(new.geometry)
+            if self.stop_requested:
+                # the model took its time to load and a stop came meanwhile: applying it now would
+                # change rules and files under the stop, which is closing them
+                raise InspectorError("a stop came while the new model loaded: nothing of this "
+                                     "reload is applied")
             warm = p.swap_model(model, geometry)
             if self.engine is not None:
                 self.engine.set_rules(new.alarms)

@@ -652,6 +652,46 @@ def test_a_reload_that_fails_after_taking_a_new_file_leaves_nothing_of_it(tmp_pa
     assert "no_such_class" in caplog.text
 
 
+def test_a_stop_during_a_reload_applies_nothing_of_it_and_leaves_nothing_of_its_new_file(
+        tmp_path, synthetic_cfg, monkeypatch, caplog):
+    # the stop neither waited for nor told the reload: the new file's .lock and folders stayed,
+    # or the reload went on to swap rules and files under the stop (review 26b L2)
+    import inspector.daemon as daemon_module
+
+    cam = tmp_path / "cam.yaml"
+    raw = synthetic_cfg(source={"fps": 20, "defect_rate": 1.0},
+                        alarms={"rules": RULES, "latch_file": "st/test.json"})
+    write_config(cam, raw)
+    old = tmp_path / "st" / "test.json"
+    loading, go_on = threading.Event(), threading.Event()
+    real_load = daemon_module.load_model
+
+    def slow_load(cfg):
+        if cfg.alarms.latch_file == "new/deep/test.json":
+            loading.set()
+            assert go_on.wait(30)  # an engine build that takes its time
+        return real_load(cfg)
+    monkeypatch.setattr(daemon_module, "load_model", slow_load)
+    seen = {}
+
+    def stop_during_the_reload(d):
+        wait_file(old, lambda data: [r["name"] for r in data["latched"]] == ["any_defect"])
+        import yaml
+
+        cam.write_text(yaml.safe_dump({**raw, "alarms": {**raw["alarms"], "latch_file": "new/deep/test.json"}}))
+        d.request_reload()
+        assert loading.wait(30)
+        assert (tmp_path / "new" / "deep" / "test.json.lock").exists()  # taken before the load
+        threading.Timer(0.3, go_on.set).start()  # the load ends while the stop waits for it
+        seen["d"] = d
+    run_daemon(cam, lambda d: d.engine is not None and d.engine.latched_names(), then=stop_during_the_reload)
+    d = seen["d"]
+    assert d.reloads == {"ok": 0, "failed": 1}
+    assert "a stop came while the new model loaded: nothing of this reload is applied" in caplog.text
+    assert not (tmp_path / "new").exists()
+    assert [r["name"] for r in json.loads(old.read_text())["latched"]] == ["any_defect"]
+
+
 def test_a_reload_that_turns_a_latch_on_is_checked_as_the_next_start_would_be(tmp_path, synthetic_cfg,
                                                                              monkeypatch, caplog):
     # started without a latching rule and with no usable state folder: a reload turning the latch
