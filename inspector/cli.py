@@ -173,22 +173,37 @@ def _check(args: argparse.Namespace) -> int:
     summary = {
         "config": cfg.source_file, "camera_id": cfg.camera_id,
         "source": described, "frame_shape": list(frame.image.shape),
-        "bundle": os.path.normpath(model.bundle.path), "model": f"{spec.name} ({spec.kind})",
-        "classes": spec.classes, "engine": model.backend,
+        **_model_fields(model),
         "input": _check_input(model, frame.image.shape[:2]),
         **({"region": f"{spec.region.name} (threshold {spec.region.threshold:g}): "
                       f"{float((out_region >= spec.region.threshold).mean()):.1%} of this frame"}
            if spec.region is not None and out_region is not None else {}),
         "infer_ms": round(infer_ms, 1), "defects_in_frame": total,
         "geometry": _describe_geometry(used, geometry, frame.meta),
+        **_output_fields(cfg, spec.classes, warnings, as_user, unit_env),
+    }
+    return _check_report(args, summary)
+
+
+def _model_fields(model) -> dict:
+    spec = model.bundle.spec
+    return {"bundle": os.path.normpath(model.bundle.path), "model": f"{spec.name} ({spec.kind})",
+            "classes": spec.classes, "engine": model.backend}
+
+
+def _output_fields(cfg, classes: list[str], warnings: list[str], as_user: str | None,
+                   unit_env: list[str]) -> dict:
+    """The summary's end: where results go (stream, PLC, latch file, recorder), the warnings
+    gathered (the recorder's check adds its own), and the verdict."""
+    record = _check_record(cfg, classes, warnings, root_note=as_user is None)
+    return {
         "publish": cfg.publish.endpoint,
         "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)" + _check_latch(cfg),
-        "record": _check_record(cfg, spec.classes, warnings, root_note=as_user is None),
+        "record": record,
         **({"user": as_user} if as_user else {}),
         **({"unit_environment": ", ".join(unit_env)} if unit_env else {}),
         "warnings": warnings, "result": "ok",
     }
-    return _check_report(args, summary)
 
 
 def _static_summary(cfg, model, warnings: list[str], as_user: str | None, unit_env: list[str]) -> dict:
@@ -197,22 +212,15 @@ def _static_summary(cfg, model, warnings: list[str], as_user: str | None, unit_e
     rules and PLC maps, the recorder and the latch file."""
     from inspector.postprocess import Geometry
 
-    spec = model.bundle.spec
     fs = cfg.pipeline.frame
     geometry = Geometry.of(cfg.geometry)
     return {
         "config": cfg.source_file, "camera_id": cfg.camera_id,
         "source": f"{cfg.source.type}: not opened (--no-source)",
-        "bundle": os.path.normpath(model.bundle.path), "model": f"{spec.name} ({spec.kind})",
-        "classes": spec.classes, "engine": model.backend,
+        **_model_fields(model),
         **({"input": _check_input(model, (fs.height, fs.width))} if fs is not None else {}),
         "geometry": _describe_geometry(geometry, geometry, {}),
-        "publish": cfg.publish.endpoint,
-        "alarms": f"{len(cfg.alarms.rules)} rule(s), {len(cfg.alarms.drivers)} PLC driver(s)" + _check_latch(cfg),
-        "record": _check_record(cfg, spec.classes, warnings, root_note=as_user is None),
-        **({"user": as_user} if as_user else {}),
-        **({"unit_environment": ", ".join(unit_env)} if unit_env else {}),
-        "warnings": warnings, "result": "ok",
+        **_output_fields(cfg, model.bundle.spec.classes, warnings, as_user, unit_env),
     }
 
 

@@ -82,8 +82,8 @@ class LatchStore:
         self._retired = False
         #: the writer thread is between taking a set and having written it (a disk write)
         self._writing = False
-        #: retire() came during a write: the writer thread removes the files once it has ended
-        self._remove_when_done = False
+        #: retire() came during a write: the lock file (kept in _RETIRING) whose removal, with
+        #: the file's, the writer thread does once that write has ended
         self._retiring_lock: Path | None = None
         #: the folder that existed above the file's at open, where open made the ones below
         self._made_below: Path | None = None
@@ -260,7 +260,7 @@ class LatchStore:
         finally:
             with self._cond:
                 self._writing = False
-                deferred = self._remove_when_done
+                deferred = self._retiring_lock is not None
             if deferred:  # retire() came while a write was under way: it is done now
                 self._remove_files()
                 self._release()
@@ -320,12 +320,11 @@ class LatchStore:
             self._cond.notify()
             # an idle writer (the usual case) takes no more sets once retired: the files go now,
             # so the reload that moved them has them gone when it returns
-            self._remove_when_done = self._writing
-            if self._remove_when_done:
+            if self._writing:
                 # taken now: a link's target is not found again once the link is removed
                 self._retiring_lock = self._lock_path()
                 _RETIRING[self._retiring_lock] = self
-        if not self._remove_when_done:
+        if self._retiring_lock is None:
             self._remove_files()
             self._release()
 
